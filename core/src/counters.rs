@@ -1,0 +1,142 @@
+//! Counters for every drop and decision the engine makes.
+//!
+//! They are plain `u64` fields rather than a map so that a reader sees the
+//! whole list here, a typo is a compile error and incrementing costs one add.
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Every counter the engine keeps. All start at zero and only grow.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+        pub struct Counters {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Counters {
+            /// Every counter as `(name, value)`, in declaration order, for
+            /// metrics exporters and reports.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+                [$( (stringify!($name), self.$name), )*].into_iter()
+            }
+        }
+    };
+}
+
+counters! {
+    /// Packets read from the TUN.
+    tun_packets_in,
+    /// Packets written to the TUN.
+    tun_packets_out,
+    /// Datagrams received from the network.
+    datagrams_in,
+    /// Datagrams handed out for sending.
+    datagrams_out,
+    /// Drop: a TUN packet too short for its IP header.
+    drop_tun_truncated,
+    /// Drop: a TUN packet with an IP version other than 4 or 6.
+    drop_tun_bad_version,
+    /// Drop: a TUN packet whose length fields are inconsistent.
+    drop_tun_bad_length,
+    /// Drop: a TUN packet whose destination no peer's AllowedIPs cover.
+    drop_no_peer_for_dst,
+    /// Drop: a packet waiting for a handshake found the queue full.
+    drop_queue_overflow,
+    /// Drop: packets still queued when their peer was removed or expired.
+    drop_queue_discarded,
+    /// Drop: a TUN packet larger than the engine's buffers.
+    drop_tun_too_large,
+    /// Drop: a datagram that is neither WireGuard nor disco.
+    drop_datagram_unknown,
+    /// Drop: a WireGuard message with the wrong size for its type.
+    drop_wg_bad_size,
+    /// Drop: a WireGuard message for an index no peer owns.
+    drop_wg_unknown_index,
+    /// Drop: a handshake initiation from a key that is not in the full config.
+    drop_wg_unknown_peer,
+    /// Drop: a handshake message whose MAC1 did not verify.
+    drop_wg_bad_mac,
+    /// Drop: a data packet that failed to decrypt.
+    drop_wg_decrypt_failed,
+    /// Drop: a replayed or too-old WireGuard counter.
+    drop_wg_replay,
+    /// Drop: a handshake with a stale TAI64N timestamp (a replay, or a peer
+    /// that restarted while we still hold its old handshake state).
+    drop_wg_stale_timestamp,
+    /// Drop: any other WireGuard protocol error.
+    drop_wg_other,
+    /// Drop: a decrypted packet whose source is outside the peer's AllowedIPs.
+    drop_spoofed_source,
+    /// Drop: a decrypted packet that is not valid IP.
+    drop_inner_malformed,
+    /// Drop: the inbound packet filter refused it.
+    drop_filtered,
+    /// Drop: a disco message that failed to open (bad box or truncated).
+    drop_disco_bad,
+    /// Drop: a disco message from a disco key no peer has.
+    drop_disco_unknown_sender,
+    /// Drop: a TSMP message that did not parse.
+    drop_tsmp_malformed,
+    /// Drop: traffic while the engine is closed.
+    drop_closed,
+    /// Cookie replies sent because handshakes came in faster than the rate limit.
+    cookie_replies_sent,
+    /// WireGuard handshakes completed.
+    handshakes_completed,
+    /// Handshake initiations sent.
+    handshake_initiations_sent,
+    /// Keepalives sent by WireGuard's timers.
+    keepalives_sent,
+    /// Peers handed to WireGuard.
+    peers_configured,
+    /// Peers taken out of WireGuard because they were idle.
+    peers_trimmed,
+    /// Trimmed peers woken by a packet we sent.
+    peers_woken_by_send,
+    /// Trimmed peers woken by data they sent.
+    peers_woken_by_receive,
+    /// Trimmed peers woken by their handshake initiation.
+    peers_woken_by_handshake,
+    /// Trimmed peers woken by a ping.
+    peers_woken_by_ping,
+    /// Two-phase flushes for a disco-key change.
+    sessions_flushed,
+    /// Reconfigs applied.
+    reconfigs_applied,
+    /// Reconfigs that changed nothing.
+    reconfigs_unchanged,
+    /// Reconfigs refused as invalid.
+    reconfigs_refused,
+    /// Major link changes.
+    link_changes_major,
+    /// Minor link changes.
+    link_changes_minor,
+    /// Link changes that left no link up.
+    link_changes_down,
+    /// Status answers produced.
+    status_answers,
+    /// Status requests folded into an answer already pending.
+    status_requests_coalesced,
+    /// Pings started.
+    pings_started,
+    /// Pings answered.
+    pings_answered,
+    /// Pings that timed out.
+    pings_timed_out,
+    /// Pings that failed at once.
+    pings_failed,
+    /// TSMP pings answered by this engine.
+    tsmp_pongs_sent,
+    /// ICMP echo requests answered in fake mode.
+    fake_icmp_replies,
+    /// Disco pings sent.
+    disco_pings_sent,
+    /// Disco pongs sent.
+    disco_pongs_sent,
+    /// Disco call-me-maybe messages received.
+    disco_call_me_maybe_received,
+    /// Best-path changes.
+    path_changes,
+    /// Failed outbound connections diagnosed.
+    connections_failed,
+    /// Packets reflected back to the OS because they were addressed to this node.
+    packets_reflected,
+}
