@@ -1,0 +1,174 @@
+//! Two driver loops over real loopback UDP and in-memory TUNs exchange
+//! packets through WireGuard and answer pings.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use wgmesh_adapters::driver::Clock;
+use wgmesh_adapters::{
+    DatagramSocket, LogEffects, MemTun, MemTunOs, TokioClock, UdpTransport, run_driver,
+};
+use wgmesh_core::{
+    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, NodePrivateKey, PeerConfig, PingKind,
+    PingOutcome, Reconfig, RouterConfig, WgConfig,
+};
+
+struct Node {
+    key: NodePrivateKey,
+    disco: DiscoPrivateKey,
+    ip: Ipv4Addr,
+    addr: SocketAddr,
+    socket: Option<UdpTransport>,
+}
+
+fn node(seed: u8, ip: Ipv4Addr) -> Node {
+    let socket = UdpTransport::bind_loopback(0).unwrap();
+    Node {
+        key: NodePrivateKey::from_bytes([seed; 32]),
+        disco: DiscoPrivateKey::from_bytes([seed + 100; 32]),
+        ip,
+        addr: socket.local_addr().unwrap(),
+        socket: Some(socket),
+    }
+}
+
+fn reconfig_for(me: &Node, other: &Node) -> Reconfig {
+    let mut peer = PeerConfig::new(
+        other.key.public_key(),
+        vec![IpNet::new(IpAddr::V4(other.ip), 32).unwrap()],
+    );
+    peer.disco_key = Some(other.disco.public_key());
+    peer.name = format!("node-{}", other.ip);
+    peer.endpoints = vec![other.addr];
+    Reconfig {
+        wireguard: Some(WgConfig {
+            listen_port: me.addr.port(),
+            peers: vec![peer],
+        }),
+        router: Some(RouterConfig {
+            local_addrs: vec![IpNet::new(IpAddr::V4(me.ip), 32).unwrap()],
+            routes: vec![],
+            advertised_routes: vec![],
+            mtu: 1280,
+        }),
+        dns: Some(DnsConfig::default()),
+        ..Reconfig::default()
+    }
+}
+
+fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    // A UDP datagram with checksum 0 (allowed over IPv4).
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&4000u16.to_be_bytes());
+    udp.extend_from_slice(&5000u16.to_be_bytes());
+    udp.extend_from_slice(&u16::try_from(8 + payload.len()).unwrap().to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut out = Vec::new();
+    wgmesh_core::wire::ip::emit_packet(src.into(), dst.into(), 17, &udp, &mut out).unwrap();
+    out
+}
+
+async fn recv_packet(os: &mut MemTunOs) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(5), os.from_engine.recv())
+        .await
+        .expect("a packet within 5 s")
+        .expect("tun open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_drivers_exchange_packets_and_ping() {
+    let mut a = node(1, Ipv4Addr::new(100, 64, 0, 1));
+    let mut b = node(2, Ipv4Addr::new(100, 64, 0, 2));
+    let clock = TokioClock;
+
+    let start = |me: &mut Node, seed: u64| {
+        let mut config = EngineConfig::new(me.key.clone(), me.disco.clone());
+        config.name = format!("node-{}", me.ip);
+        let engine = Engine::new(config, clock.now(), seed);
+        let (tun, os) = MemTun::pair(64);
+        let (run, handle) = run_driver(
+            engine,
+            tun,
+            me.socket.take().unwrap(),
+            TokioClock,
+            LogEffects,
+        );
+        (tokio::spawn(run), handle, os)
+    };
+    let (task_a, handle_a, mut os_a) = start(&mut a, 1);
+    let (task_b, handle_b, mut os_b) = start(&mut b, 2);
+
+    let _ = handle_a.reconfig(reconfig_for(&a, &b)).await.unwrap();
+    let _ = handle_b.reconfig(reconfig_for(&b, &a)).await.unwrap();
+
+    // A -> B: the first packet triggers the handshake and must not be lost.
+    let packet = udp_packet(a.ip, b.ip, b"hello through the tunnel");
+    os_a.to_engine.send(packet.clone()).await.unwrap();
+    let got = recv_packet(&mut os_b).await;
+    assert_eq!(got, packet);
+
+    // B -> A on the established session.
+    let reply = udp_packet(b.ip, a.ip, b"and back");
+    os_b.to_engine.send(reply.clone()).await.unwrap();
+    assert_eq!(recv_packet(&mut os_a).await, reply);
+
+    // A TSMP ping is answered by B's engine; a disco ping by B's disco layer.
+    for kind in [PingKind::Tsmp, PingKind::Disco] {
+        let result = handle_a.ping(b.ip.into(), kind, 0).await.unwrap();
+        match result.outcome {
+            PingOutcome::Pong {
+                latency, node_name, ..
+            } => {
+                assert!(
+                    latency < Duration::from_secs(2),
+                    "{kind:?} latency {latency:?}"
+                );
+                assert_eq!(node_name, format!("node-{}", b.ip));
+            }
+            other => panic!("{kind:?} ping failed: {other:?}"),
+        }
+    }
+    // Pinging an address nobody owns fails at once with a typed error.
+    let result = handle_a
+        .ping(Ipv4Addr::new(100, 64, 9, 9).into(), PingKind::Tsmp, 0)
+        .await
+        .unwrap();
+    assert!(
+        matches!(result.outcome, PingOutcome::Error { .. }),
+        "{result:?}"
+    );
+
+    // An ICMP ping is answered by B's "OS": here a task that plays the kernel.
+    let responder = tokio::spawn(async move {
+        let packet = recv_packet(&mut os_b).await;
+        let mut reply = Vec::new();
+        wgmesh_core::wire::icmp::echo_reply_for(&packet, &mut reply).expect("an echo request");
+        os_b.to_engine.send(reply).await.unwrap();
+        os_b
+    });
+    let result = handle_a
+        .ping(b.ip.into(), PingKind::Icmp, 16)
+        .await
+        .unwrap();
+    assert!(
+        matches!(result.outcome, PingOutcome::Pong { .. }),
+        "{result:?}"
+    );
+    let _os_b = responder.await.unwrap();
+
+    // Status shows the handshake and the bytes.
+    let status = handle_a.status().await.unwrap();
+    let peer = &status.peers[0];
+    assert_eq!(peer.node_key, b.key.public_key());
+    assert!(peer.configured);
+    assert!(peer.last_handshake_ago.is_some());
+    assert!(peer.tx_bytes > 0 && peer.rx_bytes > 0, "{peer:?}");
+    assert!(status.counters.handshakes_completed >= 1);
+
+    handle_a.close().await.unwrap();
+    handle_b.close().await.unwrap();
+    assert!(task_a.await.unwrap().is_ok());
+    assert!(task_b.await.unwrap().is_ok());
+}
