@@ -6,7 +6,10 @@
 //! devices and the simulator runs over turmoil's sockets and an in-memory TUN.
 //! The rest are the Linux pieces the daemon `wgmeshd` plugs into it.
 
+pub mod config;
+pub mod dns;
 pub mod driver;
+pub mod router;
 pub mod udp;
 
 pub use driver::{

@@ -1,0 +1,694 @@
+//! The daemon's TOML config file and its translation into a [`Reconfig`].
+//!
+//! ```toml
+//! [interface]
+//! name = "wgmesh0"                  # --interface overrides it
+//! private_key = "base64..."         # or private_key_file = "/etc/wgmesh/key"
+//! listen_port = 41641               # 0 or absent: any port
+//! addresses = ["100.64.0.1/32"]
+//! mtu = 1280
+//! # routes = [...]                  # default: every peer's allowed_ips
+//!
+//! [dns]
+//! mode = "auto"                     # auto | resolv-conf | resolved | off
+//! nameservers = ["100.100.100.100"]
+//!
+//! [[peer]]
+//! name = "b"
+//! public_key = "base64..."
+//! disco_key = "base64..."
+//! endpoints = ["192.0.2.2:41641"]
+//! allowed_ips = ["100.64.0.2/32"]
+//! ```
+//!
+//! Every error names the file, the line and column, and the field. Errors the
+//! engine finds across fields (a key used twice, an address claimed by two
+//! peers) are found here too, by a trial reconfig of a throwaway engine, and
+//! point at the peer that breaks the rule.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+use wgmesh_core::{
+    DiscoPrivateKey, DiscoPublicKey, DnsConfig, Engine, EngineConfig, Knobs, NodePrivateKey,
+    NodePublicKey, PeerConfig, Reconfig, ReconfigError, RouterConfig, WgConfig,
+};
+
+/// Why a config file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A field is malformed, unknown, missing or breaks a rule.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+}
+
+/// How the daemon manages the system's DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsMode {
+    /// systemd-resolved when it manages /etc/resolv.conf, else the file.
+    #[default]
+    Auto,
+    /// Write /etc/resolv.conf directly (the original is backed up).
+    ResolvConf,
+    /// Use `resolvectl` on the tunnel interface.
+    Resolved,
+    /// Leave DNS alone.
+    Off,
+}
+
+/// The parsed file, before it is turned into engine values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The node itself.
+    #[serde(default)]
+    pub interface: InterfaceSection,
+    /// DNS settings.
+    #[serde(default)]
+    pub dns: DnsSection,
+    /// Behaviour switches.
+    #[serde(default)]
+    pub knobs: KnobsSection,
+    /// The local API and metrics.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// BIRD control.
+    #[serde(default)]
+    pub bird: BirdSection,
+    /// The peers.
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerSection>,
+}
+
+/// `[interface]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSection {
+    /// The TUN interface name.
+    pub name: Option<String>,
+    /// The node's private key, inline.
+    #[serde(default, deserialize_with = "opt_private_key")]
+    pub private_key: Option<Spanned<NodePrivateKey>>,
+    /// A file holding the node's private key (base64, like `wg genkey` writes).
+    pub private_key_file: Option<Spanned<PathBuf>>,
+    /// A fixed disco private key; by default a fresh one is drawn at every
+    /// start, as a restart must change it.
+    #[serde(default, deserialize_with = "opt_disco_key")]
+    pub disco_private_key: Option<DiscoPrivateKey>,
+    /// UDP listen port (0: any).
+    #[serde(default)]
+    pub listen_port: u16,
+    /// The node's tunnel addresses with prefix length.
+    #[serde(default)]
+    pub addresses: Vec<IpNet>,
+    /// Routes through the tunnel; by default every peer's allowed IPs.
+    pub routes: Option<Vec<IpNet>>,
+    /// Subnets this node advertises as a subnet router.
+    #[serde(default)]
+    pub advertised_routes: Vec<IpNet>,
+    /// Subnets the control plane made this node the primary router for.
+    #[serde(default)]
+    pub primary_routes: Vec<IpNet>,
+    /// Tunnel MTU.
+    #[serde(default = "default_mtu")]
+    pub mtu: Spanned<u16>,
+}
+
+impl Default for InterfaceSection {
+    fn default() -> Self {
+        Self {
+            name: None,
+            private_key: None,
+            private_key_file: None,
+            disco_private_key: None,
+            listen_port: 0,
+            addresses: Vec::new(),
+            routes: None,
+            advertised_routes: Vec::new(),
+            primary_routes: Vec::new(),
+            mtu: default_mtu(),
+        }
+    }
+}
+
+fn default_mtu() -> Spanned<u16> {
+    // A span of 0..0 marks "not in the file"; errors then point at line 1.
+    Spanned::new(0..0, 1280)
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// How to apply DNS.
+    #[serde(default)]
+    pub mode: DnsMode,
+    /// Resolvers.
+    #[serde(default)]
+    pub nameservers: Vec<IpAddr>,
+    /// Search domains.
+    #[serde(default)]
+    pub search_domains: Vec<String>,
+}
+
+/// `[knobs]`: see [`Knobs`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnobsSection {
+    /// See [`Knobs::keep_full_wg_config`].
+    #[serde(default)]
+    pub keep_full_wg_config: bool,
+    /// See [`Knobs::randomize_client_port`].
+    #[serde(default)]
+    pub randomize_client_port: bool,
+    /// See [`Knobs::path_mtu_discovery`].
+    #[serde(default)]
+    pub path_mtu_discovery: bool,
+    /// See [`Knobs::fake_icmp_echo`].
+    #[serde(default)]
+    pub fake_icmp_echo: bool,
+    /// See [`Knobs::peerapi_port`].
+    pub peerapi_port: Option<u16>,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// The local API socket (default `/run/wgmesh/<interface>.sock`).
+    pub socket: Option<PathBuf>,
+    /// A loopback address for Prometheus metrics over HTTP.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve the WireGuard UAPI socket (default true).
+    pub uapi: Option<bool>,
+}
+
+/// `[bird]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BirdSection {
+    /// BIRD's control socket.
+    pub socket: Option<PathBuf>,
+    /// The protocol to enable while this node is a primary subnet router.
+    pub protocol: Option<String>,
+}
+
+/// One `[[peer]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// A name for status and logs.
+    #[serde(default)]
+    pub name: String,
+    /// The peer's WireGuard public key.
+    #[serde(deserialize_with = "public_key")]
+    pub public_key: Spanned<NodePublicKey>,
+    /// The peer's current disco key.
+    #[serde(default, deserialize_with = "opt_disco_public")]
+    pub disco_key: Option<DiscoPublicKey>,
+    /// Candidate UDP endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Addresses and subnets routed to the peer.
+    #[serde(default)]
+    pub allowed_ips: Vec<IpNet>,
+    /// WireGuard persistent keepalive, seconds.
+    pub persistent_keepalive: Option<u16>,
+    /// A WireGuard pre-shared key (base64).
+    #[serde(default, deserialize_with = "opt_psk")]
+    pub preshared_key: Option<[u8; 32]>,
+}
+
+fn spanned_text<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<String>, D::Error> {
+    Spanned::<String>::deserialize(d)
+}
+
+fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<NodePublicKey>, D::Error> {
+    let text = spanned_text(d)?;
+    let span = text.span();
+    let key = text
+        .get_ref()
+        .parse::<NodePublicKey>()
+        .map_err(|e| serde::de::Error::custom(format!("public_key: {e}")))?;
+    Ok(Spanned::new(span, key))
+}
+
+fn opt_private_key<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<NodePrivateKey>>, D::Error> {
+    let text = spanned_text(d)?;
+    let span = text.span();
+    let key = text
+        .get_ref()
+        .parse::<NodePrivateKey>()
+        .map_err(|e| serde::de::Error::custom(format!("private_key: {e}")))?;
+    Ok(Some(Spanned::new(span, key)))
+}
+
+fn opt_disco_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DiscoPrivateKey>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse::<DiscoPrivateKey>()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("disco_private_key: {e}")))
+}
+
+fn opt_disco_public<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DiscoPublicKey>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse::<DiscoPublicKey>()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("disco_key: {e}")))
+}
+
+fn opt_psk<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse::<NodePublicKey>()
+        .map(|k| Some(k.0))
+        .map_err(|e| serde::de::Error::custom(format!("preshared_key: {e}")))
+}
+
+/// A loaded, checked config: what the daemon needs to start and reconfigure.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The file it came from, if any.
+    pub path: Option<PathBuf>,
+    /// The raw sections.
+    pub file: ConfigFile,
+    /// The node's private key.
+    pub private_key: NodePrivateKey,
+}
+
+impl DaemonConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks the text of a config file named `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let message = match field_at(text, offset) {
+                Some(field) if !e.message().contains(&field) => format!("{field}: {}", e.message()),
+                _ => e.message().to_owned(),
+            };
+            invalid(e.span(), message)
+        })?;
+        let private_key = match (
+            &file.interface.private_key,
+            &file.interface.private_key_file,
+        ) {
+            (Some(_), Some(f)) => {
+                return Err(invalid(
+                    Some(f.span()),
+                    "private_key_file: give private_key or private_key_file, not both".into(),
+                ));
+            }
+            (Some(k), None) => k.get_ref().clone(),
+            (None, Some(f)) => {
+                let key_path = f.get_ref();
+                let key_text = std::fs::read_to_string(key_path).map_err(|e| {
+                    invalid(
+                        Some(f.span()),
+                        format!("private_key_file: {}: {e}", key_path.display()),
+                    )
+                })?;
+                key_text.trim().parse::<NodePrivateKey>().map_err(|e| {
+                    invalid(
+                        Some(f.span()),
+                        format!("private_key_file: {}: {e}", key_path.display()),
+                    )
+                })?
+            }
+            (None, None) => {
+                return Err(invalid(
+                    None,
+                    "interface.private_key: missing (or private_key_file)".into(),
+                ));
+            }
+        };
+        let config = Self {
+            path: Some(path.to_owned()),
+            file,
+            private_key,
+        };
+        config
+            .check()
+            .map_err(|(span, message)| invalid(span, message))?;
+        Ok(config)
+    }
+
+    /// Runs the reconfig through a throwaway engine so that the engine's own
+    /// rules are checked before the daemon commits to the file.
+    fn check(&self) -> Result<(), (Option<Range<usize>>, String)> {
+        let name_ok = |n: &str| !n.is_empty() && n.len() < 16 && !n.contains(['/', ' ']);
+        if let Some(name) = &self.file.interface.name {
+            if !name_ok(name) {
+                return Err((
+                    None,
+                    format!("interface.name: {name:?} is not a valid interface name"),
+                ));
+            }
+        }
+        let disco = DiscoPrivateKey::from_bytes([7; 32]);
+        let mut engine = Engine::new(
+            EngineConfig::new(self.private_key.clone(), disco),
+            Instant::now(),
+            0,
+        );
+        let err = match engine.reconfig(Instant::now(), &self.reconfig()) {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let peer_span = |key: &NodePublicKey| {
+            self.file
+                .peers
+                .iter()
+                .rev()
+                .find(|p| p.public_key.get_ref() == key)
+                .map(|p| p.public_key.span())
+        };
+        let mtu_span = || Some(self.file.interface.mtu.span()).filter(|s| !s.is_empty());
+        Err(match &err {
+            ReconfigError::DuplicatePeer(k) => (peer_span(k), format!("peer.public_key: {err}")),
+            ReconfigError::SelfAsPeer(k) => (peer_span(k), format!("peer.public_key: {err}")),
+            ReconfigError::OverlappingAllowedIp { second, .. } => {
+                (peer_span(second), format!("peer.allowed_ips: {err}"))
+            }
+            ReconfigError::BadMtu(_) => (mtu_span(), format!("interface.mtu: {err}")),
+            ReconfigError::WrongFamily { what, .. } => (None, format!("{what}: {err}")),
+            other => (None, other.to_string()),
+        })
+    }
+
+    /// The interface name: the file's, else `fallback`.
+    pub fn interface_name<'a>(&'a self, fallback: &'a str) -> &'a str {
+        self.file.interface.name.as_deref().unwrap_or(fallback)
+    }
+
+    /// The full desired state for the engine.
+    pub fn reconfig(&self) -> Reconfig {
+        let i = &self.file.interface;
+        let peers: Vec<PeerConfig> = self
+            .file
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                public_key: *p.public_key.get_ref(),
+                disco_key: p.disco_key,
+                name: p.name.clone(),
+                allowed_ips: p.allowed_ips.clone(),
+                endpoints: p.endpoints.clone(),
+                persistent_keepalive_secs: p.persistent_keepalive,
+                preshared_key: p.preshared_key,
+            })
+            .collect();
+        let routes = match &i.routes {
+            Some(routes) => routes.clone(),
+            None => {
+                let mut all: Vec<IpNet> = peers
+                    .iter()
+                    .flat_map(|p| p.allowed_ips.iter().map(|n| n.trunc()))
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+        };
+        let k = &self.file.knobs;
+        Reconfig {
+            wireguard: Some(WgConfig {
+                listen_port: i.listen_port,
+                peers,
+            }),
+            router: Some(RouterConfig {
+                local_addrs: i.addresses.clone(),
+                routes,
+                advertised_routes: i.advertised_routes.clone(),
+                mtu: *i.mtu.get_ref(),
+            }),
+            dns: Some(DnsConfig {
+                nameservers: self.file.dns.nameservers.clone(),
+                search_domains: self.file.dns.search_domains.clone(),
+            }),
+            knobs: Knobs {
+                keep_full_wg_config: k.keep_full_wg_config,
+                randomize_client_port: k.randomize_client_port,
+                path_mtu_discovery: k.path_mtu_discovery,
+                fake_icmp_echo: k.fake_icmp_echo,
+                peerapi_port: k.peerapi_port,
+                bird_protocol: self.file.bird.protocol.clone(),
+            },
+            primary_routes: i.primary_routes.clone(),
+        }
+    }
+}
+
+/// The dotted name of the field whose value covers byte `offset`, found from
+/// the source: the last table header and the last `key =` at or before it
+/// (`peer[1].allowed_ips`). The toml parser reports the position of a bad
+/// value but not its key, and a person wants both.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    // Include the rest of the offset's own line, so a key on it is found.
+    let line_end = text[before.len()..]
+        .find('\n')
+        .map_or(text.len(), |i| before.len() + i);
+    let mut table = String::new();
+    let mut key = None;
+    let mut peer_index: Option<usize> = None;
+    for line in text[..line_end].lines() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed
+            .strip_prefix("[[")
+            .and_then(|t| t.strip_suffix("]]"))
+        {
+            let name = name.trim();
+            if name == "peer" {
+                let next = peer_index.map_or(0, |i| i + 1);
+                peer_index = Some(next);
+                table = format!("peer[{next}]");
+            } else {
+                table = name.to_owned();
+            }
+            key = None;
+        } else if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            table = name.trim().to_owned();
+            key = None;
+        } else if let Some((k, _)) = trimmed.split_once('=') {
+            let k = k.trim();
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                key = Some(k.to_owned());
+            }
+        }
+    }
+    match (table.is_empty(), key) {
+        (true, None) => None,
+        (true, Some(k)) => Some(k),
+        (false, None) => Some(table),
+        (false, Some(k)) => Some(format!("{table}.{k}")),
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Reads `WGMESH_TRIM_WIREGUARD`: "1"/"true" forces lazy peers on, "0"/"false"
+/// off, anything else (or unset) leaves the decision to the config's knob.
+pub fn trim_override_from_env() -> Option<bool> {
+    parse_trim_override(std::env::var("WGMESH_TRIM_WIREGUARD").ok().as_deref())
+}
+
+/// The parsing behind [`trim_override_from_env`].
+pub fn parse_trim_override(value: Option<&str>) -> Option<bool> {
+    match value.map(str::trim) {
+        Some("1") | Some("true") => Some(true),
+        Some("0") | Some("false") => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+    fn peer_key(seed: u8) -> String {
+        NodePrivateKey::from_bytes([seed; 32])
+            .public_key()
+            .to_string()
+    }
+
+    fn good() -> String {
+        format!(
+            r#"
+[interface]
+name = "wgm0"
+private_key = "{A}"
+listen_port = 41641
+addresses = ["100.64.0.1/32"]
+
+[dns]
+mode = "off"
+
+[[peer]]
+name = "b"
+public_key = "{b}"
+endpoints = ["192.0.2.2:41641"]
+allowed_ips = ["100.64.0.2/32"]
+"#,
+            b = peer_key(2)
+        )
+    }
+
+    fn err(text: &str) -> (usize, String) {
+        match DaemonConfig::parse(Path::new("/etc/wgmesh/x.toml"), text) {
+            Err(ConfigError::Invalid {
+                line,
+                message,
+                path,
+                ..
+            }) => {
+                assert_eq!(path, Path::new("/etc/wgmesh/x.toml"));
+                (line, message)
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_file_becomes_a_reconfig() {
+        let config = DaemonConfig::parse(Path::new("x.toml"), &good()).unwrap();
+        let r = config.reconfig();
+        let wg = r.wireguard.unwrap();
+        assert_eq!(wg.listen_port, 41641);
+        assert_eq!(wg.peers[0].name, "b");
+        let router = r.router.unwrap();
+        assert_eq!(
+            router.routes,
+            vec!["100.64.0.2/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(router.mtu, 1280);
+        assert_eq!(config.interface_name("x"), "wgm0");
+        assert_eq!(config.file.dns.mode, DnsMode::Off);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let (line, msg) = err(&good().replace("100.64.0.2/32", "100.64.0.2/33"));
+        assert_eq!(
+            (line, msg.as_str()),
+            (15, "peer[0].allowed_ips: invalid IP address syntax")
+        );
+
+        let (line, msg) = err(&good().replace(&peer_key(2), "notakey"));
+        assert_eq!(line, 13);
+        assert!(msg.starts_with("peer[0].public_key: "), "{msg}");
+
+        let (line, msg) = err(&good().replace("listen_port = 41641", "listen_port = 70000"));
+        assert_eq!(line, 5);
+        assert!(
+            msg.starts_with("interface.listen_port: invalid value"),
+            "{msg}"
+        );
+
+        let (line, msg) = err(&good().replace("mode = \"off\"", "mode = \"sometimes\""));
+        assert_eq!(line, 9);
+        assert!(msg.starts_with("dns.mode: unknown variant"), "{msg}");
+
+        let (line, msg) = err(&good().replace("[dns]", "[dns]\nbogus = 1"));
+        assert_eq!(line, 9);
+        assert!(msg.contains("unknown field `bogus`"), "{msg}");
+
+        let (_, msg) = err(&good().replace(&format!("private_key = \"{A}\""), ""));
+        assert!(msg.contains("private_key"), "{msg}");
+    }
+
+    #[test]
+    fn engine_rules_point_at_the_offending_peer() {
+        let dup = format!(
+            "{}\n[[peer]]\nname = \"c\"\npublic_key = \"{}\"\nallowed_ips = [\"100.64.0.2/32\"]\n",
+            good(),
+            peer_key(3)
+        );
+        let (line, msg) = err(&dup);
+        assert_eq!(line, 19, "{msg}");
+        assert!(
+            msg.contains("allowed_ips") && msg.contains("claimed"),
+            "{msg}"
+        );
+
+        let (line, msg) = err(&good().replace("[dns]", "mtu = 100\n[dns]"));
+        assert_eq!(line, 8);
+        assert!(msg.contains("interface.mtu"), "{msg}");
+    }
+
+    #[test]
+    fn key_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("key");
+        std::fs::write(&key_path, format!("{A}\n")).unwrap();
+        let text = good().replace(
+            &format!("private_key = \"{A}\""),
+            &format!("private_key_file = \"{}\"", key_path.display()),
+        );
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        assert_eq!(config.private_key.to_base64(), A);
+        std::fs::remove_file(&key_path).unwrap();
+        let (_, msg) = err(&text);
+        assert!(msg.contains("private_key_file"), "{msg}");
+    }
+
+    #[test]
+    fn trim_override_values() {
+        assert_eq!(parse_trim_override(Some("1")), Some(true));
+        assert_eq!(parse_trim_override(Some("0")), Some(false));
+        assert_eq!(parse_trim_override(Some("maybe")), None);
+        assert_eq!(parse_trim_override(None), None);
+    }
+}

@@ -1,0 +1,327 @@
+//! The router: applies the engine's [`RouterConfig`] to a Linux interface
+//! over rtnetlink, as a diff from what it applied before.
+//!
+//! Addresses and routes are added on the tunnel interface only, so when the
+//! interface disappears (the daemon exits or crashes and the kernel deletes
+//! its TUN) they go with it. What was added is also recorded in the state
+//! file (see [`crate::state`]) so that a restart after a crash removes what a
+//! persistent interface may still carry.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use tracing::{debug, info, warn};
+use wgmesh_core::RouterConfig;
+
+/// Why a router operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The netlink socket could not be opened.
+    #[error("netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// The interface does not exist.
+    #[error("interface {0} not found")]
+    NoInterface(String),
+    /// The kernel refused a request.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was being done.
+        what: String,
+        /// The kernel's answer.
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// What the router applied to the interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    /// Addresses added.
+    pub addresses: BTreeSet<IpNet>,
+    /// Routes added.
+    pub routes: BTreeSet<IpNet>,
+    /// The MTU set (0: untouched).
+    pub mtu: u16,
+}
+
+/// Applies router configs to one interface.
+#[derive(Debug)]
+pub struct NetlinkRouter {
+    handle: Handle,
+    interface: String,
+    applied: Applied,
+}
+
+/// Opens a netlink connection, spawning its I/O task on the current runtime.
+pub fn connect() -> Result<Handle, RouterError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(RouterError::Socket)?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_eexist())
+}
+
+fn is_missing(e: &rtnetlink::Error) -> bool {
+    // ENOENT, ESRCH and EADDRNOTAVAIL all mean "already gone".
+    matches!(e, rtnetlink::Error::NetlinkError(m) if [-2, -3, -99].contains(&m.raw_code()))
+}
+
+const fn libc_eexist() -> i32 {
+    17
+}
+
+impl NetlinkRouter {
+    /// A router for `interface`.
+    pub fn new(handle: Handle, interface: &str) -> Self {
+        Self {
+            handle,
+            interface: interface.to_owned(),
+            applied: Applied::default(),
+        }
+    }
+
+    /// What is currently applied.
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    /// The interface's index.
+    pub async fn index(&self) -> Result<u32, RouterError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(self.interface.clone())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            Ok(None) => Err(RouterError::NoInterface(self.interface.clone())),
+            Err(e)
+                if is_missing(&e)
+                    || matches!(&e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -19) =>
+            {
+                Err(RouterError::NoInterface(self.interface.clone()))
+            }
+            Err(source) => Err(RouterError::Netlink {
+                what: format!("look up {}", self.interface),
+                source,
+            }),
+        }
+    }
+
+    /// Brings the interface up and applies `config` as a diff. On error the
+    /// part applied so far stays recorded, so a later call or
+    /// [`NetlinkRouter::clear`] can finish or undo it.
+    pub async fn apply(&mut self, config: &RouterConfig) -> Result<(), RouterError> {
+        let index = self.index().await?;
+        let want_addrs: BTreeSet<IpNet> = config.local_addrs.iter().copied().collect();
+        let want_routes: BTreeSet<IpNet> = config.routes.iter().map(IpNet::trunc).collect();
+
+        if config.mtu != 0 && config.mtu != self.applied.mtu {
+            let msg = LinkUnspec::new_with_index(index)
+                .mtu(u32::from(config.mtu))
+                .up()
+                .build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|source| RouterError::Netlink {
+                    what: format!("set mtu {} on {}", config.mtu, self.interface),
+                    source,
+                })?;
+            self.applied.mtu = config.mtu;
+            info!(interface = %self.interface, mtu = config.mtu, "mtu set");
+        }
+        if !want_addrs.is_empty() {
+            let msg = LinkUnspec::new_with_index(index).up().build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|source| RouterError::Netlink {
+                    what: format!("bring {} up", self.interface),
+                    source,
+                })?;
+        }
+
+        let stale_routes: Vec<IpNet> = self
+            .applied
+            .routes
+            .difference(&want_routes)
+            .copied()
+            .collect();
+        for route in stale_routes {
+            self.del_route(index, route).await?;
+            self.applied.routes.remove(&route);
+        }
+        let stale_addrs: Vec<IpNet> = self
+            .applied
+            .addresses
+            .difference(&want_addrs)
+            .copied()
+            .collect();
+        for addr in stale_addrs {
+            self.del_address(index, addr).await?;
+            self.applied.addresses.remove(&addr);
+        }
+        for addr in want_addrs.difference(&self.applied.addresses.clone()) {
+            self.add_address(index, *addr).await?;
+            self.applied.addresses.insert(*addr);
+        }
+        for route in want_routes.difference(&self.applied.routes.clone()) {
+            self.add_route(index, *route).await?;
+            self.applied.routes.insert(*route);
+        }
+        Ok(())
+    }
+
+    /// Removes everything this router added.
+    pub async fn clear(&mut self) -> Result<(), RouterError> {
+        let index = match self.index().await {
+            Ok(index) => index,
+            Err(RouterError::NoInterface(_)) => {
+                // The interface is gone and took its addresses and routes along.
+                self.applied = Applied::default();
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for route in std::mem::take(&mut self.applied.routes) {
+            self.del_route(index, route).await?;
+        }
+        for addr in std::mem::take(&mut self.applied.addresses) {
+            self.del_address(index, addr).await?;
+        }
+        self.applied.mtu = 0;
+        Ok(())
+    }
+
+    /// Removes what a previous run recorded in `previous`, ignoring what is
+    /// already gone.
+    pub async fn clean_up_previous(&mut self, previous: &Applied) {
+        self.applied
+            .addresses
+            .extend(previous.addresses.iter().copied());
+        self.applied.routes.extend(previous.routes.iter().copied());
+        if let Err(e) = self.clear().await {
+            warn!(error = %e, "could not clean up after the previous run");
+        }
+    }
+
+    async fn add_address(&self, index: u32, addr: IpNet) -> Result<(), RouterError> {
+        match self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+        {
+            Ok(()) => {
+                info!(interface = %self.interface, %addr, "address added");
+                Ok(())
+            }
+            Err(e) if is_exists(&e) => Ok(()),
+            Err(source) => Err(RouterError::Netlink {
+                what: format!("add address {addr}"),
+                source,
+            }),
+        }
+    }
+
+    async fn del_address(&self, index: u32, addr: IpNet) -> Result<(), RouterError> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr.addr())
+            .set_prefix_length_filter(addr.prefix_len())
+            .execute();
+        loop {
+            let message = match found.try_next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) if is_missing(&e) => break,
+                Err(source) => {
+                    return Err(RouterError::Netlink {
+                        what: format!("find address {addr}"),
+                        source,
+                    });
+                }
+            };
+            let matches = message.attributes.iter().any(|a| match a {
+                AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => *ip == addr.addr(),
+                _ => false,
+            });
+            if !matches {
+                continue;
+            }
+            match self.handle.address().del(message).execute().await {
+                Ok(()) => info!(interface = %self.interface, %addr, "address removed"),
+                Err(e) if is_missing(&e) => {}
+                Err(source) => {
+                    return Err(RouterError::Netlink {
+                        what: format!("remove address {addr}"),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn route_message(
+        index: u32,
+        route: IpNet,
+    ) -> Result<rtnetlink::packet_route::route::RouteMessage, RouterError> {
+        RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(route.addr(), route.prefix_len())
+            .map(|b| b.output_interface(index).build())
+            .map_err(|e| RouterError::Netlink {
+                what: format!("build route {route}"),
+                source: rtnetlink::Error::InvalidNla(e.to_string()),
+            })
+    }
+
+    async fn add_route(&self, index: u32, route: IpNet) -> Result<(), RouterError> {
+        let message = Self::route_message(index, route)?;
+        match self.handle.route().add(message).execute().await {
+            Ok(()) => {
+                info!(interface = %self.interface, %route, "route added");
+                Ok(())
+            }
+            Err(e) if is_exists(&e) => {
+                debug!(%route, "route already present");
+                Ok(())
+            }
+            Err(source) => Err(RouterError::Netlink {
+                what: format!("add route {route}"),
+                source,
+            }),
+        }
+    }
+
+    async fn del_route(&self, index: u32, route: IpNet) -> Result<(), RouterError> {
+        let message = Self::route_message(index, route)?;
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => {
+                info!(interface = %self.interface, %route, "route removed");
+                Ok(())
+            }
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(source) => Err(RouterError::Netlink {
+                what: format!("remove route {route}"),
+                source,
+            }),
+        }
+    }
+}
