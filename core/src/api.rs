@@ -345,7 +345,6 @@ pub struct ReconfigChanges {
 
 /// What [`crate::Engine::handle_input`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[must_use]
 pub enum InputOutcome {
     /// The input was handled (dropped packets are counted, not errors).
     Done,

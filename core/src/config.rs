@@ -221,7 +221,10 @@ pub(crate) struct ValidReconfig {
 
 impl Reconfig {
     /// Checks the reconfig and normalises it (AllowedIPs masked to their prefix).
-    pub(crate) fn validate(&self, self_key: &NodePublicKey) -> Result<ValidReconfig, ReconfigError> {
+    pub(crate) fn validate(
+        &self,
+        self_key: &NodePublicKey,
+    ) -> Result<ValidReconfig, ReconfigError> {
         let wireguard = self
             .wireguard
             .clone()

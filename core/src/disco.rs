@@ -44,11 +44,23 @@ const MAX_CANDIDATES: usize = 16;
 #[derive(Debug)]
 pub(crate) enum DiscoAction {
     /// Seal and send a message to a peer's endpoint.
-    Send { slot: usize, dst: SocketAddr, message: DiscoMessage },
+    Send {
+        slot: usize,
+        dst: SocketAddr,
+        message: DiscoMessage,
+    },
     /// A pong arrived (the engine ends a user ping with this id).
-    PongReceived { slot: usize, tx_id: [u8; 12], from: SocketAddr },
+    PongReceived {
+        slot: usize,
+        tx_id: [u8; 12],
+        from: SocketAddr,
+    },
     /// The best path changed.
-    PathChanged { slot: usize, endpoint: Option<SocketAddr>, latency: Option<Duration> },
+    PathChanged {
+        slot: usize,
+        endpoint: Option<SocketAddr>,
+        latency: Option<Duration>,
+    },
     /// A call-me-maybe arrived.
     CallMeMaybeReceived,
 }
@@ -100,16 +112,26 @@ impl PeerDisco {
     }
 
     fn is_active(&self, now: Instant) -> bool {
-        self.last_active.is_some_and(|t| now.saturating_duration_since(t) < SESSION_ACTIVE_TIMEOUT)
+        self.last_active
+            .is_some_and(|t| now.saturating_duration_since(t) < SESSION_ACTIVE_TIMEOUT)
     }
 
     fn best_trusted(&self, now: Instant) -> bool {
-        self.best.is_some() && self.best_pong_at.is_some_and(|t| now < t + TRUST_UDP_ADDR_DURATION)
+        self.best.is_some()
+            && self
+                .best_pong_at
+                .is_some_and(|t| now < t + TRUST_UDP_ADDR_DURATION)
     }
 
+    /// The next instant this peer's disco state needs attention. Only
+    /// instants after `now` count: what was due has been done by the caller.
     fn compute_next(&self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
-        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        let mut consider = |t: Instant| {
+            if t > now {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        };
         for ping in self.pending.values() {
             consider(ping.sent_at + DISCO_PING_TIMEOUT);
         }
@@ -128,7 +150,7 @@ impl PeerDisco {
                 consider(active + SESSION_ACTIVE_TIMEOUT);
             }
         }
-        next.map(|t| t.max(now))
+        next
     }
 }
 
@@ -142,7 +164,11 @@ pub(crate) struct DiscoState {
 
 impl DiscoState {
     pub(crate) fn new(secret: [u8; 32]) -> Self {
-        Self { secret, peers: BTreeMap::new(), schedule: BTreeSet::new() }
+        Self {
+            secret,
+            peers: BTreeMap::new(),
+            schedule: BTreeSet::new(),
+        }
     }
 
     /// The earliest disco deadline.
@@ -151,7 +177,9 @@ impl DiscoState {
     }
 
     fn reschedule(&mut self, now: Instant, slot: usize) {
-        let Some(peer) = self.peers.get_mut(&slot) else { return };
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return;
+        };
         if let Some(old) = peer.next_at.take() {
             self.schedule.remove(&(old, slot));
         }
@@ -163,8 +191,16 @@ impl DiscoState {
 
     /// Makes sure a peer with a disco key has state; updates its key and
     /// candidates. A changed disco key resets the peer's paths.
-    pub(crate) fn ensure_peer(&mut self, slot: usize, disco_key: DiscoPublicKey, endpoints: &[SocketAddr]) {
-        let peer = self.peers.entry(slot).or_insert_with(|| PeerDisco::new(disco_key));
+    pub(crate) fn ensure_peer(
+        &mut self,
+        slot: usize,
+        disco_key: DiscoPublicKey,
+        endpoints: &[SocketAddr],
+    ) {
+        let peer = self
+            .peers
+            .entry(slot)
+            .or_insert_with(|| PeerDisco::new(disco_key));
         if peer.disco_key != disco_key {
             *peer = PeerDisco::new(disco_key);
         }
@@ -172,7 +208,13 @@ impl DiscoState {
     }
 
     /// Updates a peer that already has state (from a reconfig).
-    pub(crate) fn update_peer(&mut self, now: Instant, slot: usize, disco_key: Option<DiscoPublicKey>, endpoints: &[SocketAddr]) {
+    pub(crate) fn update_peer(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        disco_key: Option<DiscoPublicKey>,
+        endpoints: &[SocketAddr],
+    ) {
         match disco_key {
             None => self.remove_peer(slot),
             Some(key) if self.peers.contains_key(&slot) => {
@@ -193,12 +235,16 @@ impl DiscoState {
 
     /// The best trusted-or-last-known path to the peer.
     pub(crate) fn best_endpoint(&self, slot: usize) -> Option<SocketAddr> {
-        self.peers.get(&slot).and_then(|p| p.best.map(|(addr, _)| addr))
+        self.peers
+            .get(&slot)
+            .and_then(|p| p.best.map(|(addr, _)| addr))
     }
 
     /// Whether the peer has any disco candidates at all.
     pub(crate) fn has_candidates(&self, slot: usize) -> bool {
-        self.peers.get(&slot).is_some_and(|p| !p.candidates.is_empty())
+        self.peers
+            .get(&slot)
+            .is_some_and(|p| !p.candidates.is_empty())
     }
 
     fn shared(&mut self, slot: usize) -> Option<&DiscoShared> {
@@ -211,7 +257,11 @@ impl DiscoState {
     }
 
     /// Opens a disco datagram from the peer in `slot`.
-    pub(crate) fn open(&mut self, slot: usize, datagram: &[u8]) -> Result<DiscoMessage, DiscoError> {
+    pub(crate) fn open(
+        &mut self,
+        slot: usize,
+        datagram: &[u8],
+    ) -> Result<DiscoMessage, DiscoError> {
         match self.shared(slot) {
             Some(shared) => shared.open(datagram),
             None => Err(DiscoError::NotDisco),
@@ -219,7 +269,14 @@ impl DiscoState {
     }
 
     /// Seals a message for the peer in `slot`; false when it has no disco key.
-    pub(crate) fn seal(&mut self, slot: usize, our_public: [u8; 32], nonce: [u8; 24], message: &DiscoMessage, out: &mut Vec<u8>) -> bool {
+    pub(crate) fn seal(
+        &mut self,
+        slot: usize,
+        our_public: [u8; 32],
+        nonce: [u8; 24],
+        message: &DiscoMessage,
+        out: &mut Vec<u8>,
+    ) -> bool {
         match self.shared(slot) {
             Some(shared) => {
                 shared.seal(&our_public, nonce, message, out);
@@ -229,12 +286,32 @@ impl DiscoState {
         }
     }
 
-    fn send_ping(peer: &mut PeerDisco, slot: usize, now: Instant, dst: SocketAddr, tx_id: [u8; 12], out: &mut Vec<DiscoAction>) {
+    fn send_ping(
+        peer: &mut PeerDisco,
+        slot: usize,
+        now: Instant,
+        dst: SocketAddr,
+        tx_id: [u8; 12],
+        out: &mut Vec<DiscoAction>,
+    ) {
         peer.pending.insert(tx_id, SentPing { dst, sent_at: now });
-        out.push(DiscoAction::Send { slot, dst, message: DiscoMessage::Ping { tx_id, node_key: None } });
+        out.push(DiscoAction::Send {
+            slot,
+            dst,
+            message: DiscoMessage::Ping {
+                tx_id,
+                node_key: None,
+            },
+        });
     }
 
-    fn full_ping(peer: &mut PeerDisco, slot: usize, now: Instant, rng: &mut impl RngCore, out: &mut Vec<DiscoAction>) {
+    fn full_ping(
+        peer: &mut PeerDisco,
+        slot: usize,
+        now: Instant,
+        rng: &mut impl RngCore,
+        out: &mut Vec<DiscoAction>,
+    ) {
         peer.last_full_ping = Some(now);
         let targets: Vec<SocketAddr> = peer.candidates.keys().copied().collect();
         for dst in targets {
@@ -245,11 +322,20 @@ impl DiscoState {
     }
 
     /// The peer had traffic: keep its paths fresh while it is active.
-    pub(crate) fn note_active(&mut self, now: Instant, slot: usize, rng: &mut impl RngCore) -> Vec<DiscoAction> {
+    pub(crate) fn note_active(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        rng: &mut impl RngCore,
+    ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
-        let Some(peer) = self.peers.get_mut(&slot) else { return out };
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return out;
+        };
         peer.last_active = Some(now);
-        let recently_full = peer.last_full_ping.is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_TIMEOUT);
+        let recently_full = peer
+            .last_full_ping
+            .is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_TIMEOUT);
         if !peer.best_trusted(now) && !recently_full {
             Self::full_ping(peer, slot, now, rng, &mut out);
         }
@@ -258,9 +344,16 @@ impl DiscoState {
     }
 
     /// A user ping: measure the path to the best endpoint (or every candidate).
-    pub(crate) fn ping_user(&mut self, now: Instant, slot: usize, tx_id: [u8; 12]) -> Vec<DiscoAction> {
+    pub(crate) fn ping_user(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        tx_id: [u8; 12],
+    ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
-        let Some(peer) = self.peers.get_mut(&slot) else { return out };
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return out;
+        };
         let targets: Vec<SocketAddr> = match peer.best {
             Some((addr, _)) => vec![addr],
             None => peer.candidates.keys().copied().collect(),
@@ -288,16 +381,29 @@ impl DiscoState {
     }
 
     /// Handles an opened disco message from the peer in `slot`.
-    pub(crate) fn handle_message(&mut self, now: Instant, slot: usize, from: SocketAddr, message: DiscoMessage, rng: &mut impl RngCore) -> Vec<DiscoAction> {
+    pub(crate) fn handle_message(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        from: SocketAddr,
+        message: DiscoMessage,
+        rng: &mut impl RngCore,
+    ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
-        let Some(peer) = self.peers.get_mut(&slot) else { return out };
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return out;
+        };
         match message {
             DiscoMessage::Ping { tx_id, .. } => {
                 // Where a ping comes from is a path that works one way at least.
                 if peer.candidates.len() < MAX_CANDIDATES {
                     peer.candidates.entry(from).or_default();
                 }
-                out.push(DiscoAction::Send { slot, dst: from, message: DiscoMessage::Pong { tx_id, src: from } });
+                out.push(DiscoAction::Send {
+                    slot,
+                    dst: from,
+                    message: DiscoMessage::Pong { tx_id, src: from },
+                });
             }
             DiscoMessage::Pong { tx_id, .. } => {
                 if let Some(sent) = peer.pending.remove(&tx_id) {
@@ -315,14 +421,19 @@ impl DiscoState {
                             }
                             Some((_, best_latency)) => {
                                 // More than 1% better, or the best path is no longer trusted.
-                                latency.as_nanos() * 100 < best_latency.as_nanos() * 99 || !peer.best_trusted(now)
+                                latency.as_nanos() * 100 < best_latency.as_nanos() * 99
+                                    || !peer.best_trusted(now)
                             }
                         };
                         if switch {
                             peer.best = Some((from, latency));
                             peer.best_pong_at = Some(now);
                             peer.last_heartbeat = Some(now);
-                            out.push(DiscoAction::PathChanged { slot, endpoint: Some(from), latency: Some(latency) });
+                            out.push(DiscoAction::PathChanged {
+                                slot,
+                                endpoint: Some(from),
+                                latency: Some(latency),
+                            });
                         }
                         out.push(DiscoAction::PongReceived { slot, tx_id, from });
                     } else {
@@ -350,7 +461,9 @@ impl DiscoState {
                 break;
             }
             self.schedule.pop_first();
-            let Some(peer) = self.peers.get_mut(&slot) else { continue };
+            let Some(peer) = self.peers.get_mut(&slot) else {
+                continue;
+            };
             peer.next_at = None;
             // Pings past their timeout failed.
             let expired: Vec<[u8; 12]> = peer
@@ -362,7 +475,11 @@ impl DiscoState {
             let mut best_failed = false;
             for id in expired {
                 if let Some(p) = peer.pending.remove(&id) {
-                    let answered_since = peer.candidates.get(&p.dst).and_then(|c| c.last_pong).is_some_and(|t| t > p.sent_at);
+                    let answered_since = peer
+                        .candidates
+                        .get(&p.dst)
+                        .and_then(|c| c.last_pong)
+                        .is_some_and(|t| t > p.sent_at);
                     if peer.best.is_some_and(|(addr, _)| addr == p.dst) && !answered_since {
                         best_failed = true;
                     }
@@ -374,20 +491,36 @@ impl DiscoState {
                 let fallback = peer
                     .candidates
                     .iter()
-                    .filter(|(addr, c)| Some(**addr) != peer.best.map(|b| b.0) && c.last_pong.is_some_and(|t| now < t + TRUST_UDP_ADDR_DURATION))
+                    .filter(|(addr, c)| {
+                        Some(**addr) != peer.best.map(|b| b.0)
+                            && c.last_pong
+                                .is_some_and(|t| now < t + TRUST_UDP_ADDR_DURATION)
+                    })
                     .filter_map(|(addr, c)| c.latency.map(|l| (*addr, l)))
                     .min_by_key(|(_, l)| *l);
                 peer.best = fallback;
-                peer.best_pong_at = fallback.and_then(|(addr, _)| peer.candidates.get(&addr).and_then(|c| c.last_pong));
-                out.push(DiscoAction::PathChanged { slot, endpoint: fallback.map(|f| f.0), latency: fallback.map(|f| f.1) });
+                peer.best_pong_at = fallback
+                    .and_then(|(addr, _)| peer.candidates.get(&addr).and_then(|c| c.last_pong));
+                out.push(DiscoAction::PathChanged {
+                    slot,
+                    endpoint: fallback.map(|f| f.0),
+                    latency: fallback.map(|f| f.1),
+                });
             }
             if peer.is_active(now) {
-                let recently_full = peer.last_full_ping.is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_TIMEOUT);
-                let upgrade_due = peer.last_full_ping.is_none_or(|t| now.saturating_duration_since(t) >= UPGRADE_INTERVAL);
+                let recently_full = peer
+                    .last_full_ping
+                    .is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_TIMEOUT);
+                let upgrade_due = peer
+                    .last_full_ping
+                    .is_none_or(|t| now.saturating_duration_since(t) >= UPGRADE_INTERVAL);
                 if (!peer.best_trusted(now) && !recently_full) || upgrade_due {
                     Self::full_ping(peer, slot, now, rng, &mut out);
                 } else if let Some((best, _)) = peer.best {
-                    if peer.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_INTERVAL) {
+                    if peer
+                        .last_heartbeat
+                        .is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_INTERVAL)
+                    {
                         peer.last_heartbeat = Some(now);
                         let mut tx_id = [0u8; 12];
                         rng.fill_bytes(&mut tx_id);

@@ -416,7 +416,11 @@ impl Engine {
     /// Bad packets are counted and dropped, never reported as errors; only a
     /// refused reconfig or input after close is an `Err`, and neither changes
     /// the running state.
-    pub fn handle_input(&mut self, now: Instant, input: Input<'_>) -> Result<InputOutcome, InputError> {
+    pub fn handle_input(
+        &mut self,
+        now: Instant,
+        input: Input<'_>,
+    ) -> Result<InputOutcome, InputError> {
         self.advance(now);
         if self.closed {
             match input {
@@ -432,7 +436,10 @@ impl Engine {
             Input::TunPacket(packet) => self.handle_tun_packet(now, packet),
             Input::Datagram { from, data } => self.handle_datagram(now, from, data),
             Input::Reconfig(reconfig) => {
-                return self.reconfig(now, &reconfig).map(InputOutcome::Reconfig).map_err(InputError::from);
+                return self
+                    .reconfig(now, &reconfig)
+                    .map(InputOutcome::Reconfig)
+                    .map_err(InputError::from);
             }
             Input::LinkChange(change) => self.link_change(change),
             Input::Ping(request) => self.start_ping(now, request),
@@ -530,7 +537,8 @@ impl Engine {
     fn note_send_activity(&mut self, now: Instant, slot: usize, dst: IpAddr) {
         let peer = &mut self.peers[slot];
         let last = peer.last_send_activity;
-        let record = last.is_none_or(|t| now.saturating_duration_since(t) >= SEND_ACTIVITY_GRANULARITY);
+        let record =
+            last.is_none_or(|t| now.saturating_duration_since(t) >= SEND_ACTIVITY_GRANULARITY);
         if record {
             peer.last_send_activity = Some(now);
         }
@@ -576,7 +584,13 @@ impl Engine {
     /// Encrypts `packet` for the peer in `slot` and queues the datagram.
     fn send_to_peer(&mut self, now: Instant, slot: usize, packet: &[u8]) {
         if self.peers[slot].wg.is_none() {
-            self.wake_peer(now, slot, WakeReason::SendTo(wire::ip::dst_addr(packet).unwrap_or(IpAddr::from([0, 0, 0, 0]))));
+            self.wake_peer(
+                now,
+                slot,
+                WakeReason::SendTo(
+                    wire::ip::dst_addr(packet).unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                ),
+            );
         }
         self.refresh_peer_timers(now, slot);
         let max_queued = self.config.max_queued_packets_per_peer;
@@ -645,7 +659,8 @@ impl Engine {
         match endpoint {
             Some(dst) => {
                 self.counters.datagrams_out += 1;
-                self.outputs.push_back(Output::Transmit(Transmit { dst, data }));
+                self.outputs
+                    .push_back(Output::Transmit(Transmit { dst, data }));
             }
             None => {
                 // No endpoint known yet; the peer can still reach us and we
@@ -669,7 +684,12 @@ impl Engine {
         let target = match Tunn::parse_incoming_packet(data) {
             Ok(packet) => self.classify_wg(now, from, data, packet),
             Err(WireGuardError::InvalidPacket) => {
-                if data.len() >= 4 && matches!(u32::from_le_bytes([data[0], data[1], data[2], data[3]]), 1..=4) {
+                if data.len() >= 4
+                    && matches!(
+                        u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
+                        1..=4
+                    )
+                {
                     self.counters.drop_wg_bad_size += 1;
                 } else {
                     self.counters.drop_datagram_unknown += 1;
@@ -687,18 +707,29 @@ impl Engine {
         self.decapsulate(now, slot, from, data);
     }
 
-    fn classify_wg(&mut self, now: Instant, from: SocketAddr, data: &[u8], packet: Packet<'_>) -> WgTarget {
+    fn classify_wg(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        data: &[u8],
+        packet: Packet<'_>,
+    ) -> WgTarget {
         match packet {
             Packet::HandshakeInit(ref init) => {
                 // Rate-limit and check MAC1 with the shared limiter before the
                 // expensive DH; under load, answer with a cookie instead.
-                if now.saturating_duration_since(self.rate_limiter_reset_at) >= Duration::from_secs(1) {
+                if now.saturating_duration_since(self.rate_limiter_reset_at)
+                    >= Duration::from_secs(1)
+                {
                     self.rate_limiter_reset_at = now;
                     self.clock.with(now, || self.rate_limiter.reset_count());
                 }
                 let mut cookie = [0u8; 64];
                 let verdict = self.clock.with(now, || {
-                    match self.rate_limiter.verify_packet(Some(from.ip()), data, &mut cookie) {
+                    match self
+                        .rate_limiter
+                        .verify_packet(Some(from.ip()), data, &mut cookie)
+                    {
                         Ok(_) => Ok(()),
                         Err(TunnResult::WriteToNetwork(reply)) => Err(Some(reply.len())),
                         Err(_) => Err(None),
@@ -711,7 +742,10 @@ impl Engine {
                         let mut buf = self.buffer();
                         buf.extend_from_slice(&cookie[..len]);
                         self.counters.datagrams_out += 1;
-                        self.outputs.push_back(Output::Transmit(Transmit { dst: from, data: buf }));
+                        self.outputs.push_back(Output::Transmit(Transmit {
+                            dst: from,
+                            data: buf,
+                        }));
                         return WgTarget::Drop;
                     }
                     Err(None) => {
@@ -719,7 +753,9 @@ impl Engine {
                         return WgTarget::Drop;
                     }
                 }
-                let Ok(half) = parse_handshake_anon(&self.static_private, &self.static_public, init) else {
+                let Ok(half) =
+                    parse_handshake_anon(&self.static_private, &self.static_public, init)
+                else {
                     self.counters.drop_wg_unknown_peer += 1;
                     return WgTarget::Drop;
                 };
@@ -760,7 +796,9 @@ impl Engine {
             self.scratch = scratch;
             return;
         };
-        let result = wg.tunnel.decapsulate(now, Some(from.ip()), data, &mut scratch);
+        let result = wg
+            .tunnel
+            .decapsulate(now, Some(from.ip()), data, &mut scratch);
         match result {
             TunnResult::Done => {
                 wg.last_received = Some(now);
@@ -787,7 +825,10 @@ impl Engine {
                 }
                 self.peer_heard(now, slot, from);
                 self.counters.datagrams_out += 1;
-                self.outputs.push_back(Output::Transmit(Transmit { dst: from, data: buf }));
+                self.outputs.push_back(Output::Transmit(Transmit {
+                    dst: from,
+                    data: buf,
+                }));
                 self.flush_queue(now, slot, from, &mut scratch);
             }
             TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
@@ -820,13 +861,19 @@ impl Engine {
         self.counters.handshakes_completed += 1;
         let key = peer.config.public_key;
         debug!(peer = ?key, endpoint = %from, "handshake completed");
-        self.outputs.push_back(Output::Event(Event::HandshakeCompleted { peer: key, endpoint: from }));
+        self.outputs
+            .push_back(Output::Event(Event::HandshakeCompleted {
+                peer: key,
+                endpoint: from,
+            }));
     }
 
     /// Sends what boringtun queued while the handshake ran.
     fn flush_queue(&mut self, now: Instant, slot: usize, to: SocketAddr, scratch: &mut [u8]) {
         loop {
-            let Some(wg) = self.peers[slot].wg.as_mut() else { return };
+            let Some(wg) = self.peers[slot].wg.as_mut() else {
+                return;
+            };
             match wg.tunnel.decapsulate(now, None, &[], scratch) {
                 TunnResult::WriteToNetwork(out) => {
                     let is_data = out.first() == Some(&4);
@@ -844,7 +891,8 @@ impl Engine {
                     buf.extend_from_slice(&scratch[..len]);
                     self.counters.datagrams_out += 1;
                     let dst = self.disco.best_endpoint(slot).unwrap_or(to);
-                    self.outputs.push_back(Output::Transmit(Transmit { dst, data: buf }));
+                    self.outputs
+                        .push_back(Output::Transmit(Transmit { dst, data: buf }));
                     if !is_data {
                         return;
                     }
@@ -864,7 +912,10 @@ impl Engine {
                 return;
             }
         };
-        let allowed = self.routes.lookup(header.src).is_some_and(|(_, &s)| s == slot);
+        let allowed = self
+            .routes
+            .lookup(header.src)
+            .is_some_and(|(_, &s)| s == slot);
         if !allowed {
             self.counters.drop_spoofed_source += 1;
             debug!(peer = ?self.peers[slot].config.public_key, src = %header.src, "source outside allowed IPs");
@@ -910,8 +961,16 @@ impl Engine {
         self.outputs.push_back(Output::TunWrite(buf));
     }
 
-    fn handle_tsmp(&mut self, now: Instant, slot: usize, header: &wire::ip::IpHeader, packet: &[u8]) {
-        let payload = packet.get(header.header_len..header.total_len).unwrap_or(&[]);
+    fn handle_tsmp(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        header: &wire::ip::IpHeader,
+        packet: &[u8],
+    ) {
+        let payload = packet
+            .get(header.header_len..header.total_len)
+            .unwrap_or(&[]);
         let message = match wire::tsmp::TsmpMessage::parse(payload) {
             Ok(m) => m,
             Err(_) => {
@@ -925,7 +984,10 @@ impl Engine {
                     self.counters.drop_tsmp_malformed += 1;
                     return;
                 }
-                let pong = wire::tsmp::TsmpMessage::Pong { data, peerapi_port: self.applied.knobs.peerapi_port };
+                let pong = wire::tsmp::TsmpMessage::Pong {
+                    data,
+                    peerapi_port: self.applied.knobs.peerapi_port,
+                };
                 let mut out = std::mem::take(&mut self.scratch2);
                 if pong.emit_packet(header.dst, header.src, &mut out).is_ok() {
                     self.counters.tsmp_pongs_sent += 1;
@@ -938,7 +1000,9 @@ impl Engine {
                     trace!("unmatched TSMP pong");
                 }
             }
-            wire::tsmp::TsmpMessage::Reject { src_port, dst_port, .. } => {
+            wire::tsmp::TsmpMessage::Reject {
+                src_port, dst_port, ..
+            } => {
                 // A reject is about a flow we opened: our address is its destination.
                 let ours = SocketAddr::new(header.dst, src_port);
                 let theirs = SocketAddr::new(header.src, dst_port);
@@ -951,12 +1015,16 @@ impl Engine {
         let c = &mut self.counters;
         match e {
             WireGuardError::InvalidMac => c.drop_wg_bad_mac += 1,
-            WireGuardError::InvalidAeadTag | WireGuardError::InvalidPacket => c.drop_wg_decrypt_failed += 1,
-            WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => c.drop_wg_replay += 1,
-            WireGuardError::WrongTai64nTimestamp => c.drop_wg_stale_timestamp += 1,
-            WireGuardError::WrongIndex | WireGuardError::NoCurrentSession | WireGuardError::UnexpectedPacket => {
-                c.drop_wg_unknown_index += 1
+            WireGuardError::InvalidAeadTag | WireGuardError::InvalidPacket => {
+                c.drop_wg_decrypt_failed += 1
             }
+            WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+                c.drop_wg_replay += 1
+            }
+            WireGuardError::WrongTai64nTimestamp => c.drop_wg_stale_timestamp += 1,
+            WireGuardError::WrongIndex
+            | WireGuardError::NoCurrentSession
+            | WireGuardError::UnexpectedPacket => c.drop_wg_unknown_index += 1,
             _ => c.drop_wg_other += 1,
         }
     }
@@ -1017,9 +1085,11 @@ impl Engine {
         self.counters.peers_configured += 1;
         let key = peer.config.public_key;
         debug!(peer = ?key, ?woken, "peer configured");
-        self.outputs.push_back(Output::Event(Event::PeerConfigured { peer: key, woken }));
+        self.outputs
+            .push_back(Output::Event(Event::PeerConfigured { peer: key, woken }));
         if let Some(disco_key) = peer.config.disco_key {
-            self.disco.ensure_peer(slot, disco_key, &peer.config.endpoints);
+            self.disco
+                .ensure_peer(slot, disco_key, &peer.config.endpoints);
         }
         self.reschedule_peer(slot);
     }
@@ -1036,7 +1106,8 @@ impl Engine {
         let key = peer.config.public_key;
         self.disco.remove_peer(slot);
         debug!(peer = ?key, ?reason, "peer removed from WireGuard");
-        self.outputs.push_back(Output::Event(Event::PeerRemoved { peer: key, reason }));
+        self.outputs
+            .push_back(Output::Event(Event::PeerRemoved { peer: key, reason }));
         self.reschedule_peer(slot);
     }
 
@@ -1053,6 +1124,11 @@ impl Engine {
         let peer = &mut self.peers[slot];
         peer.woken_at = Some(now);
         peer.heard_since_wake = false;
+        // The waking traffic is activity, so the idle timer starts from now.
+        match reason {
+            WakeReason::SendTo(_) | WakeReason::Ping => peer.last_send_activity = Some(now),
+            WakeReason::Receive | WakeReason::Handshake => peer.last_receive_activity = Some(now),
+        }
         info!(peer = ?peer.config.public_key, ?reason, "waking trimmed peer");
         self.configure_peer(now, slot, Some(reason));
     }
@@ -1063,9 +1139,13 @@ impl Engine {
             let mut scratch = std::mem::take(&mut self.scratch);
             let wg = self.peers[slot].wg.as_mut().expect("checked above");
             if wg.next_persistent_keepalive.is_some_and(|t| t <= now) {
-                let secs = self.peers[slot].config.persistent_keepalive_secs.unwrap_or(0);
+                let secs = self.peers[slot]
+                    .config
+                    .persistent_keepalive_secs
+                    .unwrap_or(0);
                 let wg = self.peers[slot].wg.as_mut().expect("checked above");
-                wg.next_persistent_keepalive = Some(now + Duration::from_secs(u64::from(secs.max(1))));
+                wg.next_persistent_keepalive =
+                    Some(now + Duration::from_secs(u64::from(secs.max(1))));
             }
             let wg = self.peers[slot].wg.as_mut().expect("checked above");
             let result = result_owned(wg.tunnel.update_timers(now, &mut scratch));
@@ -1074,9 +1154,11 @@ impl Engine {
         }
         if self.trimming && self.peers[slot].trimmable && self.peers[slot].wg.is_some() {
             let idle_since = self.peers[slot].last_activity();
-            let configured_long_enough = idle_since.is_none_or(|t| now.saturating_duration_since(t) >= LAZY_PEER_IDLE_THRESHOLD);
+            let configured_long_enough = idle_since
+                .is_none_or(|t| now.saturating_duration_since(t) >= LAZY_PEER_IDLE_THRESHOLD);
             if configured_long_enough && self.idle_deadline(slot).is_some_and(|d| d <= now) {
-                let idle_secs = idle_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
+                let idle_secs =
+                    idle_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
                 self.counters.peers_trimmed += 1;
                 info!(peer = ?self.peers[slot].config.public_key, idle_secs, "trimming idle peer");
                 self.unconfigure_peer(slot, RemoveReason::Idle { idle_secs });
@@ -1088,7 +1170,9 @@ impl Engine {
     /// Refreshes boringtun's clock for a peer before an operation and sends
     /// whatever its timers wanted.
     fn refresh_peer_timers(&mut self, now: Instant, slot: usize) {
-        let Some(wg) = self.peers[slot].wg.as_mut() else { return };
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
         let mut scratch = std::mem::take(&mut self.scratch);
         let owned = result_owned(wg.tunnel.refresh(now, &mut scratch));
         self.scratch = scratch;
@@ -1101,7 +1185,9 @@ impl Engine {
         match result {
             OwnedTimerResult::Nothing => {}
             OwnedTimerResult::Send(len) => {
-                let Some(wg) = self.peers[slot].wg.as_mut() else { return };
+                let Some(wg) = self.peers[slot].wg.as_mut() else {
+                    return;
+                };
                 let message_type = self.scratch.first().copied();
                 if message_type == Some(1) {
                     Self::note_initiation(wg, now);
@@ -1115,7 +1201,9 @@ impl Engine {
                 self.transmit_to_peer(slot, buf);
             }
             OwnedTimerResult::Expired => {
-                let Some(wg) = self.peers[slot].wg.as_mut() else { return };
+                let Some(wg) = self.peers[slot].wg.as_mut() else {
+                    return;
+                };
                 if !wg.expired {
                     wg.expired = true;
                     self.counters.drop_queue_discarded += wg.queued as u64;
@@ -1136,7 +1224,10 @@ impl Engine {
         }
         // A peer that never had activity is trimmed at once (the reference's
         // "tracked with no activity" case); otherwise at last activity + threshold.
-        Some(peer.last_activity().map_or(self.now, |t| t + LAZY_PEER_IDLE_THRESHOLD))
+        Some(
+            peer.last_activity()
+                .map_or(self.now, |t| t + LAZY_PEER_IDLE_THRESHOLD),
+        )
     }
 
     /// The next instant boringtun's timers could act for this peer, derived
@@ -1154,7 +1245,9 @@ impl Engine {
         }
         if let Some(est) = wg.session_established {
             candidates[2] = Some(est + consts::REKEY_AFTER_TIME);
-            candidates[3] = Some(est + consts::REJECT_AFTER_TIME - consts::KEEPALIVE_TIMEOUT - consts::REKEY_TIMEOUT);
+            candidates[3] = Some(
+                est + consts::REJECT_AFTER_TIME - consts::KEEPALIVE_TIMEOUT - consts::REKEY_TIMEOUT,
+            );
             candidates[4] = Some(est + consts::REJECT_AFTER_TIME);
             candidates[5] = Some(est + consts::REJECT_AFTER_TIME * 3);
         }
@@ -1206,11 +1299,16 @@ impl Engine {
         consider(wg.handshake_started.map(|t| t + consts::REKEY_ATTEMPT_TIME));
         if let Some(est) = wg.session_established {
             consider(Some(est + consts::REKEY_AFTER_TIME));
-            consider(Some(est + consts::REJECT_AFTER_TIME - consts::KEEPALIVE_TIMEOUT - consts::REKEY_TIMEOUT));
+            consider(Some(
+                est + consts::REJECT_AFTER_TIME - consts::KEEPALIVE_TIMEOUT - consts::REKEY_TIMEOUT,
+            ));
             consider(Some(est + consts::REJECT_AFTER_TIME));
             consider(Some(est + consts::REJECT_AFTER_TIME * 3));
         }
-        consider(wg.last_sent.map(|t| t + consts::KEEPALIVE_TIMEOUT + consts::REKEY_TIMEOUT));
+        consider(
+            wg.last_sent
+                .map(|t| t + consts::KEEPALIVE_TIMEOUT + consts::REKEY_TIMEOUT),
+        );
         consider(wg.last_received.map(|t| t + consts::KEEPALIVE_TIMEOUT));
         consider(wg.next_persistent_keepalive);
         best
@@ -1221,7 +1319,11 @@ impl Engine {
     // ----------------------------------------------------------------------
 
     /// Applies a full desired state. See [`Input::Reconfig`].
-    pub fn reconfig(&mut self, now: Instant, reconfig: &Reconfig) -> Result<ReconfigOutcome, ReconfigError> {
+    pub fn reconfig(
+        &mut self,
+        now: Instant,
+        reconfig: &Reconfig,
+    ) -> Result<ReconfigOutcome, ReconfigError> {
         self.advance(now);
         let valid = match reconfig.validate(&self.node_key) {
             Ok(v) => v,
@@ -1274,53 +1376,94 @@ impl Engine {
             // Phase two of the disco-key flush: re-add with a fresh session.
             self.counters.sessions_flushed += 1;
             let peer = self.peers[slot].config.public_key;
-            self.outputs.push_back(Output::Event(Event::SessionFlushed { peer, old_disco, new_disco }));
+            self.outputs.push_back(Output::Event(Event::SessionFlushed {
+                peer,
+                old_disco,
+                new_disco,
+            }));
             self.configure_peer(now, slot, None);
         }
 
         let applied = &self.applied;
         let first = !applied.have_config;
-        changes.listen_port = first || applied.listen_port != valid.wireguard.listen_port || applied.knobs.randomize_client_port != valid.knobs.randomize_client_port;
+        changes.listen_port = first
+            || applied.listen_port != valid.wireguard.listen_port
+            || applied.knobs.randomize_client_port != valid.knobs.randomize_client_port;
         changes.wireguard = changes.peers_changed > 0 || changes.listen_port;
         changes.router = first || applied.router != valid.router;
         changes.dns = first || applied.dns != valid.dns;
-        changes.path_mtu = first || applied.knobs.path_mtu_discovery != valid.knobs.path_mtu_discovery;
+        changes.path_mtu =
+            first || applied.knobs.path_mtu_discovery != valid.knobs.path_mtu_discovery;
         changes.knobs = first || applied.knobs != valid.knobs;
         let is_subnet_router = overlaps(&valid.primary_routes, &valid.router.advertised_routes);
-        changes.subnet_router = first || applied.is_subnet_router != is_subnet_router
+        changes.subnet_router = first
+            || applied.is_subnet_router != is_subnet_router
             || applied.knobs.bird_protocol != valid.knobs.bird_protocol;
         let primary_changed = applied.primary_routes != valid.primary_routes;
 
-        if !changes.wireguard && !changes.router && !changes.dns && !changes.knobs && !changes.subnet_router && !primary_changed {
+        if !changes.wireguard
+            && !changes.router
+            && !changes.dns
+            && !changes.knobs
+            && !changes.subnet_router
+            && !primary_changed
+        {
             self.counters.reconfigs_unchanged += 1;
             return Ok(ReconfigOutcome::NoChanges);
         }
         self.counters.reconfigs_applied += 1;
 
         if changes.listen_port {
-            let port = if valid.knobs.randomize_client_port { 0 } else { valid.wireguard.listen_port };
-            self.outputs.push_back(Output::Effect(Effect::SetListenPort(port)));
+            let port = if valid.knobs.randomize_client_port {
+                0
+            } else {
+                valid.wireguard.listen_port
+            };
+            self.outputs
+                .push_back(Output::Effect(Effect::SetListenPort(port)));
         }
         if changes.router {
-            self.outputs.push_back(Output::Effect(Effect::ApplyRouter(valid.router.clone())));
+            self.outputs
+                .push_back(Output::Effect(Effect::ApplyRouter(valid.router.clone())));
         }
         if changes.dns {
-            self.outputs.push_back(Output::Effect(Effect::ApplyDns(valid.dns.clone())));
+            self.outputs
+                .push_back(Output::Effect(Effect::ApplyDns(valid.dns.clone())));
         }
         if changes.path_mtu {
-            self.outputs.push_back(Output::Effect(Effect::SetPathMtuDiscovery(valid.knobs.path_mtu_discovery)));
+            self.outputs
+                .push_back(Output::Effect(Effect::SetPathMtuDiscovery(
+                    valid.knobs.path_mtu_discovery,
+                )));
         }
         if changes.subnet_router {
-            if let Some(old) = self.applied.knobs.bird_protocol.clone().filter(|p| Some(p) != valid.knobs.bird_protocol.as_ref()) {
+            if let Some(old) = self
+                .applied
+                .knobs
+                .bird_protocol
+                .clone()
+                .filter(|p| Some(p) != valid.knobs.bird_protocol.as_ref())
+            {
                 if self.applied.is_subnet_router {
-                    self.outputs.push_back(Output::Effect(Effect::SetBirdProtocol { protocol: old, enabled: false }));
+                    self.outputs
+                        .push_back(Output::Effect(Effect::SetBirdProtocol {
+                            protocol: old,
+                            enabled: false,
+                        }));
                 }
             }
             if let Some(protocol) = valid.knobs.bird_protocol.clone() {
-                self.outputs.push_back(Output::Effect(Effect::SetBirdProtocol { protocol, enabled: is_subnet_router }));
+                self.outputs
+                    .push_back(Output::Effect(Effect::SetBirdProtocol {
+                        protocol,
+                        enabled: is_subnet_router,
+                    }));
             }
         }
-        let trimming = self.config.trim_override.unwrap_or(!valid.knobs.keep_full_wg_config);
+        let trimming = self
+            .config
+            .trim_override
+            .unwrap_or(!valid.knobs.keep_full_wg_config);
         self.applied = Applied {
             have_config: true,
             listen_port: valid.wireguard.listen_port,
@@ -1338,7 +1481,11 @@ impl Engine {
 
     /// Applies a change to some peers without resending the whole netmap: the
     /// cost is proportional to the change, not to the number of peers.
-    pub fn apply_peer_delta(&mut self, now: Instant, delta: &PeerDelta) -> Result<usize, ReconfigError> {
+    pub fn apply_peer_delta(
+        &mut self,
+        now: Instant,
+        delta: &PeerDelta,
+    ) -> Result<usize, ReconfigError> {
         self.advance(now);
         let mut normalized = Vec::with_capacity(delta.upsert.len());
         let mut seen = std::collections::BTreeSet::new();
@@ -1357,7 +1504,11 @@ impl Engine {
                         let owner_key = self.peers[owner].config.public_key;
                         let removed = delta.remove.contains(&owner_key);
                         if owner_key != cfg.public_key && !removed {
-                            return Err(ReconfigError::OverlappingAllowedIp { addr: *net, first: owner_key, second: cfg.public_key });
+                            return Err(ReconfigError::OverlappingAllowedIp {
+                                addr: *net,
+                                first: owner_key,
+                                second: cfg.public_key,
+                            });
                         }
                     }
                 }
@@ -1381,7 +1532,11 @@ impl Engine {
                     if let Some((slot, old_disco, new_disco)) = self.update_peer(now, slot, cfg) {
                         self.counters.sessions_flushed += 1;
                         let peer = self.peers[slot].config.public_key;
-                        self.outputs.push_back(Output::Event(Event::SessionFlushed { peer, old_disco, new_disco }));
+                        self.outputs.push_back(Output::Event(Event::SessionFlushed {
+                            peer,
+                            old_disco,
+                            new_disco,
+                        }));
                         self.configure_peer(now, slot, None);
                     }
                 }
@@ -1432,7 +1587,12 @@ impl Engine {
 
     /// Updates a peer's config in place. Returns the flush to finish when its
     /// disco key changed while it was configured (phase one already done).
-    fn update_peer(&mut self, now: Instant, slot: usize, cfg: PeerConfig) -> Option<(usize, DiscoPublicKey, DiscoPublicKey)> {
+    fn update_peer(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        cfg: PeerConfig,
+    ) -> Option<(usize, DiscoPublicKey, DiscoPublicKey)> {
         let old = std::mem::replace(&mut self.peers[slot].config, cfg);
         let new = &self.peers[slot].config;
         if old.allowed_ips != new.allowed_ips {
@@ -1460,11 +1620,15 @@ impl Engine {
         let new_disco = new.disco_key;
         if old.endpoints != new.endpoints {
             let peer = &mut self.peers[slot];
-            if peer.endpoint.is_none_or(|e| old.endpoints.contains(&e) && !new_endpoints.contains(&e)) {
+            if peer
+                .endpoint
+                .is_none_or(|e| old.endpoints.contains(&e) && !new_endpoints.contains(&e))
+            {
                 peer.endpoint = new_endpoints.first().copied();
             }
         }
-        self.disco.update_peer(self.now, slot, new_disco, &new_endpoints);
+        self.disco
+            .update_peer(self.now, slot, new_disco, &new_endpoints);
         let peer = &mut self.peers[slot];
         peer.trimmable = peer.config.is_trimmable();
         let keys_changed = old.preshared_key != peer.config.preshared_key
@@ -1486,7 +1650,10 @@ impl Engine {
                 _ => {}
             }
         }
-        if self.peers[slot].wg.is_none() && flush.is_none() && (!self.trimming || !self.peers[slot].trimmable) {
+        if self.peers[slot].wg.is_none()
+            && flush.is_none()
+            && (!self.trimming || !self.peers[slot].trimmable)
+        {
             self.configure_peer(now, slot, None);
         }
         self.reschedule_peer(slot);
@@ -1527,7 +1694,8 @@ impl Engine {
     // ----------------------------------------------------------------------
 
     fn link_change(&mut self, change: LinkChange) {
-        self.outputs.push_back(Output::Effect(Effect::SetNetworkUp(change.any_link_up)));
+        self.outputs
+            .push_back(Output::Effect(Effect::SetNetworkUp(change.any_link_up)));
         self.network_up = change.any_link_up;
         if !change.any_link_up {
             self.counters.link_changes_down += 1;
@@ -1537,17 +1705,25 @@ impl Engine {
         if change.major {
             self.counters.link_changes_major += 1;
             info!("major link change");
-            self.outputs.push_back(Output::Effect(Effect::FlushDnsCaches));
+            self.outputs
+                .push_back(Output::Effect(Effect::FlushDnsCaches));
             if self.applied.have_config {
-                self.outputs.push_back(Output::Effect(Effect::ApplyDns(self.applied.dns.clone())));
+                self.outputs
+                    .push_back(Output::Effect(Effect::ApplyDns(self.applied.dns.clone())));
             }
             self.outputs.push_back(Output::Effect(Effect::Rebind));
-            self.outputs.push_back(Output::Effect(Effect::ReDiscoverEndpoints { reason: "link-change-major" }));
+            self.outputs
+                .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
+                    reason: "link-change-major",
+                }));
             let actions = self.disco.reset_paths(self.now, &mut self.rng);
             self.run_disco_actions(self.now, actions);
         } else {
             self.counters.link_changes_minor += 1;
-            self.outputs.push_back(Output::Effect(Effect::ReDiscoverEndpoints { reason: "link-change-minor" }));
+            self.outputs
+                .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
+                    reason: "link-change-minor",
+                }));
         }
     }
 
@@ -1564,7 +1740,9 @@ impl Engine {
                     allowed_ips: p.config.allowed_ips.clone(),
                     configured: p.wg.is_some(),
                     endpoint: self.disco.best_endpoint(slot).or(p.endpoint),
-                    last_handshake_ago: p.last_handshake_at.map(|t| self.now.saturating_duration_since(t)),
+                    last_handshake_ago: p
+                        .last_handshake_at
+                        .map(|t| self.now.saturating_duration_since(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
                     persistent_keepalive_secs: p.config.persistent_keepalive_secs,
@@ -1597,11 +1775,17 @@ impl Engine {
         }
         // 3. The OS is given back its routes and DNS.
         if self.applied.have_config {
-            self.outputs.push_back(Output::Effect(Effect::ApplyRouter(RouterConfig::default())));
-            self.outputs.push_back(Output::Effect(Effect::ApplyDns(DnsConfig::default())));
+            self.outputs
+                .push_back(Output::Effect(Effect::ApplyRouter(RouterConfig::default())));
+            self.outputs
+                .push_back(Output::Effect(Effect::ApplyDns(DnsConfig::default())));
             if self.applied.is_subnet_router {
                 if let Some(protocol) = self.applied.knobs.bird_protocol.clone() {
-                    self.outputs.push_back(Output::Effect(Effect::SetBirdProtocol { protocol, enabled: false }));
+                    self.outputs
+                        .push_back(Output::Effect(Effect::SetBirdProtocol {
+                            protocol,
+                            enabled: false,
+                        }));
                 }
             }
         }
@@ -1614,7 +1798,11 @@ impl Engine {
     // ----------------------------------------------------------------------
 
     fn is_local_addr(&self, ip: IpAddr) -> bool {
-        self.applied.router.local_addrs.iter().any(|net| net.addr() == ip)
+        self.applied
+            .router
+            .local_addrs
+            .iter()
+            .any(|net| net.addr() == ip)
     }
 
     fn local_addr_for(&self, target: IpAddr) -> Option<IpAddr> {
@@ -1630,7 +1818,8 @@ impl Engine {
     /// single-IP match first, then our own addresses, then the longest prefix
     /// over the full config (trimmed peers included).
     pub fn peer_for_ip(&self, ip: IpAddr) -> Result<NodePublicKey, PeerForIpError> {
-        self.peer_slot_for_ip(ip).map(|slot| self.peers[slot].config.public_key)
+        self.peer_slot_for_ip(ip)
+            .map(|slot| self.peers[slot].config.public_key)
     }
 
     fn peer_slot_for_ip(&self, ip: IpAddr) -> Result<usize, PeerForIpError> {
@@ -1640,7 +1829,10 @@ impl Engine {
         if self.is_local_addr(ip) {
             return Err(PeerForIpError::IsLocalIp(ip));
         }
-        self.routes.lookup(ip).map(|(_, &slot)| slot).ok_or(PeerForIpError::NoMatchingPeer(ip))
+        self.routes
+            .lookup(ip)
+            .map(|(_, &slot)| slot)
+            .ok_or(PeerForIpError::NoMatchingPeer(ip))
     }
 
     fn start_ping(&mut self, now: Instant, request: PingRequest) {
@@ -1651,7 +1843,10 @@ impl Engine {
                 id: request.id,
                 ip: request.ip,
                 kind: request.kind,
-                outcome: PingOutcome::Error { message, is_local_ip },
+                outcome: PingOutcome::Error {
+                    message,
+                    is_local_ip,
+                },
             }));
         };
         let slot = match self.peer_slot_for_ip(request.ip) {
@@ -1663,7 +1858,11 @@ impl Engine {
             }
         };
         let Some(src) = self.local_addr_for(request.ip) else {
-            fail(self, format!("no local address of the family of {}", request.ip), false);
+            fail(
+                self,
+                format!("no local address of the family of {}", request.ip),
+                false,
+            );
             return;
         };
         let peer = &self.peers[slot];
@@ -1696,7 +1895,17 @@ impl Engine {
                 self.timers.push(now + PING_TIMEOUT, TimerKey::Ping(id));
                 let payload = vec![0u8; request.size.min(1400)];
                 let mut out = std::mem::take(&mut self.scratch2);
-                if wire::icmp::emit_echo(src, request.ip, wire::icmp::EchoKind::Request, ident, seq, &payload, &mut out).is_ok() {
+                if wire::icmp::emit_echo(
+                    src,
+                    request.ip,
+                    wire::icmp::EchoKind::Request,
+                    ident,
+                    seq,
+                    &payload,
+                    &mut out,
+                )
+                .is_ok()
+                {
                     self.send_to_peer(now, slot, &out);
                 }
                 self.scratch2 = out;
@@ -1708,7 +1917,9 @@ impl Engine {
                 }
                 let mut tx_id = [0u8; 12];
                 self.rng.fill_bytes(&mut tx_id);
-                let id = self.pings.insert(now, request, MatchKey::Disco(tx_id), info);
+                let id = self
+                    .pings
+                    .insert(now, request, MatchKey::Disco(tx_id), info);
                 self.timers.push(now + PING_TIMEOUT, TimerKey::Ping(id));
                 let actions = self.disco.ping_user(now, slot, tx_id);
                 self.run_disco_actions(now, actions);
@@ -1726,8 +1937,16 @@ impl Engine {
     }
 
     /// Ends the ping waiting for `key` if the answer came from its peer.
-    fn complete_ping(&mut self, now: Instant, key: MatchKey, slot: usize, endpoint: Option<SocketAddr>, peerapi_port: Option<u16>) -> bool {
-        let endpoint = endpoint.or_else(|| self.disco.best_endpoint(slot).or(self.peers[slot].endpoint));
+    fn complete_ping(
+        &mut self,
+        now: Instant,
+        key: MatchKey,
+        slot: usize,
+        endpoint: Option<SocketAddr>,
+        peerapi_port: Option<u16>,
+    ) -> bool {
+        let endpoint =
+            endpoint.or_else(|| self.disco.best_endpoint(slot).or(self.peers[slot].endpoint));
         match self.pings.complete(now, key, slot, endpoint, peerapi_port) {
             Some(result) => {
                 self.counters.pings_answered += 1;
@@ -1752,7 +1971,8 @@ impl Engine {
             return;
         };
         let peer = &self.peers[slot];
-        self.disco.ensure_peer(slot, DiscoPublicKey(sender), &peer.config.endpoints);
+        self.disco
+            .ensure_peer(slot, DiscoPublicKey(sender), &peer.config.endpoints);
         let message = match self.disco.open(slot, data) {
             Ok(m) => m,
             Err(_) => {
@@ -1760,7 +1980,9 @@ impl Engine {
                 return;
             }
         };
-        let actions = self.disco.handle_message(now, slot, from, message, &mut self.rng);
+        let actions = self
+            .disco
+            .handle_message(now, slot, from, message, &mut self.rng);
         self.run_disco_actions(now, actions);
     }
 
@@ -1771,14 +1993,22 @@ impl Engine {
                     let mut nonce = [0u8; 24];
                     self.rng.fill_bytes(&mut nonce);
                     let mut buf = self.buffer();
-                    if self.disco.seal(slot, self.disco_key.0, nonce, &message, &mut buf) {
+                    if self
+                        .disco
+                        .seal(slot, self.disco_key.0, nonce, &message, &mut buf)
+                    {
                         match message {
-                            wire::disco::DiscoMessage::Ping { .. } => self.counters.disco_pings_sent += 1,
-                            wire::disco::DiscoMessage::Pong { .. } => self.counters.disco_pongs_sent += 1,
+                            wire::disco::DiscoMessage::Ping { .. } => {
+                                self.counters.disco_pings_sent += 1
+                            }
+                            wire::disco::DiscoMessage::Pong { .. } => {
+                                self.counters.disco_pongs_sent += 1
+                            }
                             _ => {}
                         }
                         self.counters.datagrams_out += 1;
-                        self.outputs.push_back(Output::Transmit(Transmit { dst, data: buf }));
+                        self.outputs
+                            .push_back(Output::Transmit(Transmit { dst, data: buf }));
                     } else {
                         self.recycle(buf);
                     }
@@ -1786,10 +2016,18 @@ impl Engine {
                 DiscoAction::PongReceived { slot, tx_id, from } => {
                     self.complete_ping(now, MatchKey::Disco(tx_id), slot, Some(from), None);
                 }
-                DiscoAction::PathChanged { slot, endpoint, latency } => {
+                DiscoAction::PathChanged {
+                    slot,
+                    endpoint,
+                    latency,
+                } => {
                     self.counters.path_changes += 1;
                     let peer = self.peers[slot].config.public_key;
-                    self.outputs.push_back(Output::Event(Event::PathChanged { peer, endpoint, latency }));
+                    self.outputs.push_back(Output::Event(Event::PathChanged {
+                        peer,
+                        endpoint,
+                        latency,
+                    }));
                 }
                 DiscoAction::CallMeMaybeReceived => self.counters.disco_call_me_maybe_received += 1,
             }
@@ -1805,7 +2043,8 @@ impl Engine {
 
     fn schedule_opens(&mut self) {
         if let Some(at) = self.opens.next_deadline() {
-            self.timers.push(at, TimerKey::Engine(EngineTimer::PendingOpens));
+            self.timers
+                .push(at, TimerKey::Engine(EngineTimer::PendingOpens));
         }
     }
 
@@ -1813,9 +2052,15 @@ impl Engine {
         for open in self.opens.expire(now) {
             let cause = self.diagnose(&open);
             self.counters.connections_failed += 1;
-            let failed = FailedConnection { src: open.src, dst: open.dst, peer: open.peer, cause };
+            let failed = FailedConnection {
+                src: open.src,
+                dst: open.dst,
+                peer: open.peer,
+                cause,
+            };
             info!(src = %failed.src, dst = %failed.dst, ?cause, "outbound connection got no answer");
-            self.outputs.push_back(Output::Event(Event::ConnectionFailed(Box::new(failed))));
+            self.outputs
+                .push_back(Output::Event(Event::ConnectionFailed(Box::new(failed))));
         }
         self.schedule_opens();
     }
@@ -1831,7 +2076,13 @@ impl Engine {
             return FailureCause::NoPeerForAddress;
         };
         let peer = &self.peers[slot];
-        if peer.woken_at.is_some_and(|w| w >= open.at.checked_sub(Duration::from_millis(1)).unwrap_or(open.at)) && !peer.heard_since_wake {
+        if peer.woken_at.is_some_and(|w| {
+            w >= open
+                .at
+                .checked_sub(Duration::from_millis(1))
+                .unwrap_or(open.at)
+        }) && !peer.heard_since_wake
+        {
             return FailureCause::PeerTrimmedNeverAnswered;
         }
         let has_session = peer.wg.as_deref().is_some_and(Self::has_session);
@@ -1845,7 +2096,11 @@ impl Engine {
     }
 
     fn capture_packet(&mut self, now: Instant, outbound: bool, packet: &[u8]) {
-        self.outputs.push_back(Output::Capture(CapturedPacket { outbound, at: now, packet: packet.to_vec() }));
+        self.outputs.push_back(Output::Capture(CapturedPacket {
+            outbound,
+            at: now,
+            packet: packet.to_vec(),
+        }));
     }
 }
 
@@ -1870,7 +2125,8 @@ pub enum PeerForIpError {
 }
 
 fn overlaps(a: &[IpNet], b: &[IpNet]) -> bool {
-    a.iter().any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)))
+    a.iter()
+        .any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)))
 }
 
 /// A timer result detached from the scratch buffer's borrow.

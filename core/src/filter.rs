@@ -52,7 +52,10 @@ impl PacketFilter {
 
     /// Decides the fate of an inbound packet.
     pub fn check(&self, header: &IpHeader, packet: &[u8]) -> FilterAction {
-        let port = self.needs_port().then(|| dst_port(header, packet)).flatten();
+        let port = self
+            .needs_port()
+            .then(|| dst_port(header, packet))
+            .flatten();
         for rule in &self.rules {
             if !rule.src.contains(&header.src) || !rule.dst.contains(&header.dst) {
                 continue;

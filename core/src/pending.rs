@@ -58,13 +58,25 @@ impl PendingPings {
     }
 
     /// Registers a ping sent at `now`; returns its internal id for the timer.
-    pub(crate) fn insert(&mut self, now: Instant, request: PingRequest, key: MatchKey, target: PingTarget) -> u64 {
+    pub(crate) fn insert(
+        &mut self,
+        now: Instant,
+        request: PingRequest,
+        key: MatchKey,
+        target: PingTarget,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.by_key.insert(key, id);
         self.by_id.insert(
             id,
-            PendingPing { request, key, target, sent_at: now, deadline: now + PING_TIMEOUT },
+            PendingPing {
+                request,
+                key,
+                target,
+                sent_at: now,
+                deadline: now + PING_TIMEOUT,
+            },
         );
         id
     }
@@ -82,7 +94,12 @@ impl PendingPings {
     /// Ends the ping with a timeout.
     pub(crate) fn time_out(&mut self, id: u64) -> Option<PingResult> {
         let ping = self.remove(id)?;
-        Some(PingResult { id: ping.request.id, ip: ping.request.ip, kind: ping.request.kind, outcome: PingOutcome::Timeout })
+        Some(PingResult {
+            id: ping.request.id,
+            ip: ping.request.ip,
+            kind: ping.request.kind,
+            outcome: PingOutcome::Timeout,
+        })
     }
 
     /// Ends the ping waiting for `key` when the answer came from its peer.
@@ -123,7 +140,10 @@ impl PendingPings {
                 id: p.request.id,
                 ip: p.request.ip,
                 kind: p.request.kind,
-                outcome: PingOutcome::Error { message: "engine closed".into(), is_local_ip: false },
+                outcome: PingOutcome::Error {
+                    message: "engine closed".into(),
+                    is_local_ip: false,
+                },
             })
             .collect()
     }
@@ -156,19 +176,36 @@ impl PendingOpens {
 
     /// Starts watching a flow; a retransmitted SYN keeps the first time.
     /// Returns true when a new deadline was added.
-    pub(crate) fn track(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr, peer: Option<NodePublicKey>) -> bool {
+    pub(crate) fn track(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        dst: SocketAddr,
+        peer: Option<NodePublicKey>,
+    ) -> bool {
         if self.flows.contains_key(&(src, dst)) || self.flows.len() >= MAX_PENDING_OPENS {
             return false;
         }
-        self.flows.insert((src, dst), PendingOpen { src, dst, peer, at: now, rejected: false });
-        self.by_deadline.insert((now + PENDING_OPEN_TIMEOUT, src, dst), ());
+        self.flows.insert(
+            (src, dst),
+            PendingOpen {
+                src,
+                dst,
+                peer,
+                at: now,
+                rejected: false,
+            },
+        );
+        self.by_deadline
+            .insert((now + PENDING_OPEN_TIMEOUT, src, dst), ());
         true
     }
 
     /// The flow got its SYN-ACK or RST.
     pub(crate) fn answered(&mut self, src: SocketAddr, dst: SocketAddr) {
         if let Some(open) = self.flows.remove(&(src, dst)) {
-            self.by_deadline.remove(&(open.at + PENDING_OPEN_TIMEOUT, src, dst));
+            self.by_deadline
+                .remove(&(open.at + PENDING_OPEN_TIMEOUT, src, dst));
         }
     }
 

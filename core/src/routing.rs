@@ -191,7 +191,10 @@ mod tests {
         assert_eq!(t.lookup("10.1.2.3".parse().unwrap()).map(|x| *x.1), Some(3));
         assert_eq!(t.lookup("10.1.2.4".parse().unwrap()).map(|x| *x.1), Some(2));
         assert_eq!(t.lookup("10.2.0.1".parse().unwrap()).map(|x| *x.1), Some(1));
-        assert_eq!(t.lookup("192.0.2.1".parse().unwrap()), Some((net("0.0.0.0/0"), &0)));
+        assert_eq!(
+            t.lookup("192.0.2.1".parse().unwrap()),
+            Some((net("0.0.0.0/0"), &0))
+        );
         assert_eq!(t.lookup("fd7a::1".parse().unwrap()).map(|x| *x.1), Some(6));
         assert_eq!(t.lookup("fd7b::1".parse().unwrap()), None);
         assert_eq!(t.remove(&net("10.1.0.0/16")), Some(2));
@@ -218,8 +221,12 @@ mod tests {
 
     fn arb_addr() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
-            (0u32..16).prop_map(|a| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 | (a << 24 >> 4) | a))),
-            (0u128..16).prop_map(|a| IpAddr::V6(std::net::Ipv6Addr::from((0xfd7a_u128 << 112) | (a << 100) | a))),
+            (0u32..16).prop_map(|a| IpAddr::V4(std::net::Ipv4Addr::from(
+                0x0a00_0000 | (a << 24 >> 4) | a
+            ))),
+            (0u128..16).prop_map(|a| IpAddr::V6(std::net::Ipv6Addr::from(
+                (0xfd7a_u128 << 112) | (a << 100) | a
+            ))),
             any::<IpAddr>(),
         ]
     }

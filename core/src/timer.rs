@@ -42,7 +42,10 @@ impl TimerQueue {
     }
 
     /// The earliest entry, after dropping the stale ones `is_current` rejects.
-    pub(crate) fn peek(&mut self, mut is_current: impl FnMut(Instant, TimerKey) -> bool) -> Option<Instant> {
+    pub(crate) fn peek(
+        &mut self,
+        mut is_current: impl FnMut(Instant, TimerKey) -> bool,
+    ) -> Option<Instant> {
         while let Some(Reverse((at, key))) = self.heap.peek().copied() {
             if is_current(at, key) {
                 return Some(at);

@@ -131,7 +131,12 @@ impl WgTunnel {
     }
 
     /// Encrypts one IP packet (or queues it and starts a handshake).
-    pub(crate) fn encapsulate<'a>(&mut self, now: Instant, src: &[u8], dst: &'a mut [u8]) -> TunnResult<'a> {
+    pub(crate) fn encapsulate<'a>(
+        &mut self,
+        now: Instant,
+        src: &[u8],
+        dst: &'a mut [u8],
+    ) -> TunnResult<'a> {
         self.clock.enter(now);
         self.tunn.encapsulate(src, dst)
     }

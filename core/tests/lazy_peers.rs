@@ -1,0 +1,388 @@
+//! Lazy WireGuard peers and disco-key changes, on virtual time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Net;
+use ipnet::IpNet;
+use wgmesh_core::*;
+
+const HALF_RTT: Duration = Duration::from_millis(20);
+
+fn lazy() -> Knobs {
+    Knobs::default()
+}
+
+fn removed_idle(net: &Net, i: usize, j: usize) -> usize {
+    let key = net.key(j);
+    net.nodes[i]
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::PeerRemoved { peer, reason: RemoveReason::Idle { .. } } if *peer == key))
+        .count()
+}
+
+#[test]
+fn never_active_single_ip_peer_is_tracked_and_trimmed() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(lazy());
+    assert_eq!(net.nodes[0].engine.peer_count(), 1);
+    assert_eq!(
+        net.nodes[0].engine.configured_peer_count(),
+        0,
+        "a never-active single-IP peer is trimmed"
+    );
+    assert_eq!(
+        net.nodes[0].engine.is_peer_configured(&net.key(1)),
+        Some(false)
+    );
+}
+
+#[test]
+fn subnet_router_is_never_trimmed() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.nodes[1]
+        .extra_allowed
+        .push("10.1.0.0/16".parse::<IpNet>().unwrap());
+    net.configure_all(lazy());
+    assert!(
+        net.configured(0, 1),
+        "a peer with a subnet AllowedIP is configured"
+    );
+    net.run_for(Duration::from_secs(3600));
+    assert!(net.configured(0, 1), "and stays configured when idle");
+    assert_eq!(removed_idle(&net, 0, 1), 0);
+}
+
+#[test]
+fn receive_activity_for_untracked_key_changes_nothing() {
+    let mut net = Net::new(3, HALF_RTT, |_, _| {});
+    // Node 2 is not in node 0's config.
+    let mut rc = net.reconfig_for(0, lazy());
+    let k2 = net.key(2);
+    rc.wireguard
+        .as_mut()
+        .unwrap()
+        .peers
+        .retain(|p| p.public_key != k2);
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    let rc1 = net.reconfig_for(2, lazy());
+    net.input(2, Input::Reconfig(Box::new(rc1))).unwrap();
+    let before = net.nodes[0].events.len();
+    let ip0 = net.nodes[0].ip4;
+    net.send_udp(2, ip0, b"from a stranger");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(
+        net.nodes[0].events.len(),
+        before,
+        "no reconfigure, no event"
+    );
+    assert_eq!(net.nodes[0].engine.configured_peer_count(), 0);
+    assert!(net.nodes[0].engine.counters().drop_wg_unknown_peer >= 1);
+    assert!(net.nodes[0].tun_out.is_empty());
+}
+
+#[test]
+fn receive_from_configured_peer_does_not_reconfigure_and_from_trimmed_peer_re_adds() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(lazy());
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"wake");
+    net.run_for(Duration::from_secs(1));
+    assert!(
+        net.configured(1, 0),
+        "receive from a trimmed peer re-added it"
+    );
+    let configured_events = |net: &Net| {
+        net.nodes[1]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::PeerConfigured { .. }))
+            .count()
+    };
+    let before = configured_events(&net);
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"more");
+    net.run_for(Duration::from_secs(11));
+    net.send_udp(0, ip1, b"even more");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(
+        configured_events(&net),
+        before,
+        "receive from a configured peer does not reconfigure"
+    );
+    assert_eq!(net.delivered(1, b"even more").len(), 1);
+}
+
+#[test]
+fn idle_peer_is_trimmed_at_threshold_and_its_tunnel_dropped() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(lazy());
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"one packet");
+    net.run_for(Duration::from_secs(1));
+    assert!(net.configured(0, 1));
+    let sent_at = net.base;
+    net.run_for(Duration::from_secs(400));
+    assert!(!net.configured(0, 1));
+    assert!(!net.configured(1, 0));
+    let (t, reason) = net.nodes[0]
+        .events
+        .iter()
+        .find_map(|(t, e)| match e {
+            Event::PeerRemoved {
+                reason: r @ RemoveReason::Idle { .. },
+                ..
+            } => Some((*t, *r)),
+            _ => None,
+        })
+        .unwrap();
+    // The last activity A saw is B's passive keepalive, 10 s after B received
+    // the packet: A trims B exactly one threshold after it arrived.
+    let last_from_b = net.nodes[1]
+        .sent_wg
+        .iter()
+        .copied()
+        .filter(|x| *x < t)
+        .max()
+        .unwrap()
+        + HALF_RTT;
+    assert_eq!(
+        t.duration_since(last_from_b),
+        LAZY_PEER_IDLE_THRESHOLD,
+        "trimmed exactly at last activity + threshold"
+    );
+    assert!(last_from_b.duration_since(sent_at) >= Duration::from_secs(10));
+    assert_eq!(reason, RemoveReason::Idle { idle_secs: 300 });
+    assert_eq!(net.nodes[0].engine.configured_peer_count(), 0);
+    assert_eq!(net.nodes[0].engine.counters().peers_trimmed, 1);
+}
+
+/// Runs the wake test: returns the delay between sending and delivery.
+fn wake_latency(trim_a: bool, trim_b: bool) -> Duration {
+    let mut net = Net::new(2, HALF_RTT, |i, cfg| {
+        cfg.trim_override = Some(if i == 0 { trim_a } else { trim_b });
+    });
+    net.configure_all(lazy());
+    let ip1 = net.nodes[1].ip4;
+    // Warm up, then go idle long enough for trimming.
+    net.send_udp(0, ip1, b"warm-up");
+    net.run_for(Duration::from_secs(400));
+    assert_eq!(net.configured(0, 1), !trim_a);
+    assert_eq!(net.configured(1, 0), !trim_b);
+    let start = net.now;
+    let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![b'w', i, 0xaa, 0x55]).collect();
+    for p in &payloads {
+        net.send_udp(0, ip1, p);
+    }
+    net.run_for(Duration::from_secs(2));
+    let mut last = start;
+    for p in &payloads {
+        let d = net.delivered(1, p);
+        assert_eq!(d.len(), 1, "packet {p:?} delivered exactly once");
+        last = last.max(d[0]);
+    }
+    last.duration_since(start)
+}
+
+#[test]
+fn waking_packet_is_delivered_within_one_handshake_round_trip_with_no_loss() {
+    // Handshake round trip (2 one-way delays) plus the data's one-way trip.
+    let bound = HALF_RTT * 3;
+    for (a, b) in [(true, true), (true, false), (false, true)] {
+        let latency = wake_latency(a, b);
+        assert!(
+            latency <= bound,
+            "trim a={a} b={b}: delivered after {latency:?}, bound {bound:?}"
+        );
+        eprintln!("wake latency with trim a={a} b={b}: {latency:?}");
+    }
+}
+
+#[test]
+fn wake_in_the_other_direction_too() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(lazy());
+    let ip0 = net.nodes[0].ip4;
+    net.send_udp(1, ip0, b"b to a");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.delivered(0, b"b to a").len(), 1);
+    assert_eq!(net.nodes[0].engine.counters().peers_woken_by_handshake, 1);
+    assert_eq!(net.nodes[1].engine.counters().peers_woken_by_send, 1);
+}
+
+#[test]
+fn queue_overflow_is_bounded_and_counted() {
+    let mut net = Net::new(2, HALF_RTT, |i, cfg| {
+        if i == 0 {
+            cfg.max_queued_packets_per_peer = 8;
+        }
+    });
+    net.configure_all(lazy());
+    let ip1 = net.nodes[1].ip4;
+    for i in 0..20u8 {
+        net.send_udp(0, ip1, &[b'q', i]);
+    }
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.nodes[0].engine.counters().drop_queue_overflow, 12);
+    let delivered = (0..20u8)
+        .filter(|i| !net.delivered(1, &[b'q', *i]).is_empty())
+        .count();
+    assert_eq!(delivered, 8);
+}
+
+fn flushes(net: &Net, i: usize) -> usize {
+    net.nodes[i]
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::SessionFlushed { .. }))
+        .count()
+}
+
+#[test]
+fn disco_key_changes_flush_only_configured_peers_with_a_previous_key() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    // none -> A: not a change.
+    let mut rc = net.reconfig_for(0, knobs.clone());
+    rc.wireguard.as_mut().unwrap().peers[0].disco_key = None;
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    net.input(
+        0,
+        Input::Reconfig(Box::new(net.reconfig_for(0, knobs.clone()))),
+    )
+    .unwrap();
+    assert_eq!(flushes(&net, 0), 0, "none -> A is not a change");
+    // A -> A: none.
+    let outcome = net
+        .input(
+            0,
+            Input::Reconfig(Box::new(net.reconfig_for(0, knobs.clone()))),
+        )
+        .unwrap();
+    assert_eq!(outcome, InputOutcome::Reconfig(ReconfigOutcome::NoChanges));
+    assert_eq!(flushes(&net, 0), 0);
+    // A -> B on a configured peer: exactly one two-phase flush.
+    net.restart(1, 999);
+    net.input(
+        0,
+        Input::Reconfig(Box::new(net.reconfig_for(0, knobs.clone()))),
+    )
+    .unwrap();
+    assert_eq!(flushes(&net, 0), 1);
+    let key1 = net.key(1);
+    let tail: Vec<_> = net.nodes[0]
+        .events
+        .iter()
+        .rev()
+        .take(3)
+        .map(|(_, e)| e.clone())
+        .collect();
+    assert!(
+        matches!(tail[2], Event::PeerRemoved { peer, reason: RemoveReason::DiscoKeyChanged } if peer == key1),
+        "{tail:?}"
+    );
+    assert!(matches!(tail[1], Event::SessionFlushed { peer, .. } if peer == key1));
+    assert!(matches!(tail[0], Event::PeerConfigured { peer, woken: None } if peer == key1));
+    // On a trimmed peer: none.
+    net.input(
+        0,
+        Input::Reconfig(Box::new(net.reconfig_for(0, Knobs::default()))),
+    )
+    .unwrap();
+    net.run_for(Duration::from_secs(1));
+    assert!(!net.configured(0, 1));
+    net.restart(1, 1234);
+    net.input(
+        0,
+        Input::Reconfig(Box::new(net.reconfig_for(0, Knobs::default()))),
+    )
+    .unwrap();
+    assert_eq!(flushes(&net, 0), 1, "a trimmed peer needs no flush");
+}
+
+/// B restarts; A learns B's new disco key; A sends only. Returns the time from
+/// the reconfig to the first delivery at the restarted B.
+fn restart_recovery(flush: bool) -> Option<Duration> {
+    let mut net = Net::new(2, HALF_RTT, |i, cfg| {
+        if i == 0 {
+            cfg.testing.disable_disco_key_flush = !flush;
+        }
+    });
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs.clone());
+    let ip1 = net.nodes[1].ip4;
+    let ip0 = net.nodes[0].ip4;
+    net.send_udp(0, ip1, b"before restart");
+    // Two-way traffic right up to the restart, as in a live session.
+    for _ in 0..50 {
+        net.send_udp(1, ip0, b"b talks");
+        net.run_for(Duration::from_millis(100));
+    }
+    assert_eq!(net.delivered(1, b"before restart").len(), 1);
+    net.restart(1, 4242);
+    net.input(
+        1,
+        Input::Reconfig(Box::new(net.reconfig_for(1, knobs.clone()))),
+    )
+    .unwrap();
+    net.run_for(Duration::from_secs(1));
+    let reconfig_at = net.now;
+    net.input(0, Input::Reconfig(Box::new(net.reconfig_for(0, knobs))))
+        .unwrap();
+    // A keeps sending one packet every 100 ms for 60 s.
+    for i in 0..600u32 {
+        let payload = [b"after ".as_slice(), &i.to_be_bytes()].concat();
+        net.send_udp(0, ip1, &payload);
+        net.run_for(Duration::from_millis(100));
+    }
+    net.nodes[1]
+        .tun_out
+        .iter()
+        .find(|(_, p)| p.windows(6).any(|w| w == b"after "))
+        .map(|(t, _)| t.duration_since(reconfig_at))
+}
+
+#[test]
+fn restart_recovers_within_one_round_trip_thanks_to_the_flush() {
+    let with = restart_recovery(true).expect("recovers with the flush");
+    let without = restart_recovery(false);
+    eprintln!("restart recovery: with flush {with:?}, without flush {without:?}");
+    assert!(with <= HALF_RTT * 3, "with the two-phase flush: {with:?}");
+    match without {
+        None => {}
+        Some(d) => assert!(
+            d >= Duration::from_secs(10),
+            "without the flush the blackout is long: {d:?}"
+        ),
+    }
+}
+
+#[test]
+fn trim_override_and_knob() {
+    let mut net = Net::new(2, HALF_RTT, |i, cfg| {
+        if i == 1 {
+            cfg.trim_override = Some(true);
+        }
+    });
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs);
+    assert!(net.configured(0, 1), "keep_full_wg_config keeps every peer");
+    assert!(
+        !net.configured(1, 0),
+        "WGMESH_TRIM_WIREGUARD=1 forces trimming over the knob"
+    );
+    assert!(!net.nodes[1].engine.trimming_enabled() || net.nodes[1].engine.trimming_enabled());
+    assert!(net.nodes[1].engine.trimming_enabled());
+    assert!(!net.nodes[0].engine.trimming_enabled());
+}
