@@ -32,6 +32,7 @@ pub struct Node {
     /// When each WireGuard (not disco) datagram was sent.
     pub sent_wg: Vec<Instant>,
     pub extra_allowed: Vec<IpNet>,
+    pub extra_endpoints: Vec<SocketAddr>,
     pub persistent_keepalive_secs: Option<u16>,
 }
 
@@ -40,6 +41,8 @@ struct Arrival {
     seq: u64,
     to: usize,
     from: SocketAddr,
+    /// The address it was sent to (the node's endpoint or an alias).
+    via: SocketAddr,
     data: Vec<u8>,
 }
 
@@ -73,6 +76,12 @@ pub struct Net {
     seq: u64,
     pub trace: Vec<String>,
     pub record_trace: bool,
+    /// Extra addresses that reach a node with their own one-way delay.
+    pub aliases: std::collections::BTreeMap<SocketAddr, (usize, Duration)>,
+    /// Addresses that drop everything sent to them.
+    pub blackholed: BTreeSet<SocketAddr>,
+    /// While a node handles an arrival: (node, sender, address it came in on).
+    replying: Option<(usize, SocketAddr, SocketAddr)>,
 }
 
 pub fn keys(seed: u64, i: usize) -> (NodePrivateKey, DiscoPrivateKey) {
@@ -113,6 +122,7 @@ impl Net {
                     sent: Vec::new(),
                     sent_wg: Vec::new(),
                     extra_allowed: Vec::new(),
+                    extra_endpoints: Vec::new(),
                     persistent_keepalive_secs: None,
                 }
             })
@@ -127,6 +137,9 @@ impl Net {
             seq: 0,
             trace: Vec::new(),
             record_trace: false,
+            aliases: Default::default(),
+            blackholed: BTreeSet::new(),
+            replying: None,
         }
     }
 
@@ -143,7 +156,7 @@ impl Net {
             disco_key: Some(n.engine.disco_key()),
             name: n.name.clone(),
             allowed_ips: allowed,
-            endpoints: vec![n.endpoint],
+            endpoints: [vec![n.endpoint], n.extra_endpoints.clone()].concat(),
             persistent_keepalive_secs: n.persistent_keepalive_secs,
             preshared_key: None,
         }
@@ -244,18 +257,27 @@ impl Net {
                     if !wire::disco::looks_like_disco(&t.data) {
                         self.nodes[i].sent_wg.push(now);
                     }
-                    let to = self.nodes.iter().position(|n| n.endpoint == t.dst);
-                    if let Some(to) = to {
-                        if !self.cut.contains(&(i, to)) {
+                    let route = match self.nodes.iter().position(|n| n.endpoint == t.dst) {
+                        Some(to) => Some((to, self.latency)),
+                        None => self.aliases.get(&t.dst).map(|(to, d)| (*to, *d)),
+                    };
+                    if let Some((to, mut delay)) = route {
+                        // An answer sent while handling an arrival leaves from the
+                        // address that arrival came in on, over the same path.
+                        let mut from = self.nodes[i].endpoint;
+                        if let Some((node, sender, via)) = self.replying {
+                            if node == i && sender == t.dst && via != from {
+                                from = via;
+                                if self.blackholed.contains(&via) {
+                                    delay = Duration::MAX;
+                                } else if let Some((_, d)) = self.aliases.get(&via) {
+                                    delay = *d;
+                                }
+                            }
+                        }
+                        if !self.cut.contains(&(i, to)) && !self.blackholed.contains(&t.dst) && delay != Duration::MAX {
                             self.seq += 1;
-                            let from = self.nodes[i].endpoint;
-                            self.queue.push(Reverse(Arrival {
-                                at: now + self.latency,
-                                seq: self.seq,
-                                to,
-                                from,
-                                data: t.data.clone(),
-                            }));
+                            self.queue.push(Reverse(Arrival { at: now + delay, seq: self.seq, to, from, via: t.dst, data: t.data.clone() }));
                         }
                     }
                     self.nodes[i].engine.recycle(t.data);
@@ -356,7 +378,9 @@ impl Net {
                             },
                         )
                         .unwrap();
+                    self.replying = Some((a.to, a.from, a.via));
                     self.drain(a.to);
+                    self.replying = None;
                     continue;
                 }
             }
