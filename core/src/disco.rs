@@ -111,6 +111,16 @@ impl PeerDisco {
         }
     }
 
+    /// A heartbeat is due one interval after the later of the last heartbeat
+    /// and the last pong of the best path (a fresh pong is as good as one).
+    fn heartbeat_due(&self) -> Option<Instant> {
+        let last = match (self.last_heartbeat, self.best_pong_at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        last.map(|t| t + HEARTBEAT_INTERVAL)
+    }
+
     fn is_active(&self, now: Instant) -> bool {
         self.last_active
             .is_some_and(|t| now.saturating_duration_since(t) < SESSION_ACTIVE_TIMEOUT)
@@ -140,7 +150,9 @@ impl PeerDisco {
                 consider(at + TRUST_UDP_ADDR_DURATION);
             }
             if self.best_trusted(now) {
-                consider(self.last_heartbeat.map_or(now, |t| t + HEARTBEAT_INTERVAL));
+                if let Some(at) = self.heartbeat_due() {
+                    consider(at);
+                }
             }
             if let Some(full) = self.last_full_ping {
                 consider(full + UPGRADE_INTERVAL);

@@ -1133,11 +1133,19 @@ impl Engine {
         self.configure_peer(now, slot, Some(reason));
     }
 
-    /// Runs a peer's due timers: WireGuard's, then the idle check.
+    /// Runs a peer's due timers: the idle check first (an idle peer leaves
+    /// without its timers getting a chance to start a handshake), then
+    /// WireGuard's.
     fn peer_timer(&mut self, now: Instant, slot: usize) {
-        if self.peers[slot].wg.is_some() {
-            let mut scratch = std::mem::take(&mut self.scratch);
-            let wg = self.peers[slot].wg.as_mut().expect("checked above");
+        if self.idle_deadline(slot).is_some_and(|d| d <= now) {
+            let idle_since = self.peers[slot].last_activity();
+            let idle_secs = idle_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
+            self.counters.peers_trimmed += 1;
+            info!(peer = ?self.peers[slot].config.public_key, idle_secs, "trimming idle peer");
+            self.unconfigure_peer(slot, RemoveReason::Idle { idle_secs });
+            return;
+        }
+        if let Some(wg) = self.peers[slot].wg.as_mut() {
             if wg.next_persistent_keepalive.is_some_and(|t| t <= now) {
                 let secs = self.peers[slot]
                     .config
@@ -1147,22 +1155,11 @@ impl Engine {
                 wg.next_persistent_keepalive =
                     Some(now + Duration::from_secs(u64::from(secs.max(1))));
             }
+            let mut scratch = std::mem::take(&mut self.scratch);
             let wg = self.peers[slot].wg.as_mut().expect("checked above");
             let result = result_owned(wg.tunnel.update_timers(now, &mut scratch));
             self.scratch = scratch;
             self.handle_timer_result(now, slot, result);
-        }
-        if self.trimming && self.peers[slot].trimmable && self.peers[slot].wg.is_some() {
-            let idle_since = self.peers[slot].last_activity();
-            let configured_long_enough = idle_since
-                .is_none_or(|t| now.saturating_duration_since(t) >= LAZY_PEER_IDLE_THRESHOLD);
-            if configured_long_enough && self.idle_deadline(slot).is_some_and(|d| d <= now) {
-                let idle_secs =
-                    idle_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
-                self.counters.peers_trimmed += 1;
-                info!(peer = ?self.peers[slot].config.public_key, idle_secs, "trimming idle peer");
-                self.unconfigure_peer(slot, RemoveReason::Idle { idle_secs });
-            }
         }
         self.reschedule_peer(slot);
     }
@@ -1232,33 +1229,29 @@ impl Engine {
 
     /// The next instant boringtun's timers could act for this peer, derived
     /// from what the engine has seen (boringtun exposes no deadline).
-    fn wg_deadline(wg: &WgPeer) -> Option<Instant> {
+    ///
+    /// Only the timers that fire on their own in WireGuard are listed:
+    /// handshake retransmission and give-up, passive keepalive, the
+    /// "sent but heard nothing" re-handshake, and persistent keepalive. The
+    /// session-age rules (rekey after 120 s, reject after 180 s) apply "after
+    /// sending" or "after receiving" in the protocol, and every send and
+    /// receive runs boringtun's timers first, so they need no deadline. That
+    /// matters: boringtun would otherwise re-key an idle session at 120 s,
+    /// and that handshake would count as activity and keep idle peers from
+    /// ever being trimmed.
+    fn wg_deadline_after(wg: &WgPeer, now: Instant) -> Option<Instant> {
         if wg.expired {
             return None;
         }
-        let mut candidates: [Option<Instant>; 9] = [None; 9];
-        if let Some(init) = wg.last_initiation_sent {
-            candidates[0] = Some(init + consts::REKEY_TIMEOUT);
-        }
-        if let Some(start) = wg.handshake_started {
-            candidates[1] = Some(start + consts::REKEY_ATTEMPT_TIME);
-        }
-        if let Some(est) = wg.session_established {
-            candidates[2] = Some(est + consts::REKEY_AFTER_TIME);
-            candidates[3] = Some(
-                est + consts::REJECT_AFTER_TIME - consts::KEEPALIVE_TIMEOUT - consts::REKEY_TIMEOUT,
-            );
-            candidates[4] = Some(est + consts::REJECT_AFTER_TIME);
-            candidates[5] = Some(est + consts::REJECT_AFTER_TIME * 3);
-        }
-        if let Some(sent) = wg.last_sent {
-            candidates[6] = Some(sent + consts::KEEPALIVE_TIMEOUT + consts::REKEY_TIMEOUT);
-        }
-        if let Some(received) = wg.last_received {
-            candidates[7] = Some(received + consts::KEEPALIVE_TIMEOUT);
-        }
-        candidates[8] = wg.next_persistent_keepalive;
-        candidates.into_iter().flatten().min()
+        let candidates = [
+            wg.last_initiation_sent.map(|t| t + consts::REKEY_TIMEOUT),
+            wg.handshake_started.map(|t| t + consts::REKEY_ATTEMPT_TIME),
+            wg.last_sent
+                .map(|t| t + consts::KEEPALIVE_TIMEOUT + consts::REKEY_TIMEOUT),
+            wg.last_received.map(|t| t + consts::KEEPALIVE_TIMEOUT),
+            wg.next_persistent_keepalive,
+        ];
+        candidates.into_iter().flatten().filter(|t| *t > now).min()
     }
 
     /// Recomputes a peer's deadline and queues it when it moved earlier.
@@ -1266,14 +1259,10 @@ impl Engine {
         let now = self.now;
         let peer = &self.peers[slot];
         // Only deadlines still ahead count: the ones behind have been acted on.
-        let wg_deadline = peer.wg.as_deref().and_then(|wg| {
-            let mut d = Self::wg_deadline(wg)?;
-            if d <= now {
-                // Look for the next candidate after now by stepping past the due ones.
-                d = Self::next_wg_deadline_after(wg, now)?;
-            }
-            Some(d)
-        });
+        let wg_deadline = peer
+            .wg
+            .as_deref()
+            .and_then(|wg| Self::wg_deadline_after(wg, now));
         let idle = self.idle_deadline(slot);
         let next = [wg_deadline, idle].into_iter().flatten().min();
         let peer = &mut self.peers[slot];
@@ -1286,32 +1275,6 @@ impl Engine {
             }
             (None, _) => peer.deadline = None,
         }
-    }
-
-    fn next_wg_deadline_after(wg: &WgPeer, now: Instant) -> Option<Instant> {
-        let mut best: Option<Instant> = None;
-        let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t.filter(|t| *t > now) {
-                best = Some(best.map_or(t, |b| b.min(t)));
-            }
-        };
-        consider(wg.last_initiation_sent.map(|t| t + consts::REKEY_TIMEOUT));
-        consider(wg.handshake_started.map(|t| t + consts::REKEY_ATTEMPT_TIME));
-        if let Some(est) = wg.session_established {
-            consider(Some(est + consts::REKEY_AFTER_TIME));
-            consider(Some(
-                est + consts::REJECT_AFTER_TIME - consts::KEEPALIVE_TIMEOUT - consts::REKEY_TIMEOUT,
-            ));
-            consider(Some(est + consts::REJECT_AFTER_TIME));
-            consider(Some(est + consts::REJECT_AFTER_TIME * 3));
-        }
-        consider(
-            wg.last_sent
-                .map(|t| t + consts::KEEPALIVE_TIMEOUT + consts::REKEY_TIMEOUT),
-        );
-        consider(wg.last_received.map(|t| t + consts::KEEPALIVE_TIMEOUT));
-        consider(wg.next_persistent_keepalive);
-        best
     }
 
     // ----------------------------------------------------------------------

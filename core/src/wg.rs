@@ -26,10 +26,6 @@ pub(crate) const TIMER_REFRESH: Duration = Duration::from_millis(1);
 /// WireGuard timer constants (the whitepaper's, as boringtun uses them).
 pub(crate) mod consts {
     use std::time::Duration;
-    /// A new handshake is started by the initiator after this session age.
-    pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
-    /// Sessions older than this are unusable.
-    pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
     /// Give up on a handshake after trying this long.
     pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
     /// Retransmit a handshake initiation after this long.

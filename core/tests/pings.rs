@@ -11,7 +11,11 @@ use wgmesh_core::*;
 const HALF_RTT: Duration = Duration::from_millis(15);
 
 fn outcome(net: &Net, i: usize, id: u64) -> Option<(std::time::Instant, PingOutcome)> {
-    net.nodes[i].pings.iter().find(|(_, r)| r.id == id).map(|(t, r)| (*t, r.outcome.clone()))
+    net.nodes[i]
+        .pings
+        .iter()
+        .find(|(_, r)| r.id == id)
+        .map(|(t, r)| (*t, r.outcome.clone()))
 }
 
 /// The peer's OS answers ICMP echo requests, like a real kernel would.
@@ -19,8 +23,10 @@ fn answer_icmp(net: &mut Net, i: usize) {
     let requests: Vec<Vec<u8>> = net.nodes[i].tun_out.drain(..).map(|(_, p)| p).collect();
     for p in requests {
         let mut reply = Vec::new();
-        if let Some(header) = wire::ip::IpHeader::parse(&p).ok() {
-            if wire::icmp::parse_echo(&header, &p).is_some_and(|e| e.kind == wire::icmp::EchoKind::Request) {
+        if let Ok(header) = wire::ip::IpHeader::parse(&p) {
+            if wire::icmp::parse_echo(&header, &p)
+                .is_some_and(|e| e.kind == wire::icmp::EchoKind::Request)
+            {
                 wire::icmp::echo_reply_for(&p, &mut reply).unwrap();
                 net.input(i, Input::TunPacket(&reply)).unwrap();
             }
@@ -41,9 +47,16 @@ fn every_kind_of_ping_measures_the_round_trip() {
         for v6 in [false, true] {
             let mut net = Net::new(2, HALF_RTT, |_, _| {});
             net.nodes[1].tun_out.clear();
-            net.configure_all(Knobs { peerapi_port: Some(5252), ..Knobs::default() });
+            net.configure_all(Knobs {
+                peerapi_port: Some(5252),
+                ..Knobs::default()
+            });
             warm(&mut net);
-            let ip = if v6 { net.nodes[1].ip6 } else { net.nodes[1].ip4 };
+            let ip = if v6 {
+                net.nodes[1].ip6
+            } else {
+                net.nodes[1].ip4
+            };
             net.ping(0, ip, kind, 1);
             // Let the ICMP request reach node 1's OS, then answer it at once.
             for _ in 0..100 {
@@ -53,11 +66,20 @@ fn every_kind_of_ping_measures_the_round_trip() {
             net.run_for(Duration::from_secs(1));
             let (_, out) = outcome(&net, 0, 1).unwrap_or_else(|| panic!("{kind:?} v6={v6} ended"));
             match out {
-                PingOutcome::Pong { latency, node_key, node_name, peerapi_port, .. } => {
+                PingOutcome::Pong {
+                    latency,
+                    node_key,
+                    node_name,
+                    peerapi_port,
+                    ..
+                } => {
                     assert_eq!(node_key, net.key(1));
                     assert_eq!(node_name, "node1");
                     let rtt = HALF_RTT * 2;
-                    assert!(latency >= rtt && latency <= rtt + Duration::from_millis(1), "{kind:?}: latency {latency:?} vs rtt {rtt:?}");
+                    assert!(
+                        latency >= rtt && latency <= rtt + Duration::from_millis(1),
+                        "{kind:?}: latency {latency:?} vs rtt {rtt:?}"
+                    );
                     if kind == PingKind::Tsmp {
                         assert_eq!(peerapi_port, Some(5252));
                     }
@@ -66,7 +88,10 @@ fn every_kind_of_ping_measures_the_round_trip() {
             }
             assert_eq!(net.nodes[0].engine.pending_ping_count(), 0);
             // The matched ICMP reply was consumed, not written to the OS.
-            assert!(net.nodes[0].tun_out.is_empty(), "{kind:?}: nothing leaked to the TUN");
+            assert!(
+                net.nodes[0].tun_out.is_empty(),
+                "{kind:?}: nothing leaked to the TUN"
+            );
         }
     }
 }
@@ -85,8 +110,16 @@ fn every_kind_times_out_at_exactly_ten_seconds_when_cut_off() {
         net.run_for(Duration::from_secs(30));
         let (t, out) = outcome(&net, 0, 7).unwrap();
         assert_eq!(out, PingOutcome::Timeout, "{kind:?}");
-        assert_eq!(t.duration_since(start), PING_TIMEOUT, "{kind:?} timed out exactly at 10 s");
-        assert_eq!(net.nodes[0].pings.iter().filter(|(_, r)| r.id == 7).count(), 1, "ended exactly once");
+        assert_eq!(
+            t.duration_since(start),
+            PING_TIMEOUT,
+            "{kind:?} timed out exactly at 10 s"
+        );
+        assert_eq!(
+            net.nodes[0].pings.iter().filter(|(_, r)| r.id == 7).count(),
+            1,
+            "ended exactly once"
+        );
         assert_eq!(net.nodes[0].engine.pending_ping_count(), 0);
     }
 }
@@ -102,8 +135,14 @@ fn self_ping_and_unknown_ip_fail_at_once() {
     let (t2, o2) = outcome(&net, 0, 2).unwrap();
     assert_eq!(t1, net.now);
     assert_eq!(t2, net.now);
-    assert!(matches!(o1, PingOutcome::Error { is_local_ip: true, ref message } if message.contains("is local IP")), "{o1:?}");
-    assert!(matches!(o2, PingOutcome::Error { is_local_ip: false, ref message } if message.contains("no matching peer")), "{o2:?}");
+    assert!(
+        matches!(o1, PingOutcome::Error { is_local_ip: true, ref message } if message.contains("is local IP")),
+        "{o1:?}"
+    );
+    assert!(
+        matches!(o2, PingOutcome::Error { is_local_ip: false, ref message } if message.contains("no matching peer")),
+        "{o2:?}"
+    );
     assert_eq!(net.nodes[0].engine.pending_ping_count(), 0);
 }
 
@@ -115,23 +154,36 @@ fn ping_to_a_trimmed_peer_wakes_it() {
     let ip = net.nodes[1].ip4;
     net.ping(0, ip, PingKind::Tsmp, 3);
     net.run_for(Duration::from_secs(1));
-    assert!(matches!(outcome(&net, 0, 3).unwrap().1, PingOutcome::Pong { .. }));
+    assert!(matches!(
+        outcome(&net, 0, 3).unwrap().1,
+        PingOutcome::Pong { .. }
+    ));
     assert_eq!(net.nodes[0].engine.counters().peers_woken_by_ping, 1);
 }
 
 #[test]
 fn peer_for_ip_prefers_exact_then_self_then_longest_prefix() {
     let mut net = Net::new(3, HALF_RTT, |_, _| {});
-    net.nodes[2].extra_allowed.push("10.0.0.0/8".parse().unwrap());
-    net.nodes[1].extra_allowed.push("10.1.0.0/16".parse().unwrap());
+    net.nodes[2]
+        .extra_allowed
+        .push("10.0.0.0/8".parse().unwrap());
+    net.nodes[1]
+        .extra_allowed
+        .push("10.1.0.0/16".parse().unwrap());
     net.configure_all(Knobs::default());
     let e = &net.nodes[0].engine;
     assert_eq!(e.peer_for_ip(net.nodes[1].ip4), Ok(net.key(1)));
     assert_eq!(e.peer_for_ip("10.1.2.3".parse().unwrap()), Ok(net.key(1)));
     assert_eq!(e.peer_for_ip("10.2.0.1".parse().unwrap()), Ok(net.key(2)));
-    assert_eq!(e.peer_for_ip(net.nodes[0].ip4), Err(PeerForIpError::IsLocalIp(net.nodes[0].ip4)));
+    assert_eq!(
+        e.peer_for_ip(net.nodes[0].ip4),
+        Err(PeerForIpError::IsLocalIp(net.nodes[0].ip4))
+    );
     let stranger: IpAddr = "192.0.2.77".parse().unwrap();
-    assert_eq!(e.peer_for_ip(stranger), Err(PeerForIpError::NoMatchingPeer(stranger)));
+    assert_eq!(
+        e.peer_for_ip(stranger),
+        Err(PeerForIpError::NoMatchingPeer(stranger))
+    );
 }
 
 #[test]
@@ -152,7 +204,16 @@ fn tsmp_rejects_and_pongs_parse_on_the_wire() {
 fn syn(net: &Net, from: usize, dst: IpAddr, port: u16) -> Vec<u8> {
     let src = SocketAddr::new(net.nodes[from].ip4, 40000);
     let mut p = Vec::new();
-    wire::tcp::emit_segment(src, SocketAddr::new(dst, port), 1, 0, wire::tcp::FLAG_SYN, &[], &mut p).unwrap();
+    wire::tcp::emit_segment(
+        src,
+        SocketAddr::new(dst, port),
+        1,
+        0,
+        wire::tcp::FLAG_SYN,
+        &[],
+        &mut p,
+    )
+    .unwrap();
     p
 }
 
@@ -183,7 +244,10 @@ fn pendopen_diagnoses_unanswered_syns_once_with_the_cause() {
     net.run_for(Duration::from_secs(10));
     let f = failures(&net, 0);
     assert_eq!(f.len(), 2, "{f:?}");
-    let no_peer = f.iter().find(|x| x.dst.ip() == "100.99.9.9".parse::<IpAddr>().unwrap()).unwrap();
+    let no_peer = f
+        .iter()
+        .find(|x| x.dst.ip() == "100.99.9.9".parse::<IpAddr>().unwrap())
+        .unwrap();
     assert_eq!(no_peer.cause, FailureCause::NoPeerForAddress);
     assert_eq!(no_peer.peer, None);
     let trimmed = f.iter().find(|x| x.dst.ip() == ip1).unwrap();
@@ -204,7 +268,16 @@ fn pendopen_stays_quiet_when_the_syn_is_answered() {
     let mut synack = Vec::new();
     let src = SocketAddr::new(ip1, 22);
     let dst = SocketAddr::new(net.nodes[0].ip4, 40000);
-    wire::tcp::emit_segment(src, dst, 9, 2, wire::tcp::FLAG_SYN | wire::tcp::FLAG_ACK, &[], &mut synack).unwrap();
+    wire::tcp::emit_segment(
+        src,
+        dst,
+        9,
+        2,
+        wire::tcp::FLAG_SYN | wire::tcp::FLAG_ACK,
+        &[],
+        &mut synack,
+    )
+    .unwrap();
     net.input(1, Input::TunPacket(&synack)).unwrap();
     net.run_for(Duration::from_secs(10));
     assert!(failures(&net, 0).is_empty());
@@ -221,7 +294,10 @@ fn disco_path_selection_picks_fastest_falls_back_and_returns() {
     let real = net.nodes[1].endpoint;
     let fast: SocketAddr = "198.51.100.1:41641".parse().unwrap();
     let slow: SocketAddr = "203.0.113.1:41641".parse().unwrap();
-    net.aliases = BTreeMap::from([(fast, (1, Duration::from_millis(2))), (slow, (1, Duration::from_millis(40)))]);
+    net.aliases = BTreeMap::from([
+        (fast, (1, Duration::from_millis(2))),
+        (slow, (1, Duration::from_millis(40))),
+    ]);
     net.nodes[1].extra_endpoints = vec![fast, slow];
     net.configure_all(Knobs::default());
     warm(&mut net);
@@ -237,7 +313,11 @@ fn disco_path_selection_picks_fastest_falls_back_and_returns() {
         net.send_udp(0, ip1, b"keepalive traffic");
         net.run_for(Duration::from_millis(500));
     }
-    assert_eq!(best(&net), Some(Some(fast)), "settles on the fastest candidate");
+    assert_eq!(
+        best(&net),
+        Some(Some(fast)),
+        "settles on the fastest candidate"
+    );
     // The fast path dies.
     net.blackholed.insert(fast);
     let died = net.now;
@@ -249,17 +329,29 @@ fn disco_path_selection_picks_fastest_falls_back_and_returns() {
             moved_at = Some(net.now);
         }
     }
-    let moved = moved_at.expect("moved off the dead path").duration_since(died);
-    assert!(moved <= TRUST_UDP_ADDR_DURATION + DISCO_PING_TIMEOUT + Duration::from_millis(500), "moved after {moved:?}");
+    let moved = moved_at
+        .expect("moved off the dead path")
+        .duration_since(died);
+    assert!(
+        moved <= TRUST_UDP_ADDR_DURATION + DISCO_PING_TIMEOUT + Duration::from_millis(500),
+        "moved after {moved:?}"
+    );
     // It comes back: preferred again after the next full ping round.
     net.blackholed.remove(&fast);
     for _ in 0..150 {
         net.send_udp(0, ip1, b"keepalive traffic");
         net.run_for(Duration::from_millis(500));
     }
-    assert_eq!(best(&net), Some(Some(fast)), "the fast path is preferred again");
+    assert_eq!(
+        best(&net),
+        Some(Some(fast)),
+        "the fast path is preferred again"
+    );
     // Only the packets sent into the dead path before the move were lost.
     let lost_bound = (moved.as_millis() / 500) as usize + 1;
     let delivered = net.delivered(1, b"keepalive traffic").len();
-    assert!(delivered + lost_bound >= 230, "delivered {delivered}, moved after {moved:?}");
+    assert!(
+        delivered + lost_bound >= 230,
+        "delivered {delivered}, moved after {moved:?}"
+    );
 }

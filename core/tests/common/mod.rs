@@ -99,6 +99,9 @@ impl Net {
         latency: Duration,
         engine_config: impl Fn(usize, &mut EngineConfig),
     ) -> Self {
+        // The harness is the engine's outside world: it owns the clock, and
+        // only uses this reading as the fixed base of virtual time.
+        #[allow(clippy::disallowed_methods)]
         let base = Instant::now();
         let nodes = (0..n)
             .map(|i| {
@@ -275,9 +278,19 @@ impl Net {
                                 }
                             }
                         }
-                        if !self.cut.contains(&(i, to)) && !self.blackholed.contains(&t.dst) && delay != Duration::MAX {
+                        if !self.cut.contains(&(i, to))
+                            && !self.blackholed.contains(&t.dst)
+                            && delay != Duration::MAX
+                        {
                             self.seq += 1;
-                            self.queue.push(Reverse(Arrival { at: now + delay, seq: self.seq, to, from, via: t.dst, data: t.data.clone() }));
+                            self.queue.push(Reverse(Arrival {
+                                at: now + delay,
+                                seq: self.seq,
+                                to,
+                                from,
+                                via: t.dst,
+                                data: t.data.clone(),
+                            }));
                         }
                     }
                     self.nodes[i].engine.recycle(t.data);
@@ -411,6 +424,8 @@ impl Net {
         let mut cfg = EngineConfig::new(self.nodes[i].private.clone(), disco.clone());
         cfg.name = self.nodes[i].name.clone();
         self.nodes[i].disco_private = disco;
+        // The old engine's pings died with it (a crash, not a close).
+        self.nodes[i].pings.clear();
         self.nodes[i].engine = Engine::new(cfg, self.now, seed);
     }
 
