@@ -1,0 +1,2 @@
+//! The `wgmesh-sim` command line.
+fn main() {}
