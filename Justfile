@@ -22,3 +22,13 @@ bench-core:
 # Memory per idle (trimmed) peer and the cost of waking one.
 bench-lazy:
     cargo bench -p wgmesh-core --bench lazy --locked
+
+# End-to-end tests of wgmeshd in network namespaces (root, iproute2). Builds
+# release binaries; the script deletes every namespace it creates.
+e2e:
+    cargo build --release --locked -p wgmesh-adapters --bins
+    bash adapters/tests/e2e.sh target/release
+
+# Validate a wgmeshd config file (prints file:line:column: field: problem).
+check-config FILE:
+    cargo run --quiet --locked -p wgmesh-adapters --bin wgmeshd -- --check --config {{FILE}}

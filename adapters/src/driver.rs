@@ -129,7 +129,6 @@ impl Clock for TokioClock {
 }
 
 /// A request to the driver loop. Replies travel on the oneshot channels.
-#[derive(Debug)]
 #[non_exhaustive]
 pub enum Control {
     /// Apply a full desired state.
@@ -162,12 +161,38 @@ pub enum Control {
     /// Turn the plaintext capture hook on or off; packets go to
     /// [`DriverHandle::subscribe_capture`] subscribers.
     SetCapture(bool),
+    /// Swap in a new engine (a new private key, set through UAPI) and give
+    /// it `reconfig`. The old engine is dropped without closing, so the OS
+    /// keeps its routes; its pending pings end with [`RequestError::Stopped`].
+    Replace {
+        /// The new engine.
+        engine: Box<Engine>,
+        /// Its first state.
+        reconfig: Box<Reconfig>,
+        /// The new engine's verdict on the state.
+        reply: oneshot::Sender<Result<ReconfigOutcome, InputError>>,
+    },
     /// Close the engine (pending pings end, peers leave, routes and DNS are
     /// withdrawn through the sink) and end the loop.
     Close {
         /// Answered once the loop has executed every output of the close.
         reply: oneshot::Sender<()>,
     },
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::Reconfig { .. } => f.write_str("Reconfig"),
+            Control::Ping { ip, kind, size, .. } => write!(f, "Ping({ip}, {kind:?}, {size})"),
+            Control::Status { .. } => f.write_str("Status"),
+            Control::LinkChange(change) => write!(f, "LinkChange({change:?})"),
+            Control::SetPacketFilter(_) => f.write_str("SetPacketFilter"),
+            Control::SetCapture(on) => write!(f, "SetCapture({on})"),
+            Control::Replace { engine, .. } => write!(f, "Replace({:?})", engine.node_key()),
+            Control::Close { .. } => f.write_str("Close"),
+        }
+    }
 }
 
 /// Why the loop stopped with an error.
@@ -576,6 +601,22 @@ impl Executor {
             }
             Control::SetCapture(on) => {
                 let _ = engine.handle_input(now, Input::SetCapture(on));
+            }
+            Control::Replace {
+                engine: fresh,
+                reconfig,
+                reply,
+            } => {
+                info!(old = ?engine.node_key(), new = ?fresh.node_key(), "engine replaced");
+                *engine = *fresh;
+                self.pings.clear();
+                self.status_waiters.clear();
+                let result = match engine.handle_input(now, Input::Reconfig(reconfig)) {
+                    Ok(InputOutcome::Reconfig(outcome)) => Ok(outcome),
+                    Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             Control::Close { reply } => {
                 let _ = engine.handle_input(now, Input::Close);

@@ -172,3 +172,36 @@ async fn two_drivers_exchange_packets_and_ping() {
     assert!(task_a.await.unwrap().is_ok());
     assert!(task_b.await.unwrap().is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_first_wakes_a_trimmed_peer() {
+    let mut a = node(11, Ipv4Addr::new(100, 64, 0, 1));
+    let mut b = node(12, Ipv4Addr::new(100, 64, 0, 2));
+    let clock = TokioClock;
+    let start = |me: &mut Node, seed: u64| {
+        let mut config = EngineConfig::new(me.key.clone(), me.disco.clone());
+        config.name = format!("node-{}", me.ip);
+        config.trim_override = Some(true);
+        let engine = Engine::new(config, clock.now(), seed);
+        let (tun, os) = MemTun::pair(64);
+        let (run, handle) = run_driver(
+            engine,
+            tun,
+            me.socket.take().unwrap(),
+            TokioClock,
+            LogEffects,
+        );
+        (tokio::spawn(run), handle, os)
+    };
+    let (_ta, handle_a, _os_a) = start(&mut a, 1);
+    let (_tb, handle_b, _os_b) = start(&mut b, 2);
+    let _ = handle_a.reconfig(reconfig_for(&a, &b)).await.unwrap();
+    let _ = handle_b.reconfig(reconfig_for(&b, &a)).await.unwrap();
+    for kind in [PingKind::Tsmp, PingKind::Disco] {
+        let result = handle_a.ping(b.ip.into(), kind, 0).await.unwrap();
+        assert!(
+            matches!(result.outcome, PingOutcome::Pong { .. }),
+            "{kind:?}: {result:?}"
+        );
+    }
+}

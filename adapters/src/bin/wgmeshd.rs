@@ -1,1 +1,154 @@
-fn main() {}
+//! `wgmeshd`: the wgmesh node daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wgmesh_adapters::daemon::{self, DaemonOptions};
+
+/// The wgmesh node daemon: a WireGuard mesh node with lazy peers, disco path
+/// discovery, TSMP/ICMP/disco pings, routes and DNS.
+///
+/// It creates the TUN interface, binds the UDP port, applies addresses,
+/// routes and DNS from the config file, and serves the local API (for the
+/// `wgmesh` CLI) and the WireGuard UAPI socket (for `wg show` / `wg set`).
+/// SIGHUP re-reads the config file (a bad file is refused and the running
+/// config kept); SIGTERM and SIGINT shut down cleanly, removing every route
+/// and address the daemon added and restoring resolv.conf.
+///
+/// Logging follows RUST_LOG (default "info"). WGMESH_TRIM_WIREGUARD=1 forces
+/// lazy peers on, =0 off, whatever the config's keep_full_wg_config says.
+#[derive(Debug, Parser)]
+#[command(name = "wgmeshd", version)]
+struct Args {
+    /// The TOML config file. Without one, wgmeshd starts with a fresh
+    /// private key and no peers, to be configured with `wg set` and `ip`.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// The TUN interface to create or attach to (overrides the file's
+    /// interface.name; default "wgmesh0").
+    #[arg(short, long, value_name = "NAME")]
+    interface: Option<String>,
+
+    /// Stay in the foreground. Without it, wgmeshd starts a detached copy of
+    /// itself and returns once that copy is running (like wireguard-go).
+    #[arg(short, long)]
+    foreground: bool,
+
+    /// Only check the config file and exit: 0 when it is valid, 1 with the
+    /// error (file:line:column: field: problem) otherwise.
+    #[arg(long, requires = "config")]
+    check: bool,
+
+    /// The local API socket (default: <state-dir>/<interface>.sock).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+
+    /// Where the state file, the API socket and the resolv.conf backup live.
+    #[arg(long, value_name = "DIR", default_value = "/run/wgmesh")]
+    state_dir: PathBuf,
+
+    /// Where the WireGuard UAPI socket <interface>.sock is created.
+    #[arg(long, value_name = "DIR", default_value = "/var/run/wireguard")]
+    uapi_dir: PathBuf,
+
+    /// Do not serve the WireGuard UAPI socket.
+    #[arg(long)]
+    no_uapi: bool,
+
+    /// The resolv.conf file managed in "resolv-conf" DNS mode.
+    #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    if args.check {
+        let path = args
+            .config
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new(""));
+        return match wgmesh_adapters::config::DaemonConfig::load(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    if !args.foreground {
+        return detach();
+    }
+
+    let options = DaemonOptions {
+        config: args.config,
+        interface: args.interface,
+        api_socket: args.api_socket,
+        state_dir: args.state_dir,
+        uapi_dir: (!args.no_uapi).then_some(args.uapi_dir),
+        resolv_conf: args.resolv_conf,
+        manage_routes: true,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wgmeshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wgmeshd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts a detached copy of this process with `--foreground` added, in its
+/// own session, with its output discarded, and returns at once.
+fn detach() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("wgmeshd: cannot find my own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    match command.spawn() {
+        Ok(child) => {
+            println!("wgmeshd running in the background as pid {}", child.id());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wgmeshd: cannot start in the background: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

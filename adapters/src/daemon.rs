@@ -1,0 +1,398 @@
+//! The daemon `wgmeshd`: wires the engine, the driver loop, the Linux
+//! devices, the OS manager, the local API and the signals together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand_core::{OsRng, RngCore};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use wgmesh_core::{
+    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, InputError, NodePrivateKey, Reconfig,
+    RouterConfig, WgConfig,
+};
+
+use crate::api::{self, ApiContext, ReloadRequest};
+use crate::config::{ConfigError, DaemonConfig, DnsMode, trim_override_from_env};
+use crate::dns::{DnsManager, detect};
+use crate::driver::{
+    Clock, Driver, DriverError, DriverHandle, DriverOptions, RequestError, TokioClock,
+};
+use crate::os::OsManager;
+use crate::router::{self, NetlinkRouter};
+use crate::tun::LinuxTun;
+use crate::uapi;
+use crate::udp::UdpTransport;
+
+/// How the daemon was started.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The config file; `None` starts empty (configured through UAPI).
+    pub config: Option<PathBuf>,
+    /// The interface name (overrides the file's).
+    pub interface: Option<String>,
+    /// The API socket (default `<state_dir>/<interface>.sock`).
+    pub api_socket: Option<PathBuf>,
+    /// Where the state file, the API socket and the DNS backup live.
+    pub state_dir: PathBuf,
+    /// Where the WireGuard UAPI socket goes (`None`: no UAPI).
+    pub uapi_dir: Option<PathBuf>,
+    /// The resolv.conf to manage.
+    pub resolv_conf: PathBuf,
+    /// Apply routes and addresses (off only for unprivileged experiments).
+    pub manage_routes: bool,
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config file is bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TUN device could not be opened.
+    #[error("TUN device {name}: {source}")]
+    Tun {
+        /// The interface.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The UDP socket could not be bound.
+    #[error("UDP port {port}: {source}")]
+    Socket {
+        /// The port.
+        port: u16,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A local socket (API, UAPI, metrics) could not be set up.
+    #[error("{what}: {source}")]
+    Local {
+        /// Which one.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Netlink could not be opened.
+    #[error(transparent)]
+    Router(#[from] router::RouterError),
+    /// The engine refused the config.
+    #[error("config refused by the engine: {0}")]
+    Refused(#[from] InputError),
+    /// The driver loop failed.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// The driver stopped unexpectedly.
+    #[error("the driver stopped unexpectedly")]
+    DriverStopped,
+}
+
+/// The state the daemon changes at run time, shared with UAPI.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// The node's private key (fixed for the engine's life).
+    pub private_key: NodePrivateKey,
+    /// The full desired state last accepted.
+    pub reconfig: Reconfig,
+}
+
+/// An empty but complete reconfig: no peers, no addresses, no DNS.
+pub fn empty_reconfig(listen_port: u16) -> Reconfig {
+    Reconfig {
+        wireguard: Some(WgConfig {
+            listen_port,
+            peers: Vec::new(),
+        }),
+        router: Some(RouterConfig::default()),
+        dns: Some(DnsConfig::default()),
+        ..Reconfig::default()
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
+    let config = match &options.config {
+        Some(path) => Some(DaemonConfig::load(path)?),
+        None => None,
+    };
+    let interface = options
+        .interface
+        .clone()
+        .or_else(|| config.as_ref().and_then(|c| c.file.interface.name.clone()))
+        .unwrap_or_else(|| "wgmesh0".to_owned());
+    let private_key = config
+        .as_ref()
+        .map(|c| c.private_key.clone())
+        .unwrap_or_else(|| NodePrivateKey::generate(&mut OsRng));
+    let disco_key = config
+        .as_ref()
+        .and_then(|c| c.file.interface.disco_private_key.clone())
+        .unwrap_or_else(|| DiscoPrivateKey::generate(&mut OsRng));
+    let reconfig = config
+        .as_ref()
+        .map(DaemonConfig::reconfig)
+        .unwrap_or_else(|| empty_reconfig(0));
+    let listen_port = reconfig.wireguard.as_ref().map_or(0, |w| w.listen_port);
+    let mtu = reconfig
+        .router
+        .as_ref()
+        .map_or(1280, |r| if r.mtu == 0 { 1280 } else { r.mtu });
+    let dns_mode = config.as_ref().map_or(DnsMode::Off, |c| c.file.dns.mode);
+
+    // The OS side first: clean up after a crashed run before creating anything.
+    std::fs::create_dir_all(&options.state_dir).map_err(|source| DaemonError::Local {
+        what: format!("state directory {}", options.state_dir.display()),
+        source,
+    })?;
+    let state_path = options.state_dir.join(format!("{interface}.state"));
+    let dns = DnsManager::new(
+        detect(dns_mode, &options.resolv_conf),
+        &interface,
+        options.resolv_conf.clone(),
+        options.state_dir.join(format!("{interface}.resolv.bak")),
+    );
+    let bird = config
+        .as_ref()
+        .and_then(|c| c.file.bird.socket.clone())
+        .map(crate::bird::BirdClient::new);
+    let router = if options.manage_routes {
+        Some(NetlinkRouter::new(router::connect()?, &interface))
+    } else {
+        None
+    };
+    let mut os = OsManager::new(&interface, router, dns, bird, state_path);
+    os.recover().await;
+
+    let tun = LinuxTun::open(&interface, mtu).map_err(|source| DaemonError::Tun {
+        name: interface.clone(),
+        source,
+    })?;
+    let socket = UdpTransport::bind(listen_port).map_err(|source| DaemonError::Socket {
+        port: listen_port,
+        source,
+    })?;
+    let bound = crate::driver::DatagramSocket::local_addr(&socket).ok();
+    info!(interface = %tun.name(), ?bound, "devices ready");
+
+    let mut engine_config = EngineConfig::new(private_key.clone(), disco_key);
+    engine_config.name = interface.clone();
+    engine_config.trim_override = trim_override_from_env();
+    let engine = Engine::new(engine_config, TokioClock.now(), OsRng.next_u64());
+    info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
+
+    let (effects_tx, effects_rx) = mpsc::unbounded_channel();
+    let os_task = tokio::spawn(os.run(effects_rx));
+    let (driver, handle) = Driver::new(
+        engine,
+        tun,
+        socket,
+        TokioClock,
+        effects_tx,
+        DriverOptions::default(),
+    );
+    let mut driver_task = tokio::spawn(driver.run());
+
+    // The listen port actually bound goes into the config the engine sees,
+    // so status and UAPI show it.
+    let mut reconfig = reconfig;
+    if let (Some(wg), Some(bound)) = (reconfig.wireguard.as_mut(), bound) {
+        if wg.listen_port == 0 {
+            wg.listen_port = bound.port();
+        }
+    }
+    let _ = handle
+        .reconfig(reconfig.clone())
+        .await
+        .map_err(|e| match e {
+            RequestError::Refused(e) => DaemonError::Refused(e),
+            RequestError::Stopped => DaemonError::DriverStopped,
+        })?;
+    let desired = Arc::new(Mutex::new(Desired {
+        private_key,
+        reconfig,
+    }));
+
+    // The local API.
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let api_path = options
+        .api_socket
+        .clone()
+        .unwrap_or_else(|| api::default_socket(&options.state_dir, &interface));
+    let listener = api::bind_api_socket(&api_path).map_err(|source| DaemonError::Local {
+        what: format!("API socket {}", api_path.display()),
+        source,
+    })?;
+    let context = Arc::new(ApiContext {
+        handle: handle.clone(),
+        interface: interface.clone(),
+        reload: reload_tx,
+    });
+    let api_task = tokio::spawn(api::serve_api(listener, context.clone()));
+    let metrics_task =
+        config
+            .as_ref()
+            .and_then(|c| c.file.api.metrics_listen)
+            .map(|addr: SocketAddr| {
+                let context = context.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = api::serve_metrics(addr, context).await {
+                        error!(%addr, error = %e, "metrics listener failed");
+                    }
+                })
+            });
+
+    // The WireGuard UAPI socket.
+    let uapi_enabled = config
+        .as_ref()
+        .and_then(|c| c.file.api.uapi)
+        .unwrap_or(true);
+    let mut uapi_path = None;
+    let uapi_task = match (&options.uapi_dir, uapi_enabled) {
+        (Some(dir), true) => {
+            let path = dir.join(format!("{interface}.sock"));
+            let listener = api::bind_api_socket(&path).map_err(|source| DaemonError::Local {
+                what: format!("UAPI socket {}", path.display()),
+                source,
+            })?;
+            uapi_path = Some(path);
+            Some(tokio::spawn(uapi::serve(
+                listener,
+                handle.clone(),
+                desired.clone(),
+            )))
+        }
+        _ => None,
+    };
+
+    // The link monitor.
+    let monitor_task = if options.manage_routes {
+        match crate::linkmon::spawn(interface.clone(), handle.clone()) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                warn!(error = %e, "no link monitor");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let local = |what: &str, source| DaemonError::Local {
+        what: what.to_owned(),
+        source,
+    };
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| local("SIGHUP handler", e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| local("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| local("SIGINT handler", e))?;
+    info!(interface = %interface, api = %api_path.display(), "wgmeshd running");
+
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
+            _ = hup.recv() => {
+                match reload(&options, &handle, &desired).await {
+                    Ok(message) => info!(%message, "reloaded on SIGHUP"),
+                    Err(message) => error!(%message, "reload refused; the running config stays"),
+                }
+            }
+            Some(reply) = reload_rx.recv() => {
+                let outcome = reload(&options, &handle, &desired).await;
+                if let Err(message) = &outcome {
+                    error!(%message, "reload refused; the running config stays");
+                }
+                let _ = reply.send(outcome);
+            }
+            exit = &mut driver_task => {
+                break match exit {
+                    Ok(Ok(_)) => Err(DaemonError::DriverStopped),
+                    Ok(Err(e)) => Err(DaemonError::Driver(e)),
+                    Err(_) => Err(DaemonError::DriverStopped),
+                };
+            }
+        }
+    };
+
+    // Shutdown, in order: stop taking requests, close the engine (its last
+    // effects withdraw routes and DNS), wait for the OS manager to finish.
+    api_task.abort();
+    for task in [metrics_task, uapi_task, monitor_task]
+        .into_iter()
+        .flatten()
+    {
+        task.abort();
+    }
+    if result.is_ok() {
+        close(&handle).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut driver_task).await;
+    }
+    drop(handle);
+    drop(context);
+    if tokio::time::timeout(Duration::from_secs(10), os_task)
+        .await
+        .is_err()
+    {
+        warn!("the OS manager did not finish in time");
+    }
+    let _ = std::fs::remove_file(&api_path);
+    if let Some(path) = uapi_path {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("wgmeshd stopped");
+    result
+}
+
+async fn close(handle: &DriverHandle) {
+    if tokio::time::timeout(Duration::from_secs(5), handle.close())
+        .await
+        .is_err()
+    {
+        warn!("the engine did not close in time");
+    }
+}
+
+/// Re-reads the config file and applies it; a bad file changes nothing.
+async fn reload(
+    options: &DaemonOptions,
+    handle: &DriverHandle,
+    desired: &Mutex<Desired>,
+) -> Result<String, String> {
+    let Some(path) = &options.config else {
+        return Err("wgmeshd was started without a config file; nothing to reload".into());
+    };
+    let config = DaemonConfig::load(path).map_err(|e| e.to_string())?;
+    let (running_key, running_port) = {
+        let d = desired
+            .lock()
+            .map_err(|_| "state lock poisoned".to_owned())?;
+        let port = d.reconfig.wireguard.as_ref().map_or(0, |w| w.listen_port);
+        (d.private_key.clone(), port)
+    };
+    if config.private_key != running_key {
+        return Err(format!(
+            "{}: the private key changed; restart wgmeshd to use a new key",
+            path.display()
+        ));
+    }
+    let mut reconfig = config.reconfig();
+    if let Some(wg) = reconfig.wireguard.as_mut() {
+        if wg.listen_port == 0 {
+            wg.listen_port = running_port;
+        }
+    }
+    let outcome = handle
+        .reconfig(reconfig.clone())
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Ok(mut d) = desired.lock() {
+        d.reconfig = reconfig;
+    }
+    Ok(format!("{}: {outcome:?}", path.display()))
+}

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# End-to-end test of wgmeshd on Linux: two network namespaces joined by a veth
+# pair, one daemon in each, real TUN devices, netlink routes and the CLI.
+# Needs root and iproute2. Everything it creates it deletes on exit, also on
+# failure. Every wait is bounded. Usage: adapters/tests/e2e.sh [BIN_DIR]
+set -euo pipefail
+
+BIN=${1:-target/release}
+WGMESHD=$(realpath "$BIN/wgmeshd")
+WGMESH=$(realpath "$BIN/wgmesh")
+NS_A=wgm-e2e-a
+NS_B=wgm-e2e-b
+TMP=$(mktemp -d /tmp/wgmesh-e2e.XXXXXX)
+PASSED=0
+FAILED=0
+PIDS=()
+
+if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null; then
+    echo "e2e: needs root and iproute2; skipping"
+    echo "0 passed, 0 failed, 1 skipped"
+    exit 0
+fi
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    ip netns del "$NS_A" 2>/dev/null || true
+    ip netns del "$NS_B" 2>/dev/null || true
+    rm -f /var/run/wireguard/wgmA.sock /var/run/wireguard/wgmB.sock
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap "exit 130" INT TERM
+
+check() {
+    local name=$1; shift
+    if "$@" >"$TMP/out" 2>&1; then
+        PASSED=$((PASSED + 1)); echo "ok   $name"
+    else
+        FAILED=$((FAILED + 1)); echo "FAIL $name"; sed 's/^/     /' "$TMP/out" | tail -20
+    fi
+}
+
+in_a() { ip netns exec "$NS_A" "$@"; }
+in_b() { ip netns exec "$NS_B" "$@"; }
+
+# The network: 10.77.0.1 <-> 10.77.0.2 over a veth pair.
+ip netns add "$NS_A"
+ip netns add "$NS_B"
+ip link add veth-a netns "$NS_A" type veth peer name veth-b netns "$NS_B"
+in_a ip addr add 10.77.0.1/24 dev veth-a
+in_b ip addr add 10.77.0.2/24 dev veth-b
+for ns in "$NS_A" "$NS_B"; do
+    ip -n "$ns" link set lo up
+done
+in_a ip link set veth-a up
+in_b ip link set veth-b up
+
+KEY_A=$("$WGMESH" genkey); PUB_A=$(echo "$KEY_A" | "$WGMESH" pubkey)
+KEY_B=$("$WGMESH" genkey); PUB_B=$(echo "$KEY_B" | "$WGMESH" pubkey)
+DISCO_A=$("$WGMESH" genkey); DPUB_A=$(echo "$DISCO_A" | "$WGMESH" pubkey)
+DISCO_B=$("$WGMESH" genkey); DPUB_B=$(echo "$DISCO_B" | "$WGMESH" pubkey)
+
+write_config() { # name key disco addr peer_name peer_pub peer_disco peer_ip peer_endpoint
+    cat <<CONF
+[interface]
+name = "$1"
+private_key = "$2"
+disco_private_key = "$3"
+listen_port = 51820
+addresses = ["$4/32"]
+mtu = 1280
+
+[dns]
+mode = "resolv-conf"
+nameservers = ["100.100.100.100"]
+search_domains = ["tail.e2e"]
+
+[[peer]]
+name = "$5"
+public_key = "$6"
+disco_key = "$7"
+endpoints = ["$9"]
+allowed_ips = ["$8/32"]
+CONF
+}
+write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
+write_config wgmB "$KEY_B" "$DISCO_B" 100.64.0.2 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/b.toml"
+echo "nameserver 192.0.2.53" >"$TMP/resolv-a.conf"
+echo "nameserver 192.0.2.53" >"$TMP/resolv-b.conf"
+mkdir -p "$TMP/state-a" "$TMP/state-b"
+
+start() { # ns name
+    local ns=$1 n=$2
+    ip netns exec "$ns" env RUST_LOG="${E2E_LOG:-info}" "$WGMESHD" --foreground --config "$TMP/$n.toml" \
+        --state-dir "$TMP/state-$n" --resolv-conf "$TMP/resolv-$n.conf" >"$TMP/$n.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -S "$TMP/state-$n/wgm${n^^}.sock" ] && return 0; sleep 0.1; done
+    echo "wgmeshd $n did not start"; cat "$TMP/$n.log"; return 1
+}
+start "$NS_A" a
+start "$NS_B" b
+API_A=(--socket "$TMP/state-a/wgmA.sock")
+API_B=(--socket "$TMP/state-b/wgmB.sock")
+
+# Bad config files are refused with file:line and field, and a non-zero exit.
+bad_config() {
+    sed 's#addresses = \["100.64.0.1/32"\]#addresses = ["100.64.0.1/40"]#' "$TMP/a.toml" >"$TMP/bad.toml"
+    if "$WGMESHD" --check --config "$TMP/bad.toml" 2>"$TMP/err"; then return 1; fi
+    grep -q "bad.toml:6:.*interface.addresses" "$TMP/err"
+}
+check "bad config is refused with file, line and field" bad_config
+
+check "route and address applied" in_a sh -c "ip addr show wgmA | grep -q 100.64.0.1/32 && ip route show dev wgmA | grep -q 100.64.0.2"
+check "resolv.conf written" grep -q "nameserver 100.100.100.100" "$TMP/resolv-a.conf"
+check "kernel ping across the tunnel" in_a ping -c 3 -i 0.2 -W 2 100.64.0.2
+check "wgmesh ping --tsmp" in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 100.64.0.2
+check "wgmesh ping --icmp" in_a "$WGMESH" "${API_A[@]}" ping --icmp -c 3 100.64.0.2
+check "wgmesh ping --disco" in_a "$WGMESH" "${API_A[@]}" ping --disco -c 5 100.64.0.2
+
+status_json() {
+    "$WGMESH" "${API_A[@]}" status --json >"$TMP/status.json"
+    python3 - "$TMP/status.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+p = s["peers"][0]
+assert p["name"] == "node-b", p
+assert p["last_handshake_unix"], p
+assert p["rx_bytes"] > 0 and p["tx_bytes"] > 0, p
+assert s["counters"]["handshakes_completed"] >= 1, s["counters"]
+PY
+}
+check "wgmesh status --json shows handshake and bytes" status_json
+check "wgmesh metrics" sh -c "'$WGMESH' ${API_A[*]} metrics | grep -q '^wgmesh_handshakes_completed{interface=\"wgmA\"} [1-9]'"
+
+SIZE_MB=${E2E_TRANSFER_MB:-100}
+tcp_transfer() {
+    head -c "${SIZE_MB}M" /dev/urandom >"$TMP/blob"
+    local want; want=$(sha256sum <"$TMP/blob" | cut -d' ' -f1)
+    in_b timeout 120 python3 - "$TMP/got" <<'PY' &
+import hashlib, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("100.64.0.2", 5201)); srv.listen(1); srv.settimeout(60)
+conn, _ = srv.accept(); h = hashlib.sha256()
+while True:
+    data = conn.recv(1 << 16)
+    if not data: break
+    h.update(data)
+open(sys.argv[1], "w").write(h.hexdigest())
+PY
+    local server=$!
+    sleep 0.5
+    in_a timeout 120 python3 - "$TMP/blob" <<'PY'
+import socket, sys
+s = socket.create_connection(("100.64.0.2", 5201), timeout=30)
+with open(sys.argv[1], "rb") as f:
+    while chunk := f.read(1 << 16):
+        s.sendall(chunk)
+s.close()
+PY
+    wait "$server"
+    [ "$(cat "$TMP/got")" = "$want" ]
+}
+check "TCP transfer of ${SIZE_MB} MB with matching checksum" tcp_transfer
+
+if command -v wg >/dev/null; then
+    check "wg show lists the peer" sh -c "wg show wgmA | grep -q 'peer: $PUB_B' && wg show wgmA | grep -q 'latest handshake'"
+fi
+
+bad_reload() {
+    cp "$TMP/a.toml" "$TMP/a.good"
+    sed -i 's/listen_port = 51820/listen_port = 99999/' "$TMP/a.toml"
+    if in_a "$WGMESH" "${API_A[@]}" reload 2>"$TMP/err"; then return 1; fi
+    grep -q "a.toml:5" "$TMP/err"
+    cp "$TMP/a.good" "$TMP/a.toml"
+    in_a ping -c 2 -i 0.2 -W 2 100.64.0.2
+}
+check "a bad reload is refused and traffic keeps flowing" bad_reload
+check "a good reload is accepted" in_a "$WGMESH" "${API_A[@]}" reload
+
+sigterm_cleanup() {
+    kill -TERM "${PIDS[0]}"
+    for _ in $(seq 100); do kill -0 "${PIDS[0]}" 2>/dev/null || break; sleep 0.1; done
+    ! kill -0 "${PIDS[0]}" 2>/dev/null
+    ! in_a ip link show wgmA 2>/dev/null
+    ! in_a ip route | grep -q 100.64.0.2
+    [ "$(cat "$TMP/resolv-a.conf")" = "nameserver 192.0.2.53" ]
+    [ ! -e "$TMP/state-a/wgmA.sock" ] && [ ! -e "$TMP/state-a/wgmA.state" ]
+}
+check "SIGTERM removes routes, addresses and sockets, restores resolv.conf" sigterm_cleanup
+
+if [ "$FAILED" != 0 ]; then
+    for n in a b; do echo "--- wgmeshd $n log (tail)"; tail -n "${E2E_LOG_LINES:-40}" "$TMP/$n.log"; done
+fi
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
