@@ -192,8 +192,27 @@ sigterm_cleanup() {
 }
 check "SIGTERM removes routes, addresses and sockets, restores resolv.conf" sigterm_cleanup
 
+# wgmeshd with nothing but an interface name, configured entirely by `wg set`
+# and `ip`, like wireguard-go; node B still knows A's key and takes it back.
+uapi_only() {
+    ip netns exec "$NS_A" env RUST_LOG="${E2E_LOG:-info}" "$WGMESHD" --foreground --interface wgmA \
+        --state-dir "$TMP/state-a" >"$TMP/a2.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -S /var/run/wireguard/wgmA.sock ] && break; sleep 0.1; done
+    echo "$KEY_A" >"$TMP/key-a"
+    in_a wg set wgmA private-key "$TMP/key-a" listen-port 51820 \
+        peer "$PUB_B" endpoint 10.77.0.2:51820 allowed-ips 100.64.0.2/32
+    in_a ip addr add 100.64.0.1/32 dev wgmA
+    in_a ip link set wgmA up
+    in_a ip route add 100.64.0.2/32 dev wgmA
+    in_a ping -c 3 -i 0.2 -W 2 100.64.0.2
+    in_a wg show wgmA | grep -q "public key: $PUB_A"
+    in_a wg show wgmA dump | grep -q "^$PUB_B"
+}
+check "wgmeshd --interface configured by wg set and ip" uapi_only
+
 if [ "$FAILED" != 0 ]; then
-    for n in a b; do echo "--- wgmeshd $n log (tail)"; tail -n "${E2E_LOG_LINES:-40}" "$TMP/$n.log"; done
+    for n in a b a2; do [ -f "$TMP/$n.log" ] || continue; echo "--- wgmeshd $n log (tail)"; tail -n "${E2E_LOG_LINES:-40}" "$TMP/$n.log"; done
 fi
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
