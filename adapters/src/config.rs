@@ -685,6 +685,21 @@ allowed_ips = ["100.64.0.2/32"]
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("private.key");
+        std::fs::write(&key_path, A).unwrap();
+        let text = include_str!("../examples/wgmesh0.toml")
+            .replace("/etc/wgmesh/private.key", &key_path.display().to_string());
+        let config = DaemonConfig::parse(Path::new("wgmesh0.toml"), &text).unwrap();
+        assert_eq!(
+            config.file.api.metrics_listen,
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
+        assert_eq!(config.reconfig().wireguard.unwrap().peers.len(), 1);
+    }
+
+    #[test]
     fn trim_override_values() {
         assert_eq!(parse_trim_override(Some("1")), Some(true));
         assert_eq!(parse_trim_override(Some("0")), Some(false));
