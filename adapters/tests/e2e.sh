@@ -211,6 +211,28 @@ uapi_only() {
 }
 check "wgmeshd --interface configured by wg set and ip" uapi_only
 
+# Interop: node B becomes Debian's wireguard-go, configured with wg; the
+# wgmeshd on A (configured by wg set above) talks to it both ways.
+interop_wireguard_go() {
+    kill -TERM "${PIDS[1]}"
+    for _ in $(seq 100); do kill -0 "${PIDS[1]}" 2>/dev/null || break; sleep 0.1; done
+    ip netns exec "$NS_B" wireguard-go -f wgmB >"$TMP/wggo.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -S /var/run/wireguard/wgmB.sock ] && break; sleep 0.1; done
+    echo "$KEY_B" >"$TMP/key-b"
+    in_b wg set wgmB private-key "$TMP/key-b" listen-port 51820 \
+        peer "$PUB_A" endpoint 10.77.0.1:51820 allowed-ips 100.64.0.1/32
+    in_b ip addr add 100.64.0.2/32 dev wgmB
+    in_b ip link set wgmB up
+    in_b ip route add 100.64.0.1/32 dev wgmB
+    in_a ping -c 3 -i 0.2 -W 2 100.64.0.2
+    in_b ping -c 3 -i 0.2 -W 2 100.64.0.1
+    tcp_transfer
+}
+if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
+    check "interop with wireguard-go: ping both ways and a TCP transfer" interop_wireguard_go
+fi
+
 if [ "$FAILED" != 0 ]; then
     for n in a b a2; do [ -f "$TMP/$n.log" ] || continue; echo "--- wgmeshd $n log (tail)"; tail -n "${E2E_LOG_LINES:-40}" "$TMP/$n.log"; done
 fi
