@@ -70,6 +70,17 @@ struct WgPeer {
     queued: usize,
     /// boringtun gave up (REKEY_ATTEMPT_TIME or key expiry): nothing to do until traffic.
     expired: bool,
+    /// Where WireGuard sends when disco has no better path: the last address
+    /// the peer was heard from, else its first configured endpoint.
+    endpoint: Option<SocketAddr>,
+    last_handshake_at: Option<Instant>,
+    /// When it was woken from the trimmed state, and whether it has been
+    /// heard from since (for connection diagnostics).
+    woken_at: Option<Instant>,
+    heard_since_wake: bool,
+    /// The deadline currently in the timer queue for this peer. Only peers in
+    /// WireGuard have timers (the idle check included).
+    deadline: Option<Instant>,
 }
 
 /// A peer of the full config.
@@ -80,19 +91,15 @@ struct Peer {
     wg: Option<Box<WgPeer>>,
     last_send_activity: Option<Instant>,
     last_receive_activity: Option<Instant>,
-    endpoint: Option<SocketAddr>,
-    last_handshake_at: Option<Instant>,
     rx_bytes: u64,
     tx_bytes: u64,
-    /// The deadline currently in the timer queue for this peer.
-    deadline: Option<Instant>,
-    /// When it was last woken from the trimmed state, and whether it has been
-    /// heard from since (for connection diagnostics).
-    woken_at: Option<Instant>,
-    heard_since_wake: bool,
 }
 
 impl Peer {
+    fn timer_deadline(&self) -> Option<Instant> {
+        self.wg.as_ref().and_then(|wg| wg.deadline)
+    }
+
     fn last_activity(&self) -> Option<Instant> {
         match (self.last_send_activity, self.last_receive_activity) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -327,15 +334,27 @@ impl Engine {
 
     /// Gives a packet buffer from [`Output::Transmit`] or [`Output::TunWrite`]
     /// back for reuse.
-    pub fn recycle(&mut self, mut buffer: Vec<u8>) {
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        // Buffers keep their length: a buffer resized to the same packet size
+        // next time needs no zeroing.
         if self.pool.len() < BUFFER_POOL_LIMIT {
-            buffer.clear();
             self.pool.push(buffer);
         }
     }
 
+    /// An empty pooled buffer, for appending.
     fn buffer(&mut self) -> Vec<u8> {
-        self.pool.pop().unwrap_or_else(|| Vec::with_capacity(2048))
+        let mut buffer = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(2048));
+        buffer.clear();
+        buffer
+    }
+
+    /// A pooled buffer of exactly `len` bytes, contents unspecified, for
+    /// boringtun to write into. Only bytes beyond its previous length are zeroed.
+    fn sized_buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut buffer = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(2048));
+        buffer.resize(len, 0);
+        buffer
     }
 
     /// The next output, if any. Call until `None` after every input or timeout.
@@ -360,7 +379,7 @@ impl Engine {
         self.timers.peek(|at, key| match key {
             TimerKey::Peer { slot, generation } => peers
                 .get(slot)
-                .is_some_and(|p| p.generation == generation && p.deadline == Some(at)),
+                .is_some_and(|p| p.generation == generation && p.timer_deadline() == Some(at)),
             TimerKey::Ping(id) => pings.deadline_of(id) == Some(at),
             TimerKey::Engine(EngineTimer::PendingOpens) => opens.next_deadline() == Some(at),
             TimerKey::Engine(EngineTimer::Disco) => disco.next_deadline() == Some(at),
@@ -373,12 +392,13 @@ impl Engine {
         while let Some((at, key)) = self.timers.pop_due(now) {
             match key {
                 TimerKey::Peer { slot, generation } => {
-                    let current = self
-                        .peers
-                        .get(slot)
-                        .is_some_and(|p| p.generation == generation && p.deadline == Some(at));
+                    let current = self.peers.get(slot).is_some_and(|p| {
+                        p.generation == generation && p.timer_deadline() == Some(at)
+                    });
                     if current {
-                        self.peers[slot].deadline = None;
+                        if let Some(wg) = self.peers[slot].wg.as_mut() {
+                            wg.deadline = None;
+                        }
                         self.peer_timer(now, slot);
                     }
                 }
@@ -594,9 +614,8 @@ impl Engine {
         }
         self.refresh_peer_timers(now, slot);
         let max_queued = self.config.max_queued_packets_per_peer;
-        let mut buf = self.buffer();
         let needed = (packet.len() + WG_OVERHEAD).max(WG_MIN_BUFFER);
-        buf.resize(needed, 0);
+        let mut buf = self.sized_buffer(needed);
         let peer = &mut self.peers[slot];
         let Some(wg) = peer.wg.as_mut() else {
             return;
@@ -655,7 +674,10 @@ impl Engine {
     /// Sends a WireGuard datagram to the peer's current endpoint.
     fn transmit_to_peer(&mut self, slot: usize, data: Vec<u8>) {
         let peer = &self.peers[slot];
-        let endpoint = self.disco.best_endpoint(slot).or(peer.endpoint);
+        let endpoint = self
+            .disco
+            .best_endpoint(slot)
+            .or(peer.wg.as_ref().and_then(|w| w.endpoint));
         match endpoint {
             Some(dst) => {
                 self.counters.datagrams_out += 1;
@@ -791,37 +813,33 @@ impl Engine {
     fn decapsulate(&mut self, now: Instant, slot: usize, from: SocketAddr, data: &[u8]) {
         self.refresh_peer_timers(now, slot);
         let message_type = data[0];
-        let mut scratch = std::mem::take(&mut self.scratch);
+        // Decrypt straight into a pooled buffer: the plaintext then goes to
+        // the TUN without another copy.
+        let mut buf = self.sized_buffer(data.len().max(WG_MIN_BUFFER * 2));
         let Some(wg) = self.peers[slot].wg.as_mut() else {
-            self.scratch = scratch;
+            self.recycle(buf);
             return;
         };
-        let result = wg
-            .tunnel
-            .decapsulate(now, Some(from.ip()), data, &mut scratch);
+        let result = wg.tunnel.decapsulate(now, Some(from.ip()), data, &mut buf);
         match result {
             TunnResult::Done => {
                 wg.last_received = Some(now);
+                self.recycle(buf);
                 self.peer_heard(now, slot, from);
             }
             TunnResult::Err(e) => {
+                self.recycle(buf);
                 self.count_wg_error(&e);
             }
             TunnResult::WriteToNetwork(reply) => {
                 wg.last_received = Some(now);
                 wg.last_sent = Some(now);
-                let mut buf = self.buffer();
-                buf.extend_from_slice(reply);
-                match message_type {
-                    1 => {
-                        // We answered an initiation: a session exists (we are the responder).
-                        self.session_established(now, slot, from);
-                    }
-                    2 => {
-                        // Our initiation was answered; `reply` is the first keepalive.
-                        self.session_established(now, slot, from);
-                    }
-                    _ => {}
+                let len = reply.len();
+                buf.truncate(len);
+                if message_type == 1 || message_type == 2 {
+                    // We answered an initiation (we are the responder), or our
+                    // initiation was answered and `reply` is the first keepalive.
+                    self.session_established(now, slot, from);
                 }
                 self.peer_heard(now, slot, from);
                 self.counters.datagrams_out += 1;
@@ -829,24 +847,28 @@ impl Engine {
                     dst: from,
                     data: buf,
                 }));
+                let mut scratch = std::mem::take(&mut self.scratch);
                 self.flush_queue(now, slot, from, &mut scratch);
+                self.scratch = scratch;
             }
             TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
                 wg.last_received = Some(now);
                 let len = inner.len();
+                buf.truncate(len);
                 self.peer_heard(now, slot, from);
-                self.deliver_inbound(now, slot, &scratch[..len]);
+                self.deliver_inbound(now, slot, buf);
             }
         }
-        self.scratch = scratch;
         self.reschedule_peer(slot);
     }
 
     /// Authenticated traffic from a peer: roam to its address and note activity.
     fn peer_heard(&mut self, now: Instant, slot: usize, from: SocketAddr) {
         let peer = &mut self.peers[slot];
-        peer.endpoint = Some(from);
-        peer.heard_since_wake = true;
+        if let Some(wg) = peer.wg.as_mut() {
+            wg.endpoint = Some(from);
+            wg.heard_since_wake = true;
+        }
         self.note_receive_activity(now, slot);
     }
 
@@ -857,7 +879,7 @@ impl Engine {
         wg.handshake_started = None;
         wg.last_initiation_sent = None;
         wg.expired = false;
-        peer.last_handshake_at = Some(now);
+        wg.last_handshake_at = Some(now);
         self.counters.handshakes_completed += 1;
         let key = peer.config.public_key;
         debug!(peer = ?key, endpoint = %from, "handshake completed");
@@ -904,11 +926,12 @@ impl Engine {
 
     /// A decrypted packet from a peer: check its source, filter it, intercept
     /// what is ours (TSMP, ping replies), deliver the rest to the TUN.
-    fn deliver_inbound(&mut self, now: Instant, slot: usize, packet: &[u8]) {
-        let header = match wire::ip::IpHeader::parse(packet) {
+    fn deliver_inbound(&mut self, now: Instant, slot: usize, packet: Vec<u8>) {
+        let header = match wire::ip::IpHeader::parse(&packet) {
             Ok(h) => h,
             Err(_) => {
                 self.counters.drop_inner_malformed += 1;
+                self.recycle(packet);
                 return;
             }
         };
@@ -918,27 +941,30 @@ impl Engine {
             .is_some_and(|(_, &s)| s == slot);
         if !allowed {
             self.counters.drop_spoofed_source += 1;
+            self.recycle(packet);
             debug!(peer = ?self.peers[slot].config.public_key, src = %header.src, "source outside allowed IPs");
             return;
         }
         self.peers[slot].rx_bytes += packet.len() as u64;
         match header.protocol {
             wire::ip::PROTO_TSMP => {
-                self.handle_tsmp(now, slot, &header, packet);
+                self.handle_tsmp(now, slot, &header, &packet);
+                self.recycle(packet);
                 return;
             }
             wire::ip::PROTO_ICMP | wire::ip::PROTO_ICMPV6 => {
-                if let Some(echo) = wire::icmp::parse_echo(&header, packet) {
+                if let Some(echo) = wire::icmp::parse_echo(&header, &packet) {
                     if echo.kind == wire::icmp::EchoKind::Reply {
                         let key = MatchKey::Icmp(wire::icmp::ping_key(echo.ident, echo.seq));
                         if self.complete_ping(now, key, slot, None, None) {
+                            self.recycle(packet);
                             return;
                         }
                     }
                 }
             }
             wire::ip::PROTO_TCP => {
-                if let Some(tcp) = wire::tcp::parse(&header, packet) {
+                if let Some(tcp) = wire::tcp::parse(&header, &packet) {
                     if tcp.is_syn_ack() || tcp.is_rst() {
                         let src = SocketAddr::new(header.dst, tcp.dst_port);
                         let dst = SocketAddr::new(header.src, tcp.src_port);
@@ -948,17 +974,16 @@ impl Engine {
             }
             _ => {}
         }
-        if self.filter.check(&header, packet) == FilterAction::Drop {
+        if self.filter.check(&header, &packet) == FilterAction::Drop {
             self.counters.drop_filtered += 1;
+            self.recycle(packet);
             return;
         }
         if self.capture {
-            self.capture_packet(now, false, packet);
+            self.capture_packet(now, false, &packet);
         }
-        let mut buf = self.buffer();
-        buf.extend_from_slice(packet);
         self.counters.tun_packets_out += 1;
-        self.outputs.push_back(Output::TunWrite(buf));
+        self.outputs.push_back(Output::TunWrite(packet));
     }
 
     fn handle_tsmp(
@@ -1076,10 +1101,13 @@ impl Engine {
             next_persistent_keepalive: keepalive,
             queued: 0,
             expired: false,
+            endpoint: peer.config.endpoints.first().copied(),
+            last_handshake_at: None,
+            woken_at: None,
+            heard_since_wake: false,
+            deadline: None,
         }));
-        if peer.endpoint.is_none() {
-            peer.endpoint = peer.config.endpoints.first().copied();
-        }
+
         self.by_index.insert(index, slot);
         self.configured_count += 1;
         self.counters.peers_configured += 1;
@@ -1122,8 +1150,6 @@ impl Engine {
             WakeReason::Ping => self.counters.peers_woken_by_ping += 1,
         }
         let peer = &mut self.peers[slot];
-        peer.woken_at = Some(now);
-        peer.heard_since_wake = false;
         // The waking traffic is activity, so the idle timer starts from now.
         match reason {
             WakeReason::SendTo(_) | WakeReason::Ping => peer.last_send_activity = Some(now),
@@ -1131,6 +1157,9 @@ impl Engine {
         }
         info!(peer = ?peer.config.public_key, ?reason, "waking trimmed peer");
         self.configure_peer(now, slot, Some(reason));
+        if let Some(wg) = self.peers[slot].wg.as_mut() {
+            wg.woken_at = Some(now);
+        }
     }
 
     /// Runs a peer's due timers: the idle check first (an idle peer leaves
@@ -1266,14 +1295,15 @@ impl Engine {
         let idle = self.idle_deadline(slot);
         let next = [wg_deadline, idle].into_iter().flatten().min();
         let peer = &mut self.peers[slot];
-        match (next, peer.deadline) {
+        let generation = peer.generation;
+        let Some(wg) = peer.wg.as_mut() else { return };
+        match (next, wg.deadline) {
             (Some(n), Some(current)) if n >= current && current > now => {}
             (Some(n), _) => {
-                peer.deadline = Some(n);
-                let generation = peer.generation;
+                wg.deadline = Some(n);
                 self.timers.push(n, TimerKey::Peer { slot, generation });
             }
-            (None, _) => peer.deadline = None,
+            (None, _) => wg.deadline = None,
         }
     }
 
@@ -1300,6 +1330,8 @@ impl Engine {
 
         // Peers: diff by key, touching only what changed.
         let old_count = self.by_key.len();
+        let growth = valid.wireguard.peers.len().saturating_sub(self.peers.len());
+        self.peers.reserve_exact(growth);
         let mut matched = 0usize;
         let mut seen = std::collections::BTreeSet::new();
         let mut flushes = Vec::new();
@@ -1522,18 +1554,13 @@ impl Engine {
         let endpoints = cfg.endpoints.clone();
         let slot = self.peers.insert(Peer {
             generation,
-            endpoint: cfg.endpoints.first().copied(),
             config: cfg,
             trimmable,
             wg: None,
             last_send_activity: None,
             last_receive_activity: None,
-            last_handshake_at: None,
             rx_bytes: 0,
             tx_bytes: 0,
-            deadline: None,
-            woken_at: None,
-            heard_since_wake: false,
         });
         self.by_key.insert(key, slot);
         if let Some(d) = disco {
@@ -1582,12 +1609,13 @@ impl Engine {
         let key = new.public_key;
         let new_disco = new.disco_key;
         if old.endpoints != new.endpoints {
-            let peer = &mut self.peers[slot];
-            if peer
-                .endpoint
-                .is_none_or(|e| old.endpoints.contains(&e) && !new_endpoints.contains(&e))
-            {
-                peer.endpoint = new_endpoints.first().copied();
+            if let Some(wg) = self.peers[slot].wg.as_mut() {
+                if wg
+                    .endpoint
+                    .is_none_or(|e| old.endpoints.contains(&e) && !new_endpoints.contains(&e))
+                {
+                    wg.endpoint = new_endpoints.first().copied();
+                }
             }
         }
         self.disco
@@ -1702,9 +1730,14 @@ impl Engine {
                     name: p.config.name.clone(),
                     allowed_ips: p.config.allowed_ips.clone(),
                     configured: p.wg.is_some(),
-                    endpoint: self.disco.best_endpoint(slot).or(p.endpoint),
+                    endpoint: self
+                        .disco
+                        .best_endpoint(slot)
+                        .or(p.wg.as_ref().and_then(|w| w.endpoint)),
                     last_handshake_ago: p
-                        .last_handshake_at
+                        .wg
+                        .as_ref()
+                        .and_then(|w| w.last_handshake_at)
                         .map(|t| self.now.saturating_duration_since(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -1908,8 +1941,11 @@ impl Engine {
         endpoint: Option<SocketAddr>,
         peerapi_port: Option<u16>,
     ) -> bool {
-        let endpoint =
-            endpoint.or_else(|| self.disco.best_endpoint(slot).or(self.peers[slot].endpoint));
+        let endpoint = endpoint.or_else(|| {
+            self.disco
+                .best_endpoint(slot)
+                .or(self.peers[slot].wg.as_ref().and_then(|w| w.endpoint))
+        });
         match self.pings.complete(now, key, slot, endpoint, peerapi_port) {
             Some(result) => {
                 self.counters.pings_answered += 1;
@@ -2039,14 +2075,11 @@ impl Engine {
             return FailureCause::NoPeerForAddress;
         };
         let peer = &self.peers[slot];
-        if peer.woken_at.is_some_and(|w| {
-            w >= open
-                .at
-                .checked_sub(Duration::from_millis(1))
-                .unwrap_or(open.at)
-        }) && !peer.heard_since_wake
-        {
-            return FailureCause::PeerTrimmedNeverAnswered;
+        // Woken by (or just before) this SYN and never heard from since.
+        if let Some(wg) = peer.wg.as_deref() {
+            if wg.woken_at.is_some_and(|w| w >= open.at) && !wg.heard_since_wake {
+                return FailureCause::PeerTrimmedNeverAnswered;
+            }
         }
         let has_session = peer.wg.as_deref().is_some_and(Self::has_session);
         if !has_session {
