@@ -42,6 +42,14 @@ pub enum ApiRequest {
     Reload,
     /// Prometheus text.
     Metrics,
+    /// Stream the plaintext packets crossing the tunnel as pcap (raw IP)
+    /// for `seconds` (default: until the client hangs up). The answer is not
+    /// JSON but the pcap bytes.
+    Capture {
+        /// How long to capture.
+        #[serde(default)]
+        seconds: Option<u64>,
+    },
 }
 
 /// The daemon's answer.
@@ -336,6 +344,9 @@ impl ApiContext {
                     Err(e) => ApiResponse::error(e.to_string()),
                 }
             }
+            ApiRequest::Capture { .. } => {
+                ApiResponse::error("capture streams pcap; use the streaming path")
+            }
             ApiRequest::Reload => {
                 let (reply, rx) = oneshot::channel();
                 if self.reload.send(reply).await.is_err() {
@@ -397,6 +408,9 @@ async fn serve_connection(stream: UnixStream, context: &ApiContext) -> std::io::
         .read_line(&mut line)
         .await?;
     let response = match serde_json::from_str::<ApiRequest>(line.trim()) {
+        Ok(ApiRequest::Capture { seconds }) => {
+            return stream_capture(&mut write, context, seconds.map(Duration::from_secs)).await;
+        }
         Ok(request) => {
             debug!(?request, "API request");
             context.answer(request).await
@@ -407,6 +421,75 @@ async fn serve_connection(stream: UnixStream, context: &ApiContext) -> std::io::
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// The pcap file header for raw IP packets (LINKTYPE_RAW), little-endian.
+pub fn pcap_header() -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[0..4].copy_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    h[4..6].copy_from_slice(&2u16.to_le_bytes());
+    h[6..8].copy_from_slice(&4u16.to_le_bytes());
+    h[16..20].copy_from_slice(&65535u32.to_le_bytes());
+    h[20..24].copy_from_slice(&101u32.to_le_bytes());
+    h
+}
+
+/// One pcap record header for a packet of `len` bytes seen at `at`.
+pub fn pcap_record_header(at: SystemTime, len: usize) -> [u8; 16] {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(
+        &u32::try_from(since.as_secs())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    h[4..8].copy_from_slice(&since.subsec_micros().to_le_bytes());
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    h[12..16].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+async fn stream_capture(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    context: &ApiContext,
+    duration: Option<Duration>,
+) -> std::io::Result<()> {
+    use crate::driver::Control;
+    let mut packets = context.handle.subscribe_capture();
+    let _ = context.handle.send(Control::SetCapture(true)).await;
+    info!(?duration, "capture started");
+    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    let result = async {
+        write.write_all(&pcap_header()).await?;
+        loop {
+            let next = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, packets.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => return Ok(()),
+                },
+                None => packets.recv().await,
+            };
+            match next {
+                Ok(packet) => {
+                    write
+                        .write_all(&pcap_record_header(SystemTime::now(), packet.packet.len()))
+                        .await?;
+                    write.write_all(&packet.packet).await?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(lost = n, "capture reader too slow; packets skipped");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+    .await;
+    // Captures do not nest: the last one to end switches the hook off.
+    let _ = context.handle.send(Control::SetCapture(false)).await;
+    info!("capture ended");
+    let _ = write.shutdown().await;
+    result
 }
 
 /// Serves `GET /metrics` (any path, in fact) over plain HTTP on `addr`, which

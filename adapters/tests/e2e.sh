@@ -166,6 +166,31 @@ PY
 }
 check "TCP transfer of ${SIZE_MB} MB with matching checksum" tcp_transfer
 
+capture_pcap() {
+    in_a "$WGMESH" "${API_A[@]}" capture -o "$TMP/cap.pcap" --seconds 3 &
+    local cap=$!
+    sleep 0.5
+    in_a ping -c 3 -i 0.2 -W 2 100.64.0.2
+    wait "$cap"
+    python3 - "$TMP/cap.pcap" <<'PY'
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+magic, _, _, _, _, _, link = struct.unpack("<IHHiIII", data[:24])
+assert magic == 0xa1b2c3d4 and link == 101, (hex(magic), link)
+off, echo_req, echo_rep = 24, 0, 0
+while off < len(data):
+    _, _, incl, _ = struct.unpack("<IIII", data[off:off + 16])
+    pkt = data[off + 16:off + 16 + incl]
+    off += 16 + incl
+    if pkt[0] >> 4 == 4 and pkt[9] == 1:
+        t = pkt[(pkt[0] & 15) * 4]
+        echo_req += t == 8
+        echo_rep += t == 0
+assert echo_req >= 3 and echo_rep >= 3, (echo_req, echo_rep)
+PY
+}
+check "wgmesh capture writes the tunnel's packets as pcap" capture_pcap
+
 if command -v wg >/dev/null; then
     check "wg show lists the peer" sh -c "wg show wgmA | grep -q 'peer: $PUB_B' && wg show wgmA | grep -q 'latest handshake'"
 fi

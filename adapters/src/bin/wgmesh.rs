@@ -43,6 +43,16 @@ enum Command {
     Reload,
     /// Print the daemon's counters in Prometheus text format.
     Metrics,
+    /// Write the plaintext packets entering and leaving the tunnel to a pcap
+    /// file (raw IP), readable by tcpdump and wireshark.
+    Capture {
+        /// The pcap file to write ("-": stdout).
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: PathBuf,
+        /// Stop after this many seconds (default: until interrupted).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Print a new private key (base64) to stdout.
     Genkey,
     /// Read a private key (base64) on stdin and print its public key.
@@ -150,6 +160,7 @@ async fn run(cli: &Cli) -> ExitCode {
         Command::Ping(args) => ping(cli, args).await,
         Command::Reload => simple(cli, ApiRequest::Reload).await,
         Command::Metrics => simple(cli, ApiRequest::Metrics).await,
+        Command::Capture { output, seconds } => capture(cli, output, *seconds).await,
         Command::Genkey | Command::Pubkey => Ok(()),
     };
     match result {
@@ -159,6 +170,40 @@ async fn run(cli: &Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn capture(cli: &Cli, output: &std::path::Path, seconds: Option<u64>) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let path = socket_path(cli);
+    let mut stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| format!("cannot reach wgmeshd at {}: {e}", path.display()))?;
+    let mut request =
+        serde_json::to_string(&ApiRequest::Capture { seconds }).map_err(|e| e.to_string())?;
+    request.push('\n');
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let copied = if output == std::path::Path::new("-") {
+        let mut out = tokio::io::stdout();
+        tokio::select! {
+            r = tokio::io::copy(&mut stream, &mut out) => r.map_err(|e| e.to_string())?,
+            _ = tokio::signal::ctrl_c() => 0,
+        }
+    } else {
+        let mut file = tokio::fs::File::create(output)
+            .await
+            .map_err(|e| format!("{}: {e}", output.display()))?;
+        let copied = tokio::select! {
+            r = tokio::io::copy(&mut stream, &mut file) => r.map_err(|e| e.to_string())?,
+            _ = tokio::signal::ctrl_c() => 0,
+        };
+        file.flush().await.map_err(|e| e.to_string())?;
+        copied
+    };
+    eprintln!("capture: {copied} bytes written");
+    Ok(())
 }
 
 async fn simple(cli: &Cli, request: ApiRequest) -> Result<(), String> {
