@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end test of wgmeshd on Linux: two network namespaces joined by a veth
-# pair, one daemon in each, real TUN devices, netlink routes and the CLI.
+# End-to-end test of wgmeshd on Linux: three network namespaces joined by
+# veth pairs to a bridge (in a fourth), one daemon in each, real TUN devices,
+# netlink routes, the CLI, `wg`, and Debian's wireguard-go for interop.
 # Needs root and iproute2. Everything it creates it deletes on exit, also on
 # failure. Every wait is bounded. Usage: adapters/tests/e2e.sh [BIN_DIR]
 set -euo pipefail
@@ -10,10 +11,13 @@ WGMESHD=$(realpath "$BIN/wgmeshd")
 WGMESH=$(realpath "$BIN/wgmesh")
 NS_A=wgm-e2e-a
 NS_B=wgm-e2e-b
+NS_C=wgm-e2e-c
+NS_BR=wgm-e2e-br
 TMP=$(mktemp -d /tmp/wgmesh-e2e.XXXXXX)
 PASSED=0
 FAILED=0
 PIDS=()
+declare -A PID
 
 if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null; then
     echo "e2e: needs root and iproute2; skipping"
@@ -29,10 +33,14 @@ cleanup() {
     done
     ip netns del "$NS_A" 2>/dev/null || true
     ip netns del "$NS_B" 2>/dev/null || true
-    rm -f /var/run/wireguard/wgmA.sock /var/run/wireguard/wgmB.sock
+    ip netns del "$NS_C" 2>/dev/null || true
+    ip netns del "$NS_BR" 2>/dev/null || true
+    rm -f /var/run/wireguard/wgmA.sock /var/run/wireguard/wgmB.sock /var/run/wireguard/wgmC.sock
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+# Notes for the reader go to fd 3, which check() does not capture.
+exec 3>&1
 trap "exit 130" INT TERM
 
 check() {
@@ -46,23 +54,30 @@ check() {
 
 in_a() { ip netns exec "$NS_A" "$@"; }
 in_b() { ip netns exec "$NS_B" "$@"; }
+in_c() { ip netns exec "$NS_C" "$@"; }
 
-# The network: 10.77.0.1 <-> 10.77.0.2 over a veth pair.
-ip netns add "$NS_A"
-ip netns add "$NS_B"
-ip link add veth-a netns "$NS_A" type veth peer name veth-b netns "$NS_B"
-in_a ip addr add 10.77.0.1/24 dev veth-a
-in_b ip addr add 10.77.0.2/24 dev veth-b
-for ns in "$NS_A" "$NS_B"; do
+# The network: 10.77.0.1, .2 and .3 on one bridge.
+ip netns add "$NS_BR"
+ip -n "$NS_BR" link add br0 type bridge
+ip -n "$NS_BR" link set br0 up
+i=1
+for x in a b c; do
+    ns="wgm-e2e-$x"
+    ip netns add "$ns"
     ip -n "$ns" link set lo up
+    ip link add "veth-$x" netns "$ns" type veth peer name "br-$x" netns "$NS_BR"
+    ip -n "$NS_BR" link set "br-$x" master br0 up
+    ip -n "$ns" addr add "10.77.0.$i/24" dev "veth-$x"
+    ip -n "$ns" link set "veth-$x" up
+    i=$((i + 1))
 done
-in_a ip link set veth-a up
-in_b ip link set veth-b up
 
 KEY_A=$("$WGMESH" genkey); PUB_A=$(echo "$KEY_A" | "$WGMESH" pubkey)
 KEY_B=$("$WGMESH" genkey); PUB_B=$(echo "$KEY_B" | "$WGMESH" pubkey)
 DISCO_A=$("$WGMESH" genkey); DPUB_A=$(echo "$DISCO_A" | "$WGMESH" pubkey)
 DISCO_B=$("$WGMESH" genkey); DPUB_B=$(echo "$DISCO_B" | "$WGMESH" pubkey)
+KEY_C=$("$WGMESH" genkey); PUB_C=$(echo "$KEY_C" | "$WGMESH" pubkey)
+DISCO_C=$("$WGMESH" genkey); DPUB_C=$(echo "$DISCO_C" | "$WGMESH" pubkey)
 
 write_config() { # name key disco addr peer_name peer_pub peer_disco peer_ip peer_endpoint
     cat <<CONF
@@ -89,15 +104,18 @@ CONF
 }
 write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
 write_config wgmB "$KEY_B" "$DISCO_B" 100.64.0.2 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/b.toml"
-echo "nameserver 192.0.2.53" >"$TMP/resolv-a.conf"
-echo "nameserver 192.0.2.53" >"$TMP/resolv-b.conf"
-mkdir -p "$TMP/state-a" "$TMP/state-b"
+write_config wgmC "$KEY_C" "$DISCO_C" 100.64.0.3 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/c.toml"
+for n in a b c; do
+    echo "nameserver 192.0.2.53" >"$TMP/resolv-$n.conf"
+    mkdir -p "$TMP/state-$n"
+done
 
 start() { # ns name
     local ns=$1 n=$2
     ip netns exec "$ns" env RUST_LOG="${E2E_LOG:-info}" "$WGMESHD" --foreground --config "$TMP/$n.toml" \
         --state-dir "$TMP/state-$n" --resolv-conf "$TMP/resolv-$n.conf" >"$TMP/$n.log" 2>&1 &
     PIDS+=($!)
+    PID[$n]=$!
     for _ in $(seq 100); do [ -S "$TMP/state-$n/wgm${n^^}.sock" ] && return 0; sleep 0.1; done
     echo "wgmeshd $n did not start"; cat "$TMP/$n.log"; return 1
 }
@@ -206,10 +224,50 @@ bad_reload() {
 check "a bad reload is refused and traffic keeps flowing" bad_reload
 check "a good reload is accepted" in_a "$WGMESH" "${API_A[@]}" reload
 
+# A third node joins: it starts, and a reload of A adds it.
+third_node() {
+    start "$NS_C" c
+    cat >>"$TMP/a.toml" <<CONF
+
+[[peer]]
+name = "node-c"
+public_key = "$PUB_C"
+disco_key = "$DPUB_C"
+endpoints = ["10.77.0.3:51820"]
+allowed_ips = ["100.64.0.3/32"]
+CONF
+    in_a "$WGMESH" "${API_A[@]}" reload
+    in_a ip route show dev wgmA | grep -q 100.64.0.3
+    in_a ping -c 3 -i 0.2 -W 2 100.64.0.3
+    in_c "$WGMESH" --socket "$TMP/state-c/wgmC.sock" ping --tsmp -c 3 100.64.0.1
+}
+check "reload adds a third node" third_node
+
+# B restarts with a new disco key; once A's config carries the new key, A
+# flushes the old session and traffic is back within a second.
+restart_b() {
+    kill -TERM "${PID[b]}"
+    for _ in $(seq 100); do kill -0 "${PID[b]}" 2>/dev/null || break; sleep 0.1; done
+    local disco2 dpub2 t0 t1 ms
+    disco2=$("$WGMESH" genkey); dpub2=$(echo "$disco2" | "$WGMESH" pubkey)
+    sed -i "s#disco_private_key = \"$DISCO_B\"#disco_private_key = \"$disco2\"#" "$TMP/b.toml"
+    start "$NS_B" b
+    sed -i "s#disco_key = \"$DPUB_B\"#disco_key = \"$dpub2\"#" "$TMP/a.toml"
+    t0=$(date +%s%N)
+    in_a "$WGMESH" "${API_A[@]}" reload
+    for _ in $(seq 20); do in_a ping -c 1 -W 1 100.64.0.2 >/dev/null && break; done
+    t1=$(date +%s%N)
+    ms=$(((t1 - t0) / 1000000))
+    echo "     (recovered in ${ms} ms)" >&3
+    in_a ping -c 2 -i 0.2 -W 2 100.64.0.2
+    [ "$ms" -lt 1000 ]
+}
+check "restart of B (new disco key) recovers within a second" restart_b
+
 sigterm_cleanup() {
-    kill -TERM "${PIDS[0]}"
-    for _ in $(seq 100); do kill -0 "${PIDS[0]}" 2>/dev/null || break; sleep 0.1; done
-    ! kill -0 "${PIDS[0]}" 2>/dev/null
+    kill -TERM "${PID[a]}"
+    for _ in $(seq 100); do kill -0 "${PID[a]}" 2>/dev/null || break; sleep 0.1; done
+    ! kill -0 "${PID[a]}" 2>/dev/null
     ! in_a ip link show wgmA 2>/dev/null
     ! in_a ip route | grep -q 100.64.0.2
     [ "$(cat "$TMP/resolv-a.conf")" = "nameserver 192.0.2.53" ]
@@ -239,8 +297,8 @@ check "wgmeshd --interface configured by wg set and ip" uapi_only
 # Interop: node B becomes Debian's wireguard-go, configured with wg; the
 # wgmeshd on A (configured by wg set above) talks to it both ways.
 interop_wireguard_go() {
-    kill -TERM "${PIDS[1]}"
-    for _ in $(seq 100); do kill -0 "${PIDS[1]}" 2>/dev/null || break; sleep 0.1; done
+    kill -TERM "${PID[b]}"
+    for _ in $(seq 100); do kill -0 "${PID[b]}" 2>/dev/null || break; sleep 0.1; done
     ip netns exec "$NS_B" wireguard-go -f wgmB >"$TMP/wggo.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 100); do [ -S /var/run/wireguard/wgmB.sock ] && break; sleep 0.1; done
@@ -259,7 +317,7 @@ if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
 fi
 
 if [ "$FAILED" != 0 ]; then
-    for n in a b a2; do [ -f "$TMP/$n.log" ] || continue; echo "--- wgmeshd $n log (tail)"; tail -n "${E2E_LOG_LINES:-40}" "$TMP/$n.log"; done
+    for n in a b c a2; do [ -f "$TMP/$n.log" ] || continue; echo "--- wgmeshd $n log (tail)"; tail -n "${E2E_LOG_LINES:-40}" "$TMP/$n.log"; done
 fi
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
