@@ -210,6 +210,46 @@ pub enum ReconfigError {
     BadMtu(u16),
 }
 
+/// Refuses a prefix of a family the node has no local address for (no check
+/// while the node has no addresses at all).
+pub(crate) fn check_family(
+    local_addrs: &[IpNet],
+    what: &'static str,
+    prefix: &IpNet,
+) -> Result<(), ReconfigError> {
+    if local_addrs.is_empty()
+        || local_addrs
+            .iter()
+            .any(|a| a.addr().is_ipv4() == prefix.addr().is_ipv4())
+    {
+        return Ok(());
+    }
+    Err(ReconfigError::WrongFamily {
+        what,
+        prefix: *prefix,
+        family: if prefix.addr().is_ipv4() {
+            "IPv4"
+        } else {
+            "IPv6"
+        },
+    })
+}
+
+/// Masks a peer's AllowedIPs to their prefixes, sorts and dedups them, and
+/// checks their family.
+pub(crate) fn normalize_peer(
+    peer: &mut PeerConfig,
+    local_addrs: &[IpNet],
+) -> Result<(), ReconfigError> {
+    for net in &mut peer.allowed_ips {
+        *net = net.trunc();
+        check_family(local_addrs, "allowed IP", net)?;
+    }
+    peer.allowed_ips.sort();
+    peer.allowed_ips.dedup();
+    Ok(())
+}
+
 /// The validated, normalised form of a reconfig, in the shapes the engine keeps.
 pub(crate) struct ValidReconfig {
     pub wireguard: WgConfig,
@@ -235,26 +275,9 @@ impl Reconfig {
             .ok_or(ReconfigError::MissingPart("router"))?;
         let dns = self.dns.clone().ok_or(ReconfigError::MissingPart("dns"))?;
 
-        let has_v4 = router.local_addrs.iter().any(|a| a.addr().is_ipv4());
         let has_v6 = router.local_addrs.iter().any(|a| a.addr().is_ipv6());
-        let check_family = |what: &'static str, prefix: &IpNet| -> Result<(), ReconfigError> {
-            if router.local_addrs.is_empty() {
-                return Ok(());
-            }
-            match prefix {
-                IpNet::V4(_) if !has_v4 => Err(ReconfigError::WrongFamily {
-                    what,
-                    prefix: *prefix,
-                    family: "IPv4",
-                }),
-                IpNet::V6(_) if !has_v6 => Err(ReconfigError::WrongFamily {
-                    what,
-                    prefix: *prefix,
-                    family: "IPv6",
-                }),
-                _ => Ok(()),
-            }
-        };
+        let check_family =
+            |what: &'static str, prefix: &IpNet| check_family(&router.local_addrs, what, prefix);
         if router.mtu != 0 && (router.mtu < 576 || (has_v6 && router.mtu < 1280)) {
             return Err(ReconfigError::BadMtu(router.mtu));
         }

@@ -176,6 +176,10 @@ pub struct Engine {
     next_generation: u64,
     next_tunnel_index: u32,
     configured_count: usize,
+    /// Slots in the order of the last reconfig's peer list (for the fast diff).
+    peer_order: Vec<usize>,
+    /// Two-phase flushes done by the last peer change.
+    last_flush_count: usize,
 
     applied: Applied,
     trimming: bool,
@@ -240,6 +244,8 @@ impl Engine {
             next_generation: 1,
             next_tunnel_index,
             configured_count: 0,
+            peer_order: Vec::new(),
+            last_flush_count: 0,
             trimming: config.trim_override.unwrap_or(true),
             applied: Applied::default(),
             filter: PacketFilter::allow_all(),
@@ -1312,28 +1318,107 @@ impl Engine {
     // ----------------------------------------------------------------------
 
     /// Applies a full desired state. See [`Input::Reconfig`].
+    ///
+    /// When the peer list has the same length as the last one, it is first
+    /// compared position by position with what the engine holds; if only a
+    /// few peers differ, only those are validated and applied (the cost is
+    /// one comparison per peer, no copies). Otherwise the whole config is
+    /// validated and diffed by key.
     pub fn reconfig(
         &mut self,
         now: Instant,
         reconfig: &Reconfig,
     ) -> Result<ReconfigOutcome, ReconfigError> {
         self.advance(now);
-        let valid = match reconfig.validate(&self.node_key) {
-            Ok(v) => v,
-            Err(e) => {
-                self.counters.reconfigs_refused += 1;
-                warn!(error = %e, "reconfig refused");
-                return Err(e);
-            }
+        let result = match self.reconfig_by_position(now, reconfig) {
+            Some(result) => result,
+            None => self.reconfig_full(now, reconfig),
         };
-        let mut changes = ReconfigChanges::default();
+        if let Err(e) = &result {
+            self.counters.reconfigs_refused += 1;
+            warn!(error = %e, "reconfig refused");
+        }
+        result
+    }
 
-        // Peers: diff by key, touching only what changed.
+    /// The fast path; `None` when it does not apply.
+    fn reconfig_by_position(
+        &mut self,
+        now: Instant,
+        reconfig: &Reconfig,
+    ) -> Option<Result<ReconfigOutcome, ReconfigError>> {
+        let (Some(wg), Some(router), Some(dns)) =
+            (&reconfig.wireguard, &reconfig.router, &reconfig.dns)
+        else {
+            return None;
+        };
+        if !self.applied.have_config
+            || *router != self.applied.router
+            || wg.peers.len() != self.peer_order.len()
+        {
+            return None;
+        }
+        let limit = (wg.peers.len() / 8).max(16);
+        let mut changed_positions = Vec::new();
+        for (i, cfg) in wg.peers.iter().enumerate() {
+            if self.peers[self.peer_order[i]].config != *cfg {
+                changed_positions.push(i);
+                if changed_positions.len() > limit {
+                    return None;
+                }
+            }
+        }
+        let mut changes = ReconfigChanges::default();
+        if !changed_positions.is_empty() {
+            let old_slots: std::collections::BTreeSet<usize> = changed_positions
+                .iter()
+                .map(|&i| self.peer_order[i])
+                .collect();
+            let new_keys: std::collections::BTreeSet<NodePublicKey> = changed_positions
+                .iter()
+                .map(|&i| wg.peers[i].public_key)
+                .collect();
+            let remove: Vec<NodePublicKey> = old_slots
+                .iter()
+                .map(|&slot| self.peers[slot].config.public_key)
+                .filter(|k| !new_keys.contains(k))
+                .collect();
+            let upsert: Vec<PeerConfig> = changed_positions
+                .iter()
+                .map(|&i| wg.peers[i].clone())
+                .collect();
+            match self.apply_peers(now, upsert, &remove, Some(&old_slots)) {
+                Ok(n) => changes.peers_changed = n,
+                Err(e) => return Some(Err(e)),
+            }
+            changes.sessions_flushed = self.last_flush_count;
+            for &i in &changed_positions {
+                self.peer_order[i] = self.by_key[&wg.peers[i].public_key];
+            }
+        }
+        Some(Ok(self.apply_parts(
+            now,
+            changes,
+            wg.listen_port,
+            router,
+            dns,
+            &reconfig.knobs,
+            &reconfig.primary_routes,
+        )))
+    }
+
+    /// The full path: validate everything, diff by key.
+    fn reconfig_full(
+        &mut self,
+        now: Instant,
+        reconfig: &Reconfig,
+    ) -> Result<ReconfigOutcome, ReconfigError> {
+        let valid = reconfig.validate(&self.node_key)?;
+        let mut changes = ReconfigChanges::default();
         let old_count = self.by_key.len();
         let growth = valid.wireguard.peers.len().saturating_sub(self.peers.len());
         self.peers.reserve_exact(growth);
         let mut matched = 0usize;
-        let mut seen = std::collections::BTreeSet::new();
         let mut flushes = Vec::new();
         for cfg in &valid.wireguard.peers {
             match self.by_key.get(&cfg.public_key).copied() {
@@ -1354,7 +1439,8 @@ impl Engine {
         }
         if matched != old_count {
             // Something was removed: find what, with one pass over the new keys.
-            seen.extend(valid.wireguard.peers.iter().map(|p| p.public_key));
+            let seen: std::collections::BTreeSet<NodePublicKey> =
+                valid.wireguard.peers.iter().map(|p| p.public_key).collect();
             let gone: Vec<usize> = self
                 .by_key
                 .iter()
@@ -1367,8 +1453,32 @@ impl Engine {
             }
         }
         changes.sessions_flushed = flushes.len();
+        self.finish_flushes(now, flushes);
+        self.peer_order = valid
+            .wireguard
+            .peers
+            .iter()
+            .map(|p| self.by_key[&p.public_key])
+            .collect();
+        Ok(self.apply_parts(
+            now,
+            changes,
+            valid.wireguard.listen_port,
+            &valid.router,
+            &valid.dns,
+            &valid.knobs,
+            &valid.primary_routes,
+        ))
+    }
+
+    /// Phase two of disco-key flushes: re-add each peer with a fresh session.
+    fn finish_flushes(
+        &mut self,
+        now: Instant,
+        flushes: Vec<(usize, DiscoPublicKey, DiscoPublicKey)>,
+    ) {
+        self.last_flush_count = flushes.len();
         for (slot, old_disco, new_disco) in flushes {
-            // Phase two of the disco-key flush: re-add with a fresh session.
             self.counters.sessions_flushed += 1;
             let peer = self.peers[slot].config.public_key;
             self.outputs.push_back(Output::Event(Event::SessionFlushed {
@@ -1378,23 +1488,35 @@ impl Engine {
             }));
             self.configure_peer(now, slot, None);
         }
+    }
 
+    /// Compares and applies every part of a reconfig but the peers.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_parts(
+        &mut self,
+        now: Instant,
+        mut changes: ReconfigChanges,
+        listen_port: u16,
+        router: &RouterConfig,
+        dns: &DnsConfig,
+        knobs: &Knobs,
+        primary_routes: &[IpNet],
+    ) -> ReconfigOutcome {
         let applied = &self.applied;
         let first = !applied.have_config;
         changes.listen_port = first
-            || applied.listen_port != valid.wireguard.listen_port
-            || applied.knobs.randomize_client_port != valid.knobs.randomize_client_port;
+            || applied.listen_port != listen_port
+            || applied.knobs.randomize_client_port != knobs.randomize_client_port;
         changes.wireguard = changes.peers_changed > 0 || changes.listen_port;
-        changes.router = first || applied.router != valid.router;
-        changes.dns = first || applied.dns != valid.dns;
-        changes.path_mtu =
-            first || applied.knobs.path_mtu_discovery != valid.knobs.path_mtu_discovery;
-        changes.knobs = first || applied.knobs != valid.knobs;
-        let is_subnet_router = overlaps(&valid.primary_routes, &valid.router.advertised_routes);
+        changes.router = first || applied.router != *router;
+        changes.dns = first || applied.dns != *dns;
+        changes.path_mtu = first || applied.knobs.path_mtu_discovery != knobs.path_mtu_discovery;
+        changes.knobs = first || applied.knobs != *knobs;
+        let is_subnet_router = overlaps(&primary_routes, &*router.advertised_routes);
         changes.subnet_router = first
             || applied.is_subnet_router != is_subnet_router
-            || applied.knobs.bird_protocol != valid.knobs.bird_protocol;
-        let primary_changed = applied.primary_routes != valid.primary_routes;
+            || applied.knobs.bird_protocol != knobs.bird_protocol;
+        let primary_changed = applied.primary_routes != primary_routes;
 
         if !changes.wireguard
             && !changes.router
@@ -1404,31 +1526,31 @@ impl Engine {
             && !primary_changed
         {
             self.counters.reconfigs_unchanged += 1;
-            return Ok(ReconfigOutcome::NoChanges);
+            return ReconfigOutcome::NoChanges;
         }
         self.counters.reconfigs_applied += 1;
 
         if changes.listen_port {
-            let port = if valid.knobs.randomize_client_port {
+            let port = if knobs.randomize_client_port {
                 0
             } else {
-                valid.wireguard.listen_port
+                listen_port
             };
             self.outputs
                 .push_back(Output::Effect(Effect::SetListenPort(port)));
         }
         if changes.router {
             self.outputs
-                .push_back(Output::Effect(Effect::ApplyRouter(valid.router.clone())));
+                .push_back(Output::Effect(Effect::ApplyRouter(router.clone())));
         }
         if changes.dns {
             self.outputs
-                .push_back(Output::Effect(Effect::ApplyDns(valid.dns.clone())));
+                .push_back(Output::Effect(Effect::ApplyDns(dns.clone())));
         }
         if changes.path_mtu {
             self.outputs
                 .push_back(Output::Effect(Effect::SetPathMtuDiscovery(
-                    valid.knobs.path_mtu_discovery,
+                    knobs.path_mtu_discovery,
                 )));
         }
         if changes.subnet_router {
@@ -1437,7 +1559,7 @@ impl Engine {
                 .knobs
                 .bird_protocol
                 .clone()
-                .filter(|p| Some(p) != valid.knobs.bird_protocol.as_ref())
+                .filter(|p| Some(p) != knobs.bird_protocol.as_ref())
             {
                 if self.applied.is_subnet_router {
                     self.outputs
@@ -1447,7 +1569,7 @@ impl Engine {
                         }));
                 }
             }
-            if let Some(protocol) = valid.knobs.bird_protocol.clone() {
+            if let Some(protocol) = knobs.bird_protocol.clone() {
                 self.outputs
                     .push_back(Output::Effect(Effect::SetBirdProtocol {
                         protocol,
@@ -1458,81 +1580,115 @@ impl Engine {
         let trimming = self
             .config
             .trim_override
-            .unwrap_or(!valid.knobs.keep_full_wg_config);
+            .unwrap_or(!knobs.keep_full_wg_config);
         self.applied = Applied {
             have_config: true,
-            listen_port: valid.wireguard.listen_port,
-            router: valid.router,
-            dns: valid.dns,
-            knobs: valid.knobs,
-            primary_routes: valid.primary_routes,
+            listen_port,
+            router: router.clone(),
+            dns: dns.clone(),
+            knobs: knobs.clone(),
+            primary_routes: primary_routes.to_vec(),
             is_subnet_router,
         };
         if trimming != self.trimming {
             self.set_trimming(now, trimming);
         }
-        Ok(ReconfigOutcome::Applied(changes))
+        ReconfigOutcome::Applied(changes)
     }
 
     /// Applies a change to some peers without resending the whole netmap: the
     /// cost is proportional to the change, not to the number of peers.
+    /// Returns how many peers changed.
     pub fn apply_peer_delta(
         &mut self,
         now: Instant,
         delta: &PeerDelta,
     ) -> Result<usize, ReconfigError> {
         self.advance(now);
-        let mut normalized = Vec::with_capacity(delta.upsert.len());
+        let peers_before = self.peers.len();
+        let changed = self.apply_peers(now, delta.upsert.clone(), &delta.remove, None)?;
+        if !delta.remove.is_empty() || self.peers.len() != peers_before {
+            // The peer list's order is unknown now: the next full reconfig
+            // takes the keyed path and records the order again.
+            self.peer_order.clear();
+        }
+        Ok(changed)
+    }
+
+    /// Validates and applies upserts and removals against the running state.
+    /// With `replaced`, an upsert whose key belongs to a peer outside that set
+    /// is a duplicate (a full reconfig lists each key once).
+    fn apply_peers(
+        &mut self,
+        now: Instant,
+        upsert: Vec<PeerConfig>,
+        remove: &[NodePublicKey],
+        replaced: Option<&std::collections::BTreeSet<usize>>,
+    ) -> Result<usize, ReconfigError> {
+        let mut normalized = Vec::with_capacity(upsert.len());
         let mut seen = std::collections::BTreeSet::new();
-        for cfg in &delta.upsert {
+        let local_addrs = &self.applied.router.local_addrs;
+        for mut cfg in upsert {
             if cfg.public_key == self.node_key {
                 return Err(ReconfigError::SelfAsPeer(cfg.public_key));
             }
             if !seen.insert(cfg.public_key) {
                 return Err(ReconfigError::DuplicatePeer(cfg.public_key));
             }
-            let mut cfg = cfg.clone();
-            for net in &mut cfg.allowed_ips {
-                *net = net.trunc();
-                if net.prefix_len() == net.max_prefix_len() {
-                    if let Some(&owner) = self.routes.get_exact(net) {
-                        let owner_key = self.peers[owner].config.public_key;
-                        let removed = delta.remove.contains(&owner_key);
-                        if owner_key != cfg.public_key && !removed {
-                            return Err(ReconfigError::OverlappingAllowedIp {
-                                addr: *net,
-                                first: owner_key,
-                                second: cfg.public_key,
-                            });
-                        }
+            if let (Some(replaced), Some(slot)) = (replaced, self.by_key.get(&cfg.public_key)) {
+                if !replaced.contains(slot) {
+                    return Err(ReconfigError::DuplicatePeer(cfg.public_key));
+                }
+            }
+            crate::config::normalize_peer(&mut cfg, local_addrs)?;
+            normalized.push(cfg);
+        }
+        // Single-IP claims: unique within the batch, and not held by a peer
+        // that stays outside it.
+        let mut claims: BTreeMap<IpNet, NodePublicKey> = BTreeMap::new();
+        for cfg in &normalized {
+            for net in cfg
+                .allowed_ips
+                .iter()
+                .filter(|n| n.prefix_len() == n.max_prefix_len())
+            {
+                if let Some(first) = claims.insert(*net, cfg.public_key) {
+                    return Err(ReconfigError::OverlappingAllowedIp {
+                        addr: *net,
+                        first,
+                        second: cfg.public_key,
+                    });
+                }
+                if let Some(&owner) = self.routes.get_exact(net) {
+                    let owner_key = self.peers[owner].config.public_key;
+                    let released = owner_key == cfg.public_key
+                        || remove.contains(&owner_key)
+                        || seen.contains(&owner_key);
+                    if !released {
+                        return Err(ReconfigError::OverlappingAllowedIp {
+                            addr: *net,
+                            first: owner_key,
+                            second: cfg.public_key,
+                        });
                     }
                 }
             }
-            cfg.allowed_ips.sort();
-            cfg.allowed_ips.dedup();
-            normalized.push(cfg);
         }
         let mut changed = 0;
-        for key in &delta.remove {
+        for key in remove {
             if let Some(&slot) = self.by_key.get(key) {
                 self.remove_peer(slot);
                 changed += 1;
             }
         }
+        let mut flushes = Vec::new();
         for cfg in normalized {
             match self.by_key.get(&cfg.public_key).copied() {
                 Some(slot) if self.peers[slot].config == cfg => {}
                 Some(slot) => {
                     changed += 1;
-                    if let Some((slot, old_disco, new_disco)) = self.update_peer(now, slot, cfg) {
-                        self.counters.sessions_flushed += 1;
-                        let peer = self.peers[slot].config.public_key;
-                        self.outputs.push_back(Output::Event(Event::SessionFlushed {
-                            peer,
-                            old_disco,
-                            new_disco,
-                        }));
-                        self.configure_peer(now, slot, None);
+                    if let Some(flush) = self.update_peer(now, slot, cfg) {
+                        flushes.push(flush);
                     }
                 }
                 None => {
@@ -1541,6 +1697,7 @@ impl Engine {
                 }
             }
         }
+        self.finish_flushes(now, flushes);
         Ok(changed)
     }
 

@@ -552,3 +552,38 @@ fn close_is_ordered_and_idempotent() {
     net.run_for(Duration::from_secs(20));
     assert_eq!(net.nodes[0].pings.len(), 1, "no second ending after close");
 }
+
+#[test]
+fn same_length_reconfigs_take_the_positional_path_correctly() {
+    let mut net = Net::new(4, Duration::from_millis(5), |_, _| {});
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs.clone());
+    let mut rc = net.reconfig_for(0, knobs.clone());
+    // Reordered peers are the same config.
+    rc.wireguard.as_mut().unwrap().peers.swap(0, 2);
+    assert_eq!(
+        net.input(0, Input::Reconfig(Box::new(rc.clone()))).unwrap(),
+        InputOutcome::Reconfig(ReconfigOutcome::NoChanges)
+    );
+    // Two peers swap an address: valid, because both change at once.
+    let peers = &mut rc.wireguard.as_mut().unwrap().peers;
+    let (a, b) = (peers[0].allowed_ips[0], peers[1].allowed_ips[0]);
+    peers[0].allowed_ips[0] = b;
+    peers[1].allowed_ips[0] = a;
+    let (ka, kb) = (peers[0].public_key, peers[1].public_key);
+    net.input(0, Input::Reconfig(Box::new(rc.clone()))).unwrap();
+    assert_eq!(net.nodes[0].engine.peer_for_ip(a.addr()), Ok(kb));
+    assert_eq!(net.nodes[0].engine.peer_for_ip(b.addr()), Ok(ka));
+    // A key listed twice at a changed position is still a duplicate.
+    let mut dup = rc.clone();
+    let k = dup.wireguard.as_ref().unwrap().peers[2].public_key;
+    dup.wireguard.as_mut().unwrap().peers[0].public_key = k;
+    assert!(matches!(
+        net.input(0, Input::Reconfig(Box::new(dup))),
+        Err(InputError::Reconfig(ReconfigError::DuplicatePeer(_)))
+    ));
+    assert_eq!(net.nodes[0].engine.peer_count(), 3, "state kept");
+}
