@@ -1512,7 +1512,7 @@ impl Engine {
         changes.dns = first || applied.dns != *dns;
         changes.path_mtu = first || applied.knobs.path_mtu_discovery != knobs.path_mtu_discovery;
         changes.knobs = first || applied.knobs != *knobs;
-        let is_subnet_router = overlaps(&primary_routes, &*router.advertised_routes);
+        let is_subnet_router = overlaps(primary_routes, &router.advertised_routes);
         changes.subnet_router = first
             || applied.is_subnet_router != is_subnet_router
             || applied.knobs.bird_protocol != knobs.bird_protocol;
