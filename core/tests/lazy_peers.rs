@@ -386,3 +386,100 @@ fn trim_override_and_knob() {
     assert!(net.nodes[1].engine.trimming_enabled());
     assert!(!net.nodes[0].engine.trimming_enabled());
 }
+
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Send { from: usize, to: usize },
+        Idle { secs: u64 },
+        Reconfig { node: usize },
+        Restart { node: usize },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0usize..4, 0usize..4).prop_map(|(from, to)| Step::Send { from, to }),
+            3 => prop_oneof![Just(1u64), Just(9), Just(61), Just(299), Just(301), Just(900)].prop_map(|secs| Step::Idle { secs }),
+            1 => (0usize..4).prop_map(|node| Step::Reconfig { node }),
+            1 => (0usize..4).prop_map(|node| Step::Restart { node }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Random traffic, idle periods, reconfigs and restarts: the
+        /// WireGuard peer set stays within the full config, recently active
+        /// peers are configured, the subnet router is never trimmed, and no
+        /// packet to a known peer is lost to trimming.
+        #[test]
+        fn lazy_peer_invariants(steps in proptest::collection::vec(step(), 1..30)) {
+            let mut net = Net::new(4, HALF_RTT, |_, _| {});
+            net.nodes[3].extra_allowed.push("10.3.0.0/16".parse::<IpNet>().unwrap());
+            net.configure_all(lazy());
+            let mut last_activity: BTreeMap<(usize, usize), Instant> = BTreeMap::new();
+            let mut sent: BTreeMap<(usize, usize), Vec<Vec<u8>>> = BTreeMap::new();
+            let mut seq = 0u32;
+            for step in steps {
+                match step {
+                    Step::Send { from, to } if from != to => {
+                        seq += 1;
+                        let payload = [b"prop".as_slice(), &seq.to_be_bytes()].concat();
+                        let ip = net.nodes[to].ip4;
+                        net.send_udp(from, ip, &payload);
+                        sent.entry((from, to)).or_default().push(payload);
+                        last_activity.insert((from, to), net.now);
+                        last_activity.insert((to, from), net.now);
+                        net.run_for(Duration::from_millis(200));
+                    }
+                    Step::Send { .. } => {}
+                    Step::Idle { secs } => net.run_for(Duration::from_secs(secs)),
+                    Step::Reconfig { node } => {
+                        let rc = net.reconfig_for(node, lazy());
+                        net.input(node, Input::Reconfig(Box::new(rc))).unwrap();
+                    }
+                    Step::Restart { node } => {
+                        net.restart(node, 7000 + u64::from(seq));
+                        for j in 0..4 {
+                            let rc = net.reconfig_for(j, lazy());
+                            net.input(j, Input::Reconfig(Box::new(rc))).unwrap();
+                        }
+                        // A restarted node forgets everything it had.
+                        last_activity.retain(|(a, _), _| *a != node);
+                        net.run_for(Duration::from_millis(200));
+                    }
+                }
+                for i in 0..4 {
+                    let engine = &net.nodes[i].engine;
+                    let full = engine.full_config_peers();
+                    for k in engine.configured_peers() {
+                        prop_assert!(full.contains(&k), "configured peer outside the full config");
+                    }
+                    if i != 3 {
+                        prop_assert!(net.configured(i, 3), "the subnet router is never trimmed");
+                    }
+                    for j in 0..4 {
+                        if let Some(t) = last_activity.get(&(i, j)) {
+                            // Activity is recorded every 10 s, so allow that much.
+                            let horizon = LAZY_PEER_IDLE_THRESHOLD - RECEIVE_ACTIVITY_GRANULARITY;
+                            if net.now.duration_since(*t) < horizon {
+                                prop_assert!(net.configured(i, j), "node {i} trimmed active peer {j}");
+                            }
+                        }
+                    }
+                }
+            }
+            net.run_for(Duration::from_secs(2));
+            for ((from, to), payloads) in &sent {
+                for p in payloads {
+                    prop_assert_eq!(net.delivered(*to, p).len(), 1, "packet {} -> {} lost", from, to);
+                }
+            }
+        }
+    }
+}
