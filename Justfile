@@ -32,3 +32,16 @@ e2e:
 # Validate a wgmeshd config file (prints file:line:column: field: problem).
 check-config FILE:
     cargo run --quiet --locked -p wgmesh-adapters --bin wgmeshd -- --check --config {{FILE}}
+
+# The simulator's tour: a few nodes idle, trimmed, woken, restarted and pinged.
+tour:
+    cargo run --release --locked -p wgmesh-sim -- run sim/scenarios/tour.toml
+
+# Virtual seconds per wall second of the simulator (last line: the event
+# backend on the 50-node churn hour).
+sim-speed:
+    cargo run --release --locked -p wgmesh-sim -- speed
+
+# Random scenarios with invariant checks; failures are shrunk into corpus/.
+explore CASES="200" SEED="1":
+    cargo run --release --locked -p wgmesh-sim -- explore --cases {{CASES}} --seed {{SEED}}

@@ -14,11 +14,17 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod explore;
+pub mod report;
+pub mod runner;
+pub mod scenario;
 pub mod tailnet;
+pub mod timeline;
 pub mod trace;
+pub mod turmoil_backend;
 
 pub use tailnet::{
     FlowRecord, FlowState, LinkKind, NetworkSpec, NodeId, NodeSpec, PingRecord, Stats,
     StreamRecord, Tailnet, TailnetBuilder, Violation,
 };
-pub use trace::{Category, Trace, TraceEntry};
+pub use trace::{Category, Keep, Trace, TraceEntry};

@@ -37,7 +37,7 @@ use wgmesh_core::{
     TestingKnobs, WakeReason, WgConfig,
 };
 
-use crate::trace::{Category, Trace};
+use crate::trace::{Category, Keep, Trace};
 
 /// The UDP port every node's WireGuard socket listens on.
 pub const WG_PORT: u16 = 41641;
@@ -397,7 +397,7 @@ pub struct TailnetBuilder {
     network: NetworkSpec,
     knobs: Knobs,
     nodes: Vec<NodeSpec>,
-    keep_trace: bool,
+    keep_trace: Keep,
     max_steps: u64,
 }
 
@@ -457,6 +457,12 @@ impl TailnetBuilder {
 
     /// Keep every trace entry in memory (for timelines, snapshots and tests).
     pub fn keep_trace(mut self, keep: bool) -> Self {
+        self.keep_trace = if keep { Keep::All } else { Keep::Nothing };
+        self
+    }
+
+    /// Which trace entries to keep in memory (all of them are hashed).
+    pub fn keep(mut self, keep: Keep) -> Self {
         self.keep_trace = keep;
         self
     }
@@ -481,7 +487,7 @@ impl Default for TailnetBuilder {
             network: NetworkSpec::default(),
             knobs: Knobs::default(),
             nodes: Vec::new(),
-            keep_trace: false,
+            keep_trace: Keep::Nothing,
             max_steps: DEFAULT_MAX_STEPS,
         }
     }
@@ -767,7 +773,7 @@ impl Tailnet {
             partitions: BTreeSet::new(),
             key_rng,
             net_rng: rng_stream(b.seed, 2),
-            trace: Trace::new(b.keep_trace),
+            trace: Trace::keeping(b.keep_trace),
             pings: Vec::new(),
             outstanding: BTreeSet::new(),
             streams: Vec::new(),
@@ -782,6 +788,20 @@ impl Tailnet {
             max_steps: b.max_steps,
         };
         net.rebuild_owners();
+        for i in 0..n {
+            // The keys come from the seed, so the trace (and its hash) names
+            // the seed's identities as well as what they did.
+            let node = &net.nodes[i];
+            let detail = format!(
+                "{} {} {} key {} disco {}",
+                node.ip4,
+                node.ip6,
+                node.endpoint,
+                node.public_key.short(),
+                node.disco_public.short()
+            );
+            net.log(Some(i), Category::Action, "node", detail);
+        }
         let dispatch = net.dispatch.clone();
         tracing::dispatcher::with_default(&dispatch, || {
             for i in 0..n {
@@ -1495,8 +1515,17 @@ impl Tailnet {
             let fake_echo = self.nodes[i].knobs.fake_icmp_echo
                 && matches!(h.protocol, wire::ip::PROTO_ICMP | wire::ip::PROTO_ICMPV6);
             if !fake_echo {
+                // Only a peer the engine knows can have activity: a packet
+                // sent before the netmap arrived is dropped, not noted.
                 if let Some(j) = self.owner_of(h.dst).filter(|&j| j != i) {
-                    self.nodes[i].activity[j] = Some(self.now);
+                    let key = self.nodes[j].public_key;
+                    let known = self.nodes[i]
+                        .engine
+                        .as_ref()
+                        .is_some_and(|e| e.is_peer_configured(&key).is_some());
+                    if known {
+                        self.nodes[i].activity[j] = Some(self.now);
+                    }
                 }
             }
             self.log(
@@ -1774,7 +1803,7 @@ impl Tailnet {
     // ------------------------------------------------------------------
 
     fn check_node(&mut self, i: usize) {
-        let Some(engine) = self.nodes[i].engine.as_ref() else {
+        let Some(engine) = self.nodes[i].engine.as_ref().filter(|e| !e.is_closed()) else {
             return;
         };
         let mut problems: Vec<String> = Vec::new();

@@ -108,6 +108,18 @@ impl Fnv1a {
     }
 }
 
+/// Which entries a trace keeps in memory (it hashes all of them regardless).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Keep {
+    /// None: only the hash and the count.
+    #[default]
+    Nothing,
+    /// The notable ones (see [`Category::is_notable`]).
+    Notable,
+    /// Every entry, packets included.
+    All,
+}
+
 /// The trace of one run. It always hashes and counts every entry; it keeps
 /// the entries themselves only when asked to (replays, snapshots and tests),
 /// so long runs cost no memory for it.
@@ -115,14 +127,19 @@ impl Fnv1a {
 pub struct Trace {
     hash: Fnv1a,
     count: u64,
-    keep: bool,
+    keep: Keep,
     entries: Vec<TraceEntry>,
     line: String,
 }
 
 impl Trace {
-    /// A trace that keeps its entries when `keep` is true.
+    /// A trace that keeps every entry when `keep` is true, none otherwise.
     pub fn new(keep: bool) -> Self {
+        Self::keeping(if keep { Keep::All } else { Keep::Nothing })
+    }
+
+    /// A trace that keeps the entries `keep` selects.
+    pub fn keeping(keep: Keep) -> Self {
         Self {
             keep,
             ..Self::default()
@@ -143,7 +160,12 @@ impl Trace {
         self.line.push('\n');
         self.hash.write(self.line.as_bytes());
         self.count += 1;
-        if self.keep {
+        let kept = match self.keep {
+            Keep::Nothing => false,
+            Keep::Notable => category.is_notable(),
+            Keep::All => true,
+        };
+        if kept {
             self.entries.push(TraceEntry {
                 at,
                 node: node.to_string(),
@@ -174,8 +196,8 @@ impl Trace {
         &self.entries
     }
 
-    /// Whether entries are kept.
-    pub fn keeps_entries(&self) -> bool {
+    /// Which entries are kept.
+    pub fn keeps(&self) -> Keep {
         self.keep
     }
 }

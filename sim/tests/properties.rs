@@ -1,0 +1,49 @@
+//! Property suite: random small tailnets with random churn keep every
+//! invariant. CI runs a few cases; `just explore` runs many more through the
+//! explorer, which also shrinks and records failures.
+
+use proptest::prelude::*;
+use wgmesh_sim::explore::Shape;
+use wgmesh_sim::runner::{RunOptions, run};
+use wgmesh_sim::scenario::Scenario;
+use wgmesh_sim::trace::Keep;
+
+fn shape() -> impl Strategy<Value = Shape> {
+    (
+        (2u32..=5, 60u32..=400, 1u32..=50, 0u32..=10, 0u32..=30),
+        (any::<bool>(), any::<bool>()),
+        (0u32..=3, 0u32..=10, 0u32..=8, 0u32..=4, 0u32..=2),
+    )
+        .prop_map(
+            |(
+                (nodes, duration_s, latency_ms, jitter_ms, loss_permille),
+                (subnet_router, one_untrimmed),
+                (restarts, streams, pings, flows, link_changes),
+            )| Shape {
+                nodes,
+                duration_s,
+                latency_ms,
+                jitter_ms,
+                loss_permille,
+                subnet_router,
+                one_untrimmed,
+                restarts,
+                streams,
+                pings,
+                flows,
+                link_changes,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_under_random_churn(shape in shape(), seed in 0u64..(1 << 63)) {
+        let text = shape.to_toml("prop", seed, "");
+        let scenario = Scenario::parse("prop.toml", &text).unwrap();
+        let report = run(&scenario, RunOptions { seed: Some(seed), backend: None, keep: Keep::Nothing }).unwrap();
+        prop_assert!(report.passed, "{}\n{}", text, report.checks_text());
+    }
+}
