@@ -200,6 +200,10 @@ pub enum Effect {
     SetListenPort(u16),
     /// Turn path-MTU discovery on or off.
     SetPathMtuDiscovery(bool),
+    /// Whether a configured resolver is reached through the tunnel, so the
+    /// OS should attach the DNS config to the tunnel interface (the
+    /// reference's "DNS link" choice).
+    SetDnsViaTunnel(bool),
 }
 
 /// Why a peer was handed to WireGuard again.

@@ -118,6 +118,7 @@ struct Applied {
     knobs: Knobs,
     primary_routes: Vec<IpNet>,
     is_subnet_router: bool,
+    dns_via_tunnel: bool,
 }
 
 /// One tailnet node: WireGuard sessions, lazy peers, pings, routes and DNS,
@@ -201,6 +202,8 @@ pub struct Engine {
     status_pending: bool,
     last_status_push: Option<Instant>,
     counters: Counters,
+    /// Every log line of this engine is inside this span (one per node).
+    span: tracing::Span,
 }
 
 /// A datagram classified for dispatch.
@@ -263,6 +266,7 @@ impl Engine {
             status_pending: false,
             last_status_push: None,
             counters: Counters::default(),
+            span: tracing::debug_span!("engine", node = %config.name, key = ?node_key),
             config,
         }
     }
@@ -394,6 +398,7 @@ impl Engine {
 
     /// Runs every timer due at `now`. Idempotent; early calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let _span = self.span.clone().entered();
         self.advance(now);
         while let Some((at, key)) = self.timers.pop_due(now) {
             match key {
@@ -447,6 +452,7 @@ impl Engine {
         now: Instant,
         input: Input<'_>,
     ) -> Result<InputOutcome, InputError> {
+        let _span = self.span.clone().entered();
         self.advance(now);
         if self.closed {
             match input {
@@ -1547,6 +1553,15 @@ impl Engine {
             self.outputs
                 .push_back(Output::Effect(Effect::ApplyDns(dns.clone())));
         }
+        // A resolver inside a peer's AllowedIPs or a tunnel route is reached
+        // through the tunnel: the DNS config belongs on the tunnel link.
+        let dns_via_tunnel = dns.nameservers.iter().any(|ns| {
+            self.routes.lookup(*ns).is_some() || router.routes.iter().any(|r| r.contains(ns))
+        });
+        if first || dns_via_tunnel != self.applied.dns_via_tunnel {
+            self.outputs
+                .push_back(Output::Effect(Effect::SetDnsViaTunnel(dns_via_tunnel)));
+        }
         if changes.path_mtu {
             self.outputs
                 .push_back(Output::Effect(Effect::SetPathMtuDiscovery(
@@ -1589,6 +1604,7 @@ impl Engine {
             knobs: knobs.clone(),
             primary_routes: primary_routes.to_vec(),
             is_subnet_router,
+            dns_via_tunnel,
         };
         if trimming != self.trimming {
             self.set_trimming(now, trimming);
