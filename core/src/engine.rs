@@ -483,7 +483,7 @@ impl Engine {
             }
             Input::SetPacketFilter(filter) => self.filter = filter,
             Input::SetCapture(on) => self.capture = on,
-            Input::Close => self.close(now),
+            Input::Close => self.close(),
         }
         Ok(InputOutcome::Done)
     }
@@ -614,16 +614,8 @@ impl Engine {
     }
 
     /// Encrypts `packet` for the peer in `slot` and queues the datagram.
+    /// The caller has made sure the peer is in WireGuard (woken if needed).
     fn send_to_peer(&mut self, now: Instant, slot: usize, packet: &[u8]) {
-        if self.peers[slot].wg.is_none() {
-            self.wake_peer(
-                now,
-                slot,
-                WakeReason::SendTo(
-                    wire::ip::dst_addr(packet).unwrap_or(IpAddr::from([0, 0, 0, 0])),
-                ),
-            );
-        }
         self.refresh_peer_timers(now, slot);
         let max_queued = self.config.max_queued_packets_per_peer;
         let needed = (packet.len() + WG_OVERHEAD).max(WG_MIN_BUFFER);
@@ -1186,18 +1178,14 @@ impl Engine {
             self.unconfigure_peer(slot, RemoveReason::Idle { idle_secs });
             return;
         }
-        if let Some(wg) = self.peers[slot].wg.as_mut() {
+        let peer = &mut self.peers[slot];
+        let keepalive_secs = peer.config.persistent_keepalive_secs.unwrap_or(0).max(1);
+        if let Some(wg) = peer.wg.as_mut() {
             if wg.next_persistent_keepalive.is_some_and(|t| t <= now) {
-                let secs = self.peers[slot]
-                    .config
-                    .persistent_keepalive_secs
-                    .unwrap_or(0);
-                let wg = self.peers[slot].wg.as_mut().expect("checked above");
                 wg.next_persistent_keepalive =
-                    Some(now + Duration::from_secs(u64::from(secs.max(1))));
+                    Some(now + Duration::from_secs(u64::from(keepalive_secs)));
             }
             let mut scratch = std::mem::take(&mut self.scratch);
-            let wg = self.peers[slot].wg.as_mut().expect("checked above");
             let result = result_owned(wg.tunnel.update_timers(now, &mut scratch));
             self.scratch = scratch;
             self.handle_timer_result(now, slot, result);
@@ -1929,7 +1917,7 @@ impl Engine {
         }
     }
 
-    fn close(&mut self, now: Instant) {
+    fn close(&mut self) {
         info!("closing engine");
         // 1. Every pending ping ends.
         for result in self.pings.drain_closed() {
@@ -1958,7 +1946,6 @@ impl Engine {
                 }
             }
         }
-        let _ = now;
         self.closed = true;
     }
 
