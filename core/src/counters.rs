@@ -125,6 +125,8 @@ counters! {
     pings_failed,
     /// TSMP pings answered by this engine.
     tsmp_pongs_sent,
+    /// TSMP rejects sent for TCP SYNs the packet filter refused.
+    tsmp_rejects_sent,
     /// ICMP echo requests answered in fake mode.
     fake_icmp_replies,
     /// Disco pings sent.

@@ -980,6 +980,25 @@ impl Engine {
         }
         if self.filter.check(&header, &packet) == FilterAction::Drop {
             self.counters.drop_filtered += 1;
+            // A refused connection attempt gets a TSMP reject, so the other
+            // side can tell "blocked by policy" from "no answer".
+            if header.protocol == wire::ip::PROTO_TCP {
+                if let Some(tcp) = wire::tcp::parse(&header, &packet).filter(|t| t.is_syn_only()) {
+                    let reject = wire::tsmp::TsmpMessage::Reject {
+                        ip_proto: wire::ip::PROTO_TCP,
+                        reason: wire::tsmp::RejectReason::Acl,
+                        src_port: tcp.src_port,
+                        dst_port: tcp.dst_port,
+                        maybe_broken: false,
+                    };
+                    let mut out = std::mem::take(&mut self.scratch2);
+                    if reject.emit_packet(header.dst, header.src, &mut out).is_ok() {
+                        self.counters.tsmp_rejects_sent += 1;
+                        self.send_to_peer(now, slot, &out);
+                    }
+                    self.scratch2 = out;
+                }
+            }
             self.recycle(packet);
             return;
         }

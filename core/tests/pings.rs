@@ -355,3 +355,45 @@ fn disco_path_selection_picks_fastest_falls_back_and_returns() {
         "delivered {delivered}, moved after {moved:?}"
     );
 }
+
+#[test]
+fn pendopen_reports_a_peer_rejection() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(Knobs::default());
+    let deny_ssh = filter::PacketFilter {
+        rules: vec![filter::FilterRule {
+            src: "0.0.0.0/0".parse().unwrap(),
+            dst: "0.0.0.0/0".parse().unwrap(),
+            protocol: Some(wire::ip::PROTO_TCP),
+            dst_ports: Some((22, 22)),
+            action: filter::FilterAction::Drop,
+        }],
+        default_action: filter::FilterAction::Accept,
+    };
+    net.input(1, Input::SetPacketFilter(deny_ssh)).unwrap();
+    let ip1 = net.nodes[1].ip4;
+    let p = syn(&net, 0, ip1, 22);
+    net.input(0, Input::TunPacket(&p)).unwrap();
+    net.run_for(Duration::from_secs(10));
+    let f = failures(&net, 0);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].cause, FailureCause::PeerRejected);
+    assert_eq!(net.nodes[1].engine.counters().tsmp_rejects_sent, 1);
+}
+
+#[test]
+fn pendopen_reports_no_handshake_for_a_configured_but_unreachable_peer() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    });
+    net.cut.insert((0, 1));
+    let ip1 = net.nodes[1].ip4;
+    let p = syn(&net, 0, ip1, 443);
+    net.input(0, Input::TunPacket(&p)).unwrap();
+    net.run_for(Duration::from_secs(6));
+    let f = failures(&net, 0);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].cause, FailureCause::NoHandshake);
+}
