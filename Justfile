@@ -45,3 +45,12 @@ sim-speed:
 # Random scenarios with invariant checks; failures are shrunk into corpus/.
 explore CASES="200" SEED="1":
     cargo run --release --locked -p wgmesh-sim -- explore --cases {{CASES}} --seed {{SEED}}
+    cargo run --release --locked -p wgmesh-sim -- explore --cases {{CASES}} --seed {{SEED}}
+
+# Userspace WireGuard throughput side by side (root): wgmeshd, boringtun-cli,
+# wireguard-go and the bare veth in two network namespaces, iperf3 TCP, 3
+# interleaved runs each. Installs what it lacks. Last line: wgmesh's median
+# and its ratio to boringtun-cli. See bench/throughput/run.sh for knobs.
+bench-throughput:
+    cargo build --release --locked -p wgmesh-adapters --bins
+    bash bench/throughput/run.sh target/release/wgmeshd

@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# Throughput rig (issue 7): userspace WireGuard implementations side by side.
+#
+# Two network namespaces joined by a veth pair; in each, one userspace
+# WireGuard daemon configured with `wg` through its UAPI socket; iperf3 TCP
+# over the tunnel for $BENCH_SECONDS s, $BENCH_RUNS runs per implementation,
+# interleaved (run 1 of every implementation, then run 2, ...):
+#
+#   wgmesh        wgmeshd <-> wgmeshd
+#   boringtun     boringtun-cli <-> boringtun-cli, 1 thread
+#   wg-go-debian  Debian's wireguard-go <-> itself
+#   wg-go:<path>  any other wireguard-go on PATH or in $BENCH_WG_GO (":"-separated)
+#   veth          the bare veth pair, no tunnel
+#
+# Per implementation: median Gbit/s, retransmits, the daemons' CPU share
+# (utime+stime from /proc/<pid>/stat over the transfer, % of one core, side A
+# = sender / side B = receiver), ratio to boringtun-cli, and ping RTT over the
+# tunnel idle and during the transfer. Last line:
+#   wgmesh median X Gbit/s, Y x boringtun-cli
+#
+# Needs root. Installs what it lacks with apt-get --no-install-recommends and
+# boringtun-cli with cargo into $BENCH_CACHE. Deletes both namespaces and
+# kills every process it started on exit, also on INT/TERM. Every wait is
+# bounded; traffic stays inside the namespaces.
+#
+# Usage: bench/throughput/run.sh [WGMESHD_BINARY]
+# Environment: BENCH_RUNS (3), BENCH_SECONDS (5), BENCH_ONLY (space-separated
+# implementation names to keep, e.g. "wgmesh boringtun"), BENCH_PIN=1 (pin
+# side A to CPU 0 and side B to CPU 1), BENCH_WG_GO (extra wireguard-go
+# binaries), BENCH_CACHE (default ~/.cache/wgmesh-bench), WGMESHD_ENV (extra
+# environment for wgmeshd, e.g. "WGMESH_FASTPATH=1"), BENCH_KEEP_LOGS=1.
+set -euo pipefail
+
+WGMESHD=${1:-target/release/wgmeshd}
+RUNS=${BENCH_RUNS:-3}
+SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+CACHE=${BENCH_CACHE:-${HOME:-/root}/.cache/wgmesh-bench}
+NS_A=wgbench-a
+NS_B=wgbench-b
+IF_A=wgbnA
+IF_B=wgbnB
+UNDER_A=10.99.0.1
+UNDER_B=10.99.0.2
+TUN_A=10.100.0.1
+TUN_B=10.100.0.2
+TUN_MTU=1420
+PORT=51820
+TMP=$(mktemp -d /tmp/wgmesh-bench.XXXXXX)
+PIDS=()
+
+die() { echo "bench: $*" >&2; exit 1; }
+note() { echo "# $*" >&2; }
+
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces, TUN devices)"
+[ "$RUNS" -ge 1 ] && [ "$RUNS" -le 20 ] || die "BENCH_RUNS must be 1..20"
+[ "$SECONDS_PER_RUN" -ge 1 ] && [ "$SECONDS_PER_RUN" -le 60 ] || die "BENCH_SECONDS must be 1..60"
+
+kill_pid() { # pid: TERM, wait up to 3 s, KILL
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    set +e
+    for pid in "${PIDS[@]}"; do kill_pid "$pid"; done
+    ip netns del "$NS_A" 2>/dev/null
+    ip netns del "$NS_B" 2>/dev/null
+    rm -f "/var/run/wireguard/$IF_A.sock" "/var/run/wireguard/$IF_B.sock"
+    if [ "${BENCH_KEEP_LOGS:-0}" = 1 ]; then note "logs kept in $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- tools ------------------------------------------------------------------
+need_pkgs=()
+command -v iperf3 >/dev/null || need_pkgs+=(iperf3)
+command -v wg >/dev/null || need_pkgs+=(wireguard-tools)
+[ -x /usr/bin/wireguard-go ] || need_pkgs+=(wireguard-go)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v ping >/dev/null || need_pkgs+=(iputils-ping)
+command -v python3 >/dev/null || need_pkgs+=(python3)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    note "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 300 apt-get update -qq >/dev/null || true
+    timeout 600 apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null \
+        || die "apt-get install ${need_pkgs[*]} failed"
+fi
+
+BORINGTUN=$(command -v boringtun-cli || true)
+if [ -z "$BORINGTUN" ] && [ -x "$CACHE/boringtun/bin/boringtun-cli" ]; then
+    BORINGTUN=$CACHE/boringtun/bin/boringtun-cli
+fi
+wanted() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
+if [ -z "$BORINGTUN" ] && wanted boringtun && command -v cargo >/dev/null; then
+    note "installing boringtun-cli into $CACHE/boringtun (once)"
+    mkdir -p "$CACHE"
+    if timeout 1200 cargo install boringtun-cli --locked --root "$CACHE/boringtun" >"$TMP/bt-install.log" 2>&1; then
+        BORINGTUN=$CACHE/boringtun/bin/boringtun-cli
+    else
+        note "cargo install boringtun-cli failed; skipping it"; tail -5 "$TMP/bt-install.log" >&2
+    fi
+fi
+
+[ -x "$WGMESHD" ] || die "no wgmeshd at $WGMESHD (cargo build --release -p wgmesh-adapters)"
+WGMESHD=$(realpath "$WGMESHD")
+
+# Implementations, in the order they run within a round.
+IMPLS=(wgmesh)
+[ -n "$BORINGTUN" ] && IMPLS+=(boringtun)
+declare -A WG_GO_BIN
+DEBIAN_WG_GO=$(realpath /usr/bin/wireguard-go 2>/dev/null || true)
+if [ -n "$DEBIAN_WG_GO" ]; then IMPLS+=(wg-go-debian); WG_GO_BIN[wg-go-debian]=$DEBIAN_WG_GO; fi
+declare -A seen=([$DEBIAN_WG_GO]=1)
+IFS=: read -r -a extra_go <<<"${BENCH_WG_GO:-}"
+while IFS= read -r candidate; do extra_go+=("$candidate"); done < <(which -a wireguard-go 2>/dev/null || true)
+for candidate in "${extra_go[@]}"; do
+    [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+    real=$(realpath "$candidate")
+    [ -z "${seen[$real]:-}" ] || continue
+    seen[$real]=1
+    name="wg-go:$candidate"
+    IMPLS+=("$name"); WG_GO_BIN[$name]=$real
+done
+IMPLS+=(veth)
+if [ -n "${BENCH_ONLY:-}" ]; then
+    kept=()
+    for impl in "${IMPLS[@]}"; do
+        for want in $BENCH_ONLY; do [ "$impl" = "$want" ] && kept+=("$impl"); done
+    done
+    IMPLS=("${kept[@]}")
+fi
+[ "${#IMPLS[@]}" -gt 0 ] || die "nothing to measure"
+
+# --- the network --------------------------------------------------------------
+ip netns del "$NS_A" 2>/dev/null || true
+ip netns del "$NS_B" 2>/dev/null || true
+ip netns add "$NS_A"
+ip netns add "$NS_B"
+ip link add veth-bench-a netns "$NS_A" type veth peer name veth-bench-b netns "$NS_B"
+ip -n "$NS_A" addr add "$UNDER_A/24" dev veth-bench-a
+ip -n "$NS_B" addr add "$UNDER_B/24" dev veth-bench-b
+for ns in "$NS_A" "$NS_B"; do
+    ip -n "$ns" link set lo up
+done
+ip -n "$NS_A" link set veth-bench-a up
+ip -n "$NS_B" link set veth-bench-b up
+
+wg genkey >"$TMP/key-a"; wg pubkey <"$TMP/key-a" >"$TMP/pub-a"
+wg genkey >"$TMP/key-b"; wg pubkey <"$TMP/key-b" >"$TMP/pub-b"
+
+CPU_A=""; CPU_B=""
+if [ "${BENCH_PIN:-0}" = 1 ]; then CPU_A="taskset -c 0"; CPU_B="taskset -c 1"; fi
+
+in_ns() { ip netns exec "$@"; }
+
+# start_daemon impl side(a|b): starts one daemon, leaves its pid in LAST_PID.
+# (Not in a $(...) subshell: the pid must land in PIDS of this shell.)
+start_daemon() {
+    local impl=$1 side=$2 ns iface pin log
+    if [ "$side" = a ]; then ns=$NS_A; iface=$IF_A; pin=$CPU_A; else ns=$NS_B; iface=$IF_B; pin=$CPU_B; fi
+    log="$TMP/$impl-$side.log"; log=${log//:/_}; log=${log//\/_/_}
+    rm -f "/var/run/wireguard/$iface.sock"
+    case $impl in
+        wgmesh)
+            mkdir -p "$TMP/state-$side"
+            # shellcheck disable=SC2086
+            ip netns exec "$ns" env RUST_LOG=warn ${WGMESHD_ENV:-} $pin "$WGMESHD" --foreground \
+                --interface "$iface" --state-dir "$TMP/state-$side" \
+                --resolv-conf "$TMP/resolv-$side" >"$log" 2>&1 &
+            ;;
+        boringtun)
+            # shellcheck disable=SC2086
+            ip netns exec "$ns" env WG_SUDO=1 $pin "$BORINGTUN" --foreground --threads 1 \
+                --disable-drop-privileges "$iface" >"$log" 2>&1 &
+            ;;
+        wg-go*)
+            # shellcheck disable=SC2086
+            ip netns exec "$ns" env LOG_LEVEL=error $pin "${WG_GO_BIN[$impl]}" -f "$iface" >"$log" 2>&1 &
+            ;;
+    esac
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+wait_socket() { # iface pid
+    for _ in $(seq 100); do
+        [ -S "/var/run/wireguard/$1.sock" ] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+configure_side() { # ns iface key peer_pub peer_under my_tun peer_tun
+    local ns=$1 iface=$2
+    in_ns "$ns" wg set "$iface" private-key "$3" listen-port "$PORT" \
+        peer "$(cat "$4")" endpoint "$5:$PORT" allowed-ips "$7/32"
+    in_ns "$ns" ip addr add "$6/32" dev "$iface"
+    in_ns "$ns" ip link set "$iface" mtu "$TUN_MTU" up
+    in_ns "$ns" ip route add "$7/32" dev "$iface"
+}
+
+# setup impl: leaves DAEMON_A / DAEMON_B and TARGET set; returns non-zero on failure.
+setup() {
+    local impl=$1
+    DAEMON_A=""; DAEMON_B=""
+    if [ "$impl" = veth ]; then TARGET=$UNDER_B; return 0; fi
+    TARGET=$TUN_B
+    start_daemon "$impl" a; DAEMON_A=$LAST_PID
+    start_daemon "$impl" b; DAEMON_B=$LAST_PID
+    wait_socket "$IF_A" "$DAEMON_A" || { note "$impl: side A did not start"; return 1; }
+    wait_socket "$IF_B" "$DAEMON_B" || { note "$impl: side B did not start"; return 1; }
+    configure_side "$NS_A" "$IF_A" "$TMP/key-a" "$TMP/pub-b" "$UNDER_B" "$TUN_A" "$TUN_B" || return 1
+    configure_side "$NS_B" "$IF_B" "$TMP/key-b" "$TMP/pub-a" "$UNDER_A" "$TUN_B" "$TUN_A" || return 1
+    for _ in $(seq 20); do
+        in_ns "$NS_A" ping -c 1 -W 1 -q "$TUN_B" >/dev/null 2>&1 && return 0
+    done
+    note "$impl: no ping over the tunnel"
+    return 1
+}
+
+teardown() {
+    local pid
+    for pid in $DAEMON_A $DAEMON_B; do kill_pid "$pid"; done
+    rm -f "/var/run/wireguard/$IF_A.sock" "/var/run/wireguard/$IF_B.sock"
+    # The TUN devices go with their processes; make sure.
+    in_ns "$NS_A" ip link del "$IF_A" 2>/dev/null || true
+    in_ns "$NS_B" ip link del "$IF_B" 2>/dev/null || true
+}
+
+cpu_ticks() { # pid -> utime+stime in clock ticks (0 if none)
+    [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+    # Fields after the ")" of comm: state is 3rd, utime 14th, stime 15th.
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+now_ns() { date +%s%N; }
+
+ping_median() { # file -> median RTT in ms of "time=" lines, or "-"
+    grep -o 'time=[0-9.]*' "$1" 2>/dev/null | cut -d= -f2 | sort -g \
+        | awk '{v[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+
+# measure impl round: one transfer; appends a line to $RESULTS.
+measure() {
+    local impl=$1 round=$2 tag=${1//[:\/]/_}
+    local pre="$TMP/$tag-$round"
+    # Idle RTT first (10 pings, 0.1 s apart).
+    in_ns "$NS_A" ping -c 10 -i 0.1 -W 1 "$TARGET" >"$pre.ping-idle" 2>&1 || true
+    # iperf3 server in B, one test, bounded.
+    in_ns "$NS_B" timeout $((SECONDS_PER_RUN + 20)) iperf3 -s -1 -B "$TARGET" >"$pre.server" 2>&1 &
+    local server=$!
+    PIDS+=("$server")
+    for _ in $(seq 50); do
+        in_ns "$NS_B" ss -ltn 2>/dev/null | grep -q ":5201 " && break
+        sleep 0.05
+    done
+    local a0 b0 t0 a1 b1 t1
+    a0=$(cpu_ticks "$DAEMON_A"); b0=$(cpu_ticks "$DAEMON_B"); t0=$(now_ns)
+    # Loaded RTT: pings during the transfer, starting 1 s in.
+    local pings=$(( (SECONDS_PER_RUN - 1) * 5 ))
+    [ "$pings" -ge 3 ] || pings=3
+    (sleep 1; in_ns "$NS_A" ping -c "$pings" -i 0.2 -W 1 "$TARGET" >"$pre.ping-load" 2>&1 || true) &
+    local pinger=$!
+    PIDS+=("$pinger")
+    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J \
+        >"$pre.json" 2>"$pre.client-err" || true
+    t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
+    wait "$pinger" 2>/dev/null || true
+    kill_pid "$server"
+    local gbps retr
+    read -r gbps retr < <(python3 - "$pre.json" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))
+    e = j["end"]
+    print("%.3f %d" % (e["sum_received"]["bits_per_second"] / 1e9, e["sum_sent"].get("retransmits", 0)))
+except Exception:
+    print("0 -1")
+PY
+)
+    local wall_s cpu_a cpu_b
+    wall_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN {print (b - a) / 1e9}')
+    if [ -n "$DAEMON_A" ]; then
+        cpu_a=$(awk -v d=$((a1 - a0)) -v hz="$CLK_TCK" -v w="$wall_s" 'BEGIN {printf "%.0f", 100 * d / hz / w}')
+        cpu_b=$(awk -v d=$((b1 - b0)) -v hz="$CLK_TCK" -v w="$wall_s" 'BEGIN {printf "%.0f", 100 * d / hz / w}')
+    else
+        cpu_a=-; cpu_b=-
+    fi
+    local idle load
+    idle=$(ping_median "$pre.ping-idle"); load=$(ping_median "$pre.ping-load")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$impl" "$round" "$gbps" "$retr" "$cpu_a" "$cpu_b" "$idle" "$load" >>"$RESULTS"
+    printf '# round %s %-16s %7s Gbit/s  retr %-6s cpu A %4s%% B %4s%%  rtt idle %s ms load %s ms\n' \
+        "$round" "$impl" "$gbps" "$retr" "$cpu_a" "$cpu_b" "$idle" "$load" >&2
+}
+
+note "implementations: ${IMPLS[*]}; $RUNS runs x ${SECONDS_PER_RUN} s each, interleaved"
+note "wgmeshd: $WGMESHD ${WGMESHD_ENV:+($WGMESHD_ENV)}; boringtun-cli: ${BORINGTUN:-none}; pinned: ${BENCH_PIN:-0}"
+for round in $(seq "$RUNS"); do
+    for impl in "${IMPLS[@]}"; do
+        if setup "$impl"; then
+            measure "$impl" "$round"
+        else
+            printf '%s\t%s\t0\t-1\t-\t-\t-\t-\n' "$impl" "$round" >>"$RESULTS"
+            for side in a b; do
+                f="$TMP/${impl//[:\/]/_}-$side.log"
+                [ -s "$f" ] && { note "--- $impl $side log"; tail -5 "$f" >&2; }
+            done
+        fi
+        teardown
+    done
+done
+
+# --- the summary ----------------------------------------------------------------
+python3 - "$RESULTS" "$SECONDS_PER_RUN" "${IMPLS[@]}" <<'PY'
+import statistics, sys
+
+path, seconds, impls = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = {}
+for line in open(path):
+    impl, rnd, gbps, retr, cpu_a, cpu_b, idle, load = line.rstrip("\n").split("\t")
+    rows.setdefault(impl, []).append((float(gbps), int(retr), cpu_a, cpu_b, idle, load))
+
+def med(values):
+    values = [float(v) for v in values if v not in ("-", "")]
+    return statistics.median(values) if values else None
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+summary = {}
+for impl in impls:
+    r = rows.get(impl, [])
+    ok = [x for x in r if x[1] >= 0 and x[0] > 0]
+    summary[impl] = dict(
+        gbps=med([x[0] for x in r]) if r else None,
+        runs=" ".join("%.2f" % x[0] for x in r),
+        retr=med([x[1] for x in ok]),
+        cpu_a=med([x[2] for x in ok]),
+        cpu_b=med([x[3] for x in ok]),
+        idle=med([x[4] for x in ok]),
+        load=med([x[5] for x in ok]),
+    )
+base = summary.get("boringtun", {}).get("gbps")
+print()
+print("%-26s %8s  %-17s %7s %6s %6s %8s %9s %9s %6s" % (
+    "implementation", "Gbit/s", "runs", "retr", "cpuA%", "cpuB%", "x btun", "rtt idle", "rtt load", "load/idle"))
+for impl in impls:
+    s = summary[impl]
+    ratio = s["gbps"] / base if base and s["gbps"] is not None else None
+    lr = s["load"] / s["idle"] if s["load"] is not None and s["idle"] else None
+    print("%-26s %8s  %-17s %7s %6s %6s %8s %9s %9s %6s" % (
+        impl, fmt(s["gbps"], ".2f"), s["runs"], fmt(s["retr"], ".0f"),
+        fmt(s["cpu_a"], ".0f"), fmt(s["cpu_b"], ".0f"), fmt(ratio, ".2f"),
+        fmt(s["idle"], ".3f"), fmt(s["load"], ".3f"), fmt(lr, ".1f")))
+print("(Gbit/s: median of the runs, received; retr: median TCP retransmits per run; cpu: the")
+print(" daemon's utime+stime over the transfer, % of one core, A sends, B receives; rtt: median")
+print(" ping RTT in ms over the tunnel, idle and during the transfer; one-way is about half)")
+w = summary.get("wgmesh", {}).get("gbps")
+if w is not None:
+    print("wgmesh median %.2f Gbit/s, %s x boringtun-cli" % (w, "%.2f" % (w / base) if base else "n/a"))
+PY
