@@ -45,7 +45,6 @@ sim-speed:
 # Random scenarios with invariant checks; failures are shrunk into corpus/.
 explore CASES="200" SEED="1":
     cargo run --release --locked -p wgmesh-sim -- explore --cases {{CASES}} --seed {{SEED}}
-    cargo run --release --locked -p wgmesh-sim -- explore --cases {{CASES}} --seed {{SEED}}
 
 # Userspace WireGuard throughput side by side (root): wgmeshd, boringtun-cli,
 # wireguard-go and the bare veth in two network namespaces, iperf3 TCP, 3
