@@ -383,6 +383,10 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Relays in use (always 0: wgmesh has no relays yet).
     pub relay_count: usize,
+    /// Peers currently handed to WireGuard.
+    pub configured_peers: usize,
+    /// Peers in the full config (configured or trimmed).
+    pub full_config_peers: usize,
     /// The counters.
     pub counters: crate::counters::Counters,
 }

@@ -317,6 +317,17 @@ impl Engine {
         self.by_key.keys().copied().collect()
     }
 
+    /// Current levels (not counters) for metrics: `(name, value)` pairs.
+    pub fn gauges(&self) -> [(&'static str, u64); 5] {
+        [
+            ("configured_peers", self.configured_count as u64),
+            ("full_config_peers", self.peers.len() as u64),
+            ("pending_pings", self.pings.len() as u64),
+            ("pending_opens", self.opens.len() as u64),
+            ("timer_queue_entries", self.timers.len() as u64),
+        ]
+    }
+
     /// Whether lazy peers (trimming) are in effect.
     pub fn trimming_enabled(&self) -> bool {
         self.trimming
@@ -1932,6 +1943,8 @@ impl Engine {
             local_addrs: self.applied.router.local_addrs.clone(),
             peers,
             relay_count: 0,
+            configured_peers: self.configured_count,
+            full_config_peers: self.peers.len(),
             counters: self.counters.clone(),
         }
     }

@@ -483,3 +483,20 @@ mod property {
         }
     }
 }
+
+#[test]
+fn status_counts_configured_and_full_config_peers() {
+    let mut net = Net::new(3, HALF_RTT, |_, _| {});
+    net.configure_all(lazy());
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"one active peer");
+    net.run_for(Duration::from_secs(1));
+    net.input(0, Input::StatusRequest).unwrap();
+    let status = net.nodes[0].statuses.last().unwrap().1.clone();
+    assert_eq!((status.configured_peers, status.full_config_peers), (1, 2));
+    let trimmed: Vec<bool> = status.peers.iter().map(|p| p.configured).collect();
+    assert_eq!(trimmed.iter().filter(|c| **c).count(), 1);
+    let gauges = net.nodes[0].engine.gauges();
+    assert_eq!(gauges[0], ("configured_peers", 1));
+    assert_eq!(gauges[1], ("full_config_peers", 2));
+}
