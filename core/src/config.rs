@@ -182,6 +182,9 @@ pub enum ReconfigError {
     /// Two peers have the same public key.
     #[error("peer {0} appears twice")]
     DuplicatePeer(NodePublicKey),
+    /// Two peers have the same disco key (disco messages could not be told apart).
+    #[error("disco key {0} is used by two peers")]
+    DuplicateDiscoKey(DiscoPublicKey),
     /// A peer has this node's own public key.
     #[error("peer {0} is this node's own key")]
     SelfAsPeer(NodePublicKey),
@@ -286,6 +289,7 @@ impl Reconfig {
         }
 
         let mut seen_keys = std::collections::BTreeSet::new();
+        let mut seen_disco = std::collections::BTreeSet::new();
         let mut single_ip_owner: BTreeMap<IpNet, NodePublicKey> = BTreeMap::new();
         let mut wireguard = wireguard;
         for peer in &mut wireguard.peers {
@@ -294,6 +298,11 @@ impl Reconfig {
             }
             if !seen_keys.insert(peer.public_key) {
                 return Err(ReconfigError::DuplicatePeer(peer.public_key));
+            }
+            if let Some(disco) = peer.disco_key {
+                if !seen_disco.insert(disco) {
+                    return Err(ReconfigError::DuplicateDiscoKey(disco));
+                }
             }
             for net in &mut peer.allowed_ips {
                 *net = net.trunc();

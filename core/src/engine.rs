@@ -1677,6 +1677,21 @@ impl Engine {
             crate::config::normalize_peer(&mut cfg, local_addrs)?;
             normalized.push(cfg);
         }
+        // Disco keys: unique within the batch, and not held by a peer that
+        // stays outside it.
+        let mut batch_disco = std::collections::BTreeSet::new();
+        for cfg in &normalized {
+            let Some(disco) = cfg.disco_key else { continue };
+            let held_elsewhere = self.by_disco.get(&disco).is_some_and(|&owner| {
+                let owner_key = self.peers[owner].config.public_key;
+                owner_key != cfg.public_key
+                    && !remove.contains(&owner_key)
+                    && !seen.contains(&owner_key)
+            });
+            if !batch_disco.insert(disco) || held_elsewhere {
+                return Err(ReconfigError::DuplicateDiscoKey(disco));
+            }
+        }
         // Single-IP claims: unique within the batch, and not held by a peer
         // that stays outside it.
         let mut claims: BTreeMap<IpNet, NodePublicKey> = BTreeMap::new();

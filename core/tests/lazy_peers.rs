@@ -425,6 +425,7 @@ mod property {
             let mut last_activity: BTreeMap<(usize, usize), Instant> = BTreeMap::new();
             let mut sent: BTreeMap<(usize, usize), Vec<Vec<u8>>> = BTreeMap::new();
             let mut seq = 0u32;
+            let mut restarts = 0u64;
             for step in steps {
                 match step {
                     Step::Send { from, to } if from != to => {
@@ -444,7 +445,8 @@ mod property {
                         net.input(node, Input::Reconfig(Box::new(rc))).unwrap();
                     }
                     Step::Restart { node } => {
-                        net.restart(node, 7000 + u64::from(seq));
+                        restarts += 1;
+                        net.restart(node, 7000 + restarts);
                         for j in 0..4 {
                             let rc = net.reconfig_for(j, lazy());
                             net.input(j, Input::Reconfig(Box::new(rc))).unwrap();

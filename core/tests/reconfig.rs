@@ -587,3 +587,28 @@ fn same_length_reconfigs_take_the_positional_path_correctly() {
     ));
     assert_eq!(net.nodes[0].engine.peer_count(), 3, "state kept");
 }
+
+#[test]
+fn duplicate_disco_keys_are_refused_on_both_paths() {
+    let mut net = Net::new(3, Duration::from_millis(5), |_, _| {});
+    let knobs = Knobs::default();
+    net.configure_all(knobs.clone());
+    let mut rc = net.reconfig_for(0, knobs);
+    let d = rc.wireguard.as_ref().unwrap().peers[0].disco_key;
+    rc.wireguard.as_mut().unwrap().peers[1].disco_key = d;
+    // Same length: the positional path.
+    assert!(matches!(
+        net.input(0, Input::Reconfig(Box::new(rc.clone()))),
+        Err(InputError::Reconfig(ReconfigError::DuplicateDiscoKey(_)))
+    ));
+    // Different length: the full path.
+    rc.wireguard
+        .as_mut()
+        .unwrap()
+        .peers
+        .push(PeerConfig::new(NodePublicKey([5; 32]), vec![]));
+    assert!(matches!(
+        net.input(0, Input::Reconfig(Box::new(rc))),
+        Err(InputError::Reconfig(ReconfigError::DuplicateDiscoKey(_)))
+    ));
+}
