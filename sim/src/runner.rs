@@ -60,10 +60,10 @@ pub fn build_tailnet(scenario: &Scenario, seed: u64, keep: Keep) -> Tailnet {
 
 /// Where labelled actions ended up in the harness's records.
 #[derive(Debug, Default)]
-struct Labels {
-    pings: BTreeMap<String, usize>,
-    streams: BTreeMap<String, usize>,
-    flows: BTreeMap<String, usize>,
+pub(crate) struct Labels {
+    pub pings: BTreeMap<String, usize>,
+    pub streams: BTreeMap<String, usize>,
+    pub flows: BTreeMap<String, usize>,
 }
 
 fn target_ip(net: &Tailnet, t: &Target) -> IpAddr {
@@ -252,10 +252,49 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     evaluate(scenario, seed, &net, &labels, &probes)
 }
 
+/// What a backend recorded, in the shape the checks read.
+pub(crate) struct Outcomes<'a> {
+    pub pings: &'a [crate::tailnet::PingRecord],
+    pub streams: &'a [crate::tailnet::StreamRecord],
+    pub flows: &'a [crate::tailnet::FlowRecord],
+    pub counter: &'a dyn Fn(Option<usize>, &str) -> Option<u64>,
+    pub stats: Vec<(&'static str, u64)>,
+    pub violations: &'a [crate::tailnet::Violation],
+    pub violation_count: u64,
+    pub steps: u64,
+    pub nodes: usize,
+    pub trace: &'a crate::trace::Trace,
+    pub backend: &'static str,
+}
+
 fn evaluate(
     scenario: &Scenario,
     seed: u64,
     net: &Tailnet,
+    labels: &Labels,
+    probes: &BTreeMap<usize, &'static str>,
+) -> Report {
+    let counter = |node: Option<usize>, name: &str| net.counter(node.map(NodeId), name);
+    let outcomes = Outcomes {
+        pings: net.pings(),
+        streams: net.streams(),
+        flows: net.flows(),
+        counter: &counter,
+        stats: net.stats().iter(),
+        violations: net.violations(),
+        violation_count: net.stats().violations,
+        steps: net.stats().steps,
+        nodes: net.len(),
+        trace: net.trace(),
+        backend: "event",
+    };
+    evaluate_outcomes(scenario, seed, &outcomes, labels, probes)
+}
+
+pub(crate) fn evaluate_outcomes(
+    scenario: &Scenario,
+    seed: u64,
+    net: &Outcomes<'_>,
     labels: &Labels,
     probes: &BTreeMap<usize, &'static str>,
 ) -> Report {
@@ -268,7 +307,7 @@ fn evaluate(
                 min_latency,
                 max_latency,
             } => {
-                let record = labels.pings.get(&label).map(|&p| &net.pings()[p]);
+                let record = labels.pings.get(&label).map(|&p| &net.pings[p]);
                 match record {
                     None => Check {
                         name: format!("ping {label}"),
@@ -338,7 +377,7 @@ fn evaluate(
                 max_lost,
                 max_loss_run,
                 min_loss_run,
-            } => match labels.streams.get(&label).map(|&s| &net.streams()[s]) {
+            } => match labels.streams.get(&label).map(|&s| &net.streams[s]) {
                 None => Check {
                     name: format!("delivery {label}"),
                     passed: false,
@@ -363,7 +402,7 @@ fn evaluate(
                 }
             },
             ExpectKind::Recovery { since, min, max } => {
-                match labels.streams.get(&label).map(|&s| &net.streams()[s]) {
+                match labels.streams.get(&label).map(|&s| &net.streams[s]) {
                     None => Check {
                         name: format!("recovery {label}"),
                         passed: false,
@@ -402,7 +441,7 @@ fn evaluate(
                 max,
                 min_retransmits,
                 max_retransmits,
-            } => match labels.flows.get(&label).map(|&f| &net.flows()[f]) {
+            } => match labels.flows.get(&label).map(|&f| &net.flows[f]) {
                 None => Check {
                     name: format!("flow {label}"),
                     passed: false,
@@ -436,7 +475,7 @@ fn evaluate(
                 max,
                 equals,
             } => {
-                let value = net.counter(node.map(NodeId), counter).unwrap_or(0);
+                let value = (net.counter)(*node, counter).unwrap_or(0);
                 let whose = node.map_or_else(
                     || "all nodes".to_string(),
                     |n| scenario.nodes[n].name.clone(),
@@ -454,9 +493,9 @@ fn evaluate(
                 equals,
             } => {
                 let value = net
-                    .stats()
+                    .stats
                     .iter()
-                    .into_iter()
+                    .copied()
                     .find(|(k, _)| k == stat)
                     .map_or(0, |(_, v)| v);
                 Check {
@@ -468,12 +507,12 @@ fn evaluate(
         };
         checks.push(check);
     }
-    let violations = net.violations();
+    let violations = net.violations;
     checks.push(Check {
         name: "invariants".into(),
-        passed: net.stats().violations == 0,
+        passed: net.violation_count == 0,
         detail: if violations.is_empty() {
-            format!("held after each of {} steps", net.stats().steps)
+            format!("held after each of {} steps", net.steps)
         } else {
             let first: Vec<String> = violations
                 .iter()
@@ -482,36 +521,35 @@ fn evaluate(
                 .collect();
             format!(
                 "{} violations, first: {}",
-                net.stats().violations,
+                net.violation_count,
                 first.join("; ")
             )
         },
     });
-    let unfinished = net.pings().iter().filter(|p| p.result.is_none()).count();
+    let unfinished = net.pings.iter().filter(|p| p.result.is_none()).count();
     checks.push(Check {
         name: "every ping ended".into(),
         passed: unfinished == 0,
-        detail: format!("{} pings, {unfinished} unfinished", net.pings().len()),
+        detail: format!("{} pings, {unfinished} unfinished", net.pings.len()),
     });
     let passed = checks.iter().all(|c| c.passed);
     let mut metrics: Vec<(String, f64)> = net
-        .stats()
+        .stats
         .iter()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v as f64))
+        .map(|(k, v)| (k.to_string(), *v as f64))
         .collect();
-    metrics.push(("nodes".into(), net.len() as f64));
-    metrics.push(("trace_entries".into(), net.trace().len() as f64));
+    metrics.push(("nodes".into(), net.nodes as f64));
+    metrics.push(("trace_entries".into(), net.trace.len() as f64));
     Report {
         scenario: scenario.name.clone(),
         seed,
-        backend: "event".into(),
+        backend: net.backend.into(),
         passed,
         checks,
         metrics,
-        trace_hash: net.trace().hash_hex(),
+        trace_hash: net.trace.hash_hex(),
         virtual_secs: scenario.duration.as_secs_f64(),
         wall_secs: 0.0,
-        timeline: net.trace().entries().to_vec(),
+        timeline: net.trace.entries().to_vec(),
     }
 }

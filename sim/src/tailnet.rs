@@ -172,7 +172,7 @@ pub struct PingRecord {
     pub result: Option<(Duration, PingOutcome)>,
     /// How many results arrived (must end up exactly 1).
     pub results: u32,
-    incarnation: u64,
+    pub(crate) incarnation: u64,
 }
 
 impl PingRecord {

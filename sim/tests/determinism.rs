@@ -4,10 +4,14 @@
 use std::path::Path;
 
 use wgmesh_sim::runner::{RunOptions, run};
-use wgmesh_sim::scenario::Scenario;
+use wgmesh_sim::scenario::{Backend, Scenario};
 use wgmesh_sim::trace::Keep;
 
 fn hash(file: &str, seed: u64) -> String {
+    hash_on(file, seed, Backend::Event)
+}
+
+fn hash_on(file: &str, seed: u64, backend: Backend) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scenarios")
         .join(file);
@@ -16,7 +20,7 @@ fn hash(file: &str, seed: u64) -> String {
         &scenario,
         RunOptions {
             seed: Some(seed),
-            backend: None,
+            backend: Some(backend),
             keep: Keep::Nothing,
         },
     )
@@ -34,4 +38,13 @@ fn same_seed_same_hash_other_seed_other_hash() {
         assert_eq!(a, b, "{file}: two runs with seed 7 differ");
         assert_ne!(a, c, "{file}: seeds 7 and 8 gave the same trace");
     }
+}
+
+#[test]
+fn turmoil_same_seed_same_hash_other_seed_other_hash() {
+    let a = hash_on("disco-key-change.toml", 7, Backend::Turmoil);
+    let b = hash_on("disco-key-change.toml", 7, Backend::Turmoil);
+    let c = hash_on("disco-key-change.toml", 8, Backend::Turmoil);
+    assert_eq!(a, b, "two turmoil runs with seed 7 differ");
+    assert_ne!(a, c, "turmoil seeds 7 and 8 gave the same trace");
 }
