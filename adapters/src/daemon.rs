@@ -21,11 +21,10 @@ use crate::dns::{DnsManager, detect};
 use crate::driver::{
     Clock, Driver, DriverError, DriverHandle, DriverOptions, RequestError, TokioClock,
 };
+use crate::fastpath::{DataTun, DataUdp};
 use crate::os::OsManager;
 use crate::router::{self, NetlinkRouter};
-use crate::tun::LinuxTun;
 use crate::uapi;
-use crate::udp::UdpTransport;
 
 /// How the daemon was started.
 #[derive(Debug, Clone)]
@@ -169,11 +168,11 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let mut os = OsManager::new(&interface, router, dns, bird, state_path);
     os.recover().await;
 
-    let tun = LinuxTun::open(&interface, mtu).map_err(|source| DaemonError::Tun {
+    let tun = DataTun::open(&interface, mtu).map_err(|source| DaemonError::Tun {
         name: interface.clone(),
         source,
     })?;
-    let socket = UdpTransport::bind(listen_port).map_err(|source| DaemonError::Socket {
+    let socket = DataUdp::bind(listen_port, &tun).map_err(|source| DaemonError::Socket {
         port: listen_port,
         source,
     })?;

@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod driver;
+pub mod fastpath;
 pub mod linkmon;
 pub mod os;
 pub mod router;

@@ -28,7 +28,9 @@
 # implementation names to keep, e.g. "wgmesh boringtun"), BENCH_PIN=1 (pin
 # side A to CPU 0 and side B to CPU 1), BENCH_WG_GO (extra wireguard-go
 # binaries), BENCH_CACHE (default ~/.cache/wgmesh-bench), WGMESHD_ENV (extra
-# environment for wgmeshd, e.g. "WGMESH_FASTPATH=1"), BENCH_KEEP_LOGS=1.
+# environment for wgmeshd, e.g. "WGMESH_FASTPATH=1"), BENCH_KEEP_LOGS=1 (keep
+# the logs, iperf3 JSON and pings in the temporary directory), BENCH_PERF=1
+# (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
@@ -272,10 +274,20 @@ measure() {
     (sleep 1; in_ns "$NS_A" ping -c "$pings" -i 0.2 -W 1 "$TARGET" >"$pre.ping-load" 2>&1 || true) &
     local pinger=$!
     PIDS+=("$pinger")
+    local perf_pids=()
+    if [ "${BENCH_PERF:-0}" = 1 ] && [ -n "$DAEMON_A" ] && command -v perf >/dev/null; then
+        for side in A B; do
+            local dpid=$DAEMON_A; [ "$side" = B ] && dpid=$DAEMON_B
+            perf record -q -e cpu-clock -F 999 -g -p "$dpid" -o "$pre.perf-$side" \
+                -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+            perf_pids+=($!); PIDS+=($!)
+        done
+    fi
     in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J \
         >"$pre.json" 2>"$pre.client-err" || true
     t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
     wait "$pinger" 2>/dev/null || true
+    for p in "${perf_pids[@]}"; do wait "$p" 2>/dev/null || true; done
     kill_pid "$server"
     local gbps retr
     read -r gbps retr < <(python3 - "$pre.json" <<'PY'

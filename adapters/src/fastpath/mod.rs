@@ -1,0 +1,165 @@
+//! The batched data plane, selected with `WGMESH_FASTPATH=1`.
+//!
+//! It plugs into the unchanged [`crate::driver`] loop through its two device
+//! traits, so the engine stays sans-IO and sees one packet per input as
+//! before; only the system calls under the traits change:
+//!
+//! - the TUN is opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD` (TSO/GSO): one
+//!   `read` returns up to 64 KB of a TCP stream, split here into MTU-sized
+//!   segments with their checksums; packets towards the OS are coalesced
+//!   (TCP/UDP GRO) into large packets before they are written;
+//! - the UDP socket receives with `recvmmsg` and `UDP_GRO` (many datagrams
+//!   per call, coalesced runs split here) and sends with `UDP_SEGMENT` (one
+//!   `sendmsg` per run of equal-sized datagrams to one peer), with
+//!   `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` buffers;
+//! - writes towards both devices are queued and flushed together when the
+//!   loop has no received packet left in either device's batch (or when a
+//!   batch is full), so one burst of input becomes one burst of output.
+//!
+//! Sub-switches, for measuring what each part contributes:
+//! `WGMESH_FASTPATH_TUN_OFFLOAD=0` (plain TUN reads and writes),
+//! `WGMESH_FASTPATH_GSO=0` (one `sendmsg` per datagram),
+//! `WGMESH_FASTPATH_GRO=0` (no `UDP_GRO`).
+
+mod batch;
+mod udp;
+
+use std::io;
+use std::net::SocketAddr;
+
+pub use batch::FastTun;
+pub use udp::FastUdp;
+
+use crate::driver::{DatagramSocket, TunDevice};
+use crate::tun::LinuxTun;
+use crate::udp::UdpTransport;
+
+/// True when `name` is set to anything but `0`, `false`, `off` or empty.
+fn env_on(name: &str, default: bool) -> bool {
+    match std::env::var(name) {
+        Ok(v) => !matches!(v.trim(), "" | "0" | "false" | "off" | "no"),
+        Err(_) => default,
+    }
+}
+
+/// The switches of the fast path, read from the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastPathOptions {
+    /// `WGMESH_FASTPATH`: use the batched data plane at all.
+    pub enabled: bool,
+    /// `WGMESH_FASTPATH_TUN_OFFLOAD`: TUN with `IFF_VNET_HDR` and offloads.
+    pub tun_offload: bool,
+    /// `WGMESH_FASTPATH_GSO`: UDP sends with `UDP_SEGMENT`.
+    pub udp_gso: bool,
+    /// `WGMESH_FASTPATH_GRO`: UDP receives with `UDP_GRO`.
+    pub udp_gro: bool,
+}
+
+impl FastPathOptions {
+    /// Reads the switches (all default on once `WGMESH_FASTPATH` is on).
+    pub fn from_env() -> Self {
+        Self {
+            enabled: env_on("WGMESH_FASTPATH", false),
+            tun_offload: env_on("WGMESH_FASTPATH_TUN_OFFLOAD", true),
+            udp_gso: env_on("WGMESH_FASTPATH_GSO", true),
+            udp_gro: env_on("WGMESH_FASTPATH_GRO", true),
+        }
+    }
+}
+
+/// The daemon's TUN: the plain one or the batched one.
+#[derive(Debug)]
+pub enum DataTun {
+    /// One packet per system call ([`LinuxTun`]).
+    Plain(LinuxTun),
+    /// The batched device ([`FastTun`]).
+    Fast(FastTun),
+}
+
+impl DataTun {
+    /// Opens the TUN `name` the way the environment selects.
+    pub fn open(name: &str, mtu: u16) -> io::Result<Self> {
+        let options = FastPathOptions::from_env();
+        if options.enabled {
+            tracing::info!(?options, "batched data plane");
+            Ok(Self::Fast(FastTun::open(name, mtu, options)?))
+        } else {
+            Ok(Self::Plain(LinuxTun::open(name, mtu)?))
+        }
+    }
+
+    /// The kernel's name for the device.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Plain(tun) => tun.name(),
+            Self::Fast(tun) => tun.name(),
+        }
+    }
+}
+
+impl TunDevice for DataTun {
+    async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(tun) => tun.recv(buf).await,
+            Self::Fast(tun) => tun.recv(buf).await,
+        }
+    }
+
+    async fn send(&mut self, packet: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Plain(tun) => tun.send(packet).await,
+            Self::Fast(tun) => tun.send(packet).await,
+        }
+    }
+}
+
+/// The daemon's UDP socket: the plain one or the batched one (which shares
+/// its output queue with a [`FastTun`]).
+#[derive(Debug)]
+pub enum DataUdp {
+    /// One datagram per system call ([`UdpTransport`]).
+    Plain(UdpTransport),
+    /// The batched socket ([`FastUdp`]), boxed: its batch bookkeeping is
+    /// large and the enum is moved around at start-up.
+    Fast(Box<FastUdp>),
+}
+
+impl DataUdp {
+    /// Binds on `port`, batched when `tun` is.
+    pub fn bind(port: u16, tun: &DataTun) -> io::Result<Self> {
+        match tun {
+            DataTun::Plain(_) => Ok(Self::Plain(UdpTransport::bind(port)?)),
+            DataTun::Fast(tun) => Ok(Self::Fast(Box::new(FastUdp::bind(port, tun)?))),
+        }
+    }
+}
+
+impl DatagramSocket for DataUdp {
+    async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            Self::Plain(s) => s.recv_from(buf).await,
+            Self::Fast(s) => s.recv_from(buf).await,
+        }
+    }
+
+    async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.send_to(data, dst).await,
+            Self::Fast(s) => s.send_to(data, dst).await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Self::Plain(s) => s.local_addr(),
+            Self::Fast(s) => s.local_addr(),
+        }
+    }
+
+    async fn rebind(&mut self, port: u16) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.rebind(port).await,
+            Self::Fast(s) => s.rebind(port).await,
+        }
+    }
+}

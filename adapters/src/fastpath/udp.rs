@@ -1,0 +1,512 @@
+//! The batched UDP socket: `recvmmsg` with `UDP_GRO`, `sendmsg` with
+//! `UDP_SEGMENT`, forced large buffers. Dual-stack like [`crate::udp`]: IPv4
+//! peers travel as IPv4-mapped IPv6 addresses on the wire side of the socket
+//! and as plain IPv4 addresses towards the engine.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tracing::{debug, warn};
+
+use super::FastPathOptions;
+use super::batch::{FastTun, Shared};
+use crate::driver::DatagramSocket;
+use crate::udp::SOCKET_BUFFER_BYTES;
+
+/// Messages per `recvmmsg`.
+const RECV_BATCH: usize = 16;
+/// Room per received message: a GRO run of up to 64 KB.
+const RECV_BUFFER: usize = 65536;
+/// Segments per `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS` is 64
+/// on older kernels).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Bytes per `UDP_SEGMENT` send (a UDP payload under 64 KB).
+const MAX_GSO_BYTES: usize = 65000;
+/// Room for one control message carrying an int.
+const CMSG_ROOM: usize = 64;
+
+/// A batched UDP socket whose sends are queued in the [`Shared`] outbox it
+/// has with its [`FastTun`].
+pub struct FastUdp {
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    options: FastPathOptions,
+    bufs: Vec<Vec<u8>>,
+    /// Per received message: length, segment size (0: one datagram), source.
+    lens: [usize; RECV_BATCH],
+    seg: [usize; RECV_BATCH],
+    from: [SocketAddr; RECV_BATCH],
+    count: usize,
+    /// The next message and the offset of its next segment.
+    msg: usize,
+    offset: usize,
+}
+
+impl std::fmt::Debug for FastUdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastUdp")
+            .field("local", &self.socket.local_addr().ok())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Datagrams waiting to be sent: one run of equal-sized datagrams to one
+/// destination (the last may be shorter), sent with one `sendmsg`.
+pub(crate) struct SendQueue {
+    socket: Arc<UdpSocket>,
+    dual_stack: bool,
+    gso: bool,
+    buf: Vec<u8>,
+    seg: usize,
+    count: usize,
+    /// The run ended with a shorter datagram; nothing more can join it.
+    closed: bool,
+    dst: Option<SocketAddr>,
+}
+
+impl SendQueue {
+    fn new(socket: Arc<UdpSocket>, dual_stack: bool, gso: bool) -> Self {
+        Self {
+            socket,
+            dual_stack,
+            gso,
+            buf: Vec::with_capacity(MAX_GSO_BYTES + 2048),
+            seg: 0,
+            count: 0,
+            closed: false,
+            dst: None,
+        }
+    }
+
+    fn push(&mut self, data: &[u8], dst: SocketAddr) {
+        let dst = map_out(self.dual_stack, dst);
+        if self.count > 0
+            && (!self.gso
+                || self.closed
+                || self.dst != Some(dst)
+                || data.len() > self.seg
+                || self.count >= MAX_GSO_SEGMENTS
+                || self.buf.len() + data.len() > MAX_GSO_BYTES)
+        {
+            self.flush();
+        }
+        if self.count == 0 {
+            self.seg = data.len();
+            self.dst = Some(dst);
+            self.closed = false;
+            self.buf.clear();
+        }
+        if data.len() < self.seg {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Sends the queued run.
+    pub(crate) fn flush(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let Some(dst) = self.dst else { return };
+        let addr = SockAddr::from(dst);
+        let fd = self.socket.as_raw_fd();
+        let segment = (self.count > 1).then_some(self.seg);
+        match send_segments(fd, &self.buf, &addr, segment) {
+            Ok(()) => {}
+            Err(e)
+                if segment.is_some()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                    ) =>
+            {
+                // The path cannot segment for us: send one by one from now on.
+                warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                self.gso = false;
+                for chunk in self.buf.chunks(self.seg) {
+                    if let Err(e) = send_segments(fd, chunk, &addr, None) {
+                        debug!(%dst, error = %e, "UDP send failed");
+                    }
+                }
+            }
+            Err(e) => debug!(%dst, error = %e, "UDP send failed"),
+        }
+        self.count = 0;
+        self.buf.clear();
+    }
+}
+
+/// One `sendmsg` of `data` to `addr`, cut by the kernel into datagrams of
+/// `segment` bytes when given. Waits briefly for room when the socket buffer
+/// is full (the loop must not drop a burst it just encrypted).
+fn send_segments(
+    fd: RawFd,
+    data: &[u8],
+    addr: &SockAddr,
+    segment: Option<usize>,
+) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut control = [0u64; CMSG_ROOM / 8];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = addr.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(segment) = segment {
+        let segment =
+            u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+        // SAFETY: msg_control points at `control`, which is 8-byte aligned
+        // and larger than CMSG_SPACE(2), so the first header and its data
+        // fit inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
+        }
+    }
+    for _ in 0..200 {
+        // SAFETY: msg points at live buffers (iov, the address, control)
+        // for the duration of the call.
+        let sent = unsafe { libc::sendmsg(fd, &msg, 0) };
+        if sent >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock {
+            return Err(err);
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a 1 ms bound.
+        unsafe { libc::poll(&mut pfd, 1, 1) };
+    }
+    Err(io::Error::from(io::ErrorKind::WouldBlock))
+}
+
+fn map_out(dual_stack: bool, dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        other => other,
+    }
+}
+
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        other => other,
+    }
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value is a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn open(port: u16, v6: bool, options: FastPathOptions) -> io::Result<UdpSocket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if v6 {
+        socket.set_only_v6(false)?;
+    }
+    let fd = socket.as_raw_fd();
+    let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
+    // The forced sizes pass over net.core.[rw]mem_max (root); fall back to
+    // the capped ones.
+    if set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    }
+    if set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    }
+    if options.udp_gro {
+        if let Err(e) = set_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
+            debug!(error = %e, "no UDP GRO");
+        }
+    }
+    socket.set_nonblocking(true)?;
+    let addr: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, port).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, port).into()
+    };
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn open_any(port: u16, options: FastPathOptions) -> io::Result<(UdpSocket, bool)> {
+    match open(port, true, options) {
+        Ok(socket) => Ok((socket, true)),
+        Err(e) => {
+            debug!(error = %e, "no dual-stack socket; falling back to IPv4");
+            Ok((open(port, false, options)?, false))
+        }
+    }
+}
+
+/// A `sockaddr_storage` filled by the kernel, as a Rust address.
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is large and aligned enough for it.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+impl FastUdp {
+    /// Binds on every address (dual-stack when possible) on `port` and
+    /// joins `tun`'s output queue.
+    pub fn bind(port: u16, tun: &FastTun) -> io::Result<Self> {
+        let options = tun.options;
+        let (socket, dual_stack) = open_any(port, options)?;
+        let socket = Arc::new(socket);
+        tun.shared.outbox().udp = Some(SendQueue::new(socket.clone(), dual_stack, options.udp_gso));
+        Ok(Self {
+            shared: tun.shared.clone(),
+            socket,
+            options,
+            bufs: (0..RECV_BATCH).map(|_| vec![0; RECV_BUFFER]).collect(),
+            lens: [0; RECV_BATCH],
+            seg: [0; RECV_BATCH],
+            from: [SocketAddr::from(([0, 0, 0, 0], 0)); RECV_BATCH],
+            count: 0,
+            msg: 0,
+            offset: 0,
+        })
+    }
+
+    /// The next queued datagram: (message, start, end).
+    fn next_datagram(&mut self) -> Option<(usize, usize, usize)> {
+        while self.msg < self.count {
+            let (msg, start, len) = (self.msg, self.offset, self.lens[self.msg]);
+            if start >= len {
+                self.msg += 1;
+                self.offset = 0;
+                continue;
+            }
+            let seg = if self.seg[msg] == 0 {
+                len
+            } else {
+                self.seg[msg]
+            };
+            let end = (start + seg).min(len);
+            self.offset = end;
+            if end >= len {
+                self.msg += 1;
+                self.offset = 0;
+            }
+            return Some((msg, start, end));
+        }
+        None
+    }
+
+    /// One `recvmmsg`; fills the batch. Returns the number of messages.
+    fn receive_batch(
+        bufs: &mut [Vec<u8>],
+        lens: &mut [usize; RECV_BATCH],
+        seg: &mut [usize; RECV_BATCH],
+        from: &mut [SocketAddr; RECV_BATCH],
+        fd: RawFd,
+    ) -> io::Result<usize> {
+        // SAFETY: these are plain C structs; all-zero is a valid value.
+        let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { zeroed() };
+        let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { zeroed() };
+        let mut controls = [[0u64; CMSG_ROOM / 8]; RECV_BATCH];
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { zeroed() };
+        for i in 0..RECV_BATCH {
+            iovs[i].iov_base = bufs[i].as_mut_ptr() as *mut libc::c_void;
+            iovs[i].iov_len = bufs[i].len();
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = controls[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = CMSG_ROOM as _;
+        }
+        // SAFETY: every header points at live buffers of the lengths given,
+        // all of which outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let mut kept = 0;
+        for i in 0..n {
+            let h = &hdrs[i].msg_hdr;
+            if h.msg_flags & libc::MSG_TRUNC != 0 {
+                continue;
+            }
+            let Some(addr) = sockaddr_to_std(&names[i]) else {
+                continue;
+            };
+            let mut gso = 0usize;
+            // SAFETY: the kernel filled msg_control/msg_controllen of this
+            // header; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them.
+            unsafe {
+                let mut cmsg = libc::CMSG_FIRSTHDR(h);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                        gso = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int)
+                            as usize;
+                    }
+                    cmsg = libc::CMSG_NXTHDR(h, cmsg);
+                }
+            }
+            if kept != i {
+                bufs.swap(kept, i);
+            }
+            lens[kept] = hdrs[i].msg_len as usize;
+            seg[kept] = gso;
+            from[kept] = unmap(addr);
+            kept += 1;
+        }
+        Ok(kept)
+    }
+}
+
+impl DatagramSocket for FastUdp {
+    async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        loop {
+            if let Some((msg, start, end)) = self.next_datagram() {
+                if self.msg >= self.count {
+                    self.shared.udp_input.store(false, Ordering::Relaxed);
+                }
+                let len = (end - start).min(buf.len());
+                buf[..len].copy_from_slice(&self.bufs[msg][start..start + len]);
+                return Ok((len, self.from[msg]));
+            }
+            self.shared.udp_input.store(false, Ordering::Relaxed);
+            self.shared.flush_if_idle();
+            let socket = self.socket.clone();
+            let fd = socket.as_raw_fd();
+            let (bufs, lens, seg, from) = (
+                &mut self.bufs,
+                &mut self.lens,
+                &mut self.seg,
+                &mut self.from,
+            );
+            // Readiness-based: dropping this future loses nothing.
+            let count = socket
+                .async_io(Interest::READABLE, || {
+                    Self::receive_batch(bufs, lens, seg, from, fd)
+                })
+                .await?;
+            self.count = count;
+            self.msg = 0;
+            self.offset = 0;
+            if count > 0 {
+                self.shared.udp_input.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
+        if let Some(queue) = self.shared.outbox().udp.as_mut() {
+            queue.push(data, dst);
+        }
+        Ok(())
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr().map(unmap)
+    }
+
+    async fn rebind(&mut self, port: u16) -> io::Result<()> {
+        // Send what is queued on the old socket, then close it so the same
+        // port can be bound again.
+        let old_port = self.socket.local_addr()?.port();
+        let mut out = self.shared.outbox();
+        if let Some(queue) = out.udp.as_mut() {
+            queue.flush();
+        }
+        out.udp = None;
+        let placeholder = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        placeholder.set_nonblocking(true)?;
+        self.socket = Arc::new(UdpSocket::from_std(placeholder)?);
+        let (socket, dual_stack, result) = match open_any(port, self.options) {
+            Ok((socket, dual_stack)) => (socket, dual_stack, Ok(())),
+            Err(e) => {
+                let (socket, dual_stack) = open_any(old_port, self.options)?;
+                (socket, dual_stack, Err(e))
+            }
+        };
+        let socket = Arc::new(socket);
+        out.udp = Some(SendQueue::new(
+            socket.clone(),
+            dual_stack,
+            self.options.udp_gso,
+        ));
+        drop(out);
+        self.socket = socket;
+        self.count = 0;
+        self.msg = 0;
+        self.offset = 0;
+        self.shared.udp_input.store(false, Ordering::Relaxed);
+        result
+    }
+}
