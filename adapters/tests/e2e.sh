@@ -104,6 +104,7 @@ CONF
 }
 write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
 write_config wgmB "$KEY_B" "$DISCO_B" 100.64.0.2 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/b.toml"
+printf '\n[bird]\nsocket = "%s"\n' "$TMP/bird.ctl" >>"$TMP/a.toml"
 write_config wgmC "$KEY_C" "$DISCO_C" 100.64.0.3 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/c.toml"
 for n in a b c; do
     echo "nameserver 192.0.2.53" >"$TMP/resolv-$n.conf"
@@ -223,6 +224,43 @@ bad_reload() {
 }
 check "a bad reload is refused and traffic keeps flowing" bad_reload
 check "a good reload is accepted" in_a "$WGMESH" "${API_A[@]}" reload
+
+# BIRD: when A becomes the primary router of a subnet it advertises, the
+# configured BIRD protocol is enabled through BIRD's control socket; when it
+# stops being primary, the protocol is disabled again.
+bird_protocol_state() {
+    in_a birdc -s "$TMP/bird.ctl" show protocols tailnet | awk '$1 == "tailnet" { print $4 }'
+}
+bird_switch() {
+    cat >"$TMP/bird.conf" <<CONF
+router id 10.77.0.1;
+protocol device {}
+protocol static tailnet {
+    disabled;
+    ipv4;
+    route 192.168.77.0/24 blackhole;
+}
+CONF
+    ip netns exec "$NS_A" bird -f -c "$TMP/bird.conf" -s "$TMP/bird.ctl" -P "$TMP/bird.pid" &
+    PIDS+=($!)
+    for _ in $(seq 50); do [ -S "$TMP/bird.ctl" ] && break; sleep 0.1; done
+    [ "$(bird_protocol_state)" = down ]
+    cp "$TMP/a.toml" "$TMP/a.nobird"
+    sed -i 's#^mtu = 1280#mtu = 1280\nadvertised_routes = ["192.168.77.0/24"]\nprimary_routes = ["192.168.77.0/24"]#' "$TMP/a.toml"
+    sed -i 's#^\[bird\]#[bird]\nprotocol = "tailnet"#' "$TMP/a.toml"
+    in_a "$WGMESH" "${API_A[@]}" reload
+    for _ in $(seq 30); do [ "$(bird_protocol_state)" = up ] && break; sleep 0.1; done
+    [ "$(bird_protocol_state)" = up ]
+    sed -i 's#^primary_routes = .*#primary_routes = []#' "$TMP/a.toml"
+    in_a "$WGMESH" "${API_A[@]}" reload
+    for _ in $(seq 30); do [ "$(bird_protocol_state)" = down ] && break; sleep 0.1; done
+    [ "$(bird_protocol_state)" = down ]
+    cp "$TMP/a.nobird" "$TMP/a.toml"
+    in_a "$WGMESH" "${API_A[@]}" reload
+}
+if command -v bird >/dev/null && command -v birdc >/dev/null; then
+    check "BIRD protocol follows the subnet-router state" bird_switch
+fi
 
 # A third node joins: it starts, and a reload of A adds it.
 third_node() {
