@@ -46,10 +46,20 @@ sim-speed:
 explore CASES="200" SEED="1":
     cargo run --release --locked -p wgmesh-sim -- explore --cases {{CASES}} --seed {{SEED}}
 
-# Userspace WireGuard throughput side by side (root): wgmeshd, boringtun-cli,
-# wireguard-go and the bare veth in two network namespaces, iperf3 TCP, 3
-# interleaved runs each. Installs what it lacks. Last line: wgmesh's median
-# and its ratio to boringtun-cli. See bench/throughput/run.sh for knobs.
+# wgmeshd (batched and plain), boringtun-cli, wireguard-go and the bare veth
+# in two network namespaces, iperf3 TCP, 3 interleaved runs each; installs
+# what it lacks; knobs in bench/throughput/run.sh. Last line: wgmesh's median
+# and its ratio to boringtun-cli.
+# Userspace WireGuard throughput side by side (root).
 bench-throughput:
     cargo build --release --locked -p wgmesh-adapters --bins
     bash bench/throughput/run.sh target/release/wgmeshd
+
+# Fuzz one target for SECS seconds with cargo-fuzz/libFuzzer (targets:
+# ip_parsers tsmp disco_open config scenario engine). Needs `cargo install
+# cargo-fuzz`; RUSTC_BOOTSTRAP lets the stable toolchain take its nightly
+# flags. New inputs go to target/fuzz-corpus/TARGET; fuzz/corpus/TARGET is
+# the committed seed corpus (copy a finding there with its regression test).
+fuzz TARGET SECS="60":
+    mkdir -p target/fuzz-corpus/{{TARGET}}
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --debug-assertions {{ if TARGET == "scenario" { "--features sim" } else { "" } }} {{TARGET}} ../target/fuzz-corpus/{{TARGET}} corpus/{{TARGET}} -- -max_total_time={{SECS}} -timeout=20 -rss_limit_mb=4096

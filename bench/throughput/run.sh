@@ -6,7 +6,8 @@
 # over the tunnel for $BENCH_SECONDS s, $BENCH_RUNS runs per implementation,
 # interleaved (run 1 of every implementation, then run 2, ...):
 #
-#   wgmesh        wgmeshd <-> wgmeshd
+#   wgmesh        wgmeshd <-> wgmeshd, batched data plane (WGMESH_FASTPATH=1)
+#   wgmesh-plain  wgmeshd <-> wgmeshd, one packet per system call (the default)
 #   boringtun     boringtun-cli <-> boringtun-cli, 1 thread
 #   wg-go-debian  Debian's wireguard-go <-> itself
 #   wg-go:<path>  any other wireguard-go on PATH or in $BENCH_WG_GO (":"-separated)
@@ -27,13 +28,16 @@
 # Environment: BENCH_RUNS (3), BENCH_SECONDS (5), BENCH_ONLY (space-separated
 # implementation names to keep, e.g. "wgmesh boringtun"), BENCH_PIN=1 (pin
 # side A to CPU 0 and side B to CPU 1), BENCH_WG_GO (extra wireguard-go
-# binaries), BENCH_CACHE (default ~/.cache/wgmesh-bench), WGMESHD_ENV (extra
-# environment for wgmeshd, e.g. "WGMESH_FASTPATH=1"), BENCH_KEEP_LOGS=1 (keep
+# binaries), BENCH_CACHE (default ~/.cache/wgmesh-bench), WGMESHD_ENV
+# (environment of the "wgmesh" daemons, default "WGMESH_FASTPATH=1"),
+# BENCH_WGMESH_VARIANTS (more wgmeshd runs as "name=ENV;name=ENV", e.g.
+# "no-gso=WGMESH_FASTPATH=1 WGMESH_FASTPATH_GSO=0"), BENCH_KEEP_LOGS=1 (keep
 # the logs, iperf3 JSON and pings in the temporary directory), BENCH_PERF=1
 # (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
+WGMESHD_ENV=${WGMESHD_ENV-WGMESH_FASTPATH=1}
 RUNS=${BENCH_RUNS:-3}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 CACHE=${BENCH_CACHE:-${HOME:-/root}/.cache/wgmesh-bench}
@@ -112,7 +116,13 @@ fi
 WGMESHD=$(realpath "$WGMESHD")
 
 # Implementations, in the order they run within a round.
-IMPLS=(wgmesh)
+IMPLS=(wgmesh wgmesh-plain)
+declare -A WGMESH_ENV=([wgmesh]=$WGMESHD_ENV [wgmesh-plain]="WGMESH_FASTPATH=0")
+IFS=';' read -r -a variants <<<"${BENCH_WGMESH_VARIANTS:-}"
+for variant in "${variants[@]}"; do
+    [ -n "$variant" ] || continue
+    IMPLS+=("wgmesh-${variant%%=*}"); WGMESH_ENV["wgmesh-${variant%%=*}"]=${variant#*=}
+done
 [ -n "$BORINGTUN" ] && IMPLS+=(boringtun)
 declare -A WG_GO_BIN
 DEBIAN_WG_GO=$(realpath /usr/bin/wireguard-go 2>/dev/null || true)
@@ -168,10 +178,10 @@ start_daemon() {
     log="$TMP/$impl-$side.log"; log=${log//:/_}; log=${log//\/_/_}
     rm -f "/var/run/wireguard/$iface.sock"
     case $impl in
-        wgmesh)
+        wgmesh*)
             mkdir -p "$TMP/state-$side"
             # shellcheck disable=SC2086
-            ip netns exec "$ns" env RUST_LOG=warn ${WGMESHD_ENV:-} $pin "$WGMESHD" --foreground \
+            ip netns exec "$ns" env RUST_LOG=warn ${WGMESH_ENV[$impl]} $pin "$WGMESHD" --foreground \
                 --interface "$iface" --state-dir "$TMP/state-$side" \
                 --resolv-conf "$TMP/resolv-$side" >"$log" 2>&1 &
             ;;
