@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rand_core::{OsRng, RngCore};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 use wgmesh_core::{
     DiscoPrivateKey, DnsConfig, Engine, EngineConfig, InputError, NodePrivateKey, Reconfig,
@@ -19,7 +19,7 @@ use crate::api::{self, ApiContext, ReloadRequest};
 use crate::config::{ConfigError, DaemonConfig, DnsMode, trim_override_from_env};
 use crate::dns::{DnsManager, detect};
 use crate::driver::{
-    Clock, Driver, DriverError, DriverHandle, DriverOptions, RequestError, TokioClock,
+    Clock, Driver, DriverError, DriverExit, DriverHandle, DriverOptions, RequestError, TokioClock,
 };
 use crate::fastpath::{DataTun, DataUdp};
 use crate::os::OsManager;
@@ -168,17 +168,6 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let mut os = OsManager::new(&interface, router, dns, bird, state_path);
     os.recover().await;
 
-    let tun = DataTun::open(&interface, mtu).map_err(|source| DaemonError::Tun {
-        name: interface.clone(),
-        source,
-    })?;
-    let socket = DataUdp::bind(listen_port, &tun).map_err(|source| DaemonError::Socket {
-        port: listen_port,
-        source,
-    })?;
-    let bound = crate::driver::DatagramSocket::local_addr(&socket).ok();
-    info!(interface = %tun.name(), ?bound, "devices ready");
-
     let mut engine_config = EngineConfig::new(private_key.clone(), disco_key);
     engine_config.name = interface.clone();
     engine_config.trim_override = trim_override_from_env();
@@ -187,15 +176,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
 
     let (effects_tx, effects_rx) = mpsc::unbounded_channel();
     let os_task = tokio::spawn(os.run(effects_rx));
-    let (driver, handle) = Driver::new(
-        engine,
-        tun,
-        socket,
-        TokioClock,
-        effects_tx,
-        DriverOptions::default(),
-    );
-    let mut driver_task = tokio::spawn(driver.run());
+    let (handle, bound, mut driver_exit) =
+        spawn_driver_thread(engine, interface.clone(), mtu, listen_port, effects_tx).await?;
 
     // The listen port actually bound goes into the config the engine sees,
     // so status and UAPI show it.
@@ -309,7 +291,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
                 }
                 let _ = reply.send(outcome);
             }
-            exit = &mut driver_task => {
+            exit = &mut driver_exit => {
                 break match exit {
                     Ok(Ok(_)) => Err(DaemonError::DriverStopped),
                     Ok(Err(e)) => Err(DaemonError::Driver(e)),
@@ -330,7 +312,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     }
     if result.is_ok() {
         close(&handle).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut driver_task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut driver_exit).await;
     }
     drop(handle);
     drop(context);
@@ -346,6 +328,85 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     }
     info!("wgmeshd stopped");
     result
+}
+
+/// What the driver thread reports when its loop ends.
+type DriverExitReceiver = oneshot::Receiver<Result<DriverExit, DriverError>>;
+
+/// Opens the TUN and the UDP socket and runs the driver loop on a thread of
+/// its own, with its own single-threaded runtime. The data path then never
+/// competes with the API, netlink or signal handling for a worker, and a
+/// driver that stops making progress cannot keep the daemon from reacting to
+/// SIGTERM (the shutdown path bounds every wait on it).
+async fn spawn_driver_thread(
+    engine: Engine,
+    interface: String,
+    mtu: u16,
+    listen_port: u16,
+    effects: mpsc::UnboundedSender<wgmesh_core::Effect>,
+) -> Result<(DriverHandle, Option<SocketAddr>, DriverExitReceiver), DaemonError> {
+    type Ready = Result<(DriverHandle, Option<SocketAddr>), DaemonError>;
+    let (ready_tx, ready_rx) = oneshot::channel::<Ready>();
+    let (exit_tx, exit_rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("wgmesh-driver".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(source) => {
+                    let _ = ready_tx.send(Err(DaemonError::Local {
+                        what: "driver runtime".into(),
+                        source,
+                    }));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let tun = match DataTun::open(&interface, mtu) {
+                    Ok(tun) => tun,
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(DaemonError::Tun {
+                            name: interface,
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                let socket = match DataUdp::bind(listen_port, &tun) {
+                    Ok(socket) => socket,
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(DaemonError::Socket {
+                            port: listen_port,
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                let bound = crate::driver::DatagramSocket::local_addr(&socket).ok();
+                info!(interface = %tun.name(), ?bound, "devices ready");
+                let (driver, handle) = Driver::new(
+                    engine,
+                    tun,
+                    socket,
+                    TokioClock,
+                    effects,
+                    DriverOptions::default(),
+                );
+                let _ = ready_tx.send(Ok((handle, bound)));
+                let _ = exit_tx.send(driver.run().await);
+            });
+        });
+    if let Err(source) = spawned {
+        return Err(DaemonError::Local {
+            what: "driver thread".into(),
+            source,
+        });
+    }
+    let (handle, bound) = ready_rx.await.map_err(|_| DaemonError::DriverStopped)??;
+    Ok((handle, bound, exit_rx))
 }
 
 async fn close(handle: &DriverHandle) {

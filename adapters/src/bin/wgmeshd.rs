@@ -103,7 +103,7 @@ fn main() -> ExitCode {
         manage_routes: true,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
     {

@@ -127,12 +127,15 @@ impl FastTun {
     /// Creates (or attaches to) the TUN `name` with offloads as `options`
     /// say, sets its MTU and brings it up.
     pub fn open(name: &str, mtu: u16, options: FastPathOptions) -> io::Result<Self> {
-        let tun = tun_rs::DeviceBuilder::new()
+        let mut builder = tun_rs::DeviceBuilder::new()
             .name(name)
             .mtu(mtu)
             .offload(options.tun_offload)
-            .enable(true)
-            .build_async()?;
+            .enable(true);
+        if let Some(len) = options.tx_queue_len {
+            builder = builder.tx_queue_len(len);
+        }
+        let tun = builder.build_async()?;
         let name = tun.name()?;
         let shared = Arc::new(Shared {
             tun,

@@ -19,7 +19,8 @@
 //! Sub-switches, for measuring what each part contributes:
 //! `WGMESH_FASTPATH_TUN_OFFLOAD=0` (plain TUN reads and writes),
 //! `WGMESH_FASTPATH_GSO=0` (one `sendmsg` per datagram),
-//! `WGMESH_FASTPATH_GRO=0` (no `UDP_GRO`).
+//! `WGMESH_FASTPATH_GRO=0` (no `UDP_GRO`), `WGMESH_FASTPATH_TXQLEN=N` (the
+//! TUN's transmit queue length).
 
 mod batch;
 mod udp;
@@ -53,6 +54,9 @@ pub struct FastPathOptions {
     pub udp_gso: bool,
     /// `WGMESH_FASTPATH_GRO`: UDP receives with `UDP_GRO`.
     pub udp_gro: bool,
+    /// `WGMESH_FASTPATH_TXQLEN`: the TUN's transmit queue in packets (each
+    /// up to 64 KB with offloads), when set.
+    pub tx_queue_len: Option<u32>,
 }
 
 impl FastPathOptions {
@@ -63,6 +67,10 @@ impl FastPathOptions {
             tun_offload: env_on("WGMESH_FASTPATH_TUN_OFFLOAD", true),
             udp_gso: env_on("WGMESH_FASTPATH_GSO", true),
             udp_gro: env_on("WGMESH_FASTPATH_GRO", true),
+            tx_queue_len: std::env::var("WGMESH_FASTPATH_TXQLEN")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&n: &u32| n > 0),
         }
     }
 }
