@@ -332,13 +332,22 @@ uapi_only() {
 }
 check "wgmeshd --interface configured by wg set and ip" uapi_only
 
-# Interop: node B becomes Debian's wireguard-go, configured with wg; the
-# wgmeshd on A (configured by wg set above) talks to it both ways.
-interop_wireguard_go() {
-    kill -TERM "${PID[b]}"
-    for _ in $(seq 100); do kill -0 "${PID[b]}" 2>/dev/null || break; sleep 0.1; done
-    ip netns exec "$NS_B" wireguard-go -f wgmB >"$TMP/wggo.log" 2>&1 &
-    PIDS+=($!)
+# Interop: node B becomes a WireGuard implementation we did not write
+# (Debian's wireguard-go, then boringtun-cli), configured with wg; the wgmeshd
+# on A (configured by wg set above) talks to it both ways.
+BORINGTUN=${BORINGTUN_CLI:-$(command -v boringtun-cli || true)}
+if [ -z "$BORINGTUN" ] && [ -x "$HOME/.cache/wgmesh-bench/boringtun/bin/boringtun-cli" ]; then
+    BORINGTUN=$HOME/.cache/wgmesh-bench/boringtun/bin/boringtun-cli
+fi
+B_PID=${PID[b]}
+interop_with() { # command to run node B's interface wgmB in the foreground
+    kill -TERM "$B_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$B_PID" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do in_b ip link show wgmB >/dev/null 2>&1 || break; sleep 0.1; done
+    rm -f /var/run/wireguard/wgmB.sock
+    ip netns exec "$NS_B" "$@" >"$TMP/interop.log" 2>&1 &
+    B_PID=$!
+    PIDS+=("$B_PID")
     for _ in $(seq 100); do [ -S /var/run/wireguard/wgmB.sock ] && break; sleep 0.1; done
     echo "$KEY_B" >"$TMP/key-b"
     in_b wg set wgmB private-key "$TMP/key-b" listen-port 51820 \
@@ -351,7 +360,15 @@ interop_wireguard_go() {
     tcp_transfer
 }
 if command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
-    check "interop with wireguard-go: ping both ways and a TCP transfer" interop_wireguard_go
+    check "interop with wireguard-go: ping both ways and a TCP transfer" \
+        interop_with wireguard-go -f wgmB
+fi
+if [ -n "$BORINGTUN" ] && command -v wg >/dev/null; then
+    check "interop with boringtun-cli: ping both ways and a TCP transfer" \
+        interop_with env WG_SUDO=1 "$BORINGTUN" --foreground --threads 1 \
+        --disable-drop-privileges --log "$TMP/boringtun.log" wgmB
+else
+    echo "skip interop with boringtun-cli (not installed; set BORINGTUN_CLI)"
 fi
 
 if [ "$FAILED" != 0 ]; then
