@@ -397,3 +397,67 @@ fn pendopen_reports_no_handshake_for_a_configured_but_unreachable_peer() {
     assert_eq!(f.len(), 1, "{f:?}");
     assert_eq!(f[0].cause, FailureCause::NoHandshake);
 }
+
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random pings of every kind interleaved with partitions, heals and
+        /// waits: every ping ends exactly once, within 10 s, and nothing is
+        /// left pending.
+        #[test]
+        fn every_ping_ends_exactly_once_within_ten_seconds(
+            ops in proptest::collection::vec((0u8..4, 0usize..3, 0usize..3, 0u16..3000), 1..40),
+        ) {
+            let mut net = Net::new(3, HALF_RTT, |_, _| {});
+            net.configure_all(Knobs::default());
+            let mut started: BTreeMap<u64, std::time::Instant> = BTreeMap::new();
+            let mut next_id = 0u64;
+            for (op, a, b, arg) in ops {
+                match op {
+                    0 | 1 => {
+                        let kind = [PingKind::Tsmp, PingKind::Icmp, PingKind::Disco][usize::from(arg % 3)];
+                        let ip = if arg % 2 == 0 { net.nodes[b].ip4 } else { net.nodes[b].ip6 };
+                        next_id += 1;
+                        started.insert(next_id, net.now);
+                        net.ping(a, ip, kind, next_id);
+                    }
+                    2 => {
+                        if arg % 2 == 0 {
+                            net.cut.insert((a, b));
+                            net.cut.insert((b, a));
+                        } else {
+                            net.cut.remove(&(a, b));
+                            net.cut.remove(&(b, a));
+                        }
+                    }
+                    _ => net.run_for(Duration::from_millis(u64::from(arg) * 5)),
+                }
+                // The peer's OS answers ICMP echo requests.
+                for i in 0..3 {
+                    answer_icmp(&mut net, i);
+                }
+                for (id, t0) in &started {
+                    let ended: Vec<_> = net.nodes.iter().flat_map(|n| n.pings.iter()).filter(|(_, r)| r.id == *id).collect();
+                    prop_assert!(ended.len() <= 1, "ping {} ended twice", id);
+                    if net.now.duration_since(*t0) > PING_TIMEOUT {
+                        prop_assert_eq!(ended.len(), 1, "ping {} still running after 10 s", id);
+                    }
+                    if let Some((t, _)) = ended.first() {
+                        prop_assert!(t.duration_since(*t0) <= PING_TIMEOUT);
+                    }
+                }
+            }
+            net.run_for(PING_TIMEOUT + Duration::from_secs(1));
+            for n in &net.nodes {
+                prop_assert_eq!(n.engine.pending_ping_count(), 0);
+            }
+            let total: usize = net.nodes.iter().map(|n| n.pings.len()).sum();
+            prop_assert_eq!(total, started.len());
+        }
+    }
+}
