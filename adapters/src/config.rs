@@ -99,6 +99,9 @@ pub struct ConfigFile {
     /// BIRD control.
     #[serde(default)]
     pub bird: BirdSection,
+    /// The optional flow log.
+    #[serde(default)]
+    pub flowlog: FlowLogSection,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
@@ -215,6 +218,16 @@ pub struct BirdSection {
     pub socket: Option<PathBuf>,
     /// The protocol to enable while this node is a primary subnet router.
     pub protocol: Option<String>,
+}
+
+/// `[flowlog]`: per-flow counters as JSON lines.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowLogSection {
+    /// The file to append to; no file, no flow log.
+    pub path: Option<PathBuf>,
+    /// Seconds between writes (default 10).
+    pub interval_secs: Option<u64>,
 }
 
 /// One `[[peer]]`.

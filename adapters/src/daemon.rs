@@ -251,6 +251,21 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         _ => None,
     };
 
+    // The flow log.
+    let flowlog_task = config
+        .as_ref()
+        .and_then(|c| {
+            c.file
+                .flowlog
+                .path
+                .clone()
+                .map(|p| (p, c.file.flowlog.interval_secs))
+        })
+        .map(|(path, secs)| {
+            let interval = Duration::from_secs(secs.unwrap_or(10));
+            tokio::spawn(crate::flowlog::run(handle.clone(), path, interval))
+        });
+
     // The link monitor.
     let monitor_task = if options.manage_routes {
         match crate::linkmon::spawn(interface.clone(), handle.clone()) {
@@ -304,7 +319,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     // Shutdown, in order: stop taking requests, close the engine (its last
     // effects withdraw routes and DNS), wait for the OS manager to finish.
     api_task.abort();
-    for task in [metrics_task, uapi_task, monitor_task]
+    for task in [metrics_task, uapi_task, monitor_task, flowlog_task]
         .into_iter()
         .flatten()
     {

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod dns;
 pub mod driver;
 pub mod fastpath;
+pub mod flowlog;
 pub mod linkmon;
 pub mod os;
 pub mod router;

@@ -105,6 +105,7 @@ CONF
 write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
 write_config wgmB "$KEY_B" "$DISCO_B" 100.64.0.2 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/b.toml"
 printf '\n[bird]\nsocket = "%s"\n' "$TMP/bird.ctl" >>"$TMP/a.toml"
+printf '\n[flowlog]\npath = "%s"\ninterval_secs = 1\n' "$TMP/flows.jsonl" >>"$TMP/a.toml"
 write_config wgmC "$KEY_C" "$DISCO_C" 100.64.0.3 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/c.toml"
 for n in a b c; do
     echo "nameserver 192.0.2.53" >"$TMP/resolv-$n.conf"
@@ -184,6 +185,20 @@ PY
     [ "$(cat "$TMP/got")" = "$want" ]
 }
 check "TCP transfer of ${SIZE_MB} MB with matching checksum" tcp_transfer
+
+flow_log() {
+    sleep 1.5
+    python3 - "$TMP/flows.jsonl" "$SIZE_MB" <<'PY'
+import json, sys
+flows = [json.loads(l) for l in open(sys.argv[1])]
+tcp = [f for f in flows if f["proto"] == 6 and f["dst"] == "100.64.0.2:5201" and f["direction"] == "out"]
+sent = sum(f["bytes"] for f in tcp)
+assert sent >= int(sys.argv[2]) << 20, (sent, tcp[:3])
+assert all(f["peer"] for f in tcp), tcp[:3]
+assert any(f["proto"] == 1 and f["direction"] == "in" for f in flows), "no ICMP replies logged"
+PY
+}
+check "flow log has the TCP transfer and the pings, per peer" flow_log
 
 capture_pcap() {
     in_a "$WGMESH" "${API_A[@]}" capture -o "$TMP/cap.pcap" --seconds 3 &
