@@ -64,3 +64,9 @@ bench-throughput:
 fuzz TARGET SECS="60":
     mkdir -p target/fuzz-corpus/{{TARGET}}
     cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --debug-assertions {{ if TARGET == "scenario" { "--features sim" } else { "" } }} {{TARGET}} ../target/fuzz-corpus/{{TARGET}} corpus/{{TARGET}} -- -max_total_time={{SECS}} -timeout=20 -rss_limit_mb=4096
+
+# A three-node tailnet in network namespaces on this machine (root): prints
+# each node's status, pings across, then tears it all down.
+demo:
+    cargo build --release --locked -p wgmesh-adapters --bins
+    bash adapters/examples/demo.sh target/release
