@@ -105,6 +105,7 @@ CONF
 write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
 write_config wgmB "$KEY_B" "$DISCO_B" 100.64.0.2 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/b.toml"
 printf '\n[bird]\nsocket = "%s"\n' "$TMP/bird.ctl" >>"$TMP/a.toml"
+printf '\n[api]\nmetrics_listen = "127.0.0.1:9101"\n' >>"$TMP/a.toml"
 printf '\n[flowlog]\npath = "%s"\ninterval_secs = 1\n' "$TMP/flows.jsonl" >>"$TMP/a.toml"
 write_config wgmC "$KEY_C" "$DISCO_C" 100.64.0.3 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/c.toml"
 for n in a b c; do
@@ -154,6 +155,32 @@ assert s["counters"]["handshakes_completed"] >= 1, s["counters"]
 PY
 }
 check "wgmesh status --json shows handshake and bytes" status_json
+metrics_http() {
+    in_a python3 - <<'PY'
+import urllib.request
+body = urllib.request.urlopen("http://127.0.0.1:9101/metrics", timeout=5).read().decode()
+assert 'wgmesh_handshakes_completed{interface="wgmA"}' in body, body[:300]
+assert "wgmesh_peer_rx_bytes{" in body
+PY
+}
+check "Prometheus metrics over HTTP on loopback" metrics_http
+
+# A new default route in A's namespace is a major link change: the engine
+# counts it, rebinds its socket, and traffic keeps flowing.
+link_change() {
+    counter() {
+        "$WGMESH" "${API_A[@]}" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["counters"]["link_changes_major"])'
+    }
+    local before after
+    before=$(counter)
+    in_a ip route add default via 10.77.0.254 dev veth-a
+    after=$before
+    for _ in $(seq 30); do after=$(counter); [ "$after" -gt "$before" ] && break; sleep 0.1; done
+    in_a ip route del default via 10.77.0.254 dev veth-a
+    [ "$after" -gt "$before" ]
+    in_a ping -c 2 -i 0.2 -W 2 100.64.0.2
+}
+check "a default-route change is a major link change; traffic survives the rebind" link_change
 check "wgmesh metrics" sh -c "'$WGMESH' ${API_A[*]} metrics | grep -q '^wgmesh_handshakes_completed{interface=\"wgmA\"} [1-9]'"
 
 SIZE_MB=${E2E_TRANSFER_MB:-100}
