@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,7 +37,7 @@ use wgmesh_core::{
 use crate::report::Report;
 use crate::runner::{Labels, Outcomes, RunError, evaluate_outcomes};
 use crate::scenario::{ActionKind, ExpectKind, Scenario, Target};
-use crate::tailnet::{NodeId, PingRecord, SINK_PORT, StreamRecord, Violation, WG_PORT};
+use crate::tailnet::{LinkKind, NodeId, PingRecord, SINK_PORT, StreamRecord, Violation, WG_PORT};
 use crate::trace::{Category, Keep, Trace};
 
 /// The fixed epoch turmoil's simulated wall clock starts from.
@@ -45,6 +46,8 @@ const EPOCH_SECS: u64 = 1_700_000_000;
 /// A turmoil UDP socket behind the driver's socket trait.
 struct TurmoilSocket {
     socket: turmoil::net::UdpSocket,
+    /// Set by a major link change: the port the next rebind moves to (0: none).
+    next_port: Arc<AtomicU16>,
 }
 
 impl DatagramSocket for TurmoilSocket {
@@ -61,12 +64,20 @@ impl DatagramSocket for TurmoilSocket {
     }
 
     async fn rebind(&mut self, port: u16) -> std::io::Result<()> {
-        let port = if port == 0 { WG_PORT } else { port };
+        // Turmoil hosts keep their address, so a major link change moves the
+        // node to a new port instead: the rebind it triggers binds there.
+        let moved = self.next_port.load(Ordering::Relaxed);
+        let port = match (moved, port) {
+            (0, 0) => WG_PORT,
+            (0, p) => p,
+            (m, _) => m,
+        };
         if self.socket.local_addr()?.port() == port {
             return Ok(());
         }
         let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
         self.socket = socket;
+        self.next_port.store(0, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -89,6 +100,7 @@ enum Cmd {
     },
     Counters,
     Close,
+    Link(wgmesh_core::LinkChange),
 }
 
 /// State shared by the outer loop and every host (all on one thread).
@@ -109,6 +121,10 @@ struct Shared {
     violations: Vec<Violation>,
     seed: u64,
     control_delay: Duration,
+    ports: Vec<u16>,
+    next_ports: Vec<Arc<AtomicU16>>,
+    pending_move: Vec<Option<u16>>,
+    knobs: Vec<Knobs>,
 }
 
 impl Shared {
@@ -144,7 +160,19 @@ impl EffectSink for TraceSink {
             Effect::ReDiscoverEndpoints { reason } => format!("rediscover-endpoints {reason}"),
             other => format!("{other:?}").chars().take(60).collect(),
         };
-        lock(&self.shared).log(Some(self.node), Category::Effect, "effect", detail);
+        let mut s = lock(&self.shared);
+        s.log(Some(self.node), Category::Effect, "effect", detail);
+        if let Effect::ReDiscoverEndpoints { .. } = effect {
+            // The node reports where it can be reached now; control passes
+            // it on to everyone after its delay.
+            if let Some(port) = s.pending_move[self.node].take() {
+                s.ports[self.node] = port;
+                let at = s.now + s.control_delay;
+                for j in 0..s.names.len() {
+                    s.netmaps_due.push((at, j));
+                }
+            }
+        }
     }
 }
 
@@ -347,6 +375,9 @@ async fn run_cmd(
         Cmd::Close => {
             let _ = handle.close().await;
         }
+        Cmd::Link(change) => {
+            let _ = handle.link_change(change).await;
+        }
     }
 }
 
@@ -452,6 +483,8 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             | ActionKind::Restart { .. }
             | ActionKind::Partition { .. }
             | ActionKind::Heal
+            | ActionKind::LinkChange { .. }
+            | ActionKind::SetKnob { .. }
             | ActionKind::Idle { .. } => {}
             _ => return Err(unsupported(&format!("the action on line {}", a.line))),
         }
@@ -496,6 +529,21 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         violations: Vec::new(),
         seed,
         control_delay: scenario.network.control_delay,
+        ports: vec![WG_PORT; n],
+        next_ports: (0..n).map(|_| Arc::new(AtomicU16::new(0))).collect(),
+        pending_move: vec![None; n],
+        knobs: scenario
+            .nodes
+            .iter()
+            .map(|spec| Knobs {
+                keep_full_wg_config: spec
+                    .keep_full_wg_config
+                    .unwrap_or(scenario.knobs.keep_full_wg_config),
+                fake_icmp_echo: spec.fake_icmp_echo || scenario.knobs.fake_icmp_echo,
+                peerapi_port: spec.peerapi_port.or(scenario.knobs.peerapi_port),
+                ..scenario.knobs.clone()
+            })
+            .collect(),
     }));
 
     let mut sim = turmoil::Builder::new()
@@ -514,7 +562,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             let shared = shared.clone();
             let spec = spec.clone();
             async move {
-                let (config, engine_seed) = {
+                let (config, engine_seed, port, next_port) = {
                     let mut s = lock(&shared);
                     if s.incarnation[i] > 0 {
                         s.disco[i] = DiscoPrivateKey::generate(&mut s.key_rng);
@@ -542,18 +590,22 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
                     }
                     let detail = format!("disco {}", s.disco[i].public_key().short());
                     s.log(Some(i), Category::Action, "node-up", detail);
-                    (config, engine_seed)
+                    (config, engine_seed, s.ports[i], s.next_ports[i].clone())
                 };
-                let socket =
-                    turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, WG_PORT)).await?;
+                let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
                 let engine = Engine::new(config, TokioClock.now(), engine_seed);
                 let (tun, os) = MemTun::pair(4096);
                 let sink = TraceSink {
                     shared: shared.clone(),
                     node: i,
                 };
-                let (run, handle) =
-                    run_driver(engine, tun, TurmoilSocket { socket }, TokioClock, sink);
+                let (run, handle) = run_driver(
+                    engine,
+                    tun,
+                    TurmoilSocket { socket, next_port },
+                    TokioClock,
+                    sink,
+                );
                 let (tx, rx) = mpsc::unbounded_channel();
                 lock(&shared).cmds[i] = Some(tx);
                 tokio::task::spawn_local(events(i, handle.subscribe_events(), shared.clone()));
@@ -563,10 +615,10 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             }
         });
     }
-    let endpoints: Vec<SocketAddr> = scenario
+    let addresses: Vec<IpAddr> = scenario
         .nodes
         .iter()
-        .map(|s| SocketAddr::new(sim.lookup(s.name.as_str()), WG_PORT))
+        .map(|s| sim.lookup(s.name.as_str()))
         .collect();
 
     // The schedule: actions (order 0) before probes (order 1) at one instant.
@@ -586,6 +638,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     let mut labels = Labels::default();
     let mut partitions: Vec<(String, String)> = Vec::new();
     let mut bounces: Vec<String> = Vec::new();
+    let mut down: Vec<usize> = Vec::new();
     let send = |shared: &SharedRef, node: usize, cmd: Cmd| {
         if let Some(tx) = &lock(shared).cmds[node] {
             let _ = tx.send(cmd);
@@ -722,6 +775,67 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
                 ActionKind::Idle { note } => {
                     lock(&shared).log(None, Category::Action, "idle", note.clone())
                 }
+                ActionKind::LinkChange { node, link } => {
+                    let i = *node;
+                    let name = scenario.nodes[i].name.clone();
+                    let others: Vec<String> = (0..n)
+                        .filter(|&j| j != i)
+                        .map(|j| scenario.nodes[j].name.clone())
+                        .collect();
+                    let up = *link != LinkKind::Down;
+                    if !up && !down.contains(&i) {
+                        down.push(i);
+                        for o in &others {
+                            sim.partition(name.as_str(), o.as_str());
+                        }
+                    }
+                    if up && down.contains(&i) {
+                        down.retain(|&d| d != i);
+                        for o in &others {
+                            let cut = partitions
+                                .iter()
+                                .any(|(x, y)| (*x == name && y == o) || (x == o && *y == name));
+                            if !cut {
+                                sim.repair(name.as_str(), o.as_str());
+                            }
+                        }
+                    }
+                    let mut s = lock(&shared);
+                    if *link == LinkKind::Major {
+                        let port = s.ports[i] + 1;
+                        s.next_ports[i].store(port, Ordering::Relaxed);
+                        s.pending_move[i] = Some(port);
+                    }
+                    s.log(
+                        Some(i),
+                        Category::Action,
+                        "link-change",
+                        link.as_str().to_string(),
+                    );
+                    drop(s);
+                    let change = wgmesh_core::LinkChange {
+                        any_link_up: up,
+                        major: *link == LinkKind::Major,
+                    };
+                    send(&shared, i, Cmd::Link(change));
+                }
+                ActionKind::SetKnob { node, knob, value } => {
+                    let mut s = lock(&shared);
+                    for (j, k) in s.knobs.iter_mut().enumerate() {
+                        if node.is_none_or(|x| x == j) {
+                            match knob.as_str() {
+                                "keep_full_wg_config" => k.keep_full_wg_config = *value,
+                                "fake_icmp_echo" => k.fake_icmp_echo = *value,
+                                _ => {}
+                            }
+                        }
+                    }
+                    let at = now + s.control_delay;
+                    for j in 0..n {
+                        s.netmaps_due.push((at, j));
+                    }
+                    s.log(None, Category::Action, "set-knobs", knob.clone());
+                }
                 _ => {}
             }
         }
@@ -736,13 +850,12 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         for j in due {
             let reconfig = {
                 let s = lock(&shared);
-                let knobs = Knobs {
-                    keep_full_wg_config: scenario.nodes[j]
-                        .keep_full_wg_config
-                        .unwrap_or(scenario.knobs.keep_full_wg_config),
-                    ..scenario.knobs.clone()
-                };
-                reconfig_for(j, &s, &endpoints, &knobs)
+                let endpoints: Vec<SocketAddr> = addresses
+                    .iter()
+                    .zip(&s.ports)
+                    .map(|(ip, port)| SocketAddr::new(*ip, *port))
+                    .collect();
+                reconfig_for(j, &s, &endpoints, &s.knobs[j])
             };
             send(&shared, j, Cmd::Reconfig(Box::new(reconfig)));
         }
