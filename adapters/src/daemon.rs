@@ -149,6 +149,14 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         what: format!("state directory {}", options.state_dir.display()),
         source,
     })?;
+    // The API socket and the resolv.conf backup live here: root only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o700);
+        if let Err(e) = std::fs::set_permissions(&options.state_dir, private) {
+            warn!(dir = %options.state_dir.display(), error = %e, "could not make the state directory private");
+        }
+    }
     let state_path = options.state_dir.join(format!("{interface}.state"));
     let dns = DnsManager::new(
         detect(dns_mode, &options.resolv_conf),

@@ -117,6 +117,11 @@ impl DnsManager {
         }
     }
 
+    /// True while this manager has DNS settings of its own in place.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> DnsBackend {
         self.backend

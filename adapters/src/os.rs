@@ -164,7 +164,7 @@ impl OsManager {
                 .as_ref()
                 .map(|r| r.applied().clone())
                 .unwrap_or_default(),
-            dns_active: false,
+            dns_active: self.dns.is_active(),
         };
         if let Err(e) = state.write(&self.state_path) {
             warn!(path = %self.state_path.display(), error = %e, "could not write the state file");

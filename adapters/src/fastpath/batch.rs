@@ -86,8 +86,10 @@ impl Shared {
         let mut out = self.outbox();
         let index = out.tun_len;
         if index == out.tun_bufs.len() {
-            out.tun_bufs
-                .push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 2048));
+            // GRO coalesces into the first packet of a run only when its
+            // buffer already has room for 64 KB (it never reallocates).
+            let room = 2 * VIRTIO_NET_HDR_LEN + MAX_IP_PACKET;
+            out.tun_bufs.push(Vec::with_capacity(room));
         }
         let buf = &mut out.tun_bufs[index];
         buf.clear();
