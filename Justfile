@@ -70,3 +70,9 @@ fuzz TARGET SECS="60":
 demo:
     cargo build --release --locked -p wgmesh-adapters --bins
     bash adapters/examples/demo.sh target/release
+
+# The long soak: 200 nodes under churn (restarts, partitions, link changes,
+# 30% loss) for 24 virtual hours on the event backend, in release; prints
+# wall time, peak heap per node and the churn and traffic figures.
+soak:
+    cargo test --release --locked -p wgmesh-sim --test soak -- --ignored --nocapture

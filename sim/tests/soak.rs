@@ -277,7 +277,7 @@ fn soak(spec: SoakSpec) -> SoakReport {
     let mut pending: Vec<(usize, usize)> = (0..n.min(40))
         .map(|k| {
             let a = (k * 7) % n;
-            (a, (a + 1 + k) % n)
+            (a, (a + 1 + k % (n - 1)) % n)
         })
         .collect();
     let pairs = pending.len();
