@@ -33,7 +33,8 @@
 # BENCH_WGMESH_VARIANTS (more wgmeshd runs as "name=ENV;name=ENV", e.g.
 # "no-gso=WGMESH_FASTPATH=1 WGMESH_FASTPATH_GSO=0"), BENCH_KEEP_LOGS=1 (keep
 # the logs, iperf3 JSON and pings in the temporary directory), BENCH_PERF=1
-# (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer).
+# (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer),
+# BENCH_IPERF_ARGS (more iperf3 client options, e.g. "-C cubic" or "-P 2").
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
@@ -293,7 +294,7 @@ measure() {
             perf_pids+=($!); PIDS+=($!)
         done
     fi
-    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J \
+    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J ${BENCH_IPERF_ARGS:-} \
         >"$pre.json" 2>"$pre.client-err" || true
     t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
     wait "$pinger" 2>/dev/null || true
