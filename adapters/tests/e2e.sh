@@ -119,7 +119,12 @@ start() { # ns name
         --state-dir "$TMP/state-$n" --resolv-conf "$TMP/resolv-$n.conf" >"$TMP/$n.log" 2>&1 &
     PIDS+=($!)
     PID[$n]=$!
-    for _ in $(seq 100); do [ -S "$TMP/state-$n/wgm${n^^}.sock" ] && return 0; sleep 0.1; done
+    for _ in $(seq 100); do [ -S "$TMP/state-$n/wgm${n^^}.sock" ] && break; sleep 0.1; done
+    # The routes follow the API by a few milliseconds.
+    for _ in $(seq 100); do
+        ip netns exec "$ns" ip route show dev "wgm${n^^}" 2>/dev/null | grep -q 100.64 && return 0
+        sleep 0.05
+    done
     echo "wgmeshd $n did not start"; cat "$TMP/$n.log"; return 1
 }
 start "$NS_A" a
@@ -322,6 +327,24 @@ CONF
     in_c "$WGMESH" --socket "$TMP/state-c/wgmC.sock" ping --tsmp -c 3 100.64.0.1
 }
 check "reload adds a third node" third_node
+
+# A crash (SIGKILL) leaves resolv.conf rewritten; the next start restores the
+# original from its backup, and a clean stop leaves the original in place.
+crash_recovery() {
+    grep -q "nameserver 100.100.100.100" "$TMP/resolv-c.conf"
+    kill -KILL "${PID[c]}"
+    for _ in $(seq 50); do kill -0 "${PID[c]}" 2>/dev/null || break; sleep 0.1; done
+    grep -q "nameserver 100.100.100.100" "$TMP/resolv-c.conf"
+    [ -e "$TMP/state-c/wgmC.state" ] && [ -e "$TMP/state-c/wgmC.resolv.bak" ]
+    start "$NS_C" c
+    grep -q "restoring resolv.conf left by a previous run" "$TMP/c.log"
+    in_c ping -c 2 -i 0.2 -W 2 100.64.0.1
+    kill -TERM "${PID[c]}"
+    for _ in $(seq 100); do kill -0 "${PID[c]}" 2>/dev/null || break; sleep 0.1; done
+    [ "$(cat "$TMP/resolv-c.conf")" = "nameserver 192.0.2.53" ]
+    [ ! -e "$TMP/state-c/wgmC.state" ] && [ ! -e "$TMP/state-c/wgmC.resolv.bak" ]
+}
+check "after a crash the next start restores resolv.conf and cleans up" crash_recovery
 
 # B restarts with a new disco key; once A's config carries the new key, A
 # flushes the old session and traffic is back within a second.
