@@ -19,6 +19,8 @@ use wgmesh_adapters::daemon::{self, DaemonOptions};
 ///
 /// Logging follows RUST_LOG (default "info"). WGMESH_TRIM_WIREGUARD=1 forces
 /// lazy peers on, =0 off, whatever the config's keep_full_wg_config says.
+/// WGMESH_FASTPATH=1 selects the batched data plane (TUN offloads, UDP
+/// GSO/GRO, recvmmsg).
 #[derive(Debug, Parser)]
 #[command(name = "wgmeshd", version)]
 struct Args {
@@ -33,7 +35,7 @@ struct Args {
     interface: Option<String>,
 
     /// Stay in the foreground. Without it, wgmeshd starts a detached copy of
-    /// itself and returns once that copy is running (like wireguard-go).
+    /// itself in a new session and returns at once (like wireguard-go).
     #[arg(short, long)]
     foreground: bool,
 

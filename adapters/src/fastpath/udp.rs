@@ -38,6 +38,11 @@ pub struct FastUdp {
     shared: Arc<Shared>,
     socket: Arc<UdpSocket>,
     options: FastPathOptions,
+    batch: RecvBatch,
+}
+
+/// The datagrams of one `recvmmsg`, handed out one at a time.
+struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     /// Per received message: length, segment size (0: one datagram), source.
     lens: [usize; RECV_BATCH],
@@ -320,6 +325,14 @@ impl FastUdp {
             shared: tun.shared.clone(),
             socket,
             options,
+            batch: RecvBatch::new(),
+        })
+    }
+}
+
+impl RecvBatch {
+    fn new() -> Self {
+        Self {
             bufs: (0..RECV_BATCH).map(|_| vec![0; RECV_BUFFER]).collect(),
             lens: [0; RECV_BATCH],
             seg: [0; RECV_BATCH],
@@ -327,7 +340,26 @@ impl FastUdp {
             count: 0,
             msg: 0,
             offset: 0,
-        })
+        }
+    }
+
+    /// True when every datagram of the batch was handed out.
+    fn is_empty(&self) -> bool {
+        self.msg >= self.count
+    }
+
+    fn clear(&mut self) {
+        self.count = 0;
+        self.msg = 0;
+        self.offset = 0;
+    }
+
+    /// Copies the next datagram into `buf`; returns its length and source.
+    fn pop_into(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        let (msg, start, end) = self.next_datagram()?;
+        let len = (end - start).min(buf.len());
+        buf[..len].copy_from_slice(&self.bufs[msg][start..start + len]);
+        Some((len, self.from[msg]))
     }
 
     /// The next queued datagram: (message, start, end).
@@ -355,14 +387,17 @@ impl FastUdp {
         None
     }
 
-    /// One `recvmmsg`; fills the batch. Returns the number of messages.
-    fn receive_batch(
-        bufs: &mut [Vec<u8>],
-        lens: &mut [usize; RECV_BATCH],
-        seg: &mut [usize; RECV_BATCH],
-        from: &mut [SocketAddr; RECV_BATCH],
-        fd: RawFd,
-    ) -> io::Result<usize> {
+    /// One `recvmmsg` on `fd`; replaces the batch. Returns the number of
+    /// messages kept (truncated ones and unknown families are dropped).
+    fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.clear();
+        let Self {
+            bufs,
+            lens,
+            seg,
+            from,
+            ..
+        } = self;
         // SAFETY: these are plain C structs; all-zero is a valid value.
         let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { zeroed() };
         let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { zeroed() };
@@ -425,6 +460,7 @@ impl FastUdp {
             from[kept] = unmap(addr);
             kept += 1;
         }
+        self.count = kept;
         Ok(kept)
     }
 }
@@ -432,33 +468,21 @@ impl FastUdp {
 impl DatagramSocket for FastUdp {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            if let Some((msg, start, end)) = self.next_datagram() {
-                if self.msg >= self.count {
+            if let Some(datagram) = self.batch.pop_into(buf) {
+                if self.batch.is_empty() {
                     self.shared.udp_input.store(false, Ordering::Relaxed);
                 }
-                let len = (end - start).min(buf.len());
-                buf[..len].copy_from_slice(&self.bufs[msg][start..start + len]);
-                return Ok((len, self.from[msg]));
+                return Ok(datagram);
             }
             self.shared.udp_input.store(false, Ordering::Relaxed);
             self.shared.flush_if_idle();
             let socket = self.socket.clone();
             let fd = socket.as_raw_fd();
-            let (bufs, lens, seg, from) = (
-                &mut self.bufs,
-                &mut self.lens,
-                &mut self.seg,
-                &mut self.from,
-            );
+            let batch = &mut self.batch;
             // Readiness-based: dropping this future loses nothing.
             let count = socket
-                .async_io(Interest::READABLE, || {
-                    Self::receive_batch(bufs, lens, seg, from, fd)
-                })
+                .async_io(Interest::READABLE, || batch.fill(fd))
                 .await?;
-            self.count = count;
-            self.msg = 0;
-            self.offset = 0;
             if count > 0 {
                 self.shared.udp_input.store(true, Ordering::Relaxed);
             }
@@ -503,9 +527,7 @@ impl DatagramSocket for FastUdp {
         ));
         drop(out);
         self.socket = socket;
-        self.count = 0;
-        self.msg = 0;
-        self.offset = 0;
+        self.batch.clear();
         self.shared.udp_input.store(false, Ordering::Relaxed);
         result
     }
