@@ -86,7 +86,7 @@ name = "$1"
 private_key = "$2"
 disco_private_key = "$3"
 listen_port = 51820
-addresses = ["$4/32"]
+addresses = ["$4/32", "fd7a:115c:a1e0::${4##*.}/128"]
 mtu = 1280
 
 [dns]
@@ -99,7 +99,7 @@ name = "$5"
 public_key = "$6"
 disco_key = "$7"
 endpoints = ["$9"]
-allowed_ips = ["$8/32"]
+allowed_ips = ["$8/32", "fd7a:115c:a1e0::${8##*.}/128"]
 CONF
 }
 write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
@@ -134,7 +134,7 @@ API_B=(--socket "$TMP/state-b/wgmB.sock")
 
 # Bad config files are refused with file:line and field, and a non-zero exit.
 bad_config() {
-    sed 's#addresses = \["100.64.0.1/32"\]#addresses = ["100.64.0.1/40"]#' "$TMP/a.toml" >"$TMP/bad.toml"
+    sed 's#"100.64.0.1/32"#"100.64.0.1/40"#' "$TMP/a.toml" >"$TMP/bad.toml"
     if "$WGMESHD" --check --config "$TMP/bad.toml" 2>"$TMP/err"; then return 1; fi
     grep -q "bad.toml:6:.*interface.addresses" "$TMP/err"
 }
@@ -143,6 +143,8 @@ check "bad config is refused with file, line and field" bad_config
 check "route and address applied" in_a sh -c "ip addr show wgmA | grep -q 100.64.0.1/32 && ip route show dev wgmA | grep -q 100.64.0.2"
 check "resolv.conf written" grep -q "nameserver 100.100.100.100" "$TMP/resolv-a.conf"
 check "kernel ping across the tunnel" in_a ping -c 3 -i 0.2 -W 2 100.64.0.2
+check "kernel ping across the tunnel over IPv6" in_a ping -6 -c 3 -i 0.2 -W 2 fd7a:115c:a1e0::2
+check "wgmesh ping --tsmp over IPv6" in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 fd7a:115c:a1e0::2
 check "wgmesh ping --tsmp" in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 100.64.0.2
 check "wgmesh ping --icmp" in_a "$WGMESH" "${API_A[@]}" ping --icmp -c 3 100.64.0.2
 check "wgmesh ping --disco" in_a "$WGMESH" "${API_A[@]}" ping --disco -c 5 100.64.0.2
