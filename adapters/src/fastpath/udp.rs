@@ -532,3 +532,172 @@ impl DatagramSocket for FastUdp {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> FastPathOptions {
+        FastPathOptions {
+            enabled: true,
+            tun_offload: true,
+            udp_gso: true,
+            udp_gro: true,
+            tx_queue_len: None,
+        }
+    }
+
+    fn loopback(socket: &UdpSocket) -> SocketAddr {
+        let port = socket.local_addr().unwrap().port();
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Receives until `want` datagrams arrived (or two seconds passed).
+    async fn receive(socket: &UdpSocket, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut batch = RecvBatch::new();
+        let mut got = Vec::new();
+        let fd = socket.as_raw_fd();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while got.len() < want {
+            let mut buf = vec![0u8; 65536];
+            while let Some((len, from)) = batch.pop_into(&mut buf) {
+                got.push((buf[..len].to_vec(), from));
+            }
+            if got.len() >= want {
+                break;
+            }
+            let read = socket.async_io(Interest::READABLE, || batch.fill(fd));
+            tokio::time::timeout_at(deadline, read)
+                .await
+                .expect("datagrams in time")
+                .unwrap();
+        }
+        got
+    }
+
+    fn datagram(i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|j| (i * 31 + j) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_gso_run_arrives_as_the_datagrams_it_was_made_of() {
+        let a = Arc::new(open(0, false, options()).unwrap());
+        let b = open(0, false, options()).unwrap();
+        let mut queue = SendQueue::new(a.clone(), false, true);
+        // Equal sizes, then a shorter last one: one run, one sendmsg.
+        let sent: Vec<Vec<u8>> = (0..5)
+            .map(|i| datagram(i, if i == 4 { 300 } else { 1200 }))
+            .collect();
+        for d in &sent {
+            queue.push(d, loopback(&b));
+        }
+        assert_eq!(queue.count, 5, "one run");
+        queue.flush();
+        let got = receive(&b, 5).await;
+        let from = loopback(&a);
+        assert_eq!(got.len(), 5);
+        for (d, (g, f)) in sent.iter().zip(&got) {
+            assert_eq!(d, g);
+            assert_eq!(*f, from);
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_end_at_a_new_destination_a_larger_datagram_or_after_a_short_one() {
+        let a = Arc::new(open(0, false, options()).unwrap());
+        let b = open(0, false, options()).unwrap();
+        let c = open(0, false, options()).unwrap();
+        let mut queue = SendQueue::new(a, false, true);
+        queue.push(&datagram(0, 1000), loopback(&b));
+        queue.push(&datagram(1, 500), loopback(&b));
+        // After a short datagram nothing joins the run, even of equal size.
+        queue.push(&datagram(2, 500), loopback(&b));
+        assert_eq!(queue.count, 1);
+        // A larger datagram and a new destination each start a new run.
+        queue.push(&datagram(3, 1400), loopback(&b));
+        assert_eq!(queue.count, 1);
+        queue.push(&datagram(4, 1400), loopback(&c));
+        assert_eq!(queue.count, 1);
+        queue.flush();
+        let at_b: Vec<Vec<u8>> = receive(&b, 4).await.into_iter().map(|(d, _)| d).collect();
+        assert_eq!(
+            at_b,
+            vec![
+                datagram(0, 1000),
+                datagram(1, 500),
+                datagram(2, 500),
+                datagram(3, 1400)
+            ]
+        );
+        let at_c = receive(&c, 1).await;
+        assert_eq!(at_c[0].0, datagram(4, 1400));
+    }
+
+    #[tokio::test]
+    async fn without_gso_every_datagram_goes_alone() {
+        let a = Arc::new(open(0, false, options()).unwrap());
+        let b = open(
+            0,
+            false,
+            FastPathOptions {
+                udp_gro: false,
+                ..options()
+            },
+        )
+        .unwrap();
+        let mut queue = SendQueue::new(a, false, false);
+        for i in 0..3 {
+            queue.push(&datagram(i, 800), loopback(&b));
+        }
+        assert_eq!(queue.count, 1);
+        queue.flush();
+        let got: Vec<Vec<u8>> = receive(&b, 3).await.into_iter().map(|(d, _)| d).collect();
+        assert_eq!(got, (0..3).map(|i| datagram(i, 800)).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn dual_stack_sends_to_ipv4_and_reports_plain_ipv4_sources() {
+        let Ok(a) = open(0, true, options()) else {
+            return; // no IPv6 here
+        };
+        let a = Arc::new(a);
+        let b = open(0, false, options()).unwrap();
+        let mut queue = SendQueue::new(a.clone(), true, true);
+        queue.push(&datagram(7, 100), loopback(&b));
+        queue.push(&datagram(8, 100), loopback(&b));
+        queue.flush();
+        let got = receive(&b, 2).await;
+        assert_eq!(got[0].0, datagram(7, 100));
+        assert_eq!(got[1].0, datagram(8, 100));
+        // And back: the dual-stack side sees an IPv4 source, not a mapped one.
+        let reply = SendQueue::new(Arc::new(b), false, true);
+        let mut reply = reply;
+        reply.push(&datagram(9, 60), loopback(&a));
+        reply.flush();
+        let back = receive(&a, 1).await;
+        assert_eq!(back[0].0, datagram(9, 60));
+        assert!(back[0].1.is_ipv4(), "{}", back[0].1);
+    }
+
+    #[test]
+    fn a_batch_splits_coalesced_messages_at_their_segment_size() {
+        let mut batch = RecvBatch::new();
+        let from = SocketAddr::from(([192, 0, 2, 1], 7));
+        batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
+        batch.lens[0] = 2500;
+        batch.seg[0] = 1000;
+        batch.bufs[1][..40].copy_from_slice(&datagram(2, 40));
+        batch.lens[1] = 40;
+        batch.seg[1] = 0;
+        batch.from = [from; RECV_BATCH];
+        batch.count = 2;
+        let mut buf = [0u8; 2048];
+        let mut sizes = Vec::new();
+        while let Some((len, f)) = batch.pop_into(&mut buf) {
+            assert_eq!(f, from);
+            sizes.push(len);
+        }
+        assert_eq!(sizes, vec![1000, 1000, 500, 40]);
+        assert!(batch.is_empty());
+    }
+}
