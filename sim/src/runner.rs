@@ -538,6 +538,11 @@ pub(crate) fn evaluate_outcomes(
         .iter()
         .map(|(k, v)| (k.to_string(), *v as f64))
         .collect();
+    // Handshakes refused as replays: in the simulator these come from the
+    // TAI64N caveat (see sim/README.md), the one place where the wall clock
+    // can reach a run, so a run with any of them deserves a second look.
+    let stale = (net.counter)(None, "drop_wg_stale_timestamp").unwrap_or(0);
+    metrics.push(("stale_timestamp_drops".into(), stale as f64));
     metrics.push(("nodes".into(), net.nodes as f64));
     metrics.push(("trace_entries".into(), net.trace.len() as f64));
     Report {
