@@ -409,14 +409,21 @@ where
         let mut tun_buf = vec![0u8; MAX_PACKET_SIZE];
         let mut udp_buf = vec![0u8; DATAGRAM_BUFFER];
         let mut turn = false;
+        let mut timer: Option<(Instant, TimerFuture<'_>)> = None;
         if let Ok(addr) = socket.local_addr() {
             info!(node = ?engine.node_key(), %addr, "driver started");
         }
         loop {
+            // The sleep future is kept across turns while the deadline stays
+            // the same, so a busy data path does not register a new timer
+            // for every packet.
             let deadline = engine.poll_timeout();
+            if timer.as_ref().map(|(at, _)| *at) != deadline {
+                timer = deadline.map(|at| (at, Box::pin(clock.sleep_until(at)) as TimerFuture<'_>));
+            }
             let sleep = async {
-                match deadline {
-                    Some(at) => clock.sleep_until(at).await,
+                match timer.as_mut() {
+                    Some((_, sleeping)) => sleeping.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
@@ -440,7 +447,11 @@ where
             };
             let now = clock.now();
             match step {
-                Step::Timer => engine.handle_timeout(now),
+                Step::Timer => {
+                    // A completed sleep must not be polled again.
+                    timer = None;
+                    engine.handle_timeout(now);
+                }
                 Step::Datagram(Ok((len, from))) => {
                     exec.socket_errors = 0;
                     trace!(%from, len, "datagram in");
@@ -512,6 +523,9 @@ where
     let (driver, handle) = Driver::new(engine, tun, socket, clock, sink, DriverOptions::default());
     (driver.run(), handle)
 }
+
+/// The pending sleep of the loop.
+type TimerFuture<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// What one turn of the loop got.
 enum Step {
