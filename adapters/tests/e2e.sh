@@ -56,7 +56,9 @@ in_a() { ip netns exec "$NS_A" "$@"; }
 in_b() { ip netns exec "$NS_B" "$@"; }
 in_c() { ip netns exec "$NS_C" "$@"; }
 
-# The network: 10.77.0.1, .2 and .3 on one bridge.
+# The network: 10.77.0.1, .2 and .3 on one bridge. Namespaces left by an
+# aborted earlier run of this script are removed first.
+for ns in "$NS_A" "$NS_B" "$NS_C" "$NS_BR"; do ip netns del "$ns" 2>/dev/null || true; done
 ip netns add "$NS_BR"
 ip -n "$NS_BR" link add br0 type bridge
 ip -n "$NS_BR" link set br0 up
