@@ -11,6 +11,7 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::FastPathOptions;
 use super::udp::SendQueue;
+use super::writer::{TunBatch, TunWriter, write_tun};
 use crate::driver::TunDevice;
 
 /// The largest IP packet, and so the largest TUN read.
@@ -20,7 +21,7 @@ const MAX_IP_PACKET: usize = 65535;
 /// (written by both flushes), whether either still holds received packets the
 /// loop has not taken, and the queued output.
 pub(crate) struct Shared {
-    pub(crate) tun: tun_rs::AsyncDevice,
+    pub(crate) tun: Arc<tun_rs::AsyncDevice>,
     /// The TUN batch still holds packets for the loop.
     pub(crate) tun_input: AtomicBool,
     /// The UDP batch still holds datagrams for the loop.
@@ -31,9 +32,10 @@ pub(crate) struct Shared {
 /// Output waiting for a flush.
 pub(crate) struct Outbox {
     /// Packets for the TUN, each behind room for a virtio header.
-    tun_bufs: Vec<Vec<u8>>,
-    tun_len: usize,
+    tun: TunBatch,
     gro: GROTable,
+    /// The thread that writes full batches, when there is one.
+    tun_writer: Option<TunWriter>,
     /// Datagrams for the network (set once the UDP side is bound).
     pub(crate) udp: Option<SendQueue>,
 }
@@ -63,40 +65,41 @@ impl Shared {
     }
 
     fn flush_tun(&self, out: &mut Outbox) {
-        if out.tun_len == 0 {
+        if out.tun.len == 0 {
             return;
         }
-        let Outbox {
-            tun_bufs,
-            tun_len,
-            gro,
-            ..
-        } = out;
-        // The synchronous write of the device under the async wrapper: TUN
-        // writes do not block (a full queue drops, as the kernel does).
-        let device: &tun_rs::DeviceImpl = &self.tun;
-        if let Err(e) = device.send_multiple(gro, &mut tun_bufs[..*tun_len], VIRTIO_NET_HDR_LEN) {
-            debug!(error = %e, "TUN batch write failed");
+        match &out.tun_writer {
+            Some(writer) => {
+                let full = std::mem::replace(
+                    &mut out.tun,
+                    TunBatch {
+                        bufs: Vec::new(),
+                        len: 0,
+                    },
+                );
+                out.tun = writer.submit(full);
+            }
+            None => write_tun(&self.tun, &mut out.gro, &mut out.tun),
         }
-        *tun_len = 0;
     }
 
     /// Queues one packet for the TUN; flushes when the batch is full.
     fn push_tun(&self, packet: &[u8]) {
         let mut out = self.outbox();
-        let index = out.tun_len;
-        if index == out.tun_bufs.len() {
+        let batch = &mut out.tun;
+        let index = batch.len;
+        if index == batch.bufs.len() {
             // GRO coalesces into the first packet of a run only when its
             // buffer already has room for 64 KB (it never reallocates).
             let room = 2 * VIRTIO_NET_HDR_LEN + MAX_IP_PACKET;
-            out.tun_bufs.push(Vec::with_capacity(room));
+            batch.bufs.push(Vec::with_capacity(room));
         }
-        let buf = &mut out.tun_bufs[index];
+        let buf = &mut batch.bufs[index];
         buf.clear();
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(packet);
-        out.tun_len += 1;
-        if out.tun_len >= IDEAL_BATCH_SIZE {
+        batch.len += 1;
+        if batch.len >= IDEAL_BATCH_SIZE {
             self.flush_tun(&mut out);
         }
     }
@@ -137,16 +140,24 @@ impl FastTun {
         if let Some(len) = options.tx_queue_len {
             builder = builder.tx_queue_len(len);
         }
-        let tun = builder.build_async()?;
+        let tun = Arc::new(builder.build_async()?);
         let name = tun.name()?;
+        let tun_writer = if options.writer_threads {
+            Some(TunWriter::spawn(tun.clone())?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             tun,
             tun_input: AtomicBool::new(false),
             udp_input: AtomicBool::new(false),
             out: Mutex::new(Outbox {
-                tun_bufs: Vec::with_capacity(IDEAL_BATCH_SIZE),
-                tun_len: 0,
+                tun: TunBatch {
+                    bufs: Vec::with_capacity(IDEAL_BATCH_SIZE),
+                    len: 0,
+                },
                 gro: GROTable::new(),
+                tun_writer,
                 udp: None,
             }),
         });

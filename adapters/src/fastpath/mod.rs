@@ -20,10 +20,13 @@
 //! `WGMESH_FASTPATH_TUN_OFFLOAD=0` (plain TUN reads and writes),
 //! `WGMESH_FASTPATH_GSO=0` (one `sendmsg` per datagram),
 //! `WGMESH_FASTPATH_GRO=0` (no `UDP_GRO`), `WGMESH_FASTPATH_TXQLEN=N` (the
-//! TUN's transmit queue length).
+//! TUN's transmit queue length), `WGMESH_FASTPATH_THREADS=1` (a writer
+//! thread per device; off by default: on the 2-core bench machine it gained
+//! no throughput and cost CPU and idle latency).
 
 mod batch;
 mod udp;
+mod writer;
 
 use std::io;
 use std::net::SocketAddr;
@@ -57,6 +60,9 @@ pub struct FastPathOptions {
     /// `WGMESH_FASTPATH_TXQLEN`: the TUN's transmit queue in packets (each
     /// up to 64 KB with offloads), when set.
     pub tx_queue_len: Option<u32>,
+    /// `WGMESH_FASTPATH_THREADS`: a writer thread for the TUN and one for
+    /// the UDP socket, so system calls overlap with crypto (default off).
+    pub writer_threads: bool,
 }
 
 impl FastPathOptions {
@@ -71,6 +77,7 @@ impl FastPathOptions {
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&n: &u32| n > 0),
+            writer_threads: env_on("WGMESH_FASTPATH_THREADS", false),
         }
     }
 }

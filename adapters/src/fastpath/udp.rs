@@ -8,15 +8,16 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::FastPathOptions;
 use super::batch::{FastTun, Shared};
+use super::writer::{UdpRun, UdpWriter, send_run};
 use crate::driver::DatagramSocket;
 use crate::udp::SOCKET_BUFFER_BYTES;
 
@@ -68,7 +69,9 @@ impl std::fmt::Debug for FastUdp {
 pub(crate) struct SendQueue {
     socket: Arc<UdpSocket>,
     dual_stack: bool,
-    gso: bool,
+    /// Cleared (by whoever sends) when the kernel refuses `UDP_SEGMENT`.
+    gso: Arc<AtomicBool>,
+    writer: Option<UdpWriter>,
     buf: Vec<u8>,
     seg: usize,
     count: usize,
@@ -78,23 +81,29 @@ pub(crate) struct SendQueue {
 }
 
 impl SendQueue {
-    fn new(socket: Arc<UdpSocket>, dual_stack: bool, gso: bool) -> Self {
-        Self {
+    fn new(socket: Arc<UdpSocket>, dual_stack: bool, gso: bool, thread: bool) -> io::Result<Self> {
+        let writer = if thread {
+            Some(UdpWriter::spawn()?)
+        } else {
+            None
+        };
+        Ok(Self {
             socket,
             dual_stack,
-            gso,
+            gso: Arc::new(AtomicBool::new(gso)),
+            writer,
             buf: Vec::with_capacity(MAX_GSO_BYTES + 2048),
             seg: 0,
             count: 0,
             closed: false,
             dst: None,
-        }
+        })
     }
 
     fn push(&mut self, data: &[u8], dst: SocketAddr) {
         let dst = map_out(self.dual_stack, dst);
         if self.count > 0
-            && (!self.gso
+            && (!self.gso.load(Ordering::Relaxed)
                 || self.closed
                 || self.dst != Some(dst)
                 || data.len() > self.seg
@@ -116,36 +125,36 @@ impl SendQueue {
         self.count += 1;
     }
 
-    /// Sends the queued run.
+    /// Sends the queued run (or hands it to the writer thread).
     pub(crate) fn flush(&mut self) {
         if self.count == 0 {
             return;
         }
         let Some(dst) = self.dst else { return };
-        let addr = SockAddr::from(dst);
-        let fd = self.socket.as_raw_fd();
-        let segment = (self.count > 1).then_some(self.seg);
-        match send_segments(fd, &self.buf, &addr, segment) {
-            Ok(()) => {}
-            Err(e)
-                if segment.is_some()
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
-                    ) =>
-            {
-                // The path cannot segment for us: send one by one from now on.
-                warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
-                self.gso = false;
-                for chunk in self.buf.chunks(self.seg) {
-                    if let Err(e) = send_segments(fd, chunk, &addr, None) {
-                        debug!(%dst, error = %e, "UDP send failed");
-                    }
-                }
-            }
-            Err(e) => debug!(%dst, error = %e, "UDP send failed"),
-        }
         self.count = 0;
+        let seg = (self.buf.len() > self.seg).then_some(self.seg);
+        let spare = self.writer.as_ref().and_then(UdpWriter::spare);
+        let buf = match spare {
+            Some(spare) => std::mem::replace(&mut self.buf, spare),
+            None if self.writer.is_some() => {
+                std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_GSO_BYTES + 2048))
+            }
+            None => std::mem::take(&mut self.buf),
+        };
+        let run = UdpRun {
+            socket: self.socket.clone(),
+            buf,
+            dst: SockAddr::from(dst),
+            seg,
+            gso: self.gso.clone(),
+        };
+        match &self.writer {
+            Some(writer) => writer.submit(run),
+            None => {
+                send_run(&run);
+                self.buf = run.buf;
+            }
+        }
         self.buf.clear();
     }
 }
@@ -153,7 +162,7 @@ impl SendQueue {
 /// One `sendmsg` of `data` to `addr`, cut by the kernel into datagrams of
 /// `segment` bytes when given. Waits briefly for room when the socket buffer
 /// is full (the loop must not drop a burst it just encrypted).
-fn send_segments(
+pub(crate) fn send_segments(
     fd: RawFd,
     data: &[u8],
     addr: &SockAddr,
@@ -320,7 +329,13 @@ impl FastUdp {
         let options = tun.options;
         let (socket, dual_stack) = open_any(port, options)?;
         let socket = Arc::new(socket);
-        tun.shared.outbox().udp = Some(SendQueue::new(socket.clone(), dual_stack, options.udp_gso));
+        let queue = SendQueue::new(
+            socket.clone(),
+            dual_stack,
+            options.udp_gso,
+            options.writer_threads,
+        )?;
+        tun.shared.outbox().udp = Some(queue);
         Ok(Self {
             shared: tun.shared.clone(),
             socket,
@@ -524,7 +539,8 @@ impl DatagramSocket for FastUdp {
             socket.clone(),
             dual_stack,
             self.options.udp_gso,
-        ));
+            self.options.writer_threads,
+        )?);
         drop(out);
         self.socket = socket;
         self.batch.clear();
@@ -544,6 +560,7 @@ mod tests {
             udp_gso: true,
             udp_gro: true,
             tx_queue_len: None,
+            writer_threads: false,
         }
     }
 
@@ -583,7 +600,7 @@ mod tests {
     async fn a_gso_run_arrives_as_the_datagrams_it_was_made_of() {
         let a = Arc::new(open(0, false, options()).unwrap());
         let b = open(0, false, options()).unwrap();
-        let mut queue = SendQueue::new(a.clone(), false, true);
+        let mut queue = SendQueue::new(a.clone(), false, true, false).unwrap();
         // Equal sizes, then a shorter last one: one run, one sendmsg.
         let sent: Vec<Vec<u8>> = (0..5)
             .map(|i| datagram(i, if i == 4 { 300 } else { 1200 }))
@@ -607,7 +624,7 @@ mod tests {
         let a = Arc::new(open(0, false, options()).unwrap());
         let b = open(0, false, options()).unwrap();
         let c = open(0, false, options()).unwrap();
-        let mut queue = SendQueue::new(a, false, true);
+        let mut queue = SendQueue::new(a, false, true, false).unwrap();
         queue.push(&datagram(0, 1000), loopback(&b));
         queue.push(&datagram(1, 500), loopback(&b));
         // After a short datagram nothing joins the run, even of equal size.
@@ -645,7 +662,7 @@ mod tests {
             },
         )
         .unwrap();
-        let mut queue = SendQueue::new(a, false, false);
+        let mut queue = SendQueue::new(a, false, false, false).unwrap();
         for i in 0..3 {
             queue.push(&datagram(i, 800), loopback(&b));
         }
@@ -662,7 +679,7 @@ mod tests {
         };
         let a = Arc::new(a);
         let b = open(0, false, options()).unwrap();
-        let mut queue = SendQueue::new(a.clone(), true, true);
+        let mut queue = SendQueue::new(a.clone(), true, true, false).unwrap();
         queue.push(&datagram(7, 100), loopback(&b));
         queue.push(&datagram(8, 100), loopback(&b));
         queue.flush();
@@ -670,7 +687,7 @@ mod tests {
         assert_eq!(got[0].0, datagram(7, 100));
         assert_eq!(got[1].0, datagram(8, 100));
         // And back: the dual-stack side sees an IPv4 source, not a mapped one.
-        let reply = SendQueue::new(Arc::new(b), false, true);
+        let reply = SendQueue::new(Arc::new(b), false, true, true).unwrap();
         let mut reply = reply;
         reply.push(&datagram(9, 60), loopback(&a));
         reply.flush();
