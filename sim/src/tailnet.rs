@@ -289,7 +289,7 @@ pub struct FlowRecord {
     pub finished: Option<Duration>,
     /// Segments sent again after a timeout.
     pub retransmits: u32,
-    attempt: u32,
+    pub(crate) attempt: u32,
 }
 
 impl FlowRecord {

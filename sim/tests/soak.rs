@@ -262,6 +262,16 @@ fn soak(spec: SoakSpec) -> SoakReport {
         if net.now() >= next_hour {
             net.check_all();
             report.heap_by_hour.push(LIVE.load(Ordering::Relaxed));
+            if spec.nodes >= 100 {
+                eprintln!(
+                    "soak: hour {} of {} at {:.1} s wall, heap {:.1} KiB/node, {} violations",
+                    report.heap_by_hour.len(),
+                    spec.hours,
+                    wall.elapsed().as_secs_f64(),
+                    LIVE.load(Ordering::Relaxed) as f64 / spec.nodes as f64 / 1024.0,
+                    net.violations().len()
+                );
+            }
             next_hour += Duration::from_secs(3600);
         }
     }
