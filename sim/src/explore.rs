@@ -185,6 +185,15 @@ fn run_shape(shape: &Shape, seed: u64) -> Report {
 /// Shrinks a failing shape: repeatedly takes the first smaller variant that
 /// still fails, at most `budget` runs.
 pub fn shrink(shape: Shape, seed: u64, budget: u32) -> Shape {
+    shrink_with(shape, budget, |candidate| {
+        !run_shape(candidate, seed).passed
+    })
+}
+
+/// The shrinking loop with the failure test given: the first smaller
+/// variant for which `fails` holds replaces the current shape, until none
+/// does or `budget` tests were spent.
+pub fn shrink_with(shape: Shape, budget: u32, mut fails: impl FnMut(&Shape) -> bool) -> Shape {
     let mut best = shape;
     let mut runs = 0;
     'outer: loop {
@@ -193,7 +202,7 @@ pub fn shrink(shape: Shape, seed: u64, budget: u32) -> Shape {
                 break 'outer;
             }
             runs += 1;
-            if !run_shape(&candidate, seed).passed {
+            if fails(&candidate) {
                 best = candidate;
                 continue 'outer;
             }
@@ -302,6 +311,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn shrinking_finds_the_smallest_failing_shape() {
+        let big = Shape {
+            nodes: 6,
+            duration_s: 900,
+            latency_ms: 10,
+            jitter_ms: 5,
+            loss_permille: 20,
+            subnet_router: true,
+            one_untrimmed: false,
+            restarts: 4,
+            streams: 20,
+            pings: 12,
+            flows: 6,
+            link_changes: 3,
+        };
+        // A made-up failure that needs a restart and three nodes.
+        let small = shrink_with(big, 500, |s| s.restarts >= 1 && s.nodes >= 3);
+        assert_eq!((small.restarts, small.nodes), (1, 3));
+        assert_eq!(
+            (small.streams, small.pings, small.flows, small.link_changes),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(
+            (small.duration_s, small.loss_permille, small.jitter_ms),
+            (60, 0, 0)
+        );
     }
 
     #[test]
