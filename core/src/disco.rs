@@ -220,21 +220,49 @@ impl DiscoState {
     }
 
     /// Updates a peer that already has state (from a reconfig).
+    /// Updates a peer that already has state from a reconfig. Endpoints
+    /// that left the netmap stop being candidates, as in the reference; if
+    /// the best path was one of them it is dropped at once and, while the
+    /// peer is active, every remaining candidate is pinged.
     pub(crate) fn update_peer(
         &mut self,
         now: Instant,
         slot: usize,
         disco_key: Option<DiscoPublicKey>,
         endpoints: &[SocketAddr],
-    ) {
-        match disco_key {
-            None => self.remove_peer(slot),
-            Some(key) if self.peers.contains_key(&slot) => {
-                self.ensure_peer(slot, key, endpoints);
-                self.reschedule(now, slot);
-            }
-            Some(_) => {}
+        rng: &mut impl RngCore,
+    ) -> Vec<DiscoAction> {
+        let mut out = Vec::new();
+        let Some(key) = disco_key else {
+            self.remove_peer(slot);
+            return out;
+        };
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return out;
+        };
+        if peer.disco_key != key {
+            *peer = PeerDisco::new(key);
         }
+        peer.candidates.retain(|addr, _| endpoints.contains(addr));
+        peer.pending.retain(|_, p| endpoints.contains(&p.dst));
+        peer.set_candidates(endpoints);
+        if peer
+            .best
+            .is_some_and(|(addr, _)| !endpoints.contains(&addr))
+        {
+            peer.best = None;
+            peer.best_pong_at = None;
+            out.push(DiscoAction::PathChanged {
+                slot,
+                endpoint: None,
+                latency: None,
+            });
+            if peer.is_active(now) {
+                Self::full_ping(peer, slot, now, rng, &mut out);
+            }
+        }
+        self.reschedule(now, slot);
+        out
     }
 
     pub(crate) fn remove_peer(&mut self, slot: usize) {

@@ -181,6 +181,9 @@ pub struct Engine {
     peer_order: Vec<usize>,
     /// Two-phase flushes done by the last peer change.
     last_flush_count: usize,
+    /// The disco and pending-open deadlines currently in the timer queue.
+    disco_timer_at: Option<Instant>,
+    opens_timer_at: Option<Instant>,
 
     applied: Applied,
     trimming: bool,
@@ -249,6 +252,8 @@ impl Engine {
             configured_count: 0,
             peer_order: Vec::new(),
             last_flush_count: 0,
+            disco_timer_at: None,
+            opens_timer_at: None,
             trimming: config.trim_override.unwrap_or(true),
             applied: Applied::default(),
             filter: PacketFilter::allow_all(),
@@ -395,15 +400,14 @@ impl Engine {
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let peers = &self.peers;
         let pings = &self.pings;
-        let opens = &self.opens;
-        let disco = &self.disco;
+        let (opens_at, disco_at) = (self.opens_timer_at, self.disco_timer_at);
         self.timers.peek(|at, key| match key {
             TimerKey::Peer { slot, generation } => peers
                 .get(slot)
                 .is_some_and(|p| p.generation == generation && p.timer_deadline() == Some(at)),
             TimerKey::Ping(id) => pings.deadline_of(id) == Some(at),
-            TimerKey::Engine(EngineTimer::PendingOpens) => opens.next_deadline() == Some(at),
-            TimerKey::Engine(EngineTimer::Disco) => disco.next_deadline() == Some(at),
+            TimerKey::Engine(EngineTimer::PendingOpens) => opens_at == Some(at),
+            TimerKey::Engine(EngineTimer::Disco) => disco_at == Some(at),
         })
     }
 
@@ -433,12 +437,14 @@ impl Engine {
                     }
                 }
                 TimerKey::Engine(EngineTimer::PendingOpens) => {
-                    if self.opens.next_deadline() == Some(at) {
+                    if self.opens_timer_at == Some(at) {
+                        self.opens_timer_at = None;
                         self.check_pending_opens(now);
                     }
                 }
                 TimerKey::Engine(EngineTimer::Disco) => {
-                    if self.disco.next_deadline() == Some(at) {
+                    if self.disco_timer_at == Some(at) {
+                        self.disco_timer_at = None;
                         let actions = self.disco.on_timer(now, &mut self.rng);
                         self.run_disco_actions(now, actions);
                     }
@@ -1824,8 +1830,10 @@ impl Engine {
                 }
             }
         }
-        self.disco
-            .update_peer(self.now, slot, new_disco, &new_endpoints);
+        let actions =
+            self.disco
+                .update_peer(self.now, slot, new_disco, &new_endpoints, &mut self.rng);
+        self.run_disco_actions(now, actions);
         let peer = &mut self.peers[slot];
         peer.trimmable = peer.config.is_trimmable();
         let keys_changed = old.preshared_key != peer.config.preshared_key
@@ -2238,8 +2246,17 @@ impl Engine {
                 DiscoAction::CallMeMaybeReceived => self.counters.disco_call_me_maybe_received += 1,
             }
         }
+        self.schedule_disco();
+    }
+
+    /// Queues the disco deadline if it is earlier than the one already
+    /// queued: one entry per deadline, not one per disco message.
+    fn schedule_disco(&mut self) {
         if let Some(at) = self.disco.next_deadline() {
-            self.timers.push(at, TimerKey::Engine(EngineTimer::Disco));
+            if self.disco_timer_at.is_none_or(|queued| at < queued) {
+                self.disco_timer_at = Some(at);
+                self.timers.push(at, TimerKey::Engine(EngineTimer::Disco));
+            }
         }
     }
 
@@ -2249,8 +2266,11 @@ impl Engine {
 
     fn schedule_opens(&mut self) {
         if let Some(at) = self.opens.next_deadline() {
-            self.timers
-                .push(at, TimerKey::Engine(EngineTimer::PendingOpens));
+            if self.opens_timer_at.is_none_or(|queued| at < queued) {
+                self.opens_timer_at = Some(at);
+                self.timers
+                    .push(at, TimerKey::Engine(EngineTimer::PendingOpens));
+            }
         }
     }
 

@@ -715,14 +715,13 @@ fn a_peer_claiming_another_peers_address_is_refused_at_reconfig() {
     );
 }
 
-/// Regression test for a finding (not yet fixed in core): every disco message
+/// Regression test for a finding (fixed): every disco message
 /// that opens (here: pongs with unknown transaction ids from a real peer)
 /// makes `run_disco_actions` push one more `EngineTimer::Disco` entry, even
 /// when the disco deadline did not move, so a peer can grow the timer queue
 /// by one entry per datagram (they drain at the next disco tick, ~5 s).
 /// Fix: push the disco deadline only when it is earlier than the one queued.
 #[test]
-#[ignore = "finding: one timer-queue entry per disco message (core, lead)"]
 fn disco_messages_do_not_grow_the_timer_queue() {
     let mut net = mesh(2, Knobs::default());
     let ip1 = net.nodes[1].ip4;

@@ -1,6 +1,5 @@
-//! Core bugs the simulator found, as minimal failing tests. They are
-//! ignored until the core is fixed; `cargo test -p wgmesh-sim --test
-//! core_bugs -- --ignored` runs them.
+//! Core bugs the simulator found, as minimal tests that failed before the
+//! fix and must keep passing.
 
 use std::time::Duration;
 
@@ -13,7 +12,6 @@ use wgmesh_sim::{LinkKind, Tailnet};
 /// into the void. The reference deletes endpoints that left the netmap and
 /// clears the best path with them.
 #[test]
-#[ignore = "core bug: a reconfig that removes a peer's endpoint leaves it as the best disco path until trust expires"]
 fn endpoint_removed_by_control_stops_being_the_best_path() {
     let mut net = Tailnet::builder()
         .seed(41)
