@@ -671,7 +671,7 @@ pub fn datagram_kind(data: &[u8]) -> &'static str {
     }
 }
 
-fn wake_name(w: &WakeReason) -> String {
+pub(crate) fn wake_name(w: &WakeReason) -> String {
     match w {
         WakeReason::SendTo(ip) => format!("send-to {ip}"),
         WakeReason::Receive => "receive".into(),
@@ -680,7 +680,7 @@ fn wake_name(w: &WakeReason) -> String {
     }
 }
 
-fn remove_name(r: &RemoveReason) -> String {
+pub(crate) fn remove_name(r: &RemoveReason) -> String {
     match r {
         RemoveReason::Idle { idle_secs } => format!("idle {idle_secs}s"),
         RemoveReason::RemovedFromConfig => "removed-from-config".into(),

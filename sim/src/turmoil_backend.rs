@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use wgmesh_adapters::driver::{Clock, DatagramSocket, EffectSink, MemTun, TokioClock, run_driver};
 use wgmesh_core::{
     DiscoPrivateKey, DnsConfig, Effect, Engine, EngineConfig, Event, Knobs, NodePrivateKey,
-    PING_TIMEOUT, PeerConfig, PingKind, PingOutcome, Reconfig, RemoveReason, RouterConfig,
-    TestingKnobs, WgConfig, wire,
+    PING_TIMEOUT, PeerConfig, PingKind, PingOutcome, Reconfig, RouterConfig, TestingKnobs,
+    WgConfig, wire,
 };
 
 use crate::report::Report;
@@ -606,21 +606,34 @@ async fn events(i: usize, mut rx: tokio::sync::broadcast::Receiver<Event>, share
             Event::PeerConfigured { peer, woken } => (
                 "peer-configured",
                 match woken {
-                    Some(w) => format!("{} woken by {w:?}", s.peer_name(peer)),
+                    Some(w) => format!(
+                        "{} woken by {}",
+                        s.peer_name(peer),
+                        crate::tailnet::wake_name(w)
+                    ),
                     None => s.peer_name(peer),
                 },
             ),
             Event::PeerRemoved { peer, reason } => (
                 "peer-removed",
-                match reason {
-                    RemoveReason::Idle { idle_secs } => {
-                        format!("{} idle {idle_secs}s", s.peer_name(peer))
-                    }
-                    other => format!("{} {other:?}", s.peer_name(peer)),
-                },
+                format!(
+                    "{} {}",
+                    s.peer_name(peer),
+                    crate::tailnet::remove_name(reason)
+                ),
             ),
             Event::SessionFlushed { peer, .. } => ("session-flushed", s.peer_name(peer)),
-            Event::HandshakeCompleted { peer, .. } => ("handshake", s.peer_name(peer)),
+            Event::HandshakeCompleted { peer, endpoint } => {
+                ("handshake", format!("{} via {endpoint}", s.peer_name(peer)))
+            }
+            Event::PathChanged { peer, endpoint, .. } => (
+                "path-changed",
+                format!(
+                    "{} {}",
+                    s.peer_name(peer),
+                    endpoint.map_or_else(|| "none".to_string(), |e| e.to_string())
+                ),
+            ),
             other => ("event", format!("{other:?}").chars().take(60).collect()),
         };
         s.log(Some(i), Category::Engine, kind, detail);
