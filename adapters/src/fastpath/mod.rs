@@ -22,7 +22,8 @@
 //! `WGMESH_FASTPATH_GRO=0` (no `UDP_GRO`), `WGMESH_FASTPATH_TXQLEN=N` (the
 //! TUN's transmit queue length), `WGMESH_FASTPATH_THREADS=1` (a writer
 //! thread per device; off by default: on the 2-core bench machine it gained
-//! no throughput and cost CPU and idle latency).
+//! no throughput and cost CPU and idle latency), `WGMESH_FASTPATH_SOCKBUF=N`
+//! (UDP socket buffer bytes).
 
 mod batch;
 mod udp;
@@ -63,6 +64,9 @@ pub struct FastPathOptions {
     /// `WGMESH_FASTPATH_THREADS`: a writer thread for the TUN and one for
     /// the UDP socket, so system calls overlap with crypto (default off).
     pub writer_threads: bool,
+    /// `WGMESH_FASTPATH_SOCKBUF`: bytes of UDP socket buffer per direction
+    /// (default [`crate::udp::SOCKET_BUFFER_BYTES`]).
+    pub socket_buffer: Option<usize>,
 }
 
 impl FastPathOptions {
@@ -78,6 +82,10 @@ impl FastPathOptions {
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&n: &u32| n > 0),
             writer_threads: env_on("WGMESH_FASTPATH_THREADS", false),
+            socket_buffer: std::env::var("WGMESH_FASTPATH_SOCKBUF")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&n: &usize| n >= 4096),
         }
     }
 }

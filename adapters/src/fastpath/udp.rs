@@ -262,14 +262,15 @@ fn open(port: u16, v6: bool, options: FastPathOptions) -> io::Result<UdpSocket> 
         socket.set_only_v6(false)?;
     }
     let fd = socket.as_raw_fd();
-    let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
+    let size = options.socket_buffer.unwrap_or(SOCKET_BUFFER_BYTES);
+    let bytes = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
     // The forced sizes pass over net.core.[rw]mem_max (root); fall back to
     // the capped ones.
     if set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes).is_err() {
-        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+        let _ = socket.set_recv_buffer_size(size);
     }
     if set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes).is_err() {
-        let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+        let _ = socket.set_send_buffer_size(size);
     }
     if options.udp_gro {
         if let Err(e) = set_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
@@ -561,6 +562,7 @@ mod tests {
             udp_gro: true,
             tx_queue_len: None,
             writer_threads: false,
+            socket_buffer: None,
         }
     }
 
