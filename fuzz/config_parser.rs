@@ -20,19 +20,26 @@ pub fn config(data: &[u8]) {
             let _ = config.reconfig();
             let _ = config.interface_name("wgmesh0");
         }
-        Err(wgmesh_adapters::config::ConfigError::Invalid {
-            line,
-            column,
-            message,
-            ..
-        }) => {
+        Err(e @ wgmesh_adapters::config::ConfigError::Invalid { .. }) => {
+            let wgmesh_adapters::config::ConfigError::Invalid {
+                line,
+                column,
+                message,
+                ..
+            } = &e
+            else {
+                unreachable!()
+            };
             let lines = text.matches('\n').count() + 1;
             assert!(
-                line >= 1 && line <= lines,
-                "line {line} outside 1..={lines}"
+                *line >= 1 && *line <= lines,
+                "line {line} outside 1..={lines}: {e}"
             );
-            assert!(column >= 1, "column {column}");
-            assert!(!message.is_empty(), "an error without a message");
+            assert!(*column >= 1, "column {column}: {e}");
+            assert!(
+                !message.trim().is_empty(),
+                "an error without a message: {e:?}"
+            );
         }
         Err(_) => {}
     }
