@@ -75,4 +75,4 @@ demo:
 # 30% loss) for 24 virtual hours on the event backend, in release; prints
 # wall time, peak heap per node and the churn and traffic figures.
 soak:
-    cargo test --release --locked -p wgmesh-sim --test soak -- --ignored --nocapture
+    cargo test --release --locked -p wgmesh-sim --test soak -- --ignored --nocapture --exact soak_200_nodes_24_virtual_hours

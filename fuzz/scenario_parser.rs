@@ -23,7 +23,10 @@ pub fn scenario(data: &[u8]) {
             }
         }
         Err(e) => {
-            assert!(!e.message.is_empty(), "an error without a message");
+            assert!(
+                !e.message.trim().is_empty(),
+                "an error without a message: {e:?}"
+            );
             if let Some(line) = e.line {
                 let lines = text.matches('\n').count() + 1;
                 assert!(

@@ -418,14 +418,17 @@ fn check(r: &SoakReport, max_kib_per_node: f64) {
         peak <= max_kib_per_node,
         "peak heap {peak:.1} KiB per node above {max_kib_per_node} KiB"
     );
-    // Memory does not creep: the last hour's heap is within 50% (plus 64 KiB
-    // per node of slack) of the second hour's.
-    if r.heap_by_hour.len() >= 3 {
-        let second = r.heap_by_hour[1] as f64;
+    // Memory levels off: the heap of the last hour is within 15% (plus 64 KiB
+    // per node of slack) of the heap at half time. (It grows in the first
+    // hours: every engine's buffer pool fills up to its bound of 512 buffers,
+    // about 1 MiB, because the harness recycles a datagram's buffer into the
+    // receiving engine; the harness's own records grow with the traffic.)
+    if r.heap_by_hour.len() >= 4 {
+        let half = r.heap_by_hour[r.heap_by_hour.len() / 2 - 1] as f64;
         let last = *r.heap_by_hour.last().unwrap() as f64;
         assert!(
-            last <= second * 1.5 + (r.nodes * 64 * 1024) as f64,
-            "heap grew from {second} to {last} bytes between hour 2 and the end"
+            last <= half * 1.15 + (r.nodes * 64 * 1024) as f64,
+            "heap grew from {half} bytes at half time to {last} at the end"
         );
     }
     assert!(
@@ -499,21 +502,34 @@ fn scenario_fuzz_corpus_replays() {
     replay("scenario", scenario_parser::scenario);
 }
 
-/// Findings of the `config` fuzz target not fixed yet (in `wgmesh-adapters`):
-/// `fuzz/regressions/config/`. A control character in a comment (`"#\x11"`)
-/// gives `ConfigError::Invalid` with an empty message, so `wgmeshd --check`
-/// prints `file:1:2: ` and nothing else: the parser uses
+/// Findings of the `config` and `scenario` fuzz targets not fixed yet:
+/// `fuzz/regressions/<target>/`. A control character in a comment
+/// (`"#\x11"`) gives an error with an empty message, in the daemon's config
+/// parser (`wgmesh-adapters`: `wgmeshd --check` prints `file:1:2: ` and
+/// nothing else) and in the scenario parser (`wgmesh-sim`): both report
 /// `toml::de::Error::message()`, which is empty for this error. When fixed,
-/// move the files into `fuzz/corpus/config/` and drop the `#[ignore]`.
-#[test]
-#[ignore = "finding: config error without a message (adapters)"]
-fn config_fuzz_regressions() {
-    let dir =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/config");
+/// move the files into `fuzz/corpus/<target>/` and drop the `#[ignore]`.
+fn regressions(target: &str, check: fn(&[u8])) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions")
+        .join(target);
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
-        let r = std::panic::catch_unwind(|| config_parser::config(&data));
+        let r = std::panic::catch_unwind(|| check(&data));
         assert!(r.is_ok(), "{} failed", path.display());
     }
+}
+
+#[test]
+#[ignore = "finding: config error without a message (adapters)"]
+fn config_fuzz_regressions() {
+    regressions("config", config_parser::config);
+}
+
+#[test]
+#[ignore = "finding: scenario error without a message (sim)"]
+fn scenario_fuzz_regressions() {
+    regressions("scenario", scenario_parser::scenario);
 }
