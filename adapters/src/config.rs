@@ -337,9 +337,15 @@ impl DaemonConfig {
         };
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
+            // toml leaves the message empty for some lexer errors (a control
+            // character in a comment, for one); never print an empty reason.
+            let reason = match e.message().trim() {
+                "" => "invalid TOML here (a control character or a stray byte?)",
+                m => m,
+            };
             let message = match field_at(text, offset) {
-                Some(field) if !e.message().contains(&field) => format!("{field}: {}", e.message()),
-                _ => e.message().to_owned(),
+                Some(field) if !reason.contains(&field) => format!("{field}: {reason}"),
+                _ => reason.to_owned(),
             };
             invalid(e.span(), message)
         })?;

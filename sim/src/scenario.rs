@@ -569,7 +569,13 @@ impl Scenario {
                 })
                 .map(str::to_string)
                 .or_else(|| offset.and_then(|o| key_on_line(text, o)));
-            ctx.err(offset, field.as_deref(), e.message().trim().to_string())
+            // toml leaves the message empty for some lexer errors (a control
+            // character in a comment, for one); never print an empty reason.
+            let reason = match e.message().trim() {
+                "" => "invalid TOML here (a control character or a stray byte?)",
+                m => m,
+            };
+            ctx.err(offset, field.as_deref(), reason.to_string())
         })?;
         build(&ctx, raw)
     }
