@@ -50,6 +50,8 @@ pub const MAX_PACKET_SIZE: usize = 65535;
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Buffers kept for reuse.
 const BUFFER_POOL_LIMIT: usize = 512;
+/// Buffers larger than this are freed rather than pooled.
+const POOLED_BUFFER_MAX_CAPACITY: usize = 16 * 1024;
 /// Extra room WireGuard needs around a payload.
 const WG_OVERHEAD: usize = 32;
 /// The largest WireGuard message is the 148-byte initiation.
@@ -363,7 +365,9 @@ impl Engine {
     pub fn recycle(&mut self, buffer: Vec<u8>) {
         // Buffers keep their length: a buffer resized to the same packet size
         // next time needs no zeroing.
-        if self.pool.len() < BUFFER_POOL_LIMIT {
+        // Oversized buffers (a rare jumbo packet) are not kept, so the pool
+        // stays bounded at BUFFER_POOL_LIMIT small buffers.
+        if self.pool.len() < BUFFER_POOL_LIMIT && buffer.capacity() <= POOLED_BUFFER_MAX_CAPACITY {
             self.pool.push(buffer);
         }
     }
