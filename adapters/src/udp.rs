@@ -59,17 +59,22 @@ impl UdpTransport {
     }
 
     fn map_out(&self, dst: SocketAddr) -> SocketAddr {
-        match dst {
-            SocketAddr::V4(v4) if self.dual_stack => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            other => other,
+        map_out(self.dual_stack, dst)
+    }
+}
+
+/// On a dual-stack socket, IPv4 destinations go out as IPv4-mapped IPv6.
+pub(crate) fn map_out(dual_stack: bool, dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
         }
+        other => other,
     }
 }
 
 /// Turns an IPv4-mapped IPv6 source back into IPv4.
-fn unmap(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn unmap(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),

@@ -19,7 +19,7 @@ use super::FastPathOptions;
 use super::batch::{FastTun, Shared};
 use super::writer::{UdpRun, UdpWriter, send_run};
 use crate::driver::DatagramSocket;
-use crate::udp::SOCKET_BUFFER_BYTES;
+use crate::udp::{SOCKET_BUFFER_BYTES, map_out, unmap};
 
 /// Messages per `recvmmsg`.
 const RECV_BATCH: usize = 16;
@@ -216,25 +216,6 @@ pub(crate) fn send_segments(
         unsafe { libc::poll(&mut pfd, 1, 1) };
     }
     Err(io::Error::from(io::ErrorKind::WouldBlock))
-}
-
-fn map_out(dual_stack: bool, dst: SocketAddr) -> SocketAddr {
-    match dst {
-        SocketAddr::V4(v4) if dual_stack => {
-            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-        }
-        other => other,
-    }
-}
-
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        other => other,
-    }
 }
 
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
