@@ -401,6 +401,61 @@ uapi_only() {
 }
 check "wgmeshd --interface configured by wg set and ip" uapi_only
 
+# Faults at the edges of the daemon's life, in node C's namespace on an
+# interface of their own: a UDP port held by another process at start is a
+# clear error and a non-zero exit; deleting the TUN under a running daemon
+# ends it cleanly with a clear error (wgmeshd exits, it does not recreate the
+# device), after withdrawing what it had added.
+fault_config() {
+    cat >"$TMP/fault.toml" <<EOF
+[interface]
+name = "wgmF"
+private_key = "$KEY_C"
+listen_port = $1
+addresses = ["100.64.7.1/32"]
+mtu = 1280
+
+[dns]
+mode = "off"
+EOF
+}
+udp_port_taken() {
+    fault_config 47001
+    # check() runs us as an `if` condition, where `set -e` does not apply:
+    # every assertion returns on failure explicitly.
+    in_c python3 - "$WGMESHD" "$TMP/fault.toml" "$TMP/state-f1" <<'PY' || return 1
+import socket, subprocess, sys
+held = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+held.bind(("::", 47001))
+run = subprocess.run([sys.argv[1], "--config", sys.argv[2], "--foreground", "--no-uapi",
+                      "--state-dir", sys.argv[3]], capture_output=True, text=True, timeout=30)
+print(run.stderr)
+assert run.returncode != 0, "wgmeshd started on a taken port"
+assert "UDP port 47001" in run.stderr and "in use" in run.stderr, run.stderr
+PY
+    ! in_c ip link show wgmF 2>/dev/null
+}
+check "a UDP port taken at start is a clear error and a non-zero exit" udp_port_taken
+
+tun_deleted() {
+    fault_config 47002
+    in_c "$WGMESHD" --config "$TMP/fault.toml" --foreground --no-uapi \
+        --state-dir "$TMP/state-f2" >"$TMP/f2.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 100); do in_c ip link show wgmF >/dev/null 2>&1 && break; sleep 0.1; done
+    sleep 0.5
+    in_c ip link del wgmF || return 1
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then echo "still running"; return 1; fi
+    local status=0
+    wait "$pid" || status=$?
+    [ "$status" != 0 ] || { echo "exit status 0"; return 1; }
+    grep -q "TUN device failed" "$TMP/f2.log" || return 1
+    grep -q "OS changes withdrawn" "$TMP/f2.log"
+}
+check "the TUN deleted under a running daemon: clear error, clean exit" tun_deleted
+
 # Interop: node B becomes a WireGuard implementation we did not write
 # (Debian's wireguard-go, then boringtun-cli), configured with wg; the wgmeshd
 # on A (configured by wg set above) talks to it both ways.
