@@ -220,17 +220,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     let mut net = build_tailnet(scenario, seed, keep);
     let schedule = scenario.schedule(seed);
     // Points in time: actions (order 0) before probes (order 1) at the same instant.
-    let mut points: Vec<(Duration, u8, usize)> = schedule
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.at, 0, i))
-        .collect();
-    for (i, e) in scenario.expects.iter().enumerate() {
-        if let ExpectKind::Peer { at, .. } = e.kind {
-            points.push((at, 1, i));
-        }
-    }
-    points.sort();
+    let points = scenario.points(&schedule);
     let mut labels = Labels::default();
     let mut probes: BTreeMap<usize, &'static str> = BTreeMap::new();
     for (at, order, index) in points {

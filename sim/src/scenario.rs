@@ -585,6 +585,24 @@ impl Scenario {
         self.nodes.iter().position(|n| n.name == name)
     }
 
+    /// The instants a run visits, sorted: `(time, order, index)` with
+    /// order 0 for an action of `schedule` and 1 for a `peer` expectation, so
+    /// actions come before probes at the same instant. Both backends walk it.
+    pub(crate) fn points(&self, schedule: &[Action]) -> Vec<(Duration, u8, usize)> {
+        let mut points: Vec<(Duration, u8, usize)> = schedule
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.at, 0, i))
+            .collect();
+        for (i, e) in self.expects.iter().enumerate() {
+            if let ExpectKind::Peer { at, .. } = e.kind {
+                points.push((at, 1, i));
+            }
+        }
+        points.sort();
+        points
+    }
+
     /// The schedule for one seed: the file's actions plus the expanded
     /// churn, sorted by time (file order among equal times).
     pub fn schedule(&self, seed: u64) -> Vec<Action> {

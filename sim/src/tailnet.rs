@@ -1616,38 +1616,8 @@ impl Tailnet {
         let src = SocketAddr::new(h.src, seg.summary.src_port);
         let dst = SocketAddr::new(h.dst, seg.summary.dst_port);
         if dst.port() == FLOW_PORT && self.is_own_address(i, h.dst) {
-            // The server side: stateless answers, so retransmits are answered too.
-            let mut out = Vec::new();
-            let ok = if seg.summary.is_syn_only() {
-                wire::tcp::emit_segment(
-                    dst,
-                    src,
-                    7000,
-                    seg.seq.wrapping_add(1),
-                    wire::tcp::FLAG_SYN | wire::tcp::FLAG_ACK,
-                    &[],
-                    &mut out,
-                )
-            } else if !seg.payload.is_empty() {
-                let size = seg
-                    .payload
-                    .get(0..4)
-                    .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-                let body = vec![0x5a; size.min(1200)];
-                wire::tcp::emit_segment(
-                    dst,
-                    src,
-                    7001,
-                    seg.seq.wrapping_add(seg.payload.len() as u32),
-                    wire::tcp::FLAG_ACK | wire::tcp::FLAG_PSH,
-                    &body,
-                    &mut out,
-                )
-            } else {
-                return;
-            };
-            if ok.is_ok() {
-                replies.push(out);
+            if let Some(answer) = server_answer(&seg, src, dst) {
+                replies.push(answer);
             }
             return;
         }
@@ -2271,6 +2241,47 @@ impl Tailnet {
     pub fn note(&mut self, node: Option<NodeId>, kind: &'static str, detail: String) {
         self.log(node.map(|n| n.0), Category::Action, kind, detail);
     }
+}
+
+/// The server side of a flow, shared by both backends: stateless answers, so
+/// retransmits get answers too.
+pub(crate) fn server_answer(
+    seg: &wire::tcp::TcpSegment<'_>,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    if seg.summary.is_syn_only() {
+        wire::tcp::emit_segment(
+            dst,
+            src,
+            7000,
+            seg.seq.wrapping_add(1),
+            wire::tcp::FLAG_SYN | wire::tcp::FLAG_ACK,
+            &[],
+            &mut out,
+        )
+        .ok()?;
+    } else if !seg.payload.is_empty() {
+        let size = seg
+            .payload
+            .get(0..4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let body = vec![0x5a; size.min(1200)];
+        wire::tcp::emit_segment(
+            dst,
+            src,
+            7001,
+            seg.seq.wrapping_add(seg.payload.len() as u32),
+            wire::tcp::FLAG_ACK | wire::tcp::FLAG_PSH,
+            &body,
+            &mut out,
+        )
+        .ok()?;
+    } else {
+        return None;
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ use crate::runner::{Labels, Outcomes, RunError, evaluate_outcomes};
 use crate::scenario::{ActionKind, ExpectKind, Scenario, Target};
 use crate::tailnet::{
     FLOW_PORT, LinkKind, NodeId, PingRecord, SINK_PORT, StreamRecord, Violation, WG_PORT,
+    server_answer,
 };
 use crate::trace::{Category, Keep, Trace};
 
@@ -472,46 +473,6 @@ async fn os_receive(
     }
 }
 
-/// The server side of a flow: stateless answers, so retransmits get answers too.
-fn server_answer(
-    seg: &wire::tcp::TcpSegment<'_>,
-    src: SocketAddr,
-    dst: SocketAddr,
-) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    if seg.summary.is_syn_only() {
-        wire::tcp::emit_segment(
-            dst,
-            src,
-            7000,
-            seg.seq.wrapping_add(1),
-            wire::tcp::FLAG_SYN | wire::tcp::FLAG_ACK,
-            &[],
-            &mut out,
-        )
-        .ok()?;
-    } else if !seg.payload.is_empty() {
-        let size = seg
-            .payload
-            .get(0..4)
-            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-        let body = vec![0x5a; size.min(1200)];
-        wire::tcp::emit_segment(
-            dst,
-            src,
-            7001,
-            seg.seq.wrapping_add(seg.payload.len() as u32),
-            wire::tcp::FLAG_ACK | wire::tcp::FLAG_PSH,
-            &body,
-            &mut out,
-        )
-        .ok()?;
-    } else {
-        return None;
-    }
-    Some(out)
-}
-
 /// The client side of flow `index`: the opening, then the request, each
 /// retransmitted after 1, 2, 4, 8 and 16 s, as on the event backend.
 async fn flow(i: usize, index: usize, to_engine: mpsc::Sender<Vec<u8>>, shared: SharedRef) {
@@ -810,17 +771,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
 
     // The schedule: actions (order 0) before probes (order 1) at one instant.
     let schedule = scenario.schedule(seed);
-    let mut points: Vec<(Duration, u8, usize)> = schedule
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.at, 0, i))
-        .collect();
-    for (i, e) in scenario.expects.iter().enumerate() {
-        if let ExpectKind::Peer { at, .. } = e.kind {
-            points.push((at, 1, i));
-        }
-    }
-    points.sort();
+    let points = scenario.points(&schedule);
     let mut next = 0;
     let mut labels = Labels::default();
     let mut partitions: Vec<(String, String)> = Vec::new();
