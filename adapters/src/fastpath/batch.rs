@@ -3,8 +3,8 @@
 //! [`FastUdp`]: super::FastUdp
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -18,16 +18,21 @@ use crate::driver::TunDevice;
 const MAX_IP_PACKET: usize = 65535;
 
 /// What a [`FastTun`] and its [`FastUdp`](super::FastUdp) share: the TUN
-/// (written by both flushes), whether either still holds received packets the
-/// loop has not taken, and the queued output.
+/// (written by both flushes) and the queued output.
 pub(crate) struct Shared {
     pub(crate) tun: Arc<tun_rs::AsyncDevice>,
-    /// The TUN batch still holds packets for the loop.
-    pub(crate) tun_input: AtomicBool,
-    /// The UDP batch still holds datagrams for the loop.
-    pub(crate) udp_input: AtomicBool,
     pub(crate) out: Mutex<Outbox>,
+    /// Packets queued for the TUN before a flush is forced
+    /// ([`TUN_FLUSH_PACKETS`] unless `WGMESH_FASTPATH_TUN_BATCH` says).
+    tun_flush_packets: usize,
 }
+
+/// Packets held for the TUN before they are written even though more
+/// datagrams are waiting. About 64 KB of full-sized packets: GRO still gets
+/// a whole TCP burst to coalesce into one write, and nothing decrypted waits
+/// behind more than about 50 µs of further decryption (a ping or an ACK
+/// queued behind a whole `recvmmsg` batch waited up to a millisecond).
+pub(crate) const TUN_FLUSH_PACKETS: usize = 48;
 
 /// Output waiting for a flush.
 pub(crate) struct Outbox {
@@ -47,20 +52,21 @@ impl Shared {
         self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes every queued packet and datagram.
-    pub(crate) fn flush(&self) {
+    /// Writes the packets queued for the TUN. The UDP side calls this when
+    /// the socket has nothing more ready: the burst of datagrams that
+    /// produced them is over. Waiting for the TUN side to go idle as well
+    /// would hold a ping or an ACK behind a whole bulk transfer in the
+    /// other direction.
+    pub(crate) fn flush_tun_queue(&self) {
         let mut out = self.outbox();
         self.flush_tun(&mut out);
-        if let Some(udp) = out.udp.as_mut() {
-            udp.flush();
-        }
     }
 
-    /// Flushes when neither device holds received input for the loop: the
-    /// burst that produced the queued output has been fully processed.
-    pub(crate) fn flush_if_idle(&self) {
-        if !self.tun_input.load(Ordering::Relaxed) && !self.udp_input.load(Ordering::Relaxed) {
-            self.flush();
+    /// Sends the datagrams queued for the network. The TUN side calls this
+    /// when the device has nothing more ready.
+    pub(crate) fn flush_udp_queue(&self) {
+        if let Some(udp) = self.outbox().udp.as_mut() {
+            udp.flush();
         }
     }
 
@@ -99,7 +105,7 @@ impl Shared {
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(packet);
         batch.len += 1;
-        if batch.len >= IDEAL_BATCH_SIZE {
+        if batch.len >= self.tun_flush_packets {
             self.flush_tun(&mut out);
         }
     }
@@ -117,6 +123,52 @@ pub struct FastTun {
     sizes: Vec<usize>,
     count: usize,
     next: usize,
+    idle: IdleCheck,
+}
+
+/// How long a device found idle is left to tokio's readiness before it is
+/// read again directly.
+const IDLE_RECHECK: Duration = Duration::from_micros(25);
+
+/// Decides when a device whose batch is used up is read directly.
+///
+/// The loop takes input from both devices without yielding to the runtime
+/// for as long as either has something; tokio learns that the other device
+/// became readable only when it next polls epoll, which under a one-way bulk
+/// transfer can be milliseconds away. So a device that goes quiet is read
+/// with a real non-blocking system call again after [`IDLE_RECHECK`]; in
+/// between, and when that read finds nothing, the loop waits on tokio's
+/// readiness as usual. A device that keeps having input is read directly
+/// every time (no timer involved).
+#[derive(Debug, Default)]
+pub(crate) struct IdleCheck {
+    /// Earliest time for the next direct read after one found nothing.
+    quiet_until: Option<Instant>,
+}
+
+impl IdleCheck {
+    /// Runs `read` unless the device was found idle less than
+    /// [`IDLE_RECHECK`] ago. `None`: nothing to read now (wait on
+    /// readiness); `Some`: what the read returned (data or a real error).
+    pub(crate) fn check<T>(
+        &mut self,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let now = Instant::now();
+        if self.quiet_until.is_some_and(|until| now < until) {
+            return None;
+        }
+        match read() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.quiet_until = Some(now + IDLE_RECHECK);
+                None
+            }
+            other => {
+                self.quiet_until = None;
+                Some(other)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for FastTun {
@@ -149,8 +201,6 @@ impl FastTun {
         };
         let shared = Arc::new(Shared {
             tun,
-            tun_input: AtomicBool::new(false),
-            udp_input: AtomicBool::new(false),
             out: Mutex::new(Outbox {
                 tun: TunBatch {
                     bufs: Vec::with_capacity(IDEAL_BATCH_SIZE),
@@ -160,6 +210,7 @@ impl FastTun {
                 tun_writer,
                 udp: None,
             }),
+            tun_flush_packets: options.tun_flush_packets.clamp(1, IDEAL_BATCH_SIZE),
         });
         Ok(Self {
             shared,
@@ -173,6 +224,7 @@ impl FastTun {
             sizes: vec![0; IDEAL_BATCH_SIZE],
             count: 0,
             next: 0,
+            idle: IdleCheck::default(),
         })
     }
 
@@ -188,28 +240,35 @@ impl TunDevice for FastTun {
             if self.next < self.count {
                 let index = self.next;
                 self.next += 1;
-                if self.next == self.count {
-                    self.shared.tun_input.store(false, Ordering::Relaxed);
-                }
                 let len = self.sizes[index].min(buf.len());
                 buf[..len].copy_from_slice(&self.segments[index][..len]);
                 return Ok(len);
             }
-            self.shared.flush_if_idle();
-            // Readiness-based: dropping this future loses nothing, and the
-            // splitting after the read is synchronous.
-            let result = self
-                .shared
-                .tun
-                .recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
-                .await;
+            // The last read is used up. Read again without waiting; only
+            // when nothing is ready has the burst ended, and the datagrams
+            // it produced go out in as few `sendmsg` calls as it allows.
+            // Everything here is synchronous up to the `await`, so a
+            // dropped future loses nothing.
+            let shared = &self.shared;
+            let result = match self.idle.check(|| {
+                // A real read, not tokio's remembered readiness (see
+                // `IdleCheck`).
+                let device: &tun_rs::DeviceImpl = &shared.tun;
+                device.recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
+            }) {
+                Some(result) => result,
+                None => {
+                    shared.flush_udp_queue();
+                    shared
+                        .tun
+                        .recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
+                        .await
+                }
+            };
             match result {
                 Ok(count) => {
                     self.count = count;
                     self.next = 0;
-                    if count > 0 {
-                        self.shared.tun_input.store(true, Ordering::Relaxed);
-                    }
                 }
                 // A packet the splitter refused (bad virtio header, odd
                 // GSO): drop it, as a NIC drops a bad frame.

@@ -12,9 +12,13 @@
 //!   per call, coalesced runs split here) and sends with `UDP_SEGMENT` (one
 //!   `sendmsg` per run of equal-sized datagrams to one peer), with
 //!   `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` buffers;
-//! - writes towards both devices are queued and flushed together when the
-//!   loop has no received packet left in either device's batch (or when a
-//!   batch is full), so one burst of input becomes one burst of output.
+//! - output is queued per device and flushed when the device that feeds it
+//!   has nothing more ready: the datagrams made from TUN packets go out when
+//!   a non-blocking TUN read finds nothing (or a run is full), the packets
+//!   decrypted from datagrams go to the TUN when a non-blocking receive finds
+//!   nothing (or [`batch::TUN_FLUSH_PACKETS`] are queued). One burst of input
+//!   becomes one burst of output, and a bulk transfer in one direction never
+//!   holds back the small packets (ACKs, pings) of the other.
 //!
 //! Sub-switches, for measuring what each part contributes:
 //! `WGMESH_FASTPATH_TUN_OFFLOAD=0` (plain TUN reads and writes),
@@ -64,6 +68,10 @@ pub struct FastPathOptions {
     /// `WGMESH_FASTPATH_THREADS`: a writer thread for the TUN and one for
     /// the UDP socket, so system calls overlap with crypto (default off).
     pub writer_threads: bool,
+    /// `WGMESH_FASTPATH_TUN_BATCH`: packets queued for the TUN before they
+    /// are written even while more datagrams wait (default
+    /// [`batch::TUN_FLUSH_PACKETS`], at most 128).
+    pub tun_flush_packets: usize,
     /// `WGMESH_FASTPATH_SOCKBUF`: bytes of UDP socket buffer per direction
     /// (default [`crate::udp::SOCKET_BUFFER_BYTES`]).
     pub socket_buffer: Option<usize>,
@@ -82,6 +90,11 @@ impl FastPathOptions {
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&n: &u32| n > 0),
             writer_threads: env_on("WGMESH_FASTPATH_THREADS", false),
+            tun_flush_packets: std::env::var("WGMESH_FASTPATH_TUN_BATCH")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .unwrap_or(batch::TUN_FLUSH_PACKETS),
             socket_buffer: std::env::var("WGMESH_FASTPATH_SOCKBUF")
                 .ok()
                 .and_then(|v| v.trim().parse().ok())

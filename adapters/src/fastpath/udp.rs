@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 use super::FastPathOptions;
-use super::batch::{FastTun, Shared};
+use super::batch::{FastTun, IdleCheck, Shared};
 use super::writer::{UdpRun, UdpWriter, send_run};
 use crate::driver::DatagramSocket;
 use crate::udp::{SOCKET_BUFFER_BYTES, map_out, unmap};
@@ -40,6 +40,7 @@ pub struct FastUdp {
     socket: Arc<UdpSocket>,
     options: FastPathOptions,
     batch: RecvBatch,
+    idle: IdleCheck,
 }
 
 /// The datagrams of one `recvmmsg`, handed out one at a time.
@@ -323,6 +324,7 @@ impl FastUdp {
             socket,
             options,
             batch: RecvBatch::new(),
+            idle: IdleCheck::default(),
         })
     }
 }
@@ -338,11 +340,6 @@ impl RecvBatch {
             msg: 0,
             offset: 0,
         }
-    }
-
-    /// True when every datagram of the batch was handed out.
-    fn is_empty(&self) -> bool {
-        self.msg >= self.count
     }
 
     fn clear(&mut self) {
@@ -466,23 +463,28 @@ impl DatagramSocket for FastUdp {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
             if let Some(datagram) = self.batch.pop_into(buf) {
-                if self.batch.is_empty() {
-                    self.shared.udp_input.store(false, Ordering::Relaxed);
-                }
                 return Ok(datagram);
             }
-            self.shared.udp_input.store(false, Ordering::Relaxed);
-            self.shared.flush_if_idle();
+            // The batch is used up. Receive again without waiting; only when
+            // nothing is ready has the burst ended, and the packets it
+            // decrypted go to the TUN (the queue also flushes itself every
+            // `TUN_FLUSH_PACKETS`). Synchronous up to the `await`, so a
+            // dropped future loses nothing.
             let socket = self.socket.clone();
             let fd = socket.as_raw_fd();
             let batch = &mut self.batch;
+            // A real `recvmmsg`, not tokio's remembered readiness (see
+            // `IdleCheck`).
+            match self.idle.check(|| batch.fill(fd)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+            self.shared.flush_tun_queue();
             // Readiness-based: dropping this future loses nothing.
-            let count = socket
+            socket
                 .async_io(Interest::READABLE, || batch.fill(fd))
                 .await?;
-            if count > 0 {
-                self.shared.udp_input.store(true, Ordering::Relaxed);
-            }
         }
     }
 
@@ -526,7 +528,6 @@ impl DatagramSocket for FastUdp {
         drop(out);
         self.socket = socket;
         self.batch.clear();
-        self.shared.udp_input.store(false, Ordering::Relaxed);
         result
     }
 }
@@ -543,6 +544,7 @@ mod tests {
             udp_gro: true,
             tx_queue_len: None,
             writer_threads: false,
+            tun_flush_packets: super::super::batch::TUN_FLUSH_PACKETS,
             socket_buffer: None,
         }
     }
@@ -698,6 +700,6 @@ mod tests {
             sizes.push(len);
         }
         assert_eq!(sizes, vec![1000, 1000, 500, 40]);
-        assert!(batch.is_empty());
+        assert!(batch.next_datagram().is_none());
     }
 }
