@@ -63,6 +63,21 @@ struct Args {
     /// The resolv.conf file managed in "resolv-conf" DNS mode.
     #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+
+    /// The nice value (-20..19) of the data-plane thread, which moves every
+    /// packet between the TUN and the network. The default, -20, lets it
+    /// run ahead of the applications whose traffic it carries, so packets
+    /// do not queue in the tunnel when the CPU is busy; 0 leaves it at the
+    /// normal priority.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WGMESH_DATA_PLANE_NICE",
+        default_value_t = daemon::DEFAULT_DATA_PLANE_NICE,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(-20..=19)
+    )]
+    data_plane_nice: i32,
 }
 
 fn main() -> ExitCode {
@@ -103,6 +118,7 @@ fn main() -> ExitCode {
         uapi_dir: (!args.no_uapi).then_some(args.uapi_dir),
         resolv_conf: args.resolv_conf,
         manage_routes: true,
+        data_plane_nice: Some(args.data_plane_nice),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
