@@ -34,7 +34,10 @@
 # "no-gso=WGMESH_FASTPATH=1 WGMESH_FASTPATH_GSO=0"), BENCH_KEEP_LOGS=1 (keep
 # the logs, iperf3 JSON and pings in the temporary directory), BENCH_PERF=1
 # (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer),
-# BENCH_IPERF_ARGS (more iperf3 client options, e.g. "-C cubic" or "-P 2").
+# BENCH_IPERF_ARGS (more iperf3 client options, e.g. "-C cubic" or "-P 2"),
+# BENCH_TRACE=1 (tcpdump the loaded pings on both TUN devices and print where
+# they spend their time: sender to receiver, the receiver's turnaround, and
+# back; installs tcpdump).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
@@ -90,6 +93,7 @@ command -v wg >/dev/null || need_pkgs+=(wireguard-tools)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v ping >/dev/null || need_pkgs+=(iputils-ping)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+if [ "${BENCH_TRACE:-0}" = 1 ]; then command -v tcpdump >/dev/null || need_pkgs+=(tcpdump); fi
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     note "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -259,6 +263,40 @@ ping_median() { # file -> median RTT in ms of "time=" lines, or "-"
         | awk '{v[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'
 }
 
+# trace_report impl round prefix: where the loaded pings spent their time.
+trace_report() {
+    python3 - "$1" "$2" "$3" <<'PY' >&2 || true
+import re, statistics, subprocess, sys
+impl, rnd, pre = sys.argv[1:4]
+def stamps(side):
+    out = subprocess.run(["tcpdump", "-n", "-tt", "--time-stamp-precision=nano", "-r",
+                          "%s.trace-%s.pcap" % (pre, side)], capture_output=True, text=True).stdout
+    seen = {}
+    for line in out.splitlines():
+        m = re.match(r"(\S+) .*echo (request|reply), id \d+, seq (\d+)", line)
+        if m:
+            seen.setdefault((m.group(2), int(m.group(3))), float(m.group(1)))
+    return seen
+a, b = stamps("A"), stamps("B")
+legs = {"forward": [], "turnaround": [], "reverse": []}
+for (kind, seq), t0 in a.items():
+    if kind != "request" or ("request", seq) not in b or ("reply", seq) not in b or ("reply", seq) not in a:
+        continue
+    legs["forward"].append(b[("request", seq)] - t0)
+    legs["turnaround"].append(b[("reply", seq)] - b[("request", seq)])
+    legs["reverse"].append(a[("reply", seq)] - b[("reply", seq)])
+if legs["forward"]:
+    print("# round %s %-16s loaded pings (%d): A TUN -> B TUN %.3f ms (max %.3f), B turnaround %.3f ms, "
+          "B TUN -> A TUN %.3f ms (max %.3f)" % (
+              rnd, impl, len(legs["forward"]),
+              1e3 * statistics.median(legs["forward"]), 1e3 * max(legs["forward"]),
+              1e3 * statistics.median(legs["turnaround"]),
+              1e3 * statistics.median(legs["reverse"]), 1e3 * max(legs["reverse"])))
+else:
+    print("# round %s %-16s no traced pings" % (rnd, impl))
+PY
+}
+
 CLK_TCK=$(getconf CLK_TCK)
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
@@ -285,7 +323,17 @@ measure() {
     (sleep 1; in_ns "$NS_A" ping -c "$pings" -i 0.2 -W 1 "$TARGET" >"$pre.ping-load" 2>&1 || true) &
     local pinger=$!
     PIDS+=("$pinger")
-    local perf_pids=()
+    local perf_pids=() trace_pids=()
+    if [ "${BENCH_TRACE:-0}" = 1 ] && [ -n "$DAEMON_A" ]; then
+        # Timestamps of the loaded pings where they enter and leave each
+        # TUN (one clock for both namespaces).
+        for side in A B; do
+            local tns=$NS_A tif=$IF_A; [ "$side" = B ] && { tns=$NS_B; tif=$IF_B; }
+            in_ns "$tns" timeout $((SECONDS_PER_RUN + 5)) tcpdump -n -q -U -i "$tif" \
+                -w "$pre.trace-$side.pcap" icmp >/dev/null 2>&1 &
+            trace_pids+=($!); PIDS+=($!)
+        done
+    fi
     if [ "${BENCH_PERF:-0}" = 1 ] && [ -n "$DAEMON_A" ] && command -v perf >/dev/null; then
         for side in A B; do
             local dpid=$DAEMON_A; [ "$side" = B ] && dpid=$DAEMON_B
@@ -299,6 +347,8 @@ measure() {
     t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
     wait "$pinger" 2>/dev/null || true
     for p in "${perf_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in "${trace_pids[@]}"; do kill_pid "$p"; done
+    [ "${#trace_pids[@]}" -gt 0 ] && trace_report "$impl" "$round" "$pre"
     kill_pid "$server"
     local gbps retr
     read -r gbps retr < <(python3 - "$pre.json" <<'PY'
