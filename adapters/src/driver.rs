@@ -17,6 +17,13 @@
 //! itself only handles the two effects that concern its socket (rebind and
 //! listen port) before passing every effect on.
 //!
+//! When the flow log is on ([`Control::SetFlowLog`]), the loop also counts
+//! every packet it moves across the TUN in a [`FlowTable`], synchronously:
+//! one header parse and one map update per packet, no copy and no channel,
+//! so the counts stay exact at any packet rate. With it off (the default)
+//! the loop does no extra work per packet and sends nothing anywhere, so
+//! the simulator's runs do not depend on it.
+//!
 //! The loop uses `tokio::select!` with `biased;`, so which ready branch wins
 //! depends only on the order written here and on a turn counter that
 //! alternates the network and TUN branches (so neither starves the other under
@@ -35,6 +42,8 @@ use wgmesh_core::{
     MAX_PACKET_SIZE, PacketFilter, PingId, PingKind, PingRequest, PingResult, Reconfig,
     ReconfigOutcome, Status,
 };
+
+use crate::flowlog::FlowTable;
 
 /// Room for one datagram: the largest IP packet plus WireGuard's overhead.
 const DATAGRAM_BUFFER: usize = MAX_PACKET_SIZE + 256;
@@ -161,6 +170,13 @@ pub enum Control {
     /// Turn the plaintext capture hook on or off; packets go to
     /// [`DriverHandle::subscribe_capture`] subscribers.
     SetCapture(bool),
+    /// Turn flow counting on or off. On, the loop counts every packet it
+    /// reads from or writes to the TUN in a [`FlowTable`]; off drops the
+    /// table. Switching it on while it is on keeps the table.
+    SetFlowLog(bool),
+    /// Take the flows counted so far, leaving an empty table in their place;
+    /// the reply is `None` while flow counting is off.
+    TakeFlows(oneshot::Sender<Option<FlowTable>>),
     /// Swap in a new engine (a new private key, set through UAPI) and give
     /// it `reconfig`. The old engine is dropped without closing, so the OS
     /// keeps its routes; its pending pings end with [`RequestError::Stopped`].
@@ -189,6 +205,8 @@ impl std::fmt::Debug for Control {
             Control::LinkChange(change) => write!(f, "LinkChange({change:?})"),
             Control::SetPacketFilter(_) => f.write_str("SetPacketFilter"),
             Control::SetCapture(on) => write!(f, "SetCapture({on})"),
+            Control::SetFlowLog(on) => write!(f, "SetFlowLog({on})"),
+            Control::TakeFlows(_) => f.write_str("TakeFlows"),
             Control::Replace { engine, .. } => write!(f, "Replace({:?})", engine.node_key()),
             Control::Close { .. } => f.write_str("Close"),
         }
@@ -313,6 +331,19 @@ impl DriverHandle {
         rx.await.map_err(|_| RequestError::Stopped)
     }
 
+    /// Turns flow counting on or off (see [`Control::SetFlowLog`]).
+    pub async fn set_flow_log(&self, on: bool) -> Result<(), RequestError> {
+        self.send(Control::SetFlowLog(on)).await
+    }
+
+    /// Takes the flows counted since the last take (see
+    /// [`Control::TakeFlows`]); `None` while flow counting is off.
+    pub async fn take_flows(&self) -> Result<Option<FlowTable>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::TakeFlows(reply)).await?;
+        rx.await.map_err(|_| RequestError::Stopped)
+    }
+
     /// Every [`Event`] from now on.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -403,6 +434,7 @@ where
             status_waiters: Vec::new(),
             events,
             capture,
+            flows: None,
             tun_errors: 0,
             socket_errors: 0,
         };
@@ -471,7 +503,11 @@ where
                 Step::Tun(Ok(len)) => {
                     exec.tun_errors = 0;
                     trace!(len, "TUN packet in");
-                    let _ = engine.handle_input(now, Input::TunPacket(&tun_buf[..len]));
+                    let packet = &tun_buf[..len];
+                    if let Some(flows) = exec.flows.as_mut() {
+                        flows.add(true, packet);
+                    }
+                    let _ = engine.handle_input(now, Input::TunPacket(packet));
                 }
                 Step::Tun(Err(e)) => {
                     exec.tun_errors += 1;
@@ -542,6 +578,8 @@ struct Executor {
     status_waiters: Vec<oneshot::Sender<Box<Status>>>,
     events: broadcast::Sender<Event>,
     capture: broadcast::Sender<CapturedPacket>,
+    /// The flow counts, while the flow log is on.
+    flows: Option<FlowTable>,
     tun_errors: u32,
     socket_errors: u32,
 }
@@ -616,6 +654,19 @@ impl Executor {
             Control::SetCapture(on) => {
                 let _ = engine.handle_input(now, Input::SetCapture(on));
             }
+            Control::SetFlowLog(on) => {
+                if on != self.flows.is_some() {
+                    info!(on, "flow counting");
+                    self.flows = on.then(FlowTable::default);
+                }
+            }
+            Control::TakeFlows(reply) => {
+                let taken = self.flows.as_mut().map(|flows| {
+                    let fresh = flows.fresh();
+                    std::mem::replace(flows, fresh)
+                });
+                let _ = reply.send(taken);
+            }
             Control::Replace {
                 engine: fresh,
                 reconfig,
@@ -661,7 +712,12 @@ impl Executor {
                 Output::TunWrite(packet) => {
                     trace!(len = packet.len(), "TUN packet out");
                     match tun.send(&packet).await {
-                        Ok(()) => self.tun_errors = 0,
+                        Ok(()) => {
+                            self.tun_errors = 0;
+                            if let Some(flows) = self.flows.as_mut() {
+                                flows.add(false, &packet);
+                            }
+                        }
                         Err(e) => {
                             self.tun_errors += 1;
                             debug!(error = %e, "TUN write failed");

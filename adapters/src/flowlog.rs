@@ -1,26 +1,48 @@
 //! The flow log: per-flow counters (5-tuple, direction, peer, packets,
-//! bytes) written as JSON lines every interval, from the engine's plaintext
-//! capture hook.
+//! bytes) written as JSON lines every interval (`[flowlog]` in the config).
 //!
-//! It needs the capture hook on, which costs a copy per packet; that is why
-//! it is optional (`[flowlog]` in the config). The hook is switched on again
-//! at every interval, so a `wgmesh capture` that ends and switches it off
-//! only pauses the log until the next tick.
+//! The counting happens inside the driver loop ([`crate::driver`]), on the
+//! packets it moves across the TUN: every packet read from the TUN is
+//! counted as outbound, and every packet the engine writes to the TUN as
+//! inbound. Each packet costs one IP header parse and one hash-map update;
+//! nothing is copied and no channel is involved. An earlier design read the
+//! packets from the engine's capture hook through a broadcast channel, which
+//! cost a copy per packet and, at batched data-plane rates, fell behind and
+//! silently lost packets from the counts. Counting where the packets already
+//! are makes the counts exact at any rate. Inbound also covers the few
+//! packets the engine writes to the TUN on its own (a packet for one of our
+//! own addresses handed straight back, a faked ICMP echo reply): they cross
+//! the TUN like any other, although the capture hook does not show them.
+//!
+//! The flow log task below only switches counting on
+//! ([`crate::driver::Control::SetFlowLog`]), takes the table every interval
+//! ([`crate::driver::Control::TakeFlows`], which swaps in an empty one), and
+//! turns the table into JSON lines with the peer attribution off the driver
+//! loop. The capture hook stays what it is for: `wgmesh capture` (pcap).
+//!
+//! The table holds at most [`MAX_FLOWS`] flows per interval, so a scan or a
+//! flood of spoofed addresses cannot make it grow without bound; packets of
+//! flows beyond that are added to one overflow counter, which the task logs
+//! as a warning instead of writing lines for them.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 use wgmesh_core::Status;
 use wgmesh_core::wire::ip::IpHeader;
 
-use crate::driver::{Control, DriverHandle};
+use crate::driver::DriverHandle;
+
+/// The most flows one [`FlowTable`] holds (per interval, since the table is
+/// swapped for an empty one at every interval). At under a hundred bytes per
+/// entry, and with the map's spare room, that bounds the table to about 12 MB.
+pub const MAX_FLOWS: usize = 65_536;
 
 /// The identity of a flow as seen on the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,6 +57,38 @@ pub struct FlowKey {
     pub dst: SocketAddr,
 }
 
+impl FlowKey {
+    /// The flow of one IP packet and the packet's length as its header
+    /// states it, or `None` for a packet that is not a well-formed IP packet.
+    ///
+    /// Ports are read for TCP and UDP only, and only from a packet that
+    /// carries the start of the transport header: an IPv4 fragment other
+    /// than the first has none (its ports would be payload bytes), so it is
+    /// counted with port 0. IPv6 fragments are reported by the header parser
+    /// with the fragment header's protocol number and get port 0 likewise.
+    pub fn parse(outbound: bool, packet: &[u8]) -> Option<(FlowKey, usize)> {
+        let header = IpHeader::parse(packet).ok()?;
+        let first_fragment = !header.is_ipv4() || (packet[6] & 0x1f == 0 && packet[7] == 0);
+        let ports = match header.protocol {
+            6 | 17 if first_fragment => header.payload(packet).and_then(|p| p.get(..4)).map(|p| {
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                )
+            }),
+            _ => None,
+        }
+        .unwrap_or((0, 0));
+        let key = FlowKey {
+            outbound,
+            protocol: header.protocol,
+            src: SocketAddr::new(header.src, ports.0),
+            dst: SocketAddr::new(header.dst, ports.1),
+        };
+        Some((key, header.total_len))
+    }
+}
+
 /// What was counted for one flow in one interval.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowCounts {
@@ -42,6 +96,13 @@ pub struct FlowCounts {
     pub packets: u64,
     /// Bytes of IP packets.
     pub bytes: u64,
+}
+
+impl FlowCounts {
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
 }
 
 /// One line of the flow log.
@@ -67,43 +128,99 @@ pub struct FlowRecord {
     pub bytes: u64,
 }
 
-/// Counts packets per flow.
-#[derive(Debug, Default)]
+/// Counts packets per flow, up to a bound on the number of flows.
+///
+/// The driver loop calls [`FlowTable::add`] for every packet, so it is kept
+/// cheap: a packet of a flow already in the table costs a header parse and
+/// one hash lookup, and allocates nothing. The map uses the standard
+/// library's keyed hasher on purpose: the keys come from packets other
+/// hosts choose, and a hasher they cannot predict keeps them from crafting
+/// collisions that would slow the loop down.
+#[derive(Debug)]
 pub struct FlowTable {
-    flows: BTreeMap<FlowKey, FlowCounts>,
+    flows: HashMap<FlowKey, FlowCounts>,
+    limit: usize,
+    overflow: FlowCounts,
+}
+
+impl Default for FlowTable {
+    fn default() -> Self {
+        Self::with_limit(MAX_FLOWS)
+    }
 }
 
 impl FlowTable {
-    /// Counts one IP packet; malformed packets are ignored.
-    pub fn add(&mut self, outbound: bool, packet: &[u8]) {
-        let Ok(header) = IpHeader::parse(packet) else {
-            return;
-        };
-        let ports = match header.protocol {
-            6 | 17 => packet
-                .get(header.header_len..header.header_len + 4)
-                .map(|p| {
-                    (
-                        u16::from_be_bytes([p[0], p[1]]),
-                        u16::from_be_bytes([p[2], p[3]]),
-                    )
-                }),
-            _ => None,
+    /// An empty table that holds at most `limit` flows.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            limit,
+            overflow: FlowCounts::default(),
         }
-        .unwrap_or((0, 0));
-        let key = FlowKey {
-            outbound,
-            protocol: header.protocol,
-            src: SocketAddr::new(header.src, ports.0),
-            dst: SocketAddr::new(header.dst, ports.1),
-        };
-        let counts = self.flows.entry(key).or_default();
-        counts.packets += 1;
-        counts.bytes += header.total_len as u64;
     }
 
-    /// Takes the counted flows as records, attributing each to the peer whose
-    /// AllowedIPs hold its tailnet-side address (longest prefix).
+    /// An empty table with the same limit, with room for as many flows as
+    /// this one holds: the next interval most likely sees about the same
+    /// flows, and the driver loop then does not grow the map flow by flow.
+    pub fn fresh(&self) -> Self {
+        Self {
+            flows: HashMap::with_capacity(self.flows.len()),
+            limit: self.limit,
+            overflow: FlowCounts::default(),
+        }
+    }
+
+    /// Counts one IP packet; packets that do not parse as IP are ignored.
+    /// A packet of a new flow while the table is full is counted in
+    /// [`FlowTable::overflow`] only.
+    pub fn add(&mut self, outbound: bool, packet: &[u8]) {
+        let Some((key, bytes)) = FlowKey::parse(outbound, packet) else {
+            return;
+        };
+        if let Some(counts) = self.flows.get_mut(&key) {
+            counts.add(bytes);
+        } else if self.flows.len() < self.limit {
+            let mut counts = FlowCounts::default();
+            counts.add(bytes);
+            self.flows.insert(key, counts);
+        } else {
+            self.overflow.add(bytes);
+        }
+    }
+
+    /// How many flows the table holds.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether no flow was counted (overflow aside, which needs a full table).
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// The most flows the table holds.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The counts of one flow, if it is in the table.
+    pub fn get(&self, key: &FlowKey) -> Option<FlowCounts> {
+        self.flows.get(key).copied()
+    }
+
+    /// Every flow in the table, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowCounts)> {
+        self.flows.iter()
+    }
+
+    /// The packets of flows that found the table full.
+    pub fn overflow(&self) -> FlowCounts {
+        self.overflow
+    }
+
+    /// Takes the counted flows as records sorted by flow, attributing each
+    /// to the peer whose AllowedIPs hold its tailnet-side address (longest
+    /// prefix). The overflow counter is reset too; read it first.
     pub fn drain(&mut self, start: u64, end: u64, status: Option<&Status>) -> Vec<FlowRecord> {
         let peers: Vec<(IpNet, String)> = status
             .map(|s| {
@@ -124,7 +241,12 @@ impl FlowTable {
                 .max_by_key(|(net, _)| net.prefix_len())
                 .map(|(_, key)| key.clone())
         };
-        std::mem::take(&mut self.flows)
+        self.overflow = FlowCounts::default();
+        // The map's order is random; sorting keeps the lines of one interval
+        // in a stable order, as they were when the table was a BTreeMap.
+        let mut flows: Vec<_> = self.flows.drain().collect();
+        flows.sort_unstable_by_key(|(key, _)| *key);
+        flows
             .into_iter()
             .map(|(key, counts)| FlowRecord {
                 start,
@@ -151,47 +273,66 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Runs the flow log: appends JSON lines to `path` every `interval`.
+/// Appends one JSON line per record to `path`.
+fn append_records(path: &Path, records: &[FlowRecord]) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut out = std::io::BufWriter::new(file);
+    for record in records {
+        serde_json::to_writer(&mut out, record).map_err(std::io::Error::other)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// Runs the flow log: switches counting on in the driver and appends JSON
+/// lines to `path` every `interval` (at least a second).
 pub async fn run(driver: DriverHandle, path: PathBuf, interval: Duration) {
-    let mut packets = driver.subscribe_capture();
-    let mut table = FlowTable::default();
+    if driver.set_flow_log(true).await.is_err() {
+        return;
+    }
     let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
+    // The first tick completes at once; the first interval starts now.
+    ticker.tick().await;
     let mut start = unix_now();
     info!(path = %path.display(), ?interval, "flow log started");
     loop {
-        tokio::select! {
-            biased;
-            _ = ticker.tick() => {
-                if driver.send(Control::SetCapture(true)).await.is_err() {
+        ticker.tick().await;
+        let mut table = match driver.take_flows().await {
+            Ok(Some(table)) => table,
+            // Counting was switched off behind our back: switch it on again
+            // and report from the next interval on.
+            Ok(None) => {
+                warn!("flow counting was off in the driver; switching it on again");
+                if driver.set_flow_log(true).await.is_err() {
                     return;
                 }
-                let status = driver.status().await.ok();
-                let end = unix_now();
-                let records = table.drain(start, end, status.as_deref());
-                start = end;
-                if records.is_empty() {
-                    continue;
-                }
-                let written = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .and_then(|mut file| {
-                        for record in &records {
-                            let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
-                            writeln!(file, "{line}")?;
-                        }
-                        Ok(())
-                    });
-                if let Err(e) = written {
-                    warn!(path = %path.display(), error = %e, "flow log write failed");
-                }
+                start = unix_now();
+                continue;
             }
-            packet = packets.recv() => match packet {
-                Ok(packet) => table.add(packet.outbound, &packet.packet),
-                Err(RecvError::Lagged(n)) => warn!(lost = n, "flow log fell behind; packets not counted"),
-                Err(RecvError::Closed) => return,
-            },
+            Err(_) => return,
+        };
+        let status = driver.status().await.ok();
+        let end = unix_now();
+        let overflow = table.overflow();
+        if overflow.packets > 0 {
+            warn!(
+                flows = table.len(),
+                limit = table.limit(),
+                packets = overflow.packets,
+                bytes = overflow.bytes,
+                "flow table full; packets of further flows counted only in total"
+            );
+        }
+        let records = table.drain(start, end, status.as_deref());
+        start = end;
+        if records.is_empty() {
+            continue;
+        }
+        if let Err(e) = append_records(&path, &records) {
+            warn!(path = %path.display(), error = %e, "flow log write failed");
         }
     }
 }
@@ -200,7 +341,7 @@ pub async fn run(driver: DriverHandle, path: PathBuf, interval: Duration) {
 mod tests {
     use super::*;
 
-    fn udp(src: &str, dst: &str, sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    fn transport(src: &str, dst: &str, proto: u8, sport: u16, dport: u16, len: usize) -> Vec<u8> {
         let mut payload = Vec::new();
         payload.extend_from_slice(&sport.to_be_bytes());
         payload.extend_from_slice(&dport.to_be_bytes());
@@ -211,12 +352,25 @@ mod tests {
         wgmesh_core::wire::ip::emit_packet(
             src.parse().unwrap(),
             dst.parse().unwrap(),
-            17,
+            proto,
             &payload,
             &mut out,
         )
         .unwrap();
         out
+    }
+
+    fn udp(src: &str, dst: &str, sport: u16, dport: u16, len: usize) -> Vec<u8> {
+        transport(src, dst, 17, sport, dport, len)
+    }
+
+    fn key(outbound: bool, protocol: u8, src: &str, dst: &str) -> FlowKey {
+        FlowKey {
+            outbound,
+            protocol,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        }
     }
 
     #[test]
@@ -246,5 +400,180 @@ mod tests {
         assert_eq!((inbound.packets, inbound.bytes, inbound.proto), (1, 58, 17));
         assert_eq!(inbound.peer, Some(peer.to_string()));
         assert!(table.drain(20, 30, None).is_empty());
+    }
+
+    #[test]
+    fn the_output_format_is_unchanged() {
+        let mut table = FlowTable::default();
+        table.add(true, &udp("100.64.0.1", "100.64.0.2", 1000, 53, 10));
+        let records = table.drain(10, 20, None);
+        assert_eq!(
+            serde_json::to_string(&records[0]).unwrap(),
+            r#"{"start":10,"end":20,"direction":"out","proto":17,"src":"100.64.0.1:1000","dst":"100.64.0.2:53","peer":null,"packets":1,"bytes":38}"#
+        );
+    }
+
+    #[test]
+    fn records_come_out_sorted_by_flow() {
+        let mut table = FlowTable::default();
+        for port in (1..=50u16).rev() {
+            table.add(true, &udp("100.64.0.1", "100.64.0.2", port, 53, 0));
+            table.add(false, &udp("100.64.0.2", "100.64.0.1", 53, port, 0));
+        }
+        let records = table.drain(0, 1, None);
+        assert_eq!(records.len(), 100);
+        assert!(records[..50].iter().all(|r| r.direction == "in"));
+        let ports: Vec<String> = records[50..].iter().map(|r| r.src.clone()).collect();
+        let want: Vec<String> = (1..=50).map(|p| format!("100.64.0.1:{p}")).collect();
+        assert_eq!(ports, want);
+    }
+
+    #[test]
+    fn ipv6_flows_have_ports() {
+        let mut table = FlowTable::default();
+        let packet = transport("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2", 6, 40000, 443, 12);
+        table.add(true, &packet);
+        table.add(true, &packet);
+        let counts = table
+            .get(&key(
+                true,
+                6,
+                "[fd7a:115c:a1e0::1]:40000",
+                "[fd7a:115c:a1e0::2]:443",
+            ))
+            .expect("the v6 TCP flow");
+        assert_eq!(counts.packets, 2);
+        assert_eq!(counts.bytes, 2 * (40 + 8 + 12));
+        let records = table.drain(0, 1, None);
+        assert_eq!(records[0].src, "[fd7a:115c:a1e0::1]:40000");
+    }
+
+    #[test]
+    fn protocols_without_ports_get_port_zero() {
+        let mut table = FlowTable::default();
+        // ICMP echo over v4 and ICMPv6 echo over v6: the first bytes of their
+        // payload are type, code and checksum, not ports.
+        table.add(
+            true,
+            &transport("100.64.0.1", "100.64.0.2", 1, 0x0800, 1, 4),
+        );
+        table.add(
+            false,
+            &transport("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1", 58, 0x8100, 1, 4),
+        );
+        assert_eq!(
+            table.get(&key(true, 1, "100.64.0.1:0", "100.64.0.2:0")),
+            Some(FlowCounts {
+                packets: 1,
+                bytes: 32
+            })
+        );
+        assert_eq!(
+            table
+                .get(&key(
+                    false,
+                    58,
+                    "[fd7a:115c:a1e0::2]:0",
+                    "[fd7a:115c:a1e0::1]:0"
+                ))
+                .map(|c| c.packets),
+            Some(1)
+        );
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn later_ipv4_fragments_are_counted_without_ports() {
+        let mut table = FlowTable::default();
+        let mut fragment = udp("100.64.0.1", "100.64.0.2", 1000, 53, 16);
+        // Fragment offset 2 (16 bytes in): what follows the header is
+        // payload, not a UDP header. The header checksum is not checked here.
+        fragment[7] = 2;
+        table.add(true, &fragment);
+        assert_eq!(
+            table
+                .get(&key(true, 17, "100.64.0.1:0", "100.64.0.2:0"))
+                .map(|c| c.packets),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn malformed_packets_are_ignored() {
+        let mut table = FlowTable::default();
+        let good = udp("100.64.0.1", "100.64.0.2", 1000, 53, 10);
+        let mut too_long = good.clone();
+        too_long[3] += 1; // total length past the end of the buffer
+        let mut short_header = good.clone();
+        short_header[0] = 0x44; // IHL 4: below the minimum of 5
+        for packet in [
+            &[][..],
+            &[0x45, 0, 0][..],
+            &[0x60; 39][..],
+            &[0x10; 60][..],
+            &too_long[..],
+            &short_header[..],
+            &good[..19],
+        ] {
+            table.add(true, packet);
+        }
+        assert!(table.is_empty());
+        assert_eq!(table.overflow(), FlowCounts::default());
+        // A UDP header cut short by the IP total length gives port 0, not a
+        // read past the packet.
+        let mut cut = udp("100.64.0.1", "100.64.0.2", 1000, 53, 0);
+        cut.truncate(22);
+        cut[2..4].copy_from_slice(&22u16.to_be_bytes());
+        let mut trailing = cut.clone();
+        trailing.extend_from_slice(&[0xff; 8]); // bytes past the total length
+        table.add(true, &trailing);
+        assert!(
+            table
+                .get(&key(true, 17, "100.64.0.1:0", "100.64.0.2:0"))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_counts_the_overflow() {
+        let mut table = FlowTable::with_limit(100);
+        for port in 0..150u16 {
+            table.add(true, &udp("100.64.0.1", "100.64.0.2", port, 53, 0));
+        }
+        // A flow already in the table keeps counting once it is full.
+        table.add(true, &udp("100.64.0.1", "100.64.0.2", 0, 53, 0));
+        assert_eq!(table.len(), 100);
+        assert_eq!(
+            table.overflow(),
+            FlowCounts {
+                packets: 50,
+                bytes: 50 * 28
+            }
+        );
+        assert_eq!(
+            table
+                .get(&key(true, 17, "100.64.0.1:0", "100.64.0.2:53"))
+                .map(|c| c.packets),
+            Some(2)
+        );
+        let fresh = table.fresh();
+        assert!(fresh.is_empty());
+        assert_eq!(fresh.limit(), 100);
+        assert_eq!(fresh.overflow(), FlowCounts::default());
+        assert_eq!(table.drain(0, 1, None).len(), 100);
+        assert_eq!(table.overflow(), FlowCounts::default());
+    }
+
+    #[test]
+    fn the_default_bound_is_65536_flows() {
+        let mut table = FlowTable::default();
+        assert_eq!(table.limit(), MAX_FLOWS);
+        let mut packet = udp("100.64.0.1", "100.64.0.2", 0, 0, 0);
+        for n in 0..(MAX_FLOWS as u32 + 10) {
+            packet[20..24].copy_from_slice(&n.to_be_bytes());
+            table.add(true, &packet);
+        }
+        assert_eq!(table.len(), MAX_FLOWS);
+        assert_eq!(table.overflow().packets, 10);
     }
 }
