@@ -48,6 +48,14 @@ use crate::flowlog::FlowTable;
 /// Room for one datagram: the largest IP packet plus WireGuard's overhead.
 const DATAGRAM_BUFFER: usize = MAX_PACKET_SIZE + 256;
 
+/// Packets taken from one device's in-memory batch in one turn of the loop
+/// (one `select!` and one clock reading). Measured with the throughput rig
+/// (same run, 4 rounds each): one packet per turn 4.94 Gbit/s with a loaded
+/// ping RTT of 0.22 ms, bursts of 16 5.19 Gbit/s and 0.25 ms, of 32 5.23
+/// and 0.33 ms, of 64 5.08 and 0.58 ms: past 16 the other direction's small
+/// packets start to wait.
+const MAX_BURST: usize = 16;
+
 /// How many I/O errors in a row on one device end the loop.
 const MAX_CONSECUTIVE_IO_ERRORS: u32 = 1000;
 
@@ -62,6 +70,14 @@ pub trait TunDevice: Send + 'static {
     fn recv(&mut self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
     /// Writes one IP packet towards the OS.
     fn send(&mut self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// The next packet if the device already holds it in memory (the rest
+    /// of a batch it read), without a system call and without waiting;
+    /// `None` when getting one needs a read. The loop uses it to work
+    /// through a batch without a `select!` per packet. Devices that do not
+    /// batch keep this default.
+    fn recv_buffered(&mut self, _buf: &mut [u8]) -> Option<usize> {
+        None
+    }
 }
 
 /// A UDP socket. `recv_from` must be cancel-safe, like [`TunDevice::recv`].
@@ -77,6 +93,11 @@ pub trait DatagramSocket: Send + 'static {
         data: &[u8],
         dst: SocketAddr,
     ) -> impl Future<Output = io::Result<()>> + Send;
+    /// The next datagram if the socket already holds it in memory, like
+    /// [`TunDevice::recv_buffered`].
+    fn recv_buffered_from(&mut self, _buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        None
+    }
     /// The address the socket is bound to.
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// Closes the socket and binds a new one on `port` (0: any port). On
@@ -492,6 +513,22 @@ where
                         data: &udp_buf[..len],
                     };
                     let _ = engine.handle_input(now, input);
+                    // The rest of the socket's batch, up to a bound so the
+                    // TUN side, timers and control messages wait at most
+                    // one short burst.
+                    for _ in 1..MAX_BURST {
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        let Some((len, from)) = socket.recv_buffered_from(&mut udp_buf) else {
+                            break;
+                        };
+                        trace!(%from, len, "datagram in");
+                        let input = Input::Datagram {
+                            from,
+                            data: &udp_buf[..len],
+                        };
+                        let _ = engine.handle_input(now, input);
+                    }
                 }
                 Step::Datagram(Err(e)) => {
                     exec.socket_errors += 1;
@@ -508,6 +545,21 @@ where
                         flows.add(true, packet);
                     }
                     let _ = engine.handle_input(now, Input::TunPacket(packet));
+                    // The rest of the TUN's batch (the segments of one
+                    // offloaded read), bounded as for datagrams.
+                    for _ in 1..MAX_BURST {
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        let Some(len) = tun.recv_buffered(&mut tun_buf) else {
+                            break;
+                        };
+                        trace!(len, "TUN packet in");
+                        let packet = &tun_buf[..len];
+                        if let Some(flows) = exec.flows.as_mut() {
+                            flows.add(true, packet);
+                        }
+                        let _ = engine.handle_input(now, Input::TunPacket(packet));
+                    }
                 }
                 Step::Tun(Err(e)) => {
                     exec.tun_errors += 1;

@@ -4,7 +4,7 @@
 //! Addresses and routes are added on the tunnel interface only, so when the
 //! interface disappears (the daemon exits or crashes and the kernel deletes
 //! its TUN) they go with it. What was added is also recorded in the state
-//! file (see [`crate::state`]) so that a restart after a crash removes what a
+//! file (see [`crate::os::StateFile`]) so that a restart after a crash removes what a
 //! persistent interface may still carry.
 
 use std::collections::BTreeSet;

@@ -19,8 +19,8 @@ use wgmesh_adapters::daemon::{self, DaemonOptions};
 ///
 /// Logging follows RUST_LOG (default "info"). WGMESH_TRIM_WIREGUARD=1 forces
 /// lazy peers on, =0 off, whatever the config's keep_full_wg_config says.
-/// WGMESH_FASTPATH=1 selects the batched data plane (TUN offloads, UDP
-/// GSO/GRO, recvmmsg).
+/// The data plane is batched (TUN offloads, UDP GSO/GRO, recvmmsg);
+/// WGMESH_FASTPATH=0 selects the plain one-packet-per-system-call path.
 #[derive(Debug, Parser)]
 #[command(name = "wgmeshd", version)]
 struct Args {

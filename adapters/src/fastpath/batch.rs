@@ -237,11 +237,7 @@ impl FastTun {
 impl TunDevice for FastTun {
     async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            if self.next < self.count {
-                let index = self.next;
-                self.next += 1;
-                let len = self.sizes[index].min(buf.len());
-                buf[..len].copy_from_slice(&self.segments[index][..len]);
+            if let Some(len) = self.recv_buffered(buf) {
                 return Ok(len);
             }
             // The last read is used up. Read again without waiting; only
@@ -290,5 +286,16 @@ impl TunDevice for FastTun {
     async fn send(&mut self, packet: &[u8]) -> io::Result<()> {
         self.shared.push_tun(packet);
         Ok(())
+    }
+
+    fn recv_buffered(&mut self, buf: &mut [u8]) -> Option<usize> {
+        if self.next >= self.count {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        let len = self.sizes[index].min(buf.len());
+        buf[..len].copy_from_slice(&self.segments[index][..len]);
+        Some(len)
     }
 }

@@ -1,4 +1,5 @@
-//! The batched data plane, selected with `WGMESH_FASTPATH=1`.
+//! The batched data plane: the daemon's default (`WGMESH_FASTPATH=0`
+//! selects the plain one-packet-per-system-call path instead).
 //!
 //! It plugs into the unchanged [`crate::driver`] loop through its two device
 //! traits, so the engine stays sans-IO and sees one packet per input as
@@ -16,7 +17,7 @@
 //!   has nothing more ready: the datagrams made from TUN packets go out when
 //!   a non-blocking TUN read finds nothing (or a run is full), the packets
 //!   decrypted from datagrams go to the TUN when a non-blocking receive finds
-//!   nothing (or [`batch::TUN_FLUSH_PACKETS`] are queued). One burst of input
+//!   nothing (or 48 packets are queued). One burst of input
 //!   becomes one burst of output, and a bulk transfer in one direction never
 //!   holds back the small packets (ACKs, pings) of the other.
 //!
@@ -54,7 +55,7 @@ fn env_on(name: &str, default: bool) -> bool {
 /// The switches of the fast path, read from the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FastPathOptions {
-    /// `WGMESH_FASTPATH`: use the batched data plane at all.
+    /// `WGMESH_FASTPATH`: use the batched data plane at all (default on).
     pub enabled: bool,
     /// `WGMESH_FASTPATH_TUN_OFFLOAD`: TUN with `IFF_VNET_HDR` and offloads.
     pub tun_offload: bool,
@@ -70,7 +71,7 @@ pub struct FastPathOptions {
     pub writer_threads: bool,
     /// `WGMESH_FASTPATH_TUN_BATCH`: packets queued for the TUN before they
     /// are written even while more datagrams wait (default
-    /// [`batch::TUN_FLUSH_PACKETS`], at most 128).
+    /// 48, at most 128).
     pub tun_flush_packets: usize,
     /// `WGMESH_FASTPATH_SOCKBUF`: bytes of UDP socket buffer per direction
     /// (default [`crate::udp::SOCKET_BUFFER_BYTES`]).
@@ -78,10 +79,10 @@ pub struct FastPathOptions {
 }
 
 impl FastPathOptions {
-    /// Reads the switches (all default on once `WGMESH_FASTPATH` is on).
+    /// Reads the switches (all default on).
     pub fn from_env() -> Self {
         Self {
-            enabled: env_on("WGMESH_FASTPATH", false),
+            enabled: env_on("WGMESH_FASTPATH", true),
             tun_offload: env_on("WGMESH_FASTPATH_TUN_OFFLOAD", true),
             udp_gso: env_on("WGMESH_FASTPATH_GSO", true),
             udp_gro: env_on("WGMESH_FASTPATH_GRO", true),
@@ -115,13 +116,31 @@ pub enum DataTun {
 impl DataTun {
     /// Opens the TUN `name` the way the environment selects.
     pub fn open(name: &str, mtu: u16) -> io::Result<Self> {
-        let options = FastPathOptions::from_env();
+        let mut options = FastPathOptions::from_env();
         if options.enabled {
-            tracing::info!(?options, "batched data plane");
-            Ok(Self::Fast(FastTun::open(name, mtu, options)?))
-        } else {
-            Ok(Self::Plain(LinuxTun::open(name, mtu)?))
+            match FastTun::open(name, mtu, options) {
+                Ok(tun) => {
+                    tracing::info!(?options, "batched data plane");
+                    return Ok(Self::Fast(tun));
+                }
+                // A kernel without IFF_VNET_HDR or TUNSETOFFLOAD support
+                // still gets batched UDP, and failing that a plain tunnel.
+                Err(e) if options.tun_offload => {
+                    tracing::warn!(error = %e, "TUN offloads unavailable; batching without them");
+                    options.tun_offload = false;
+                    match FastTun::open(name, mtu, options) {
+                        Ok(tun) => return Ok(Self::Fast(tun)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "batched TUN unavailable; using the plain data plane")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "batched TUN unavailable; using the plain data plane")
+                }
+            }
         }
+        Ok(Self::Plain(LinuxTun::open(name, mtu)?))
     }
 
     /// The kernel's name for the device.
@@ -145,6 +164,13 @@ impl TunDevice for DataTun {
         match self {
             Self::Plain(tun) => tun.send(packet).await,
             Self::Fast(tun) => tun.send(packet).await,
+        }
+    }
+
+    fn recv_buffered(&mut self, buf: &mut [u8]) -> Option<usize> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Fast(tun) => tun.recv_buffered(buf),
         }
     }
 }
@@ -182,6 +208,13 @@ impl DatagramSocket for DataUdp {
         match self {
             Self::Plain(s) => s.send_to(data, dst).await,
             Self::Fast(s) => s.send_to(data, dst).await,
+        }
+    }
+
+    fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Fast(s) => s.recv_buffered_from(buf),
         }
     }
 

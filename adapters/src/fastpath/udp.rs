@@ -33,7 +33,7 @@ const MAX_GSO_BYTES: usize = 65000;
 /// Room for one control message carrying an int.
 const CMSG_ROOM: usize = 64;
 
-/// A batched UDP socket whose sends are queued in the [`Shared`] outbox it
+/// A batched UDP socket whose sends are queued in the output queue it
 /// has with its [`FastTun`].
 pub struct FastUdp {
     shared: Arc<Shared>,
@@ -493,6 +493,10 @@ impl DatagramSocket for FastUdp {
             queue.push(data, dst);
         }
         Ok(())
+    }
+
+    fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        self.batch.pop_into(buf)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
