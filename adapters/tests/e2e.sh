@@ -516,8 +516,9 @@ wait_for_file() { # bounded (5 s)
 
 fastpath_start() {
     start "$NS_X" x WGMESH_FASTPATH=1 || return 1
-    start "$NS_Y" y WGMESH_FASTPATH=1 || return 1
-    start "$NS_P" p WGMESH_FASTPATH=0 || return 1
+    # Y gets no data-plane environment: the batched plane is the default.
+    start "$NS_Y" y || return 1
+    start "$NS_P" p WGMESH_FASTPATH=0 WGMESH_DATA_PLANE_NICE=0 || return 1
     local n opt
     for n in x y; do
         for opt in "enabled: true" "tun_offload: true" "udp_gso: true" "udp_gro: true"; do
@@ -531,7 +532,21 @@ fastpath_start() {
     in_ns "$NS_P" ping -6 -c 2 -i 0.2 -W 2 fd7a:115c:a1e0::11 || return 1
     in_ns "$NS_Y" ping -6 -c 2 -i 0.2 -W 2 fd7a:115c:a1e0::11 || return 1
 }
-check "fast path: X and Y start batched (TUN offloads, UDP GSO/GRO), P plain; all ping" fastpath_start
+check "fast path: X and Y (by default) start batched (TUN offloads, UDP GSO/GRO), P plain; all ping" fastpath_start
+
+thread_nice() { # node: the nice value of its data-plane thread
+    ps -L -o ni=,comm= -p "${PID[$1]}" | awk '$2 == "wgmesh-driver" {print $1}'
+}
+defaults() {
+    # Y was started with no data-plane environment at all (and fastpath_start
+    # checked that it runs batched with every offload).
+    local nice
+    nice=$(thread_nice y)
+    [ "$nice" = -20 ] || { echo "y: data-plane thread at nice '$nice', want -20"; return 1; }
+    nice=$(thread_nice p)
+    [ "$nice" = 0 ] || { echo "p: data-plane thread at nice '$nice', want 0 (WGMESH_DATA_PLANE_NICE=0)"; return 1; }
+}
+check "defaults: the batched data plane, its thread at nice -20 (P asked for 0 and has it)" defaults
 
 # TCP transfers of the blob, all at the same time; each argument is
 # "SRC_NS DST_NS DST_ADDR". Every one must arrive whole, with its sha256.
