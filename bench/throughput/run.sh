@@ -167,8 +167,8 @@ done
 ip -n "$NS_A" link set veth-bench-a up
 ip -n "$NS_B" link set veth-bench-b up
 
-wg genkey >"$TMP/key-a"; wg pubkey <"$TMP/key-a" >"$TMP/pub-a"
-wg genkey >"$TMP/key-b"; wg pubkey <"$TMP/key-b" >"$TMP/pub-b"
+(umask 077; wg genkey >"$TMP/key-a"); wg pubkey <"$TMP/key-a" >"$TMP/pub-a"
+(umask 077; wg genkey >"$TMP/key-b"); wg pubkey <"$TMP/key-b" >"$TMP/pub-b"
 
 CPU_A=""; CPU_B=""
 if [ "${BENCH_PIN:-0}" = 1 ]; then CPU_A="taskset -c 0"; CPU_B="taskset -c 1"; fi
