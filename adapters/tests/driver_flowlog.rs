@@ -6,20 +6,19 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use ipnet::IpNet;
 use tokio::sync::mpsc;
 use wgmesh_adapters::driver::Clock;
 use wgmesh_adapters::flowlog::{FlowCounts, FlowKey, FlowTable};
 use wgmesh_adapters::{
     DatagramSocket, DriverHandle, LogEffects, MemTun, MemTunOs, TokioClock, run_driver,
 };
-use wgmesh_core::{
-    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, NodePrivateKey, PeerConfig, Reconfig,
-    RouterConfig, WgConfig,
-};
+use wgmesh_core::{Engine, EngineConfig};
+
+mod common;
+use common::{Identity, reconfig_for};
 
 type Datagram = (Vec<u8>, SocketAddr);
 
@@ -74,43 +73,14 @@ impl DatagramSocket for MemSocket {
     }
 }
 
-struct Node {
-    key: NodePrivateKey,
-    disco: DiscoPrivateKey,
-    ip: Ipv4Addr,
-    addr: SocketAddr,
-}
+type Node = Identity;
 
 fn node(seed: u8, ip: Ipv4Addr) -> Node {
-    Node {
-        key: NodePrivateKey::from_bytes([seed; 32]),
-        disco: DiscoPrivateKey::from_bytes([seed + 100; 32]),
+    Identity::new(
+        seed,
         ip,
-        addr: SocketAddr::new(Ipv4Addr::new(10, 0, 0, seed).into(), 41641),
-    }
-}
-
-fn reconfig_for(me: &Node, other: &Node) -> Reconfig {
-    let mut peer = PeerConfig::new(
-        other.key.public_key(),
-        vec![IpNet::new(IpAddr::V4(other.ip), 32).unwrap()],
-    );
-    peer.disco_key = Some(other.disco.public_key());
-    peer.endpoints = vec![other.addr];
-    Reconfig {
-        wireguard: Some(WgConfig {
-            listen_port: me.addr.port(),
-            peers: vec![peer],
-        }),
-        router: Some(RouterConfig {
-            local_addrs: vec![IpNet::new(IpAddr::V4(me.ip), 32).unwrap()],
-            routes: vec![],
-            advertised_routes: vec![],
-            mtu: 1280,
-        }),
-        dns: Some(DnsConfig::default()),
-        ..Reconfig::default()
-    }
+        SocketAddr::new(Ipv4Addr::new(10, 0, 0, seed).into(), 41641),
+    )
 }
 
 fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, len: usize) -> Vec<u8> {

@@ -1,60 +1,40 @@
 //! Two driver loops over real loopback UDP and in-memory TUNs exchange
 //! packets through WireGuard and answer pings.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use wgmesh_adapters::driver::Clock;
 use wgmesh_adapters::{
     DatagramSocket, LogEffects, MemTun, MemTunOs, TokioClock, UdpTransport, run_driver,
 };
-use wgmesh_core::{
-    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, NodePrivateKey, PeerConfig, PingKind,
-    PingOutcome, Reconfig, RouterConfig, WgConfig,
-};
+use wgmesh_core::{Engine, EngineConfig, PingKind, PingOutcome, Reconfig};
+
+mod common;
+use common::{Identity, reconfig_for};
 
 struct Node {
-    key: NodePrivateKey,
-    disco: DiscoPrivateKey,
-    ip: Ipv4Addr,
-    addr: SocketAddr,
+    id: Identity,
     socket: Option<UdpTransport>,
 }
 
 fn node(seed: u8, ip: Ipv4Addr) -> Node {
     let socket = UdpTransport::bind_loopback(0).unwrap();
     Node {
-        key: NodePrivateKey::from_bytes([seed; 32]),
-        disco: DiscoPrivateKey::from_bytes([seed + 100; 32]),
-        ip,
-        addr: socket.local_addr().unwrap(),
+        id: Identity::new(seed, ip, socket.local_addr().unwrap()),
         socket: Some(socket),
     }
 }
 
-fn reconfig_for(me: &Node, other: &Node) -> Reconfig {
-    let mut peer = PeerConfig::new(
-        other.key.public_key(),
-        vec![IpNet::new(IpAddr::V4(other.ip), 32).unwrap()],
-    );
-    peer.disco_key = Some(other.disco.public_key());
-    peer.name = format!("node-{}", other.ip);
-    peer.endpoints = vec![other.addr];
-    Reconfig {
-        wireguard: Some(WgConfig {
-            listen_port: me.addr.port(),
-            peers: vec![peer],
-        }),
-        router: Some(RouterConfig {
-            local_addrs: vec![IpNet::new(IpAddr::V4(me.ip), 32).unwrap()],
-            routes: vec![],
-            advertised_routes: vec![],
-            mtu: 1280,
-        }),
-        dns: Some(DnsConfig::default()),
-        ..Reconfig::default()
+/// The common reconfig, with the peer named after its address.
+fn named_reconfig_for(me: &Node, other: &Node) -> Reconfig {
+    let mut reconfig = reconfig_for(&me.id, &other.id);
+    if let Some(wg) = reconfig.wireguard.as_mut() {
+        for peer in &mut wg.peers {
+            peer.name = format!("node-{}", other.id.ip);
+        }
     }
+    reconfig
 }
 
 fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
@@ -84,8 +64,8 @@ async fn two_drivers_exchange_packets_and_ping() {
     let clock = TokioClock;
 
     let start = |me: &mut Node, seed: u64| {
-        let mut config = EngineConfig::new(me.key.clone(), me.disco.clone());
-        config.name = format!("node-{}", me.ip);
+        let mut config = EngineConfig::new(me.id.key.clone(), me.id.disco.clone());
+        config.name = format!("node-{}", me.id.ip);
         let engine = Engine::new(config, clock.now(), seed);
         let (tun, os) = MemTun::pair(64);
         let (run, handle) = run_driver(
@@ -100,23 +80,23 @@ async fn two_drivers_exchange_packets_and_ping() {
     let (task_a, handle_a, mut os_a) = start(&mut a, 1);
     let (task_b, handle_b, mut os_b) = start(&mut b, 2);
 
-    let _ = handle_a.reconfig(reconfig_for(&a, &b)).await.unwrap();
-    let _ = handle_b.reconfig(reconfig_for(&b, &a)).await.unwrap();
+    let _ = handle_a.reconfig(named_reconfig_for(&a, &b)).await.unwrap();
+    let _ = handle_b.reconfig(named_reconfig_for(&b, &a)).await.unwrap();
 
     // A -> B: the first packet triggers the handshake and must not be lost.
-    let packet = udp_packet(a.ip, b.ip, b"hello through the tunnel");
+    let packet = udp_packet(a.id.ip, b.id.ip, b"hello through the tunnel");
     os_a.to_engine.send(packet.clone()).await.unwrap();
     let got = recv_packet(&mut os_b).await;
     assert_eq!(got, packet);
 
     // B -> A on the established session.
-    let reply = udp_packet(b.ip, a.ip, b"and back");
+    let reply = udp_packet(b.id.ip, a.id.ip, b"and back");
     os_b.to_engine.send(reply.clone()).await.unwrap();
     assert_eq!(recv_packet(&mut os_a).await, reply);
 
     // A TSMP ping is answered by B's engine; a disco ping by B's disco layer.
     for kind in [PingKind::Tsmp, PingKind::Disco] {
-        let result = handle_a.ping(b.ip.into(), kind, 0).await.unwrap();
+        let result = handle_a.ping(b.id.ip.into(), kind, 0).await.unwrap();
         match result.outcome {
             PingOutcome::Pong {
                 latency, node_name, ..
@@ -125,7 +105,7 @@ async fn two_drivers_exchange_packets_and_ping() {
                     latency < Duration::from_secs(2),
                     "{kind:?} latency {latency:?}"
                 );
-                assert_eq!(node_name, format!("node-{}", b.ip));
+                assert_eq!(node_name, format!("node-{}", b.id.ip));
             }
             other => panic!("{kind:?} ping failed: {other:?}"),
         }
@@ -149,7 +129,7 @@ async fn two_drivers_exchange_packets_and_ping() {
         os_b
     });
     let result = handle_a
-        .ping(b.ip.into(), PingKind::Icmp, 16)
+        .ping(b.id.ip.into(), PingKind::Icmp, 16)
         .await
         .unwrap();
     assert!(
@@ -161,7 +141,7 @@ async fn two_drivers_exchange_packets_and_ping() {
     // Status shows the handshake and the bytes.
     let status = handle_a.status().await.unwrap();
     let peer = &status.peers[0];
-    assert_eq!(peer.node_key, b.key.public_key());
+    assert_eq!(peer.node_key, b.id.key.public_key());
     assert!(peer.configured);
     assert!(peer.last_handshake_ago.is_some());
     assert!(peer.tx_bytes > 0 && peer.rx_bytes > 0, "{peer:?}");
@@ -179,8 +159,8 @@ async fn ping_first_wakes_a_trimmed_peer() {
     let mut b = node(12, Ipv4Addr::new(100, 64, 0, 2));
     let clock = TokioClock;
     let start = |me: &mut Node, seed: u64| {
-        let mut config = EngineConfig::new(me.key.clone(), me.disco.clone());
-        config.name = format!("node-{}", me.ip);
+        let mut config = EngineConfig::new(me.id.key.clone(), me.id.disco.clone());
+        config.name = format!("node-{}", me.id.ip);
         config.trim_override = Some(true);
         let engine = Engine::new(config, clock.now(), seed);
         let (tun, os) = MemTun::pair(64);
@@ -195,10 +175,10 @@ async fn ping_first_wakes_a_trimmed_peer() {
     };
     let (_ta, handle_a, _os_a) = start(&mut a, 1);
     let (_tb, handle_b, _os_b) = start(&mut b, 2);
-    let _ = handle_a.reconfig(reconfig_for(&a, &b)).await.unwrap();
-    let _ = handle_b.reconfig(reconfig_for(&b, &a)).await.unwrap();
+    let _ = handle_a.reconfig(named_reconfig_for(&a, &b)).await.unwrap();
+    let _ = handle_b.reconfig(named_reconfig_for(&b, &a)).await.unwrap();
     for kind in [PingKind::Tsmp, PingKind::Disco] {
-        let result = handle_a.ping(b.ip.into(), kind, 0).await.unwrap();
+        let result = handle_a.ping(b.id.ip.into(), kind, 0).await.unwrap();
         assert!(
             matches!(result.outcome, PingOutcome::Pong { .. }),
             "{kind:?}: {result:?}"
