@@ -90,6 +90,17 @@ DISCO_B=$("$WGMESH" genkey); DPUB_B=$(echo "$DISCO_B" | "$WGMESH" pubkey)
 KEY_C=$("$WGMESH" genkey); PUB_C=$(echo "$KEY_C" | "$WGMESH" pubkey)
 DISCO_C=$("$WGMESH" genkey); DPUB_C=$(echo "$DISCO_C" | "$WGMESH" pubkey)
 
+peer_section() { # name pub disco ip endpoint: a [[peer]] with the ip's v4 and v6 addresses
+    cat <<CONF
+
+[[peer]]
+name = "$1"
+public_key = "$2"
+disco_key = "$3"
+endpoints = ["$5"]
+allowed_ips = ["$4/32", "fd7a:115c:a1e0::${4##*.}/128"]
+CONF
+}
 write_config() { # name key disco addr peer_name peer_pub peer_disco peer_ip peer_endpoint
     cat <<CONF
 [interface]
@@ -104,14 +115,8 @@ mtu = 1280
 mode = "resolv-conf"
 nameservers = ["100.100.100.100"]
 search_domains = ["tail.e2e"]
-
-[[peer]]
-name = "$5"
-public_key = "$6"
-disco_key = "$7"
-endpoints = ["$9"]
-allowed_ips = ["$8/32", "fd7a:115c:a1e0::${8##*.}/128"]
 CONF
+    peer_section "$5" "$6" "$7" "$8" "$9"
 }
 write_config wgmA "$KEY_A" "$DISCO_A" 100.64.0.1 node-b "$PUB_B" "$DPUB_B" 100.64.0.2 10.77.0.2:51820 >"$TMP/a.toml"
 write_config wgmB "$KEY_B" "$DISCO_B" 100.64.0.2 node-a "$PUB_A" "$DPUB_A" 100.64.0.1 10.77.0.1:51820 >"$TMP/b.toml"
@@ -488,15 +493,7 @@ add_ns x 11
 add_ns y 12
 add_ns p 13
 write_config wgmX "$KEY_X" "$DISCO_X" 100.64.0.11 node-p "$PUB_P" "$DPUB_P" 100.64.0.13 10.77.0.13:51820 >"$TMP/x.toml"
-cat >>"$TMP/x.toml" <<CONF
-
-[[peer]]
-name = "node-y"
-public_key = "$PUB_Y"
-disco_key = "$DPUB_Y"
-endpoints = ["10.77.0.12:51820"]
-allowed_ips = ["100.64.0.12/32", "fd7a:115c:a1e0::12/128"]
-CONF
+peer_section node-y "$PUB_Y" "$DPUB_Y" 100.64.0.12 10.77.0.12:51820 >>"$TMP/x.toml"
 write_config wgmY "$KEY_Y" "$DISCO_Y" 100.64.0.12 node-x "$PUB_X" "$DPUB_X" 100.64.0.11 10.77.0.11:51820 >"$TMP/y.toml"
 write_config wgmP "$KEY_P" "$DISCO_P" 100.64.0.13 node-x "$PUB_X" "$DPUB_X" 100.64.0.11 10.77.0.11:51820 >"$TMP/p.toml"
 for n in x y p; do
@@ -694,6 +691,20 @@ ping_mtu_all() { # -4|-6
 }
 check "ping -M do at the tunnel MTU passes, one byte more is 'message too long' (IPv4, fast and plain)" ping_mtu_all -4
 check "ping -M do at the tunnel MTU passes, one byte more is 'message too long' (IPv6, fast and plain)" ping_mtu_all -6
+
+# After all of the above, the kernels of X, Y and P (each counts in its own
+# namespace) found no bad TCP or UDP checksum in what wgmeshd wrote to them.
+no_checksum_errors() {
+    local ns counters
+    for ns in "$NS_X" "$NS_Y" "$NS_P"; do
+        counters=$(in_ns "$ns" nstat -az TcpInCsumErrors UdpInCsumErrors Udp6InCsumErrors TcpInErrs) || return 1
+        [ "$(echo "$counters" | grep -cE '^(Tcp|Udp|Udp6)In(Csum)?Err')" = 4 ] \
+            || { echo "$ns: nstat did not report the four counters: $counters"; return 1; }
+        echo "$counters" | awk 'NR > 1 && $2 != 0 {bad = 1} END {exit bad}' \
+            || { echo "$ns: $counters"; return 1; }
+    done
+}
+check "no TCP or UDP checksum errors in the fast and plain nodes' kernels" no_checksum_errors
 
 for n in x y p; do kill -TERM "${PID[$n]:-}" 2>/dev/null || true; done
 for n in x y p; do
