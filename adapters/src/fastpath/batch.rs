@@ -154,7 +154,15 @@ impl IdleCheck {
         &mut self,
         read: impl FnOnce() -> io::Result<T>,
     ) -> Option<io::Result<T>> {
-        let now = Instant::now();
+        self.check_at(Instant::now(), read)
+    }
+
+    /// [`IdleCheck::check`] at a given time.
+    fn check_at<T>(
+        &mut self,
+        now: Instant,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
         if self.quiet_until.is_some_and(|until| now < until) {
             return None;
         }
@@ -297,5 +305,55 @@ impl TunDevice for FastTun {
         let len = self.sizes[index].min(buf.len());
         buf[..len].copy_from_slice(&self.segments[index][..len]);
         Some(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn would_block() -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    #[test]
+    fn a_busy_device_is_read_every_time() {
+        let mut idle = IdleCheck::default();
+        for n in 0..100 {
+            assert_eq!(idle.check(|| Ok(n)).unwrap().unwrap(), n);
+        }
+    }
+
+    #[test]
+    fn a_quiet_device_is_left_to_readiness_then_read_again() {
+        let mut idle = IdleCheck::default();
+        let start = Instant::now();
+        assert!(idle.check_at(start, would_block).is_none(), "nothing ready");
+        // Within the interval the read is not even tried.
+        let mut tried = false;
+        let soon = start + IDLE_RECHECK / 2;
+        let result = idle.check_at(soon, || {
+            tried = true;
+            Ok(1)
+        });
+        assert!(result.is_none());
+        assert!(!tried, "read again within {IDLE_RECHECK:?}");
+        // Once it has passed, the device is read directly again.
+        let later = start + IDLE_RECHECK;
+        assert_eq!(idle.check_at(later, || Ok(7)).unwrap().unwrap(), 7);
+        // And having found data, the next call reads at once.
+        assert_eq!(idle.check_at(later, || Ok(8)).unwrap().unwrap(), 8);
+    }
+
+    #[test]
+    fn real_errors_are_passed_on() {
+        let mut idle = IdleCheck::default();
+        let err = idle
+            .check(|| -> io::Result<usize> { Err(io::ErrorKind::BrokenPipe.into()) })
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        // An error is not quiet: the next call reads.
+        assert_eq!(idle.check(|| Ok(3)).unwrap().unwrap(), 3);
     }
 }
