@@ -505,29 +505,28 @@ where
                     timer = None;
                     engine.handle_timeout(now);
                 }
-                Step::Datagram(Ok((len, from))) => {
+                Step::Datagram(Ok(first)) => {
                     exec.socket_errors = 0;
-                    trace!(%from, len, "datagram in");
-                    let input = Input::Datagram {
-                        from,
-                        data: &udp_buf[..len],
-                    };
-                    let _ = engine.handle_input(now, input);
-                    // The rest of the socket's batch, up to a bound so the
-                    // TUN side, timers and control messages wait at most
-                    // one short burst.
-                    for _ in 1..MAX_BURST {
-                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
-                            .await?;
-                        let Some((len, from)) = socket.recv_buffered_from(&mut udp_buf) else {
-                            break;
-                        };
+                    // This datagram and the rest of the socket's in-memory
+                    // batch, up to a bound so the TUN side, timers and
+                    // control messages wait at most one short burst.
+                    let (mut len, mut from) = first;
+                    for taken in 1..=MAX_BURST {
                         trace!(%from, len, "datagram in");
                         let input = Input::Datagram {
                             from,
                             data: &udp_buf[..len],
                         };
                         let _ = engine.handle_input(now, input);
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        if taken == MAX_BURST {
+                            break;
+                        }
+                        let Some(more) = socket.recv_buffered_from(&mut udp_buf) else {
+                            break;
+                        };
+                        (len, from) = more;
                     }
                 }
                 Step::Datagram(Err(e)) => {
@@ -537,28 +536,28 @@ where
                         return Err(DriverError::Socket(e));
                     }
                 }
-                Step::Tun(Ok(len)) => {
+                Step::Tun(Ok(first)) => {
                     exec.tun_errors = 0;
-                    trace!(len, "TUN packet in");
-                    let packet = &tun_buf[..len];
-                    if let Some(flows) = exec.flows.as_mut() {
-                        flows.add(true, packet);
-                    }
-                    let _ = engine.handle_input(now, Input::TunPacket(packet));
-                    // The rest of the TUN's batch (the segments of one
-                    // offloaded read), bounded as for datagrams.
-                    for _ in 1..MAX_BURST {
-                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
-                            .await?;
-                        let Some(len) = tun.recv_buffered(&mut tun_buf) else {
-                            break;
-                        };
+                    // This packet and the rest of the TUN's in-memory batch
+                    // (the segments of one offloaded read), bounded as for
+                    // datagrams.
+                    let mut len = first;
+                    for taken in 1..=MAX_BURST {
                         trace!(len, "TUN packet in");
                         let packet = &tun_buf[..len];
                         if let Some(flows) = exec.flows.as_mut() {
                             flows.add(true, packet);
                         }
                         let _ = engine.handle_input(now, Input::TunPacket(packet));
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        if taken == MAX_BURST {
+                            break;
+                        }
+                        let Some(more) = tun.recv_buffered(&mut tun_buf) else {
+                            break;
+                        };
+                        len = more;
                     }
                 }
                 Step::Tun(Err(e)) => {
