@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use wgmesh_adapters::driver::Clock;
 use wgmesh_adapters::{
-    DatagramSocket, LogEffects, MemTun, MemTunOs, TokioClock, UdpTransport, run_driver,
+    DatagramSocket, DriverError, DriverExit, DriverHandle, LogEffects, MemTun, MemTunOs,
+    TokioClock, UdpTransport, run_driver,
 };
 use wgmesh_core::{Engine, EngineConfig, PingKind, PingOutcome, Reconfig};
 
@@ -24,6 +25,32 @@ fn node(seed: u8, ip: Ipv4Addr) -> Node {
         id: Identity::new(seed, ip, socket.local_addr().unwrap()),
         socket: Some(socket),
     }
+}
+
+/// Starts `me`'s engine and driver on its loopback socket and an in-memory
+/// TUN (`trim_override` as in `EngineConfig`).
+fn start_driver(
+    me: &mut Node,
+    seed: u64,
+    trim_override: Option<bool>,
+) -> (
+    tokio::task::JoinHandle<Result<DriverExit, DriverError>>,
+    DriverHandle,
+    MemTunOs,
+) {
+    let mut config = EngineConfig::new(me.id.key.clone(), me.id.disco.clone());
+    config.name = format!("node-{}", me.id.ip);
+    config.trim_override = trim_override;
+    let engine = Engine::new(config, TokioClock.now(), seed);
+    let (tun, os) = MemTun::pair(64);
+    let (run, handle) = run_driver(
+        engine,
+        tun,
+        me.socket.take().unwrap(),
+        TokioClock,
+        LogEffects,
+    );
+    (tokio::spawn(run), handle, os)
 }
 
 /// The common reconfig, with the peer named after its address.
@@ -61,24 +88,8 @@ async fn recv_packet(os: &mut MemTunOs) -> Vec<u8> {
 async fn two_drivers_exchange_packets_and_ping() {
     let mut a = node(1, Ipv4Addr::new(100, 64, 0, 1));
     let mut b = node(2, Ipv4Addr::new(100, 64, 0, 2));
-    let clock = TokioClock;
-
-    let start = |me: &mut Node, seed: u64| {
-        let mut config = EngineConfig::new(me.id.key.clone(), me.id.disco.clone());
-        config.name = format!("node-{}", me.id.ip);
-        let engine = Engine::new(config, clock.now(), seed);
-        let (tun, os) = MemTun::pair(64);
-        let (run, handle) = run_driver(
-            engine,
-            tun,
-            me.socket.take().unwrap(),
-            TokioClock,
-            LogEffects,
-        );
-        (tokio::spawn(run), handle, os)
-    };
-    let (task_a, handle_a, mut os_a) = start(&mut a, 1);
-    let (task_b, handle_b, mut os_b) = start(&mut b, 2);
+    let (task_a, handle_a, mut os_a) = start_driver(&mut a, 1, None);
+    let (task_b, handle_b, mut os_b) = start_driver(&mut b, 2, None);
 
     let _ = handle_a.reconfig(named_reconfig_for(&a, &b)).await.unwrap();
     let _ = handle_b.reconfig(named_reconfig_for(&b, &a)).await.unwrap();
@@ -157,24 +168,8 @@ async fn two_drivers_exchange_packets_and_ping() {
 async fn ping_first_wakes_a_trimmed_peer() {
     let mut a = node(11, Ipv4Addr::new(100, 64, 0, 1));
     let mut b = node(12, Ipv4Addr::new(100, 64, 0, 2));
-    let clock = TokioClock;
-    let start = |me: &mut Node, seed: u64| {
-        let mut config = EngineConfig::new(me.id.key.clone(), me.id.disco.clone());
-        config.name = format!("node-{}", me.id.ip);
-        config.trim_override = Some(true);
-        let engine = Engine::new(config, clock.now(), seed);
-        let (tun, os) = MemTun::pair(64);
-        let (run, handle) = run_driver(
-            engine,
-            tun,
-            me.socket.take().unwrap(),
-            TokioClock,
-            LogEffects,
-        );
-        (tokio::spawn(run), handle, os)
-    };
-    let (_ta, handle_a, _os_a) = start(&mut a, 1);
-    let (_tb, handle_b, _os_b) = start(&mut b, 2);
+    let (_ta, handle_a, _os_a) = start_driver(&mut a, 1, Some(true));
+    let (_tb, handle_b, _os_b) = start_driver(&mut b, 2, Some(true));
     let _ = handle_a.reconfig(named_reconfig_for(&a, &b)).await.unwrap();
     let _ = handle_b.reconfig(named_reconfig_for(&b, &a)).await.unwrap();
     for kind in [PingKind::Tsmp, PingKind::Disco] {
