@@ -1032,47 +1032,26 @@ impl Tailnet {
                 preshared_key: None,
             })
             .collect();
-        let mut routes = vec![
-            "100.64.0.0/10".parse().expect("valid prefix"),
-            "fd7a:115c:a1e0::/48".parse().expect("valid prefix"),
-        ];
-        for (j, n) in self.nodes.iter().enumerate() {
-            if j != i {
-                routes.extend(
-                    n.allowed_ips
-                        .iter()
-                        .filter(|net| net.prefix_len() != net.max_prefix_len())
-                        .copied(),
-                );
-            }
-        }
-        let advertised: Vec<IpNet> = me
-            .allowed_ips
+        let subnets = |n: &Node| -> Vec<IpNet> {
+            n.allowed_ips
+                .iter()
+                .filter(|net| net.prefix_len() != net.max_prefix_len())
+                .copied()
+                .collect()
+        };
+        let other_subnets = self
+            .nodes
             .iter()
-            .filter(|net| net.prefix_len() != net.max_prefix_len())
-            .copied()
-            .collect();
-        Reconfig {
-            wireguard: Some(WgConfig {
-                listen_port: WG_PORT,
-                peers,
-            }),
-            router: Some(RouterConfig {
-                local_addrs: vec![
-                    IpNet::from(IpAddr::V4(me.ip4)),
-                    IpNet::from(IpAddr::V6(me.ip6)),
-                ],
-                routes,
-                advertised_routes: advertised.clone(),
-                mtu: 1280,
-            }),
-            dns: Some(DnsConfig {
-                nameservers: vec![IpAddr::V4(Ipv4Addr::new(100, 100, 100, 100))],
-                search_domains: vec!["tailnet.example".into()],
-            }),
-            knobs: me.knobs.clone(),
-            primary_routes: advertised,
-        }
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, n)| subnets(n));
+        netmap_reconfig(
+            (me.ip4, me.ip6),
+            peers,
+            other_subnets,
+            subnets(me),
+            me.knobs.clone(),
+        )
     }
 
     /// Sends every node its netmap, delivered after the control delay.
@@ -2282,6 +2261,42 @@ pub(crate) fn server_answer(
         return None;
     }
     Some(out)
+}
+
+/// The desired state control sends one node, in both backends: its tailnet
+/// addresses, its peers, routes for the whole tailnet plus every other
+/// node's subnets, its own subnets advertised (and primary), the simulated
+/// DNS, and its knobs.
+pub(crate) fn netmap_reconfig(
+    (ip4, ip6): (Ipv4Addr, Ipv6Addr),
+    peers: Vec<PeerConfig>,
+    other_subnets: impl IntoIterator<Item = IpNet>,
+    own_subnets: Vec<IpNet>,
+    knobs: Knobs,
+) -> Reconfig {
+    let mut routes: Vec<IpNet> = vec![
+        "100.64.0.0/10".parse().expect("valid prefix"),
+        "fd7a:115c:a1e0::/48".parse().expect("valid prefix"),
+    ];
+    routes.extend(other_subnets);
+    Reconfig {
+        wireguard: Some(WgConfig {
+            listen_port: WG_PORT,
+            peers,
+        }),
+        router: Some(RouterConfig {
+            local_addrs: vec![IpNet::from(IpAddr::V4(ip4)), IpNet::from(IpAddr::V6(ip6))],
+            routes,
+            advertised_routes: own_subnets.clone(),
+            mtu: 1280,
+        }),
+        dns: Some(DnsConfig {
+            nameservers: vec![IpAddr::V4(Ipv4Addr::new(100, 100, 100, 100))],
+            search_domains: vec!["tailnet.example".into()],
+        }),
+        knobs,
+        primary_routes: own_subnets,
+    }
 }
 
 #[cfg(test)]

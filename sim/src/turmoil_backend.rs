@@ -27,9 +27,8 @@ use rand_core::SeedableRng;
 use tokio::sync::mpsc;
 use wgmesh_adapters::driver::{Clock, DatagramSocket, EffectSink, MemTun, TokioClock, run_driver};
 use wgmesh_core::{
-    DiscoPrivateKey, DnsConfig, Effect, Engine, EngineConfig, Event, Knobs, NodePrivateKey,
-    PING_TIMEOUT, PeerConfig, PingKind, PingOutcome, Reconfig, RouterConfig, TestingKnobs,
-    WgConfig, wire,
+    DiscoPrivateKey, Effect, Engine, EngineConfig, Event, Knobs, NodePrivateKey, PING_TIMEOUT,
+    PeerConfig, PingKind, PingOutcome, Reconfig, TestingKnobs, wire,
 };
 
 use crate::report::Report;
@@ -37,7 +36,7 @@ use crate::runner::{Labels, Outcomes, RunError, evaluate_outcomes};
 use crate::scenario::{ActionKind, ExpectKind, Scenario, Target};
 use crate::tailnet::{
     FLOW_PORT, LinkKind, NodeId, PingRecord, SINK_PORT, StreamRecord, Violation, WG_PORT,
-    server_answer,
+    netmap_reconfig, server_answer,
 };
 use crate::trace::{Category, Keep, Trace};
 
@@ -220,38 +219,19 @@ fn reconfig_for(i: usize, s: &Shared, endpoints: &[SocketAddr], knobs: &Knobs) -
             preshared_key: None,
         })
         .collect();
-    Reconfig {
-        wireguard: Some(WgConfig {
-            listen_port: WG_PORT,
-            peers,
-        }),
-        router: Some(RouterConfig {
-            local_addrs: vec![
-                IpNet::from(IpAddr::V4(ip4(i))),
-                IpNet::from(IpAddr::V6(ip6(i))),
-            ],
-            routes: {
-                let mut routes: Vec<IpNet> = vec![
-                    "100.64.0.0/10".parse().expect("valid prefix"),
-                    "fd7a:115c:a1e0::/48".parse().expect("valid prefix"),
-                ];
-                for (j, nets) in s.subnets.iter().enumerate() {
-                    if j != i {
-                        routes.extend(nets.iter().copied());
-                    }
-                }
-                routes
-            },
-            advertised_routes: s.subnets[i].clone(),
-            mtu: 1280,
-        }),
-        dns: Some(DnsConfig {
-            nameservers: vec![IpAddr::V4(Ipv4Addr::new(100, 100, 100, 100))],
-            search_domains: vec!["tailnet.example".into()],
-        }),
-        knobs: knobs.clone(),
-        primary_routes: s.subnets[i].clone(),
-    }
+    let other_subnets = s
+        .subnets
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .flat_map(|(_, nets)| nets.iter().copied());
+    netmap_reconfig(
+        (ip4(i), ip6(i)),
+        peers,
+        other_subnets,
+        s.subnets[i].clone(),
+        knobs.clone(),
+    )
 }
 
 /// The operating system and control agent of node `i`, inside its host.
