@@ -400,17 +400,24 @@ check "SIGTERM removes routes, addresses and sockets, restores resolv.conf" sigt
 
 # wgmeshd with nothing but an interface name, configured entirely by `wg set`
 # and `ip`, like wireguard-go; node B still knows A's key and takes it back.
+# configure_with_wg NS IFACE KEY MY_IP PEER_PUB PEER_UNDERLAY PEER_IP: a
+# WireGuard interface set up only through `wg set` and `ip`, as an operator
+# of any implementation would.
+configure_with_wg() {
+    local ns=$1 iface=$2
+    echo "$3" >"$TMP/key-$iface" || return 1
+    ip netns exec "$ns" wg set "$iface" private-key "$TMP/key-$iface" listen-port 51820 \
+        peer "$5" endpoint "$6:51820" allowed-ips "$7/32" || return 1
+    ip netns exec "$ns" ip addr add "$4/32" dev "$iface" || return 1
+    ip netns exec "$ns" ip link set "$iface" up || return 1
+    ip netns exec "$ns" ip route add "$7/32" dev "$iface" || return 1
+}
 uapi_only() {
     ip netns exec "$NS_A" env RUST_LOG="${E2E_LOG:-info}" "$WGMESHD" --foreground --interface wgmA \
         --state-dir "$TMP/state-a" >"$TMP/a2.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 100); do [ -S /var/run/wireguard/wgmA.sock ] && break; sleep 0.1; done
-    echo "$KEY_A" >"$TMP/key-a" || return 1
-    in_a wg set wgmA private-key "$TMP/key-a" listen-port 51820 \
-        peer "$PUB_B" endpoint 10.77.0.2:51820 allowed-ips 100.64.0.2/32 || return 1
-    in_a ip addr add 100.64.0.1/32 dev wgmA || return 1
-    in_a ip link set wgmA up || return 1
-    in_a ip route add 100.64.0.2/32 dev wgmA || return 1
+    configure_with_wg "$NS_A" wgmA "$KEY_A" 100.64.0.1 "$PUB_B" 10.77.0.2 100.64.0.2 || return 1
     in_a ping -c 3 -i 0.2 -W 2 100.64.0.2 || return 1
     in_a wg show wgmA | grep -q "public key: $PUB_A" || return 1
     in_a wg show wgmA dump | grep -q "^$PUB_B" || return 1
@@ -729,12 +736,7 @@ interop_with() { # command to run node B's interface wgmB in the foreground
     B_PID=$!
     PIDS+=("$B_PID")
     for _ in $(seq 100); do [ -S /var/run/wireguard/wgmB.sock ] && break; sleep 0.1; done
-    echo "$KEY_B" >"$TMP/key-b" || return 1
-    in_b wg set wgmB private-key "$TMP/key-b" listen-port 51820 \
-        peer "$PUB_A" endpoint 10.77.0.1:51820 allowed-ips 100.64.0.1/32 || return 1
-    in_b ip addr add 100.64.0.2/32 dev wgmB || return 1
-    in_b ip link set wgmB up || return 1
-    in_b ip route add 100.64.0.1/32 dev wgmB || return 1
+    configure_with_wg "$NS_B" wgmB "$KEY_B" 100.64.0.2 "$PUB_A" 10.77.0.1 100.64.0.1 || return 1
     # B first: A still holds a session with the B that was just replaced, and
     # as in any WireGuard, what A sends on it is dropped until B's handshake
     # (or A's own after 15 s without an answer) replaces it.
