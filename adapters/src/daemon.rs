@@ -58,7 +58,7 @@ pub struct DaemonOptions {
 /// TUN ring and the peer's UDP socket, both first-in first-out) held about a
 /// millisecond of data, and a ping waited behind it (loaded RTT 3.7x idle);
 /// with the data-plane thread at -20 the applications are what waits for the
-/// CPU, the tunnel's queues stay short, and the loaded RTT is 1.0-1.4x idle
+/// CPU, the tunnel's queues stay short, and the loaded RTT is 0.9-1.0x idle
 /// at the same throughput (`just bench-throughput`, bench/throughput/README.md).
 /// The thread sleeps when there is no traffic, so the priority costs nothing
 /// then; a flood can take a core from ordinary processes, as kernel
