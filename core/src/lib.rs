@@ -35,14 +35,11 @@
 mod api;
 pub mod config;
 pub mod counters;
-mod disco;
 mod engine;
 pub mod filter;
 pub mod keys;
-mod pending;
+mod limits;
 pub mod routing;
-mod timer;
-mod wg;
 pub mod wire;
 
 pub use api::*;
@@ -51,14 +48,12 @@ pub use config::{
     TestingKnobs, WgConfig,
 };
 pub use counters::Counters;
-pub use disco::{
-    DISCO_PING_TIMEOUT, HEARTBEAT_INTERVAL, SESSION_ACTIVE_TIMEOUT, TRUST_UDP_ADDR_DURATION,
-    UPGRADE_INTERVAL,
-};
-pub use engine::{
-    Engine, LAZY_PEER_IDLE_THRESHOLD, MAX_PACKET_SIZE, PENDING_OPEN_TIMEOUT, PING_TIMEOUT,
-    PeerDelta, PeerForIpError, RECEIVE_ACTIVITY_GRANULARITY, SEND_ACTIVITY_GRANULARITY,
-    SEND_RECHECK_GAP, STATUS_PUSH_INTERVAL,
-};
+pub use engine::{Engine, PeerDelta, PeerForIpError};
 pub use filter::PacketFilter;
 pub use keys::{DiscoPrivateKey, DiscoPublicKey, NodePrivateKey, NodePublicKey};
+pub use limits::{
+    DISCO_PING_TIMEOUT, HEARTBEAT_INTERVAL, LAZY_PEER_IDLE_THRESHOLD, MAX_PACKET_SIZE,
+    PENDING_OPEN_TIMEOUT, PING_TIMEOUT, RECEIVE_ACTIVITY_GRANULARITY, SEND_ACTIVITY_GRANULARITY,
+    SEND_RECHECK_GAP, SESSION_ACTIVE_TIMEOUT, STATUS_PUSH_INTERVAL, TRUST_UDP_ADDR_DURATION,
+    UPGRADE_INTERVAL,
+};

@@ -9,30 +9,18 @@
 //!
 //! boringtun only records event times when `update_timers` runs (its stored
 //! "current time" is refreshed there), so the wrapper refreshes it before any
-//! operation when the clock has moved by at least [`TIMER_REFRESH`]. Calling
+//! operation when the clock has moved by at least `WG_TIMER_REFRESH`. Calling
 //! `update_timers` early is harmless; late would stamp events with stale times.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 
-/// How far the clock may move before events are stamped with a refreshed time.
-pub(crate) const TIMER_REFRESH: Duration = Duration::from_millis(1);
-
-/// WireGuard timer constants (the whitepaper's, as boringtun uses them).
-pub(crate) mod consts {
-    use std::time::Duration;
-    /// Give up on a handshake after trying this long.
-    pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
-    /// Retransmit a handshake initiation after this long.
-    pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
-    /// Passive keepalive after receiving without sending for this long.
-    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-}
+use crate::limits::WG_TIMER_REFRESH as TIMER_REFRESH;
 
 /// The engine's clock as seen by boringtun: elapsed time since a fixed epoch.
 #[derive(Debug, Clone, Copy)]

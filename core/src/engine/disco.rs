@@ -27,18 +27,10 @@ use rand_core::RngCore;
 use crate::keys::DiscoPublicKey;
 use crate::wire::disco::{DiscoError, DiscoMessage, DiscoShared};
 
-/// How long a path that answered is trusted without another pong.
-pub const TRUST_UDP_ADDR_DURATION: Duration = Duration::from_millis(6500);
-/// Heartbeat interval of the best path while the peer is active.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
-/// A peer counts as active this long after its last traffic.
-pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
-/// A disco ping with no pong after this long has failed.
-pub const DISCO_PING_TIMEOUT: Duration = Duration::from_secs(5);
-/// An active peer's candidates are all re-pinged this often.
-pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
-/// Candidates kept per peer; more are ignored.
-const MAX_CANDIDATES: usize = 16;
+use crate::limits::{
+    DISCO_PING_TIMEOUT, HEARTBEAT_INTERVAL, MAX_DISCO_CANDIDATES as MAX_CANDIDATES,
+    SESSION_ACTIVE_TIMEOUT, TRUST_UDP_ADDR_DURATION, UPGRADE_INTERVAL,
+};
 
 /// What the disco layer asks the engine to do or know.
 #[derive(Debug)]

@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use crate::api::{PingOutcome, PingRequest, PingResult};
-use crate::engine::{PENDING_OPEN_TIMEOUT, PING_TIMEOUT};
 use crate::keys::NodePublicKey;
+use crate::limits::{MAX_PENDING_OPENS, PENDING_OPEN_TIMEOUT, PING_TIMEOUT};
 
 /// What identifies the answer to a ping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -158,9 +158,6 @@ pub(crate) struct PendingOpen {
     pub at: Instant,
     pub rejected: bool,
 }
-
-/// The most flows watched at once; SYNs beyond it are not diagnosed.
-const MAX_PENDING_OPENS: usize = 1024;
 
 /// Outbound TCP opens being watched.
 #[derive(Default)]
