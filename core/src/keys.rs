@@ -101,8 +101,7 @@ macro_rules! private_key_type {
 
             /// The matching public key.
             pub fn public_key(&self) -> $public {
-                let secret = boringtun::x25519::StaticSecret::from(self.0);
-                $public(boringtun::x25519::PublicKey::from(&secret).to_bytes())
+                $public(crate::engine::x25519_public_key(&self.0))
             }
         }
 

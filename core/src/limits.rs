@@ -44,7 +44,7 @@ pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
 /// Candidates kept per peer; more are ignored.
 pub(crate) const MAX_DISCO_CANDIDATES: usize = 16;
 
-// --- WireGuard (the whitepaper's timers, as boringtun uses them) ---------------
+// --- WireGuard (the whitepaper's timers) ---------------
 
 /// Give up on a handshake after trying this long.
 pub(crate) const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
@@ -54,7 +54,7 @@ pub(crate) const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshake messages per second above which cookies are required.
 pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
-/// How far the clock may move before boringtun's events are stamped with a
+/// How far the clock may move before WireGuard's events are stamped with a
 /// refreshed time (see `engine::wg`).
 pub(crate) const WG_TIMER_REFRESH: Duration = Duration::from_millis(1);
 

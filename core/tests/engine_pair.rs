@@ -1,10 +1,8 @@
 //! Two engines back to back on virtual time: the WireGuard data plane.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Net;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 const RTT_HALF: Duration = Duration::from_millis(10);

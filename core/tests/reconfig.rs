@@ -1,11 +1,9 @@
 //! Reconfig change detection and validation.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Net;
 use ipnet::IpNet;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 type Mutation = (

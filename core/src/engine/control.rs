@@ -1,5 +1,6 @@
 //! Link changes, status snapshots, packet capture and close.
 
+use super::peers::PeerSlot;
 use std::time::Instant;
 
 use tracing::info;
@@ -62,7 +63,7 @@ impl Engine {
                     last_handshake_ago: p
                         .wg
                         .as_ref()
-                        .and_then(|w| w.last_handshake_at)
+                        .and_then(|w| w.timers.last_handshake())
                         .map(|t| self.now.saturating_duration_since(t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -92,7 +93,7 @@ impl Engine {
         }
         self.opens.clear();
         // 2. Peers leave WireGuard.
-        let slots: Vec<usize> = self.by_key.values().copied().collect();
+        let slots: Vec<PeerSlot> = self.by_key.values().copied().collect();
         for slot in slots {
             self.unconfigure_peer(slot, RemoveReason::Closed);
         }

@@ -18,6 +18,7 @@
 //! if no pong arrives within the ping timeout, the best path is dropped and
 //! WireGuard falls back to the last address the peer was heard from.
 
+use super::peers::PeerSlot;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -37,19 +38,19 @@ use crate::limits::{
 pub(crate) enum DiscoAction {
     /// Seal and send a message to a peer's endpoint.
     Send {
-        slot: usize,
+        slot: PeerSlot,
         dst: SocketAddr,
         message: DiscoMessage,
     },
     /// A pong arrived (the engine ends a user ping with this id).
     PongReceived {
-        slot: usize,
+        slot: PeerSlot,
         tx_id: [u8; 12],
         from: SocketAddr,
     },
     /// The best path changed.
     PathChanged {
-        slot: usize,
+        slot: PeerSlot,
         endpoint: Option<SocketAddr>,
         latency: Option<Duration>,
     },
@@ -162,8 +163,8 @@ impl PeerDisco {
 /// heard from. Peers with no entry fall back to WireGuard's own endpoint.
 pub(crate) struct DiscoState {
     secret: [u8; 32],
-    peers: BTreeMap<usize, PeerDisco>,
-    schedule: BTreeSet<(Instant, usize)>,
+    peers: BTreeMap<PeerSlot, PeerDisco>,
+    schedule: BTreeSet<(Instant, PeerSlot)>,
 }
 
 impl DiscoState {
@@ -180,7 +181,7 @@ impl DiscoState {
         self.schedule.first().map(|(at, _)| *at)
     }
 
-    fn reschedule(&mut self, now: Instant, slot: usize) {
+    fn reschedule(&mut self, now: Instant, slot: PeerSlot) {
         let Some(peer) = self.peers.get_mut(&slot) else {
             return;
         };
@@ -197,7 +198,7 @@ impl DiscoState {
     /// candidates. A changed disco key resets the peer's paths.
     pub(crate) fn ensure_peer(
         &mut self,
-        slot: usize,
+        slot: PeerSlot,
         disco_key: DiscoPublicKey,
         endpoints: &[SocketAddr],
     ) {
@@ -219,7 +220,7 @@ impl DiscoState {
     pub(crate) fn update_peer(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         disco_key: Option<DiscoPublicKey>,
         endpoints: &[SocketAddr],
         rng: &mut impl RngCore,
@@ -257,7 +258,7 @@ impl DiscoState {
         out
     }
 
-    pub(crate) fn remove_peer(&mut self, slot: usize) {
+    pub(crate) fn remove_peer(&mut self, slot: PeerSlot) {
         if let Some(peer) = self.peers.remove(&slot) {
             if let Some(at) = peer.next_at {
                 self.schedule.remove(&(at, slot));
@@ -266,20 +267,20 @@ impl DiscoState {
     }
 
     /// The best trusted-or-last-known path to the peer.
-    pub(crate) fn best_endpoint(&self, slot: usize) -> Option<SocketAddr> {
+    pub(crate) fn best_endpoint(&self, slot: PeerSlot) -> Option<SocketAddr> {
         self.peers
             .get(&slot)
             .and_then(|p| p.best.map(|(addr, _)| addr))
     }
 
     /// Whether the peer has any disco candidates at all.
-    pub(crate) fn has_candidates(&self, slot: usize) -> bool {
+    pub(crate) fn has_candidates(&self, slot: PeerSlot) -> bool {
         self.peers
             .get(&slot)
             .is_some_and(|p| !p.candidates.is_empty())
     }
 
-    fn shared(&mut self, slot: usize) -> Option<&DiscoShared> {
+    fn shared(&mut self, slot: PeerSlot) -> Option<&DiscoShared> {
         let secret = self.secret;
         let peer = self.peers.get_mut(&slot)?;
         if peer.shared.is_none() {
@@ -291,7 +292,7 @@ impl DiscoState {
     /// Opens a disco datagram from the peer in `slot`.
     pub(crate) fn open(
         &mut self,
-        slot: usize,
+        slot: PeerSlot,
         datagram: &[u8],
     ) -> Result<DiscoMessage, DiscoError> {
         match self.shared(slot) {
@@ -303,7 +304,7 @@ impl DiscoState {
     /// Seals a message for the peer in `slot`; false when it has no disco key.
     pub(crate) fn seal(
         &mut self,
-        slot: usize,
+        slot: PeerSlot,
         our_public: [u8; 32],
         nonce: [u8; 24],
         message: &DiscoMessage,
@@ -320,7 +321,7 @@ impl DiscoState {
 
     fn send_ping(
         peer: &mut PeerDisco,
-        slot: usize,
+        slot: PeerSlot,
         now: Instant,
         dst: SocketAddr,
         tx_id: [u8; 12],
@@ -339,7 +340,7 @@ impl DiscoState {
 
     fn full_ping(
         peer: &mut PeerDisco,
-        slot: usize,
+        slot: PeerSlot,
         now: Instant,
         rng: &mut impl RngCore,
         out: &mut Vec<DiscoAction>,
@@ -357,7 +358,7 @@ impl DiscoState {
     pub(crate) fn note_active(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         rng: &mut impl RngCore,
     ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
@@ -379,7 +380,7 @@ impl DiscoState {
     pub(crate) fn ping_user(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         tx_id: [u8; 12],
     ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
@@ -400,7 +401,7 @@ impl DiscoState {
     /// A major link change: every path must be proven again.
     pub(crate) fn reset_paths(&mut self, now: Instant, rng: &mut impl RngCore) -> Vec<DiscoAction> {
         let mut out = Vec::new();
-        let slots: Vec<usize> = self.peers.keys().copied().collect();
+        let slots: Vec<PeerSlot> = self.peers.keys().copied().collect();
         for slot in slots {
             let peer = self.peers.get_mut(&slot).expect("listed above");
             peer.best_pong_at = None;
@@ -416,7 +417,7 @@ impl DiscoState {
     pub(crate) fn handle_message(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         from: SocketAddr,
         message: DiscoMessage,
         rng: &mut impl RngCore,

@@ -1,7 +1,8 @@
 //! Inbound: a datagram from the network, through WireGuard (or disco), to the TUN.
 
+use super::peers::PeerSlot;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand_core::RngCore;
 use tracing::{debug, trace};
@@ -10,21 +11,12 @@ use super::Engine;
 use super::disco::DiscoAction;
 use super::pending::MatchKey;
 use super::timer::{EngineTimer, TimerKey};
-use super::{WG_MIN_BUFFER, WG_OVERHEAD};
+use super::wg::{Arrival, ArrivalDrop, Decapsulated, MIN_BUFFER, QueuedSend, WgError};
 use crate::api::*;
 use crate::filter::FilterAction;
-use crate::keys::{DiscoPublicKey, NodePublicKey};
+use crate::keys::DiscoPublicKey;
 use crate::limits::*;
 use crate::wire;
-use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, Tunn, TunnResult};
-
-/// A datagram classified for dispatch.
-enum WgTarget {
-    Peer(usize),
-    Drop,
-}
 
 impl Engine {
     pub(super) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
@@ -33,142 +25,85 @@ impl Engine {
             self.handle_disco(now, from, data);
             return;
         }
-        let target = match Tunn::parse_incoming_packet(data) {
-            Ok(packet) => self.classify_wg(now, from, data, packet),
-            Err(WireGuardError::InvalidPacket) => {
-                if data.len() >= 4
-                    && matches!(
-                        u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
-                        1..=4
-                    )
-                {
-                    self.counters.drop_wg_bad_size += 1;
-                } else {
-                    self.counters.drop_datagram_unknown += 1;
-                }
-                WgTarget::Drop
-            }
-            Err(e) => {
-                self.count_wg_error(&e);
-                WgTarget::Drop
-            }
-        };
-        let WgTarget::Peer(slot) = target else {
-            return;
-        };
-        self.decapsulate(now, slot, from, data);
-    }
-
-    fn classify_wg(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        data: &[u8],
-        packet: Packet<'_>,
-    ) -> WgTarget {
-        match packet {
-            Packet::HandshakeInit(ref init) => {
-                // Rate-limit and check MAC1 with the shared limiter before the
-                // expensive DH; under load, answer with a cookie instead.
-                if now.saturating_duration_since(self.rate_limiter_reset_at)
-                    >= Duration::from_secs(1)
-                {
-                    self.rate_limiter_reset_at = now;
-                    self.clock.with(now, || self.rate_limiter.reset_count());
-                }
-                let mut cookie = [0u8; 64];
-                let verdict = self.clock.with(now, || {
-                    match self
-                        .rate_limiter
-                        .verify_packet(Some(from.ip()), data, &mut cookie)
-                    {
-                        Ok(_) => Ok(()),
-                        Err(TunnResult::WriteToNetwork(reply)) => Err(Some(reply.len())),
-                        Err(_) => Err(None),
-                    }
-                });
-                match verdict {
-                    Ok(()) => {}
-                    Err(Some(len)) => {
-                        self.counters.cookie_replies_sent += 1;
-                        let mut buf = self.buffer();
-                        buf.extend_from_slice(&cookie[..len]);
-                        self.counters.datagrams_out += 1;
-                        self.outputs.push_back(Output::Transmit(Transmit {
-                            dst: from,
-                            data: buf,
-                        }));
-                        return WgTarget::Drop;
-                    }
-                    Err(None) => {
-                        self.counters.drop_wg_bad_mac += 1;
-                        return WgTarget::Drop;
-                    }
-                }
-                let Ok(half) =
-                    parse_handshake_anon(&self.static_private, &self.static_public, init)
-                else {
+        let slot = match self.device.classify(now, from, data) {
+            Arrival::Initiation { peer } => {
+                let Some(&slot) = self.by_key.get(&peer) else {
                     self.counters.drop_wg_unknown_peer += 1;
-                    return WgTarget::Drop;
-                };
-                let key = NodePublicKey(half.peer_static_public);
-                let Some(&slot) = self.by_key.get(&key) else {
-                    self.counters.drop_wg_unknown_peer += 1;
-                    debug!(peer = ?key, "handshake from a key not in the config");
-                    return WgTarget::Drop;
+                    debug!(?peer, "handshake from a key not in the config");
+                    return;
                 };
                 if self.peers[slot].wg.is_none() {
                     // The reference drops this and waits 5 s for a retry; we
                     // re-add the peer and answer the same initiation.
                     self.wake_peer(now, slot, WakeReason::Handshake);
                 }
-                WgTarget::Peer(slot)
+                slot
             }
-            Packet::HandshakeResponse(ref p) => self.slot_for_index(p.receiver_idx),
-            Packet::PacketCookieReply(ref p) => self.slot_for_index(p.receiver_idx),
-            Packet::PacketData(ref p) => self.slot_for_index(p.receiver_idx),
-        }
+            Arrival::ForTunnel { index } => match self.by_index.get(&index) {
+                Some(&slot) => slot,
+                None => {
+                    self.counters.drop_wg_unknown_index += 1;
+                    return;
+                }
+            },
+            Arrival::CookieReply { reply, len } => {
+                self.counters.cookie_replies_sent += 1;
+                let mut buf = self.buffers.empty();
+                buf.extend_from_slice(&reply[..len]);
+                self.counters.datagrams_out += 1;
+                self.outputs.push_back(Output::Transmit(Transmit {
+                    dst: from,
+                    data: buf,
+                }));
+                return;
+            }
+            Arrival::Dropped(reason) => {
+                match reason {
+                    ArrivalDrop::BadSize => self.counters.drop_wg_bad_size += 1,
+                    ArrivalDrop::NotWireGuard => self.counters.drop_datagram_unknown += 1,
+                    ArrivalDrop::BadMac => self.counters.drop_wg_bad_mac += 1,
+                    ArrivalDrop::NotForUs => self.counters.drop_wg_unknown_peer += 1,
+                    ArrivalDrop::Error(e) => self.count_wg_error(e),
+                }
+                return;
+            }
+        };
+        self.decapsulate(now, slot, from, data);
     }
 
-    fn slot_for_index(&mut self, receiver_idx: u32) -> WgTarget {
-        match self.by_index.get(&(receiver_idx >> 8)) {
-            Some(&slot) => WgTarget::Peer(slot),
-            None => {
-                self.counters.drop_wg_unknown_index += 1;
-                WgTarget::Drop
-            }
-        }
-    }
-
-    pub(super) fn decapsulate(&mut self, now: Instant, slot: usize, from: SocketAddr, data: &[u8]) {
+    pub(super) fn decapsulate(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
         self.refresh_peer_timers(now, slot);
-        let message_type = data[0];
         // Decrypt straight into a pooled buffer: the plaintext then goes to
         // the TUN without another copy.
-        let mut buf = self.sized_buffer(data.len().max(WG_MIN_BUFFER * 2));
+        let mut buf = self.buffers.sized(data.len().max(MIN_BUFFER * 2));
         let Some(wg) = self.peers[slot].wg.as_mut() else {
-            self.recycle(buf);
+            self.buffers.recycle(buf);
             return;
         };
-        let result = wg.tunnel.decapsulate(now, Some(from.ip()), data, &mut buf);
-        match result {
-            TunnResult::Done => {
-                wg.last_received = Some(now);
-                self.recycle(buf);
+        match wg.tunnel.decapsulate(now, from.ip(), data, &mut buf) {
+            Decapsulated::Done => {
+                wg.timers.on_authenticated_received(now);
+                self.buffers.recycle(buf);
                 self.peer_heard(now, slot, from);
             }
-            TunnResult::Err(e) => {
-                self.recycle(buf);
-                self.count_wg_error(&e);
+            Decapsulated::Error(e) => {
+                self.buffers.recycle(buf);
+                self.count_wg_error(e);
             }
-            TunnResult::WriteToNetwork(reply) => {
-                wg.last_received = Some(now);
-                wg.last_sent = Some(now);
-                let len = reply.len();
+            Decapsulated::Send {
+                len,
+                session_established,
+            } => {
+                wg.timers.on_authenticated_received(now);
+                wg.timers.on_data_sent(now);
                 buf.truncate(len);
-                if message_type == 1 || message_type == 2 {
-                    // We answered an initiation (we are the responder), or our
-                    // initiation was answered and `reply` is the first keepalive.
+                if session_established {
                     self.session_established(now, slot, from);
                 }
                 self.peer_heard(now, slot, from);
@@ -177,13 +112,10 @@ impl Engine {
                     dst: from,
                     data: buf,
                 }));
-                let mut scratch = std::mem::take(&mut self.scratch);
-                self.flush_queue(now, slot, from, &mut scratch);
-                self.scratch = scratch;
+                self.flush_queue(now, slot, from);
             }
-            TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
-                wg.last_received = Some(now);
-                let len = inner.len();
+            Decapsulated::Deliver { len } => {
+                wg.timers.on_authenticated_received(now);
                 buf.truncate(len);
                 self.peer_heard(now, slot, from);
                 self.deliver_inbound(now, slot, buf);
@@ -193,7 +125,7 @@ impl Engine {
     }
 
     /// Authenticated traffic from a peer: roam to its address and note activity.
-    pub(super) fn peer_heard(&mut self, now: Instant, slot: usize, from: SocketAddr) {
+    pub(super) fn peer_heard(&mut self, now: Instant, slot: PeerSlot, from: SocketAddr) {
         let peer = &mut self.peers[slot];
         if let Some(wg) = peer.wg.as_mut() {
             wg.endpoint = Some(from);
@@ -202,14 +134,10 @@ impl Engine {
         self.note_receive_activity(now, slot);
     }
 
-    pub(super) fn session_established(&mut self, now: Instant, slot: usize, from: SocketAddr) {
+    pub(super) fn session_established(&mut self, now: Instant, slot: PeerSlot, from: SocketAddr) {
         let peer = &mut self.peers[slot];
         let Some(wg) = peer.wg.as_mut() else { return };
-        wg.session_established = Some(now);
-        wg.handshake_started = None;
-        wg.last_initiation_sent = None;
-        wg.expired = false;
-        wg.last_handshake_at = Some(now);
+        wg.timers.on_session_established(now);
         self.counters.handshakes_completed += 1;
         let key = peer.config.public_key;
         debug!(peer = ?key, endpoint = %from, "handshake completed");
@@ -220,54 +148,49 @@ impl Engine {
             }));
     }
 
-    /// Sends what boringtun queued while the handshake ran.
-    pub(super) fn flush_queue(
-        &mut self,
-        now: Instant,
-        slot: usize,
-        to: SocketAddr,
-        scratch: &mut [u8],
-    ) {
+    /// Sends what WireGuard queued while the handshake ran, to the best
+    /// path or else to `to` (where the handshake came from).
+    fn flush_queue(&mut self, now: Instant, slot: PeerSlot, to: SocketAddr) {
         loop {
             let Some(wg) = self.peers[slot].wg.as_mut() else {
                 return;
             };
-            match wg.tunnel.decapsulate(now, None, &[], scratch) {
-                TunnResult::WriteToNetwork(out) => {
-                    let is_data = out.first() == Some(&4);
-                    let len = out.len();
-                    if is_data {
-                        wg.queued = wg.queued.saturating_sub(1);
-                        wg.last_sent = Some(now);
-                        self.peers[slot].tx_bytes += (len - WG_OVERHEAD) as u64;
-                    } else {
-                        // boringtun re-queued the packet and started its own handshake.
-                        Self::note_initiation(wg, now);
-                        self.counters.handshake_initiations_sent += 1;
-                    }
-                    let mut buf = self.buffer();
-                    buf.extend_from_slice(&scratch[..len]);
-                    self.counters.datagrams_out += 1;
-                    let dst = self.disco.best_endpoint(slot).unwrap_or(to);
-                    self.outputs
-                        .push_back(Output::Transmit(Transmit { dst, data: buf }));
-                    if !is_data {
-                        return;
-                    }
+            let Some(queued) = wg.tunnel.next_queued(now, &mut self.buffers.wg_scratch) else {
+                return;
+            };
+            let len = match queued {
+                QueuedSend::Data { len, plaintext_len } => {
+                    wg.queued = wg.queued.saturating_sub(1);
+                    wg.timers.on_data_sent(now);
+                    self.peers[slot].tx_bytes += plaintext_len as u64;
+                    len
                 }
-                _ => return,
+                QueuedSend::Initiation { len } => {
+                    wg.timers.on_initiation_sent(now);
+                    self.counters.handshake_initiations_sent += 1;
+                    len
+                }
+            };
+            let buf = self.buffers.copy_of_wg_scratch(len);
+            self.counters.datagrams_out += 1;
+            let dst = self.disco.best_endpoint(slot).unwrap_or(to);
+            self.outputs
+                .push_back(Output::Transmit(Transmit { dst, data: buf }));
+            if matches!(queued, QueuedSend::Initiation { .. }) {
+                // The queue waits for this new handshake.
+                return;
             }
         }
     }
 
     /// A decrypted packet from a peer: check its source, filter it, intercept
     /// what is ours (TSMP, ping replies), deliver the rest to the TUN.
-    pub(super) fn deliver_inbound(&mut self, now: Instant, slot: usize, packet: Vec<u8>) {
+    pub(super) fn deliver_inbound(&mut self, now: Instant, slot: PeerSlot, packet: Vec<u8>) {
         let header = match wire::ip::IpHeader::parse(&packet) {
             Ok(h) => h,
             Err(_) => {
                 self.counters.drop_inner_malformed += 1;
-                self.recycle(packet);
+                self.buffers.recycle(packet);
                 return;
             }
         };
@@ -277,7 +200,7 @@ impl Engine {
             .is_some_and(|(_, &s)| s == slot);
         if !allowed {
             self.counters.drop_spoofed_source += 1;
-            self.recycle(packet);
+            self.buffers.recycle(packet);
             debug!(peer = ?self.peers[slot].config.public_key, src = %header.src, "source outside allowed IPs");
             return;
         }
@@ -285,7 +208,7 @@ impl Engine {
         match header.protocol {
             wire::ip::PROTO_TSMP => {
                 self.handle_tsmp(now, slot, &header, &packet);
-                self.recycle(packet);
+                self.buffers.recycle(packet);
                 return;
             }
             wire::ip::PROTO_ICMP | wire::ip::PROTO_ICMPV6 => {
@@ -293,7 +216,7 @@ impl Engine {
                     if echo.kind == wire::icmp::EchoKind::Reply {
                         let key = MatchKey::Icmp(wire::icmp::ping_key(echo.ident, echo.seq));
                         if self.complete_ping(now, key, slot, None, None) {
-                            self.recycle(packet);
+                            self.buffers.recycle(packet);
                             return;
                         }
                     }
@@ -323,15 +246,15 @@ impl Engine {
                         dst_port: tcp.dst_port,
                         maybe_broken: false,
                     };
-                    let mut out = std::mem::take(&mut self.scratch2);
+                    let mut out = self.buffers.empty();
                     if reject.emit_packet(header.dst, header.src, &mut out).is_ok() {
                         self.counters.tsmp_rejects_sent += 1;
                         self.send_to_peer(now, slot, &out);
                     }
-                    self.scratch2 = out;
+                    self.buffers.recycle(out);
                 }
             }
-            self.recycle(packet);
+            self.buffers.recycle(packet);
             return;
         }
         if self.capture {
@@ -344,7 +267,7 @@ impl Engine {
     pub(super) fn handle_tsmp(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         header: &wire::ip::IpHeader,
         packet: &[u8],
     ) {
@@ -368,12 +291,12 @@ impl Engine {
                     data,
                     peerapi_port: self.applied.knobs.peerapi_port,
                 };
-                let mut out = std::mem::take(&mut self.scratch2);
+                let mut out = self.buffers.empty();
                 if pong.emit_packet(header.dst, header.src, &mut out).is_ok() {
                     self.counters.tsmp_pongs_sent += 1;
                     self.send_to_peer(now, slot, &out);
                 }
-                self.scratch2 = out;
+                self.buffers.recycle(out);
             }
             wire::tsmp::TsmpMessage::Pong { data, peerapi_port } => {
                 if !self.complete_ping(now, MatchKey::Tsmp(data), slot, None, peerapi_port) {
@@ -391,25 +314,19 @@ impl Engine {
         }
     }
 
-    pub(super) fn count_wg_error(&mut self, e: &WireGuardError) {
+    pub(super) fn count_wg_error(&mut self, e: WgError) {
         let c = &mut self.counters;
         match e {
-            WireGuardError::InvalidMac => c.drop_wg_bad_mac += 1,
-            WireGuardError::InvalidAeadTag | WireGuardError::InvalidPacket => {
-                c.drop_wg_decrypt_failed += 1
-            }
-            WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
-                c.drop_wg_replay += 1
-            }
-            WireGuardError::WrongTai64nTimestamp => c.drop_wg_stale_timestamp += 1,
-            WireGuardError::WrongIndex
-            | WireGuardError::NoCurrentSession
-            | WireGuardError::UnexpectedPacket => c.drop_wg_unknown_index += 1,
-            _ => c.drop_wg_other += 1,
+            WgError::BadMac => c.drop_wg_bad_mac += 1,
+            WgError::DecryptFailed => c.drop_wg_decrypt_failed += 1,
+            WgError::Replay => c.drop_wg_replay += 1,
+            WgError::StaleTimestamp => c.drop_wg_stale_timestamp += 1,
+            WgError::UnknownIndex => c.drop_wg_unknown_index += 1,
+            WgError::Other => c.drop_wg_other += 1,
         }
     }
 
-    pub(super) fn note_receive_activity(&mut self, now: Instant, slot: usize) {
+    pub(super) fn note_receive_activity(&mut self, now: Instant, slot: PeerSlot) {
         let peer = &mut self.peers[slot];
         let record = peer
             .last_receive_activity
@@ -464,7 +381,7 @@ impl Engine {
                 DiscoAction::Send { slot, dst, message } => {
                     let mut nonce = [0u8; 24];
                     self.rng.fill_bytes(&mut nonce);
-                    let mut buf = self.buffer();
+                    let mut buf = self.buffers.empty();
                     if self
                         .disco
                         .seal(slot, self.disco_key.0, nonce, &message, &mut buf)
@@ -482,7 +399,7 @@ impl Engine {
                         self.outputs
                             .push_back(Output::Transmit(Transmit { dst, data: buf }));
                     } else {
-                        self.recycle(buf);
+                        self.buffers.recycle(buf);
                     }
                 }
                 DiscoAction::PongReceived { slot, tx_id, from } => {

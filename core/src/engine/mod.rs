@@ -1,5 +1,6 @@
 //! The engine: one tailnet node as a sans-IO state machine.
 
+mod buffers;
 mod control;
 mod disco;
 mod inbound;
@@ -13,36 +14,30 @@ mod timer;
 mod wg;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::time::Instant;
 
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::x25519;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use slab::Slab;
 
 use crate::api::*;
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, PeerDelta, Reconfig, ReconfigError};
 use crate::counters::Counters;
 use crate::filter::PacketFilter;
 use crate::keys::{DiscoPublicKey, NodePublicKey};
-use crate::limits::*;
 use crate::routing::PrefixTable;
+use buffers::Buffers;
 use disco::DiscoState;
-use peers::Peer;
+use peers::{PeerSlot, PeerTable};
 use pending::{PendingOpens, PendingPings};
-use reconfig::Applied;
+use reconfig::RunningConfig;
 use timer::{EngineTimer, TimerKey, TimerQueue};
-use wg::WgClock;
+use wg::WgDevice;
+
+pub use timer::{PeerTimer, TimeoutReason};
+pub(crate) use wg::x25519_public_key;
 
 pub use pings::PeerForIpError;
-pub use reconfig::PeerDelta;
-
-/// Extra room WireGuard needs around a payload.
-const WG_OVERHEAD: usize = 32;
-/// The largest WireGuard message is the 148-byte initiation.
-const WG_MIN_BUFFER: usize = 148;
 
 /// One tailnet node: WireGuard sessions, lazy peers, pings, routes and DNS,
 /// as a deterministic state machine with no I/O.
@@ -50,21 +45,38 @@ const WG_MIN_BUFFER: usize = 148;
 /// # The contract
 ///
 /// The engine never reads a clock, opens a socket or draws from the OS. The
-/// caller owns all of that and drives the engine in a loop:
+/// caller owns all of that and drives the engine in a loop, in this order
+/// (the one drain order; every method below fits into it):
 ///
 /// 1. Feed **one** event with [`Engine::handle_input`] (a TUN packet, a
-///    datagram, a reconfig, a ping request, ...) or, when the deadline from
-///    [`Engine::poll_timeout`] has passed, call [`Engine::handle_timeout`].
+///    datagram, a reconfig, a peer delta, a ping request, ...) or, when the
+///    deadline from [`Engine::poll_timeout`] has passed, call
+///    [`Engine::handle_timeout`].
 /// 2. Drain [`Engine::poll_output`] until it returns `None`, executing every
-///    [`Output`]: send datagrams, write packets to the TUN, apply effects,
-///    deliver ping results and status. Give packet buffers back with
-///    [`Engine::recycle`] so the data path allocates nothing.
+///    [`Output`] in the order given: send datagrams, write packets to the
+///    TUN, apply effects, deliver ping results and status. Give packet
+///    buffers back with [`Engine::recycle`] so the data path allocates
+///    nothing.
 /// 3. Read [`Engine::poll_timeout`] again: it may have moved.
 ///
 /// Every time-dependent call takes `now`; it must never go backwards. The
 /// same inputs at the same times with the same seed produce the same outputs
-/// (except WireGuard ciphertext, whose handshake ephemerals boringtun draws
-/// from the OS). `handle_timeout` is idempotent and early calls are no-ops.
+/// (except WireGuard ciphertext, whose handshake ephemerals the WireGuard
+/// implementation draws from the OS). `handle_timeout` is idempotent and
+/// early calls are no-ops.
+///
+/// # Methods, by group
+///
+/// - **Getters** read the state and change nothing: [`Engine::node_key`],
+///   [`Engine::counters`], [`Engine::configured_peers`],
+///   [`Engine::peer_for_ip`], ...
+/// - **`handle_*`** feed events: [`Engine::handle_input`] (the one way in for
+///   every change of state) and [`Engine::handle_timeout`].
+/// - **Commands** are conveniences over `handle_input` with the outcome
+///   unwrapped ([`Engine::reconfig`], [`Engine::apply_peer_delta`]), and
+///   [`Engine::recycle`].
+/// - **`poll_*`** say what to do and when: [`Engine::poll_output`],
+///   [`Engine::poll_timeout`], and [`Engine::timeout_reason`] for why.
 ///
 /// ```
 /// use std::time::Instant;
@@ -84,31 +96,27 @@ pub struct Engine {
     config: EngineConfig,
     node_key: NodePublicKey,
     disco_key: DiscoPublicKey,
-    static_private: x25519::StaticSecret,
-    static_public: x25519::PublicKey,
-    clock: WgClock,
+    /// This node's WireGuard side: static key, handshake rate limiter, clock.
+    device: WgDevice,
     rng: ChaCha20Rng,
-    rate_limiter: Arc<RateLimiter>,
-    rate_limiter_reset_at: Instant,
     now: Instant,
 
-    peers: Slab<Peer>,
-    by_key: BTreeMap<NodePublicKey, usize>,
-    by_disco: BTreeMap<DiscoPublicKey, usize>,
-    by_index: BTreeMap<u32, usize>,
-    routes: PrefixTable<usize>,
-    next_generation: u64,
+    peers: PeerTable,
+    by_key: BTreeMap<NodePublicKey, PeerSlot>,
+    by_disco: BTreeMap<DiscoPublicKey, PeerSlot>,
+    by_index: BTreeMap<u32, PeerSlot>,
+    routes: PrefixTable<PeerSlot>,
     next_tunnel_index: u32,
     configured_count: usize,
     /// Slots in the order of the last reconfig's peer list (for the fast diff).
-    peer_order: Vec<usize>,
+    peer_order: Vec<PeerSlot>,
     /// Two-phase flushes done by the last peer change.
     last_flush_count: usize,
     /// The disco and pending-open deadlines currently in the timer queue.
     disco_timer_at: Option<Instant>,
     opens_timer_at: Option<Instant>,
 
-    applied: Applied,
+    applied: RunningConfig,
     trimming: bool,
     filter: PacketFilter,
     capture: bool,
@@ -117,9 +125,7 @@ pub struct Engine {
 
     timers: TimerQueue,
     outputs: VecDeque<Output>,
-    pool: Vec<Vec<u8>>,
-    scratch: Vec<u8>,
-    scratch2: Vec<u8>,
+    buffers: Buffers,
 
     pings: PendingPings,
     opens: PendingOpens,
@@ -135,36 +141,26 @@ pub struct Engine {
 impl Engine {
     /// Creates an engine at time `now` with its RNG seeded from `rng_seed`.
     ///
-    /// `now` is also the epoch of the clock boringtun sees. The engine starts
+    /// `now` is also the epoch of the clock WireGuard sees. The engine starts
     /// with no peers; the first [`Input::Reconfig`] gives it its config.
     pub fn new(config: EngineConfig, now: Instant, rng_seed: u64) -> Self {
-        let static_private = x25519::StaticSecret::from(*config.private_key.as_bytes());
-        let static_public = x25519::PublicKey::from(&static_private);
         let node_key = config.private_key.public_key();
         let disco_key = config.disco_private_key.public_key();
-        let clock = WgClock::new(now);
-        let rate_limiter = clock.with(now, || {
-            Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT))
-        });
+        let device = WgDevice::new(&config.private_key, now);
         let mut rng = ChaCha20Rng::seed_from_u64(rng_seed);
         let next_tunnel_index = rng.next_u32() & 0x00ff_ffff;
         let disco = DiscoState::new(*config.disco_private_key.as_bytes());
         Self {
             node_key,
             disco_key,
-            static_private,
-            static_public,
-            clock,
+            device,
             rng,
-            rate_limiter,
-            rate_limiter_reset_at: now,
             now,
-            peers: Slab::new(),
+            peers: PeerTable::default(),
             by_key: BTreeMap::new(),
             by_disco: BTreeMap::new(),
             by_index: BTreeMap::new(),
             routes: PrefixTable::new(),
-            next_generation: 1,
             next_tunnel_index,
             configured_count: 0,
             peer_order: Vec::new(),
@@ -172,16 +168,14 @@ impl Engine {
             disco_timer_at: None,
             opens_timer_at: None,
             trimming: config.trim_override.unwrap_or(true),
-            applied: Applied::default(),
+            applied: RunningConfig::default(),
             filter: PacketFilter::allow_all(),
             capture: false,
             network_up: true,
             closed: false,
             timers: TimerQueue::default(),
             outputs: VecDeque::new(),
-            pool: Vec::new(),
-            scratch: vec![0; MAX_PACKET_SIZE + WG_OVERHEAD + WG_MIN_BUFFER],
-            scratch2: Vec::with_capacity(2048),
+            buffers: Buffers::new(),
             pings: PendingPings::default(),
             opens: PendingOpens::default(),
             disco,
@@ -192,6 +186,8 @@ impl Engine {
             config,
         }
     }
+
+    // --- Getters ---------------------------------------------------------
 
     /// This node's WireGuard public key.
     pub fn node_key(&self) -> NodePublicKey {
@@ -275,110 +271,20 @@ impl Engine {
         self.closed
     }
 
-    /// Gives a packet buffer from [`Output::Transmit`] or [`Output::TunWrite`]
-    /// back for reuse.
-    pub fn recycle(&mut self, buffer: Vec<u8>) {
-        // Buffers keep their length: a buffer resized to the same packet size
-        // next time needs no zeroing.
-        // Oversized buffers (a rare jumbo packet) are not kept, so the pool
-        // stays bounded at BUFFER_POOL_LIMIT small buffers.
-        if self.pool.len() < BUFFER_POOL_LIMIT && buffer.capacity() <= POOLED_BUFFER_MAX_CAPACITY {
-            self.pool.push(buffer);
-        }
+    /// Finds the peer for a ping target, like the reference: an exact
+    /// single-IP match first, then our own addresses, then the longest prefix
+    /// over the full config (trimmed peers included).
+    pub fn peer_for_ip(&self, ip: IpAddr) -> Result<NodePublicKey, PeerForIpError> {
+        self.peer_slot_for_ip(ip)
+            .map(|slot| self.peers[slot].config.public_key)
     }
 
-    /// An empty pooled buffer, for appending.
-    fn buffer(&mut self) -> Vec<u8> {
-        let mut buffer = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(2048));
-        buffer.clear();
-        buffer
-    }
-
-    /// A pooled buffer of exactly `len` bytes, contents unspecified, for
-    /// boringtun to write into. Only bytes beyond its previous length are zeroed.
-    fn sized_buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut buffer = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(2048));
-        buffer.resize(len, 0);
-        buffer
-    }
-
-    /// The next output, if any. Call until `None` after every input or timeout.
-    pub fn poll_output(&mut self) -> Option<Output> {
-        if let Some(out) = self.outputs.pop_front() {
-            return Some(out);
-        }
-        if self.status_pending {
-            self.status_pending = false;
-            self.counters.status_answers += 1;
-            return Some(Output::Status(Box::new(self.build_status())));
-        }
-        None
-    }
-
-    /// The next instant at which [`Engine::handle_timeout`] has work, if any.
-    pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let peers = &self.peers;
-        let pings = &self.pings;
-        let (opens_at, disco_at) = (self.opens_timer_at, self.disco_timer_at);
-        self.timers.peek(|at, key| match key {
-            TimerKey::Peer { slot, generation } => peers
-                .get(slot)
-                .is_some_and(|p| p.generation == generation && p.timer_deadline() == Some(at)),
-            TimerKey::Ping(id) => pings.deadline_of(id) == Some(at),
-            TimerKey::Engine(EngineTimer::PendingOpens) => opens_at == Some(at),
-            TimerKey::Engine(EngineTimer::Disco) => disco_at == Some(at),
-        })
-    }
-
-    /// Runs every timer due at `now`. Idempotent; early calls do nothing.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let _span = self.span.clone().entered();
-        self.advance(now);
-        while let Some((at, key)) = self.timers.pop_due(now) {
-            match key {
-                TimerKey::Peer { slot, generation } => {
-                    let current = self.peers.get(slot).is_some_and(|p| {
-                        p.generation == generation && p.timer_deadline() == Some(at)
-                    });
-                    if current {
-                        if let Some(wg) = self.peers[slot].wg.as_mut() {
-                            wg.deadline = None;
-                        }
-                        self.peer_timer(now, slot);
-                    }
-                }
-                TimerKey::Ping(id) => {
-                    if self.pings.deadline_of(id) == Some(at) {
-                        if let Some(result) = self.pings.time_out(id) {
-                            self.counters.pings_timed_out += 1;
-                            self.outputs.push_back(Output::PingResult(result));
-                        }
-                    }
-                }
-                TimerKey::Engine(EngineTimer::PendingOpens) => {
-                    if self.opens_timer_at == Some(at) {
-                        self.opens_timer_at = None;
-                        self.check_pending_opens(now);
-                    }
-                }
-                TimerKey::Engine(EngineTimer::Disco) => {
-                    if self.disco_timer_at == Some(at) {
-                        self.disco_timer_at = None;
-                        let actions = self.disco.on_timer(now, &mut self.rng);
-                        self.run_disco_actions(now, actions);
-                    }
-                }
-            }
-        }
-    }
-
-    fn advance(&mut self, now: Instant) {
-        if now > self.now {
-            self.now = now;
-        }
-    }
+    // --- handle_*: the events ------------------------------------------------
 
     /// Feeds one input. Drain [`Engine::poll_output`] afterwards.
+    ///
+    /// This is the one way in: every other method that changes the state is
+    /// a convenience that goes through here.
     ///
     /// Bad packets are counted and dropped, never reported as errors; only a
     /// refused reconfig or input after close is an `Err`, and neither changes
@@ -397,7 +303,13 @@ impl Engine {
                     self.counters.drop_closed += 1;
                     return Ok(InputOutcome::Done);
                 }
-                _ => return Err(InputError::Closed),
+                Input::Reconfig(_)
+                | Input::PeerDelta(_)
+                | Input::LinkChange(_)
+                | Input::Ping(_)
+                | Input::StatusRequest
+                | Input::SetPacketFilter(_)
+                | Input::SetCapture(_) => return Err(InputError::Closed),
             }
         }
         match input {
@@ -405,7 +317,13 @@ impl Engine {
             Input::Datagram { from, data } => self.handle_datagram(now, from, data),
             Input::Reconfig(reconfig) => {
                 return self
-                    .reconfig(now, &reconfig)
+                    .apply_reconfig(now, &reconfig)
+                    .map(InputOutcome::Reconfig)
+                    .map_err(InputError::from);
+            }
+            Input::PeerDelta(delta) => {
+                return self
+                    .apply_delta(now, delta)
                     .map(InputOutcome::Reconfig)
                     .map_err(InputError::from);
             }
@@ -422,5 +340,164 @@ impl Engine {
             Input::Close => self.close(),
         }
         Ok(InputOutcome::Done)
+    }
+
+    /// Runs every timer due at `now`. Idempotent; early calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let _span = self.span.clone().entered();
+        self.advance(now);
+        while let Some((at, key)) = self.timers.pop_due(now) {
+            if !self.timer_is_current(at, key) {
+                continue;
+            }
+            match key {
+                TimerKey::Peer(slot) => {
+                    if let Some(wg) = self.peers[slot].wg.as_mut() {
+                        wg.deadline = None;
+                    }
+                    self.peer_timer(now, slot);
+                }
+                TimerKey::Ping(id) => {
+                    if let Some(result) = self.pings.time_out(id) {
+                        self.counters.pings_timed_out += 1;
+                        self.outputs.push_back(Output::PingResult(result));
+                    }
+                }
+                TimerKey::Engine(EngineTimer::PendingOpens) => {
+                    self.opens_timer_at = None;
+                    self.check_pending_opens(now);
+                }
+                TimerKey::Engine(EngineTimer::Disco) => {
+                    self.disco_timer_at = None;
+                    let actions = self.disco.on_timer(now, &mut self.rng);
+                    self.run_disco_actions(now, actions);
+                }
+            }
+        }
+    }
+
+    // --- Commands -------------------------------------------------------------
+
+    /// Gives a packet buffer from [`Output::Transmit`] or [`Output::TunWrite`]
+    /// back for reuse.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        self.buffers.recycle(buffer);
+    }
+
+    /// Applies a full desired state: [`Input::Reconfig`] through
+    /// [`Engine::handle_input`], with the outcome unwrapped.
+    ///
+    /// When the peer list has the same length as the last one, it is first
+    /// compared position by position with what the engine holds; if only a
+    /// few peers differ, only those are validated and applied (the cost is
+    /// one comparison per peer, no copies). Otherwise the whole config is
+    /// validated and diffed by key.
+    pub fn reconfig(
+        &mut self,
+        now: Instant,
+        reconfig: &Reconfig,
+    ) -> Result<ReconfigOutcome, ReconfigError> {
+        match self.handle_input(now, Input::Reconfig(Box::new(reconfig.clone()))) {
+            Ok(InputOutcome::Reconfig(outcome)) => Ok(outcome),
+            Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+            Err(InputError::Reconfig(e)) => Err(e),
+            Err(InputError::Closed) => Err(ReconfigError::EngineClosed),
+        }
+    }
+
+    /// Applies a change to some peers without resending the whole netmap:
+    /// [`Input::PeerDelta`] through [`Engine::handle_input`], reduced to how
+    /// many peers changed. The cost is proportional to the change, not to
+    /// the number of peers.
+    pub fn apply_peer_delta(
+        &mut self,
+        now: Instant,
+        delta: &PeerDelta,
+    ) -> Result<usize, ReconfigError> {
+        match self.handle_input(now, Input::PeerDelta(delta)) {
+            Ok(InputOutcome::Reconfig(ReconfigOutcome::Applied(changes))) => {
+                Ok(changes.peers_changed)
+            }
+            Ok(InputOutcome::Reconfig(ReconfigOutcome::NoChanges) | InputOutcome::Done) => Ok(0),
+            Err(InputError::Reconfig(e)) => Err(e),
+            Err(InputError::Closed) => Err(ReconfigError::EngineClosed),
+        }
+    }
+
+    // --- poll_*: what to do, and when -----------------------------------------
+
+    /// The next output, if any. Call until `None` after every input or timeout.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(out) = self.outputs.pop_front() {
+            return Some(out);
+        }
+        if self.status_pending {
+            self.status_pending = false;
+            self.counters.status_answers += 1;
+            return Some(Output::Status(Box::new(self.build_status())));
+        }
+        None
+    }
+
+    /// The next instant at which [`Engine::handle_timeout`] has work, if any.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.next_live_timer().map(|(at, _)| at)
+    }
+
+    /// Why the engine wants to be woken at the deadline [`Engine::poll_timeout`]
+    /// returns (for traces and logs); `None` when there is no deadline.
+    ///
+    /// Like `poll_timeout` it may drop stale entries from the timer queue,
+    /// which changes nothing but [`Engine::timer_queue_len`].
+    pub fn timeout_reason(&mut self) -> Option<TimeoutReason> {
+        let (_, key) = self.next_live_timer()?;
+        Some(match key {
+            TimerKey::Peer(slot) => {
+                let peer = self.peers.get(slot)?;
+                TimeoutReason::Peer {
+                    peer: peer.config.public_key,
+                    timer: peer.timer_deadline()?.1,
+                }
+            }
+            TimerKey::Ping(id) => TimeoutReason::Ping {
+                id: self.pings.request_id(id)?,
+            },
+            TimerKey::Engine(EngineTimer::PendingOpens) => TimeoutReason::PendingOpens,
+            TimerKey::Engine(EngineTimer::Disco) => TimeoutReason::Disco,
+        })
+    }
+
+    // --- Internals ----------------------------------------------------------
+
+    /// Whether a queued deadline is still the one its owner wants. Owners
+    /// remember one deadline each and the queue cancels lazily, so an entry
+    /// whose owner moved on (or is gone) is stale: this is the one check.
+    fn timer_is_current(&self, at: Instant, key: TimerKey) -> bool {
+        match key {
+            TimerKey::Peer(slot) => self
+                .peers
+                .get(slot)
+                .is_some_and(|p| p.timer_deadline().map(|(t, _)| t) == Some(at)),
+            TimerKey::Ping(id) => self.pings.deadline_of(id) == Some(at),
+            TimerKey::Engine(EngineTimer::PendingOpens) => self.opens_timer_at == Some(at),
+            TimerKey::Engine(EngineTimer::Disco) => self.disco_timer_at == Some(at),
+        }
+    }
+
+    /// The earliest current entry of the timer queue, dropping stale ones.
+    fn next_live_timer(&mut self) -> Option<(Instant, TimerKey)> {
+        while let Some((at, key)) = self.timers.peek() {
+            if self.timer_is_current(at, key) {
+                return Some((at, key));
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    fn advance(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
     }
 }

@@ -53,7 +53,7 @@ impl Engine {
                 return FailureCause::PeerTrimmedNeverAnswered;
             }
         }
-        let has_session = peer.wg.as_deref().is_some_and(Self::has_session);
+        let has_session = peer.wg.as_deref().is_some_and(|wg| wg.timers.has_session());
         if !has_session {
             return FailureCause::NoHandshake;
         }

@@ -1,17 +1,16 @@
 //! Outbound: a packet from the TUN, through WireGuard, to the network.
 
+use super::peers::PeerSlot;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use tracing::trace;
 
 use super::Engine;
-use super::peers::WgPeer;
-use super::{WG_MIN_BUFFER, WG_OVERHEAD};
+use super::wg::{DATA_OVERHEAD, Encapsulated, MIN_BUFFER};
 use crate::api::*;
 use crate::limits::*;
 use crate::wire;
-use boringtun::noise::TunnResult;
 
 impl Engine {
     pub(super) fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
@@ -35,7 +34,7 @@ impl Engine {
             // The OS routed a packet for one of our own addresses into the
             // tunnel (a stale route): hand it straight back, as the reference does.
             self.counters.packets_reflected += 1;
-            let mut buf = self.buffer();
+            let mut buf = self.buffers.empty();
             buf.extend_from_slice(packet);
             self.counters.tun_packets_out += 1;
             self.outputs.push_back(Output::TunWrite(buf));
@@ -60,17 +59,14 @@ impl Engine {
             return;
         };
         if self.applied.knobs.fake_icmp_echo {
-            let mut reply = std::mem::take(&mut self.scratch2);
+            let mut reply = self.buffers.empty();
             if wire::icmp::echo_reply_for(packet, &mut reply).is_some() {
                 self.counters.fake_icmp_replies += 1;
-                let mut buf = self.buffer();
-                buf.extend_from_slice(&reply);
                 self.counters.tun_packets_out += 1;
-                self.outputs.push_back(Output::TunWrite(buf));
-                self.scratch2 = reply;
+                self.outputs.push_back(Output::TunWrite(reply));
                 return;
             }
-            self.scratch2 = reply;
+            self.buffers.recycle(reply);
         }
         self.note_send_activity(now, slot, header.dst);
         self.send_to_peer(now, slot, packet);
@@ -88,7 +84,7 @@ impl Engine {
     /// Records send activity (coarsely, like the reference) and makes sure the
     /// peer is in WireGuard before the packet is handed over, so the packet
     /// that wakes a trimmed peer is not lost.
-    pub(super) fn note_send_activity(&mut self, now: Instant, slot: usize, dst: IpAddr) {
+    pub(super) fn note_send_activity(&mut self, now: Instant, slot: PeerSlot, dst: IpAddr) {
         let peer = &mut self.peers[slot];
         let last = peer.last_send_activity;
         let record =
@@ -113,68 +109,52 @@ impl Engine {
 
     /// Encrypts `packet` for the peer in `slot` and queues the datagram.
     /// The caller has made sure the peer is in WireGuard (woken if needed).
-    pub(super) fn send_to_peer(&mut self, now: Instant, slot: usize, packet: &[u8]) {
+    pub(super) fn send_to_peer(&mut self, now: Instant, slot: PeerSlot, packet: &[u8]) {
         self.refresh_peer_timers(now, slot);
         let max_queued = self.config.max_queued_packets_per_peer;
-        let needed = (packet.len() + WG_OVERHEAD).max(WG_MIN_BUFFER);
-        let mut buf = self.sized_buffer(needed);
+        let needed = (packet.len() + DATA_OVERHEAD).max(MIN_BUFFER);
+        let mut buf = self.buffers.sized(needed);
         let peer = &mut self.peers[slot];
         let Some(wg) = peer.wg.as_mut() else {
+            self.buffers.recycle(buf);
             return;
         };
-        if wg.queued >= max_queued && !Self::has_session(wg) {
+        if wg.queued >= max_queued && !wg.timers.has_session() {
             self.counters.drop_queue_overflow += 1;
-            self.recycle(buf);
+            self.buffers.recycle(buf);
             return;
         }
-        if wg.expired {
-            wg.expired = false;
-        }
-        let result = wg.tunnel.encapsulate(now, packet, &mut buf);
-        match result {
-            TunnResult::WriteToNetwork(out) => {
-                let len = out.len();
-                let is_data = out.first() == Some(&4);
-                if is_data {
-                    wg.last_sent = Some(now);
-                    peer.tx_bytes += packet.len() as u64;
-                } else {
-                    // A handshake initiation: the packet itself was queued.
-                    wg.queued += 1;
-                    Self::note_initiation(wg, now);
-                    self.counters.handshake_initiations_sent += 1;
-                }
+        wg.timers.on_outbound_packet();
+        match wg.tunnel.encapsulate(now, packet, &mut buf) {
+            Encapsulated::Data { len } => {
+                wg.timers.on_data_sent(now);
+                peer.tx_bytes += packet.len() as u64;
                 buf.truncate(len);
                 self.transmit_to_peer(slot, buf);
             }
-            TunnResult::Done => {
+            Encapsulated::Initiation { len } => {
+                // No session yet: the packet itself was queued behind this initiation.
+                wg.queued += 1;
+                wg.timers.on_initiation_sent(now);
+                self.counters.handshake_initiations_sent += 1;
+                buf.truncate(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            Encapsulated::Queued => {
                 // Queued behind a handshake already in progress.
                 wg.queued += 1;
-                self.recycle(buf);
+                self.buffers.recycle(buf);
             }
-            TunnResult::Err(e) => {
-                self.count_wg_error(&e);
-                self.recycle(buf);
+            Encapsulated::Error(e) => {
+                self.count_wg_error(e);
+                self.buffers.recycle(buf);
             }
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => self.recycle(buf),
         }
         self.reschedule_peer(slot);
     }
 
-    pub(super) fn has_session(wg: &WgPeer) -> bool {
-        wg.session_established.is_some() && !wg.expired
-    }
-
-    pub(super) fn note_initiation(wg: &mut WgPeer, now: Instant) {
-        if wg.handshake_started.is_none() {
-            wg.handshake_started = Some(now);
-        }
-        wg.last_initiation_sent = Some(now);
-        wg.last_sent = Some(now);
-    }
-
     /// Sends a WireGuard datagram to the peer's current endpoint.
-    pub(super) fn transmit_to_peer(&mut self, slot: usize, data: Vec<u8>) {
+    pub(super) fn transmit_to_peer(&mut self, slot: PeerSlot, data: Vec<u8>) {
         let peer = &self.peers[slot];
         let endpoint = self
             .disco
@@ -190,7 +170,7 @@ impl Engine {
                 // No endpoint known yet; the peer can still reach us and we
                 // answer to where it came from.
                 trace!(peer = ?peer.config.public_key, "no endpoint for peer");
-                self.recycle(data);
+                self.buffers.recycle(data);
             }
         }
     }

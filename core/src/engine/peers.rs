@@ -1,51 +1,112 @@
 //! Peers in and out of WireGuard: configure, wake, trim, and their timers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, info};
 
+use slab::Slab;
+
 use super::Engine;
 use super::timer::TimerKey;
-use super::wg::{TimerResult, WgTunnel};
+use super::timer::{PeerTimer, SessionTimers};
+use super::wg::{TimerAction, WgTunnel};
 use crate::api::*;
 use crate::config::PeerConfig;
 use crate::keys::DiscoPublicKey;
 use crate::limits::*;
-use boringtun::noise::errors::WireGuardError;
+
+/// Where a peer lives in the engine's peer table, and which peer it is.
+///
+/// A slot is reused after its peer leaves; the generation tells the new peer
+/// from the old one, so an entry that outlived its peer (a timer) is
+/// recognised as stale instead of acting on a stranger. Ordered by position
+/// first, so tables keyed by slot iterate in a stable order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct PeerSlot {
+    index: usize,
+    generation: u64,
+}
+
+/// Every peer of the full config, by slot.
+#[derive(Default)]
+pub(super) struct PeerTable {
+    slab: Slab<(u64, Peer)>,
+    next_generation: u64,
+}
+
+impl PeerTable {
+    /// Stores a new peer in a free slot, under a generation never used before.
+    pub(super) fn insert(&mut self, peer: Peer) -> PeerSlot {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let index = self.slab.insert((generation, peer));
+        PeerSlot { index, generation }
+    }
+
+    /// Removes the peer in `slot`; `None` if the slot holds another peer (or none).
+    pub(super) fn remove(&mut self, slot: PeerSlot) -> Option<Peer> {
+        self.get(slot)?;
+        Some(self.slab.remove(slot.index).1)
+    }
+
+    /// The peer in `slot`, if it is still the one the slot was handed out for.
+    pub(super) fn get(&self, slot: PeerSlot) -> Option<&Peer> {
+        match self.slab.get(slot.index) {
+            Some((generation, peer)) if *generation == slot.generation => Some(peer),
+            Some(_) | None => None,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub(super) fn reserve_exact(&mut self, additional: usize) {
+        self.slab.reserve_exact(additional);
+    }
+}
+
+/// Indexing is for slots the engine holds in its own maps, which it removes
+/// together with the peer: those always name the current peer.
+impl std::ops::Index<PeerSlot> for PeerTable {
+    type Output = Peer;
+
+    fn index(&self, slot: PeerSlot) -> &Peer {
+        &self.slab[slot.index].1
+    }
+}
+
+impl std::ops::IndexMut<PeerSlot> for PeerTable {
+    fn index_mut(&mut self, slot: PeerSlot) -> &mut Peer {
+        &mut self.slab[slot.index].1
+    }
+}
 
 /// The WireGuard part of a configured peer.
 pub(super) struct WgPeer {
     pub(super) tunnel: WgTunnel,
-    /// The 24-bit index boringtun puts in the upper bits of its session indices.
+    /// The 24-bit index WireGuard puts in the upper bits of its session indices.
     pub(super) index: u32,
-    pub(super) last_sent: Option<Instant>,
-    pub(super) last_received: Option<Instant>,
-    pub(super) handshake_started: Option<Instant>,
-    pub(super) last_initiation_sent: Option<Instant>,
-    pub(super) session_established: Option<Instant>,
-    pub(super) next_persistent_keepalive: Option<Instant>,
-    /// Packets boringtun holds for us while a handshake runs.
+    /// The session's protocol times, changed only through their hooks.
+    pub(super) timers: SessionTimers,
+    /// Packets WireGuard holds for us while a handshake runs.
     pub(super) queued: usize,
-    /// boringtun gave up (REKEY_ATTEMPT_TIME or key expiry): nothing to do until traffic.
-    pub(super) expired: bool,
     /// Where WireGuard sends when disco has no better path: the last address
     /// the peer was heard from, else its first configured endpoint.
     pub(super) endpoint: Option<SocketAddr>,
-    pub(super) last_handshake_at: Option<Instant>,
     /// When it was woken from the trimmed state, and whether it has been
     /// heard from since (for connection diagnostics).
     pub(super) woken_at: Option<Instant>,
     pub(super) heard_since_wake: bool,
-    /// The deadline currently in the timer queue for this peer. Only peers in
-    /// WireGuard have timers (the idle check included).
-    pub(super) deadline: Option<Instant>,
+    /// The deadline currently in the timer queue for this peer, and which
+    /// timer it is for. Only peers in WireGuard have timers (the idle check
+    /// included).
+    pub(super) deadline: Option<(Instant, PeerTimer)>,
 }
 
 /// A peer of the full config.
 pub(super) struct Peer {
-    pub(super) generation: u64,
     pub(super) config: PeerConfig,
     pub(super) trimmable: bool,
     pub(super) wg: Option<Box<WgPeer>>,
@@ -56,7 +117,8 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    pub(super) fn timer_deadline(&self) -> Option<Instant> {
+    /// The deadline this peer has in the timer queue, and what it is for.
+    pub(super) fn timer_deadline(&self) -> Option<(Instant, PeerTimer)> {
         self.wg.as_ref().and_then(|wg| wg.deadline)
     }
 
@@ -80,40 +142,30 @@ impl Engine {
     }
 
     /// Hands a peer to WireGuard (a fresh `Tunn`, so no old session survives).
-    pub(super) fn configure_peer(&mut self, now: Instant, slot: usize, woken: Option<WakeReason>) {
+    pub(super) fn configure_peer(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        woken: Option<WakeReason>,
+    ) {
         if self.peers[slot].wg.is_some() {
             return;
         }
         let index = self.allocate_tunnel_index();
         let peer = &mut self.peers[slot];
-        let tunnel = WgTunnel::new(
-            self.clock,
+        let tunnel = self.device.new_tunnel(
             now,
-            self.static_private.clone(),
-            peer.config.public_key.0,
+            &peer.config.public_key,
             peer.config.preshared_key,
             peer.config.persistent_keepalive_secs,
             index,
-            Arc::clone(&self.rate_limiter),
         );
-        let keepalive = peer
-            .config
-            .persistent_keepalive_secs
-            .filter(|&s| s > 0)
-            .map(|s| now + Duration::from_secs(u64::from(s)));
         peer.wg = Some(Box::new(WgPeer {
             tunnel,
             index,
-            last_sent: None,
-            last_received: None,
-            handshake_started: None,
-            last_initiation_sent: None,
-            session_established: None,
-            next_persistent_keepalive: keepalive,
+            timers: SessionTimers::new(now, peer.config.persistent_keepalive_secs),
             queued: 0,
-            expired: false,
             endpoint: peer.config.endpoints.first().copied(),
-            last_handshake_at: None,
             woken_at: None,
             heard_since_wake: false,
             deadline: None,
@@ -134,7 +186,7 @@ impl Engine {
     }
 
     /// Takes a peer out of WireGuard, dropping its `Tunn` and keys.
-    pub(super) fn unconfigure_peer(&mut self, slot: usize, reason: RemoveReason) {
+    pub(super) fn unconfigure_peer(&mut self, slot: PeerSlot, reason: RemoveReason) {
         let peer = &mut self.peers[slot];
         let Some(wg) = peer.wg.take() else { return };
         self.by_index.remove(&wg.index);
@@ -150,7 +202,7 @@ impl Engine {
         self.reschedule_peer(slot);
     }
 
-    pub(super) fn wake_peer(&mut self, now: Instant, slot: usize, reason: WakeReason) {
+    pub(super) fn wake_peer(&mut self, now: Instant, slot: PeerSlot, reason: WakeReason) {
         if self.peers[slot].wg.is_some() {
             return;
         }
@@ -176,7 +228,7 @@ impl Engine {
     /// Runs a peer's due timers: the idle check first (an idle peer leaves
     /// without its timers getting a chance to start a handshake), then
     /// WireGuard's.
-    pub(super) fn peer_timer(&mut self, now: Instant, slot: usize) {
+    pub(super) fn peer_timer(&mut self, now: Instant, slot: PeerSlot) {
         if self.idle_deadline(slot).is_some_and(|d| d <= now) {
             let idle_since = self.peers[slot].last_activity();
             let idle_secs = idle_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
@@ -186,76 +238,58 @@ impl Engine {
             return;
         }
         let peer = &mut self.peers[slot];
-        let keepalive_secs = peer.config.persistent_keepalive_secs.unwrap_or(0).max(1);
+        let keepalive_secs = peer.config.persistent_keepalive_secs.unwrap_or(0);
         if let Some(wg) = peer.wg.as_mut() {
-            if wg.next_persistent_keepalive.is_some_and(|t| t <= now) {
-                wg.next_persistent_keepalive =
-                    Some(now + Duration::from_secs(u64::from(keepalive_secs)));
-            }
-            let mut scratch = std::mem::take(&mut self.scratch);
-            let result = result_owned(wg.tunnel.update_timers(now, &mut scratch));
-            self.scratch = scratch;
-            self.handle_timer_result(now, slot, result);
+            wg.timers.on_timers_run(now, keepalive_secs);
+            let action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);
+            self.handle_timer_action(now, slot, action);
         }
         self.reschedule_peer(slot);
     }
 
-    /// Refreshes boringtun's clock for a peer before an operation and sends
+    /// Refreshes WireGuard's clock for a peer before an operation and sends
     /// whatever its timers wanted.
-    pub(super) fn refresh_peer_timers(&mut self, now: Instant, slot: usize) {
+    pub(super) fn refresh_peer_timers(&mut self, now: Instant, slot: PeerSlot) {
         let Some(wg) = self.peers[slot].wg.as_mut() else {
             return;
         };
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let owned = result_owned(wg.tunnel.refresh(now, &mut scratch));
-        self.scratch = scratch;
-        if !matches!(owned, OwnedTimerResult::Nothing) {
-            self.handle_timer_result(now, slot, owned);
+        let action = wg.tunnel.refresh(now, &mut self.buffers.wg_scratch);
+        if action != TimerAction::Nothing {
+            self.handle_timer_action(now, slot, action);
         }
     }
 
-    pub(super) fn handle_timer_result(
-        &mut self,
-        now: Instant,
-        slot: usize,
-        result: OwnedTimerResult,
-    ) {
-        match result {
-            OwnedTimerResult::Nothing => {}
-            OwnedTimerResult::Send(len) => {
-                let Some(wg) = self.peers[slot].wg.as_mut() else {
-                    return;
-                };
-                let message_type = self.scratch.first().copied();
-                if message_type == Some(1) {
-                    Self::note_initiation(wg, now);
-                    self.counters.handshake_initiations_sent += 1;
-                } else {
-                    wg.last_sent = Some(now);
-                    self.counters.keepalives_sent += 1;
-                }
-                let mut buf = self.buffer();
-                buf.extend_from_slice(&self.scratch[..len]);
+    /// Carries out what WireGuard's timers asked for; the packet, if any, is
+    /// at the start of the WireGuard scratch buffer.
+    fn handle_timer_action(&mut self, now: Instant, slot: PeerSlot, action: TimerAction) {
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        match action {
+            TimerAction::Nothing => {}
+            TimerAction::SendInitiation { len } => {
+                wg.timers.on_initiation_sent(now);
+                self.counters.handshake_initiations_sent += 1;
+                let buf = self.buffers.copy_of_wg_scratch(len);
                 self.transmit_to_peer(slot, buf);
             }
-            OwnedTimerResult::Expired => {
-                let Some(wg) = self.peers[slot].wg.as_mut() else {
-                    return;
-                };
-                if !wg.expired {
-                    wg.expired = true;
+            TimerAction::SendKeepalive { len } => {
+                wg.timers.on_data_sent(now);
+                self.counters.keepalives_sent += 1;
+                let buf = self.buffers.copy_of_wg_scratch(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            TimerAction::Expired => {
+                if wg.timers.on_expired() {
                     self.counters.drop_queue_discarded += wg.queued as u64;
                     wg.queued = 0;
-                    wg.session_established = None;
-                    wg.handshake_started = None;
-                    wg.last_initiation_sent = None;
                     debug!(peer = ?self.peers[slot].config.public_key, "WireGuard connection expired");
                 }
             }
         }
     }
 
-    pub(super) fn idle_deadline(&self, slot: usize) -> Option<Instant> {
+    pub(super) fn idle_deadline(&self, slot: PeerSlot) -> Option<Instant> {
         let peer = &self.peers[slot];
         if !self.trimming || !peer.trimmable || peer.wg.is_none() {
             return None;
@@ -268,70 +302,39 @@ impl Engine {
         )
     }
 
-    /// The next instant boringtun's timers could act for this peer, derived
-    /// from what the engine has seen (boringtun exposes no deadline).
-    ///
-    /// Only the timers that fire on their own in WireGuard are listed:
-    /// handshake retransmission and give-up, passive keepalive, the
-    /// "sent but heard nothing" re-handshake, and persistent keepalive. The
-    /// session-age rules (rekey after 120 s, reject after 180 s) apply "after
-    /// sending" or "after receiving" in the protocol, and every send and
-    /// receive runs boringtun's timers first, so they need no deadline. That
-    /// matters: boringtun would otherwise re-key an idle session at 120 s,
-    /// and that handshake would count as activity and keep idle peers from
-    /// ever being trimmed.
-    pub(super) fn wg_deadline_after(wg: &WgPeer, now: Instant) -> Option<Instant> {
-        if wg.expired {
-            return None;
-        }
-        let candidates = [
-            wg.last_initiation_sent
-                .map(|t| t + crate::limits::REKEY_TIMEOUT),
-            wg.handshake_started
-                .map(|t| t + crate::limits::REKEY_ATTEMPT_TIME),
-            wg.last_sent
-                .map(|t| t + crate::limits::KEEPALIVE_TIMEOUT + crate::limits::REKEY_TIMEOUT),
-            wg.last_received
-                .map(|t| t + crate::limits::KEEPALIVE_TIMEOUT),
-            wg.next_persistent_keepalive,
-        ];
-        candidates.into_iter().flatten().filter(|t| *t > now).min()
-    }
-
     /// Recomputes a peer's deadline and queues it when it moved earlier.
-    pub(super) fn reschedule_peer(&mut self, slot: usize) {
+    pub(super) fn reschedule_peer(&mut self, slot: PeerSlot) {
         let now = self.now;
         let peer = &self.peers[slot];
         // Only deadlines still ahead count: the ones behind have been acted on.
         let wg_deadline = peer
             .wg
             .as_deref()
-            .and_then(|wg| Self::wg_deadline_after(wg, now));
-        let idle = self.idle_deadline(slot);
-        let next = [wg_deadline, idle].into_iter().flatten().min();
+            .and_then(|wg| wg.timers.next_deadline(now));
+        let idle = self.idle_deadline(slot).map(|at| (at, PeerTimer::IdleTrim));
+        let next = match (wg_deadline, idle) {
+            (Some(wg), Some(idle)) if idle.0 < wg.0 => Some(idle),
+            (wg, idle) => wg.or(idle),
+        };
         let peer = &mut self.peers[slot];
-        let generation = peer.generation;
         let Some(wg) = peer.wg.as_mut() else { return };
         match (next, wg.deadline) {
-            (Some(n), Some(current)) if n >= current && current > now => {}
-            (Some(n), _) => {
-                wg.deadline = Some(n);
-                self.timers.push(n, TimerKey::Peer { slot, generation });
+            (Some((n, _)), Some((current, _))) if n >= current && current > now => {}
+            (Some((n, timer)), _) => {
+                wg.deadline = Some((n, timer));
+                self.timers.push(n, TimerKey::Peer(slot));
             }
             (None, _) => wg.deadline = None,
         }
     }
 
     pub(super) fn add_peer(&mut self, now: Instant, cfg: PeerConfig) {
-        let generation = self.next_generation;
-        self.next_generation += 1;
         let key = cfg.public_key;
         let disco = cfg.disco_key;
         let trimmable = cfg.is_trimmable();
         let nets = cfg.allowed_ips.clone();
         let endpoints = cfg.endpoints.clone();
         let slot = self.peers.insert(Peer {
-            generation,
             config: cfg,
             trimmable,
             wg: None,
@@ -358,9 +361,9 @@ impl Engine {
     pub(super) fn update_peer(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         cfg: PeerConfig,
-    ) -> Option<(usize, DiscoPublicKey, DiscoPublicKey)> {
+    ) -> Option<(PeerSlot, DiscoPublicKey, DiscoPublicKey)> {
         let old = std::mem::replace(&mut self.peers[slot].config, cfg);
         let new = &self.peers[slot].config;
         if old.allowed_ips != new.allowed_ips {
@@ -431,9 +434,11 @@ impl Engine {
         flush
     }
 
-    pub(super) fn remove_peer(&mut self, slot: usize) {
+    pub(super) fn remove_peer(&mut self, slot: PeerSlot) {
         self.unconfigure_peer(slot, RemoveReason::RemovedFromConfig);
-        let peer = self.peers.remove(slot);
+        let Some(peer) = self.peers.remove(slot) else {
+            return;
+        };
         self.by_key.remove(&peer.config.public_key);
         if let Some(d) = peer.config.disco_key {
             if self.by_disco.get(&d) == Some(&slot) {
@@ -450,7 +455,7 @@ impl Engine {
 
     pub(super) fn set_trimming(&mut self, now: Instant, on: bool) {
         self.trimming = on;
-        let slots: Vec<usize> = self.by_key.values().copied().collect();
+        let slots: Vec<PeerSlot> = self.by_key.values().copied().collect();
         for slot in slots {
             if on {
                 self.reschedule_peer(slot);
@@ -458,22 +463,5 @@ impl Engine {
                 self.configure_peer(now, slot, None);
             }
         }
-    }
-}
-
-/// A timer result detached from the scratch buffer's borrow.
-pub(super) enum OwnedTimerResult {
-    Nothing,
-    /// This many bytes at the start of the scratch buffer must be sent.
-    Send(usize),
-    Expired,
-}
-
-pub(super) fn result_owned(result: TimerResult<'_>) -> OwnedTimerResult {
-    match result {
-        TimerResult::Nothing => OwnedTimerResult::Nothing,
-        TimerResult::Send(packet) => OwnedTimerResult::Send(packet.len()),
-        TimerResult::Error(WireGuardError::ConnectionExpired) => OwnedTimerResult::Expired,
-        TimerResult::Error(_) => OwnedTimerResult::Nothing,
     }
 }

@@ -1,5 +1,6 @@
 //! Pings: TSMP, ICMP and disco pings, and finding the peer for an address.
 
+use super::peers::PeerSlot;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -10,7 +11,6 @@ use super::Engine;
 use super::pending::MatchKey;
 use super::timer::TimerKey;
 use crate::api::*;
-use crate::keys::NodePublicKey;
 use crate::limits::*;
 use crate::wire;
 
@@ -32,15 +32,7 @@ impl Engine {
             .find(|a| a.is_ipv4() == target.is_ipv4())
     }
 
-    /// Finds the peer for a ping target, like the reference: an exact
-    /// single-IP match first, then our own addresses, then the longest prefix
-    /// over the full config (trimmed peers included).
-    pub fn peer_for_ip(&self, ip: IpAddr) -> Result<NodePublicKey, PeerForIpError> {
-        self.peer_slot_for_ip(ip)
-            .map(|slot| self.peers[slot].config.public_key)
-    }
-
-    pub(super) fn peer_slot_for_ip(&self, ip: IpAddr) -> Result<usize, PeerForIpError> {
+    pub(super) fn peer_slot_for_ip(&self, ip: IpAddr) -> Result<PeerSlot, PeerForIpError> {
         if let Some(&slot) = self.routes.get_exact(&IpNet::from(ip)) {
             return Ok(slot);
         }
@@ -99,12 +91,12 @@ impl Engine {
                 self.rng.fill_bytes(&mut data);
                 let id = self.pings.insert(now, request, MatchKey::Tsmp(data), info);
                 self.timers.push(now + PING_TIMEOUT, TimerKey::Ping(id));
-                let mut out = std::mem::take(&mut self.scratch2);
+                let mut out = self.buffers.empty();
                 let message = wire::tsmp::TsmpMessage::Ping { data };
                 if message.emit_packet(src, request.ip, &mut out).is_ok() {
                     self.send_to_peer(now, slot, &out);
                 }
-                self.scratch2 = out;
+                self.buffers.recycle(out);
             }
             PingKind::Icmp => {
                 let key = self.unused_icmp_key();
@@ -112,7 +104,7 @@ impl Engine {
                 let id = self.pings.insert(now, request, MatchKey::Icmp(key), info);
                 self.timers.push(now + PING_TIMEOUT, TimerKey::Ping(id));
                 let payload = vec![0u8; request.size.min(1400)];
-                let mut out = std::mem::take(&mut self.scratch2);
+                let mut out = self.buffers.empty();
                 if wire::icmp::emit_echo(
                     src,
                     request.ip,
@@ -126,7 +118,7 @@ impl Engine {
                 {
                     self.send_to_peer(now, slot, &out);
                 }
-                self.scratch2 = out;
+                self.buffers.recycle(out);
             }
             PingKind::Disco => {
                 if self.peers[slot].config.disco_key.is_none() {
@@ -159,7 +151,7 @@ impl Engine {
         &mut self,
         now: Instant,
         key: MatchKey,
-        slot: usize,
+        slot: PeerSlot,
         endpoint: Option<SocketAddr>,
         peerapi_port: Option<u16>,
     ) -> bool {

@@ -1,6 +1,7 @@
 //! Reconfig: the full desired state and peer deltas against the running state.
 
-use std::collections::BTreeMap;
+use super::peers::PeerSlot;
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use ipnet::IpNet;
@@ -9,11 +10,12 @@ use tracing::warn;
 use super::Engine;
 use crate::api::*;
 use crate::config::{DnsConfig, Knobs, PeerConfig, Reconfig, ReconfigError, RouterConfig};
+use crate::config::{PeerDelta, RunningPeers, check_peer_batch};
 use crate::keys::{DiscoPublicKey, NodePublicKey};
 
 /// The parts of the last accepted reconfig the engine keeps.
 #[derive(Default)]
-pub(super) struct Applied {
+pub(super) struct RunningConfig {
     pub(super) have_config: bool,
     pub(super) listen_port: u16,
     pub(super) router: RouterConfig,
@@ -25,19 +27,18 @@ pub(super) struct Applied {
 }
 
 impl Engine {
-    /// Applies a full desired state. See [`Input::Reconfig`].
+    /// Applies a full desired state ([`Input::Reconfig`]).
     ///
     /// When the peer list has the same length as the last one, it is first
     /// compared position by position with what the engine holds; if only a
     /// few peers differ, only those are validated and applied (the cost is
     /// one comparison per peer, no copies). Otherwise the whole config is
     /// validated and diffed by key.
-    pub fn reconfig(
+    pub(super) fn apply_reconfig(
         &mut self,
         now: Instant,
         reconfig: &Reconfig,
     ) -> Result<ReconfigOutcome, ReconfigError> {
-        self.advance(now);
         let result = match self.reconfig_by_position(now, reconfig) {
             Some(result) => result,
             None => self.reconfig_full(now, reconfig),
@@ -78,11 +79,11 @@ impl Engine {
         }
         let mut changes = ReconfigChanges::default();
         if !changed_positions.is_empty() {
-            let old_slots: std::collections::BTreeSet<usize> = changed_positions
+            let old_slots: BTreeSet<PeerSlot> = changed_positions
                 .iter()
                 .map(|&i| self.peer_order[i])
                 .collect();
-            let new_keys: std::collections::BTreeSet<NodePublicKey> = changed_positions
+            let new_keys: BTreeSet<NodePublicKey> = changed_positions
                 .iter()
                 .map(|&i| wg.peers[i].public_key)
                 .collect();
@@ -147,9 +148,9 @@ impl Engine {
         }
         if matched != old_count {
             // Something was removed: find what, with one pass over the new keys.
-            let seen: std::collections::BTreeSet<NodePublicKey> =
+            let seen: BTreeSet<NodePublicKey> =
                 valid.wireguard.peers.iter().map(|p| p.public_key).collect();
-            let gone: Vec<usize> = self
+            let gone: Vec<PeerSlot> = self
                 .by_key
                 .iter()
                 .filter(|(k, _)| !seen.contains(*k))
@@ -183,7 +184,7 @@ impl Engine {
     pub(super) fn finish_flushes(
         &mut self,
         now: Instant,
-        flushes: Vec<(usize, DiscoPublicKey, DiscoPublicKey)>,
+        flushes: Vec<(PeerSlot, DiscoPublicKey, DiscoPublicKey)>,
     ) {
         self.last_flush_count = flushes.len();
         for (slot, old_disco, new_disco) in flushes {
@@ -298,7 +299,7 @@ impl Engine {
             .config
             .trim_override
             .unwrap_or(!knobs.keep_full_wg_config);
-        self.applied = Applied {
+        self.applied = RunningConfig {
             have_config: true,
             listen_port,
             router: router.clone(),
@@ -314,15 +315,12 @@ impl Engine {
         ReconfigOutcome::Applied(changes)
     }
 
-    /// Applies a change to some peers without resending the whole netmap: the
-    /// cost is proportional to the change, not to the number of peers.
-    /// Returns how many peers changed.
-    pub fn apply_peer_delta(
+    /// Applies a peer delta ([`Input::PeerDelta`]) against the running state.
+    pub(super) fn apply_delta(
         &mut self,
         now: Instant,
         delta: &PeerDelta,
-    ) -> Result<usize, ReconfigError> {
-        self.advance(now);
+    ) -> Result<ReconfigOutcome, ReconfigError> {
         let peers_before = self.peers.len();
         let changed = self.apply_peers(now, delta.upsert.clone(), &delta.remove, None)?;
         if !delta.remove.is_empty() || self.peers.len() != peers_before {
@@ -330,7 +328,15 @@ impl Engine {
             // takes the keyed path and records the order again.
             self.peer_order.clear();
         }
-        Ok(changed)
+        if changed == 0 {
+            return Ok(ReconfigOutcome::NoChanges);
+        }
+        Ok(ReconfigOutcome::Applied(ReconfigChanges {
+            wireguard: true,
+            peers_changed: changed,
+            sessions_flushed: self.last_flush_count,
+            ..ReconfigChanges::default()
+        }))
     }
 
     /// Validates and applies upserts and removals against the running state.
@@ -341,72 +347,20 @@ impl Engine {
         now: Instant,
         upsert: Vec<PeerConfig>,
         remove: &[NodePublicKey],
-        replaced: Option<&std::collections::BTreeSet<usize>>,
+        replaced: Option<&BTreeSet<PeerSlot>>,
     ) -> Result<usize, ReconfigError> {
-        let mut normalized = Vec::with_capacity(upsert.len());
-        let mut seen = std::collections::BTreeSet::new();
-        let local_addrs = &self.applied.router.local_addrs;
-        for mut cfg in upsert {
-            if cfg.public_key == self.node_key {
-                return Err(ReconfigError::SelfAsPeer(cfg.public_key));
-            }
-            if !seen.insert(cfg.public_key) {
-                return Err(ReconfigError::DuplicatePeer(cfg.public_key));
-            }
-            if let (Some(replaced), Some(slot)) = (replaced, self.by_key.get(&cfg.public_key)) {
-                if !replaced.contains(slot) {
-                    return Err(ReconfigError::DuplicatePeer(cfg.public_key));
-                }
-            }
-            crate::config::normalize_peer(&mut cfg, local_addrs)?;
-            normalized.push(cfg);
-        }
-        // Disco keys: unique within the batch, and not held by a peer that
-        // stays outside it.
-        let mut batch_disco = std::collections::BTreeSet::new();
-        for cfg in &normalized {
-            let Some(disco) = cfg.disco_key else { continue };
-            let held_elsewhere = self.by_disco.get(&disco).is_some_and(|&owner| {
-                let owner_key = self.peers[owner].config.public_key;
-                owner_key != cfg.public_key
-                    && !remove.contains(&owner_key)
-                    && !seen.contains(&owner_key)
-            });
-            if !batch_disco.insert(disco) || held_elsewhere {
-                return Err(ReconfigError::DuplicateDiscoKey(disco));
-            }
-        }
-        // Single-IP claims: unique within the batch, and not held by a peer
-        // that stays outside it.
-        let mut claims: BTreeMap<IpNet, NodePublicKey> = BTreeMap::new();
-        for cfg in &normalized {
-            for net in cfg
-                .allowed_ips
-                .iter()
-                .filter(|n| n.prefix_len() == n.max_prefix_len())
-            {
-                if let Some(first) = claims.insert(*net, cfg.public_key) {
-                    return Err(ReconfigError::OverlappingAllowedIp {
-                        addr: *net,
-                        first,
-                        second: cfg.public_key,
-                    });
-                }
-                if let Some(&owner) = self.routes.get_exact(net) {
-                    let owner_key = self.peers[owner].config.public_key;
-                    let released = owner_key == cfg.public_key
-                        || remove.contains(&owner_key)
-                        || seen.contains(&owner_key);
-                    if !released {
-                        return Err(ReconfigError::OverlappingAllowedIp {
-                            addr: *net,
-                            first: owner_key,
-                            second: cfg.public_key,
-                        });
-                    }
-                }
-            }
-        }
+        let mut normalized = upsert;
+        let running = RunningView {
+            engine: self,
+            replaced,
+        };
+        check_peer_batch(
+            &mut normalized,
+            &self.node_key,
+            &self.applied.router.local_addrs,
+            Some(&running),
+            remove,
+        )?;
         let mut changed = 0;
         for key in remove {
             if let Some(&slot) = self.by_key.get(key) {
@@ -435,13 +389,30 @@ impl Engine {
     }
 }
 
-/// A change to part of the peer list (see [`Engine::apply_peer_delta`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerDelta {
-    /// Peers to add or replace.
-    pub upsert: Vec<PeerConfig>,
-    /// Peers to remove.
-    pub remove: Vec<NodePublicKey>,
+/// The engine's peers as the peer-set rules see them.
+struct RunningView<'a> {
+    engine: &'a Engine,
+    /// The slots a reconfig's changed positions replace, if that is the batch.
+    replaced: Option<&'a BTreeSet<PeerSlot>>,
+}
+
+impl RunningPeers for RunningView<'_> {
+    fn stays_outside_batch(&self, key: &NodePublicKey) -> bool {
+        match (self.replaced, self.engine.by_key.get(key)) {
+            (Some(replaced), Some(slot)) => !replaced.contains(slot),
+            (None, _) | (_, None) => false,
+        }
+    }
+
+    fn disco_owner(&self, disco: &DiscoPublicKey) -> Option<NodePublicKey> {
+        let slot = *self.engine.by_disco.get(disco)?;
+        Some(self.engine.peers[slot].config.public_key)
+    }
+
+    fn single_ip_owner(&self, net: &IpNet) -> Option<NodePublicKey> {
+        let slot = *self.engine.routes.get_exact(net)?;
+        Some(self.engine.peers[slot].config.public_key)
+    }
 }
 
 pub(super) fn overlaps(a: &[IpNet], b: &[IpNet]) -> bool {
