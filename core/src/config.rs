@@ -401,3 +401,128 @@ pub(crate) fn check_peer_batch(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running set: who holds which disco key and which single address.
+    #[derive(Default)]
+    struct Running {
+        disco: BTreeMap<DiscoPublicKey, NodePublicKey>,
+        addresses: BTreeMap<IpNet, NodePublicKey>,
+        outside: BTreeSet<NodePublicKey>,
+    }
+
+    impl RunningPeers for Running {
+        fn stays_outside_batch(&self, key: &NodePublicKey) -> bool {
+            self.outside.contains(key)
+        }
+        fn disco_owner(&self, disco: &DiscoPublicKey) -> Option<NodePublicKey> {
+            self.disco.get(disco).copied()
+        }
+        fn single_ip_owner(&self, net: &IpNet) -> Option<NodePublicKey> {
+            self.addresses.get(net).copied()
+        }
+    }
+
+    fn peer(key: u8, disco: Option<u8>, address: &str) -> PeerConfig {
+        PeerConfig {
+            disco_key: disco.map(|d| DiscoPublicKey([d; 32])),
+            ..PeerConfig::new(NodePublicKey([key; 32]), vec![address.parse().unwrap()])
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_over_only_what_a_leaving_or_replaced_peer_held() {
+        let me = NodePublicKey([9; 32]);
+        let a = NodePublicKey([1; 32]);
+        let b = NodePublicKey([2; 32]);
+        let mut running = Running::default();
+        running.disco.insert(DiscoPublicKey([11; 32]), a);
+        let a_addr: IpNet = "100.64.0.1/32".parse().unwrap();
+        running.addresses.insert(a_addr, a);
+
+        // b takes a's disco key while a stays: refused.
+        let mut batch = vec![peer(2, Some(11), "100.64.0.2/32")];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Err(ReconfigError::DuplicateDiscoKey(DiscoPublicKey([11; 32])))
+        );
+        // ... accepted when a leaves, or when a is in the batch with a new key.
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[a]),
+            Ok(())
+        );
+        let mut batch = vec![
+            peer(2, Some(11), "100.64.0.2/32"),
+            peer(1, Some(12), "100.64.0.1/32"),
+        ];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Ok(())
+        );
+
+        // b claims a's address while a stays: a is named as the first owner.
+        let mut batch = vec![peer(2, None, "100.64.0.1/32")];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Err(ReconfigError::OverlappingAllowedIp {
+                addr: a_addr,
+                first: a,
+                second: b
+            })
+        );
+        // Without a running set (a full reconfig) only the batch counts.
+        assert_eq!(check_peer_batch(&mut batch, &me, &[], None, &[]), Ok(()));
+
+        // A key that stays outside the batch cannot be listed in it.
+        running.outside.insert(b);
+        let mut batch = vec![peer(2, None, "100.64.0.2/32")];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Err(ReconfigError::DuplicatePeer(b))
+        );
+    }
+
+    #[test]
+    fn validate_normalises_and_refuses_by_the_same_rules() {
+        let me = NodePublicKey([9; 32]);
+        let mut reconfig = Reconfig {
+            wireguard: Some(WgConfig {
+                listen_port: 41641,
+                peers: vec![PeerConfig::new(
+                    NodePublicKey([1; 32]),
+                    vec![
+                        "10.1.2.3/16".parse().unwrap(),
+                        "100.64.0.1/32".parse().unwrap(),
+                    ],
+                )],
+            }),
+            router: Some(RouterConfig::default()),
+            dns: Some(DnsConfig::default()),
+            ..Reconfig::default()
+        };
+        let valid = reconfig.validate(&me).unwrap();
+        assert_eq!(
+            valid.wireguard.peers[0].allowed_ips,
+            vec![
+                "10.1.0.0/16".parse::<IpNet>().unwrap(),
+                "100.64.0.1/32".parse().unwrap()
+            ],
+            "masked to the prefix and sorted"
+        );
+        reconfig
+            .wireguard
+            .as_mut()
+            .unwrap()
+            .peers
+            .push(PeerConfig::new(me, vec![]));
+        assert_eq!(reconfig.validate(&me), Err(ReconfigError::SelfAsPeer(me)));
+        reconfig.dns = None;
+        assert_eq!(
+            reconfig.validate(&me),
+            Err(ReconfigError::MissingPart("dns"))
+        );
+    }
+}

@@ -101,7 +101,9 @@ macro_rules! private_key_type {
 
             /// The matching public key.
             pub fn public_key(&self) -> $public {
-                $public(crate::engine::x25519_public_key(&self.0))
+                // X25519 with the clamped secret, as WireGuard and disco
+                // both use it (crypto_box is the disco box's crate).
+                $public(crypto_box::SecretKey::from_bytes(self.0).public_key().to_bytes())
             }
         }
 

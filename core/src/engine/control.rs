@@ -1,11 +1,11 @@
 //! Link changes, status snapshots, packet capture and close.
 
-use super::peers::PeerSlot;
 use std::time::Instant;
 
 use tracing::info;
 
 use super::Engine;
+use super::slot::PeerSlot;
 use crate::api::*;
 use crate::config::{DnsConfig, RouterConfig};
 

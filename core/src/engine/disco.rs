@@ -18,13 +18,13 @@
 //! if no pong arrives within the ping timeout, the best path is dropped and
 //! WireGuard falls back to the last address the peer was heard from.
 
-use super::peers::PeerSlot;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
 
+use super::slot::PeerSlot;
 use crate::keys::DiscoPublicKey;
 use crate::wire::disco::{DiscoError, DiscoMessage, DiscoShared};
 

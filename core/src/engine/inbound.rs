@@ -1,6 +1,5 @@
 //! Inbound: a datagram from the network, through WireGuard (or disco), to the TUN.
 
-use super::peers::PeerSlot;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -10,6 +9,7 @@ use tracing::{debug, trace};
 use super::Engine;
 use super::disco::DiscoAction;
 use super::pending::MatchKey;
+use super::slot::PeerSlot;
 use super::timer::{EngineTimer, TimerKey};
 use super::wg::{Arrival, ArrivalDrop, Decapsulated, MIN_BUFFER, QueuedSend, WgError};
 use crate::api::*;

@@ -10,6 +10,7 @@ mod peers;
 mod pending;
 mod pings;
 mod reconfig;
+mod slot;
 mod timer;
 mod wg;
 
@@ -28,14 +29,14 @@ use crate::keys::{DiscoPublicKey, NodePublicKey};
 use crate::routing::PrefixTable;
 use buffers::Buffers;
 use disco::DiscoState;
-use peers::{PeerSlot, PeerTable};
+use peers::PeerTable;
 use pending::{PendingOpens, PendingPings};
 use reconfig::RunningConfig;
+use slot::PeerSlot;
 use timer::{EngineTimer, TimerKey, TimerQueue};
 use wg::WgDevice;
 
 pub use timer::{PeerTimer, TimeoutReason};
-pub(crate) use wg::x25519_public_key;
 
 pub use pings::PeerForIpError;
 

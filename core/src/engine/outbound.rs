@@ -1,12 +1,12 @@
 //! Outbound: a packet from the TUN, through WireGuard, to the network.
 
-use super::peers::PeerSlot;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use tracing::trace;
 
 use super::Engine;
+use super::slot::PeerSlot;
 use super::wg::{DATA_OVERHEAD, Encapsulated, MIN_BUFFER};
 use crate::api::*;
 use crate::limits::*;

@@ -5,9 +5,8 @@ use std::time::Instant;
 
 use tracing::{debug, info};
 
-use slab::Slab;
-
 use super::Engine;
+use super::slot::{PeerSlot, SlotTable};
 use super::timer::TimerKey;
 use super::timer::{PeerTimer, SessionTimers};
 use super::wg::{TimerAction, WgTunnel};
@@ -16,72 +15,8 @@ use crate::config::PeerConfig;
 use crate::keys::DiscoPublicKey;
 use crate::limits::*;
 
-/// Where a peer lives in the engine's peer table, and which peer it is.
-///
-/// A slot is reused after its peer leaves; the generation tells the new peer
-/// from the old one, so an entry that outlived its peer (a timer) is
-/// recognised as stale instead of acting on a stranger. Ordered by position
-/// first, so tables keyed by slot iterate in a stable order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct PeerSlot {
-    index: usize,
-    generation: u64,
-}
-
 /// Every peer of the full config, by slot.
-#[derive(Default)]
-pub(super) struct PeerTable {
-    slab: Slab<(u64, Peer)>,
-    next_generation: u64,
-}
-
-impl PeerTable {
-    /// Stores a new peer in a free slot, under a generation never used before.
-    pub(super) fn insert(&mut self, peer: Peer) -> PeerSlot {
-        self.next_generation += 1;
-        let generation = self.next_generation;
-        let index = self.slab.insert((generation, peer));
-        PeerSlot { index, generation }
-    }
-
-    /// Removes the peer in `slot`; `None` if the slot holds another peer (or none).
-    pub(super) fn remove(&mut self, slot: PeerSlot) -> Option<Peer> {
-        self.get(slot)?;
-        Some(self.slab.remove(slot.index).1)
-    }
-
-    /// The peer in `slot`, if it is still the one the slot was handed out for.
-    pub(super) fn get(&self, slot: PeerSlot) -> Option<&Peer> {
-        match self.slab.get(slot.index) {
-            Some((generation, peer)) if *generation == slot.generation => Some(peer),
-            Some(_) | None => None,
-        }
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.slab.len()
-    }
-
-    pub(super) fn reserve_exact(&mut self, additional: usize) {
-        self.slab.reserve_exact(additional);
-    }
-}
-
-/// Indexing is for slots the engine holds in its own maps, which it removes
-/// together with the peer: those always name the current peer.
-impl std::ops::Index<PeerSlot> for PeerTable {
-    type Output = Peer;
-
-    fn index(&self, slot: PeerSlot) -> &Peer {
-        &self.slab[slot.index].1
-    }
-}
-
-impl std::ops::IndexMut<PeerSlot> for PeerTable {
-    fn index_mut(&mut self, slot: PeerSlot) -> &mut Peer {
-        &mut self.slab[slot.index].1
-    }
-}
+pub(super) type PeerTable = SlotTable<Peer>;
 
 /// The WireGuard part of a configured peer.
 pub(super) struct WgPeer {

@@ -4,11 +4,11 @@
 //! are bounded: a ping ends exactly once (answer, timeout or close) and then
 //! leaves every table; an open leaves when answered or diagnosed.
 
-use super::peers::PeerSlot;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use super::slot::PeerSlot;
 use crate::api::{PingId, PingOutcome, PingRequest, PingResult};
 use crate::keys::NodePublicKey;
 use crate::limits::{MAX_PENDING_OPENS, PENDING_OPEN_TIMEOUT, PING_TIMEOUT};

@@ -1,6 +1,5 @@
 //! Pings: TSMP, ICMP and disco pings, and finding the peer for an address.
 
-use super::peers::PeerSlot;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -9,6 +8,7 @@ use rand_core::RngCore;
 
 use super::Engine;
 use super::pending::MatchKey;
+use super::slot::PeerSlot;
 use super::timer::TimerKey;
 use crate::api::*;
 use crate::limits::*;

@@ -1,6 +1,5 @@
 //! Reconfig: the full desired state and peer deltas against the running state.
 
-use super::peers::PeerSlot;
 use std::collections::BTreeSet;
 use std::time::Instant;
 
@@ -8,6 +7,7 @@ use ipnet::IpNet;
 use tracing::warn;
 
 use super::Engine;
+use super::slot::PeerSlot;
 use crate::api::*;
 use crate::config::{DnsConfig, Knobs, PeerConfig, Reconfig, ReconfigError, RouterConfig};
 use crate::config::{PeerDelta, RunningPeers, check_peer_batch};

@@ -8,11 +8,11 @@
 //! early entry fires, the owner recomputes and pushes the next); rescheduling
 //! earlier pushes one entry. Every operation is `O(log n)`.
 
-use super::peers::PeerSlot;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
+use super::slot::PeerSlot;
 use crate::api::PingId;
 use crate::keys::NodePublicKey;
 use crate::limits::{KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT};
@@ -273,4 +273,114 @@ pub enum TimeoutReason {
     PendingOpens,
     /// Disco path maintenance (heartbeats, trust expiry).
     Disco,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch() -> Instant {
+        // Tests own the clock; this reading only fixes an epoch.
+        #[allow(clippy::disallowed_methods)]
+        Instant::now()
+    }
+
+    #[test]
+    fn hooks_drive_the_next_deadline() {
+        let t0 = epoch();
+        let mut timers = SessionTimers::new(t0, None);
+        assert_eq!(
+            timers.next_deadline(t0),
+            None,
+            "a fresh tunnel has no timer"
+        );
+
+        timers.on_initiation_sent(t0);
+        assert_eq!(
+            timers.next_deadline(t0),
+            Some((t0 + REKEY_TIMEOUT, PeerTimer::HandshakeRetry))
+        );
+
+        let t1 = t0 + Duration::from_millis(100);
+        timers.on_authenticated_received(t1);
+        timers.on_session_established(t1);
+        assert!(timers.has_session());
+        assert_eq!(timers.last_handshake(), Some(t1));
+        // Retry and give-up are gone; the passive keepalive (t1 + 10 s) comes
+        // before the no-reply re-handshake (t0 + 15 s).
+        assert_eq!(
+            timers.next_deadline(t1),
+            Some((t1 + KEEPALIVE_TIMEOUT, PeerTimer::PassiveKeepalive))
+        );
+        // Deadlines at or before `now` were acted on and are skipped.
+        assert_eq!(
+            timers.next_deadline(t1 + KEEPALIVE_TIMEOUT),
+            Some((
+                t0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
+                PeerTimer::NoReplyRehandshake
+            ))
+        );
+
+        assert!(timers.on_expired());
+        assert!(!timers.on_expired(), "expiry is reported once");
+        assert!(!timers.has_session());
+        assert_eq!(timers.last_handshake(), Some(t1), "kept for status");
+        assert_eq!(timers.next_deadline(t1), None, "nothing runs while expired");
+
+        timers.on_outbound_packet();
+        assert_eq!(
+            timers.next_deadline(t1),
+            Some((t1 + KEEPALIVE_TIMEOUT, PeerTimer::PassiveKeepalive))
+        );
+        timers.on_data_sent(t1);
+        assert_eq!(
+            timers.next_deadline(t1 + KEEPALIVE_TIMEOUT),
+            Some((
+                t1 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
+                PeerTimer::NoReplyRehandshake
+            ))
+        );
+    }
+
+    #[test]
+    fn persistent_keepalive_moves_on_only_when_due() {
+        let t0 = epoch();
+        let interval = Duration::from_secs(25);
+        let mut timers = SessionTimers::new(t0, Some(25));
+        assert_eq!(
+            timers.next_deadline(t0),
+            Some((t0 + interval, PeerTimer::PersistentKeepalive))
+        );
+        timers.on_timers_run(t0 + Duration::from_secs(24), 25);
+        assert_eq!(
+            timers.next_deadline(t0),
+            Some((t0 + interval, PeerTimer::PersistentKeepalive))
+        );
+        timers.on_timers_run(t0 + interval, 25);
+        assert_eq!(
+            timers.next_deadline(t0 + interval),
+            Some((t0 + 2 * interval, PeerTimer::PersistentKeepalive))
+        );
+        // Zero means off.
+        assert_eq!(SessionTimers::new(t0, Some(0)).next_deadline(t0), None);
+    }
+
+    #[test]
+    fn the_queue_hands_out_entries_in_time_order() {
+        let t0 = epoch();
+        let mut queue = TimerQueue::default();
+        queue.push(t0 + Duration::from_secs(2), TimerKey::Ping(2));
+        queue.push(t0 + Duration::from_secs(1), TimerKey::Ping(1));
+        assert_eq!(
+            queue.peek(),
+            Some((t0 + Duration::from_secs(1), TimerKey::Ping(1)))
+        );
+        assert_eq!(queue.pop_due(t0), None, "nothing is due yet");
+        assert_eq!(
+            queue.pop_due(t0 + Duration::from_secs(1)),
+            Some((t0 + Duration::from_secs(1), TimerKey::Ping(1)))
+        );
+        queue.pop();
+        assert_eq!(queue.len(), 0);
+    }
 }

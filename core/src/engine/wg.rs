@@ -48,12 +48,6 @@ const MESSAGE_DATA: u8 = 4;
 /// How often the handshake rate limiter's counts start over.
 const RATE_LIMIT_WINDOW: Duration = Duration::from_secs(1);
 
-/// The X25519 public key of a private key (node and disco keys alike).
-pub(crate) fn x25519_public_key(private: &[u8; 32]) -> [u8; 32] {
-    let secret = x25519::StaticSecret::from(*private);
-    x25519::PublicKey::from(&secret).to_bytes()
-}
-
 /// The engine's clock as seen by boringtun: elapsed time since a fixed epoch.
 #[derive(Debug, Clone, Copy)]
 struct WgClock {
@@ -440,5 +434,53 @@ fn timer_action(result: TunnResult<'_>) -> TimerAction {
         | TunnResult::Done
         | TunnResult::WriteToTunnelV4(..)
         | TunnResult::WriteToTunnelV6(..) => TimerAction::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `keys.rs` derives public keys with the disco box's X25519; WireGuard
+    /// must see the same key for the same secret, or no handshake completes.
+    #[test]
+    fn public_keys_agree_with_the_wireguard_implementation() {
+        for seed in 0u8..64 {
+            let mut bytes = [0u8; 32];
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = seed
+                    .wrapping_mul(31)
+                    .wrapping_add((i as u8).wrapping_mul(7));
+            }
+            let ours = NodePrivateKey::from_bytes(bytes).public_key();
+            let theirs = x25519::PublicKey::from(&x25519::StaticSecret::from(bytes));
+            assert_eq!(ours.0, theirs.to_bytes(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn datagrams_are_classified_without_touching_a_tunnel() {
+        // The harness owns the clock; this reading only fixes an epoch.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let mut device = WgDevice::new(&NodePrivateKey::from_bytes([7; 32]), now);
+        let from: SocketAddr = "192.0.2.1:41641".parse().unwrap();
+        assert_eq!(
+            device.classify(now, from, b"hello"),
+            Arrival::Dropped(ArrivalDrop::NotWireGuard)
+        );
+        // A data message type with a wrong length.
+        assert_eq!(
+            device.classify(now, from, &[4, 0, 0, 0, 1, 2]),
+            Arrival::Dropped(ArrivalDrop::BadSize)
+        );
+        // A well-formed data message names the tunnel in its index's upper bits.
+        let mut data = vec![0u8; 32];
+        data[0] = MESSAGE_DATA;
+        data[4..8].copy_from_slice(&((0x00ab_cdef_u32 << 8) | 3).to_le_bytes());
+        assert_eq!(
+            device.classify(now, from, &data),
+            Arrival::ForTunnel { index: 0x00ab_cdef }
+        );
     }
 }
