@@ -5,7 +5,8 @@
 //! Shared (by `#[path]`) by the `engine` fuzz target and by
 //! `core/tests/fuzz_corpus_replay.rs`, which replays the committed corpus
 //! through exactly this code under `cargo test`. It depends on nothing but
-//! `std`, `ipnet` and `wgmesh-core`.
+//! `std`, `ipnet` and `wgmesh-core` (with its `test-support` feature, whose
+//! `node_reconfig` builds the nodes' reconfigs as the core's own tests do).
 //!
 //! Nodes 0 and 1 know each other from the start; node 2 is an outsider that
 //! knows both but is known by nobody until a reconfig operation adds it.
@@ -205,30 +206,11 @@ impl World {
 
     fn reconfig_for(&self, i: usize) -> Reconfig {
         let me = &self.nodes[i];
-        Reconfig {
-            wireguard: Some(WgConfig {
-                listen_port: 41641,
-                peers: (0..NODES)
-                    .filter(|&j| j != i && me.knows[j])
-                    .map(|j| self.peer_config(j))
-                    .collect(),
-            }),
-            router: Some(RouterConfig {
-                local_addrs: vec![IpNet::from(me.ip4), IpNet::from(me.ip6)],
-                routes: vec![
-                    "100.64.0.0/10".parse().unwrap(),
-                    "fd7a:115c:a1e0::/48".parse().unwrap(),
-                ],
-                advertised_routes: vec![],
-                mtu: 1280,
-            }),
-            dns: Some(DnsConfig {
-                nameservers: vec![IpAddr::from([100, 100, 100, 100])],
-                search_domains: vec!["example.ts.net".into()],
-            }),
-            knobs: me.knobs.clone(),
-            primary_routes: vec![],
-        }
+        let peers = (0..NODES)
+            .filter(|&j| j != i && me.knows[j])
+            .map(|j| self.peer_config(j))
+            .collect();
+        test_support::node_reconfig(me.ip4, me.ip6, peers, me.knobs.clone())
     }
 
     /// Pushes node `i` its current (valid) full config.

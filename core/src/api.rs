@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::config::{DnsConfig, Reconfig, RouterConfig};
+use crate::config::{DnsConfig, PeerDelta, Reconfig, RouterConfig};
 use crate::keys::{DiscoPublicKey, NodePublicKey};
 
 /// One thing that happened outside the engine.
@@ -24,6 +24,11 @@ pub enum Input<'a> {
     },
     /// The full desired state from the control plane.
     Reconfig(Box<Reconfig>),
+    /// A change to part of the peer list, checked against the running peers
+    /// by the same rules as a full reconfig. Answered with
+    /// [`InputOutcome::Reconfig`]: `NoChanges`, or `Applied` with
+    /// `wireguard`, `peers_changed` and `sessions_flushed` set.
+    PeerDelta(&'a PeerDelta),
     /// The network changed under the node.
     LinkChange(LinkChange),
     /// Start a ping.

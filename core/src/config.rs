@@ -6,7 +6,7 @@
 //! diffs every part against the previous one, so pushing the same state twice
 //! costs little and reports [`crate::ReconfigOutcome::NoChanges`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -211,6 +211,9 @@ pub enum ReconfigError {
     /// The MTU is outside 576..=65535 (or below 1280 with IPv6 addresses).
     #[error("mtu {0} is out of range")]
     BadMtu(u16),
+    /// The engine is closed and takes no more changes.
+    #[error("engine is closed")]
+    EngineClosed,
 }
 
 /// Refuses a prefix of a family the node has no local address for (no check
@@ -238,37 +241,49 @@ pub(crate) fn check_family(
     })
 }
 
-/// Masks a peer's AllowedIPs to their prefixes, sorts and dedups them, and
-/// checks their family.
-pub(crate) fn normalize_peer(
-    peer: &mut PeerConfig,
-    local_addrs: &[IpNet],
-) -> Result<(), ReconfigError> {
-    for net in &mut peer.allowed_ips {
-        *net = net.trunc();
-        check_family(local_addrs, "allowed IP", net)?;
-    }
-    peer.allowed_ips.sort();
-    peer.allowed_ips.dedup();
-    Ok(())
-}
-
-/// The validated, normalised form of a reconfig, in the shapes the engine keeps.
-pub(crate) struct ValidReconfig {
+/// The validated, normalised form of a reconfig, in the shapes the engine
+/// keeps: every part present, AllowedIPs masked to their prefix, sorted and
+/// deduplicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidReconfig {
+    /// The WireGuard part.
     pub wireguard: WgConfig,
+    /// The router part.
     pub router: RouterConfig,
+    /// The DNS part.
     pub dns: DnsConfig,
+    /// The knobs.
     pub knobs: Knobs,
+    /// The subnet routes this node is the primary router for.
     pub primary_routes: Vec<IpNet>,
 }
 
+/// A change to part of the peer list, applied against the running state
+/// with [`crate::Input::PeerDelta`]: its cost is proportional to the change,
+/// not to the number of peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerDelta {
+    /// Peers to add or replace.
+    pub upsert: Vec<PeerConfig>,
+    /// Peers to remove.
+    pub remove: Vec<NodePublicKey>,
+}
+
 impl Reconfig {
-    /// Checks the reconfig and normalises it (AllowedIPs masked to their prefix).
-    pub(crate) fn validate(
-        &self,
-        self_key: &NodePublicKey,
-    ) -> Result<ValidReconfig, ReconfigError> {
-        let wireguard = self
+    /// Checks the reconfig and normalises it (AllowedIPs masked to their
+    /// prefix, sorted and deduplicated), without an engine: this is what a
+    /// config check runs, and what the engine runs before it applies a full
+    /// reconfig. The rules:
+    ///
+    /// - the wireguard, router and DNS parts are all present;
+    /// - the MTU is 0 (the adapter's default) or in 576..=65535, and at least
+    ///   1280 when the node has an IPv6 address;
+    /// - every route and AllowedIP is of a family the node has an address of
+    ///   (no check while it has no address at all);
+    /// - and the peer-set rules: no peer is this node,
+    ///   no key, disco key or single-address AllowedIP belongs to two peers.
+    pub fn validate(&self, self_key: &NodePublicKey) -> Result<ValidReconfig, ReconfigError> {
+        let mut wireguard = self
             .wireguard
             .clone()
             .ok_or(ReconfigError::MissingPart("wireguard"))?;
@@ -279,47 +294,19 @@ impl Reconfig {
         let dns = self.dns.clone().ok_or(ReconfigError::MissingPart("dns"))?;
 
         let has_v6 = router.local_addrs.iter().any(|a| a.addr().is_ipv6());
-        let check_family =
-            |what: &'static str, prefix: &IpNet| check_family(&router.local_addrs, what, prefix);
         if router.mtu != 0 && (router.mtu < 576 || (has_v6 && router.mtu < 1280)) {
             return Err(ReconfigError::BadMtu(router.mtu));
         }
         for route in &router.routes {
-            check_family("route", route)?;
+            check_family(&router.local_addrs, "route", route)?;
         }
-
-        let mut seen_keys = std::collections::BTreeSet::new();
-        let mut seen_disco = std::collections::BTreeSet::new();
-        let mut single_ip_owner: BTreeMap<IpNet, NodePublicKey> = BTreeMap::new();
-        let mut wireguard = wireguard;
-        for peer in &mut wireguard.peers {
-            if peer.public_key == *self_key {
-                return Err(ReconfigError::SelfAsPeer(peer.public_key));
-            }
-            if !seen_keys.insert(peer.public_key) {
-                return Err(ReconfigError::DuplicatePeer(peer.public_key));
-            }
-            if let Some(disco) = peer.disco_key {
-                if !seen_disco.insert(disco) {
-                    return Err(ReconfigError::DuplicateDiscoKey(disco));
-                }
-            }
-            for net in &mut peer.allowed_ips {
-                *net = net.trunc();
-                check_family("allowed IP", net)?;
-                if net.prefix_len() == net.max_prefix_len() {
-                    if let Some(first) = single_ip_owner.insert(*net, peer.public_key) {
-                        return Err(ReconfigError::OverlappingAllowedIp {
-                            addr: *net,
-                            first,
-                            second: peer.public_key,
-                        });
-                    }
-                }
-            }
-            peer.allowed_ips.sort();
-            peer.allowed_ips.dedup();
-        }
+        check_peer_batch(
+            &mut wireguard.peers,
+            self_key,
+            &router.local_addrs,
+            None,
+            &[],
+        )?;
         Ok(ValidReconfig {
             wireguard,
             router,
@@ -327,5 +314,215 @@ impl Reconfig {
             knobs: self.knobs.clone(),
             primary_routes: self.primary_routes.clone(),
         })
+    }
+}
+
+/// The running peers a batch of peers is checked against: the engine's, for
+/// a peer delta or the changed positions of a reconfig.
+pub(crate) trait RunningPeers {
+    /// True when `key` belongs to a running peer that the batch does not
+    /// replace (so listing it in the batch names it twice).
+    fn stays_outside_batch(&self, key: &NodePublicKey) -> bool;
+    /// The running peer that holds this disco key.
+    fn disco_owner(&self, disco: &DiscoPublicKey) -> Option<NodePublicKey>;
+    /// The running peer that holds exactly this AllowedIP.
+    fn single_ip_owner(&self, net: &IpNet) -> Option<NodePublicKey>;
+}
+
+/// The peer-set rules, the one place they live. Checks `batch` (a full peer
+/// list, or the upserts of a change) and normalises its AllowedIPs in place.
+///
+/// Within the batch: no peer has this node's key, no key is listed twice, no
+/// disco key is used twice, every AllowedIP is of a family the node has, and
+/// no single address (/32, /128) is claimed twice. Against `running` (when
+/// the batch changes a running set): no key of a peer outside the batch is
+/// listed, and no disco key or single address of a running peer is claimed,
+/// unless that peer is `removed` or replaced by the batch. Each peer is
+/// checked in order, each rule in the order above, so the first offending
+/// peer decides the error.
+pub(crate) fn check_peer_batch(
+    batch: &mut [PeerConfig],
+    self_key: &NodePublicKey,
+    local_addrs: &[IpNet],
+    running: Option<&dyn RunningPeers>,
+    removed: &[NodePublicKey],
+) -> Result<(), ReconfigError> {
+    // Keys of the batch release what their running versions held; only
+    // needed when there is a running set.
+    let batch_keys: BTreeSet<NodePublicKey> = match running {
+        Some(_) => batch.iter().map(|p| p.public_key).collect(),
+        None => BTreeSet::new(),
+    };
+    let released = |owner: &NodePublicKey| removed.contains(owner) || batch_keys.contains(owner);
+    let mut seen_keys = BTreeSet::new();
+    let mut seen_disco = BTreeSet::new();
+    let mut single_ip_owner: BTreeMap<IpNet, NodePublicKey> = BTreeMap::new();
+    for peer in batch.iter_mut() {
+        let key = peer.public_key;
+        if key == *self_key {
+            return Err(ReconfigError::SelfAsPeer(key));
+        }
+        if !seen_keys.insert(key) || running.is_some_and(|r| r.stays_outside_batch(&key)) {
+            return Err(ReconfigError::DuplicatePeer(key));
+        }
+        if let Some(disco) = peer.disco_key {
+            let held_elsewhere = running
+                .and_then(|r| r.disco_owner(&disco))
+                .is_some_and(|owner| owner != key && !released(&owner));
+            if !seen_disco.insert(disco) || held_elsewhere {
+                return Err(ReconfigError::DuplicateDiscoKey(disco));
+            }
+        }
+        for net in &mut peer.allowed_ips {
+            *net = net.trunc();
+            check_family(local_addrs, "allowed IP", net)?;
+            if net.prefix_len() != net.max_prefix_len() {
+                continue;
+            }
+            if let Some(first) = single_ip_owner.insert(*net, key) {
+                return Err(ReconfigError::OverlappingAllowedIp {
+                    addr: *net,
+                    first,
+                    second: key,
+                });
+            }
+            if let Some(owner) = running.and_then(|r| r.single_ip_owner(net)) {
+                if owner != key && !released(&owner) {
+                    return Err(ReconfigError::OverlappingAllowedIp {
+                        addr: *net,
+                        first: owner,
+                        second: key,
+                    });
+                }
+            }
+        }
+        peer.allowed_ips.sort();
+        peer.allowed_ips.dedup();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running set: who holds which disco key and which single address.
+    #[derive(Default)]
+    struct Running {
+        disco: BTreeMap<DiscoPublicKey, NodePublicKey>,
+        addresses: BTreeMap<IpNet, NodePublicKey>,
+        outside: BTreeSet<NodePublicKey>,
+    }
+
+    impl RunningPeers for Running {
+        fn stays_outside_batch(&self, key: &NodePublicKey) -> bool {
+            self.outside.contains(key)
+        }
+        fn disco_owner(&self, disco: &DiscoPublicKey) -> Option<NodePublicKey> {
+            self.disco.get(disco).copied()
+        }
+        fn single_ip_owner(&self, net: &IpNet) -> Option<NodePublicKey> {
+            self.addresses.get(net).copied()
+        }
+    }
+
+    fn peer(key: u8, disco: Option<u8>, address: &str) -> PeerConfig {
+        PeerConfig {
+            disco_key: disco.map(|d| DiscoPublicKey([d; 32])),
+            ..PeerConfig::new(NodePublicKey([key; 32]), vec![address.parse().unwrap()])
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_over_only_what_a_leaving_or_replaced_peer_held() {
+        let me = NodePublicKey([9; 32]);
+        let a = NodePublicKey([1; 32]);
+        let b = NodePublicKey([2; 32]);
+        let mut running = Running::default();
+        running.disco.insert(DiscoPublicKey([11; 32]), a);
+        let a_addr: IpNet = "100.64.0.1/32".parse().unwrap();
+        running.addresses.insert(a_addr, a);
+
+        // b takes a's disco key while a stays: refused.
+        let mut batch = vec![peer(2, Some(11), "100.64.0.2/32")];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Err(ReconfigError::DuplicateDiscoKey(DiscoPublicKey([11; 32])))
+        );
+        // ... accepted when a leaves, or when a is in the batch with a new key.
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[a]),
+            Ok(())
+        );
+        let mut batch = vec![
+            peer(2, Some(11), "100.64.0.2/32"),
+            peer(1, Some(12), "100.64.0.1/32"),
+        ];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Ok(())
+        );
+
+        // b claims a's address while a stays: a is named as the first owner.
+        let mut batch = vec![peer(2, None, "100.64.0.1/32")];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Err(ReconfigError::OverlappingAllowedIp {
+                addr: a_addr,
+                first: a,
+                second: b
+            })
+        );
+        // Without a running set (a full reconfig) only the batch counts.
+        assert_eq!(check_peer_batch(&mut batch, &me, &[], None, &[]), Ok(()));
+
+        // A key that stays outside the batch cannot be listed in it.
+        running.outside.insert(b);
+        let mut batch = vec![peer(2, None, "100.64.0.2/32")];
+        assert_eq!(
+            check_peer_batch(&mut batch, &me, &[], Some(&running), &[]),
+            Err(ReconfigError::DuplicatePeer(b))
+        );
+    }
+
+    #[test]
+    fn validate_normalises_and_refuses_by_the_same_rules() {
+        let me = NodePublicKey([9; 32]);
+        let mut reconfig = Reconfig {
+            wireguard: Some(WgConfig {
+                listen_port: 41641,
+                peers: vec![PeerConfig::new(
+                    NodePublicKey([1; 32]),
+                    vec![
+                        "10.1.2.3/16".parse().unwrap(),
+                        "100.64.0.1/32".parse().unwrap(),
+                    ],
+                )],
+            }),
+            router: Some(RouterConfig::default()),
+            dns: Some(DnsConfig::default()),
+            ..Reconfig::default()
+        };
+        let valid = reconfig.validate(&me).unwrap();
+        assert_eq!(
+            valid.wireguard.peers[0].allowed_ips,
+            vec![
+                "10.1.0.0/16".parse::<IpNet>().unwrap(),
+                "100.64.0.1/32".parse().unwrap()
+            ],
+            "masked to the prefix and sorted"
+        );
+        reconfig
+            .wireguard
+            .as_mut()
+            .unwrap()
+            .peers
+            .push(PeerConfig::new(me, vec![]));
+        assert_eq!(reconfig.validate(&me), Err(ReconfigError::SelfAsPeer(me)));
+        reconfig.dns = None;
+        assert_eq!(
+            reconfig.validate(&me),
+            Err(ReconfigError::MissingPart("dns"))
+        );
     }
 }

@@ -101,8 +101,9 @@ macro_rules! private_key_type {
 
             /// The matching public key.
             pub fn public_key(&self) -> $public {
-                let secret = boringtun::x25519::StaticSecret::from(self.0);
-                $public(boringtun::x25519::PublicKey::from(&secret).to_bytes())
+                // X25519 with the clamped secret, as WireGuard and disco
+                // both use it (crypto_box is the disco box's crate).
+                $public(crypto_box::SecretKey::from_bytes(self.0).public_key().to_bytes())
             }
         }
 

@@ -1,7 +1,7 @@
 //! # wgmesh-core
 //!
 //! The engine of a WireGuard mesh node as a *sans-IO state machine*: it keeps
-//! one WireGuard session per active peer (through boringtun), hands peers to
+//! one WireGuard session per active peer, hands peers to
 //! WireGuard lazily and trims them when idle, flushes sessions when a peer
 //! restarts, answers and sends disco, TSMP and ICMP pings, follows link
 //! changes and tells the adapters which routes and DNS to apply. It never
@@ -19,46 +19,73 @@
 //! }
 //! ```
 //!
-//! Inputs are [`Input`] values (TUN packets, datagrams, [`Reconfig`], link
-//! changes, [`PingRequest`]s, status requests, packet filters, close); outputs
-//! are [`Output`] values ([`Transmit`], TUN writes, [`Effect`]s, [`Event`]s,
-//! [`PingResult`]s, [`Status`]). Bad input from the network is counted in
-//! [`Counters`] and dropped, never a panic; a bad [`Reconfig`] is a typed
-//! [`ReconfigError`] that leaves the previous state running.
+//! Inputs are [`Input`] values (TUN packets, datagrams, [`Reconfig`],
+//! [`PeerDelta`], link changes, [`PingRequest`]s, status requests, packet
+//! filters, close); outputs are [`Output`] values ([`Transmit`], TUN writes,
+//! [`Effect`]s, [`Event`]s, [`PingResult`]s, [`Status`]). Bad input from the
+//! network is counted in [`Counters`] and dropped, never a panic; a bad
+//! [`Reconfig`] or [`PeerDelta`] is a typed [`ReconfigError`] that leaves the
+//! previous state running. [`Reconfig::validate`] checks a reconfig without
+//! an engine, by the same rules.
 //!
-//! Modules: [`wire`] holds the packet formats (IP, ICMP, TCP, UDP, TSMP,
-//! disco); [`routing`] the longest-prefix-match table; [`filter`] the inbound
-//! packet filter; [`keys`] the key types.
+//! # Layout
+//!
+//! The public surface:
+//! - `api.rs`: the values that cross the boundary ([`Input`], [`Output`],
+//!   [`Effect`], [`Event`], pings, [`Status`]);
+//! - [`config`]: what an engine is built with and what a reconfig carries,
+//!   and the one validator of the peer-set rules;
+//! - `limits.rs`: every timing constant and size bound, re-exported here;
+//! - [`wire`]: the packet formats (IP, ICMP, TCP, UDP, TSMP, disco);
+//!   [`routing`]: the longest-prefix-match table; [`filter`]: the inbound
+//!   packet filter; [`keys`]: the key types; [`counters`]: the counters;
+//! - `test_support` (feature `test-support`): a back-to-back harness of
+//!   engines on virtual time, for tests and the fuzz case.
+//!
+//! The engine, `engine/`, is one struct whose `impl` is spread over files by
+//! concern, each a private child module:
+//! - `mod.rs`: the struct, `new`, the getters, `handle_input`,
+//!   `handle_timeout`, the commands, `poll_output`, `poll_timeout`;
+//! - `outbound.rs`: a TUN packet through WireGuard to the network;
+//! - `inbound.rs`: a datagram through WireGuard (or disco) to the TUN;
+//! - `peers.rs`: the peer table (addressed by `PeerSlot`), peers in and out
+//!   of WireGuard (configure, wake, trim) and the scheduling of their timers;
+//! - `reconfig.rs`: full reconfigs and peer deltas against the running state;
+//! - `control.rs`: link changes, status, capture and close;
+//! - `pings.rs`, `opens.rs`: pings, and outbound TCP opens that got no answer;
+//! - beneath them: `wg.rs`, the only module that touches the WireGuard
+//!   implementation, which speaks in wgmesh's own enums (what
+//!   arrived, what to do); `timer.rs`, the deadline queue and each session's
+//!   protocol-event timer hooks; `disco.rs`, path discovery; `pending.rs`,
+//!   the tables of pings and opens waiting for an answer; `buffers.rs`, the
+//!   one owner of the packet buffers.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod api;
 pub mod config;
 pub mod counters;
-mod disco;
 mod engine;
 pub mod filter;
 pub mod keys;
-mod pending;
+mod limits;
 pub mod routing;
-mod timer;
-mod wg;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 pub mod wire;
 
 pub use api::*;
 pub use config::{
-    DnsConfig, EngineConfig, Knobs, PeerConfig, Reconfig, ReconfigError, RouterConfig,
-    TestingKnobs, WgConfig,
+    DnsConfig, EngineConfig, Knobs, PeerConfig, PeerDelta, Reconfig, ReconfigError, RouterConfig,
+    TestingKnobs, ValidReconfig, WgConfig,
 };
 pub use counters::Counters;
-pub use disco::{
-    DISCO_PING_TIMEOUT, HEARTBEAT_INTERVAL, SESSION_ACTIVE_TIMEOUT, TRUST_UDP_ADDR_DURATION,
-    UPGRADE_INTERVAL,
-};
-pub use engine::{
-    Engine, LAZY_PEER_IDLE_THRESHOLD, MAX_PACKET_SIZE, PENDING_OPEN_TIMEOUT, PING_TIMEOUT,
-    PeerDelta, PeerForIpError, RECEIVE_ACTIVITY_GRANULARITY, SEND_ACTIVITY_GRANULARITY,
-    SEND_RECHECK_GAP, STATUS_PUSH_INTERVAL,
-};
+pub use engine::{Engine, PeerForIpError, PeerTimer, TimeoutReason};
 pub use filter::PacketFilter;
 pub use keys::{DiscoPrivateKey, DiscoPublicKey, NodePrivateKey, NodePublicKey};
+pub use limits::{
+    DISCO_PING_TIMEOUT, HEARTBEAT_INTERVAL, LAZY_PEER_IDLE_THRESHOLD, MAX_PACKET_SIZE,
+    PENDING_OPEN_TIMEOUT, PING_TIMEOUT, RECEIVE_ACTIVITY_GRANULARITY, SEND_ACTIVITY_GRANULARITY,
+    SEND_RECHECK_GAP, SESSION_ACTIVE_TIMEOUT, STATUS_PUSH_INTERVAL, TRUST_UDP_ADDR_DURATION,
+    UPGRADE_INTERVAL,
+};

@@ -1,12 +1,10 @@
 //! Bad input never panics, is dropped, and is counted under its own reason.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::Net;
 use proptest::prelude::*;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 fn pair() -> Net {

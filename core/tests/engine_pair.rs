@@ -1,10 +1,8 @@
 //! Two engines back to back on virtual time: the WireGuard data plane.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Net;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 const RTT_HALF: Duration = Duration::from_millis(10);
@@ -156,4 +154,43 @@ fn status_requests_are_coalesced() {
     }
     assert_eq!(answers, 1);
     assert_eq!(engine.counters().status_requests_coalesced, 4);
+}
+
+/// The next deadline comes with its reason: a packet to a peer with no
+/// session starts a handshake, and the deadline is that handshake's retry.
+#[test]
+fn timeout_reason_names_the_handshake_retry() {
+    let mut net = Net::new(2, RTT_HALF, |_, _| {});
+    // Node 1 has no disco key and no known endpoint: nothing answers, and no
+    // disco timer competes with WireGuard's.
+    let mut peer = net.peer_config(1);
+    peer.disco_key = None;
+    peer.endpoints.clear();
+    let reconfig = wgmesh_core::test_support::node_reconfig(
+        net.nodes[0].ip4,
+        net.nodes[0].ip6,
+        vec![peer],
+        full_config(),
+    );
+    net.input(0, Input::Reconfig(Box::new(reconfig))).unwrap();
+    assert_eq!(net.nodes[0].engine.poll_timeout(), None);
+    assert_eq!(net.nodes[0].engine.timeout_reason(), None);
+
+    let ip_b = net.nodes[1].ip4;
+    net.send_udp(0, ip_b, b"anyone there?");
+    let expected = TimeoutReason::Peer {
+        peer: net.key(1),
+        timer: PeerTimer::HandshakeRetry,
+    };
+    let started = net.now;
+    assert_eq!(
+        net.nodes[0].engine.poll_timeout(),
+        Some(started + Duration::from_secs(5))
+    );
+    assert_eq!(net.nodes[0].engine.timeout_reason(), Some(expected));
+
+    // The retry goes out and the next retry is the next deadline.
+    net.run_for(Duration::from_millis(5_001));
+    assert_eq!(net.nodes[0].engine.counters().handshake_initiations_sent, 2);
+    assert_eq!(net.nodes[0].engine.timeout_reason(), Some(expected));
 }

@@ -4,16 +4,14 @@
 //! Everything hostile is dropped and counted, changes no state, and leaves
 //! the legitimate traffic flowing.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use common::Net;
 use crypto_box::aead::{AeadInPlace, generic_array::GenericArray};
 use ipnet::IpNet;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 const HALF_RTT: Duration = Duration::from_millis(10);

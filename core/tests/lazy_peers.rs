@@ -1,11 +1,9 @@
 //! Lazy WireGuard peers and disco-key changes, on virtual time.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Net;
 use ipnet::IpNet;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 const HALF_RTT: Duration = Duration::from_millis(20);

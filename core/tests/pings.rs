@@ -1,11 +1,9 @@
 //! Pings of every kind, disco path selection and connection diagnostics.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::Net;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 const HALF_RTT: Duration = Duration::from_millis(15);

@@ -1,11 +1,9 @@
 //! Reconfig change detection and validation.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Net;
 use ipnet::IpNet;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 type Mutation = (
@@ -611,4 +609,54 @@ fn duplicate_disco_keys_are_refused_on_both_paths() {
         net.input(0, Input::Reconfig(Box::new(rc))),
         Err(InputError::Reconfig(ReconfigError::DuplicateDiscoKey(_)))
     ));
+}
+
+/// A peer delta is an input like any other: answered through
+/// `handle_input`, refused after close, and `apply_peer_delta` reports the
+/// same through the same path.
+#[test]
+fn peer_delta_is_an_input_and_is_refused_after_close() {
+    let mut net = Net::new(3, Duration::from_millis(5), |_, _| {});
+    net.configure_all(Knobs::default());
+    let remove_two = PeerDelta {
+        upsert: vec![],
+        remove: vec![net.key(2)],
+    };
+    match net.input(0, Input::PeerDelta(&remove_two)) {
+        Ok(InputOutcome::Reconfig(ReconfigOutcome::Applied(changes))) => {
+            assert_eq!(changes.peers_changed, 1);
+            assert!(changes.wireguard);
+            assert!(!changes.router && !changes.dns, "only peers changed");
+        }
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    assert_eq!(
+        net.input(0, Input::PeerDelta(&remove_two)),
+        Ok(InputOutcome::Reconfig(ReconfigOutcome::NoChanges)),
+        "removing a peer that is gone changes nothing"
+    );
+    assert_eq!(net.nodes[0].engine.full_config_peers(), vec![net.key(1)]);
+
+    let add_two = PeerDelta {
+        upsert: vec![net.peer_config(2)],
+        remove: vec![],
+    };
+    let now = net.now;
+    assert_eq!(net.nodes[0].engine.apply_peer_delta(now, &add_two), Ok(1));
+    assert_eq!(net.nodes[0].engine.peer_count(), 2);
+
+    net.input(0, Input::Close).unwrap();
+    assert_eq!(
+        net.input(0, Input::PeerDelta(&remove_two)),
+        Err(InputError::Closed)
+    );
+    assert_eq!(
+        net.nodes[0].engine.apply_peer_delta(now, &remove_two),
+        Err(ReconfigError::EngineClosed)
+    );
+    assert_eq!(
+        net.nodes[0].engine.peer_count(),
+        2,
+        "a closed engine keeps its state"
+    );
 }

@@ -2,11 +2,9 @@
 //! handshake on the first packet, data both ways, a TSMP ping, idle trimming.
 //! Ciphertext is shown as sizes and times as offsets from the start.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Net;
+use wgmesh_core::test_support::Net;
 use wgmesh_core::*;
 
 #[test]

@@ -1,38 +1,58 @@
-//! A small virtual network for back-to-back engine tests: engines exchange
-//! datagrams through a priority queue on virtual time, with no sockets.
-//! (quinn-proto's test `Pair` is the model; the simulator crate is the big
-//! version of this.)
-#![allow(dead_code)]
+//! Test support (the `test-support` feature): a small virtual network for
+//! back-to-back engine tests. Engines exchange datagrams through a priority
+//! queue on virtual time, with no sockets. (quinn-proto's test `Pair` is the
+//! model; the simulator crate is the big version of this.)
+//!
+//! Used by the core's own integration tests and by the engine fuzz case
+//! (`fuzz/engine_case.rs`), which builds its reconfigs with [`node_reconfig`].
+//! Not part of the engine: nothing in the crate uses it, and it is compiled
+//! only with the feature.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::*;
 use ipnet::IpNet;
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
-use wgmesh_core::*;
 
 /// One node: its engine and everything it produced.
 pub struct Node {
+    /// Its name (`node0`, `node1`, ...), also the engine's name.
     pub name: String,
+    /// The engine under test.
     pub engine: Engine,
+    /// Its node key.
     pub private: NodePrivateKey,
+    /// Its current disco key (a restart draws a new one).
     pub disco_private: DiscoPrivateKey,
+    /// The UDP address it is reached at.
     pub endpoint: SocketAddr,
+    /// Its tunnel IPv4 address.
     pub ip4: IpAddr,
+    /// Its tunnel IPv6 address.
     pub ip6: IpAddr,
+    /// Every packet it wrote to its TUN.
     pub tun_out: Vec<(Instant, Vec<u8>)>,
+    /// Every event it reported.
     pub events: Vec<(Instant, Event)>,
+    /// Every effect it asked for.
     pub effects: Vec<(Instant, Effect)>,
+    /// Every ping result it delivered.
     pub pings: Vec<(Instant, PingResult)>,
+    /// Every status snapshot it produced.
     pub statuses: Vec<(Instant, Status)>,
+    /// Every datagram it sent: when, where, how long.
     pub sent: Vec<(Instant, SocketAddr, usize)>,
     /// When each WireGuard (not disco) datagram was sent.
     pub sent_wg: Vec<Instant>,
+    /// AllowedIPs its peers get for it besides its two addresses.
     pub extra_allowed: Vec<IpNet>,
+    /// Endpoints its peers get for it besides its own.
     pub extra_endpoints: Vec<SocketAddr>,
+    /// The persistent keepalive its peers configure for it.
     pub persistent_keepalive_secs: Option<u16>,
 }
 
@@ -65,16 +85,22 @@ impl Ord for Arrival {
 
 /// The virtual network.
 pub struct Net {
+    /// The start of virtual time.
     pub base: Instant,
+    /// The current virtual time.
     pub now: Instant,
+    /// The nodes, by index.
     pub nodes: Vec<Node>,
+    /// The one-way latency between endpoints.
     pub latency: Duration,
     /// Directed links that drop everything: (from, to).
     pub cut: BTreeSet<(usize, usize)>,
     /// Extra endpoints that swallow datagrams (unreachable candidates).
     queue: BinaryHeap<Reverse<Arrival>>,
     seq: u64,
+    /// One line per output while `record_trace` is on.
     pub trace: Vec<String>,
+    /// Whether outputs are recorded in `trace`.
     pub record_trace: bool,
     /// Extra addresses that reach a node with their own one-way delay.
     pub aliases: std::collections::BTreeMap<SocketAddr, (usize, Duration)>,
@@ -84,6 +110,7 @@ pub struct Net {
     replying: Option<(usize, SocketAddr, SocketAddr)>,
 }
 
+/// The keys of node `i` in a net seeded with `seed`.
 pub fn keys(seed: u64, i: usize) -> (NodePrivateKey, DiscoPrivateKey) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1000) + i as u64);
     (
@@ -146,10 +173,12 @@ impl Net {
         }
     }
 
+    /// Node `i`'s public key.
     pub fn key(&self, i: usize) -> NodePublicKey {
         self.nodes[i].engine.node_key()
     }
 
+    /// Node `j` as its peers configure it.
     pub fn peer_config(&self, j: usize) -> PeerConfig {
         let n = &self.nodes[j];
         let mut allowed = vec![IpNet::from(n.ip4), IpNet::from(n.ip6)];
@@ -168,30 +197,11 @@ impl Net {
     /// The reconfig node `i` gets from control: every other node as a peer.
     pub fn reconfig_for(&self, i: usize, knobs: Knobs) -> Reconfig {
         let me = &self.nodes[i];
-        Reconfig {
-            wireguard: Some(WgConfig {
-                listen_port: 41641,
-                peers: (0..self.nodes.len())
-                    .filter(|&j| j != i)
-                    .map(|j| self.peer_config(j))
-                    .collect(),
-            }),
-            router: Some(RouterConfig {
-                local_addrs: vec![IpNet::from(me.ip4), IpNet::from(me.ip6)],
-                routes: vec![
-                    "100.64.0.0/10".parse().unwrap(),
-                    "fd7a:115c:a1e0::/48".parse().unwrap(),
-                ],
-                advertised_routes: vec![],
-                mtu: 1280,
-            }),
-            dns: Some(DnsConfig {
-                nameservers: vec!["100.100.100.100".parse().unwrap()],
-                search_domains: vec!["example.ts.net".into()],
-            }),
-            knobs,
-            primary_routes: vec![],
-        }
+        let peers = (0..self.nodes.len())
+            .filter(|&j| j != i)
+            .map(|j| self.peer_config(j))
+            .collect();
+        node_reconfig(me.ip4, me.ip6, peers, knobs)
     }
 
     /// Pushes the full config to every node.
@@ -203,6 +213,7 @@ impl Net {
         }
     }
 
+    /// Feeds one input to node `i` and drains its outputs into the network.
     pub fn input(&mut self, i: usize, input: Input<'_>) -> Result<InputOutcome, InputError> {
         let now = self.now;
         let r = self.nodes[i].engine.handle_input(now, input);
@@ -229,6 +240,7 @@ impl Net {
         packet
     }
 
+    /// Starts ping `id` of `kind` from node `from` to `ip`.
     pub fn ping(&mut self, from: usize, ip: IpAddr, kind: PingKind, id: u64) {
         self.input(
             from,
@@ -347,7 +359,6 @@ impl Net {
                 }
                 Output::Status(s) => self.nodes[i].statuses.push((now, *s)),
                 Output::Capture(_) => {}
-                _ => {}
             }
         }
     }
@@ -412,6 +423,7 @@ impl Net {
         self.now = self.now.max(until);
     }
 
+    /// Runs every event of the next `d`.
     pub fn run_for(&mut self, d: Duration) {
         let until = self.now + d;
         self.run_until(until);
@@ -429,6 +441,7 @@ impl Net {
         self.nodes[i].engine = Engine::new(cfg, self.now, seed);
     }
 
+    /// Whether node `i` has node `j` in WireGuard.
     pub fn configured(&self, i: usize, j: usize) -> bool {
         self.nodes[i].engine.is_peer_configured(&self.key(j)) == Some(true)
     }
@@ -441,6 +454,33 @@ impl Net {
             .filter(|(_, p)| p.windows(payload.len()).any(|w| w == payload))
             .map(|(t, _)| *t)
             .collect()
+    }
+}
+
+/// The reconfig of a node with tunnel addresses `ip4` and `ip6` and these
+/// peers: the tailnet's CGNAT and ULA routes, MTU 1280, listen port 41641,
+/// and the tailnet resolver.
+pub fn node_reconfig(ip4: IpAddr, ip6: IpAddr, peers: Vec<PeerConfig>, knobs: Knobs) -> Reconfig {
+    Reconfig {
+        wireguard: Some(WgConfig {
+            listen_port: 41641,
+            peers,
+        }),
+        router: Some(RouterConfig {
+            local_addrs: vec![IpNet::from(ip4), IpNet::from(ip6)],
+            routes: vec![
+                "100.64.0.0/10".parse().unwrap(),
+                "fd7a:115c:a1e0::/48".parse().unwrap(),
+            ],
+            advertised_routes: vec![],
+            mtu: 1280,
+        }),
+        dns: Some(DnsConfig {
+            nameservers: vec![IpAddr::from([100, 100, 100, 100])],
+            search_domains: vec!["example.ts.net".into()],
+        }),
+        knobs,
+        primary_routes: vec![],
     }
 }
 

@@ -24,40 +24,33 @@ use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
 
+use super::slot::PeerSlot;
 use crate::keys::DiscoPublicKey;
 use crate::wire::disco::{DiscoError, DiscoMessage, DiscoShared};
 
-/// How long a path that answered is trusted without another pong.
-pub const TRUST_UDP_ADDR_DURATION: Duration = Duration::from_millis(6500);
-/// Heartbeat interval of the best path while the peer is active.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
-/// A peer counts as active this long after its last traffic.
-pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
-/// A disco ping with no pong after this long has failed.
-pub const DISCO_PING_TIMEOUT: Duration = Duration::from_secs(5);
-/// An active peer's candidates are all re-pinged this often.
-pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
-/// Candidates kept per peer; more are ignored.
-const MAX_CANDIDATES: usize = 16;
+use crate::limits::{
+    DISCO_PING_TIMEOUT, HEARTBEAT_INTERVAL, MAX_DISCO_CANDIDATES as MAX_CANDIDATES,
+    SESSION_ACTIVE_TIMEOUT, TRUST_UDP_ADDR_DURATION, UPGRADE_INTERVAL,
+};
 
 /// What the disco layer asks the engine to do or know.
 #[derive(Debug)]
 pub(crate) enum DiscoAction {
     /// Seal and send a message to a peer's endpoint.
     Send {
-        slot: usize,
+        slot: PeerSlot,
         dst: SocketAddr,
         message: DiscoMessage,
     },
     /// A pong arrived (the engine ends a user ping with this id).
     PongReceived {
-        slot: usize,
+        slot: PeerSlot,
         tx_id: [u8; 12],
         from: SocketAddr,
     },
     /// The best path changed.
     PathChanged {
-        slot: usize,
+        slot: PeerSlot,
         endpoint: Option<SocketAddr>,
         latency: Option<Duration>,
     },
@@ -170,8 +163,8 @@ impl PeerDisco {
 /// heard from. Peers with no entry fall back to WireGuard's own endpoint.
 pub(crate) struct DiscoState {
     secret: [u8; 32],
-    peers: BTreeMap<usize, PeerDisco>,
-    schedule: BTreeSet<(Instant, usize)>,
+    peers: BTreeMap<PeerSlot, PeerDisco>,
+    schedule: BTreeSet<(Instant, PeerSlot)>,
 }
 
 impl DiscoState {
@@ -188,7 +181,7 @@ impl DiscoState {
         self.schedule.first().map(|(at, _)| *at)
     }
 
-    fn reschedule(&mut self, now: Instant, slot: usize) {
+    fn reschedule(&mut self, now: Instant, slot: PeerSlot) {
         let Some(peer) = self.peers.get_mut(&slot) else {
             return;
         };
@@ -205,7 +198,7 @@ impl DiscoState {
     /// candidates. A changed disco key resets the peer's paths.
     pub(crate) fn ensure_peer(
         &mut self,
-        slot: usize,
+        slot: PeerSlot,
         disco_key: DiscoPublicKey,
         endpoints: &[SocketAddr],
     ) {
@@ -227,7 +220,7 @@ impl DiscoState {
     pub(crate) fn update_peer(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         disco_key: Option<DiscoPublicKey>,
         endpoints: &[SocketAddr],
         rng: &mut impl RngCore,
@@ -265,7 +258,7 @@ impl DiscoState {
         out
     }
 
-    pub(crate) fn remove_peer(&mut self, slot: usize) {
+    pub(crate) fn remove_peer(&mut self, slot: PeerSlot) {
         if let Some(peer) = self.peers.remove(&slot) {
             if let Some(at) = peer.next_at {
                 self.schedule.remove(&(at, slot));
@@ -274,20 +267,20 @@ impl DiscoState {
     }
 
     /// The best trusted-or-last-known path to the peer.
-    pub(crate) fn best_endpoint(&self, slot: usize) -> Option<SocketAddr> {
+    pub(crate) fn best_endpoint(&self, slot: PeerSlot) -> Option<SocketAddr> {
         self.peers
             .get(&slot)
             .and_then(|p| p.best.map(|(addr, _)| addr))
     }
 
     /// Whether the peer has any disco candidates at all.
-    pub(crate) fn has_candidates(&self, slot: usize) -> bool {
+    pub(crate) fn has_candidates(&self, slot: PeerSlot) -> bool {
         self.peers
             .get(&slot)
             .is_some_and(|p| !p.candidates.is_empty())
     }
 
-    fn shared(&mut self, slot: usize) -> Option<&DiscoShared> {
+    fn shared(&mut self, slot: PeerSlot) -> Option<&DiscoShared> {
         let secret = self.secret;
         let peer = self.peers.get_mut(&slot)?;
         if peer.shared.is_none() {
@@ -299,7 +292,7 @@ impl DiscoState {
     /// Opens a disco datagram from the peer in `slot`.
     pub(crate) fn open(
         &mut self,
-        slot: usize,
+        slot: PeerSlot,
         datagram: &[u8],
     ) -> Result<DiscoMessage, DiscoError> {
         match self.shared(slot) {
@@ -311,7 +304,7 @@ impl DiscoState {
     /// Seals a message for the peer in `slot`; false when it has no disco key.
     pub(crate) fn seal(
         &mut self,
-        slot: usize,
+        slot: PeerSlot,
         our_public: [u8; 32],
         nonce: [u8; 24],
         message: &DiscoMessage,
@@ -328,7 +321,7 @@ impl DiscoState {
 
     fn send_ping(
         peer: &mut PeerDisco,
-        slot: usize,
+        slot: PeerSlot,
         now: Instant,
         dst: SocketAddr,
         tx_id: [u8; 12],
@@ -347,7 +340,7 @@ impl DiscoState {
 
     fn full_ping(
         peer: &mut PeerDisco,
-        slot: usize,
+        slot: PeerSlot,
         now: Instant,
         rng: &mut impl RngCore,
         out: &mut Vec<DiscoAction>,
@@ -365,7 +358,7 @@ impl DiscoState {
     pub(crate) fn note_active(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         rng: &mut impl RngCore,
     ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
@@ -387,7 +380,7 @@ impl DiscoState {
     pub(crate) fn ping_user(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         tx_id: [u8; 12],
     ) -> Vec<DiscoAction> {
         let mut out = Vec::new();
@@ -408,7 +401,7 @@ impl DiscoState {
     /// A major link change: every path must be proven again.
     pub(crate) fn reset_paths(&mut self, now: Instant, rng: &mut impl RngCore) -> Vec<DiscoAction> {
         let mut out = Vec::new();
-        let slots: Vec<usize> = self.peers.keys().copied().collect();
+        let slots: Vec<PeerSlot> = self.peers.keys().copied().collect();
         for slot in slots {
             let peer = self.peers.get_mut(&slot).expect("listed above");
             peer.best_pong_at = None;
@@ -424,7 +417,7 @@ impl DiscoState {
     pub(crate) fn handle_message(
         &mut self,
         now: Instant,
-        slot: usize,
+        slot: PeerSlot,
         from: SocketAddr,
         message: DiscoMessage,
         rng: &mut impl RngCore,

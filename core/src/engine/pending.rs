@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use crate::api::{PingOutcome, PingRequest, PingResult};
-use crate::engine::{PENDING_OPEN_TIMEOUT, PING_TIMEOUT};
+use super::slot::PeerSlot;
+use crate::api::{PingId, PingOutcome, PingRequest, PingResult};
 use crate::keys::NodePublicKey;
+use crate::limits::{MAX_PENDING_OPENS, PENDING_OPEN_TIMEOUT, PING_TIMEOUT};
 
 /// What identifies the answer to a ping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,7 +27,7 @@ pub(crate) enum MatchKey {
 /// The peer a ping went to.
 #[derive(Debug, Clone)]
 pub(crate) struct PingTarget {
-    pub slot: usize,
+    pub slot: PeerSlot,
     pub node_key: NodePublicKey,
     pub node_name: String,
     pub node_ip: Option<IpAddr>,
@@ -81,6 +82,11 @@ impl PendingPings {
         id
     }
 
+    /// The caller's id of the ping with internal id `id`.
+    pub(crate) fn request_id(&self, id: u64) -> Option<PingId> {
+        self.by_id.get(&id).map(|p| p.request.id)
+    }
+
     pub(crate) fn deadline_of(&self, id: u64) -> Option<Instant> {
         self.by_id.get(&id).map(|p| p.deadline)
     }
@@ -107,7 +113,7 @@ impl PendingPings {
         &mut self,
         now: Instant,
         key: MatchKey,
-        from_slot: usize,
+        from_slot: PeerSlot,
         endpoint: Option<SocketAddr>,
         peerapi_port: Option<u16>,
     ) -> Option<PingResult> {
@@ -158,9 +164,6 @@ pub(crate) struct PendingOpen {
     pub at: Instant,
     pub rejected: bool,
 }
-
-/// The most flows watched at once; SYNs beyond it are not diagnosed.
-const MAX_PENDING_OPENS: usize = 1024;
 
 /// Outbound TCP opens being watched.
 #[derive(Default)]

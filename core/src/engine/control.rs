@@ -1,0 +1,126 @@
+//! Link changes, status snapshots, packet capture and close.
+
+use std::time::Instant;
+
+use tracing::info;
+
+use super::Engine;
+use super::slot::PeerSlot;
+use crate::api::*;
+use crate::config::{DnsConfig, RouterConfig};
+
+impl Engine {
+    pub(super) fn link_change(&mut self, change: LinkChange) {
+        self.outputs
+            .push_back(Output::Effect(Effect::SetNetworkUp(change.any_link_up)));
+        self.network_up = change.any_link_up;
+        if !change.any_link_up {
+            self.counters.link_changes_down += 1;
+            info!("all links down; pausing");
+            return;
+        }
+        if change.major {
+            self.counters.link_changes_major += 1;
+            info!("major link change");
+            self.outputs
+                .push_back(Output::Effect(Effect::FlushDnsCaches));
+            if self.applied.have_config {
+                self.outputs
+                    .push_back(Output::Effect(Effect::ApplyDns(self.applied.dns.clone())));
+            }
+            self.outputs.push_back(Output::Effect(Effect::Rebind));
+            self.outputs
+                .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
+                    reason: "link-change-major",
+                }));
+            let actions = self.disco.reset_paths(self.now, &mut self.rng);
+            self.run_disco_actions(self.now, actions);
+        } else {
+            self.counters.link_changes_minor += 1;
+            self.outputs
+                .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
+                    reason: "link-change-minor",
+                }));
+        }
+    }
+
+    pub(super) fn build_status(&self) -> Status {
+        let peers = self
+            .by_key
+            .values()
+            .map(|&slot| {
+                let p = &self.peers[slot];
+                PeerStatus {
+                    node_key: p.config.public_key,
+                    disco_key: p.config.disco_key,
+                    name: p.config.name.clone(),
+                    allowed_ips: p.config.allowed_ips.clone(),
+                    configured: p.wg.is_some(),
+                    endpoint: self
+                        .disco
+                        .best_endpoint(slot)
+                        .or(p.wg.as_ref().and_then(|w| w.endpoint)),
+                    last_handshake_ago: p
+                        .wg
+                        .as_ref()
+                        .and_then(|w| w.timers.last_handshake())
+                        .map(|t| self.now.saturating_duration_since(t)),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    persistent_keepalive_secs: p.config.persistent_keepalive_secs,
+                }
+            })
+            .collect();
+        Status {
+            node_key: self.node_key,
+            disco_key: self.disco_key,
+            listen_port: self.applied.listen_port,
+            local_addrs: self.applied.router.local_addrs.clone(),
+            peers,
+            relay_count: 0,
+            configured_peers: self.configured_count,
+            full_config_peers: self.peers.len(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    pub(super) fn close(&mut self) {
+        info!("closing engine");
+        // 1. Every pending ping ends.
+        for result in self.pings.drain_closed() {
+            self.counters.pings_failed += 1;
+            self.outputs.push_back(Output::PingResult(result));
+        }
+        self.opens.clear();
+        // 2. Peers leave WireGuard.
+        let slots: Vec<PeerSlot> = self.by_key.values().copied().collect();
+        for slot in slots {
+            self.unconfigure_peer(slot, RemoveReason::Closed);
+        }
+        // 3. The OS is given back its routes and DNS.
+        if self.applied.have_config {
+            self.outputs
+                .push_back(Output::Effect(Effect::ApplyRouter(RouterConfig::default())));
+            self.outputs
+                .push_back(Output::Effect(Effect::ApplyDns(DnsConfig::default())));
+            if self.applied.is_subnet_router {
+                if let Some(protocol) = self.applied.knobs.bird_protocol.clone() {
+                    self.outputs
+                        .push_back(Output::Effect(Effect::SetBirdProtocol {
+                            protocol,
+                            enabled: false,
+                        }));
+                }
+            }
+        }
+        self.closed = true;
+    }
+
+    pub(super) fn capture_packet(&mut self, now: Instant, outbound: bool, packet: &[u8]) {
+        self.outputs.push_back(Output::Capture(CapturedPacket {
+            outbound,
+            at: now,
+            packet: packet.to_vec(),
+        }));
+    }
+}

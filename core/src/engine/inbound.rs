@@ -1,0 +1,437 @@
+//! Inbound: a datagram from the network, through WireGuard (or disco), to the TUN.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand_core::RngCore;
+use tracing::{debug, trace};
+
+use super::Engine;
+use super::disco::DiscoAction;
+use super::pending::MatchKey;
+use super::slot::PeerSlot;
+use super::timer::{EngineTimer, TimerKey};
+use super::wg::{Arrival, ArrivalDrop, Decapsulated, MIN_BUFFER, QueuedSend, WgError};
+use crate::api::*;
+use crate::filter::FilterAction;
+use crate::keys::DiscoPublicKey;
+use crate::limits::*;
+use crate::wire;
+
+impl Engine {
+    pub(super) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.counters.datagrams_in += 1;
+        if wire::disco::looks_like_disco(data) {
+            self.handle_disco(now, from, data);
+            return;
+        }
+        let slot = match self.device.classify(now, from, data) {
+            Arrival::Initiation { peer } => {
+                let Some(&slot) = self.by_key.get(&peer) else {
+                    self.counters.drop_wg_unknown_peer += 1;
+                    debug!(?peer, "handshake from a key not in the config");
+                    return;
+                };
+                if self.peers[slot].wg.is_none() {
+                    // The reference drops this and waits 5 s for a retry; we
+                    // re-add the peer and answer the same initiation.
+                    self.wake_peer(now, slot, WakeReason::Handshake);
+                }
+                slot
+            }
+            Arrival::ForTunnel { index } => match self.by_index.get(&index) {
+                Some(&slot) => slot,
+                None => {
+                    self.counters.drop_wg_unknown_index += 1;
+                    return;
+                }
+            },
+            Arrival::CookieReply { reply, len } => {
+                self.counters.cookie_replies_sent += 1;
+                let mut buf = self.buffers.empty();
+                buf.extend_from_slice(&reply[..len]);
+                self.counters.datagrams_out += 1;
+                self.outputs.push_back(Output::Transmit(Transmit {
+                    dst: from,
+                    data: buf,
+                }));
+                return;
+            }
+            Arrival::Dropped(reason) => {
+                match reason {
+                    ArrivalDrop::BadSize => self.counters.drop_wg_bad_size += 1,
+                    ArrivalDrop::NotWireGuard => self.counters.drop_datagram_unknown += 1,
+                    ArrivalDrop::BadMac => self.counters.drop_wg_bad_mac += 1,
+                    ArrivalDrop::NotForUs => self.counters.drop_wg_unknown_peer += 1,
+                    ArrivalDrop::Error(e) => self.count_wg_error(e),
+                }
+                return;
+            }
+        };
+        self.decapsulate(now, slot, from, data);
+    }
+
+    pub(super) fn decapsulate(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
+        self.refresh_peer_timers(now, slot);
+        // Decrypt straight into a pooled buffer: the plaintext then goes to
+        // the TUN without another copy.
+        let mut buf = self.buffers.sized(data.len().max(MIN_BUFFER * 2));
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            self.buffers.recycle(buf);
+            return;
+        };
+        match wg.tunnel.decapsulate(now, from.ip(), data, &mut buf) {
+            Decapsulated::Done => {
+                wg.timers.on_authenticated_received(now);
+                self.buffers.recycle(buf);
+                self.peer_heard(now, slot, from);
+            }
+            Decapsulated::Error(e) => {
+                self.buffers.recycle(buf);
+                self.count_wg_error(e);
+            }
+            Decapsulated::Send {
+                len,
+                session_established,
+            } => {
+                wg.timers.on_authenticated_received(now);
+                wg.timers.on_data_sent(now);
+                buf.truncate(len);
+                if session_established {
+                    self.session_established(now, slot, from);
+                }
+                self.peer_heard(now, slot, from);
+                self.counters.datagrams_out += 1;
+                self.outputs.push_back(Output::Transmit(Transmit {
+                    dst: from,
+                    data: buf,
+                }));
+                self.flush_queue(now, slot, from);
+            }
+            Decapsulated::Deliver { len } => {
+                wg.timers.on_authenticated_received(now);
+                buf.truncate(len);
+                self.peer_heard(now, slot, from);
+                self.deliver_inbound(now, slot, buf);
+            }
+        }
+        self.reschedule_peer(slot);
+    }
+
+    /// Authenticated traffic from a peer: roam to its address and note activity.
+    pub(super) fn peer_heard(&mut self, now: Instant, slot: PeerSlot, from: SocketAddr) {
+        let peer = &mut self.peers[slot];
+        if let Some(wg) = peer.wg.as_mut() {
+            wg.endpoint = Some(from);
+            wg.heard_since_wake = true;
+        }
+        self.note_receive_activity(now, slot);
+    }
+
+    pub(super) fn session_established(&mut self, now: Instant, slot: PeerSlot, from: SocketAddr) {
+        let peer = &mut self.peers[slot];
+        let Some(wg) = peer.wg.as_mut() else { return };
+        wg.timers.on_session_established(now);
+        self.counters.handshakes_completed += 1;
+        let key = peer.config.public_key;
+        debug!(peer = ?key, endpoint = %from, "handshake completed");
+        self.outputs
+            .push_back(Output::Event(Event::HandshakeCompleted {
+                peer: key,
+                endpoint: from,
+            }));
+    }
+
+    /// Sends what WireGuard queued while the handshake ran, to the best
+    /// path or else to `to` (where the handshake came from).
+    fn flush_queue(&mut self, now: Instant, slot: PeerSlot, to: SocketAddr) {
+        loop {
+            let Some(wg) = self.peers[slot].wg.as_mut() else {
+                return;
+            };
+            let Some(queued) = wg.tunnel.next_queued(now, &mut self.buffers.wg_scratch) else {
+                return;
+            };
+            let len = match queued {
+                QueuedSend::Data { len, plaintext_len } => {
+                    wg.queued = wg.queued.saturating_sub(1);
+                    wg.timers.on_data_sent(now);
+                    self.peers[slot].tx_bytes += plaintext_len as u64;
+                    len
+                }
+                QueuedSend::Initiation { len } => {
+                    wg.timers.on_initiation_sent(now);
+                    self.counters.handshake_initiations_sent += 1;
+                    len
+                }
+            };
+            let buf = self.buffers.copy_of_wg_scratch(len);
+            self.counters.datagrams_out += 1;
+            let dst = self.disco.best_endpoint(slot).unwrap_or(to);
+            self.outputs
+                .push_back(Output::Transmit(Transmit { dst, data: buf }));
+            if matches!(queued, QueuedSend::Initiation { .. }) {
+                // The queue waits for this new handshake.
+                return;
+            }
+        }
+    }
+
+    /// A decrypted packet from a peer: check its source, filter it, intercept
+    /// what is ours (TSMP, ping replies), deliver the rest to the TUN.
+    pub(super) fn deliver_inbound(&mut self, now: Instant, slot: PeerSlot, packet: Vec<u8>) {
+        let header = match wire::ip::IpHeader::parse(&packet) {
+            Ok(h) => h,
+            Err(_) => {
+                self.counters.drop_inner_malformed += 1;
+                self.buffers.recycle(packet);
+                return;
+            }
+        };
+        let allowed = self
+            .routes
+            .lookup(header.src)
+            .is_some_and(|(_, &s)| s == slot);
+        if !allowed {
+            self.counters.drop_spoofed_source += 1;
+            self.buffers.recycle(packet);
+            debug!(peer = ?self.peers[slot].config.public_key, src = %header.src, "source outside allowed IPs");
+            return;
+        }
+        self.peers[slot].rx_bytes += packet.len() as u64;
+        match header.protocol {
+            wire::ip::PROTO_TSMP => {
+                self.handle_tsmp(now, slot, &header, &packet);
+                self.buffers.recycle(packet);
+                return;
+            }
+            wire::ip::PROTO_ICMP | wire::ip::PROTO_ICMPV6 => {
+                if let Some(echo) = wire::icmp::parse_echo(&header, &packet) {
+                    if echo.kind == wire::icmp::EchoKind::Reply {
+                        let key = MatchKey::Icmp(wire::icmp::ping_key(echo.ident, echo.seq));
+                        if self.complete_ping(now, key, slot, None, None) {
+                            self.buffers.recycle(packet);
+                            return;
+                        }
+                    }
+                }
+            }
+            wire::ip::PROTO_TCP => {
+                if let Some(tcp) = wire::tcp::parse(&header, &packet) {
+                    if tcp.is_syn_ack() || tcp.is_rst() {
+                        let src = SocketAddr::new(header.dst, tcp.dst_port);
+                        let dst = SocketAddr::new(header.src, tcp.src_port);
+                        self.opens.answered(src, dst);
+                    }
+                }
+            }
+            _ => {}
+        }
+        if self.filter.check(&header, &packet) == FilterAction::Drop {
+            self.counters.drop_filtered += 1;
+            // A refused connection attempt gets a TSMP reject, so the other
+            // side can tell "blocked by policy" from "no answer".
+            if header.protocol == wire::ip::PROTO_TCP {
+                if let Some(tcp) = wire::tcp::parse(&header, &packet).filter(|t| t.is_syn_only()) {
+                    let reject = wire::tsmp::TsmpMessage::Reject {
+                        ip_proto: wire::ip::PROTO_TCP,
+                        reason: wire::tsmp::RejectReason::Acl,
+                        src_port: tcp.src_port,
+                        dst_port: tcp.dst_port,
+                        maybe_broken: false,
+                    };
+                    let mut out = self.buffers.empty();
+                    if reject.emit_packet(header.dst, header.src, &mut out).is_ok() {
+                        self.counters.tsmp_rejects_sent += 1;
+                        self.send_to_peer(now, slot, &out);
+                    }
+                    self.buffers.recycle(out);
+                }
+            }
+            self.buffers.recycle(packet);
+            return;
+        }
+        if self.capture {
+            self.capture_packet(now, false, &packet);
+        }
+        self.counters.tun_packets_out += 1;
+        self.outputs.push_back(Output::TunWrite(packet));
+    }
+
+    pub(super) fn handle_tsmp(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        header: &wire::ip::IpHeader,
+        packet: &[u8],
+    ) {
+        let payload = packet
+            .get(header.header_len..header.total_len)
+            .unwrap_or(&[]);
+        let message = match wire::tsmp::TsmpMessage::parse(payload) {
+            Ok(m) => m,
+            Err(_) => {
+                self.counters.drop_tsmp_malformed += 1;
+                return;
+            }
+        };
+        match message {
+            wire::tsmp::TsmpMessage::Ping { data } => {
+                if !self.is_local_addr(header.dst) {
+                    self.counters.drop_tsmp_malformed += 1;
+                    return;
+                }
+                let pong = wire::tsmp::TsmpMessage::Pong {
+                    data,
+                    peerapi_port: self.applied.knobs.peerapi_port,
+                };
+                let mut out = self.buffers.empty();
+                if pong.emit_packet(header.dst, header.src, &mut out).is_ok() {
+                    self.counters.tsmp_pongs_sent += 1;
+                    self.send_to_peer(now, slot, &out);
+                }
+                self.buffers.recycle(out);
+            }
+            wire::tsmp::TsmpMessage::Pong { data, peerapi_port } => {
+                if !self.complete_ping(now, MatchKey::Tsmp(data), slot, None, peerapi_port) {
+                    trace!("unmatched TSMP pong");
+                }
+            }
+            wire::tsmp::TsmpMessage::Reject {
+                src_port, dst_port, ..
+            } => {
+                // A reject is about a flow we opened: our address is its destination.
+                let ours = SocketAddr::new(header.dst, src_port);
+                let theirs = SocketAddr::new(header.src, dst_port);
+                self.opens.rejected(ours, theirs);
+            }
+        }
+    }
+
+    pub(super) fn count_wg_error(&mut self, e: WgError) {
+        let c = &mut self.counters;
+        match e {
+            WgError::BadMac => c.drop_wg_bad_mac += 1,
+            WgError::DecryptFailed => c.drop_wg_decrypt_failed += 1,
+            WgError::Replay => c.drop_wg_replay += 1,
+            WgError::StaleTimestamp => c.drop_wg_stale_timestamp += 1,
+            WgError::UnknownIndex => c.drop_wg_unknown_index += 1,
+            WgError::Other => c.drop_wg_other += 1,
+        }
+    }
+
+    pub(super) fn note_receive_activity(&mut self, now: Instant, slot: PeerSlot) {
+        let peer = &mut self.peers[slot];
+        let record = peer
+            .last_receive_activity
+            .is_none_or(|t| now.saturating_duration_since(t) >= RECEIVE_ACTIVITY_GRANULARITY);
+        if record {
+            peer.last_receive_activity = Some(now);
+            if peer.wg.is_none() {
+                self.wake_peer(now, slot, WakeReason::Receive);
+            } else {
+                self.reschedule_peer(slot);
+            }
+            let actions = self.disco.note_active(now, slot, &mut self.rng);
+            self.run_disco_actions(now, actions);
+            if self
+                .last_status_push
+                .is_none_or(|t| now.saturating_duration_since(t) >= STATUS_PUSH_INTERVAL)
+            {
+                self.last_status_push = Some(now);
+                self.status_pending = true;
+            }
+        }
+    }
+
+    pub(super) fn handle_disco(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let Some(sender) = wire::disco::sender_key(data) else {
+            self.counters.drop_disco_bad += 1;
+            return;
+        };
+        let Some(&slot) = self.by_disco.get(&DiscoPublicKey(sender)) else {
+            self.counters.drop_disco_unknown_sender += 1;
+            return;
+        };
+        let peer = &self.peers[slot];
+        self.disco
+            .ensure_peer(slot, DiscoPublicKey(sender), &peer.config.endpoints);
+        let message = match self.disco.open(slot, data) {
+            Ok(m) => m,
+            Err(_) => {
+                self.counters.drop_disco_bad += 1;
+                return;
+            }
+        };
+        let actions = self
+            .disco
+            .handle_message(now, slot, from, message, &mut self.rng);
+        self.run_disco_actions(now, actions);
+    }
+
+    pub(super) fn run_disco_actions(&mut self, now: Instant, actions: Vec<DiscoAction>) {
+        for action in actions {
+            match action {
+                DiscoAction::Send { slot, dst, message } => {
+                    let mut nonce = [0u8; 24];
+                    self.rng.fill_bytes(&mut nonce);
+                    let mut buf = self.buffers.empty();
+                    if self
+                        .disco
+                        .seal(slot, self.disco_key.0, nonce, &message, &mut buf)
+                    {
+                        match message {
+                            wire::disco::DiscoMessage::Ping { .. } => {
+                                self.counters.disco_pings_sent += 1
+                            }
+                            wire::disco::DiscoMessage::Pong { .. } => {
+                                self.counters.disco_pongs_sent += 1
+                            }
+                            _ => {}
+                        }
+                        self.counters.datagrams_out += 1;
+                        self.outputs
+                            .push_back(Output::Transmit(Transmit { dst, data: buf }));
+                    } else {
+                        self.buffers.recycle(buf);
+                    }
+                }
+                DiscoAction::PongReceived { slot, tx_id, from } => {
+                    self.complete_ping(now, MatchKey::Disco(tx_id), slot, Some(from), None);
+                }
+                DiscoAction::PathChanged {
+                    slot,
+                    endpoint,
+                    latency,
+                } => {
+                    self.counters.path_changes += 1;
+                    let peer = self.peers[slot].config.public_key;
+                    self.outputs.push_back(Output::Event(Event::PathChanged {
+                        peer,
+                        endpoint,
+                        latency,
+                    }));
+                }
+                DiscoAction::CallMeMaybeReceived => self.counters.disco_call_me_maybe_received += 1,
+            }
+        }
+        self.schedule_disco();
+    }
+
+    /// Queues the disco deadline if it is earlier than the one already
+    /// queued: one entry per deadline, not one per disco message.
+    pub(super) fn schedule_disco(&mut self) {
+        if let Some(at) = self.disco.next_deadline() {
+            if self.disco_timer_at.is_none_or(|queued| at < queued) {
+                self.disco_timer_at = Some(at);
+                self.timers.push(at, TimerKey::Engine(EngineTimer::Disco));
+            }
+        }
+    }
+}

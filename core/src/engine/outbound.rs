@@ -1,0 +1,177 @@
+//! Outbound: a packet from the TUN, through WireGuard, to the network.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use tracing::trace;
+
+use super::Engine;
+use super::slot::PeerSlot;
+use super::wg::{DATA_OVERHEAD, Encapsulated, MIN_BUFFER};
+use crate::api::*;
+use crate::limits::*;
+use crate::wire;
+
+impl Engine {
+    pub(super) fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.counters.tun_packets_in += 1;
+        let header = match wire::ip::IpHeader::parse(packet) {
+            Ok(h) => h,
+            Err(e) => {
+                self.count_tun_error(&e);
+                return;
+            }
+        };
+        if packet.len() > MAX_PACKET_SIZE {
+            self.counters.drop_tun_too_large += 1;
+            return;
+        }
+        let packet = &packet[..header.total_len];
+        if self.capture {
+            self.capture_packet(now, true, packet);
+        }
+        if self.is_local_addr(header.dst) {
+            // The OS routed a packet for one of our own addresses into the
+            // tunnel (a stale route): hand it straight back, as the reference does.
+            self.counters.packets_reflected += 1;
+            let mut buf = self.buffers.empty();
+            buf.extend_from_slice(packet);
+            self.counters.tun_packets_out += 1;
+            self.outputs.push_back(Output::TunWrite(buf));
+            return;
+        }
+        let route = self.routes.lookup(header.dst).map(|(_, &slot)| slot);
+        if header.protocol == wire::ip::PROTO_TCP {
+            if let Some(tcp) = wire::tcp::parse(&header, packet) {
+                if tcp.is_syn_only() {
+                    let peer = route.map(|slot| self.peers[slot].config.public_key);
+                    let src = SocketAddr::new(header.src, tcp.src_port);
+                    let dst = SocketAddr::new(header.dst, tcp.dst_port);
+                    if self.opens.track(now, src, dst, peer) {
+                        self.schedule_opens();
+                    }
+                }
+            }
+        }
+        let Some(slot) = route else {
+            self.counters.drop_no_peer_for_dst += 1;
+            trace!(dst = %header.dst, "no peer for destination");
+            return;
+        };
+        if self.applied.knobs.fake_icmp_echo {
+            let mut reply = self.buffers.empty();
+            if wire::icmp::echo_reply_for(packet, &mut reply).is_some() {
+                self.counters.fake_icmp_replies += 1;
+                self.counters.tun_packets_out += 1;
+                self.outputs.push_back(Output::TunWrite(reply));
+                return;
+            }
+            self.buffers.recycle(reply);
+        }
+        self.note_send_activity(now, slot, header.dst);
+        self.send_to_peer(now, slot, packet);
+    }
+
+    pub(super) fn count_tun_error(&mut self, e: &wire::ip::IpError) {
+        use wire::ip::IpError;
+        match e {
+            IpError::Empty | IpError::Truncated { .. } => self.counters.drop_tun_truncated += 1,
+            IpError::UnknownVersion(_) => self.counters.drop_tun_bad_version += 1,
+            _ => self.counters.drop_tun_bad_length += 1,
+        }
+    }
+
+    /// Records send activity (coarsely, like the reference) and makes sure the
+    /// peer is in WireGuard before the packet is handed over, so the packet
+    /// that wakes a trimmed peer is not lost.
+    pub(super) fn note_send_activity(&mut self, now: Instant, slot: PeerSlot, dst: IpAddr) {
+        let peer = &mut self.peers[slot];
+        let last = peer.last_send_activity;
+        let record =
+            last.is_none_or(|t| now.saturating_duration_since(t) >= SEND_ACTIVITY_GRANULARITY);
+        if record {
+            peer.last_send_activity = Some(now);
+        }
+        // The reference re-checks its WireGuard config on a first send or after
+        // a gap of SEND_RECHECK_GAP; our lookup already covers the full config,
+        // so the re-check reduces to "is the peer configured?", done for every
+        // packet at the cost of one branch.
+        if peer.wg.is_none() {
+            self.wake_peer(now, slot, WakeReason::SendTo(dst));
+        } else if record {
+            self.reschedule_peer(slot);
+        }
+        if record {
+            let actions = self.disco.note_active(now, slot, &mut self.rng);
+            self.run_disco_actions(now, actions);
+        }
+    }
+
+    /// Encrypts `packet` for the peer in `slot` and queues the datagram.
+    /// The caller has made sure the peer is in WireGuard (woken if needed).
+    pub(super) fn send_to_peer(&mut self, now: Instant, slot: PeerSlot, packet: &[u8]) {
+        self.refresh_peer_timers(now, slot);
+        let max_queued = self.config.max_queued_packets_per_peer;
+        let needed = (packet.len() + DATA_OVERHEAD).max(MIN_BUFFER);
+        let mut buf = self.buffers.sized(needed);
+        let peer = &mut self.peers[slot];
+        let Some(wg) = peer.wg.as_mut() else {
+            self.buffers.recycle(buf);
+            return;
+        };
+        if wg.queued >= max_queued && !wg.timers.has_session() {
+            self.counters.drop_queue_overflow += 1;
+            self.buffers.recycle(buf);
+            return;
+        }
+        wg.timers.on_outbound_packet();
+        match wg.tunnel.encapsulate(now, packet, &mut buf) {
+            Encapsulated::Data { len } => {
+                wg.timers.on_data_sent(now);
+                peer.tx_bytes += packet.len() as u64;
+                buf.truncate(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            Encapsulated::Initiation { len } => {
+                // No session yet: the packet itself was queued behind this initiation.
+                wg.queued += 1;
+                wg.timers.on_initiation_sent(now);
+                self.counters.handshake_initiations_sent += 1;
+                buf.truncate(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            Encapsulated::Queued => {
+                // Queued behind a handshake already in progress.
+                wg.queued += 1;
+                self.buffers.recycle(buf);
+            }
+            Encapsulated::Error(e) => {
+                self.count_wg_error(e);
+                self.buffers.recycle(buf);
+            }
+        }
+        self.reschedule_peer(slot);
+    }
+
+    /// Sends a WireGuard datagram to the peer's current endpoint.
+    pub(super) fn transmit_to_peer(&mut self, slot: PeerSlot, data: Vec<u8>) {
+        let peer = &self.peers[slot];
+        let endpoint = self
+            .disco
+            .best_endpoint(slot)
+            .or(peer.wg.as_ref().and_then(|w| w.endpoint));
+        match endpoint {
+            Some(dst) => {
+                self.counters.datagrams_out += 1;
+                self.outputs
+                    .push_back(Output::Transmit(Transmit { dst, data }));
+            }
+            None => {
+                // No endpoint known yet; the peer can still reach us and we
+                // answer to where it came from.
+                trace!(peer = ?peer.config.public_key, "no endpoint for peer");
+                self.buffers.recycle(data);
+            }
+        }
+    }
+}

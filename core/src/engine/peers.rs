@@ -1,0 +1,402 @@
+//! Peers in and out of WireGuard: configure, wake, trim, and their timers.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tracing::{debug, info};
+
+use super::Engine;
+use super::slot::{PeerSlot, SlotTable};
+use super::timer::TimerKey;
+use super::timer::{PeerTimer, SessionTimers};
+use super::wg::{TimerAction, WgTunnel};
+use crate::api::*;
+use crate::config::PeerConfig;
+use crate::keys::DiscoPublicKey;
+use crate::limits::*;
+
+/// Every peer of the full config, by slot.
+pub(super) type PeerTable = SlotTable<Peer>;
+
+/// The WireGuard part of a configured peer.
+pub(super) struct WgPeer {
+    pub(super) tunnel: WgTunnel,
+    /// The 24-bit index WireGuard puts in the upper bits of its session indices.
+    pub(super) index: u32,
+    /// The session's protocol times, changed only through their hooks.
+    pub(super) timers: SessionTimers,
+    /// Packets WireGuard holds for us while a handshake runs.
+    pub(super) queued: usize,
+    /// Where WireGuard sends when disco has no better path: the last address
+    /// the peer was heard from, else its first configured endpoint.
+    pub(super) endpoint: Option<SocketAddr>,
+    /// When it was woken from the trimmed state, and whether it has been
+    /// heard from since (for connection diagnostics).
+    pub(super) woken_at: Option<Instant>,
+    pub(super) heard_since_wake: bool,
+    /// The deadline currently in the timer queue for this peer, and which
+    /// timer it is for. Only peers in WireGuard have timers (the idle check
+    /// included).
+    pub(super) deadline: Option<(Instant, PeerTimer)>,
+}
+
+/// A peer of the full config.
+pub(super) struct Peer {
+    pub(super) config: PeerConfig,
+    pub(super) trimmable: bool,
+    pub(super) wg: Option<Box<WgPeer>>,
+    pub(super) last_send_activity: Option<Instant>,
+    pub(super) last_receive_activity: Option<Instant>,
+    pub(super) rx_bytes: u64,
+    pub(super) tx_bytes: u64,
+}
+
+impl Peer {
+    /// The deadline this peer has in the timer queue, and what it is for.
+    pub(super) fn timer_deadline(&self) -> Option<(Instant, PeerTimer)> {
+        self.wg.as_ref().and_then(|wg| wg.deadline)
+    }
+
+    pub(super) fn last_activity(&self) -> Option<Instant> {
+        match (self.last_send_activity, self.last_receive_activity) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl Engine {
+    pub(super) fn allocate_tunnel_index(&mut self) -> u32 {
+        loop {
+            let index = self.next_tunnel_index & 0x00ff_ffff;
+            self.next_tunnel_index = self.next_tunnel_index.wrapping_add(1);
+            if !self.by_index.contains_key(&index) {
+                return index;
+            }
+        }
+    }
+
+    /// Hands a peer to WireGuard (a fresh `Tunn`, so no old session survives).
+    pub(super) fn configure_peer(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        woken: Option<WakeReason>,
+    ) {
+        if self.peers[slot].wg.is_some() {
+            return;
+        }
+        let index = self.allocate_tunnel_index();
+        let peer = &mut self.peers[slot];
+        let tunnel = self.device.new_tunnel(
+            now,
+            &peer.config.public_key,
+            peer.config.preshared_key,
+            peer.config.persistent_keepalive_secs,
+            index,
+        );
+        peer.wg = Some(Box::new(WgPeer {
+            tunnel,
+            index,
+            timers: SessionTimers::new(now, peer.config.persistent_keepalive_secs),
+            queued: 0,
+            endpoint: peer.config.endpoints.first().copied(),
+            woken_at: None,
+            heard_since_wake: false,
+            deadline: None,
+        }));
+
+        self.by_index.insert(index, slot);
+        self.configured_count += 1;
+        self.counters.peers_configured += 1;
+        let key = peer.config.public_key;
+        debug!(peer = ?key, ?woken, "peer configured");
+        self.outputs
+            .push_back(Output::Event(Event::PeerConfigured { peer: key, woken }));
+        if let Some(disco_key) = peer.config.disco_key {
+            self.disco
+                .ensure_peer(slot, disco_key, &peer.config.endpoints);
+        }
+        self.reschedule_peer(slot);
+    }
+
+    /// Takes a peer out of WireGuard, dropping its `Tunn` and keys.
+    pub(super) fn unconfigure_peer(&mut self, slot: PeerSlot, reason: RemoveReason) {
+        let peer = &mut self.peers[slot];
+        let Some(wg) = peer.wg.take() else { return };
+        self.by_index.remove(&wg.index);
+        self.configured_count -= 1;
+        if wg.queued > 0 && !matches!(reason, RemoveReason::DiscoKeyChanged) {
+            self.counters.drop_queue_discarded += wg.queued as u64;
+        }
+        let key = peer.config.public_key;
+        self.disco.remove_peer(slot);
+        debug!(peer = ?key, ?reason, "peer removed from WireGuard");
+        self.outputs
+            .push_back(Output::Event(Event::PeerRemoved { peer: key, reason }));
+        self.reschedule_peer(slot);
+    }
+
+    pub(super) fn wake_peer(&mut self, now: Instant, slot: PeerSlot, reason: WakeReason) {
+        if self.peers[slot].wg.is_some() {
+            return;
+        }
+        match reason {
+            WakeReason::SendTo(_) => self.counters.peers_woken_by_send += 1,
+            WakeReason::Receive => self.counters.peers_woken_by_receive += 1,
+            WakeReason::Handshake => self.counters.peers_woken_by_handshake += 1,
+            WakeReason::Ping => self.counters.peers_woken_by_ping += 1,
+        }
+        let peer = &mut self.peers[slot];
+        // The waking traffic is activity, so the idle timer starts from now.
+        match reason {
+            WakeReason::SendTo(_) | WakeReason::Ping => peer.last_send_activity = Some(now),
+            WakeReason::Receive | WakeReason::Handshake => peer.last_receive_activity = Some(now),
+        }
+        info!(peer = ?peer.config.public_key, ?reason, "waking trimmed peer");
+        self.configure_peer(now, slot, Some(reason));
+        if let Some(wg) = self.peers[slot].wg.as_mut() {
+            wg.woken_at = Some(now);
+        }
+    }
+
+    /// Runs a peer's due timers: the idle check first (an idle peer leaves
+    /// without its timers getting a chance to start a handshake), then
+    /// WireGuard's.
+    pub(super) fn peer_timer(&mut self, now: Instant, slot: PeerSlot) {
+        if self.idle_deadline(slot).is_some_and(|d| d <= now) {
+            let idle_since = self.peers[slot].last_activity();
+            let idle_secs = idle_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
+            self.counters.peers_trimmed += 1;
+            info!(peer = ?self.peers[slot].config.public_key, idle_secs, "trimming idle peer");
+            self.unconfigure_peer(slot, RemoveReason::Idle { idle_secs });
+            return;
+        }
+        let peer = &mut self.peers[slot];
+        let keepalive_secs = peer.config.persistent_keepalive_secs.unwrap_or(0);
+        if let Some(wg) = peer.wg.as_mut() {
+            wg.timers.on_timers_run(now, keepalive_secs);
+            let action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);
+            self.handle_timer_action(now, slot, action);
+        }
+        self.reschedule_peer(slot);
+    }
+
+    /// Refreshes WireGuard's clock for a peer before an operation and sends
+    /// whatever its timers wanted.
+    pub(super) fn refresh_peer_timers(&mut self, now: Instant, slot: PeerSlot) {
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        let action = wg.tunnel.refresh(now, &mut self.buffers.wg_scratch);
+        if action != TimerAction::Nothing {
+            self.handle_timer_action(now, slot, action);
+        }
+    }
+
+    /// Carries out what WireGuard's timers asked for; the packet, if any, is
+    /// at the start of the WireGuard scratch buffer.
+    fn handle_timer_action(&mut self, now: Instant, slot: PeerSlot, action: TimerAction) {
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        match action {
+            TimerAction::Nothing => {}
+            TimerAction::SendInitiation { len } => {
+                wg.timers.on_initiation_sent(now);
+                self.counters.handshake_initiations_sent += 1;
+                let buf = self.buffers.copy_of_wg_scratch(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            TimerAction::SendKeepalive { len } => {
+                wg.timers.on_data_sent(now);
+                self.counters.keepalives_sent += 1;
+                let buf = self.buffers.copy_of_wg_scratch(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            TimerAction::Expired => {
+                if wg.timers.on_expired() {
+                    self.counters.drop_queue_discarded += wg.queued as u64;
+                    wg.queued = 0;
+                    debug!(peer = ?self.peers[slot].config.public_key, "WireGuard connection expired");
+                }
+            }
+        }
+    }
+
+    pub(super) fn idle_deadline(&self, slot: PeerSlot) -> Option<Instant> {
+        let peer = &self.peers[slot];
+        if !self.trimming || !peer.trimmable || peer.wg.is_none() {
+            return None;
+        }
+        // A peer that never had activity is trimmed at once (the reference's
+        // "tracked with no activity" case); otherwise at last activity + threshold.
+        Some(
+            peer.last_activity()
+                .map_or(self.now, |t| t + LAZY_PEER_IDLE_THRESHOLD),
+        )
+    }
+
+    /// Recomputes a peer's deadline and queues it when it moved earlier.
+    pub(super) fn reschedule_peer(&mut self, slot: PeerSlot) {
+        let now = self.now;
+        let peer = &self.peers[slot];
+        // Only deadlines still ahead count: the ones behind have been acted on.
+        let wg_deadline = peer
+            .wg
+            .as_deref()
+            .and_then(|wg| wg.timers.next_deadline(now));
+        let idle = self.idle_deadline(slot).map(|at| (at, PeerTimer::IdleTrim));
+        let next = match (wg_deadline, idle) {
+            (Some(wg), Some(idle)) if idle.0 < wg.0 => Some(idle),
+            (wg, idle) => wg.or(idle),
+        };
+        let peer = &mut self.peers[slot];
+        let Some(wg) = peer.wg.as_mut() else { return };
+        match (next, wg.deadline) {
+            (Some((n, _)), Some((current, _))) if n >= current && current > now => {}
+            (Some((n, timer)), _) => {
+                wg.deadline = Some((n, timer));
+                self.timers.push(n, TimerKey::Peer(slot));
+            }
+            (None, _) => wg.deadline = None,
+        }
+    }
+
+    pub(super) fn add_peer(&mut self, now: Instant, cfg: PeerConfig) {
+        let key = cfg.public_key;
+        let disco = cfg.disco_key;
+        let trimmable = cfg.is_trimmable();
+        let nets = cfg.allowed_ips.clone();
+        let endpoints = cfg.endpoints.clone();
+        let slot = self.peers.insert(Peer {
+            config: cfg,
+            trimmable,
+            wg: None,
+            last_send_activity: None,
+            last_receive_activity: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        });
+        self.by_key.insert(key, slot);
+        if let Some(d) = disco {
+            self.by_disco.insert(d, slot);
+        }
+        for net in nets {
+            self.routes.insert(net, slot);
+        }
+        let _ = endpoints;
+        if !self.trimming || !trimmable {
+            self.configure_peer(now, slot, None);
+        }
+    }
+
+    /// Updates a peer's config in place. Returns the flush to finish when its
+    /// disco key changed while it was configured (phase one already done).
+    pub(super) fn update_peer(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        cfg: PeerConfig,
+    ) -> Option<(PeerSlot, DiscoPublicKey, DiscoPublicKey)> {
+        let old = std::mem::replace(&mut self.peers[slot].config, cfg);
+        let new = &self.peers[slot].config;
+        if old.allowed_ips != new.allowed_ips {
+            for net in &old.allowed_ips {
+                if self.routes.get_exact(net) == Some(&slot) {
+                    self.routes.remove(net);
+                }
+            }
+            for net in new.allowed_ips.clone() {
+                self.routes.insert(net, slot);
+            }
+        }
+        if old.disco_key != new.disco_key {
+            if let Some(d) = old.disco_key {
+                if self.by_disco.get(&d) == Some(&slot) {
+                    self.by_disco.remove(&d);
+                }
+            }
+            if let Some(d) = new.disco_key {
+                self.by_disco.insert(d, slot);
+            }
+        }
+        let new_endpoints = new.endpoints.clone();
+        let key = new.public_key;
+        let new_disco = new.disco_key;
+        if old.endpoints != new.endpoints {
+            if let Some(wg) = self.peers[slot].wg.as_mut() {
+                if wg
+                    .endpoint
+                    .is_none_or(|e| old.endpoints.contains(&e) && !new_endpoints.contains(&e))
+                {
+                    wg.endpoint = new_endpoints.first().copied();
+                }
+            }
+        }
+        let actions =
+            self.disco
+                .update_peer(self.now, slot, new_disco, &new_endpoints, &mut self.rng);
+        self.run_disco_actions(now, actions);
+        let peer = &mut self.peers[slot];
+        peer.trimmable = peer.config.is_trimmable();
+        let keys_changed = old.preshared_key != peer.config.preshared_key
+            || old.persistent_keepalive_secs != peer.config.persistent_keepalive_secs;
+        let mut flush = None;
+        if peer.wg.is_some() {
+            match (old.disco_key, new_disco) {
+                (Some(a), Some(b)) if a != b && !self.config.testing.disable_disco_key_flush => {
+                    // Phase one: drop the old session. The caller re-adds the
+                    // peer once every change of this reconfig is applied.
+                    info!(peer = ?key, "disco key changed: flushing WireGuard session");
+                    self.unconfigure_peer(slot, RemoveReason::DiscoKeyChanged);
+                    flush = Some((slot, a, b));
+                }
+                _ if keys_changed => {
+                    self.unconfigure_peer(slot, RemoveReason::ConfigChanged);
+                    self.configure_peer(now, slot, None);
+                }
+                _ => {}
+            }
+        }
+        if self.peers[slot].wg.is_none()
+            && flush.is_none()
+            && (!self.trimming || !self.peers[slot].trimmable)
+        {
+            self.configure_peer(now, slot, None);
+        }
+        self.reschedule_peer(slot);
+        flush
+    }
+
+    pub(super) fn remove_peer(&mut self, slot: PeerSlot) {
+        self.unconfigure_peer(slot, RemoveReason::RemovedFromConfig);
+        let Some(peer) = self.peers.remove(slot) else {
+            return;
+        };
+        self.by_key.remove(&peer.config.public_key);
+        if let Some(d) = peer.config.disco_key {
+            if self.by_disco.get(&d) == Some(&slot) {
+                self.by_disco.remove(&d);
+            }
+        }
+        for net in &peer.config.allowed_ips {
+            if self.routes.get_exact(net) == Some(&slot) {
+                self.routes.remove(net);
+            }
+        }
+        self.disco.remove_peer(slot);
+    }
+
+    pub(super) fn set_trimming(&mut self, now: Instant, on: bool) {
+        self.trimming = on;
+        let slots: Vec<PeerSlot> = self.by_key.values().copied().collect();
+        for slot in slots {
+            if on {
+                self.reschedule_peer(slot);
+            } else {
+                self.configure_peer(now, slot, None);
+            }
+        }
+    }
+}

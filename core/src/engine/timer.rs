@@ -1,0 +1,386 @@
+//! Timers: the engine's deadline queue, and each peer's WireGuard session
+//! timers with their protocol-event hooks.
+//!
+//! The queue cancels lazily.
+//! Each owner (a peer, a ping) remembers the one deadline it currently wants;
+//! the queue may hold older entries for it, which are skipped when they come
+//! up because they no longer match. Rescheduling later costs nothing (the
+//! early entry fires, the owner recomputes and pushes the next); rescheduling
+//! earlier pushes one entry. Every operation is `O(log n)`.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use super::slot::PeerSlot;
+use crate::api::PingId;
+use crate::keys::NodePublicKey;
+use crate::limits::{KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT};
+
+/// What a deadline belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum TimerKey {
+    /// A peer's WireGuard timers and idle check; the slot's generation
+    /// guards against a slot reused by another peer.
+    Peer(PeerSlot),
+    /// A ping's timeout.
+    Ping(u64),
+    /// Housekeeping shared by the whole engine (pendopen, disco).
+    Engine(EngineTimer),
+}
+
+/// Engine-wide timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum EngineTimer {
+    /// Check outbound TCP connections that got no answer.
+    PendingOpens,
+    /// Disco path maintenance (heartbeats, trust expiry).
+    Disco,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct TimerQueue {
+    heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+}
+
+impl TimerQueue {
+    pub(crate) fn push(&mut self, at: Instant, key: TimerKey) {
+        self.heap.push(Reverse((at, key)));
+    }
+
+    /// The earliest entry, current or stale.
+    pub(crate) fn peek(&self) -> Option<(Instant, TimerKey)> {
+        self.heap.peek().map(|Reverse(entry)| *entry)
+    }
+
+    /// Drops the earliest entry (the caller found it stale).
+    pub(crate) fn pop(&mut self) {
+        self.heap.pop();
+    }
+
+    /// Pops the earliest entry due at or before `now`.
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(Instant, TimerKey)> {
+        match self.heap.peek() {
+            Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse(e)| e),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
+
+/// The protocol times of one peer's WireGuard session.
+///
+/// Nothing outside this type writes them: each change is one hook named after
+/// the protocol event that causes it (as wireguard-go's `device/timers.go`
+/// does), and [`SessionTimers::next_deadline`] derives from them the next
+/// instant WireGuard's own timers could act.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionTimers {
+    /// The last authenticated message we sent (data, keepalive, response or initiation).
+    last_sent: Option<Instant>,
+    /// The last authenticated message we received.
+    last_received: Option<Instant>,
+    /// When the current run of handshake attempts began.
+    handshake_started: Option<Instant>,
+    /// When the last initiation of that run went out.
+    last_initiation_sent: Option<Instant>,
+    /// When the current session was established (`None`: no session).
+    session_established: Option<Instant>,
+    /// When the last session was established, kept across expiry for status.
+    last_handshake: Option<Instant>,
+    /// When the next persistent keepalive is due, if configured.
+    next_persistent_keepalive: Option<Instant>,
+    /// WireGuard gave up (`REKEY_ATTEMPT_TIME` or key expiry): no timer runs
+    /// until outbound traffic asks for a session again.
+    expired: bool,
+}
+
+impl SessionTimers {
+    /// The timers of a fresh tunnel at `now`, with the persistent keepalive
+    /// (seconds, 0 or `None` for off) first due one interval from now.
+    pub(crate) fn new(now: Instant, persistent_keepalive_secs: Option<u16>) -> Self {
+        Self {
+            last_sent: None,
+            last_received: None,
+            handshake_started: None,
+            last_initiation_sent: None,
+            session_established: None,
+            last_handshake: None,
+            next_persistent_keepalive: persistent_keepalive_secs
+                .filter(|&s| s > 0)
+                .map(|s| now + Duration::from_secs(u64::from(s))),
+            expired: false,
+        }
+    }
+
+    /// A data message, keepalive or handshake response went out (anything but an initiation).
+    pub(crate) fn on_data_sent(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+    }
+
+    /// A handshake initiation went out: starts the attempt run if none is running.
+    pub(crate) fn on_initiation_sent(&mut self, now: Instant) {
+        if self.handshake_started.is_none() {
+            self.handshake_started = Some(now);
+        }
+        self.last_initiation_sent = Some(now);
+        self.last_sent = Some(now);
+    }
+
+    /// A handshake completed (either side): the attempt run ends and the session is live.
+    pub(crate) fn on_session_established(&mut self, now: Instant) {
+        self.session_established = Some(now);
+        self.handshake_started = None;
+        self.last_initiation_sent = None;
+        self.expired = false;
+        self.last_handshake = Some(now);
+    }
+
+    /// An authenticated message (handshake, data or keepalive) arrived from the peer.
+    pub(crate) fn on_authenticated_received(&mut self, now: Instant) {
+        self.last_received = Some(now);
+    }
+
+    /// An outbound packet was handed to the tunnel: an expired session may try again.
+    pub(crate) fn on_outbound_packet(&mut self) {
+        self.expired = false;
+    }
+
+    /// WireGuard gave up the session. Returns true when it was live until now
+    /// (the caller then drops what was queued for it).
+    pub(crate) fn on_expired(&mut self) -> bool {
+        if self.expired {
+            return false;
+        }
+        self.expired = true;
+        self.session_established = None;
+        self.handshake_started = None;
+        self.last_initiation_sent = None;
+        true
+    }
+
+    /// The peer's timers ran at `now`: a persistent keepalive that was due is
+    /// next due one interval (`interval_secs`, at least 1) later.
+    pub(crate) fn on_timers_run(&mut self, now: Instant, interval_secs: u16) {
+        if self.next_persistent_keepalive.is_some_and(|t| t <= now) {
+            self.next_persistent_keepalive =
+                Some(now + Duration::from_secs(u64::from(interval_secs.max(1))));
+        }
+    }
+
+    /// True while a session is established and has not expired.
+    pub(crate) fn has_session(&self) -> bool {
+        self.session_established.is_some() && !self.expired
+    }
+
+    /// When the last handshake completed, even if the session expired since.
+    pub(crate) fn last_handshake(&self) -> Option<Instant> {
+        self.last_handshake
+    }
+
+    /// The next instant after `now` at which WireGuard's timers could act,
+    /// and which timer that is (the WireGuard implementation exposes no deadline of its own).
+    ///
+    /// Only the timers that fire on their own in WireGuard are listed:
+    /// handshake retransmission and give-up, passive keepalive, the "sent but
+    /// heard nothing" re-handshake, and persistent keepalive. The session-age
+    /// rules (rekey after 120 s, reject after 180 s) apply "after sending" or
+    /// "after receiving" in the protocol, and every send and receive runs
+    /// WireGuard's timers first, so they need no deadline. That matters:
+    /// WireGuard would otherwise re-key an idle session at 120 s, and that
+    /// handshake would count as activity and keep idle peers from ever being
+    /// trimmed. Deadlines at or before `now` have been acted on and are skipped.
+    pub(crate) fn next_deadline(&self, now: Instant) -> Option<(Instant, PeerTimer)> {
+        if self.expired {
+            return None;
+        }
+        let candidates = [
+            (
+                self.last_initiation_sent.map(|t| t + REKEY_TIMEOUT),
+                PeerTimer::HandshakeRetry,
+            ),
+            (
+                self.handshake_started.map(|t| t + REKEY_ATTEMPT_TIME),
+                PeerTimer::HandshakeGiveUp,
+            ),
+            (
+                self.last_sent
+                    .map(|t| t + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT),
+                PeerTimer::NoReplyRehandshake,
+            ),
+            (
+                self.last_received.map(|t| t + KEEPALIVE_TIMEOUT),
+                PeerTimer::PassiveKeepalive,
+            ),
+            (
+                self.next_persistent_keepalive,
+                PeerTimer::PersistentKeepalive,
+            ),
+        ];
+        let mut next: Option<(Instant, PeerTimer)> = None;
+        for (at, timer) in candidates {
+            let Some(at) = at.filter(|t| *t > now) else {
+                continue;
+            };
+            if next.is_none_or(|(best, _)| at < best) {
+                next = Some((at, timer));
+            }
+        }
+        next
+    }
+}
+
+/// Which of a peer's timers a deadline is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum PeerTimer {
+    /// Retransmit the handshake initiation (`REKEY_TIMEOUT`, 5 s, after the last one).
+    HandshakeRetry,
+    /// Give up the handshake (`REKEY_ATTEMPT_TIME`, 90 s, after it began).
+    HandshakeGiveUp,
+    /// Sent but heard nothing back for `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT`
+    /// (15 s): start a new handshake.
+    NoReplyRehandshake,
+    /// Received but sent nothing for `KEEPALIVE_TIMEOUT` (10 s): send a keepalive.
+    PassiveKeepalive,
+    /// The configured persistent keepalive.
+    PersistentKeepalive,
+    /// The lazy-peer idle check: trim the peer out of WireGuard.
+    IdleTrim,
+}
+
+/// Why the engine wants to be woken at the deadline of
+/// [`crate::Engine::poll_timeout`] (see [`crate::Engine::timeout_reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TimeoutReason {
+    /// One of a peer's timers.
+    Peer {
+        /// The peer.
+        peer: NodePublicKey,
+        /// Which timer.
+        timer: PeerTimer,
+    },
+    /// A ping gives up waiting for its answer.
+    Ping {
+        /// The caller's id of the ping.
+        id: PingId,
+    },
+    /// Outbound TCP opens that got no answer are diagnosed.
+    PendingOpens,
+    /// Disco path maintenance (heartbeats, trust expiry).
+    Disco,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch() -> Instant {
+        // Tests own the clock; this reading only fixes an epoch.
+        #[allow(clippy::disallowed_methods)]
+        Instant::now()
+    }
+
+    #[test]
+    fn hooks_drive_the_next_deadline() {
+        let t0 = epoch();
+        let mut timers = SessionTimers::new(t0, None);
+        assert_eq!(
+            timers.next_deadline(t0),
+            None,
+            "a fresh tunnel has no timer"
+        );
+
+        timers.on_initiation_sent(t0);
+        assert_eq!(
+            timers.next_deadline(t0),
+            Some((t0 + REKEY_TIMEOUT, PeerTimer::HandshakeRetry))
+        );
+
+        let t1 = t0 + Duration::from_millis(100);
+        timers.on_authenticated_received(t1);
+        timers.on_session_established(t1);
+        assert!(timers.has_session());
+        assert_eq!(timers.last_handshake(), Some(t1));
+        // Retry and give-up are gone; the passive keepalive (t1 + 10 s) comes
+        // before the no-reply re-handshake (t0 + 15 s).
+        assert_eq!(
+            timers.next_deadline(t1),
+            Some((t1 + KEEPALIVE_TIMEOUT, PeerTimer::PassiveKeepalive))
+        );
+        // Deadlines at or before `now` were acted on and are skipped.
+        assert_eq!(
+            timers.next_deadline(t1 + KEEPALIVE_TIMEOUT),
+            Some((
+                t0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
+                PeerTimer::NoReplyRehandshake
+            ))
+        );
+
+        assert!(timers.on_expired());
+        assert!(!timers.on_expired(), "expiry is reported once");
+        assert!(!timers.has_session());
+        assert_eq!(timers.last_handshake(), Some(t1), "kept for status");
+        assert_eq!(timers.next_deadline(t1), None, "nothing runs while expired");
+
+        timers.on_outbound_packet();
+        assert_eq!(
+            timers.next_deadline(t1),
+            Some((t1 + KEEPALIVE_TIMEOUT, PeerTimer::PassiveKeepalive))
+        );
+        timers.on_data_sent(t1);
+        assert_eq!(
+            timers.next_deadline(t1 + KEEPALIVE_TIMEOUT),
+            Some((
+                t1 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
+                PeerTimer::NoReplyRehandshake
+            ))
+        );
+    }
+
+    #[test]
+    fn persistent_keepalive_moves_on_only_when_due() {
+        let t0 = epoch();
+        let interval = Duration::from_secs(25);
+        let mut timers = SessionTimers::new(t0, Some(25));
+        assert_eq!(
+            timers.next_deadline(t0),
+            Some((t0 + interval, PeerTimer::PersistentKeepalive))
+        );
+        timers.on_timers_run(t0 + Duration::from_secs(24), 25);
+        assert_eq!(
+            timers.next_deadline(t0),
+            Some((t0 + interval, PeerTimer::PersistentKeepalive))
+        );
+        timers.on_timers_run(t0 + interval, 25);
+        assert_eq!(
+            timers.next_deadline(t0 + interval),
+            Some((t0 + 2 * interval, PeerTimer::PersistentKeepalive))
+        );
+        // Zero means off.
+        assert_eq!(SessionTimers::new(t0, Some(0)).next_deadline(t0), None);
+    }
+
+    #[test]
+    fn the_queue_hands_out_entries_in_time_order() {
+        let t0 = epoch();
+        let mut queue = TimerQueue::default();
+        queue.push(t0 + Duration::from_secs(2), TimerKey::Ping(2));
+        queue.push(t0 + Duration::from_secs(1), TimerKey::Ping(1));
+        assert_eq!(
+            queue.peek(),
+            Some((t0 + Duration::from_secs(1), TimerKey::Ping(1)))
+        );
+        assert_eq!(queue.pop_due(t0), None, "nothing is due yet");
+        assert_eq!(
+            queue.pop_due(t0 + Duration::from_secs(1)),
+            Some((t0 + Duration::from_secs(1), TimerKey::Ping(1)))
+        );
+        queue.pop();
+        assert_eq!(queue.len(), 0);
+    }
+}

@@ -1,0 +1,486 @@
+//! The one door into boringtun.
+//!
+//! No other module of the crate names a boringtun type. What comes out of
+//! here is wgmesh's own vocabulary: [`Arrival`] says what a datagram is before
+//! any peer state is touched (an initiation from a known key, a message for
+//! one of our tunnel indices, a cookie to send back, a drop), and the result
+//! enums of [`WgTunnel`]'s operations say what to do next ([`Encapsulated`],
+//! [`Decapsulated`], [`QueuedSend`], [`TimerAction`]: send, deliver, done,
+//! expired). WireGuard message types are read as numbers only in this file.
+//!
+//! boringtun's `Tunn` reads the time itself. Built with its `mock-instant`
+//! feature it reads `mock_instant`'s thread-local clock instead, so every
+//! method here first sets that clock from the engine's `now` (relative to the
+//! engine's fixed epoch) and only then calls into `Tunn`. Nothing else in the
+//! crate may touch a `Tunn`: that is what keeps WireGuard on the engine's
+//! clock in production and in simulation alike.
+//!
+//! boringtun only records event times when `update_timers` runs (its stored
+//! "current time" is refreshed there), so the wrapper refreshes it before any
+//! operation when the clock has moved by at least `WG_TIMER_REFRESH`. Calling
+//! `update_timers` early is harmless; late would stamp events with stale times.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+
+use crate::keys::{NodePrivateKey, NodePublicKey};
+use crate::limits::{HANDSHAKE_RATE_LIMIT, WG_TIMER_REFRESH};
+
+/// What a data message adds around its plaintext: a 16-byte header and a
+/// 16-byte authentication tag.
+pub(crate) const DATA_OVERHEAD: usize = 32;
+/// The largest WireGuard handshake message is the 148-byte initiation; every
+/// buffer handed to boringtun is at least this long.
+pub(crate) const MIN_BUFFER: usize = 148;
+
+/// WireGuard message types, as the first byte (little-endian u32) of a message.
+const MESSAGE_INITIATION: u8 = 1;
+const MESSAGE_RESPONSE: u8 = 2;
+const MESSAGE_DATA: u8 = 4;
+
+/// How often the handshake rate limiter's counts start over.
+const RATE_LIMIT_WINDOW: Duration = Duration::from_secs(1);
+
+/// The engine's clock as seen by boringtun: elapsed time since a fixed epoch.
+#[derive(Debug, Clone, Copy)]
+struct WgClock {
+    epoch: Instant,
+}
+
+impl WgClock {
+    /// Points boringtun's thread-local clock at `now`.
+    fn enter(&self, now: Instant) {
+        mock_instant::MockClock::set_time(now.saturating_duration_since(self.epoch));
+    }
+
+    /// Runs `f` with boringtun's clock at `now`, for calls outside a `Tunn`
+    /// (the shared rate limiter).
+    fn with<R>(&self, now: Instant, f: impl FnOnce() -> R) -> R {
+        self.enter(now);
+        f()
+    }
+}
+
+/// Why a datagram was dropped before it reached a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ArrivalDrop {
+    /// It starts like a WireGuard message but has the wrong size.
+    BadSize,
+    /// Neither WireGuard nor disco.
+    NotWireGuard,
+    /// A handshake initiation whose MAC1 is wrong.
+    BadMac,
+    /// A handshake initiation that is not addressed to our static key.
+    NotForUs,
+    /// boringtun refused it for another reason.
+    Error(WgError),
+}
+
+/// What a datagram that is not disco turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// A handshake initiation that passed the rate limiter and the MAC check,
+    /// from the peer with this static key (which may not be in the config).
+    Initiation {
+        /// The initiator's static public key.
+        peer: NodePublicKey,
+    },
+    /// A handshake response, cookie reply or data message for the tunnel
+    /// with this (24-bit) index.
+    ForTunnel {
+        /// The tunnel index we gave the session.
+        index: u32,
+    },
+    /// Under load an initiation must prove its address first: send the first
+    /// `len` bytes of `reply` back to the sender and drop the initiation.
+    CookieReply {
+        /// The cookie reply message.
+        reply: [u8; 64],
+        /// How much of `reply` is the message.
+        len: usize,
+    },
+    /// Dropped; the engine counts why.
+    Dropped(ArrivalDrop),
+}
+
+/// Why boringtun refused a message, grouped the way the counters are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WgError {
+    /// A handshake message with a wrong MAC.
+    BadMac,
+    /// A message that failed to decrypt or authenticate.
+    DecryptFailed,
+    /// A data message with a counter already seen or too old.
+    Replay,
+    /// A handshake initiation with a timestamp not newer than the last one.
+    StaleTimestamp,
+    /// A message for a session index that does not exist (any more).
+    UnknownIndex,
+    /// Anything else.
+    Other,
+}
+
+impl From<WireGuardError> for WgError {
+    fn from(e: WireGuardError) -> Self {
+        match e {
+            WireGuardError::InvalidMac => WgError::BadMac,
+            WireGuardError::InvalidAeadTag | WireGuardError::InvalidPacket => {
+                WgError::DecryptFailed
+            }
+            WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => WgError::Replay,
+            WireGuardError::WrongTai64nTimestamp => WgError::StaleTimestamp,
+            WireGuardError::WrongIndex
+            | WireGuardError::NoCurrentSession
+            | WireGuardError::UnexpectedPacket => WgError::UnknownIndex,
+            _ => WgError::Other,
+        }
+    }
+}
+
+/// This node's WireGuard side as a whole: its static key, the handshake rate
+/// limiter shared by every tunnel, and the clock boringtun reads. It makes
+/// the tunnels and classifies every arriving datagram before any tunnel sees it.
+pub(crate) struct WgDevice {
+    clock: WgClock,
+    static_private: x25519::StaticSecret,
+    static_public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    rate_limiter_reset_at: Instant,
+}
+
+impl WgDevice {
+    /// A device for `private_key`; `now` is the epoch of boringtun's clock.
+    pub(crate) fn new(private_key: &NodePrivateKey, now: Instant) -> Self {
+        let static_private = x25519::StaticSecret::from(*private_key.as_bytes());
+        let static_public = x25519::PublicKey::from(&static_private);
+        let clock = WgClock { epoch: now };
+        let rate_limiter = clock.with(now, || {
+            Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT))
+        });
+        Self {
+            clock,
+            static_private,
+            static_public,
+            rate_limiter,
+            rate_limiter_reset_at: now,
+        }
+    }
+
+    /// A fresh tunnel to one peer (no session: the first send or an
+    /// initiation from the peer starts one).
+    pub(crate) fn new_tunnel(
+        &self,
+        now: Instant,
+        peer_public: &NodePublicKey,
+        preshared_key: Option<[u8; 32]>,
+        persistent_keepalive_secs: Option<u16>,
+        index: u32,
+    ) -> WgTunnel {
+        self.clock.enter(now);
+        let tunn = Tunn::new(
+            self.static_private.clone(),
+            x25519::PublicKey::from(peer_public.0),
+            preshared_key,
+            persistent_keepalive_secs.filter(|&s| s > 0),
+            index,
+            Some(Arc::clone(&self.rate_limiter)),
+        );
+        WgTunnel {
+            tunn,
+            clock: self.clock,
+            refreshed_at: now,
+        }
+    }
+
+    /// Says what a (non-disco) datagram from `from` is. An initiation is
+    /// rate-limited and its MAC checked with the shared limiter before the
+    /// expensive Diffie-Hellman that reveals the sender's key.
+    pub(crate) fn classify(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> Arrival {
+        let packet = match Tunn::parse_incoming_packet(datagram) {
+            Ok(packet) => packet,
+            Err(WireGuardError::InvalidPacket) => {
+                let looks_like_wireguard = datagram.len() >= 4
+                    && matches!(
+                        u32::from_le_bytes([datagram[0], datagram[1], datagram[2], datagram[3]]),
+                        1..=4
+                    );
+                return Arrival::Dropped(if looks_like_wireguard {
+                    ArrivalDrop::BadSize
+                } else {
+                    ArrivalDrop::NotWireGuard
+                });
+            }
+            Err(e) => return Arrival::Dropped(ArrivalDrop::Error(e.into())),
+        };
+        let init = match packet {
+            Packet::HandshakeInit(init) => init,
+            // boringtun puts our 24-bit tunnel index in the upper bits of
+            // every session index it hands out.
+            Packet::HandshakeResponse(p) => {
+                return Arrival::ForTunnel {
+                    index: p.receiver_idx >> 8,
+                };
+            }
+            Packet::PacketCookieReply(p) => {
+                return Arrival::ForTunnel {
+                    index: p.receiver_idx >> 8,
+                };
+            }
+            Packet::PacketData(p) => {
+                return Arrival::ForTunnel {
+                    index: p.receiver_idx >> 8,
+                };
+            }
+        };
+        if now.saturating_duration_since(self.rate_limiter_reset_at) >= RATE_LIMIT_WINDOW {
+            self.rate_limiter_reset_at = now;
+            self.clock.with(now, || self.rate_limiter.reset_count());
+        }
+        let mut reply = [0u8; 64];
+        let verdict = self.clock.with(now, || {
+            match self
+                .rate_limiter
+                .verify_packet(Some(from.ip()), datagram, &mut reply)
+            {
+                Ok(_) => Ok(()),
+                Err(TunnResult::WriteToNetwork(cookie)) => Err(Some(cookie.len())),
+                Err(_) => Err(None),
+            }
+        });
+        match verdict {
+            Ok(()) => {}
+            Err(Some(len)) => return Arrival::CookieReply { reply, len },
+            Err(None) => return Arrival::Dropped(ArrivalDrop::BadMac),
+        }
+        match parse_handshake_anon(&self.static_private, &self.static_public, &init) {
+            Ok(half) => Arrival::Initiation {
+                peer: NodePublicKey(half.peer_static_public),
+            },
+            Err(_) => Arrival::Dropped(ArrivalDrop::NotForUs),
+        }
+    }
+}
+
+/// What encrypting one outbound packet produced. Packets are at the start
+/// of the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encapsulated {
+    /// Send this data message of `len` bytes.
+    Data { len: usize },
+    /// There was no session: the packet was queued and this handshake
+    /// initiation of `len` bytes must be sent.
+    Initiation { len: usize },
+    /// Queued behind a handshake already in progress: nothing to send.
+    Queued,
+    /// Refused.
+    Error(WgError),
+}
+
+/// What decrypting one datagram produced. Packets are at the start of the
+/// caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decapsulated {
+    /// Authenticated and consumed, nothing to send or deliver (a keepalive,
+    /// a cookie reply).
+    Done,
+    /// Send `len` bytes back to the sender. `session_established` is true
+    /// when the datagram was a handshake message, so that a session now
+    /// exists: we answered an initiation (we are the responder) or our
+    /// initiation was answered and the reply is the first keepalive.
+    Send {
+        len: usize,
+        session_established: bool,
+    },
+    /// Deliver this decrypted IP packet of `len` bytes to the TUN.
+    Deliver { len: usize },
+    /// Refused.
+    Error(WgError),
+}
+
+/// One packet boringtun held while a handshake ran, now to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueuedSend {
+    /// A data message of `len` bytes carrying `plaintext_len` bytes.
+    Data { len: usize, plaintext_len: usize },
+    /// boringtun put the packet back and started its own handshake: send
+    /// this initiation of `len` bytes; the queue stays until it completes.
+    Initiation { len: usize },
+}
+
+/// What WireGuard's own timers want.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerAction {
+    /// Nothing to do.
+    Nothing,
+    /// Send this handshake initiation (a retry or a rekey) of `len` bytes.
+    SendInitiation { len: usize },
+    /// Send this keepalive of `len` bytes.
+    SendKeepalive { len: usize },
+    /// The session expired: handshake attempts gave up
+    /// (`REKEY_ATTEMPT_TIME`) or the keys aged out.
+    Expired,
+}
+
+/// One WireGuard tunnel to one peer.
+pub(crate) struct WgTunnel {
+    tunn: Tunn,
+    clock: WgClock,
+    refreshed_at: Instant,
+}
+
+impl WgTunnel {
+    /// Runs WireGuard's timers now. Early calls are harmless.
+    pub(crate) fn update_timers(&mut self, now: Instant, dst: &mut [u8]) -> TimerAction {
+        self.clock.enter(now);
+        self.refreshed_at = now;
+        let result = self.tunn.update_timers(dst);
+        timer_action(result)
+    }
+
+    /// Refreshes boringtun's notion of "now" if the clock moved by at least
+    /// `WG_TIMER_REFRESH`; what that produced must be sent before the
+    /// operation that follows.
+    pub(crate) fn refresh(&mut self, now: Instant, dst: &mut [u8]) -> TimerAction {
+        self.clock.enter(now);
+        if now.saturating_duration_since(self.refreshed_at) < WG_TIMER_REFRESH {
+            return TimerAction::Nothing;
+        }
+        self.refreshed_at = now;
+        let result = self.tunn.update_timers(dst);
+        timer_action(result)
+    }
+
+    /// Encrypts one IP packet (or queues it and starts a handshake).
+    pub(crate) fn encapsulate(&mut self, now: Instant, src: &[u8], dst: &mut [u8]) -> Encapsulated {
+        self.clock.enter(now);
+        match self.tunn.encapsulate(src, dst) {
+            TunnResult::WriteToNetwork(out) if out.first() == Some(&MESSAGE_DATA) => {
+                Encapsulated::Data { len: out.len() }
+            }
+            TunnResult::WriteToNetwork(out) => Encapsulated::Initiation { len: out.len() },
+            TunnResult::Done => Encapsulated::Queued,
+            TunnResult::Err(e) => Encapsulated::Error(e.into()),
+            // Encrypting never yields a packet for the TUN; if it did, the
+            // packet is dropped and counted rather than delivered.
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                Encapsulated::Error(WgError::Other)
+            }
+        }
+    }
+
+    /// Handles one datagram from `from`.
+    pub(crate) fn decapsulate(
+        &mut self,
+        now: Instant,
+        from: IpAddr,
+        datagram: &[u8],
+        dst: &mut [u8],
+    ) -> Decapsulated {
+        self.clock.enter(now);
+        let handshake = matches!(
+            datagram.first(),
+            Some(&(MESSAGE_INITIATION | MESSAGE_RESPONSE))
+        );
+        match self.tunn.decapsulate(Some(from), datagram, dst) {
+            TunnResult::Done => Decapsulated::Done,
+            TunnResult::Err(e) => Decapsulated::Error(e.into()),
+            TunnResult::WriteToNetwork(reply) => Decapsulated::Send {
+                len: reply.len(),
+                session_established: handshake,
+            },
+            TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
+                Decapsulated::Deliver { len: inner.len() }
+            }
+        }
+    }
+
+    /// The next packet boringtun queued while a handshake ran, if any.
+    pub(crate) fn next_queued(&mut self, now: Instant, dst: &mut [u8]) -> Option<QueuedSend> {
+        self.clock.enter(now);
+        match self.tunn.decapsulate(None, &[], dst) {
+            TunnResult::WriteToNetwork(out) if out.first() == Some(&MESSAGE_DATA) => {
+                let len = out.len();
+                Some(QueuedSend::Data {
+                    len,
+                    plaintext_len: len - DATA_OVERHEAD,
+                })
+            }
+            TunnResult::WriteToNetwork(out) => Some(QueuedSend::Initiation { len: out.len() }),
+            TunnResult::Done
+            | TunnResult::Err(_)
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..) => None,
+        }
+    }
+}
+
+/// Reads what `update_timers` produced. Errors other than expiry carry no
+/// action: boringtun reports them for timers that found nothing to do.
+fn timer_action(result: TunnResult<'_>) -> TimerAction {
+    match result {
+        TunnResult::WriteToNetwork(packet) if packet.first() == Some(&MESSAGE_INITIATION) => {
+            TimerAction::SendInitiation { len: packet.len() }
+        }
+        TunnResult::WriteToNetwork(packet) => TimerAction::SendKeepalive { len: packet.len() },
+        TunnResult::Err(WireGuardError::ConnectionExpired) => TimerAction::Expired,
+        TunnResult::Err(_)
+        | TunnResult::Done
+        | TunnResult::WriteToTunnelV4(..)
+        | TunnResult::WriteToTunnelV6(..) => TimerAction::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `keys.rs` derives public keys with the disco box's X25519; WireGuard
+    /// must see the same key for the same secret, or no handshake completes.
+    #[test]
+    fn public_keys_agree_with_the_wireguard_implementation() {
+        for seed in 0u8..64 {
+            let mut bytes = [0u8; 32];
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = seed
+                    .wrapping_mul(31)
+                    .wrapping_add((i as u8).wrapping_mul(7));
+            }
+            let ours = NodePrivateKey::from_bytes(bytes).public_key();
+            let theirs = x25519::PublicKey::from(&x25519::StaticSecret::from(bytes));
+            assert_eq!(ours.0, theirs.to_bytes(), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn datagrams_are_classified_without_touching_a_tunnel() {
+        // The harness owns the clock; this reading only fixes an epoch.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let mut device = WgDevice::new(&NodePrivateKey::from_bytes([7; 32]), now);
+        let from: SocketAddr = "192.0.2.1:41641".parse().unwrap();
+        assert_eq!(
+            device.classify(now, from, b"hello"),
+            Arrival::Dropped(ArrivalDrop::NotWireGuard)
+        );
+        // A data message type with a wrong length.
+        assert_eq!(
+            device.classify(now, from, &[4, 0, 0, 0, 1, 2]),
+            Arrival::Dropped(ArrivalDrop::BadSize)
+        );
+        // A well-formed data message names the tunnel in its index's upper bits.
+        let mut data = vec![0u8; 32];
+        data[0] = MESSAGE_DATA;
+        data[4..8].copy_from_slice(&((0x00ab_cdef_u32 << 8) | 3).to_le_bytes());
+        assert_eq!(
+            device.classify(now, from, &data),
+            Arrival::ForTunnel { index: 0x00ab_cdef }
+        );
+    }
+}

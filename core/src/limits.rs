@@ -1,0 +1,68 @@
+//! Every timing constant and size bound of the engine, in one place.
+//!
+//! The engine's modules read their limits from here rather than from each
+//! other, so no two modules import each other for a constant. The public ones
+//! are re-exported at the crate root because the adapters, the simulator and
+//! the tests reason about the same times.
+
+use std::time::Duration;
+
+// --- Lazy peers and activity -------------------------------------------------
+
+/// A trimmable peer with no send or receive activity for this long leaves WireGuard.
+pub const LAZY_PEER_IDLE_THRESHOLD: Duration = Duration::from_secs(5 * 60);
+/// Receive activity per peer is noted at most this often.
+pub const RECEIVE_ACTIVITY_GRANULARITY: Duration = Duration::from_secs(10);
+/// Send activity per destination is recorded at most this often.
+pub const SEND_ACTIVITY_GRANULARITY: Duration = Duration::from_secs(10);
+/// A send after a gap this long (or a first send) re-checks the WireGuard config.
+pub const SEND_RECHECK_GAP: Duration = Duration::from_secs(60);
+/// While there is receive activity, status is pushed at most this often.
+pub const STATUS_PUSH_INTERVAL: Duration = Duration::from_secs(60);
+
+// --- Pings and pending opens --------------------------------------------------
+
+/// Every ping ends after this long at the latest.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// An outbound TCP SYN with no answer for this long is diagnosed.
+pub const PENDING_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most flows watched at once; SYNs beyond it are not diagnosed.
+pub(crate) const MAX_PENDING_OPENS: usize = 1024;
+
+// --- Disco (the reference's magicsock timings) --------------------------------
+
+/// How long a path that answered is trusted without another pong.
+pub const TRUST_UDP_ADDR_DURATION: Duration = Duration::from_millis(6500);
+/// Heartbeat interval of the best path while the peer is active.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+/// A peer counts as active this long after its last traffic.
+pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
+/// A disco ping with no pong after this long has failed.
+pub const DISCO_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// An active peer's candidates are all re-pinged this often.
+pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
+/// Candidates kept per peer; more are ignored.
+pub(crate) const MAX_DISCO_CANDIDATES: usize = 16;
+
+// --- WireGuard (the whitepaper's timers) ---------------
+
+/// Give up on a handshake after trying this long.
+pub(crate) const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+/// Retransmit a handshake initiation after this long.
+pub(crate) const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Passive keepalive after receiving without sending for this long.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshake messages per second above which cookies are required.
+pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// How far the clock may move before WireGuard's events are stamped with a
+/// refreshed time (see `engine::wg`).
+pub(crate) const WG_TIMER_REFRESH: Duration = Duration::from_millis(1);
+
+// --- Buffers -----------------------------------------------------------------
+
+/// The largest IP packet the engine handles.
+pub const MAX_PACKET_SIZE: usize = 65535;
+/// Buffers kept for reuse.
+pub(crate) const BUFFER_POOL_LIMIT: usize = 512;
+/// Buffers larger than this are freed rather than pooled.
+pub(crate) const POOLED_BUFFER_MAX_CAPACITY: usize = 16 * 1024;
