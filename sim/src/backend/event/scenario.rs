@@ -1,0 +1,189 @@
+//! Running a scenario file on the event backend: the schedule is walked in
+//! time order; at each point the tailnet first processes everything due up
+//! to that instant, then the actions scheduled for it are applied (in file
+//! order), then the `peer` expectations that ask about that instant are
+//! sampled.
+
+use std::net::IpAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
+
+use super::state::Tailnet;
+use crate::evaluate::{Labels, Outcomes, Probes, evaluate_outcomes, peer_state};
+use crate::report::{Check, Report};
+use crate::scenario::{Action, ActionKind, ExpectKind, Scenario, Target};
+use crate::trace::Keep;
+use crate::world::NodeId;
+
+/// Builds the event-backend tailnet a scenario describes.
+pub fn build_tailnet(scenario: &Scenario, seed: u64, keep: Keep) -> Tailnet {
+    let mut builder = Tailnet::builder()
+        .seed(seed)
+        .network(scenario.network)
+        .knobs(scenario.knobs.clone())
+        .keep(keep);
+    for spec in &scenario.nodes {
+        builder = builder.node_spec(spec.clone());
+    }
+    builder.build()
+}
+fn target_ip(net: &Tailnet, t: &Target) -> IpAddr {
+    match t {
+        Target::Node { node, family: 6 } => net.ip6(NodeId(*node)),
+        Target::Node { node, .. } => net.ip4(NodeId(*node)),
+        Target::Ip(ip) => *ip,
+    }
+}
+
+fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
+    let label = action.label.clone();
+    match &action.kind {
+        ActionKind::Send {
+            from,
+            to,
+            count,
+            interval,
+            size,
+        } => {
+            let ip = target_ip(net, to);
+            let index = net.send_stream(NodeId(*from), ip, *count, *interval, *size, label.clone());
+            if let Some(l) = label {
+                labels.streams.insert(l, index);
+            }
+        }
+        ActionKind::Ping {
+            from,
+            to,
+            kind,
+            size,
+        } => {
+            let ip = target_ip(net, to);
+            let index = net.ping(NodeId(*from), ip, *kind, *size, label.clone());
+            if let Some(l) = label {
+                labels.pings.insert(l, index);
+            }
+        }
+        ActionKind::Flow {
+            from,
+            to,
+            size,
+            response_size,
+        } => {
+            let ip = target_ip(net, to);
+            let index = net.start_flow(NodeId(*from), ip, *size, *response_size, label.clone());
+            if let Some(l) = label {
+                labels.flows.insert(l, index);
+            }
+        }
+        ActionKind::Restart { node, downtime } => net.restart(NodeId(*node), *downtime),
+        ActionKind::Partition { a, b } => {
+            let a: Vec<NodeId> = a.iter().map(|&i| NodeId(i)).collect();
+            let b: Vec<NodeId> = b.iter().map(|&i| NodeId(i)).collect();
+            net.partition(&a, &b);
+        }
+        ActionKind::Heal => net.heal(),
+        ActionKind::LinkChange { node, link } => net.link_change(NodeId(*node), *link),
+        ActionKind::SetKnob { node, knob, value } => {
+            let value = *value;
+            let knob = knob.clone();
+            net.set_knobs(node.map(NodeId), move |k| match knob.as_str() {
+                "keep_full_wg_config" => k.keep_full_wg_config = value,
+                "fake_icmp_echo" => k.fake_icmp_echo = value,
+                _ => {}
+            });
+        }
+        ActionKind::SetAllowedIps { node, allowed_ips } => {
+            net.set_allowed_ips(NodeId(*node), allowed_ips.clone());
+        }
+        ActionKind::Idle { note } => net.note(None, "idle", note.clone()),
+    }
+}
+
+/// Runs a scenario on the event backend (a panic becomes a failed check).
+pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
+    let wall = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(|| simulate(scenario, seed, keep)));
+    let wall_secs = wall.elapsed().as_secs_f64();
+    match outcome {
+        Ok(mut report) => {
+            report.wall_secs = wall_secs;
+            report.metrics.push((
+                "virtual_per_wall".into(),
+                (report.speed() * 10.0).round() / 10.0,
+            ));
+            report
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Report {
+                scenario: scenario.name.clone(),
+                seed,
+                backend: "event".into(),
+                passed: false,
+                checks: vec![Check {
+                    name: "no panic".into(),
+                    passed: false,
+                    detail: message,
+                }],
+                metrics: Vec::new(),
+                trace_hash: String::new(),
+                virtual_secs: 0.0,
+                wall_secs,
+                timeline: Vec::new(),
+            }
+        }
+    }
+}
+
+fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
+    let mut net = build_tailnet(scenario, seed, keep);
+    let schedule = scenario.schedule(seed);
+    // Points in time: actions (order 0) before probes (order 1) at the same instant.
+    let points = scenario.points(&schedule);
+    let mut labels = Labels::default();
+    let mut probes = Probes::new();
+    for (at, order, index) in points {
+        net.run_until(at);
+        if order == 0 {
+            apply(&mut net, &schedule[index], &mut labels);
+        } else if let ExpectKind::Peer { node, peer, .. } = scenario.expects[index].kind {
+            let state = peer_state(net.is_configured(NodeId(node), NodeId(peer)));
+            let detail = format!(
+                "{} sees {}: {state}",
+                scenario.nodes[node].name, scenario.nodes[peer].name
+            );
+            net.note(Some(NodeId(node)), "probe", detail);
+            probes.insert(index, state);
+        }
+    }
+    net.run_until(scenario.duration);
+    net.check_all();
+    evaluate(scenario, seed, &net, &labels, &probes)
+}
+fn evaluate(
+    scenario: &Scenario,
+    seed: u64,
+    net: &Tailnet,
+    labels: &Labels,
+    probes: &Probes,
+) -> Report {
+    let counter = |node: Option<usize>, name: &str| net.counter(node.map(NodeId), name);
+    let outcomes = Outcomes {
+        pings: net.pings(),
+        streams: net.streams(),
+        flows: net.flows(),
+        counter: &counter,
+        stats: net.stats().iter(),
+        violations: net.violations(),
+        violation_count: net.stats().violations,
+        steps: net.stats().steps,
+        nodes: net.len(),
+        trace: net.trace(),
+        backend: "event",
+    };
+    evaluate_outcomes(scenario, seed, &outcomes, labels, probes)
+}

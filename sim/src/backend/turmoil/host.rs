@@ -1,0 +1,283 @@
+//! Inside a node's turmoil host: the socket and effect sink the production
+//! driver gets, the host's start (one engine incarnation), the agent that
+//! carries the outer loop's commands to the driver, and the event logger.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use wgmesh_adapters::driver::{
+    Clock, DatagramSocket, DriverHandle, EffectSink, MemTun, MemTunOs, TokioClock, run_driver,
+};
+use wgmesh_core::{
+    DiscoPrivateKey, Effect, Engine, EngineConfig, Event, PING_TIMEOUT, PingOutcome, TestingKnobs,
+};
+
+use super::os::{flow, os_receive};
+use super::shared::{Cmd, SharedRef, lock};
+use crate::evaluate::peer_state;
+use crate::trace::Category;
+use crate::world::address::{WG_PORT, tailnet_source};
+use crate::world::records::Violation;
+use crate::world::render::{Rendering, effect_detail, event_line, ping_result_detail};
+use crate::world::spec::NodeSpec;
+use crate::world::traffic::stream_datagram;
+
+/// A turmoil UDP socket behind the driver's socket trait.
+struct TurmoilSocket {
+    socket: turmoil::net::UdpSocket,
+    /// Set by a major link change: the port the next rebind moves to (0: none).
+    next_port: Arc<AtomicU16>,
+}
+
+impl DatagramSocket for TurmoilSocket {
+    async fn recv_from(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        self.socket.recv_from(buf).await
+    }
+
+    async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> std::io::Result<()> {
+        self.socket.send_to(data, dst).await.map(|_| ())
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    async fn rebind(&mut self, port: u16) -> std::io::Result<()> {
+        // Turmoil hosts keep their address, so a major link change moves the
+        // node to a new port instead: the rebind it triggers binds there.
+        let moved = self.next_port.load(Ordering::Relaxed);
+        let port = match (moved, port) {
+            (0, 0) => WG_PORT,
+            (0, p) => p,
+            (m, _) => m,
+        };
+        if self.socket.local_addr()?.port() == port {
+            return Ok(());
+        }
+        let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+        self.socket = socket;
+        self.next_port.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Effects go to the trace.
+struct TraceSink {
+    shared: SharedRef,
+    node: usize,
+}
+
+impl EffectSink for TraceSink {
+    fn apply(&mut self, effect: Effect) {
+        let detail = effect_detail(&effect, Rendering::Compact);
+        let mut s = lock(&self.shared);
+        s.log(Some(self.node), Category::Effect, "effect", detail);
+        if let Effect::ReDiscoverEndpoints { .. } = effect {
+            // The node reports where it can be reached now; control passes
+            // it on to everyone after its delay.
+            if let Some(port) = s.pending_move[self.node].take() {
+                s.ports[self.node] = port;
+                let at = s.now + s.control_delay;
+                for j in 0..s.names.len() {
+                    s.netmaps_due.push((at, j));
+                }
+            }
+        }
+    }
+}
+
+/// Node `i`'s host: a new incarnation of its engine (a new disco key after
+/// the first) behind the production driver, its event logger and its agent.
+/// Turmoil runs this again when the outer loop bounces the host (a restart).
+pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> turmoil::Result {
+    let (config, engine_seed, port, next_port) = {
+        let mut s = lock(&shared);
+        if s.incarnation[i] > 0 {
+            s.disco[i] = DiscoPrivateKey::generate(&mut s.key_rng);
+        }
+        s.incarnation[i] += 1;
+        let mut config = EngineConfig::new(s.keys[i].clone(), s.disco[i].clone());
+        config.name = spec.name.clone();
+        config.trim_override = spec.trim_override;
+        config.testing = TestingKnobs {
+            disable_disco_key_flush: spec.disable_disco_key_flush,
+        };
+        let engine_seed = s.seed ^ ((i as u64) << 32) ^ s.incarnation[i];
+        // A (re)started node announces its disco key: control
+        // sends everyone the netmap (at once for the first start).
+        let delay = if s.incarnation[i] > 1 {
+            s.control_delay
+        } else {
+            Duration::ZERO
+        };
+        let at = s.now + delay;
+        for j in 0..s.names.len() {
+            if s.incarnation[i] > 1 || j == i {
+                s.netmaps_due.push((at, j));
+            }
+        }
+        let detail = format!("disco {}", s.disco[i].public_key().short());
+        s.log(Some(i), Category::Action, "node-up", detail);
+        (config, engine_seed, s.ports[i], s.next_ports[i].clone())
+    };
+    let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    let engine = Engine::new(config, TokioClock.now(), engine_seed);
+    let (tun, os) = MemTun::pair(4096);
+    let sink = TraceSink {
+        shared: shared.clone(),
+        node: i,
+    };
+    let (run, handle) = run_driver(
+        engine,
+        tun,
+        TurmoilSocket { socket, next_port },
+        TokioClock,
+        sink,
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    lock(&shared).cmds[i] = Some(tx);
+    tokio::task::spawn_local(events(i, handle.subscribe_events(), shared.clone()));
+    tokio::task::spawn_local(agent(i, handle, os, rx, shared.clone()));
+    let _ = run.await;
+    Ok(())
+}
+
+/// The operating system and control agent of node `i`, inside its host.
+async fn agent(
+    i: usize,
+    handle: DriverHandle,
+    mut os: MemTunOs,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    shared: SharedRef,
+) {
+    let to_engine = os.to_engine.clone();
+    loop {
+        tokio::select! {
+            biased;
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { return };
+                let handle = handle.clone();
+                let shared = shared.clone();
+                let to_engine = to_engine.clone();
+                tokio::task::spawn_local(async move { run_cmd(i, cmd, handle, to_engine, shared).await });
+            }
+            packet = os.from_engine.recv() => {
+                let Some(packet) = packet else { return };
+                os_receive(i, &packet, &to_engine, &shared).await;
+            }
+        }
+    }
+}
+
+async fn run_cmd(
+    i: usize,
+    cmd: Cmd,
+    handle: DriverHandle,
+    to_engine: mpsc::Sender<Vec<u8>>,
+    shared: SharedRef,
+) {
+    match cmd {
+        Cmd::Reconfig(r) => {
+            let result = handle.reconfig(*r).await;
+            let detail = match result {
+                Ok(outcome) => format!("{outcome:?}").chars().take(60).collect(),
+                Err(e) => format!("refused: {e}"),
+            };
+            lock(&shared).log(Some(i), Category::Control, "reconfig", detail);
+        }
+        Cmd::Ping {
+            index,
+            ip,
+            kind,
+            size,
+        } => {
+            let result = handle.ping(ip, kind, size).await;
+            let mut s = lock(&shared);
+            let now = s.now;
+            let outcome = match result {
+                Ok(r) => r.outcome,
+                Err(e) => PingOutcome::Error {
+                    message: e.to_string(),
+                    is_local_ip: false,
+                },
+            };
+            let detail = ping_result_detail(index as u64, kind, ip, &outcome, Rendering::Compact);
+            s.log(Some(i), Category::Ping, "ping-result", detail);
+            let record = &mut s.pings[index];
+            record.results += 1;
+            if record.results == 1 {
+                record.result = Some((now, outcome));
+            }
+            let started = record.started;
+            if now > started + PING_TIMEOUT + Duration::from_millis(2) {
+                let node = s.names[i].clone();
+                s.violations.push(Violation {
+                    at: now,
+                    node,
+                    message: format!("ping {index} ended after more than 10 s"),
+                });
+            }
+        }
+        Cmd::Stream { index } => {
+            let (count, interval, size, dst) = {
+                let s = lock(&shared);
+                let r = &s.streams[index];
+                (r.remaining, r.interval, r.size, r.dst)
+            };
+            let src = tailnet_source(i, dst);
+            for seq in 0..count {
+                {
+                    let mut s = lock(&shared);
+                    let now = s.now;
+                    let r = &mut s.streams[index];
+                    r.sent.push(now);
+                    r.delivered.push(None);
+                    r.remaining -= 1;
+                }
+                let mut packet = Vec::new();
+                if stream_datagram(src, dst, index, seq, size, &mut packet) {
+                    let _ = to_engine.send(packet).await;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
+        Cmd::Probe { expect, peer } => {
+            let configured = match handle.status().await {
+                Ok(status) => status
+                    .peers
+                    .iter()
+                    .find(|p| p.node_key == peer)
+                    .map(|p| p.configured),
+                Err(_) => None,
+            };
+            let state = peer_state(configured);
+            let mut s = lock(&shared);
+            let detail = format!("{} sees {}: {state}", s.names[i], s.peer_name(&peer));
+            s.log(Some(i), Category::Action, "probe", detail);
+            s.probes.insert(expect, state);
+        }
+        Cmd::Counters => {
+            if let Ok(status) = handle.status().await {
+                lock(&shared).counters[i] = status.counters.iter().collect();
+            }
+        }
+        Cmd::Close => {
+            let _ = handle.close().await;
+        }
+        Cmd::Link(change) => {
+            let _ = handle.link_change(change).await;
+        }
+        Cmd::Flow { index } => flow(i, index, to_engine, shared).await,
+    }
+}
+
+async fn events(i: usize, mut rx: tokio::sync::broadcast::Receiver<Event>, shared: SharedRef) {
+    while let Ok(event) = rx.recv().await {
+        let mut s = lock(&shared);
+        let (kind, detail) = event_line(&event, |peer| s.peer_name(peer), Rendering::Compact);
+        s.log(Some(i), Category::Engine, kind, detail);
+    }
+}

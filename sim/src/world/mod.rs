@@ -1,0 +1,49 @@
+//! The simulated world both backends share: what a tailnet is made of
+//! ([`spec`]), where its nodes live ([`address`]), what control tells them
+//! ([`netmap`]), the harness's traffic ([`traffic`]), what a run records
+//! ([`records`]) and how engine output is written into the trace
+//! ([`render`]).
+//!
+//! A backend decides *how* time passes and datagrams travel (the event
+//! backend with its own priority queue, the turmoil backend with turmoil's
+//! hosts and the production driver); everything a backend would otherwise
+//! have to agree on with the other one by copy lives here. A change that must
+//! hold on both backends (per-link latency, a simulated wall clock, a new
+//! record) starts in this module.
+
+pub mod address;
+pub(crate) mod netmap;
+pub mod records;
+pub(crate) mod render;
+pub mod spec;
+pub mod traffic;
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+pub use address::{FLOW_PORT, SINK_PORT, WG_PORT};
+pub use records::{FlowRecord, FlowState, PingRecord, Stats, StreamRecord, Violation};
+pub use render::datagram_kind;
+pub use spec::{LinkKind, NetworkSpec, NodeId, NodeSpec};
+pub use traffic::{FLOW_INITIAL_RTO, FLOW_MAX_ATTEMPTS};
+
+/// The ChaCha stream node and disco keys come from, on both backends.
+pub(crate) const KEY_STREAM: u64 = 1;
+/// The ChaCha stream of the event backend's network (loss and jitter).
+pub(crate) const NETWORK_STREAM: u64 = 2;
+/// The ChaCha stream random churn is expanded from.
+pub(crate) const CHURN_STREAM: u64 = 3;
+
+/// The Unix time (seconds) the simulated wall clock starts from. The turmoil
+/// backend hands it to turmoil; the event backend does not simulate the wall
+/// clock yet, so boringtun's handshake timestamps there read the real one
+/// (see the TAI64N caveat in `sim/README.md`).
+pub(crate) const EPOCH_SECS: u64 = 1_700_000_000;
+
+/// ChaCha20 seeded with `seed`, on `stream`: each use of randomness draws
+/// from its own stream, so adding draws to one never shifts another.
+pub(crate) fn rng_stream(seed: u64, stream: u64) -> ChaCha20Rng {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}

@@ -1,0 +1,104 @@
+//! What a simulated tailnet is made of, as both backends take it: nodes,
+//! the network between them, and the link changes a node can go through.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+use wgmesh_core::Knobs;
+
+/// A node's index in the tailnet, in the order nodes were added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub usize);
+
+/// How a node is set up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Its name (in traces, ping results and scenario files).
+    pub name: String,
+    /// `EngineConfig::trim_override`: `Some(true)` forces lazy peers on,
+    /// `Some(false)` off, `None` follows the `keep_full_wg_config` knob.
+    pub trim_override: Option<bool>,
+    /// `TestingKnobs::disable_disco_key_flush` for this node's engine.
+    pub disable_disco_key_flush: bool,
+    /// The `keep_full_wg_config` knob control sends this node (`None`: the tailnet default).
+    pub keep_full_wg_config: Option<bool>,
+    /// The `fake_icmp_echo` knob control sends this node.
+    pub fake_icmp_echo: bool,
+    /// The PeerAPI port this node announces in TSMP pongs.
+    pub peerapi_port: Option<u16>,
+    /// Subnets this node routes for (peers get them as AllowedIPs, which
+    /// makes this node non-trimmable for them).
+    pub subnets: Vec<IpNet>,
+    /// The persistent keepalive peers configure for this node.
+    pub persistent_keepalive_secs: Option<u16>,
+}
+
+impl NodeSpec {
+    /// A node with defaults for everything but its name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// The virtual network's behaviour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetworkSpec {
+    /// One-way latency of every datagram.
+    pub latency: Duration,
+    /// Extra one-way delay drawn uniformly from `0..=jitter` per datagram.
+    pub jitter: Duration,
+    /// Probability that a datagram is lost.
+    pub loss: f64,
+    /// Delay from a change at the control plane to its delivery to a node.
+    pub control_delay: Duration,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        Self {
+            latency: Duration::from_millis(10),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            control_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A link change a node can go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LinkKind {
+    /// Every interface goes down: the node neither sends nor receives.
+    Down,
+    /// Interfaces come back (a minor change, same address).
+    Up,
+    /// A minor change: same address, endpoints are re-discovered.
+    Minor,
+    /// A major change: the node moves to a new UDP address and rebinds.
+    Major,
+}
+
+impl LinkKind {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Down => "down",
+            LinkKind::Up => "up",
+            LinkKind::Minor => "minor",
+            LinkKind::Major => "major",
+        }
+    }
+}
+
+/// The knobs control sends a node: the tailnet's `base` knobs with the
+/// node's own settings on top.
+pub(crate) fn node_knobs(spec: &NodeSpec, base: &Knobs) -> Knobs {
+    Knobs {
+        keep_full_wg_config: spec.keep_full_wg_config.unwrap_or(base.keep_full_wg_config),
+        fake_icmp_echo: spec.fake_icmp_echo || base.fake_icmp_echo,
+        peerapi_port: spec.peerapi_port.or(base.peerapi_port),
+        ..base.clone()
+    }
+}
