@@ -1446,6 +1446,9 @@ impl Control {
                         }
                     }
                 }
+                // Sorted so the filter's order depends on the addresses only,
+                // not on how the nodes happen to be grouped into classes.
+                addresses.sort();
                 addresses
             })
     }
