@@ -693,6 +693,15 @@ impl Control {
                 record
                     .approved_routes
                     .retain(|r| record.advertised_routes.contains(r));
+                let approved = mem::take(&mut record.approved_routes);
+                let kept: Vec<IpNet> = approved
+                    .into_iter()
+                    .filter(|r| self.single_address_holder(r, id).is_none())
+                    .collect();
+                self.nodes
+                    .get_mut(&id)
+                    .expect("existing node")
+                    .approved_routes = kept;
                 id
             }
             None => {
@@ -827,6 +836,7 @@ impl Control {
             .iter()
             .filter(|r| !record.approved_routes.contains(r))
             .filter(|r| self.policy.auto_approves(&record.facts(), r))
+            .filter(|r| self.single_address_holder(r, id).is_none())
             .copied()
             .collect();
         if approve.is_empty() {
@@ -836,6 +846,23 @@ impl Control {
         record.approved_routes.extend(approve);
         record.approved_routes.sort();
         true
+    }
+
+    /// The other live node that has `route` approved, when `route` is a
+    /// single address: a node's engine refuses a single address in the
+    /// AllowedIPs of two peers, so such a route is approved on one node at
+    /// a time. Subnets may be approved on several (the engine picks one by
+    /// longest-prefix match). The scan over all nodes runs only for
+    /// single-address routes, which are rare and only change on admin
+    /// commands, registrations and policy changes.
+    fn single_address_holder(&self, route: &IpNet, except: NodeId) -> Option<NodeId> {
+        if route.prefix_len() != route.max_prefix_len() {
+            return None;
+        }
+        self.nodes
+            .iter()
+            .find(|(id, n)| **id != except && !n.expired && n.approved_routes.contains(route))
+            .map(|(id, _)| *id)
     }
 
     // ------------------------------------------------------------------
@@ -1131,6 +1158,15 @@ impl Control {
                     .find(|r| !record.advertised_routes.contains(r))
                 {
                     return Err(AdminError::RouteNotAdvertised(*missing));
+                }
+                if let Some((route, holder)) = routes
+                    .iter()
+                    .find_map(|r| self.single_address_holder(r, id).map(|h| (*r, h)))
+                {
+                    return Err(AdminError::RouteApprovedElsewhere {
+                        route,
+                        holder: self.nodes[&holder].node_key,
+                    });
                 }
                 if record.approved_routes != routes {
                     self.nodes

@@ -136,6 +136,15 @@ pub enum AdminError {
     /// The node does not advertise a route the command approves.
     #[error("node does not advertise {0}")]
     RouteNotAdvertised(IpNet),
+    /// A single-address route is approved on another live node already
+    /// (an engine refuses one address routed to two peers).
+    #[error("{route} is approved on node {holder:?} already")]
+    RouteApprovedElsewhere {
+        /// The route.
+        route: IpNet,
+        /// The node that routes it.
+        holder: NodeKey,
+    },
     /// An auth key's user is not `user@domain`.
     #[error("user {0:?} is not user@domain")]
     BadUser(String),
@@ -205,6 +214,7 @@ impl InputError {
             InputError::Admin(e) => match e {
                 AdminError::UnknownNode(_) => "admin.unknown_node",
                 AdminError::RouteNotAdvertised(_) => "admin.route_not_advertised",
+                AdminError::RouteApprovedElsewhere { .. } => "admin.route_approved_elsewhere",
                 AdminError::BadUser(_) => "admin.bad_user",
                 AdminError::BadTag(_) => "admin.bad_tag",
                 AdminError::ExpiryInPast => "admin.expiry_in_past",

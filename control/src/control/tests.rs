@@ -931,6 +931,37 @@ fn approving_routes_updates_the_router_and_its_peers() {
 }
 
 #[test]
+fn a_single_address_route_is_approved_on_one_node_at_a_time() {
+    let mut net = Net::new(Policy::allow_all());
+    let key = net.auth_key("alice@example.com", true, &[]);
+    net.register(1, &key, "one", &["10.5.0.1/32", "10.6.0.0/16"]);
+    net.register(2, &key, "two", &["10.5.0.1/32", "10.6.0.0/16"]);
+    let approve = |i: u8, routes: &[&str]| {
+        Input::Admin(AdminCommand::ApproveRoutes {
+            node: node_key(i),
+            routes: routes.iter().map(|r| prefix(r)).collect(),
+        })
+    };
+    net.input(approve(1, &["10.5.0.1/32", "10.6.0.0/16"]))
+        .unwrap();
+    assert_eq!(
+        net.input(approve(2, &["10.5.0.1/32"])),
+        Err(InputError::Admin(AdminError::RouteApprovedElsewhere {
+            route: prefix("10.5.0.1/32"),
+            holder: node_key(1),
+        }))
+    );
+    net.input(approve(2, &["10.6.0.0/16"]))
+        .expect("a subnet may have several routers");
+    net.input(Input::Admin(AdminCommand::ExpireNode { node: node_key(1) }))
+        .unwrap();
+    net.input(approve(2, &["10.5.0.1/32", "10.6.0.0/16"]))
+        .expect("the address is free once its router expired");
+    let again = net.register(1, &key, "one", &["10.5.0.1/32", "10.6.0.0/16"]);
+    assert_eq!(again.approved_routes, vec![prefix("10.6.0.0/16")]);
+}
+
+#[test]
 fn the_same_inputs_give_the_same_bytes() {
     let run = || {
         let net = small_tailnet();
