@@ -92,6 +92,16 @@ pub struct MapRequest {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// A node reports the endpoints it has now (every local address with its
+/// listen port, and what disco pongs revealed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointUpdate {
+    /// The node (authenticated by the transport).
+    pub node_key: NodeKey,
+    /// Its endpoints now, best first.
+    pub endpoints: Vec<SocketAddr>,
+}
+
 /// An admin command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,13 +144,8 @@ pub enum Input {
     Register(RegisterRequest),
     /// A node opens its map stream.
     MapRequest(MapRequest),
-    /// A node reports new endpoints on its open stream.
-    EndpointUpdate {
-        /// The node.
-        node_key: NodeKey,
-        /// Its endpoints now, best first.
-        endpoints: Vec<SocketAddr>,
-    },
+    /// A node reports new endpoints.
+    EndpointUpdate(EndpointUpdate),
     /// A node's map stream closed (the connection dropped).
     Disconnect {
         /// The node.
@@ -240,6 +245,12 @@ pub enum Output {
         /// The message.
         response: MapResponse,
     },
+    /// Store this node's durable record (it is new or changed).
+    StoreNode(Box<StoredNode>),
+    /// Forget this node's durable record (an admin deleted it).
+    ForgetNode(NodeKey),
+    /// Store this auth key (it is new or was used).
+    StoreAuthKey(Box<StoredAuthKey>),
     /// Close the node's map stream.
     CloseStream {
         /// The node.
@@ -276,6 +287,98 @@ pub struct Counters {
     pub delta_peer_entries: u64,
     /// Refused inputs by [`InputError::kind`].
     pub refused: BTreeMap<&'static str, u64>,
+}
+
+/// The durable state of a tailnet: what a server stores, and what a
+/// restarted server is built from with [`Control::restore`]. Map streams
+/// and online state are not in it (every node is offline after a restart
+/// until it polls again).
+///
+/// A server keeps it current from the [`Output::StoreNode`],
+/// [`Output::ForgetNode`] and [`Output::StoreAuthKey`] outputs, one record
+/// per change, so it never writes the whole tailnet for one change.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TailnetState {
+    /// Every node, expired ones included (their addresses stay reserved).
+    pub nodes: Vec<StoredNode>,
+    /// Every auth key.
+    pub auth_keys: Vec<StoredAuthKey>,
+}
+
+/// One node's durable record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredNode {
+    /// Its key.
+    pub node_key: NodeKey,
+    /// Its last disco key.
+    pub disco_key: Option<DiscoKey>,
+    /// Its last endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Its IPv4 tailnet address (the IPv6 one follows from it).
+    pub ipv4: Ipv4Addr,
+    /// The routes it advertises.
+    pub advertised_routes: Vec<IpNet>,
+    /// The routes approved for it.
+    pub approved_routes: Vec<IpNet>,
+    /// Its DNS label (unique in the tailnet).
+    pub hostname: String,
+    /// Its user.
+    pub user: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// When its key expires.
+    pub key_expiry: Option<Timestamp>,
+    /// Whether its key expired.
+    pub expired: bool,
+}
+
+/// One auth key's durable record, secret included: the store must be kept
+/// private.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAuthKey {
+    /// Its id.
+    pub id: u64,
+    /// Its secret, 16 bytes.
+    pub secret: [u8; 16],
+    /// The user of the nodes it registers.
+    pub user: String,
+    /// Whether it may be used more than once.
+    pub reusable: bool,
+    /// When it stops working.
+    pub expiry: Option<Timestamp>,
+    /// The tags it gives.
+    pub tags: Vec<String>,
+    /// How many nodes it registered.
+    pub uses: u64,
+}
+
+/// Why a stored state could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestoreError {
+    /// Two records have the same node key.
+    #[error("node {0:?} is stored twice")]
+    DuplicateNode(NodeKey),
+    /// A node's address is not a node address of the tailnet.
+    #[error("node {node:?} has address {addr}, outside the tailnet")]
+    AddressOutsideTailnet {
+        /// The node.
+        node: NodeKey,
+        /// Its address.
+        addr: Ipv4Addr,
+    },
+    /// Two nodes have the same address.
+    #[error("address {0} is stored for two nodes")]
+    DuplicateAddress(Ipv4Addr),
+    /// Two nodes have the same disco key.
+    #[error("disco key {0:?} is stored for two nodes")]
+    DuplicateDiscoKey(DiscoKey),
+    /// Two nodes have the same host name, or one is not a DNS label.
+    #[error("host name {0:?} is stored twice or is not a DNS label")]
+    BadHostname(String),
+    /// Two auth keys have the same id.
+    #[error("auth key {0} is stored twice")]
+    DuplicateAuthKey(u64),
 }
 
 /// A read-only view of one node, for admin listings.
@@ -505,6 +608,156 @@ impl Control {
         }
     }
 
+    /// A control built from stored state (after a server restart). Every
+    /// node starts offline; expiries already passed are applied at the
+    /// first [`Control::handle_timeout`]. New addresses are allocated after
+    /// the highest stored one, new auth-key ids after the highest stored id.
+    pub fn restore(
+        config: ControlConfig,
+        policy: Policy,
+        state: TailnetState,
+        now: Timestamp,
+        seed: u64,
+    ) -> Result<Self, RestoreError> {
+        let mut control = Self::new(config, policy, now, seed);
+        for stored in state.auth_keys {
+            if control.auth_keys.contains_key(&stored.id) {
+                return Err(RestoreError::DuplicateAuthKey(stored.id));
+            }
+            control.next_auth_key_id = control.next_auth_key_id.max(stored.id + 1);
+            control.auth_keys.insert(
+                stored.id,
+                AuthKey {
+                    secret: stored.secret,
+                    user: stored.user,
+                    reusable: stored.reusable,
+                    expiry: stored.expiry,
+                    tags: stored.tags,
+                    uses: stored.uses,
+                },
+            );
+        }
+        for stored in state.nodes {
+            let id = NodeId(control.next_node_id);
+            control.next_node_id += 1;
+            if control.by_key.insert(stored.node_key, id).is_some() {
+                return Err(RestoreError::DuplicateNode(stored.node_key));
+            }
+            let address_index =
+                index_of(stored.ipv4).ok_or(RestoreError::AddressOutsideTailnet {
+                    node: stored.node_key,
+                    addr: stored.ipv4,
+                })?;
+            if control.by_address_index.insert(address_index, id).is_some() {
+                return Err(RestoreError::DuplicateAddress(stored.ipv4));
+            }
+            control.next_address_index = control.next_address_index.max(next_index(address_index));
+            if let Some(disco) = stored.disco_key {
+                if control.by_disco.insert(disco, id).is_some() {
+                    return Err(RestoreError::DuplicateDiscoKey(disco));
+                }
+            }
+            if sanitize_hostname(&stored.hostname).as_deref() != Some(stored.hostname.as_str())
+                || control
+                    .by_hostname
+                    .insert(stored.hostname.clone(), id)
+                    .is_some()
+            {
+                return Err(RestoreError::BadHostname(stored.hostname));
+            }
+            if let (Some(at), false) = (stored.key_expiry, stored.expired) {
+                control.expiries.insert((at, id));
+            }
+            control.nodes.insert(
+                id,
+                NodeRecord {
+                    node_key: stored.node_key,
+                    disco_key: stored.disco_key,
+                    endpoints: stored.endpoints,
+                    address_index,
+                    addresses: vec![
+                        IpNet::from(IpAddr::V4(ipv4_of(address_index))),
+                        IpNet::from(IpAddr::V6(ipv6_of(address_index))),
+                    ],
+                    advertised_routes: stored.advertised_routes,
+                    approved_routes: stored.approved_routes,
+                    hostname: stored.hostname,
+                    user: stored.user,
+                    tags: stored.tags,
+                    key_expiry: stored.key_expiry,
+                    expired: stored.expired,
+                    stream: None,
+                    class: None,
+                },
+            );
+        }
+        let ids: Vec<NodeId> = control.nodes.keys().copied().collect();
+        for id in ids {
+            let record = &control.nodes[&id];
+            if record.expired {
+                continue;
+            }
+            let key = control.policy.class_of(&record.facts());
+            let class = control.classes.class_for(&control.policy, key);
+            control.classes.members[class].insert(id);
+            control.nodes.get_mut(&id).expect("restored node").class = Some(class);
+        }
+        Ok(control)
+    }
+
+    /// The durable state, for a first write of a store or a check of one.
+    pub fn state(&self) -> TailnetState {
+        TailnetState {
+            nodes: self.nodes.keys().map(|id| self.stored_node(*id)).collect(),
+            auth_keys: self
+                .auth_keys
+                .keys()
+                .map(|id| self.stored_auth_key(*id))
+                .collect(),
+        }
+    }
+
+    fn stored_node(&self, id: NodeId) -> StoredNode {
+        let n = &self.nodes[&id];
+        StoredNode {
+            node_key: n.node_key,
+            disco_key: n.disco_key,
+            endpoints: n.endpoints.clone(),
+            ipv4: ipv4_of(n.address_index),
+            advertised_routes: n.advertised_routes.clone(),
+            approved_routes: n.approved_routes.clone(),
+            hostname: n.hostname.clone(),
+            user: n.user.clone(),
+            tags: n.tags.clone(),
+            key_expiry: n.key_expiry,
+            expired: n.expired,
+        }
+    }
+
+    fn stored_auth_key(&self, id: u64) -> StoredAuthKey {
+        let k = &self.auth_keys[&id];
+        StoredAuthKey {
+            id,
+            secret: k.secret,
+            user: k.user.clone(),
+            reusable: k.reusable,
+            expiry: k.expiry,
+            tags: k.tags.clone(),
+            uses: k.uses,
+        }
+    }
+
+    fn persist_node(&mut self, id: NodeId) {
+        let stored = self.stored_node(id);
+        self.outputs.push_back(Output::StoreNode(Box::new(stored)));
+    }
+
+    fn persist_auth_key(&mut self, id: u64) {
+        let stored = self.stored_auth_key(id);
+        self.outputs
+            .push_back(Output::StoreAuthKey(Box::new(stored)));
+    }
+
     /// Handles one input. On error nothing changed and the refusal is
     /// counted. Drain [`Control::poll_output`] afterwards.
     pub fn handle_input(
@@ -516,10 +769,10 @@ impl Control {
         let result = match input {
             Input::Register(request) => self.register(request).map_err(InputError::from),
             Input::MapRequest(request) => self.map_request(request).map_err(InputError::from),
-            Input::EndpointUpdate {
+            Input::EndpointUpdate(EndpointUpdate {
                 node_key,
                 endpoints,
-            } => self
+            }) => self
                 .endpoint_update(node_key, endpoints)
                 .map_err(InputError::from),
             Input::Disconnect { node_key, stream } => {
@@ -742,6 +995,8 @@ impl Control {
             self.expiries.insert((at, id));
         }
         self.reclassify(id, false);
+        self.persist_auth_key(key_id);
+        self.persist_node(id);
         self.counters.registrations += 1;
         let record = &self.nodes[&id];
         tracing::info!(node = %record.node_key.short(), name = %record.hostname, "node registered");
@@ -931,6 +1186,9 @@ impl Control {
             None => change.online = Some(true),
         }
         self.notify_peers(id, &change);
+        if change.disco_key.is_some() || change.endpoints.is_some() {
+            self.persist_node(id);
+        }
         self.pending.insert(
             id,
             Pending {
@@ -972,6 +1230,7 @@ impl Control {
             ..PeerChange::new(node_key)
         };
         self.notify_peers(id, &change);
+        self.persist_node(id);
         Ok(InputOutcome::EndpointsUpdated { changed: true })
     }
 
@@ -1082,6 +1341,9 @@ impl Control {
                 self.queue_self(*id);
             }
         }
+        for id in &routes_changed {
+            self.persist_node(*id);
+        }
         for (id, old_filter) in old_filters {
             if self.nodes[&id].class.is_some() && self.filter_for(id) != old_filter {
                 self.queue_filter(id);
@@ -1139,6 +1401,7 @@ impl Control {
                         uses: 0,
                     },
                 );
+                self.persist_auth_key(id);
                 InputOutcome::AuthKeyCreated(AuthKeyCreated {
                     id,
                     key: format_auth_key(id, &secret),
@@ -1174,6 +1437,7 @@ impl Control {
                         .expect("node exists")
                         .approved_routes = routes;
                     self.reclassify(id, true);
+                    self.persist_node(id);
                 }
                 InputOutcome::RoutesApproved
             }
@@ -1185,8 +1449,13 @@ impl Control {
                 if let Some(at) = self.nodes[&id].key_expiry {
                     self.expiries.remove(&(at, id));
                 }
+                let was_expired = self.nodes[&id].expired;
                 self.nodes.get_mut(&id).expect("node exists").key_expiry = Some(self.now);
                 self.expire(id);
+                if was_expired {
+                    // `expire` stored the record unless it had nothing to do.
+                    self.persist_node(id);
+                }
                 InputOutcome::NodeExpired
             }
             AdminCommand::DeleteNode { node } => {
@@ -1205,6 +1474,7 @@ impl Control {
                 if let Some(disco) = record.disco_key {
                     self.by_disco.remove(&disco);
                 }
+                self.outputs.push_back(Output::ForgetNode(record.node_key));
                 tracing::info!(node = %record.node_key.short(), "node deleted");
                 InputOutcome::NodeDeleted
             }
@@ -1221,6 +1491,7 @@ impl Control {
         self.take_offline(id, CloseReason::KeyExpired);
         self.nodes.get_mut(&id).expect("node exists").expired = true;
         self.counters.nodes_expired += 1;
+        self.persist_node(id);
         tracing::info!(node = %self.nodes[&id].node_key.short(), "node expired");
     }
 

@@ -39,7 +39,8 @@ pub mod policy;
 
 pub use control::{
     AdminCommand, AuthKeyCreated, AuthKeyView, CloseReason, Control, ControlConfig, Counters,
-    Input, InputOutcome, MapRequest, NodeView, Output, RegisterRequest, Registration, StreamId,
+    EndpointUpdate, Input, InputOutcome, MapRequest, NodeView, Output, RegisterRequest,
+    Registration, RestoreError, StoredAuthKey, StoredNode, StreamId, TailnetState,
 };
 pub use errors::{
     AdminError, DisconnectError, EndpointUpdateError, InputError, MapError, RegisterError,

@@ -47,6 +47,9 @@ struct Net {
     /// Every message, as (node, JSON bytes).
     log: Vec<(NodeKey, usize, MapResponse)>,
     closes: Vec<(NodeKey, CloseReason)>,
+    /// The store a server keeps from the persistence outputs.
+    stored_nodes: BTreeMap<NodeKey, StoredNode>,
+    stored_auth_keys: BTreeMap<u64, StoredAuthKey>,
 }
 
 impl Net {
@@ -61,6 +64,8 @@ impl Net {
             received: BTreeMap::new(),
             log: Vec::new(),
             closes: Vec::new(),
+            stored_nodes: BTreeMap::new(),
+            stored_auth_keys: BTreeMap::new(),
         }
     }
 
@@ -127,6 +132,15 @@ impl Net {
                         }
                     }
                 }
+                Output::StoreNode(stored) => {
+                    self.stored_nodes.insert(stored.node_key, *stored);
+                }
+                Output::ForgetNode(node_key) => {
+                    assert!(self.stored_nodes.remove(&node_key).is_some());
+                }
+                Output::StoreAuthKey(stored) => {
+                    self.stored_auth_keys.insert(stored.id, *stored);
+                }
                 Output::CloseStream {
                     node_key,
                     stream,
@@ -145,8 +159,19 @@ impl Net {
         }
     }
 
-    /// Every online node's rebuilt netmap equals a fresh full one.
+    /// Every online node's rebuilt netmap equals a fresh full one, and the
+    /// store kept from the persistence outputs equals the durable state.
     fn check_consistent(&self) {
+        let state = self.control.state();
+        let nodes: BTreeMap<NodeKey, StoredNode> =
+            state.nodes.into_iter().map(|n| (n.node_key, n)).collect();
+        assert_eq!(self.stored_nodes, nodes, "the store missed a node change");
+        let keys: BTreeMap<u64, StoredAuthKey> =
+            state.auth_keys.into_iter().map(|k| (k.id, k)).collect();
+        assert_eq!(
+            self.stored_auth_keys, keys,
+            "the store missed an auth key change"
+        );
         for view in self.control.nodes() {
             if !view.online {
                 continue;
@@ -630,10 +655,10 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
         Err(InputError::Map(MapError::BadDiscoKey))
     );
     assert_eq!(
-        net.input(Input::EndpointUpdate {
+        net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(2),
             endpoints: vec![endpoint(2, 1); 65],
-        }),
+        })),
         Err(InputError::EndpointUpdate(
             EndpointUpdateError::TooManyEndpoints { count: 65, max: 64 }
         ))
@@ -653,10 +678,10 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
         Err(InputError::Map(MapError::NodeExpired(node_key(1))))
     );
     assert_eq!(
-        net.input(Input::EndpointUpdate {
+        net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(1),
             endpoints: vec![],
-        }),
+        })),
         Err(InputError::EndpointUpdate(
             EndpointUpdateError::NodeExpired(node_key(1))
         ))
@@ -764,10 +789,10 @@ fn disconnects_mark_peers_offline_and_stale_ones_change_nothing() {
         .clone();
     assert!(!peer.online);
     assert_eq!(
-        net.input(Input::EndpointUpdate {
+        net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(1),
             endpoints: vec![endpoint(1, 41642)],
-        }),
+        })),
         Ok(InputOutcome::EndpointsUpdated { changed: false })
     );
     net.check_consistent();
@@ -783,10 +808,10 @@ fn endpoint_updates_reach_the_peers() {
     net.poll(2, 1).unwrap();
     let moved = vec![endpoint(2, 5000), endpoint(2, 5001)];
     assert_eq!(
-        net.input(Input::EndpointUpdate {
+        net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(2),
             endpoints: moved.clone(),
-        }),
+        })),
         Ok(InputOutcome::EndpointsUpdated { changed: true })
     );
     let peer = net.received[&node_key(1)]
@@ -962,6 +987,82 @@ fn a_single_address_route_is_approved_on_one_node_at_a_time() {
 }
 
 #[test]
+fn a_restored_control_keeps_every_node_and_refuses_bad_state() {
+    let mut net = small_tailnet();
+    net.input(Input::Admin(AdminCommand::ExpireNode { node: node_key(4) }))
+        .unwrap();
+    check_restore(&net);
+    let mut restored = Control::restore(
+        net.control.config.clone(),
+        net.control.policy().clone(),
+        net.control.state(),
+        net.now,
+        9,
+    )
+    .unwrap();
+    // New auth keys, addresses and host names do not collide with stored ones.
+    let created = restored
+        .handle_input(
+            net.now,
+            Input::Admin(AdminCommand::CreateAuthKey {
+                user: "carol@example.com".into(),
+                reusable: false,
+                expiry: None,
+                tags: vec![],
+            }),
+        )
+        .unwrap();
+    let InputOutcome::AuthKeyCreated(created) = created else {
+        panic!("{created:?}");
+    };
+    assert_eq!(created.id, 5);
+    let registered = restored
+        .handle_input(
+            net.now,
+            Input::Register(RegisterRequest {
+                node_key: node_key(5),
+                auth_key: created.key,
+                hostname: "server".into(),
+                advertised_routes: vec![],
+                requested_ipv4: None,
+            }),
+        )
+        .unwrap();
+    let InputOutcome::Registered(registration) = registered else {
+        panic!("{registered:?}");
+    };
+    assert_eq!(registration.addresses[0], prefix("100.64.0.5/32"));
+    assert_eq!(registration.name, "server-2.example.ts.net");
+
+    let mut twice = net.control.state();
+    twice.nodes.push(twice.nodes[0].clone());
+    assert_eq!(
+        Control::restore(
+            net.control.config.clone(),
+            Policy::allow_all(),
+            twice,
+            net.now,
+            9
+        )
+        .unwrap_err(),
+        RestoreError::DuplicateNode(node_key(1))
+    );
+    let mut same_address = net.control.state();
+    same_address.nodes[1].ipv4 = same_address.nodes[0].ipv4;
+    assert_eq!(
+        Control::restore(
+            net.control.config.clone(),
+            Policy::allow_all(),
+            same_address,
+            net.now,
+            9
+        )
+        .unwrap_err(),
+        RestoreError::DuplicateAddress(Ipv4Addr::new(100, 64, 0, 1))
+    );
+}
+
+#[test]
 fn the_same_inputs_give_the_same_bytes() {
     let run = || {
         let net = small_tailnet();
@@ -1118,10 +1219,10 @@ fn run_ops(ops: &[Op]) {
                 });
             }
             Op::Endpoints { node, port } => {
-                let _ = net.input(Input::EndpointUpdate {
+                let _ = net.input(Input::EndpointUpdate(EndpointUpdate {
                     node_key: node_key(node),
                     endpoints: vec![endpoint(node, port)],
-                });
+                }));
             }
             Op::Policy(index) => {
                 let policy = Policy::parse(POLICIES[index], "prop.toml").unwrap();
@@ -1155,6 +1256,35 @@ fn run_ops(ops: &[Op]) {
         }
         net.check_consistent();
     }
+    check_restore(&net);
+}
+
+/// A control restored from the stored state gives every live node the
+/// netmap it had, with every peer offline until it polls again.
+fn check_restore(net: &Net) {
+    let state = TailnetState {
+        nodes: net.stored_nodes.values().cloned().collect(),
+        auth_keys: net.stored_auth_keys.values().cloned().collect(),
+    };
+    let restored = Control::restore(
+        net.control.config.clone(),
+        net.control.policy().clone(),
+        state,
+        net.now,
+        9,
+    )
+    .expect("stored state restores");
+    for view in net.control.nodes() {
+        let Some(mut before) = net.control.netmap(&view.node_key) else {
+            assert!(restored.netmap(&view.node_key).is_none());
+            continue;
+        };
+        for peer in &mut before.peers {
+            peer.online = false;
+        }
+        assert_eq!(restored.netmap(&view.node_key), Some(before));
+    }
+    assert_eq!(restored.poll_timeout(), net.control.poll_timeout());
 }
 
 proptest! {
