@@ -955,6 +955,15 @@ impl Control {
                     .get_mut(&id)
                     .expect("existing node")
                     .approved_routes = kept;
+                // The node was in no netmap while expired, so a new name
+                // reaches its peers with the whole record when it rejoins.
+                if self.nodes[&id].hostname != label {
+                    let old = self.nodes[&id].hostname.clone();
+                    self.by_hostname.remove(&old);
+                    let hostname = self.unique_hostname(&label);
+                    self.by_hostname.insert(hostname.clone(), id);
+                    self.nodes.get_mut(&id).expect("existing node").hostname = hostname;
+                }
                 id
             }
             None => {

@@ -698,9 +698,12 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
     assert_eq!(net.control.counters().nodes_expired, 2);
     assert_eq!(net.control.poll_timeout(), None);
     // Re-registration with a key brings node 1 back with its address.
-    let again = net.register(1, &key, "ignored", &[]);
+    let again = net.register(1, &key, "uno", &[]);
     assert_eq!(again.addresses[0], prefix("100.64.0.1/32"));
-    assert_eq!(again.name, "one.example.ts.net");
+    assert_eq!(
+        again.name, "uno.example.ts.net",
+        "a re-registration renames"
+    );
     net.poll(1, 2).unwrap();
     assert!(net.control.netmap(&node_key(1)).unwrap().peers.is_empty());
     net.check_consistent();
