@@ -624,7 +624,7 @@ impl Control {
             if control.auth_keys.contains_key(&stored.id) {
                 return Err(RestoreError::DuplicateAuthKey(stored.id));
             }
-            control.next_auth_key_id = control.next_auth_key_id.max(stored.id + 1);
+            control.next_auth_key_id = control.next_auth_key_id.max(stored.id.saturating_add(1));
             control.auth_keys.insert(
                 stored.id,
                 AuthKey {
