@@ -571,6 +571,9 @@ pub struct Control {
     by_disco: BTreeMap<DiscoKey, NodeId>,
     by_address_index: BTreeMap<u32, NodeId>,
     by_hostname: BTreeMap<String, NodeId>,
+    /// The next `-N` suffix to try per host name, so a thousand nodes
+    /// called "laptop" cost one lookup each, not a scan of the taken ones.
+    next_hostname_suffix: BTreeMap<String, u64>,
     next_address_index: u32,
     auth_keys: BTreeMap<u64, AuthKey>,
     next_auth_key_id: u64,
@@ -596,6 +599,7 @@ impl Control {
             by_disco: BTreeMap::new(),
             by_address_index: BTreeMap::new(),
             by_hostname: BTreeMap::new(),
+            next_hostname_suffix: BTreeMap::new(),
             next_address_index: 1,
             auth_keys: BTreeMap::new(),
             next_auth_key_id: 1,
@@ -1076,19 +1080,22 @@ impl Control {
         Err(RegisterError::AddressSpaceExhausted)
     }
 
-    fn unique_hostname(&self, label: &str) -> String {
+    fn unique_hostname(&mut self, label: &str) -> String {
         if !self.by_hostname.contains_key(label) {
             return label.to_string();
         }
-        (2u64..)
+        let first = self.next_hostname_suffix.get(label).copied().unwrap_or(2);
+        let (n, name) = (first..)
             .map(|n| {
                 let suffix = format!("-{n}");
                 let keep = 63 - suffix.len();
                 let base = label.get(..keep.min(label.len())).unwrap_or(label);
-                format!("{base}{suffix}")
+                (n, format!("{base}{suffix}"))
             })
-            .find(|candidate| !self.by_hostname.contains_key(candidate))
-            .expect("some suffix is free")
+            .find(|(_, candidate)| !self.by_hostname.contains_key(candidate))
+            .expect("some suffix is free");
+        self.next_hostname_suffix.insert(label.to_string(), n + 1);
+        name
     }
 
     /// Approves the advertised routes the policy approves on its own.

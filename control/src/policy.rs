@@ -848,6 +848,26 @@ proto = "tcp"
         assert!(syntax.starts_with("acl.toml:1:"), "{syntax}");
     }
 
+    proptest::proptest! {
+        /// Whatever the bytes, parsing ends in a policy or an error that
+        /// points inside the file, never a panic.
+        #[test]
+        fn parsing_mangled_policies_never_panics(
+            cut in 0usize..EXAMPLE.len(),
+            len in 0usize..40,
+            insert in "[\\[\\]\"=:*,#a-z0-9./@ \n-]{0,12}",
+        ) {
+            let mut text = EXAMPLE.to_string();
+            let end = (cut + len).min(text.len());
+            text.replace_range(cut..end, &insert);
+            if let Err(error) = Policy::parse(&text, "acl.toml") {
+                let lines = text.lines().count().max(1);
+                proptest::prop_assert!(error.line >= 1 && error.line <= lines + 1, "{error}");
+                proptest::prop_assert!(error.column >= 1, "{error}");
+            }
+        }
+    }
+
     #[test]
     fn filter_dependence_is_limited_to_node_derived_sources() {
         let policy = Policy::parse(EXAMPLE, "acl.toml").unwrap();

@@ -289,6 +289,25 @@ fn registration_allocates_addresses_and_names_in_order() {
 }
 
 #[test]
+fn many_nodes_with_one_host_name_get_numbered_names() {
+    let mut net = Net::new(Policy::allow_all());
+    let key = net.auth_key("alice@example.com", true, &[]);
+    let names: Vec<String> = (1..=200u8)
+        .map(|i| net.register(i, &key, "laptop", &[]).name)
+        .collect();
+    assert_eq!(names[0], "laptop.example.ts.net");
+    assert_eq!(names[1], "laptop-2.example.ts.net");
+    assert_eq!(names[199], "laptop-200.example.ts.net");
+    let long = "x".repeat(63);
+    assert_eq!(
+        net.register(201, &key, &long, &[]).name,
+        format!("{long}.example.ts.net")
+    );
+    let second = net.register(202, &key, &long, &[]).name;
+    assert_eq!(second, format!("{}-2.example.ts.net", "x".repeat(61)));
+}
+
+#[test]
 fn address_indices_skip_the_magic_dns_address_and_wrap() {
     assert_eq!(index_of(Ipv4Addr::new(100, 100, 100, 100)), None);
     assert_eq!(index_of(Ipv4Addr::new(100, 64, 0, 0)), None);
