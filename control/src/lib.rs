@@ -16,6 +16,50 @@
 //! }
 //! ```
 //!
+//! A whole exchange, as the HTTP server and the simulator drive it:
+//!
+//! ```
+//! use wgmesh_control::*;
+//!
+//! let now = Timestamp::from_unix_secs(1_700_000_000);
+//! let mut control = Control::new(ControlConfig::new("example.ts.net"), Policy::allow_all(), now, 1);
+//! let InputOutcome::AuthKeyCreated(auth) = control
+//!     .handle_input(now, Input::Admin(AdminCommand::CreateAuthKey {
+//!         user: "alice@example.com".into(), reusable: true, expiry: None, tags: vec![],
+//!     }))
+//!     .unwrap() else { unreachable!() };
+//! for (byte, name) in [(1u8, "laptop"), (2, "server")] {
+//!     control.handle_input(now, Input::Register(RegisterRequest {
+//!         node_key: NodeKey([byte; 32]),
+//!         auth_key: auth.key.clone(),
+//!         hostname: name.into(),
+//!         advertised_routes: vec![],
+//!         requested_ipv4: None,
+//!     })).unwrap();
+//!     control.handle_input(now, Input::MapRequest(MapRequest {
+//!         node_key: NodeKey([byte; 32]),
+//!         disco_key: DiscoKey([byte; 32]),
+//!         endpoints: vec![],
+//!     })).unwrap();
+//! }
+//! // The laptop got its full netmap, then a delta when the server came online.
+//! let mut laptop: Option<Netmap> = None;
+//! while let Some(out) = control.poll_output() {
+//!     if let Output::Map { node_key, response, .. } = out {
+//!         if node_key != NodeKey([1; 32]) { continue; }
+//!         let bytes = response.to_json();              // what goes on the wire
+//!         match MapResponse::from_json(&bytes).unwrap().body {
+//!             MapBody::Full(netmap) => laptop = Some(*netmap),
+//!             MapBody::Delta(delta) => {
+//!                 let touched = laptop.as_mut().unwrap().apply(&delta).unwrap();
+//!                 assert_eq!(touched.upserted, vec![NodeKey([2; 32])]); // -> Engine::apply_peer_delta
+//!             }
+//!         }
+//!     }
+//! }
+//! assert_eq!(laptop.unwrap().peers[0].name, "server.example.ts.net");
+//! ```
+//!
 //! It never reads a clock, a socket or the OS RNG: `now` is an argument and
 //! auth-key secrets come from a seeded RNG. Nothing iterates a hash map, so
 //! the same inputs give the same outputs, byte for byte.
