@@ -1648,7 +1648,7 @@ impl Control {
         }
     }
 
-    fn pending_delta(&self, to: NodeId, pending: &Pending) -> Option<NetmapDelta> {
+    fn pending_delta(&self, to: NodeId, pending: Pending) -> Option<NetmapDelta> {
         let record = self.nodes.get(&to)?;
         record.stream?;
         let mut delta = NetmapDelta::default();
@@ -1663,9 +1663,9 @@ impl Control {
         delta.peers_removed = pending.removed.iter().copied().collect();
         let mut changed: Vec<PeerChange> = pending
             .changed
-            .iter()
+            .into_iter()
             .filter(|(id, c)| !pending.added.contains(id) && !c.is_empty())
-            .map(|(_, c)| c.clone())
+            .map(|(_, c)| c)
             .collect();
         changed.sort_by_key(|c| c.node_key);
         delta.peers_changed = changed;
@@ -1693,7 +1693,7 @@ impl Control {
                 self.counters.full_netmaps_sent += 1;
                 MapBody::Full(Box::new(self.build_netmap(to)))
             } else {
-                let Some(delta) = self.pending_delta(to, &p) else {
+                let Some(delta) = self.pending_delta(to, p) else {
                     continue;
                 };
                 if delta.is_empty() {
