@@ -41,6 +41,8 @@
 //! ports and inclusive ranges (`22,80,8000-8999`). A node sees as peers
 //! exactly the nodes it may reach or that may reach it.
 //!
+//! A commented example is `control/examples/acl.toml`.
+//!
 //! Errors name `file:line:column` ([`PolicyError`]); an unknown key is an
 //! error, not ignored (Tailscale's `tagOwners`, `ssh` and `tests` are not
 //! supported: tags come from admin-made auth keys).
@@ -758,6 +760,25 @@ proto = "tcp"
                 protocol: Some(6),
                 dst_ports: Some((8000, 8999)),
             }]
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_policy_parses() {
+        let text = include_str!("../examples/acl.toml");
+        let policy = Policy::parse(text, "examples/acl.toml").unwrap();
+        let names: Vec<String> = policy.selectors().iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "group:eng",
+                "tag:server",
+                "group:ops",
+                "*",
+                "tag:ci",
+                "10.20.0.0/16",
+                "tag:router"
+            ]
         );
     }
 
