@@ -13,7 +13,7 @@ lint:
 ci: lint test
 
 # All benchmarks that need no root.
-bench: bench-core bench-lazy
+bench: bench-core bench-lazy bench-control
 
 # Per-packet engine cost vs bare boringtun, reconfig cost, memory per peer.
 bench-core:
@@ -22,6 +22,12 @@ bench-core:
 # Memory per idle (trimmed) peer and the cost of waking one.
 bench-lazy:
     cargo bench -p wgmesh-core --bench lazy --locked
+
+# The coordination server (control/): time and memory for the first netmaps
+# of a 10,000-node tailnet, bytes and time per node restart (delta fan-out).
+# NODES scales it down on a busy machine.
+bench-control NODES="10000":
+    cargo bench -p wgmesh-control --bench control --locked -- --nodes {{NODES}}
 
 # End-to-end tests of wgmeshd in network namespaces (root, iproute2). Builds
 # release binaries; the script deletes every namespace it creates.
