@@ -296,6 +296,21 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
+    /// A handle with no loop behind it: the test reads the control messages
+    /// from the receiver and answers them itself, playing the driver.
+    #[cfg(test)]
+    pub(crate) fn detached(capacity: usize) -> (Self, mpsc::Receiver<Control>) {
+        let (control, control_rx) = mpsc::channel(capacity);
+        let (events, _) = broadcast::channel(1);
+        let (capture, _) = broadcast::channel(1);
+        let handle = Self {
+            control,
+            events,
+            capture,
+        };
+        (handle, control_rx)
+    }
+
     /// Sends a raw control message.
     pub async fn send(&self, control: Control) -> Result<(), RequestError> {
         self.control

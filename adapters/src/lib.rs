@@ -14,6 +14,7 @@ pub mod api;
 pub mod bird;
 pub mod config;
 pub mod daemon;
+pub mod desired;
 pub mod dns;
 pub mod driver;
 pub mod fastpath;
