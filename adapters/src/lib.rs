@@ -30,4 +30,4 @@ pub use driver::{
     Clock, Control, DatagramSocket, Driver, DriverError, DriverExit, DriverHandle, DriverOptions,
     EffectSink, LogEffects, MemTun, MemTunOs, RequestError, TokioClock, TunDevice, run_driver,
 };
-pub use udp::UdpTransport;
+pub use udp::PlainUdp;

@@ -41,8 +41,8 @@ pub use batch::FastTun;
 pub use udp::FastUdp;
 
 use crate::driver::{DatagramSocket, TunDevice};
-use crate::tun::LinuxTun;
-use crate::udp::UdpTransport;
+use crate::tun::PlainTun;
+use crate::udp::PlainUdp;
 
 /// True when `name` is set to anything but `0`, `false`, `off` or empty.
 fn env_on(name: &str, default: bool) -> bool {
@@ -107,8 +107,8 @@ impl FastPathOptions {
 /// The daemon's TUN: the plain one or the batched one.
 #[derive(Debug)]
 pub enum DataTun {
-    /// One packet per system call ([`LinuxTun`]).
-    Plain(LinuxTun),
+    /// One packet per system call ([`PlainTun`]).
+    Plain(PlainTun),
     /// The batched device ([`FastTun`]).
     Fast(FastTun),
 }
@@ -140,7 +140,7 @@ impl DataTun {
                 }
             }
         }
-        Ok(Self::Plain(LinuxTun::open(name, mtu)?))
+        Ok(Self::Plain(PlainTun::open(name, mtu)?))
     }
 
     /// The kernel's name for the device.
@@ -179,8 +179,8 @@ impl TunDevice for DataTun {
 /// its output queue with a [`FastTun`]).
 #[derive(Debug)]
 pub enum DataUdp {
-    /// One datagram per system call ([`UdpTransport`]).
-    Plain(UdpTransport),
+    /// One datagram per system call ([`PlainUdp`]).
+    Plain(PlainUdp),
     /// The batched socket ([`FastUdp`]), boxed: its batch bookkeeping is
     /// large and the enum is moved around at start-up.
     Fast(Box<FastUdp>),
@@ -190,7 +190,7 @@ impl DataUdp {
     /// Binds on `port`, batched when `tun` is.
     pub fn bind(port: u16, tun: &DataTun) -> io::Result<Self> {
         match tun {
-            DataTun::Plain(_) => Ok(Self::Plain(UdpTransport::bind(port)?)),
+            DataTun::Plain(_) => Ok(Self::Plain(PlainUdp::bind(port)?)),
             DataTun::Fast(tun) => Ok(Self::Fast(Box::new(FastUdp::bind(port, tun)?))),
         }
     }
