@@ -1,0 +1,293 @@
+//! The loop: one `select!` per turn over the control channel, the timer
+//! and the two devices, one input into the engine, then every output
+//! executed.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, info, trace};
+use wgmesh_core::{CapturedPacket, Engine, Event, Input, MAX_PACKET_SIZE};
+
+use super::exec::{DriverError, Executor, MAX_CONSECUTIVE_IO_ERRORS};
+use super::handle::{Control, DriverHandle};
+use super::ports::{Clock, DatagramSocket, EffectSink, TunDevice};
+
+/// Room for one datagram: the largest IP packet plus WireGuard's overhead.
+const DATAGRAM_BUFFER: usize = MAX_PACKET_SIZE + 256;
+
+/// Packets taken from one device's in-memory batch in one turn of the loop
+/// (one `select!` and one clock reading). Measured with the throughput rig
+/// (same run, 4 rounds each): one packet per turn 4.94 Gbit/s with a loaded
+/// ping RTT of 0.22 ms, bursts of 16 5.19 Gbit/s and 0.25 ms, of 32 5.23
+/// and 0.33 ms, of 64 5.08 and 0.58 ms: past 16 the other direction's small
+/// packets start to wait.
+const MAX_BURST: usize = 16;
+
+/// Why the loop ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverExit {
+    /// A [`Control::Close`] was handled.
+    Closed,
+    /// Every [`DriverHandle`] was dropped; the engine was closed as if asked.
+    HandlesDropped,
+}
+
+/// Tuning of a [`Driver`].
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    /// Capacity of the control channel.
+    pub control_capacity: usize,
+    /// Capacity of the event broadcast (slow subscribers lose old events).
+    pub event_capacity: usize,
+    /// Capacity of the capture broadcast.
+    pub capture_capacity: usize,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        Self {
+            control_capacity: 64,
+            event_capacity: 256,
+            capture_capacity: 1024,
+        }
+    }
+}
+
+/// The driver loop with its devices, ready to [`Driver::run`].
+pub struct Driver<T, S, C, E> {
+    engine: Engine,
+    tun: T,
+    socket: S,
+    clock: C,
+    sink: E,
+    control_rx: mpsc::Receiver<Control>,
+    events: broadcast::Sender<Event>,
+    capture: broadcast::Sender<CapturedPacket>,
+}
+
+impl<T, S, C, E> std::fmt::Debug for Driver<T, S, C, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("node_key", &self.engine.node_key())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, S, C, E> Driver<T, S, C, E>
+where
+    T: TunDevice,
+    S: DatagramSocket,
+    C: Clock,
+    E: EffectSink,
+{
+    /// Wraps an engine and its devices. Nothing runs until [`Driver::run`].
+    pub fn new(
+        engine: Engine,
+        tun: T,
+        socket: S,
+        clock: C,
+        sink: E,
+        options: DriverOptions,
+    ) -> (Self, DriverHandle) {
+        let (control_tx, control_rx) = mpsc::channel(options.control_capacity.max(1));
+        let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        let (capture, _) = broadcast::channel(options.capture_capacity.max(1));
+        let handle = DriverHandle {
+            control: control_tx,
+            events: events.clone(),
+            capture: capture.clone(),
+        };
+        let driver = Self {
+            engine,
+            tun,
+            socket,
+            clock,
+            sink,
+            control_rx,
+            events,
+            capture,
+        };
+        (driver, handle)
+    }
+
+    /// Runs until the engine is closed or every handle is dropped.
+    ///
+    /// Each turn feeds the engine exactly one input (a control message, a
+    /// timer, a datagram or a TUN packet), then executes every output.
+    pub async fn run(self) -> Result<DriverExit, DriverError> {
+        let Driver {
+            mut engine,
+            mut tun,
+            mut socket,
+            clock,
+            mut sink,
+            mut control_rx,
+            events,
+            capture,
+        } = self;
+        let mut exec = Executor::new(events, capture);
+        let mut tun_buf = vec![0u8; MAX_PACKET_SIZE];
+        let mut udp_buf = vec![0u8; DATAGRAM_BUFFER];
+        let mut turn = false;
+        let mut timer: Option<(Instant, TimerFuture<'_>)> = None;
+        if let Ok(addr) = socket.local_addr() {
+            info!(node = ?engine.node_key(), %addr, "driver started");
+        }
+        loop {
+            // The sleep future is kept across turns while the deadline stays
+            // the same, so a busy data path does not register a new timer
+            // for every packet.
+            let deadline = engine.poll_timeout();
+            if timer.as_ref().map(|(at, _)| *at) != deadline {
+                timer = deadline.map(|at| (at, Box::pin(clock.sleep_until(at)) as TimerFuture<'_>));
+            }
+            let sleep = async {
+                match timer.as_mut() {
+                    Some((_, sleeping)) => sleeping.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
+            turn = !turn;
+            let step = if turn {
+                tokio::select! {
+                    biased;
+                    control = control_rx.recv() => Step::Control(control),
+                    () = sleep => Step::Timer,
+                    res = socket.recv_from(&mut udp_buf) => Step::Datagram(res),
+                    res = tun.recv(&mut tun_buf) => Step::Tun(res),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    control = control_rx.recv() => Step::Control(control),
+                    () = sleep => Step::Timer,
+                    res = tun.recv(&mut tun_buf) => Step::Tun(res),
+                    res = socket.recv_from(&mut udp_buf) => Step::Datagram(res),
+                }
+            };
+            let now = clock.now();
+            match step {
+                Step::Timer => {
+                    // A completed sleep must not be polled again.
+                    timer = None;
+                    engine.handle_timeout(now);
+                }
+                Step::Datagram(Ok(first)) => {
+                    exec.socket_errors = 0;
+                    // This datagram and the rest of the socket's in-memory
+                    // batch, up to a bound so the TUN side, timers and
+                    // control messages wait at most one short burst.
+                    let (mut len, mut from) = first;
+                    for taken in 1..=MAX_BURST {
+                        trace!(%from, len, "datagram in");
+                        let input = Input::Datagram {
+                            from,
+                            data: &udp_buf[..len],
+                        };
+                        let _ = engine.handle_input(now, input);
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        if taken == MAX_BURST {
+                            break;
+                        }
+                        let Some(more) = socket.recv_buffered_from(&mut udp_buf) else {
+                            break;
+                        };
+                        (len, from) = more;
+                    }
+                }
+                Step::Datagram(Err(e)) => {
+                    exec.socket_errors += 1;
+                    debug!(error = %e, "UDP receive failed");
+                    if exec.socket_errors >= MAX_CONSECUTIVE_IO_ERRORS {
+                        return Err(DriverError::Socket(e));
+                    }
+                }
+                Step::Tun(Ok(first)) => {
+                    exec.tun_errors = 0;
+                    // This packet and the rest of the TUN's in-memory batch
+                    // (the segments of one offloaded read), bounded as for
+                    // datagrams.
+                    let mut len = first;
+                    for taken in 1..=MAX_BURST {
+                        trace!(len, "TUN packet in");
+                        let packet = &tun_buf[..len];
+                        if let Some(flows) = exec.flows.as_mut() {
+                            flows.add(true, packet);
+                        }
+                        let _ = engine.handle_input(now, Input::TunPacket(packet));
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        if taken == MAX_BURST {
+                            break;
+                        }
+                        let Some(more) = tun.recv_buffered(&mut tun_buf) else {
+                            break;
+                        };
+                        len = more;
+                    }
+                }
+                Step::Tun(Err(e)) => {
+                    exec.tun_errors += 1;
+                    debug!(error = %e, "TUN read failed");
+                    if exec.tun_errors >= MAX_CONSECUTIVE_IO_ERRORS {
+                        return Err(DriverError::Tun(e));
+                    }
+                }
+                Step::Control(None) => {
+                    info!("every driver handle dropped; closing the engine");
+                    let _ = engine.handle_input(now, Input::Close);
+                    exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                        .await?;
+                    return Ok(DriverExit::HandlesDropped);
+                }
+                Step::Control(Some(control)) => {
+                    if let Some(reply) = exec.control(&mut engine, now, control) {
+                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                            .await?;
+                        let _ = reply.send(());
+                        return Ok(DriverExit::Closed);
+                    }
+                }
+            }
+            exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                .await?;
+        }
+    }
+}
+
+/// Convenience: builds a [`Driver`] with default options, spawns nothing and
+/// returns the loop's future together with its handle.
+pub fn run_driver<T, S, C, E>(
+    engine: Engine,
+    tun: T,
+    socket: S,
+    clock: C,
+    sink: E,
+) -> (
+    impl Future<Output = Result<DriverExit, DriverError>> + Send,
+    DriverHandle,
+)
+where
+    T: TunDevice,
+    S: DatagramSocket,
+    C: Clock,
+    E: EffectSink,
+{
+    let (driver, handle) = Driver::new(engine, tun, socket, clock, sink, DriverOptions::default());
+    (driver.run(), handle)
+}
+
+/// The pending sleep of the loop.
+type TimerFuture<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What one turn of the loop got.
+enum Step {
+    Control(Option<Control>),
+    Timer,
+    Datagram(io::Result<(usize, SocketAddr)>),
+    Tun(io::Result<usize>),
+}
