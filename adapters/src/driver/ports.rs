@@ -21,7 +21,8 @@ use wgmesh_core::Effect;
 pub trait TunDevice: Send + 'static {
     /// Waits for the next packet and copies it into `buf`; returns its length.
     fn recv(&mut self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
-    /// Writes one IP packet towards the OS.
+    /// Writes one IP packet towards the OS, or queues it for
+    /// [`TunDevice::flush`].
     fn send(&mut self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     /// The next packet if the device already holds it in memory (the rest
     /// of a batch it read), without a system call and without waiting;
@@ -31,6 +32,24 @@ pub trait TunDevice: Send + 'static {
     fn recv_buffered(&mut self, _buf: &mut [u8]) -> Option<usize> {
         None
     }
+    /// The next packet without waiting: from the in-memory batch, or else
+    /// what one non-blocking read returns. `None`: nothing is ready now, or
+    /// the device cannot tell without waiting. Before it waits, the loop
+    /// asks each device this way, and a device with nothing ready means the
+    /// burst that fed the other device's queue is over: the loop flushes
+    /// that queue ([`DatagramSocket::flush`]) and only then waits on
+    /// [`TunDevice::recv`]. The default offers what [`TunDevice::recv_buffered`]
+    /// holds.
+    fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        self.recv_buffered(buf).map(Ok)
+    }
+    /// Writes the packets [`TunDevice::send`] queued. The loop calls it when
+    /// the socket has nothing more ready ([`DatagramSocket::try_recv_from`]
+    /// found nothing): the burst of datagrams these packets were decrypted
+    /// from is over. Waiting for the TUN side to go quiet as well would hold
+    /// a ping or an ACK behind a bulk transfer in the other direction.
+    /// Devices that write every packet at once keep this default.
+    fn flush(&mut self) {}
 }
 
 /// A UDP socket. `recv_from` must be cancel-safe, like [`TunDevice::recv`].
@@ -40,7 +59,7 @@ pub trait DatagramSocket: Send + 'static {
         &mut self,
         buf: &mut [u8],
     ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
-    /// Sends one datagram.
+    /// Sends one datagram, or queues it for [`DatagramSocket::flush`].
     fn send_to(
         &mut self,
         data: &[u8],
@@ -51,6 +70,18 @@ pub trait DatagramSocket: Send + 'static {
     fn recv_buffered_from(&mut self, _buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         None
     }
+    /// The next datagram without waiting, like [`TunDevice::try_recv`]; when
+    /// it finds nothing the loop flushes the TUN's queue
+    /// ([`TunDevice::flush`]).
+    fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
+        self.recv_buffered_from(buf).map(Ok)
+    }
+    /// Sends the datagrams [`DatagramSocket::send_to`] queued. The loop
+    /// calls it when the TUN has nothing more ready
+    /// ([`TunDevice::try_recv`] found nothing): the burst of packets they
+    /// were encrypted from is over. Sockets that send every datagram at
+    /// once keep this default.
+    fn flush(&mut self) {}
     /// The address the socket is bound to.
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// Closes the socket and binds a new one on `port` (0: any port). On

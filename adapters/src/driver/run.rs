@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, trace};
 use wgmesh_core::{CapturedPacket, Engine, Event, Input, MAX_PACKET_SIZE};
@@ -144,28 +145,42 @@ where
             if timer.as_ref().map(|(at, _)| *at) != deadline {
                 timer = deadline.map(|at| (at, Box::pin(clock.sleep_until(at)) as TimerFuture<'_>));
             }
-            let sleep = async {
-                match timer.as_mut() {
-                    Some((_, sleeping)) => sleeping.as_mut().await,
-                    None => std::future::pending().await,
-                }
-            };
             turn = !turn;
-            let step = if turn {
-                tokio::select! {
-                    biased;
-                    control = control_rx.recv() => Step::Control(control),
-                    () = sleep => Step::Timer,
-                    res = socket.recv_from(&mut udp_buf) => Step::Datagram(res),
-                    res = tun.recv(&mut tun_buf) => Step::Tun(res),
-                }
-            } else {
-                tokio::select! {
-                    biased;
-                    control = control_rx.recv() => Step::Control(control),
-                    () = sleep => Step::Timer,
-                    res = tun.recv(&mut tun_buf) => Step::Tun(res),
-                    res = socket.recv_from(&mut udp_buf) => Step::Datagram(res),
+            let ready = ready_without_waiting(
+                turn,
+                &mut control_rx,
+                &mut timer,
+                &mut tun,
+                &mut socket,
+                &mut tun_buf,
+                &mut udp_buf,
+            );
+            let step = match ready {
+                Some(step) => step,
+                None => {
+                    let sleep = async {
+                        match timer.as_mut() {
+                            Some((_, sleeping)) => sleeping.as_mut().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    if turn {
+                        tokio::select! {
+                            biased;
+                            control = control_rx.recv() => Step::Control(control),
+                            () = sleep => Step::Timer,
+                            res = socket.recv_from(&mut udp_buf) => Step::Datagram(res),
+                            res = tun.recv(&mut tun_buf) => Step::Tun(res),
+                        }
+                    } else {
+                        tokio::select! {
+                            biased;
+                            control = control_rx.recv() => Step::Control(control),
+                            () = sleep => Step::Timer,
+                            res = tun.recv(&mut tun_buf) => Step::Tun(res),
+                            res = socket.recv_from(&mut udp_buf) => Step::Datagram(res),
+                        }
+                    }
                 }
             };
             let now = clock.now();
@@ -279,6 +294,57 @@ where
 {
     let (driver, handle) = Driver::new(engine, tun, socket, clock, sink, DriverOptions::default());
     (driver.run(), handle)
+}
+
+/// This turn's step if one is ready without waiting, looked for in the order
+/// of the loop's `select!`: a control message, the timer, then the devices
+/// in this turn's order (the first ready one wins, as in the `select!`).
+///
+/// A device with nothing ready means the burst that fed the other device's
+/// output queue is over, so that queue is flushed here, before the loop
+/// waits: the datagrams encrypted from a burst of TUN packets go out once
+/// the TUN has nothing more ready, the packets decrypted from a burst of
+/// datagrams go to the TUN once the socket has nothing more ready. `None`:
+/// nothing was ready and both queues are flushed; the caller waits.
+fn ready_without_waiting<T: TunDevice, S: DatagramSocket>(
+    turn: bool,
+    control_rx: &mut mpsc::Receiver<Control>,
+    timer: &mut Option<(Instant, TimerFuture<'_>)>,
+    tun: &mut T,
+    socket: &mut S,
+    tun_buf: &mut [u8],
+    udp_buf: &mut [u8],
+) -> Option<Step> {
+    // Both are cancel-safe; polling them once here and again in the
+    // `select!` loses nothing.
+    if let Some(control) = control_rx.recv().now_or_never() {
+        return Some(Step::Control(control));
+    }
+    if let Some((_, sleeping)) = timer.as_mut() {
+        if sleeping.as_mut().now_or_never().is_some() {
+            return Some(Step::Timer);
+        }
+    }
+    if turn {
+        if let Some(res) = socket.try_recv_from(udp_buf) {
+            return Some(Step::Datagram(res));
+        }
+        tun.flush();
+        if let Some(res) = tun.try_recv(tun_buf) {
+            return Some(Step::Tun(res));
+        }
+        socket.flush();
+    } else {
+        if let Some(res) = tun.try_recv(tun_buf) {
+            return Some(Step::Tun(res));
+        }
+        socket.flush();
+        if let Some(res) = socket.try_recv_from(udp_buf) {
+            return Some(Step::Datagram(res));
+        }
+        tun.flush();
+    }
+    None
 }
 
 /// The pending sleep of the loop.
