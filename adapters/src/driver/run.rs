@@ -357,3 +357,144 @@ enum Step {
     Datagram(io::Result<(usize, SocketAddr)>),
     Tun(io::Result<usize>),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+    use wgmesh_core::{DiscoPrivateKey, EngineConfig, NodePrivateKey};
+
+    use super::*;
+    use crate::driver::ports::{LogEffects, TokioClock};
+
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+
+    /// A TUN with a few packets ready for non-blocking reads, then none;
+    /// it records what the loop asks of it.
+    struct ScriptedTun {
+        ready: VecDeque<Vec<u8>>,
+        log: Log,
+        waiting: Option<oneshot::Sender<()>>,
+    }
+
+    impl TunDevice for ScriptedTun {
+        async fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+            self.log.lock().unwrap().push("tun wait");
+            if let Some(waiting) = self.waiting.take() {
+                let _ = waiting.send(());
+            }
+            std::future::pending().await
+        }
+
+        async fn send(&mut self, _packet: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+            let Some(packet) = self.ready.pop_front() else {
+                self.log.lock().unwrap().push("tun empty");
+                return None;
+            };
+            self.log.lock().unwrap().push("tun read");
+            buf[..packet.len()].copy_from_slice(&packet);
+            Some(Ok(packet.len()))
+        }
+
+        fn flush(&mut self) {
+            self.log.lock().unwrap().push("tun flush");
+        }
+    }
+
+    /// A socket that never has a datagram; it records what the loop asks.
+    struct QuietSocket {
+        log: Log,
+    }
+
+    impl DatagramSocket for QuietSocket {
+        async fn recv_from(&mut self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+            std::future::pending().await
+        }
+
+        async fn send_to(&mut self, _data: &[u8], _dst: SocketAddr) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn try_recv_from(&mut self, _buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
+            self.log.lock().unwrap().push("udp empty");
+            None
+        }
+
+        fn flush(&mut self) {
+            self.log.lock().unwrap().push("udp flush");
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 1)))
+        }
+
+        async fn rebind(&mut self, _port: u16) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The loop flushes a device's queue exactly when the other device has
+    /// nothing ready: the socket's while the TUN still has packets never,
+    /// the TUN's every time the socket has nothing, and both before it
+    /// waits.
+    #[tokio::test]
+    async fn the_loop_flushes_one_device_when_the_other_has_nothing_ready() {
+        let log = Log::default();
+        let (waiting, waited) = oneshot::channel();
+        let tun = ScriptedTun {
+            // Packets for no peer: the engine drops them, which is all this
+            // test needs.
+            ready: (0..3).map(|i| vec![0x45, 0, 0, 20 + i]).collect(),
+            log: log.clone(),
+            waiting: Some(waiting),
+        };
+        let socket = QuietSocket { log: log.clone() };
+        let engine = Engine::new(
+            EngineConfig::new(
+                NodePrivateKey::from_bytes([1; 32]),
+                DiscoPrivateKey::from_bytes([2; 32]),
+            ),
+            TokioClock.now(),
+            1,
+        );
+        let (run, handle) = run_driver(engine, tun, socket, TokioClock, LogEffects);
+        let running = tokio::spawn(run);
+        tokio::time::timeout(Duration::from_secs(5), waited)
+            .await
+            .expect("the loop waits once the TUN is empty")
+            .unwrap();
+        drop(handle);
+        let exit = tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("the loop ends once every handle is dropped")
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit, DriverExit::HandlesDropped);
+
+        let log = log.lock().unwrap().clone();
+        let wait = log.iter().position(|&e| e == "tun wait").unwrap();
+        let last_read = log.iter().rposition(|&e| e == "tun read").unwrap();
+        assert_eq!(log.iter().filter(|&&e| e == "tun read").count(), 3);
+        for (i, &entry) in log.iter().enumerate() {
+            match entry {
+                "udp flush" => {
+                    assert_eq!(log[i - 1], "tun empty", "{log:?}");
+                    assert!(i > last_read, "socket flushed mid-burst: {log:?}");
+                }
+                "tun flush" => assert_eq!(log[i - 1], "udp empty", "{log:?}"),
+                "tun read" | "tun empty" | "udp empty" | "tun wait" => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+        let before_wait = &log[..wait];
+        assert!(before_wait[last_read..].contains(&"udp flush"), "{log:?}");
+        assert!(before_wait[last_read..].contains(&"tun flush"), "{log:?}");
+    }
+}
