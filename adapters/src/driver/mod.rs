@@ -1,4 +1,4 @@
-//! The one async loop that drives an [`Engine`].
+//! The one async loop that drives an [`Engine`](wgmesh_core::Engine).
 //!
 //! The loop is written against three small traits so that the same code runs
 //! in production and in the simulator:

@@ -29,8 +29,8 @@
 //! and the task drains it); [`task`] is the task that switches counting on,
 //! takes the table every interval and appends the JSON lines.
 
-pub(crate) mod table;
-pub(crate) mod task;
+pub mod table;
+pub mod task;
 
 pub use table::{FlowCounts, FlowKey, FlowRecord, FlowTable, MAX_FLOWS};
 pub use task::run;
