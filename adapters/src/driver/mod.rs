@@ -28,6 +28,13 @@
 //! depends only on the order written here and on a turn counter that
 //! alternates the network and TUN branches (so neither starves the other under
 //! load). That keeps the simulator's runs reproducible from their seed.
+//! Before it waits, each turn looks for a ready step without waiting, in the
+//! same order (control, timer, then the devices' non-blocking reads,
+//! [`TunDevice::try_recv`] and [`DatagramSocket::try_recv_from`]); a device
+//! with nothing ready ends the burst that fed the other device's output
+//! queue, and the loop calls that device's `flush` there, in the open.
+//! Devices that neither batch nor queue keep the traits' defaults, and the
+//! loop then behaves exactly as a plain `select!`.
 //!
 //! The files: [`ports`] holds the traits the loop is written against (and
 //! the small implementations everyone uses: [`TokioClock`], [`LogEffects`]);
