@@ -3,23 +3,21 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rand_core::{OsRng, RngCore};
+use rand_core::OsRng;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
-use wgmesh_core::{
-    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, InputError, NodePrivateKey, Reconfig,
-    RouterConfig, WgConfig,
-};
+use wgmesh_core::{DiscoPrivateKey, Engine, InputError, NodePrivateKey};
 
 use crate::api::{self, ApiContext, ReloadRequest};
-use crate::config::{ConfigError, DaemonConfig, DnsMode, trim_override_from_env};
+use crate::config::{ConfigError, DaemonConfig, DnsMode};
+use crate::desired::{ChangeError, Desired, DesiredState, empty_reconfig, new_engine};
 use crate::dns::{DnsManager, detect};
 use crate::driver::{
-    Clock, Driver, DriverError, DriverExit, DriverHandle, DriverOptions, RequestError, TokioClock,
+    Driver, DriverError, DriverExit, DriverHandle, DriverOptions, RequestError, TokioClock,
 };
 use crate::fastpath::{DataTun, DataUdp};
 use crate::os::OsManager;
@@ -126,28 +124,6 @@ pub enum DaemonError {
     DriverStopped,
 }
 
-/// The state the daemon changes at run time, shared with UAPI.
-#[derive(Debug, Clone)]
-pub struct Desired {
-    /// The node's private key (fixed for the engine's life).
-    pub private_key: NodePrivateKey,
-    /// The full desired state last accepted.
-    pub reconfig: Reconfig,
-}
-
-/// An empty but complete reconfig: no peers, no addresses, no DNS.
-pub fn empty_reconfig(listen_port: u16) -> Reconfig {
-    Reconfig {
-        wireguard: Some(WgConfig {
-            listen_port,
-            peers: Vec::new(),
-        }),
-        router: Some(RouterConfig::default()),
-        dns: Some(DnsConfig::default()),
-        ..Reconfig::default()
-    }
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let config = match &options.config {
@@ -210,10 +186,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let mut os = OsManager::new(&interface, router, dns, bird, state_path);
     os.recover().await;
 
-    let mut engine_config = EngineConfig::new(private_key.clone(), disco_key);
-    engine_config.name = interface.clone();
-    engine_config.trim_override = trim_override_from_env();
-    let engine = Engine::new(engine_config, TokioClock.now(), OsRng.next_u64());
+    let engine = new_engine(private_key.clone(), disco_key, &interface);
     info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
 
     let (effects_tx, effects_rx) = mpsc::unbounded_channel();
@@ -243,10 +216,14 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             RequestError::Refused(e) => DaemonError::Refused(e),
             RequestError::Stopped => DaemonError::DriverStopped,
         })?;
-    let desired = Arc::new(Mutex::new(Desired {
-        private_key,
-        reconfig,
-    }));
+    let desired = Arc::new(DesiredState::new(
+        handle.clone(),
+        interface.clone(),
+        Desired {
+            private_key,
+            reconfig,
+        },
+    ));
 
     // The local API.
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
@@ -343,13 +320,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = hup.recv() => {
-                match reload(&options, &handle, &desired).await {
+                match reload(&options, &desired).await {
                     Ok(message) => info!(%message, "reloaded on SIGHUP"),
                     Err(message) => error!(%message, "reload refused; the running config stays"),
                 }
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = reload(&options, &handle, &desired).await;
+                let outcome = reload(&options, &desired).await;
                 if let Err(message) = &outcome {
                     error!(%message, "reload refused; the running config stays");
                 }
@@ -493,42 +470,46 @@ async fn close(handle: &DriverHandle) {
     }
 }
 
-/// Re-reads the config file and applies it; a bad file changes nothing.
-async fn reload(
-    options: &DaemonOptions,
-    handle: &DriverHandle,
-    desired: &Mutex<Desired>,
-) -> Result<String, String> {
+/// Why a reloaded config file was not applied (before the engine saw it).
+#[derive(Debug, thiserror::Error)]
+enum ReloadRefused {
+    /// The file names another private key than the running engine's.
+    #[error("{path}: the private key changed; restart wgmeshd to use a new key")]
+    KeyChanged {
+        /// The config file.
+        path: String,
+    },
+}
+
+/// Re-reads the config file and applies it; a bad file changes nothing. A
+/// file without a listen port keeps the running one.
+async fn reload(options: &DaemonOptions, desired: &DesiredState) -> Result<String, String> {
     let Some(path) = &options.config else {
         return Err("wgmeshd was started without a config file; nothing to reload".into());
     };
     let config = DaemonConfig::load(path).map_err(|e| e.to_string())?;
-    let (running_key, running_port) = {
-        let d = desired
-            .lock()
-            .map_err(|_| "state lock poisoned".to_owned())?;
-        let port = d.reconfig.wireguard.as_ref().map_or(0, |w| w.listen_port);
-        (d.private_key.clone(), port)
-    };
-    if config.private_key != running_key {
-        return Err(format!(
-            "{}: the private key changed; restart wgmeshd to use a new key",
-            path.display()
-        ));
-    }
-    let mut reconfig = config.reconfig();
-    if let Some(wg) = reconfig.wireguard.as_mut() {
-        if wg.listen_port == 0 {
-            wg.listen_port = running_port;
-        }
-    }
-    let outcome = handle
-        .reconfig(reconfig.clone())
+    let outcome = desired
+        .change(|d| {
+            if config.private_key != d.private_key {
+                return Err(ReloadRefused::KeyChanged {
+                    path: path.display().to_string(),
+                });
+            }
+            let running_port = d.reconfig.wireguard.as_ref().map_or(0, |w| w.listen_port);
+            let mut reconfig = config.reconfig();
+            if let Some(wg) = reconfig.wireguard.as_mut() {
+                if wg.listen_port == 0 {
+                    wg.listen_port = running_port;
+                }
+            }
+            d.reconfig = reconfig;
+            Ok(())
+        })
         .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Ok(mut d) = desired.lock() {
-        d.reconfig = reconfig;
-    }
+        .map_err(|e| match e {
+            ChangeError::Edit(refused) => refused.to_string(),
+            ChangeError::Engine(e) => format!("{}: {e}", path.display()),
+        })?;
     Ok(format!("{}: {outcome:?}", path.display()))
 }
 

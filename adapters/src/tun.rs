@@ -1,24 +1,26 @@
-//! The Linux TUN device, through `tun-rs`.
+//! The plain Linux TUN device ([`PlainTun`], the data plane's
+//! [`DataTun::Plain`](crate::fastpath::DataTun::Plain): one packet per
+//! system call), through `tun-rs`.
 
 use std::io;
 
 use crate::driver::TunDevice;
 
 /// A layer-3 TUN device created (or attached to) by name.
-pub struct LinuxTun {
+pub struct PlainTun {
     device: tun_rs::AsyncDevice,
     name: String,
 }
 
-impl std::fmt::Debug for LinuxTun {
+impl std::fmt::Debug for PlainTun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinuxTun")
+        f.debug_struct("PlainTun")
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
-impl LinuxTun {
+impl PlainTun {
     /// Creates the TUN `name` with `mtu`, or attaches to it if it exists,
     /// and brings it up. Addresses and routes are the router's business.
     pub fn open(name: &str, mtu: u16) -> io::Result<Self> {
@@ -42,7 +44,7 @@ impl LinuxTun {
     }
 }
 
-impl TunDevice for LinuxTun {
+impl TunDevice for PlainTun {
     async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.device.recv(buf).await
     }

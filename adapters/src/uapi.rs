@@ -8,20 +8,17 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use rand_core::{OsRng, RngCore};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
-use wgmesh_core::{
-    DiscoPrivateKey, Engine, EngineConfig, NodePrivateKey, NodePublicKey, PeerConfig, Status,
-};
+use tracing::{debug, warn};
+use wgmesh_core::{NodePrivateKey, NodePublicKey, PeerConfig, Status};
 
-use crate::daemon::Desired;
-use crate::driver::{Clock, Control, DriverHandle, TokioClock};
+use crate::desired::{ChangeError, Desired, DesiredState};
+use crate::driver::{DriverHandle, RequestError};
 
 /// The errno values `wg` understands.
 const EINVAL: i32 = 22;
@@ -214,8 +211,9 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
     Ok(outcome)
 }
 
-/// Serves UAPI on `listener` until it fails.
-pub async fn serve(listener: UnixListener, driver: DriverHandle, desired: Arc<Mutex<Desired>>) {
+/// Serves UAPI on `listener` until it fails. `get` reads the engine's
+/// status and `desired`; `set` changes `desired` (which applies it).
+pub async fn serve(listener: UnixListener, driver: DriverHandle, desired: Arc<DesiredState>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -238,7 +236,7 @@ pub async fn serve(listener: UnixListener, driver: DriverHandle, desired: Arc<Mu
 async fn connection(
     stream: UnixStream,
     driver: &DriverHandle,
-    desired: &Mutex<Desired>,
+    desired: &DesiredState,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -254,15 +252,12 @@ async fn connection(
         let answer = match first.as_str() {
             "get=1" => match driver.status().await {
                 Ok(status) => {
-                    let d = desired
-                        .lock()
-                        .map_err(|_| std::io::Error::other("lock poisoned"))?
-                        .clone();
+                    let d = desired.snapshot().await;
                     format!("{}errno=0\n\n", render_get(&d, &status))
                 }
                 Err(_) => format!("errno={EIO}\n\n"),
             },
-            "set=1" => format!("errno={}\n\n", set(driver, desired, &body).await),
+            "set=1" => format!("errno={}\n\n", set(desired, &body).await),
             _ => format!("errno={EPROTO}\n\n"),
         };
         write.write_all(answer.as_bytes()).await?;
@@ -270,64 +265,27 @@ async fn connection(
     Ok(())
 }
 
-/// Runs a `set=1`; returns the errno.
-async fn set(driver: &DriverHandle, desired: &Mutex<Desired>, body: &[String]) -> i32 {
-    let (next, outcome) = {
-        let Ok(guard) = desired.lock() else {
-            return EIO;
-        };
-        let mut next = guard.clone();
-        match apply_set(&mut next, body) {
-            Ok(outcome) => (next, outcome),
-            Err(e) => {
-                warn!(error = %e, "UAPI set refused");
-                return EINVAL;
-            }
-        }
-    };
-    let result = match outcome.new_private_key {
-        Some(key) => {
-            let mut config = EngineConfig::new(key, DiscoPrivateKey::generate(&mut OsRng));
-            config.trim_override = crate::config::trim_override_from_env();
-            let engine = Engine::new(config, TokioClock.now(), OsRng.next_u64());
-            info!(node_key = %engine.node_key(), "new private key through UAPI");
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            let control = Control::Replace {
-                engine: Box::new(engine),
-                reconfig: Box::new(next.reconfig.clone()),
-                reply,
-            };
-            if driver.send(control).await.is_err() {
-                return EIO;
-            }
-            match rx.await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => return EIO,
-            }
-        }
-        None => driver
-            .reconfig(next.reconfig.clone())
-            .await
-            .map_err(|e| e.to_string()),
-    };
-    match result {
-        Ok(_) => {
-            if let Ok(mut guard) = desired.lock() {
-                *guard = next;
-            }
-            0
-        }
-        Err(message) => {
-            warn!(%message, "UAPI set refused by the engine");
+/// Runs a `set=1`; returns the errno. A new private key replaces the
+/// engine ([`DesiredState::change`]).
+async fn set(desired: &DesiredState, body: &[String]) -> i32 {
+    match desired.change(|d| apply_set(d, body).map(drop)).await {
+        Ok(_) => 0,
+        Err(ChangeError::Edit(e)) => {
+            warn!(error = %e, "UAPI set refused");
             EINVAL
         }
+        Err(ChangeError::Engine(RequestError::Refused(e))) => {
+            warn!(error = %e, "UAPI set refused by the engine");
+            EINVAL
+        }
+        Err(ChangeError::Engine(RequestError::Stopped)) => EIO,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::empty_reconfig;
+    use crate::desired::empty_reconfig;
 
     fn desired() -> Desired {
         Desired {

@@ -1,5 +1,8 @@
-//! The daemon's UDP socket: one dual-stack socket when the kernel has IPv6,
-//! an IPv4 socket otherwise, with large kernel buffers.
+//! The plain UDP socket ([`PlainUdp`], the data plane's
+//! [`DataUdp::Plain`](crate::fastpath::DataUdp::Plain): one datagram per
+//! system call): one dual-stack socket when the kernel has IPv6, an IPv4
+//! socket otherwise, with large kernel buffers. The batched socket in
+//! [`crate::fastpath`] reuses its address mapping and buffer size.
 //!
 //! A dual-stack socket reports IPv4 peers as IPv4-mapped IPv6 addresses; this
 //! module turns them back into plain IPv4 addresses on receive and maps them
@@ -19,14 +22,14 @@ pub const SOCKET_BUFFER_BYTES: usize = 7 << 20;
 
 /// A UDP socket for the driver.
 #[derive(Debug)]
-pub struct UdpTransport {
+pub struct PlainUdp {
     socket: UdpSocket,
     dual_stack: bool,
     /// Bind to loopback only (tests).
     loopback: bool,
 }
 
-impl UdpTransport {
+impl PlainUdp {
     /// Binds on every address, dual-stack when possible, on `port` (0: any).
     pub fn bind(port: u16) -> io::Result<Self> {
         Self::bind_inner(port, false)
@@ -109,7 +112,7 @@ fn open(port: u16, v6: bool, loopback: bool) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-impl DatagramSocket for UdpTransport {
+impl DatagramSocket for PlainUdp {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let (len, from) = self.socket.recv_from(buf).await?;
         Ok((len, unmap(from)))
@@ -150,8 +153,8 @@ mod tests {
 
     #[tokio::test]
     async fn loopback_round_trip_and_rebind() {
-        let mut a = UdpTransport::bind_loopback(0).unwrap();
-        let mut b = UdpTransport::bind_loopback(0).unwrap();
+        let mut a = PlainUdp::bind_loopback(0).unwrap();
+        let mut b = PlainUdp::bind_loopback(0).unwrap();
         let b_addr = b.local_addr().unwrap();
         a.send_to(b"hello", b_addr).await.unwrap();
         let mut buf = [0u8; 16];

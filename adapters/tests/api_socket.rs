@@ -3,16 +3,16 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use wgmesh_adapters::api::{self, ApiContext, ApiRequest, ReloadRequest};
-use wgmesh_adapters::daemon::Desired;
+use wgmesh_adapters::desired::{Desired, DesiredState};
 use wgmesh_adapters::driver::Clock;
 use wgmesh_adapters::{
-    DatagramSocket, DriverHandle, LogEffects, MemTun, TokioClock, UdpTransport, run_driver,
+    DatagramSocket, DriverHandle, LogEffects, MemTun, PlainUdp, TokioClock, run_driver,
 };
 use wgmesh_core::{
     DiscoPrivateKey, DnsConfig, Engine, EngineConfig, NodePrivateKey, PeerConfig, Reconfig,
@@ -49,7 +49,7 @@ fn reconfig(
     }
 }
 
-async fn node(key: &NodePrivateKey, disco: &DiscoPrivateKey, socket: UdpTransport) -> DriverHandle {
+async fn node(key: &NodePrivateKey, disco: &DiscoPrivateKey, socket: PlainUdp) -> DriverHandle {
     let engine = Engine::new(
         EngineConfig::new(key.clone(), disco.clone()),
         TokioClock.now(),
@@ -80,8 +80,8 @@ async fn api_and_uapi_over_unix_sockets() {
     );
     let (ia, ib) = (Ipv4Addr::new(100, 64, 1, 1), Ipv4Addr::new(100, 64, 1, 2));
     let (sa, sb) = (
-        UdpTransport::bind_loopback(0).unwrap(),
-        UdpTransport::bind_loopback(0).unwrap(),
+        PlainUdp::bind_loopback(0).unwrap(),
+        PlainUdp::bind_loopback(0).unwrap(),
     );
     let (pa, pb) = (
         sa.local_addr().unwrap().port(),
@@ -159,10 +159,14 @@ async fn api_and_uapi_over_unix_sockets() {
     assert!(reload.error.unwrap().contains("interface.mtu"));
 
     // UAPI: get shows the peer; set adds one; a bad set is refused.
-    let desired = Arc::new(Mutex::new(Desired {
-        private_key: ka.clone(),
-        reconfig: ra,
-    }));
+    let desired = Arc::new(DesiredState::new(
+        a.clone(),
+        "wgt0".into(),
+        Desired {
+            private_key: ka.clone(),
+            reconfig: ra,
+        },
+    ));
     let uapi_path = dir.path().join("wireguard/wgt0.sock");
     let listener = api::bind_api_socket(&uapi_path).unwrap();
     tokio::spawn(wgmesh_adapters::uapi::serve(

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use wgmesh_adapters::driver::Clock;
 use wgmesh_adapters::{
-    DatagramSocket, DriverError, DriverExit, DriverHandle, LogEffects, MemTun, MemTunOs,
-    TokioClock, UdpTransport, run_driver,
+    DatagramSocket, DriverError, DriverExit, DriverHandle, LogEffects, MemTun, MemTunOs, PlainUdp,
+    TokioClock, run_driver,
 };
 use wgmesh_core::{Engine, EngineConfig, PingKind, PingOutcome, Reconfig};
 
@@ -16,11 +16,11 @@ use common::{Identity, reconfig_for};
 
 struct Node {
     id: Identity,
-    socket: Option<UdpTransport>,
+    socket: Option<PlainUdp>,
 }
 
 fn node(seed: u8, ip: Ipv4Addr) -> Node {
-    let socket = UdpTransport::bind_loopback(0).unwrap();
+    let socket = PlainUdp::bind_loopback(0).unwrap();
     Node {
         id: Identity::new(seed, ip, socket.local_addr().unwrap()),
         socket: Some(socket),

@@ -1,9 +1,9 @@
 //! The batched data plane: the daemon's default (`WGMESH_FASTPATH=0`
 //! selects the plain one-packet-per-system-call path instead).
 //!
-//! It plugs into the unchanged [`crate::driver`] loop through its two device
-//! traits, so the engine stays sans-IO and sees one packet per input as
-//! before; only the system calls under the traits change:
+//! It plugs into the [`crate::driver`] loop through its two device traits,
+//! so the engine stays sans-IO and sees one packet per input as before; only
+//! the system calls under the traits change:
 //!
 //! - the TUN is opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD` (TSO/GSO): one
 //!   `read` returns up to 64 KB of a TCP stream, split here into MTU-sized
@@ -14,12 +14,21 @@
 //!   `sendmsg` per run of equal-sized datagrams to one peer), with
 //!   `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` buffers;
 //! - output is queued per device and flushed when the device that feeds it
-//!   has nothing more ready: the datagrams made from TUN packets go out when
-//!   a non-blocking TUN read finds nothing (or a run is full), the packets
-//!   decrypted from datagrams go to the TUN when a non-blocking receive finds
-//!   nothing (or 48 packets are queued). One burst of input
-//!   becomes one burst of output, and a bulk transfer in one direction never
-//!   holds back the small packets (ACKs, pings) of the other.
+//!   has nothing more ready. The driver loop does this in the open: before
+//!   it waits it reads each device without waiting
+//!   ([`TunDevice::try_recv`], [`DatagramSocket::try_recv_from`]), and when
+//!   one finds nothing it calls the other's `flush`. So the datagrams made
+//!   from TUN packets go out when a non-blocking TUN read finds nothing (or
+//!   a run is full), the packets decrypted from datagrams go to the TUN when
+//!   a non-blocking receive finds nothing (or 48 packets are queued). One
+//!   burst of input becomes one burst of output, and a bulk transfer in one
+//!   direction never holds back the small packets (ACKs, pings) of the
+//!   other.
+//!
+//! The files: [`FastTun`] in `tun.rs` (reads) and `tun_write.rs` (batched,
+//! coalesced writes), [`FastUdp`] in `udp.rs` (receives) and `udp_send.rs`
+//! (GSO runs), the state the two share (the output queues and the idle
+//! check) in `outbox.rs`, the switches in `options.rs`.
 //!
 //! Sub-switches, for measuring what each part contributes:
 //! `WGMESH_FASTPATH_TUN_OFFLOAD=0` (plain TUN reads and writes),
@@ -30,85 +39,29 @@
 //! no throughput and cost CPU and idle latency), `WGMESH_FASTPATH_SOCKBUF=N`
 //! (UDP socket buffer bytes).
 
-mod batch;
+mod options;
+mod outbox;
+mod tun;
+mod tun_write;
 mod udp;
-mod writer;
+mod udp_send;
 
 use std::io;
 use std::net::SocketAddr;
 
-pub use batch::FastTun;
+pub use options::FastPathOptions;
+pub use tun::FastTun;
 pub use udp::FastUdp;
 
-use crate::driver::{DatagramSocket, TunDevice};
-use crate::tun::LinuxTun;
-use crate::udp::UdpTransport;
-
-/// True when `name` is set to anything but `0`, `false`, `off` or empty.
-fn env_on(name: &str, default: bool) -> bool {
-    match std::env::var(name) {
-        Ok(v) => !matches!(v.trim(), "" | "0" | "false" | "off" | "no"),
-        Err(_) => default,
-    }
-}
-
-/// The switches of the fast path, read from the environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FastPathOptions {
-    /// `WGMESH_FASTPATH`: use the batched data plane at all (default on).
-    pub enabled: bool,
-    /// `WGMESH_FASTPATH_TUN_OFFLOAD`: TUN with `IFF_VNET_HDR` and offloads.
-    pub tun_offload: bool,
-    /// `WGMESH_FASTPATH_GSO`: UDP sends with `UDP_SEGMENT`.
-    pub udp_gso: bool,
-    /// `WGMESH_FASTPATH_GRO`: UDP receives with `UDP_GRO`.
-    pub udp_gro: bool,
-    /// `WGMESH_FASTPATH_TXQLEN`: the TUN's transmit queue in packets (each
-    /// up to 64 KB with offloads), when set.
-    pub tx_queue_len: Option<u32>,
-    /// `WGMESH_FASTPATH_THREADS`: a writer thread for the TUN and one for
-    /// the UDP socket, so system calls overlap with crypto (default off).
-    pub writer_threads: bool,
-    /// `WGMESH_FASTPATH_TUN_BATCH`: packets queued for the TUN before they
-    /// are written even while more datagrams wait (default
-    /// 48, at most 128).
-    pub tun_flush_packets: usize,
-    /// `WGMESH_FASTPATH_SOCKBUF`: bytes of UDP socket buffer per direction
-    /// (default [`crate::udp::SOCKET_BUFFER_BYTES`]).
-    pub socket_buffer: Option<usize>,
-}
-
-impl FastPathOptions {
-    /// Reads the switches (all default on).
-    pub fn from_env() -> Self {
-        Self {
-            enabled: env_on("WGMESH_FASTPATH", true),
-            tun_offload: env_on("WGMESH_FASTPATH_TUN_OFFLOAD", true),
-            udp_gso: env_on("WGMESH_FASTPATH_GSO", true),
-            udp_gro: env_on("WGMESH_FASTPATH_GRO", true),
-            tx_queue_len: std::env::var("WGMESH_FASTPATH_TXQLEN")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|&n: &u32| n > 0),
-            writer_threads: env_on("WGMESH_FASTPATH_THREADS", false),
-            tun_flush_packets: std::env::var("WGMESH_FASTPATH_TUN_BATCH")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|&n: &usize| n > 0)
-                .unwrap_or(batch::TUN_FLUSH_PACKETS),
-            socket_buffer: std::env::var("WGMESH_FASTPATH_SOCKBUF")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|&n: &usize| n >= 4096),
-        }
-    }
-}
+use crate::driver::ports::{DatagramSocket, TunDevice};
+use crate::tun::PlainTun;
+use crate::udp::PlainUdp;
 
 /// The daemon's TUN: the plain one or the batched one.
 #[derive(Debug)]
 pub enum DataTun {
-    /// One packet per system call ([`LinuxTun`]).
-    Plain(LinuxTun),
+    /// One packet per system call ([`PlainTun`]).
+    Plain(PlainTun),
     /// The batched device ([`FastTun`]).
     Fast(FastTun),
 }
@@ -140,7 +93,7 @@ impl DataTun {
                 }
             }
         }
-        Ok(Self::Plain(LinuxTun::open(name, mtu)?))
+        Ok(Self::Plain(PlainTun::open(name, mtu)?))
     }
 
     /// The kernel's name for the device.
@@ -173,14 +126,28 @@ impl TunDevice for DataTun {
             Self::Fast(tun) => tun.recv_buffered(buf),
         }
     }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        match self {
+            Self::Plain(tun) => tun.try_recv(buf),
+            Self::Fast(tun) => tun.try_recv(buf),
+        }
+    }
+
+    fn flush(&mut self) {
+        match self {
+            Self::Plain(tun) => tun.flush(),
+            Self::Fast(tun) => tun.flush(),
+        }
+    }
 }
 
 /// The daemon's UDP socket: the plain one or the batched one (which shares
 /// its output queue with a [`FastTun`]).
 #[derive(Debug)]
 pub enum DataUdp {
-    /// One datagram per system call ([`UdpTransport`]).
-    Plain(UdpTransport),
+    /// One datagram per system call ([`PlainUdp`]).
+    Plain(PlainUdp),
     /// The batched socket ([`FastUdp`]), boxed: its batch bookkeeping is
     /// large and the enum is moved around at start-up.
     Fast(Box<FastUdp>),
@@ -190,7 +157,7 @@ impl DataUdp {
     /// Binds on `port`, batched when `tun` is.
     pub fn bind(port: u16, tun: &DataTun) -> io::Result<Self> {
         match tun {
-            DataTun::Plain(_) => Ok(Self::Plain(UdpTransport::bind(port)?)),
+            DataTun::Plain(_) => Ok(Self::Plain(PlainUdp::bind(port)?)),
             DataTun::Fast(tun) => Ok(Self::Fast(Box::new(FastUdp::bind(port, tun)?))),
         }
     }
@@ -215,6 +182,20 @@ impl DatagramSocket for DataUdp {
         match self {
             Self::Plain(_) => None,
             Self::Fast(s) => s.recv_buffered_from(buf),
+        }
+    }
+
+    fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
+        match self {
+            Self::Plain(s) => s.try_recv_from(buf),
+            Self::Fast(s) => s.try_recv_from(buf),
+        }
+    }
+
+    fn flush(&mut self) {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Fast(s) => s.flush(),
         }
     }
 

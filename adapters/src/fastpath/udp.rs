@@ -2,36 +2,32 @@
 //! `UDP_SEGMENT`, forced large buffers. Dual-stack like [`crate::udp`]: IPv4
 //! peers travel as IPv4-mapped IPv6 addresses on the wire side of the socket
 //! and as plain IPv4 addresses towards the engine.
+//! Sends go through the queue in [`super::udp_send`], which the socket
+//! shares with its [`FastTun`] through the [`super::outbox`]; the driver
+//! loop flushes it ([`DatagramSocket::flush`]).
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-use super::FastPathOptions;
-use super::batch::{FastTun, IdleCheck, Shared};
-use super::writer::{UdpRun, UdpWriter, send_run};
-use crate::driver::DatagramSocket;
-use crate::udp::{SOCKET_BUFFER_BYTES, map_out, unmap};
+use super::options::FastPathOptions;
+use super::outbox::{IdleCheck, Shared};
+use super::tun::FastTun;
+use super::udp_send::{CMSG_ROOM, SendQueue};
+use crate::driver::ports::DatagramSocket;
+use crate::udp::{SOCKET_BUFFER_BYTES, unmap};
 
 /// Messages per `recvmmsg`.
 const RECV_BATCH: usize = 16;
 /// Room per received message: a GRO run of up to 64 KB.
 const RECV_BUFFER: usize = 65536;
-/// Segments per `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS` is 64
-/// on older kernels).
-const MAX_GSO_SEGMENTS: usize = 64;
-/// Bytes per `UDP_SEGMENT` send (a UDP payload under 64 KB).
-const MAX_GSO_BYTES: usize = 65000;
-/// Room for one control message carrying an int.
-const CMSG_ROOM: usize = 64;
 
 /// A batched UDP socket whose sends are queued in the output queue it
 /// has with its [`FastTun`].
@@ -63,160 +59,6 @@ impl std::fmt::Debug for FastUdp {
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
-}
-
-/// Datagrams waiting to be sent: one run of equal-sized datagrams to one
-/// destination (the last may be shorter), sent with one `sendmsg`.
-pub(crate) struct SendQueue {
-    socket: Arc<UdpSocket>,
-    dual_stack: bool,
-    /// Cleared (by whoever sends) when the kernel refuses `UDP_SEGMENT`.
-    gso: Arc<AtomicBool>,
-    writer: Option<UdpWriter>,
-    buf: Vec<u8>,
-    seg: usize,
-    count: usize,
-    /// The run ended with a shorter datagram; nothing more can join it.
-    closed: bool,
-    dst: Option<SocketAddr>,
-}
-
-impl SendQueue {
-    fn new(socket: Arc<UdpSocket>, dual_stack: bool, gso: bool, thread: bool) -> io::Result<Self> {
-        let writer = if thread {
-            Some(UdpWriter::spawn()?)
-        } else {
-            None
-        };
-        Ok(Self {
-            socket,
-            dual_stack,
-            gso: Arc::new(AtomicBool::new(gso)),
-            writer,
-            buf: Vec::with_capacity(MAX_GSO_BYTES + 2048),
-            seg: 0,
-            count: 0,
-            closed: false,
-            dst: None,
-        })
-    }
-
-    fn push(&mut self, data: &[u8], dst: SocketAddr) {
-        let dst = map_out(self.dual_stack, dst);
-        if self.count > 0
-            && (!self.gso.load(Ordering::Relaxed)
-                || self.closed
-                || self.dst != Some(dst)
-                || data.len() > self.seg
-                || self.count >= MAX_GSO_SEGMENTS
-                || self.buf.len() + data.len() > MAX_GSO_BYTES)
-        {
-            self.flush();
-        }
-        if self.count == 0 {
-            self.seg = data.len();
-            self.dst = Some(dst);
-            self.closed = false;
-            self.buf.clear();
-        }
-        if data.len() < self.seg {
-            self.closed = true;
-        }
-        self.buf.extend_from_slice(data);
-        self.count += 1;
-    }
-
-    /// Sends the queued run (or hands it to the writer thread).
-    pub(crate) fn flush(&mut self) {
-        if self.count == 0 {
-            return;
-        }
-        let Some(dst) = self.dst else { return };
-        self.count = 0;
-        let seg = (self.buf.len() > self.seg).then_some(self.seg);
-        let spare = self.writer.as_ref().and_then(UdpWriter::spare);
-        let buf = match spare {
-            Some(spare) => std::mem::replace(&mut self.buf, spare),
-            None if self.writer.is_some() => {
-                std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_GSO_BYTES + 2048))
-            }
-            None => std::mem::take(&mut self.buf),
-        };
-        let run = UdpRun {
-            socket: self.socket.clone(),
-            buf,
-            dst: SockAddr::from(dst),
-            seg,
-            gso: self.gso.clone(),
-        };
-        match &self.writer {
-            Some(writer) => writer.submit(run),
-            None => {
-                send_run(&run);
-                self.buf = run.buf;
-            }
-        }
-        self.buf.clear();
-    }
-}
-
-/// One `sendmsg` of `data` to `addr`, cut by the kernel into datagrams of
-/// `segment` bytes when given. Waits briefly for room when the socket buffer
-/// is full (the loop must not drop a burst it just encrypted).
-pub(crate) fn send_segments(
-    fd: RawFd,
-    data: &[u8],
-    addr: &SockAddr,
-    segment: Option<usize>,
-) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    let mut control = [0u64; CMSG_ROOM / 8];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
-    msg.msg_namelen = addr.len();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(segment) = segment {
-        let segment =
-            u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        // SAFETY: CMSG_SPACE only computes a size.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
-        // SAFETY: msg_control points at `control`, which is 8-byte aligned
-        // and larger than CMSG_SPACE(2), so the first header and its data
-        // fit inside it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
-        }
-    }
-    for _ in 0..200 {
-        // SAFETY: msg points at live buffers (iov, the address, control)
-        // for the duration of the call.
-        let sent = unsafe { libc::sendmsg(fd, &msg, 0) };
-        if sent >= 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::WouldBlock {
-            return Err(err);
-        }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; a 1 ms bound.
-        unsafe { libc::poll(&mut pfd, 1, 1) };
-    }
-    Err(io::Error::from(io::ErrorKind::WouldBlock))
 }
 
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
@@ -465,26 +307,31 @@ impl DatagramSocket for FastUdp {
             if let Some(datagram) = self.batch.pop_into(buf) {
                 return Ok(datagram);
             }
-            // The batch is used up. Receive again without waiting; only when
-            // nothing is ready has the burst ended, and the packets it
-            // decrypted go to the TUN (the queue also flushes itself every
-            // `TUN_FLUSH_PACKETS`). Synchronous up to the `await`, so a
-            // dropped future loses nothing.
+            // The batch is used up: wait for readiness, then receive.
+            // Readiness-based: dropping this future loses nothing.
             let socket = self.socket.clone();
             let fd = socket.as_raw_fd();
             let batch = &mut self.batch;
-            // A real `recvmmsg`, not tokio's remembered readiness (see
-            // `IdleCheck`).
-            match self.idle.check(|| batch.fill(fd)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e),
-                None => {}
-            }
-            self.shared.flush_tun_queue();
-            // Readiness-based: dropping this future loses nothing.
             socket
                 .async_io(Interest::READABLE, || batch.fill(fd))
                 .await?;
+        }
+    }
+
+    fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
+        loop {
+            if let Some(datagram) = self.batch.pop_into(buf) {
+                return Some(Ok(datagram));
+            }
+            // The batch is used up. A real `recvmmsg`, not tokio's
+            // remembered readiness (see `IdleCheck`); `None` when nothing
+            // is ready: the burst has ended.
+            let fd = self.socket.as_raw_fd();
+            let batch = &mut self.batch;
+            match self.idle.check(|| batch.fill(fd))? {
+                Ok(_) => continue,
+                Err(e) => return Some(Err(e)),
+            }
         }
     }
 
@@ -493,6 +340,10 @@ impl DatagramSocket for FastUdp {
             queue.push(data, dst);
         }
         Ok(())
+    }
+
+    fn flush(&mut self) {
+        self.shared.flush_udp_queue();
     }
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
@@ -548,7 +399,7 @@ mod tests {
             udp_gro: true,
             tx_queue_len: None,
             writer_threads: false,
-            tun_flush_packets: super::super::batch::TUN_FLUSH_PACKETS,
+            tun_flush_packets: super::super::options::TUN_FLUSH_PACKETS,
             socket_buffer: None,
         }
     }
@@ -597,7 +448,7 @@ mod tests {
         for d in &sent {
             queue.push(d, loopback(&b));
         }
-        assert_eq!(queue.count, 5, "one run");
+        assert_eq!(queue.queued(), 5, "one run");
         queue.flush();
         let got = receive(&b, 5).await;
         let from = loopback(&a);
@@ -618,12 +469,12 @@ mod tests {
         queue.push(&datagram(1, 500), loopback(&b));
         // After a short datagram nothing joins the run, even of equal size.
         queue.push(&datagram(2, 500), loopback(&b));
-        assert_eq!(queue.count, 1);
+        assert_eq!(queue.queued(), 1);
         // A larger datagram and a new destination each start a new run.
         queue.push(&datagram(3, 1400), loopback(&b));
-        assert_eq!(queue.count, 1);
+        assert_eq!(queue.queued(), 1);
         queue.push(&datagram(4, 1400), loopback(&c));
-        assert_eq!(queue.count, 1);
+        assert_eq!(queue.queued(), 1);
         queue.flush();
         let at_b: Vec<Vec<u8>> = receive(&b, 4).await.into_iter().map(|(d, _)| d).collect();
         assert_eq!(
@@ -655,7 +506,7 @@ mod tests {
         for i in 0..3 {
             queue.push(&datagram(i, 800), loopback(&b));
         }
-        assert_eq!(queue.count, 1);
+        assert_eq!(queue.queued(), 1);
         queue.flush();
         let got: Vec<Vec<u8>> = receive(&b, 3).await.into_iter().map(|(d, _)| d).collect();
         assert_eq!(got, (0..3).map(|i| datagram(i, 800)).collect::<Vec<_>>());

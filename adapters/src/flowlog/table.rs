@@ -1,43 +1,14 @@
-//! The flow log: per-flow counters (5-tuple, direction, peer, packets,
-//! bytes) written as JSON lines every interval (`[flowlog]` in the config).
-//!
-//! The counting happens inside the driver loop ([`crate::driver`]), on the
-//! packets it moves across the TUN: every packet read from the TUN is
-//! counted as outbound, and every packet the engine writes to the TUN as
-//! inbound. Each packet costs one IP header parse and one hash-map update;
-//! nothing is copied and no channel is involved. An earlier design read the
-//! packets from the engine's capture hook through a broadcast channel, which
-//! cost a copy per packet and, at batched data-plane rates, fell behind and
-//! silently lost packets from the counts. Counting where the packets already
-//! are makes the counts exact at any rate. Inbound also covers the few
-//! packets the engine writes to the TUN on its own (a packet for one of our
-//! own addresses handed straight back, a faked ICMP echo reply): they cross
-//! the TUN like any other, although the capture hook does not show them.
-//!
-//! The flow log task below only switches counting on
-//! ([`crate::driver::Control::SetFlowLog`]), takes the table every interval
-//! ([`crate::driver::Control::TakeFlows`], which swaps in an empty one), and
-//! turns the table into JSON lines with the peer attribution off the driver
-//! loop. The capture hook stays what it is for: `wgmesh capture` (pcap).
-//!
-//! The table holds at most [`MAX_FLOWS`] flows per interval, so a scan or a
-//! flood of spoofed addresses cannot make it grow without bound; packets of
-//! flows beyond that are added to one overflow counter, which the task logs
-//! as a warning instead of writing lines for them.
+//! The flow table: counts per flow, bounded, drained into records with the
+//! peer attribution. Pure: no I/O and no clock (the caller passes the
+//! interval's times).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use tracing::{info, warn};
 use wgmesh_core::Status;
 use wgmesh_core::wire::ip::IpHeader;
-
-use crate::driver::DriverHandle;
 
 /// The most flows one [`FlowTable`] holds (per interval, since the table is
 /// swapped for an empty one at every interval). At under a hundred bytes per
@@ -264,76 +235,6 @@ impl FlowTable {
                 bytes: counts.bytes,
             })
             .collect()
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Appends one JSON line per record to `path`.
-fn append_records(path: &Path, records: &[FlowRecord]) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    let mut out = std::io::BufWriter::new(file);
-    for record in records {
-        serde_json::to_writer(&mut out, record).map_err(std::io::Error::other)?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()
-}
-
-/// Runs the flow log: switches counting on in the driver and appends JSON
-/// lines to `path` every `interval` (at least a second).
-pub async fn run(driver: DriverHandle, path: PathBuf, interval: Duration) {
-    if driver.set_flow_log(true).await.is_err() {
-        return;
-    }
-    let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
-    // The first tick completes at once; the first interval starts now.
-    ticker.tick().await;
-    let mut start = unix_now();
-    info!(path = %path.display(), ?interval, "flow log started");
-    loop {
-        ticker.tick().await;
-        let mut table = match driver.take_flows().await {
-            Ok(Some(table)) => table,
-            // Counting was switched off behind our back: switch it on again
-            // and report from the next interval on.
-            Ok(None) => {
-                warn!("flow counting was off in the driver; switching it on again");
-                if driver.set_flow_log(true).await.is_err() {
-                    return;
-                }
-                start = unix_now();
-                continue;
-            }
-            Err(_) => return,
-        };
-        let status = driver.status().await.ok();
-        let end = unix_now();
-        let overflow = table.overflow();
-        if overflow.packets > 0 {
-            warn!(
-                flows = table.len(),
-                limit = table.limit(),
-                packets = overflow.packets,
-                bytes = overflow.bytes,
-                "flow table full; packets of further flows counted only in total"
-            );
-        }
-        let records = table.drain(start, end, status.as_deref());
-        start = end;
-        if records.is_empty() {
-            continue;
-        }
-        if let Err(e) = append_records(&path, &records) {
-            warn!(path = %path.display(), error = %e, "flow log write failed");
-        }
     }
 }
 

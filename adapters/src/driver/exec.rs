@@ -1,0 +1,276 @@
+//! The loop's bookkeeping and its two jobs besides reading: handling one
+//! control message and executing every output the engine has pending.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::Instant;
+
+use tokio::sync::{broadcast, oneshot};
+use tracing::{debug, info, trace, warn};
+use wgmesh_core::{
+    CapturedPacket, Effect, Engine, Event, Input, InputOutcome, PingId, PingRequest, PingResult,
+    ReconfigOutcome, Status,
+};
+
+use super::handle::Control;
+use super::ports::{DatagramSocket, EffectSink, TunDevice};
+use crate::flowlog::table::FlowTable;
+
+/// How many I/O errors in a row on one device end the loop.
+pub(super) const MAX_CONSECUTIVE_IO_ERRORS: u32 = 1000;
+
+/// Why the loop stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The TUN device failed too many times in a row.
+    #[error("TUN device failed: {0}")]
+    Tun(#[source] io::Error),
+    /// The UDP socket failed too many times in a row.
+    #[error("UDP socket failed: {0}")]
+    Socket(#[source] io::Error),
+}
+
+/// The loop's bookkeeping: who waits for what.
+pub(super) struct Executor {
+    next_ping_id: PingId,
+    pings: BTreeMap<PingId, oneshot::Sender<PingResult>>,
+    status_waiters: Vec<oneshot::Sender<Box<Status>>>,
+    events: broadcast::Sender<Event>,
+    capture: broadcast::Sender<CapturedPacket>,
+    /// The flow counts, while the flow log is on.
+    pub(super) flows: Option<FlowTable>,
+    /// I/O errors in a row on the TUN.
+    pub(super) tun_errors: u32,
+    /// I/O errors in a row on the socket.
+    pub(super) socket_errors: u32,
+}
+
+impl Executor {
+    /// Nobody waiting yet; events and captured packets go to these
+    /// broadcasts.
+    pub(super) fn new(
+        events: broadcast::Sender<Event>,
+        capture: broadcast::Sender<CapturedPacket>,
+    ) -> Self {
+        Self {
+            next_ping_id: 1,
+            pings: BTreeMap::new(),
+            status_waiters: Vec::new(),
+            events,
+            capture,
+            flows: None,
+            tun_errors: 0,
+            socket_errors: 0,
+        }
+    }
+
+    /// Feeds one control message. Returns the reply channel of a close,
+    /// which the caller answers once the outputs are executed.
+    pub(super) fn control(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        control: Control,
+    ) -> Option<oneshot::Sender<()>> {
+        match control {
+            Control::Reconfig { reconfig, reply } => {
+                let result = engine.handle_input(now, Input::Reconfig(reconfig));
+                let result = match result {
+                    Ok(InputOutcome::Reconfig(outcome)) => {
+                        info!(?outcome, "reconfig applied");
+                        Ok(outcome)
+                    }
+                    Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+                    Err(e) => {
+                        warn!(error = %e, "reconfig refused");
+                        Err(e)
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Control::Ping {
+                ip,
+                kind,
+                size,
+                reply,
+            } => {
+                let id = self.next_ping_id;
+                self.next_ping_id += 1;
+                let request = PingRequest { id, ip, kind, size };
+                match engine.handle_input(now, Input::Ping(request)) {
+                    Ok(_) => {
+                        self.pings.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(PingResult {
+                            id,
+                            ip,
+                            kind,
+                            outcome: wgmesh_core::PingOutcome::Error {
+                                message: e.to_string(),
+                                is_local_ip: false,
+                            },
+                        });
+                    }
+                }
+            }
+            Control::Status { reply } => {
+                if engine.handle_input(now, Input::StatusRequest).is_ok() {
+                    self.status_waiters.push(reply);
+                }
+            }
+            Control::LinkChange(change) => {
+                info!(
+                    any_link_up = change.any_link_up,
+                    major = change.major,
+                    "link change"
+                );
+                let _ = engine.handle_input(now, Input::LinkChange(change));
+            }
+            Control::SetPacketFilter(filter) => {
+                let _ = engine.handle_input(now, Input::SetPacketFilter(filter));
+            }
+            Control::SetCapture(on) => {
+                let _ = engine.handle_input(now, Input::SetCapture(on));
+            }
+            Control::SetFlowLog(on) => {
+                if on != self.flows.is_some() {
+                    info!(on, "flow counting");
+                    self.flows = on.then(FlowTable::default);
+                }
+            }
+            Control::TakeFlows(reply) => {
+                let taken = self.flows.as_mut().map(|flows| {
+                    let fresh = flows.fresh();
+                    std::mem::replace(flows, fresh)
+                });
+                let _ = reply.send(taken);
+            }
+            Control::Replace {
+                engine: fresh,
+                reconfig,
+                reply,
+            } => {
+                info!(old = ?engine.node_key(), new = ?fresh.node_key(), "engine replaced");
+                *engine = *fresh;
+                self.pings.clear();
+                self.status_waiters.clear();
+                let result = match engine.handle_input(now, Input::Reconfig(reconfig)) {
+                    Ok(InputOutcome::Reconfig(outcome)) => Ok(outcome),
+                    Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            Control::Close { reply } => {
+                let _ = engine.handle_input(now, Input::Close);
+                return Some(reply);
+            }
+        }
+        None
+    }
+
+    /// Executes every pending output of the engine.
+    pub(super) async fn drain<T: TunDevice, S: DatagramSocket, E: EffectSink>(
+        &mut self,
+        engine: &mut Engine,
+        tun: &mut T,
+        socket: &mut S,
+        sink: &mut E,
+    ) -> Result<(), DriverError> {
+        use wgmesh_core::Output;
+        while let Some(output) = engine.poll_output() {
+            match output {
+                Output::Transmit(transmit) => {
+                    trace!(dst = %transmit.dst, len = transmit.data.len(), "datagram out");
+                    if let Err(e) = socket.send_to(&transmit.data, transmit.dst).await {
+                        debug!(dst = %transmit.dst, error = %e, "UDP send failed");
+                    }
+                    engine.recycle(transmit.data);
+                }
+                Output::TunWrite(packet) => {
+                    trace!(len = packet.len(), "TUN packet out");
+                    match tun.send(&packet).await {
+                        Ok(()) => {
+                            self.tun_errors = 0;
+                            if let Some(flows) = self.flows.as_mut() {
+                                flows.add(false, &packet);
+                            }
+                        }
+                        Err(e) => {
+                            self.tun_errors += 1;
+                            debug!(error = %e, "TUN write failed");
+                            if self.tun_errors >= MAX_CONSECUTIVE_IO_ERRORS {
+                                return Err(DriverError::Tun(e));
+                            }
+                        }
+                    }
+                    engine.recycle(packet);
+                }
+                Output::Effect(effect) => {
+                    self.socket_effect(socket, &effect).await;
+                    sink.apply(effect);
+                }
+                Output::Event(event) => {
+                    log_event(&event);
+                    let _ = self.events.send(event);
+                }
+                Output::PingResult(result) => {
+                    debug!(id = result.id, ip = %result.ip, kind = result.kind.as_str(), outcome = ?result.outcome, "ping ended");
+                    if let Some(reply) = self.pings.remove(&result.id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Output::Status(status) => {
+                    for waiter in self.status_waiters.drain(..) {
+                        let _ = waiter.send(status.clone());
+                    }
+                }
+                Output::Capture(packet) => {
+                    let _ = self.capture.send(packet);
+                }
+                other => debug!(output = ?other, "unhandled output"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The effects that concern the socket the loop owns.
+    async fn socket_effect<S: DatagramSocket>(&mut self, socket: &mut S, effect: &Effect) {
+        let current = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port = match effect {
+            Effect::Rebind => current,
+            Effect::SetListenPort(port) if *port != 0 && *port != current => *port,
+            _ => return,
+        };
+        match socket.rebind(port).await {
+            Ok(()) => info!(port, "socket rebound"),
+            Err(e) => warn!(port, error = %e, "rebind failed; keeping the old socket"),
+        }
+    }
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::PeerConfigured { peer, woken } => info!(peer = ?peer, ?woken, "peer configured"),
+        Event::PeerRemoved { peer, reason } => info!(peer = ?peer, ?reason, "peer removed"),
+        Event::SessionFlushed { peer, .. } => {
+            info!(peer = ?peer, "session flushed (peer restarted)")
+        }
+        Event::HandshakeCompleted { peer, endpoint } => {
+            info!(peer = ?peer, %endpoint, "handshake completed")
+        }
+        Event::PathChanged {
+            peer,
+            endpoint,
+            latency,
+        } => {
+            info!(peer = ?peer, ?endpoint, ?latency, "path changed")
+        }
+        Event::ConnectionFailed(failed) => {
+            info!(src = %failed.src, dst = %failed.dst, cause = ?failed.cause, "outbound connection failed")
+        }
+        other => info!(event = ?other, "event"),
+    }
+}

@@ -1,0 +1,143 @@
+//! The traits the driver loop is written against, so that the same loop
+//! runs over Linux devices in the daemon and over turmoil's sockets and an
+//! in-memory TUN in the simulator, and the small implementations every user
+//! needs.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::debug;
+use wgmesh_core::Effect;
+
+/// A layer-3 device: the OS writes outbound IP packets into it and reads the
+/// packets we write back out of it.
+///
+/// `recv` must be cancel-safe: the loop drops its future whenever another
+/// branch wins, and a packet must not be lost when that happens (tokio's
+/// readiness-based reads and `mpsc::Receiver::recv` both qualify).
+pub trait TunDevice: Send + 'static {
+    /// Waits for the next packet and copies it into `buf`; returns its length.
+    fn recv(&mut self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes one IP packet towards the OS, or queues it for
+    /// [`TunDevice::flush`].
+    fn send(&mut self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// The next packet if the device already holds it in memory (the rest
+    /// of a batch it read), without a system call and without waiting;
+    /// `None` when getting one needs a read. The loop uses it to work
+    /// through a batch without a `select!` per packet. Devices that do not
+    /// batch keep this default.
+    fn recv_buffered(&mut self, _buf: &mut [u8]) -> Option<usize> {
+        None
+    }
+    /// The next packet without waiting: from the in-memory batch, or else
+    /// what one non-blocking read returns. `None`: nothing is ready now, or
+    /// the device cannot tell without waiting. Before it waits, the loop
+    /// asks each device this way, and a device with nothing ready means the
+    /// burst that fed the other device's queue is over: the loop flushes
+    /// that queue ([`DatagramSocket::flush`]) and only then waits on
+    /// [`TunDevice::recv`]. The default offers what [`TunDevice::recv_buffered`]
+    /// holds.
+    fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        self.recv_buffered(buf).map(Ok)
+    }
+    /// Writes the packets [`TunDevice::send`] queued. The loop calls it when
+    /// the socket has nothing more ready ([`DatagramSocket::try_recv_from`]
+    /// found nothing): the burst of datagrams these packets were decrypted
+    /// from is over. Waiting for the TUN side to go quiet as well would hold
+    /// a ping or an ACK behind a bulk transfer in the other direction.
+    /// Devices that write every packet at once keep this default.
+    fn flush(&mut self) {}
+}
+
+/// A UDP socket. `recv_from` must be cancel-safe, like [`TunDevice::recv`].
+pub trait DatagramSocket: Send + 'static {
+    /// Waits for the next datagram; returns its length and source.
+    fn recv_from(
+        &mut self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
+    /// Sends one datagram, or queues it for [`DatagramSocket::flush`].
+    fn send_to(
+        &mut self,
+        data: &[u8],
+        dst: SocketAddr,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    /// The next datagram if the socket already holds it in memory, like
+    /// [`TunDevice::recv_buffered`].
+    fn recv_buffered_from(&mut self, _buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        None
+    }
+    /// The next datagram without waiting, like [`TunDevice::try_recv`]; when
+    /// it finds nothing the loop flushes the TUN's queue
+    /// ([`TunDevice::flush`]).
+    fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
+        self.recv_buffered_from(buf).map(Ok)
+    }
+    /// Sends the datagrams [`DatagramSocket::send_to`] queued. The loop
+    /// calls it when the TUN has nothing more ready
+    /// ([`TunDevice::try_recv`] found nothing): the burst of packets they
+    /// were encrypted from is over. Sockets that send every datagram at
+    /// once keep this default.
+    fn flush(&mut self) {}
+    /// The address the socket is bound to.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Closes the socket and binds a new one on `port` (0: any port). On
+    /// error the old socket must stay usable.
+    fn rebind(&mut self, port: u16) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// The monotonic clock the engine is driven on.
+pub trait Clock: Send + Sync + 'static {
+    /// The current instant. It must never go backwards.
+    fn now(&self) -> Instant;
+    /// Completes once [`Clock::now`] has reached `deadline`.
+    fn sleep_until(&self, deadline: Instant) -> impl Future<Output = ()> + Send;
+}
+
+/// Where the engine's effects on the OS go (router, DNS, BIRD, ...).
+///
+/// `apply` is called from inside the loop and must not block: an
+/// implementation that needs slow work (netlink, files) queues it for another
+/// task. Rebind and listen-port effects are handled by the loop itself first
+/// and then passed here too, for logging.
+pub trait EffectSink: Send + 'static {
+    /// Takes one effect, in the order the engine produced it.
+    fn apply(&mut self, effect: Effect);
+}
+
+/// An [`EffectSink`] that only logs (tests, the simulator, dry runs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogEffects;
+
+impl EffectSink for LogEffects {
+    fn apply(&mut self, effect: Effect) {
+        debug!(?effect, "effect");
+    }
+}
+
+/// An [`EffectSink`] that forwards every effect into a channel, for callers
+/// that apply them on another task or that want to observe them.
+impl EffectSink for mpsc::UnboundedSender<Effect> {
+    fn apply(&mut self, effect: Effect) {
+        // A closed receiver means nobody cares any more; dropping is right.
+        let _ = self.send(effect);
+    }
+}
+
+/// [`Clock`] over tokio's time: real time in the daemon, paused or virtual
+/// time in tests and in turmoil.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline))
+    }
+}

@@ -1,0 +1,226 @@
+//! What a [`FastTun`](super::FastTun) and its [`FastUdp`](super::FastUdp)
+//! share: the TUN (written by the TUN queue's flush) and the queued output of
+//! both directions, and the [`IdleCheck`] both use to decide when to read
+//! directly.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
+
+use super::tun_write::{MAX_IP_PACKET, TunBatch, TunWriter, write_tun};
+use super::udp_send::SendQueue;
+
+/// What a [`FastTun`](super::FastTun) and its [`FastUdp`](super::FastUdp)
+/// share: the TUN (written by the TUN queue's flush) and the queued output.
+pub(crate) struct Shared {
+    pub(crate) tun: Arc<tun_rs::AsyncDevice>,
+    out: Mutex<Outbox>,
+    /// Packets queued for the TUN before a flush is forced
+    /// ([`TUN_FLUSH_PACKETS`](super::options::TUN_FLUSH_PACKETS) unless `WGMESH_FASTPATH_TUN_BATCH` says).
+    tun_flush_packets: usize,
+}
+
+/// Output waiting for a flush.
+pub(crate) struct Outbox {
+    /// Packets for the TUN, each behind room for a virtio header.
+    tun: TunBatch,
+    gro: GROTable,
+    /// The thread that writes full batches, when there is one.
+    tun_writer: Option<TunWriter>,
+    /// Datagrams for the network (set once the UDP side is bound).
+    pub(crate) udp: Option<SendQueue>,
+}
+
+impl Shared {
+    /// Empty queues for `tun`, written by `tun_writer` when there is one,
+    /// flushed every `tun_flush_packets` packets at the latest. The UDP
+    /// queue joins when the socket is bound.
+    pub(crate) fn new(
+        tun: Arc<tun_rs::AsyncDevice>,
+        tun_writer: Option<TunWriter>,
+        tun_flush_packets: usize,
+    ) -> Self {
+        Self {
+            tun,
+            out: Mutex::new(Outbox {
+                tun: TunBatch {
+                    bufs: Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE),
+                    len: 0,
+                },
+                gro: GROTable::new(),
+                tun_writer,
+                udp: None,
+            }),
+            tun_flush_packets,
+        }
+    }
+
+    /// The queued output, locked.
+    pub(crate) fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        // A panic while holding the lock leaves plain buffers behind; they
+        // are still usable.
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the packets queued for the TUN ([`FastTun`](super::FastTun)'s
+    /// `flush`, which the driver loop calls when the socket has nothing
+    /// more ready).
+    pub(crate) fn flush_tun_queue(&self) {
+        let mut out = self.outbox();
+        self.flush_tun(&mut out);
+    }
+
+    /// Sends the datagrams queued for the network
+    /// ([`FastUdp`](super::FastUdp)'s `flush`, which the driver loop calls
+    /// when the TUN has nothing more ready).
+    pub(crate) fn flush_udp_queue(&self) {
+        if let Some(udp) = self.outbox().udp.as_mut() {
+            udp.flush();
+        }
+    }
+
+    fn flush_tun(&self, out: &mut Outbox) {
+        if out.tun.len == 0 {
+            return;
+        }
+        match &out.tun_writer {
+            Some(writer) => {
+                let full = std::mem::replace(
+                    &mut out.tun,
+                    TunBatch {
+                        bufs: Vec::new(),
+                        len: 0,
+                    },
+                );
+                out.tun = writer.submit(full);
+            }
+            None => write_tun(&self.tun, &mut out.gro, &mut out.tun),
+        }
+    }
+
+    /// Queues one packet for the TUN; flushes when the batch is full.
+    pub(crate) fn push_tun(&self, packet: &[u8]) {
+        let mut out = self.outbox();
+        let batch = &mut out.tun;
+        let index = batch.len;
+        if index == batch.bufs.len() {
+            // GRO coalesces into the first packet of a run only when its
+            // buffer already has room for 64 KB (it never reallocates).
+            let room = 2 * VIRTIO_NET_HDR_LEN + MAX_IP_PACKET;
+            batch.bufs.push(Vec::with_capacity(room));
+        }
+        let buf = &mut batch.bufs[index];
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        batch.len += 1;
+        if batch.len >= self.tun_flush_packets {
+            self.flush_tun(&mut out);
+        }
+    }
+}
+
+/// How long a device found idle is left to tokio's readiness before it is
+/// read again directly.
+const IDLE_RECHECK: Duration = Duration::from_micros(25);
+
+/// Decides when a device whose batch is used up is read directly.
+///
+/// The loop takes input from both devices without yielding to the runtime
+/// for as long as either has something; tokio learns that the other device
+/// became readable only when it next polls epoll, which under a one-way bulk
+/// transfer can be milliseconds away. So a device that goes quiet is read
+/// with a real non-blocking system call again after [`IDLE_RECHECK`]; in
+/// between, and when that read finds nothing, the loop waits on tokio's
+/// readiness as usual. A device that keeps having input is read directly
+/// every time (no timer involved).
+#[derive(Debug, Default)]
+pub(crate) struct IdleCheck {
+    /// Earliest time for the next direct read after one found nothing.
+    quiet_until: Option<Instant>,
+}
+
+impl IdleCheck {
+    /// Runs `read` unless the device was found idle less than
+    /// [`IDLE_RECHECK`] ago. `None`: nothing to read now (wait on
+    /// readiness); `Some`: what the read returned (data or a real error).
+    pub(crate) fn check<T>(
+        &mut self,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        self.check_at(Instant::now(), read)
+    }
+
+    /// [`IdleCheck::check`] at a given time.
+    fn check_at<T>(
+        &mut self,
+        now: Instant,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        if self.quiet_until.is_some_and(|until| now < until) {
+            return None;
+        }
+        match read() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.quiet_until = Some(now + IDLE_RECHECK);
+                None
+            }
+            other => {
+                self.quiet_until = None;
+                Some(other)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn would_block() -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    #[test]
+    fn a_busy_device_is_read_every_time() {
+        let mut idle = IdleCheck::default();
+        for n in 0..100 {
+            assert_eq!(idle.check(|| Ok(n)).unwrap().unwrap(), n);
+        }
+    }
+
+    #[test]
+    fn a_quiet_device_is_left_to_readiness_then_read_again() {
+        let mut idle = IdleCheck::default();
+        let start = Instant::now();
+        assert!(idle.check_at(start, would_block).is_none(), "nothing ready");
+        // Within the interval the read is not even tried.
+        let mut tried = false;
+        let soon = start + IDLE_RECHECK / 2;
+        let result = idle.check_at(soon, || {
+            tried = true;
+            Ok(1)
+        });
+        assert!(result.is_none());
+        assert!(!tried, "read again within {IDLE_RECHECK:?}");
+        // Once it has passed, the device is read directly again.
+        let later = start + IDLE_RECHECK;
+        assert_eq!(idle.check_at(later, || Ok(7)).unwrap().unwrap(), 7);
+        // And having found data, the next call reads at once.
+        assert_eq!(idle.check_at(later, || Ok(8)).unwrap().unwrap(), 8);
+    }
+
+    #[test]
+    fn real_errors_are_passed_on() {
+        let mut idle = IdleCheck::default();
+        let err = idle
+            .check(|| -> io::Result<usize> { Err(io::ErrorKind::BrokenPipe.into()) })
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        // An error is not quiet: the next call reads.
+        assert_eq!(idle.check(|| Ok(3)).unwrap().unwrap(), 3);
+    }
+}

@@ -1,0 +1,268 @@
+//! The batched UDP socket's send side: the queue of one run of equal-sized
+//! datagrams to one destination, sent with one `sendmsg` and `UDP_SEGMENT`
+//! (falling back to one datagram per call where the kernel refuses GSO),
+//! and the optional writer thread that does the sending.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread;
+
+use socket2::SockAddr;
+use tokio::net::UdpSocket;
+use tracing::{debug, warn};
+
+use super::options::WRITER_DEPTH;
+use crate::udp::map_out;
+
+/// Segments per `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS` is 64
+/// on older kernels).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Bytes per `UDP_SEGMENT` send (a UDP payload under 64 KB).
+const MAX_GSO_BYTES: usize = 65000;
+/// Room for one control message carrying an int.
+pub(super) const CMSG_ROOM: usize = 64;
+
+/// Datagrams waiting to be sent: one run of equal-sized datagrams to one
+/// destination (the last may be shorter), sent with one `sendmsg`.
+pub(crate) struct SendQueue {
+    socket: Arc<UdpSocket>,
+    dual_stack: bool,
+    /// Cleared (by whoever sends) when the kernel refuses `UDP_SEGMENT`.
+    gso: Arc<AtomicBool>,
+    writer: Option<UdpWriter>,
+    buf: Vec<u8>,
+    seg: usize,
+    count: usize,
+    /// The run ended with a shorter datagram; nothing more can join it.
+    closed: bool,
+    dst: Option<SocketAddr>,
+}
+
+impl SendQueue {
+    pub(crate) fn new(
+        socket: Arc<UdpSocket>,
+        dual_stack: bool,
+        gso: bool,
+        thread: bool,
+    ) -> io::Result<Self> {
+        let writer = if thread {
+            Some(UdpWriter::spawn()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            socket,
+            dual_stack,
+            gso: Arc::new(AtomicBool::new(gso)),
+            writer,
+            buf: Vec::with_capacity(MAX_GSO_BYTES + 2048),
+            seg: 0,
+            count: 0,
+            closed: false,
+            dst: None,
+        })
+    }
+
+    /// Adds one datagram; sends the queued run first when it cannot join.
+    pub(crate) fn push(&mut self, data: &[u8], dst: SocketAddr) {
+        let dst = map_out(self.dual_stack, dst);
+        if self.count > 0
+            && (!self.gso.load(Ordering::Relaxed)
+                || self.closed
+                || self.dst != Some(dst)
+                || data.len() > self.seg
+                || self.count >= MAX_GSO_SEGMENTS
+                || self.buf.len() + data.len() > MAX_GSO_BYTES)
+        {
+            self.flush();
+        }
+        if self.count == 0 {
+            self.seg = data.len();
+            self.dst = Some(dst);
+            self.closed = false;
+            self.buf.clear();
+        }
+        if data.len() < self.seg {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Datagrams queued (the tests check how runs form).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.count
+    }
+
+    /// Sends the queued run (or hands it to the writer thread).
+    pub(crate) fn flush(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let Some(dst) = self.dst else { return };
+        self.count = 0;
+        let seg = (self.buf.len() > self.seg).then_some(self.seg);
+        let spare = self.writer.as_ref().and_then(UdpWriter::spare);
+        let buf = match spare {
+            Some(spare) => std::mem::replace(&mut self.buf, spare),
+            None if self.writer.is_some() => {
+                std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_GSO_BYTES + 2048))
+            }
+            None => std::mem::take(&mut self.buf),
+        };
+        let run = UdpRun {
+            socket: self.socket.clone(),
+            buf,
+            dst: SockAddr::from(dst),
+            seg,
+            gso: self.gso.clone(),
+        };
+        match &self.writer {
+            Some(writer) => writer.submit(run),
+            None => {
+                send_run(&run);
+                self.buf = run.buf;
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+/// One `sendmsg` of `data` to `addr`, cut by the kernel into datagrams of
+/// `segment` bytes when given. Waits briefly for room when the socket buffer
+/// is full (the loop must not drop a burst it just encrypted).
+pub(crate) fn send_segments(
+    fd: RawFd,
+    data: &[u8],
+    addr: &SockAddr,
+    segment: Option<usize>,
+) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut control = [0u64; CMSG_ROOM / 8];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = addr.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(segment) = segment {
+        let segment =
+            u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+        // SAFETY: msg_control points at `control`, which is 8-byte aligned
+        // and larger than CMSG_SPACE(2), so the first header and its data
+        // fit inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
+        }
+    }
+    for _ in 0..200 {
+        // SAFETY: msg points at live buffers (iov, the address, control)
+        // for the duration of the call.
+        let sent = unsafe { libc::sendmsg(fd, &msg, 0) };
+        if sent >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock {
+            return Err(err);
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a 1 ms bound.
+        unsafe { libc::poll(&mut pfd, 1, 1) };
+    }
+    Err(io::Error::from(io::ErrorKind::WouldBlock))
+}
+
+/// One run of datagrams for one destination.
+pub(crate) struct UdpRun {
+    pub(crate) socket: Arc<UdpSocket>,
+    pub(crate) buf: Vec<u8>,
+    pub(crate) dst: SockAddr,
+    /// Segment size for `UDP_SEGMENT` (`None`: one datagram).
+    pub(crate) seg: Option<usize>,
+    /// Cleared by the writer when the kernel refuses GSO.
+    pub(crate) gso: Arc<AtomicBool>,
+}
+
+/// The loop's end of the UDP writer thread.
+pub(crate) struct UdpWriter {
+    tx: SyncSender<UdpRun>,
+    back: Receiver<Vec<u8>>,
+}
+
+impl UdpWriter {
+    /// Starts the thread; it ends when this end is dropped.
+    pub(crate) fn spawn() -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<UdpRun>(WRITER_DEPTH);
+        let (back_tx, back) = sync_channel::<Vec<u8>>(WRITER_DEPTH + 2);
+        thread::Builder::new()
+            .name("wgmesh-udp-tx".into())
+            .spawn(move || {
+                while let Ok(mut run) = rx.recv() {
+                    send_run(&run);
+                    run.buf.clear();
+                    let _ = back_tx.try_send(run.buf);
+                }
+            })?;
+        Ok(Self { tx, back })
+    }
+
+    /// A cleared buffer from an earlier run, if one came back.
+    pub(crate) fn spare(&self) -> Option<Vec<u8>> {
+        self.back.try_recv().ok()
+    }
+
+    /// Hands `run` over.
+    pub(crate) fn submit(&self, run: UdpRun) {
+        if self.tx.send(run).is_err() {
+            warn!("the UDP writer thread is gone; datagrams dropped");
+        }
+    }
+}
+
+/// Sends one run, falling back to one datagram per call when the kernel
+/// refuses `UDP_SEGMENT` (and remembering that in `run.gso`).
+pub(crate) fn send_run(run: &UdpRun) {
+    let fd = run.socket.as_raw_fd();
+    match send_segments(fd, &run.buf, &run.dst, run.seg) {
+        Ok(()) => {}
+        Err(e)
+            if run.seg.is_some()
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                ) =>
+        {
+            if run.gso.swap(false, Ordering::Relaxed) {
+                warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
+            }
+            let seg = run.seg.unwrap_or(run.buf.len()).max(1);
+            for chunk in run.buf.chunks(seg) {
+                if let Err(e) = send_segments(fd, chunk, &run.dst, None) {
+                    debug!(error = %e, "UDP send failed");
+                }
+            }
+        }
+        Err(e) => debug!(error = %e, "UDP send failed"),
+    }
+}
