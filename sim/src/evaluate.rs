@@ -1,7 +1,7 @@
 //! Turns what a backend recorded into a [`Report`]: the scenario's checks,
 //! the invariants and every-ping-ended checks, metrics and the trace hash.
 //!
-//! Both backends hand over their records as [`Outcomes`]; the checks never
+//! Both backends hand over their records as `Outcomes`; the checks never
 //! look at a backend directly, so a check (or a liveness oracle) added here
 //! holds on both.
 

@@ -11,8 +11,9 @@
 //!
 //! The host side lives in `host` (the socket, the effect sink, one engine
 //! incarnation behind `run_driver`, the agent and the event logger) and `os`
-//! (the node's operating system); this file holds the state they share with
-//! the outer loop, and the loop. Engines are created and called only inside
+//! (the node's operating system), the state they share with the outer loop
+//! in `shared`, and the loop's steps in `outer`; this file checks what the
+//! backend supports and runs the loop. Engines are created and called only inside
 //! `host::node_host` (through the production driver), so a hook around every
 //! engine call on this backend wraps that host's future.
 //!
@@ -24,25 +25,25 @@
 
 mod host;
 mod os;
+mod outer;
 mod shared;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use wgmesh_core::{DiscoPrivateKey, NodePrivateKey};
 
 use self::host::node_host;
-use self::shared::{Cmd, Shared, SharedRef, lock, netmap};
-use crate::evaluate::{Labels, Outcomes, RunError, evaluate_outcomes};
+use self::outer::Outer;
+use self::shared::{Cmd, Shared, SharedRef, lock, send};
+use crate::evaluate::{Outcomes, RunError, evaluate_outcomes};
 use crate::report::Report;
-use crate::scenario::{ActionKind, ExpectKind, Scenario, Target};
-use crate::trace::{Category, Keep, Trace};
-use crate::world::address::{FLOW_PORT, WG_PORT, tailnet_ip4, tailnet_ip6, tailnet_source};
-use crate::world::records::{FlowRecord, PingRecord, StreamRecord};
-use crate::world::spec::{LinkKind, NodeId, node_knobs};
+use crate::scenario::{ActionKind, Scenario};
+use crate::trace::{Keep, Trace};
+use crate::world::address::WG_PORT;
+use crate::world::spec::node_knobs;
 use crate::world::{EPOCH_SECS, KEY_STREAM, rng_stream};
 
 fn unsupported(what: &str) -> RunError {
@@ -76,7 +77,9 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             | ActionKind::SetKnob { .. }
             | ActionKind::Flow { .. }
             | ActionKind::Idle { .. } => {}
-            _ => return Err(unsupported(&format!("the action on line {}", a.line))),
+            ActionKind::SetAllowedIps { .. } => {
+                return Err(unsupported(&format!("the action on line {}", a.line)));
+            }
         }
     }
     let wall = Instant::now();
@@ -146,262 +149,31 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             node_host(i, spec.clone(), shared.clone())
         });
     }
-    let addresses: Vec<IpAddr> = scenario
-        .nodes
-        .iter()
-        .map(|s| sim.lookup(s.name.as_str()))
-        .collect();
+    let mut outer = Outer::new(scenario, sim, shared);
 
     // The schedule: actions (order 0) before probes (order 1) at one instant.
     let schedule = scenario.schedule(seed);
     let points = scenario.points(&schedule);
     let mut next = 0;
-    let mut labels = Labels::default();
-    let mut partitions: Vec<(String, String)> = Vec::new();
-    let mut bounces: Vec<String> = Vec::new();
-    let mut down: Vec<usize> = Vec::new();
-    let send = |shared: &SharedRef, node: usize, cmd: Cmd| {
-        if let Some(tx) = &lock(shared).cmds[node] {
-            let _ = tx.send(cmd);
-        }
-    };
     let mut finishing = 0u32;
     loop {
-        let now = sim.elapsed();
-        lock(&shared).now = now;
-        for name in bounces.drain(..) {
-            sim.bounce(name.as_str());
-        }
+        let now = outer.sim.elapsed();
+        lock(&outer.shared).now = now;
+        outer.bounce_restarted();
         while next < points.len() && points[next].0 <= now {
             let (_, order, index) = points[next];
             next += 1;
             if order == 1 {
-                if let ExpectKind::Peer { node, peer, .. } = scenario.expects[index].kind {
-                    let key = lock(&shared).keys[peer].public_key();
-                    send(
-                        &shared,
-                        node,
-                        Cmd::Probe {
-                            expect: index,
-                            peer: key,
-                        },
-                    );
-                }
-                continue;
-            }
-            let action = &schedule[index];
-            let target = |t: &Target| match t {
-                Target::Node { node, family: 6 } => IpAddr::V6(tailnet_ip6(*node)),
-                Target::Node { node, .. } => IpAddr::V4(tailnet_ip4(*node)),
-                Target::Ip(ip) => *ip,
-            };
-            match &action.kind {
-                ActionKind::Send {
-                    from,
-                    to,
-                    count,
-                    interval,
-                    size,
-                } => {
-                    let mut s = lock(&shared);
-                    let index = s.streams.len();
-                    let dst = target(to);
-                    s.streams.push(StreamRecord::new(
-                        action.label.clone(),
-                        NodeId(*from),
-                        dst,
-                        *count,
-                        *interval,
-                        *size,
-                    ));
-                    s.log(
-                        Some(*from),
-                        Category::Action,
-                        "send",
-                        format!("stream #{index} -> {dst} count={count}"),
-                    );
-                    drop(s);
-                    if let Some(l) = &action.label {
-                        labels.streams.insert(l.clone(), index);
-                    }
-                    send(&shared, *from, Cmd::Stream { index });
-                }
-                ActionKind::Ping {
-                    from,
-                    to,
-                    kind,
-                    size,
-                } => {
-                    let mut s = lock(&shared);
-                    let index = s.pings.len();
-                    let ip = target(to);
-                    s.pings.push(PingRecord::new(
-                        action.label.clone(),
-                        NodeId(*from),
-                        ip,
-                        *kind,
-                        now,
-                        0,
-                    ));
-                    s.log(
-                        Some(*from),
-                        Category::Ping,
-                        "ping",
-                        format!("#{index} {} {ip}", kind.as_str()),
-                    );
-                    drop(s);
-                    if let Some(l) = &action.label {
-                        labels.pings.insert(l.clone(), index);
-                    }
-                    send(
-                        &shared,
-                        *from,
-                        Cmd::Ping {
-                            index,
-                            ip,
-                            kind: *kind,
-                            size: *size,
-                        },
-                    );
-                }
-                ActionKind::Restart { node, .. } => {
-                    lock(&shared).log(Some(*node), Category::Action, "restart", String::new());
-                    send(&shared, *node, Cmd::Close);
-                    bounces.push(scenario.nodes[*node].name.clone());
-                }
-                ActionKind::Partition { a, b } => {
-                    for x in a {
-                        for y in b {
-                            let (x, y) = (
-                                scenario.nodes[*x].name.clone(),
-                                scenario.nodes[*y].name.clone(),
-                            );
-                            sim.partition(x.as_str(), y.as_str());
-                            partitions.push((x, y));
-                        }
-                    }
-                    lock(&shared).log(None, Category::Action, "partition", String::new());
-                }
-                ActionKind::Heal => {
-                    for (x, y) in partitions.drain(..) {
-                        sim.repair(x.as_str(), y.as_str());
-                    }
-                    lock(&shared).log(None, Category::Action, "heal", String::new());
-                }
-                ActionKind::Idle { note } => {
-                    lock(&shared).log(None, Category::Action, "idle", note.clone())
-                }
-                ActionKind::LinkChange { node, link } => {
-                    let i = *node;
-                    let name = scenario.nodes[i].name.clone();
-                    let others: Vec<String> = (0..n)
-                        .filter(|&j| j != i)
-                        .map(|j| scenario.nodes[j].name.clone())
-                        .collect();
-                    let up = *link != LinkKind::Down;
-                    if !up && !down.contains(&i) {
-                        down.push(i);
-                        for o in &others {
-                            sim.partition(name.as_str(), o.as_str());
-                        }
-                    }
-                    if up && down.contains(&i) {
-                        down.retain(|&d| d != i);
-                        for o in &others {
-                            let cut = partitions
-                                .iter()
-                                .any(|(x, y)| (*x == name && y == o) || (x == o && *y == name));
-                            if !cut {
-                                sim.repair(name.as_str(), o.as_str());
-                            }
-                        }
-                    }
-                    let mut s = lock(&shared);
-                    if *link == LinkKind::Major {
-                        let port = s.ports[i] + 1;
-                        s.next_ports[i].store(port, Ordering::Relaxed);
-                        s.pending_move[i] = Some(port);
-                    }
-                    s.log(
-                        Some(i),
-                        Category::Action,
-                        "link-change",
-                        link.as_str().to_string(),
-                    );
-                    drop(s);
-                    let change = wgmesh_core::LinkChange {
-                        any_link_up: up,
-                        major: *link == LinkKind::Major,
-                    };
-                    send(&shared, i, Cmd::Link(change));
-                }
-                ActionKind::Flow {
-                    from,
-                    to,
-                    size,
-                    response_size,
-                } => {
-                    let mut s = lock(&shared);
-                    let index = s.flows.len();
-                    let dst = target(to);
-                    s.flows.push(FlowRecord::new(
-                        action.label.clone(),
-                        NodeId(*from),
-                        index,
-                        tailnet_source(*from, dst),
-                        dst,
-                        *size,
-                        *response_size,
-                        now,
-                    ));
-                    s.log(
-                        Some(*from),
-                        Category::Action,
-                        "flow",
-                        format!("flow #{index} -> {dst}:{FLOW_PORT}"),
-                    );
-                    drop(s);
-                    if let Some(l) = &action.label {
-                        labels.flows.insert(l.clone(), index);
-                    }
-                    send(&shared, *from, Cmd::Flow { index });
-                }
-                ActionKind::SetKnob { node, knob, value } => {
-                    let mut s = lock(&shared);
-                    for (j, k) in s.knobs.iter_mut().enumerate() {
-                        if node.is_none_or(|x| x == j) {
-                            match knob.as_str() {
-                                "keep_full_wg_config" => k.keep_full_wg_config = *value,
-                                "fake_icmp_echo" => k.fake_icmp_echo = *value,
-                                _ => {}
-                            }
-                        }
-                    }
-                    let at = now + s.control_delay;
-                    for j in 0..n {
-                        s.netmaps_due.push((at, j));
-                    }
-                    s.log(None, Category::Action, "set-knobs", knob.clone());
-                }
-                _ => {}
+                outer.probe(index);
+            } else {
+                outer.apply(&schedule[index], now);
             }
         }
-        // Netmaps due now.
-        let due: Vec<usize> = {
-            let mut s = lock(&shared);
-            let (due, later): (Vec<_>, Vec<_>) =
-                s.netmaps_due.iter().partition(|(at, _)| *at <= now);
-            s.netmaps_due = later;
-            due.into_iter().map(|(_, j)| j).collect()
-        };
-        for j in due {
-            let reconfig = netmap(j, &lock(&shared), &addresses);
-            send(&shared, j, Cmd::Reconfig(Box::new(reconfig)));
-        }
+        outer.deliver_netmaps(now);
         if now >= scenario.duration {
             if finishing == 0 {
                 for i in 0..n {
-                    send(&shared, i, Cmd::Counters);
+                    send(&outer.shared, i, Cmd::Counters);
                 }
             }
             finishing += 1;
@@ -409,12 +181,12 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
                 break;
             }
         }
-        if sim.step().is_err() {
+        if outer.sim.step().is_err() {
             break;
         }
     }
 
-    let s = lock(&shared);
+    let s = lock(&outer.shared);
     let counters = s.counters.clone();
     let counter = move |node: Option<usize>, name: &str| -> Option<u64> {
         let mut total = None;
@@ -448,10 +220,10 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         stats,
         violations: &s.violations,
         violation_count: s.violations.len() as u64,
-        steps: sim.elapsed().as_millis() as u64,
+        steps: outer.sim.elapsed().as_millis() as u64,
         nodes: n,
         trace: &s.trace,
         backend: "turmoil",
     };
-    evaluate_outcomes(scenario, seed, &outcomes, &labels, &s.probes)
+    evaluate_outcomes(scenario, seed, &outcomes, &outer.labels, &s.probes)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use wgmesh_core::{Knobs, PingKind};
 
+use crate::world::address::{tailnet_ip4, tailnet_ip6};
 use crate::world::{LinkKind, NetworkSpec, NodeSpec};
 
 /// Why a scenario file was rejected.
@@ -81,6 +82,17 @@ pub enum Target {
     },
     /// An explicit address.
     Ip(IpAddr),
+}
+
+impl Target {
+    /// The address traffic to this target goes to, by the address plan.
+    pub fn ip(&self) -> IpAddr {
+        match self {
+            Target::Node { node, family: 6 } => IpAddr::V6(tailnet_ip6(*node)),
+            Target::Node { node, .. } => IpAddr::V4(tailnet_ip4(*node)),
+            Target::Ip(ip) => *ip,
+        }
+    }
 }
 
 /// One scheduled action.

@@ -1,8 +1,8 @@
 //! The simulated world both backends share: what a tailnet is made of
 //! ([`spec`]), where its nodes live ([`address`]), what control tells them
-//! ([`netmap`]), the harness's traffic ([`traffic`]), what a run records
+//! (`netmap`), the harness's traffic ([`traffic`]), what a run records
 //! ([`records`]) and how engine output is written into the trace
-//! ([`render`]).
+//! (`render`).
 //!
 //! A backend decides *how* time passes and datagrams travel (the event
 //! backend with its own priority queue, the turmoil backend with turmoil's

@@ -102,3 +102,13 @@ pub(crate) fn node_knobs(spec: &NodeSpec, base: &Knobs) -> Knobs {
         ..base.clone()
     }
 }
+
+/// Sets the knob the scenario action `set_knob` names. The scenario parser
+/// accepts only the names below, so no other name reaches this.
+pub(crate) fn set_knob(knobs: &mut Knobs, knob: &str, value: bool) {
+    match knob {
+        "keep_full_wg_config" => knobs.keep_full_wg_config = value,
+        "fake_icmp_echo" => knobs.fake_icmp_echo = value,
+        _ => {}
+    }
+}

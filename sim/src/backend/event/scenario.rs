@@ -4,16 +4,16 @@
 //! order), then the `peer` expectations that ask about that instant are
 //! sampled.
 
-use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
 use super::state::Tailnet;
 use crate::evaluate::{Labels, Outcomes, Probes, evaluate_outcomes, peer_state};
 use crate::report::{Check, Report};
-use crate::scenario::{Action, ActionKind, ExpectKind, Scenario, Target};
+use crate::scenario::{Action, ActionKind, ExpectKind, Scenario};
 use crate::trace::Keep;
 use crate::world::NodeId;
+use crate::world::spec::set_knob;
 
 /// Builds the event-backend tailnet a scenario describes.
 pub fn build_tailnet(scenario: &Scenario, seed: u64, keep: Keep) -> Tailnet {
@@ -27,14 +27,6 @@ pub fn build_tailnet(scenario: &Scenario, seed: u64, keep: Keep) -> Tailnet {
     }
     builder.build()
 }
-fn target_ip(net: &Tailnet, t: &Target) -> IpAddr {
-    match t {
-        Target::Node { node, family: 6 } => net.ip6(NodeId(*node)),
-        Target::Node { node, .. } => net.ip4(NodeId(*node)),
-        Target::Ip(ip) => *ip,
-    }
-}
-
 fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
     let label = action.label.clone();
     match &action.kind {
@@ -45,7 +37,7 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
             interval,
             size,
         } => {
-            let ip = target_ip(net, to);
+            let ip = to.ip();
             let index = net.send_stream(NodeId(*from), ip, *count, *interval, *size, label.clone());
             if let Some(l) = label {
                 labels.streams.insert(l, index);
@@ -57,7 +49,7 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
             kind,
             size,
         } => {
-            let ip = target_ip(net, to);
+            let ip = to.ip();
             let index = net.ping(NodeId(*from), ip, *kind, *size, label.clone());
             if let Some(l) = label {
                 labels.pings.insert(l, index);
@@ -69,7 +61,7 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
             size,
             response_size,
         } => {
-            let ip = target_ip(net, to);
+            let ip = to.ip();
             let index = net.start_flow(NodeId(*from), ip, *size, *response_size, label.clone());
             if let Some(l) = label {
                 labels.flows.insert(l, index);
@@ -84,13 +76,7 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
         ActionKind::Heal => net.heal(),
         ActionKind::LinkChange { node, link } => net.link_change(NodeId(*node), *link),
         ActionKind::SetKnob { node, knob, value } => {
-            let value = *value;
-            let knob = knob.clone();
-            net.set_knobs(node.map(NodeId), move |k| match knob.as_str() {
-                "keep_full_wg_config" => k.keep_full_wg_config = value,
-                "fake_icmp_echo" => k.fake_icmp_echo = value,
-                _ => {}
-            });
+            net.set_knobs(node.map(NodeId), |k| set_knob(k, knob, *value));
         }
         ActionKind::SetAllowedIps { node, allowed_ips } => {
             net.set_allowed_ips(NodeId(*node), allowed_ips.clone());

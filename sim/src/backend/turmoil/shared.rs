@@ -100,6 +100,13 @@ impl Shared {
 
 pub(super) type SharedRef = Arc<Mutex<Shared>>;
 
+/// Sends `cmd` to node `node`'s agent (dropped while the node has none).
+pub(super) fn send(shared: &SharedRef, node: usize, cmd: Cmd) {
+    if let Some(tx) = &lock(shared).cmds[node] {
+        let _ = tx.send(cmd);
+    }
+}
+
 pub(super) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
