@@ -208,6 +208,9 @@ pub struct ApiSection {
     pub metrics_listen: Option<SocketAddr>,
     /// Serve the WireGuard UAPI socket (default true).
     pub uapi: Option<bool>,
+    /// A group whose members may use the local API's read-only commands
+    /// (`status`, `metrics`); everything else needs root.
+    pub group: Option<String>,
 }
 
 /// `[bird]`.

@@ -19,6 +19,7 @@ pub mod driver;
 pub mod fastpath;
 pub mod flowlog;
 pub mod linkmon;
+pub mod localsock;
 pub mod os;
 pub mod router;
 pub mod tun;

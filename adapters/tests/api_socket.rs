@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use wgmesh_adapters::api::{self, ApiContext, ApiRequest, ReloadRequest};
 use wgmesh_adapters::daemon::Desired;
 use wgmesh_adapters::driver::Clock;
+use wgmesh_adapters::localsock::SocketAccess;
 use wgmesh_adapters::{
     DatagramSocket, DriverHandle, LogEffects, MemTun, TokioClock, UdpTransport, run_driver,
 };
@@ -105,15 +106,16 @@ async fn api_and_uapi_over_unix_sockets() {
             ));
         }
     });
-    let context = Arc::new(ApiContext {
-        handle: a.clone(),
-        interface: "wgt0".into(),
-        reload: reload_tx,
-    });
+    let context = Arc::new(ApiContext::new(
+        a.clone(),
+        "wgt0".into(),
+        reload_tx,
+        SocketAccess::default(),
+    ));
     let api_path = dir.path().join("run/wgt0.sock");
-    let listener = api::bind_api_socket(&api_path).unwrap();
+    let listener = api::bind_api_socket(&api_path, SocketAccess::default()).unwrap();
     let mode = std::fs::metadata(&api_path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
     tokio::spawn(api::serve_api(listener, context));
 
     // A TSMP ping through the API.
@@ -164,7 +166,8 @@ async fn api_and_uapi_over_unix_sockets() {
         reconfig: ra,
     }));
     let uapi_path = dir.path().join("wireguard/wgt0.sock");
-    let listener = api::bind_api_socket(&uapi_path).unwrap();
+    let listener =
+        wgmesh_adapters::localsock::bind(&uapi_path, 0o755, SocketAccess::default()).unwrap();
     tokio::spawn(wgmesh_adapters::uapi::serve(
         listener,
         a.clone(),
