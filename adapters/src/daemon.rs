@@ -187,12 +187,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let access = crate::localsock::SocketAccess::with_group_name(
         config.as_ref().and_then(|c| c.file.api.group.as_deref()),
     )?;
-    // The command line's socket, else the file's, else the state directory's.
-    let api_path = options
-        .api_socket
-        .clone()
-        .or_else(|| config.as_ref().and_then(|c| c.file.api.socket.clone()))
-        .unwrap_or_else(|| api::default_socket(&options.state_dir, &interface));
+    let api_path = api_socket_path(&options, config.as_ref(), &interface);
 
     // The OS side first: clean up after a crashed run before creating anything.
     // The API socket and the resolv.conf backup live here: root only (the
@@ -398,6 +393,20 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     result
 }
 
+/// Where the API socket goes: the command line's `--api-socket`, else the
+/// file's `[api] socket`, else `<state_dir>/<interface>.sock`.
+fn api_socket_path(
+    options: &DaemonOptions,
+    config: Option<&DaemonConfig>,
+    interface: &str,
+) -> PathBuf {
+    options
+        .api_socket
+        .clone()
+        .or_else(|| config.and_then(|c| c.file.api.socket.clone()))
+        .unwrap_or_else(|| api::default_socket(&options.state_dir, interface))
+}
+
 /// What the driver thread reports when its loop ends.
 type DriverExitReceiver = oneshot::Receiver<Result<DriverExit, DriverError>>;
 
@@ -547,6 +556,38 @@ mod tests {
         // SAFETY: getpriority reads only its integer arguments. Its -1 is
         // also a valid nice value, but none of these tests uses -1.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    #[test]
+    fn the_api_socket_comes_from_the_flag_then_the_file_then_the_state_dir() {
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let text = format!(
+            "[interface]\nprivate_key = \"{key}\"\n[api]\nsocket = \"/run/wgm-api/x.sock\"\n"
+        );
+        let config = DaemonConfig::parse(std::path::Path::new("x.toml"), &text).unwrap();
+        let mut options = DaemonOptions {
+            config: None,
+            interface: None,
+            api_socket: None,
+            state_dir: PathBuf::from("/run/wgmesh"),
+            uapi_dir: None,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            manage_routes: false,
+            data_plane_nice: None,
+        };
+        assert_eq!(
+            api_socket_path(&options, Some(&config), "wg0"),
+            PathBuf::from("/run/wgm-api/x.sock")
+        );
+        assert_eq!(
+            api_socket_path(&options, None, "wg0"),
+            PathBuf::from("/run/wgmesh/wg0.sock")
+        );
+        options.api_socket = Some(PathBuf::from("/tmp/flag.sock"));
+        assert_eq!(
+            api_socket_path(&options, Some(&config), "wg0"),
+            PathBuf::from("/tmp/flag.sock")
+        );
     }
 
     #[test]

@@ -446,6 +446,17 @@ mod tests {
         assert_eq!(dir_mode, 0o700);
     }
 
+    #[test]
+    fn the_descriptor_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let low = soft.min(hard / 2).min(1024);
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        assert_eq!(raise_nofile_limit(), hard);
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    }
+
     #[tokio::test]
     async fn a_symlinked_directory_is_refused() {
         let base = tempfile::tempdir().unwrap();
