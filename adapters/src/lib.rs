@@ -20,6 +20,7 @@ pub mod fastpath;
 pub mod flowlog;
 pub mod linkmon;
 pub mod localsock;
+pub mod logging;
 pub mod os;
 pub mod router;
 pub mod tun;
