@@ -153,7 +153,7 @@ pub fn stream_rights(stream: &UnixStream, access: SocketAccess) -> CallerRights 
 
 /// Makes sure `dir` is a directory owned by the daemon's user and writable by
 /// no one else, creating it with `mode` when missing. A directory wgmeshd
-/// owns with a wider mode is narrowed through its descriptor; one owned by
+/// owns gets `mode` through its descriptor; one owned by
 /// someone else, a symlink, or a directory others may write is refused.
 /// With a group, the directory is handed to it for traversal (mode 0o710).
 pub fn prepare_directory(
@@ -221,8 +221,8 @@ pub fn prepare_directory(
     if let Some(group) = group {
         fchown(file.as_fd(), None, Some(group)).map_err(errno_err("chown directory", dir))?;
     }
-    if current & !wanted & 0o7777 != 0 || (current & 0o022) != 0 {
-        debug!(dir = %dir.display(), from = format!("{current:o}"), to = format!("{wanted:o}"), "narrowing the directory's mode");
+    if current != wanted {
+        debug!(dir = %dir.display(), from = format!("{current:o}"), to = format!("{wanted:o}"), "setting the directory's mode");
         fchmod(
             file.as_fd(),
             Mode::from_bits_truncate(wanted as nix::libc::mode_t),

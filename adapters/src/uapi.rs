@@ -313,14 +313,23 @@ async fn read_request<R>(reader: &mut R) -> std::io::Result<Option<Request>>
 where
     R: tokio::io::AsyncBufRead + Unpin,
 {
+    // A connection idle between requests for that long is closed quietly.
+    let first = match tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        read_bounded_line(reader, MAX_LINE_BYTES),
+    )
+    .await
+    {
+        Err(_) | Ok(Ok(None)) => return Ok(None),
+        Ok(Ok(Some(first))) => first,
+        Ok(Err(ReadLineError::Io(e))) => return Err(e),
+        Ok(Err(ReadLineError::TooLong(_))) => {
+            return Ok(Some(Request::Refused("line too long")));
+        }
+        Ok(Err(ReadLineError::NotUtf8)) => return Ok(Some(Request::Refused("not UTF-8"))),
+    };
+    // Once a request has begun, all of it must arrive in time.
     let read = async {
-        let first = match read_bounded_line(reader, MAX_LINE_BYTES).await {
-            Ok(Some(first)) => first,
-            Ok(None) => return Ok(None),
-            Err(ReadLineError::Io(e)) => return Err(e),
-            Err(ReadLineError::TooLong(_)) => return Ok(Some(Request::Refused("line too long"))),
-            Err(ReadLineError::NotUtf8) => return Ok(Some(Request::Refused("not UTF-8"))),
-        };
         let mut body = Vec::new();
         loop {
             match read_bounded_line(reader, MAX_LINE_BYTES).await {
@@ -354,17 +363,19 @@ async fn connection(
 ) -> std::io::Result<()> {
     let rights = stream_rights(&stream, SocketAccess::default());
     let (read, mut write) = stream.into_split();
-    if rights != CallerRights::Admin {
-        info!("UAPI caller refused: only root may use the UAPI socket");
-        write
-            .write_all(format!("errno={EACCES}\n\n").as_bytes())
-            .await?;
-        return write.shutdown().await;
-    }
     let mut reader = BufReader::new(read);
     // A client may send several requests on one connection.
     while let Some(request) = read_request(&mut reader).await? {
         let (first, body) = match request {
+            // The request is read (bounded) before the refusal, so that the
+            // answer is not lost to a reset for unread data.
+            Request::Lines(..) if rights != CallerRights::Admin => {
+                info!("UAPI caller refused: only root may use the UAPI socket");
+                write
+                    .write_all(format!("errno={EACCES}\n\n").as_bytes())
+                    .await?;
+                return write.shutdown().await;
+            }
             Request::Lines(first, body) => (first, body),
             Request::Refused(why) => {
                 warn!(reason = why, "UAPI request refused");

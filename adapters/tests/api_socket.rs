@@ -155,6 +155,18 @@ async fn api_and_uapi_over_unix_sockets() {
         "{metrics}"
     );
 
+    // A request that is not UTF-8, or too long, gets an answer, not a
+    // silently closed connection.
+    for bad in [b"\xff\xfe{}\n".to_vec(), vec![b'x'; 70 * 1024]] {
+        let mut stream = tokio::net::UnixStream::connect(&api_path).await.unwrap();
+        stream.write_all(&bad).await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).await.unwrap();
+        let answer: api::ApiResponse = serde_json::from_str(answer.trim()).unwrap();
+        assert!(!answer.ok);
+        assert!(answer.error.unwrap().starts_with("bad request: "));
+    }
+
     // A refused reload carries the reason back.
     let reload = api::call(&api_path, &ApiRequest::Reload).await.unwrap();
     assert!(!reload.ok);
@@ -210,6 +222,13 @@ async fn api_and_uapi_over_unix_sockets() {
         vec!["errno=22".to_owned()]
     );
     assert_eq!(a.status().await.unwrap().peers.len(), 2);
+    // A line longer than any valid one is refused, and the connection closed.
+    let mut long = b"set=1\nprivate_key=".to_vec();
+    long.resize(8 * 1024, b'a');
+    assert_eq!(
+        exchange(String::from_utf8(long).unwrap()).await,
+        vec!["errno=22".to_owned()]
+    );
 
     a.close().await.unwrap();
     b.close().await.unwrap();
