@@ -11,16 +11,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use wgmesh_core::{PingKind, PingOutcome, PingResult, Status};
 
-use crate::driver::DriverHandle;
+use crate::driver::{DriverHandle, RequestError};
+use crate::localsock::{self, CallerRights, ConnectionLimit, ReadLineError, SocketAccess};
 
 /// The longest request line accepted.
-const MAX_REQUEST: u64 = 64 * 1024;
+const MAX_REQUEST: usize = 64 * 1024;
 
 /// A request to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,12 +261,22 @@ pub fn parse_ping_kind(kind: &str) -> Option<PingKind> {
     }
 }
 
+/// The gauges [`metrics_text`] writes besides the counters. A counter of the
+/// same name gets the conventional `_total` suffix instead: Prometheus
+/// rejects a scrape that declares one name twice.
+const METRICS_GAUGES: [&str; 2] = ["peers", "peers_configured"];
+
 /// Prometheus text for a status snapshot.
 pub fn metrics_text(interface: &str, status: &Status) -> String {
     let mut out = String::new();
     for (name, value) in status.counters.iter() {
+        let suffix = if METRICS_GAUGES.contains(&name) {
+            "_total"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "# TYPE wgmesh_{name} counter\nwgmesh_{name}{{interface=\"{interface}\"}} {value}\n"
+            "# TYPE wgmesh_{name}{suffix} counter\nwgmesh_{name}{suffix}{{interface=\"{interface}\"}} {value}\n"
         ));
     }
     let configured = status.peers.iter().filter(|p| p.configured).count();
@@ -305,9 +317,54 @@ pub struct ApiContext {
     pub interface: String,
     /// Where reloads go.
     pub reload: mpsc::Sender<ReloadRequest>,
+    /// Who besides root may use the API (read-only commands).
+    pub access: SocketAccess,
+    /// The last metrics text, so that scrapes do not reach the data plane
+    /// more than once per [`METRICS_CACHE_MAX_AGE`].
+    metrics: Arc<tokio::sync::Mutex<Option<CachedMetrics>>>,
+    /// How many captures are running; the capture hook is on while any is.
+    captures: Arc<tokio::sync::Mutex<usize>>,
 }
 
+/// The metrics text and when it was made.
+type CachedMetrics = (Instant, Arc<String>);
+
+/// How old the cached metrics text may be before a scrape refreshes it.
+pub const METRICS_CACHE_MAX_AGE: Duration = Duration::from_secs(1);
+
 impl ApiContext {
+    /// A context for the API of `interface`, driven through `handle`.
+    pub fn new(
+        handle: DriverHandle,
+        interface: String,
+        reload: mpsc::Sender<ReloadRequest>,
+        access: SocketAccess,
+    ) -> Self {
+        Self {
+            handle,
+            interface,
+            reload,
+            access,
+            metrics: Arc::default(),
+            captures: Arc::default(),
+        }
+    }
+
+    /// The metrics text, at most [`METRICS_CACHE_MAX_AGE`] old. Concurrent
+    /// callers share one refresh.
+    pub async fn metrics(&self) -> Result<Arc<String>, RequestError> {
+        let mut cached = self.metrics.lock().await;
+        if let Some((at, text)) = cached.as_ref() {
+            if at.elapsed() < METRICS_CACHE_MAX_AGE {
+                return Ok(text.clone());
+            }
+        }
+        let status = self.handle.status().await?;
+        let text = Arc::new(metrics_text(&self.interface, &status));
+        *cached = Some((Instant::now(), text.clone()));
+        Ok(text)
+    }
+
     /// Answers one request.
     pub async fn answer(&self, request: ApiRequest) -> ApiResponse {
         match request {
@@ -319,10 +376,10 @@ impl ApiContext {
                 },
                 Err(e) => ApiResponse::error(e.to_string()),
             },
-            ApiRequest::Metrics => match self.handle.status().await {
-                Ok(status) => ApiResponse {
+            ApiRequest::Metrics => match self.metrics().await {
+                Ok(text) => ApiResponse {
                     ok: true,
-                    text: Some(metrics_text(&self.interface, &status)),
+                    text: Some(text.as_ref().clone()),
                     ..ApiResponse::default()
                 },
                 Err(e) => ApiResponse::error(e.to_string()),
@@ -366,34 +423,41 @@ impl ApiContext {
     }
 }
 
-/// Binds the API socket at `path` (replacing a stale one) with mode 0600.
-pub fn bind_api_socket(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => debug!(path = %path.display(), "removed a stale API socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+/// Binds the API socket at `path` (replacing a stale one): its directory is
+/// created 0700 (0710 for a read-only group) and checked, the socket bound
+/// 0700 (0770 owned by the group); see [`localsock::bind`].
+pub fn bind_api_socket(
+    path: &Path,
+    access: SocketAccess,
+) -> Result<UnixListener, localsock::LocalSocketError> {
+    localsock::bind(path, 0o700, access)
 }
 
-/// Serves the API until the listener fails.
+/// Serves the API until the task is aborted, at most
+/// [`localsock::MAX_CONNECTIONS_PER_SOCKET`] connections at once.
 pub async fn serve_api(listener: UnixListener, context: Arc<ApiContext>) {
+    let limit = ConnectionLimit::new(localsock::MAX_CONNECTIONS_PER_SOCKET);
+    let mut failures = 0u32;
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
             Err(e) => {
-                warn!(error = %e, "API accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failures = failures.saturating_add(1);
+                warn!(error = %e, failures, "API accept failed");
+                tokio::time::sleep(crate::uapi::accept_backoff(failures)).await;
                 continue;
             }
         };
+        let Some(permit) = limit.try_admit() else {
+            debug!("API connection refused: too many open");
+            continue;
+        };
         let context = context.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = serve_connection(stream, &context).await {
                 debug!(error = %e, "API connection ended with an error");
             }
@@ -401,26 +465,73 @@ pub async fn serve_api(listener: UnixListener, context: Arc<ApiContext>) {
     }
 }
 
+/// True when a caller with `rights` may make `request`: status and metrics
+/// are read-only; everything else (pings send traffic, captures show
+/// plaintext, reloads change the config) needs root.
+pub fn request_allowed(request: &ApiRequest, rights: CallerRights) -> bool {
+    match (rights, request) {
+        (CallerRights::Admin, _) => true,
+        (CallerRights::ReadOnly, ApiRequest::Status | ApiRequest::Metrics) => true,
+        (
+            CallerRights::ReadOnly,
+            ApiRequest::Ping { .. } | ApiRequest::Reload | ApiRequest::Capture { .. },
+        ) => false,
+        (CallerRights::None, _) => false,
+    }
+}
+
 async fn serve_connection(stream: UnixStream, context: &ApiContext) -> std::io::Result<()> {
+    let rights = localsock::stream_rights(&stream, context.access);
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
-    let response = match serde_json::from_str::<ApiRequest>(line.trim()) {
-        Ok(ApiRequest::Capture { seconds }) => {
-            return stream_capture(&mut write, context, seconds.map(Duration::from_secs)).await;
+    let mut reader = BufReader::new(read);
+    let line = tokio::time::timeout(
+        localsock::REQUEST_READ_TIMEOUT,
+        localsock::read_bounded_line(&mut reader, MAX_REQUEST),
+    )
+    .await;
+    let response = match line {
+        Err(_) => ApiResponse::error("bad request: not complete in time"),
+        Ok(Err(ReadLineError::Io(e))) => return Err(e),
+        Ok(Err(e @ (ReadLineError::TooLong(_) | ReadLineError::NotUtf8))) => {
+            ApiResponse::error(format!("bad request: {e}"))
         }
-        Ok(request) => {
-            debug!(?request, "API request");
-            context.answer(request).await
-        }
-        Err(e) => ApiResponse::error(format!("bad request: {e}")),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(line))) => match serde_json::from_str::<ApiRequest>(line.trim()) {
+            Ok(request) if !request_allowed(&request, rights) => {
+                info!(?rights, "API request refused: caller lacks the rights");
+                ApiResponse::error("permission denied: this request needs root")
+            }
+            Ok(ApiRequest::Capture { seconds }) => {
+                return stream_capture(&mut write, context, seconds.map(Duration::from_secs)).await;
+            }
+            Ok(request) => {
+                debug!(?request, "API request");
+                context.answer(request).await
+            }
+            Err(e) => ApiResponse::error(format!("bad request: {e}")),
+        },
     };
     let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// Creates (or truncates) the file a capture is written to, readable by its
+/// owner only whatever the umask: it holds the tunnel's plaintext. A symlink
+/// is not followed.
+pub fn create_capture_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // An existing file keeps its mode through open: narrow it by descriptor.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 /// The pcap file header for raw IP packets (LINKTYPE_RAW), little-endian.
@@ -456,10 +567,17 @@ async fn stream_capture(
     duration: Option<Duration>,
 ) -> std::io::Result<()> {
     use crate::driver::Control;
+    // A duration too large for the clock means "until the client hangs up".
+    let deadline = duration.and_then(|d| tokio::time::Instant::now().checked_add(d));
     let mut packets = context.handle.subscribe_capture();
-    let _ = context.handle.send(Control::SetCapture(true)).await;
+    {
+        let mut running = context.captures.lock().await;
+        if *running == 0 {
+            let _ = context.handle.send(Control::SetCapture(true)).await;
+        }
+        *running += 1;
+    }
     info!(?duration, "capture started");
-    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
     let result = async {
         write.write_all(&pcap_header()).await?;
         loop {
@@ -485,12 +603,28 @@ async fn stream_capture(
         }
     }
     .await;
-    // Captures do not nest: the last one to end switches the hook off.
-    let _ = context.handle.send(Control::SetCapture(false)).await;
+    // The hook stays on while any capture runs: the last one to end
+    // switches it off.
+    {
+        let mut running = context.captures.lock().await;
+        *running = running.saturating_sub(1);
+        if *running == 0 {
+            let _ = context.handle.send(Control::SetCapture(false)).await;
+        }
+    }
     info!("capture ended");
     let _ = write.shutdown().await;
     result
 }
+
+/// How many metrics connections are served at once; more are closed at once.
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+/// How long a metrics client has to send its request head.
+pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long writing the answer may take.
+pub const METRICS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head read.
+const METRICS_MAX_REQUEST_BYTES: usize = 8192;
 
 /// Serves `GET /metrics` (any path, in fact) over plain HTTP on `addr`, which
 /// must be a loopback address: the counters are not for the network.
@@ -503,26 +637,126 @@ pub async fn serve_metrics(addr: SocketAddr, context: Arc<ApiContext>) -> std::i
     }
     let listener = TcpListener::bind(addr).await?;
     info!(%addr, "metrics listening");
+    serve_metrics_on(listener, context).await;
+    Ok(())
+}
+
+/// Serves metrics on a bound listener until the task is aborted. An accept
+/// error (out of descriptors, say) is retried after a growing pause rather
+/// than ending the listener.
+pub async fn serve_metrics_on(listener: TcpListener, context: Arc<ApiContext>) {
+    let limit = ConnectionLimit::new(METRICS_MAX_CONNECTIONS);
+    let mut failures = 0u32;
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                warn!(error = %e, failures, "metrics accept failed; retrying");
+                tokio::time::sleep(crate::uapi::accept_backoff(failures)).await;
+                continue;
+            }
+        };
+        let Some(permit) = limit.try_admit() else {
+            debug!("metrics connection refused: too many open");
+            continue;
+        };
         let context = context.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            // The request itself does not matter; read what arrived.
-            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-            let body: String = context
-                .answer(ApiRequest::Metrics)
-                .await
-                .text
-                .unwrap_or_default();
+            let _permit = permit;
+            let (status, body) =
+                match tokio::time::timeout(METRICS_REQUEST_TIMEOUT, read_http_head(&mut stream))
+                    .await
+                {
+                    Err(_) => ("408 Request Timeout", Arc::new(String::from("timeout\n"))),
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "metrics request unreadable");
+                        return;
+                    }
+                    Ok(Ok(head)) => match check_metrics_request(&head) {
+                        Err(refusal) => (refusal, Arc::new(format!("{refusal}\n"))),
+                        Ok(()) => match context.metrics().await {
+                            Ok(text) => ("200 OK", text),
+                            Err(e) => ("503 Service Unavailable", Arc::new(format!("{e}\n"))),
+                        },
+                    },
+                };
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = tokio::time::timeout(METRICS_WRITE_TIMEOUT, async {
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(body.as_bytes()).await
+            })
+            .await;
         });
     }
+}
+
+/// Reads up to the end of an HTTP request head (or [`METRICS_MAX_REQUEST_BYTES`]).
+async fn read_http_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < METRICS_MAX_REQUEST_BYTES {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
+}
+
+/// Checks a metrics request head: a complete GET whose `Host` (when given)
+/// names the loopback, so a web page that rebinds its own name to 127.0.0.1
+/// cannot read the metrics through the browser. Returns the HTTP status of
+/// the refusal.
+pub fn check_metrics_request(head: &[u8]) -> Result<(), &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) | Err(_) => return Err("400 Bad Request"),
+    }
+    if request.method != Some("GET") {
+        return Err("405 Method Not Allowed");
+    }
+    let mut hosts = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    match (hosts.next(), hosts.next()) {
+        (None, _) => Ok(()),
+        (Some(host), None) => match std::str::from_utf8(host.value) {
+            Ok(value) if host_is_loopback(value) => Ok(()),
+            _ => Err("403 Forbidden"),
+        },
+        (Some(_), Some(_)) => Err("400 Bad Request"),
+    }
+}
+
+/// True when a `Host` header value (with or without a port) names the
+/// loopback: `localhost` or a loopback address.
+pub fn host_is_loopback(value: &str) -> bool {
+    let value = value.trim();
+    let host = if let Some(rest) = value.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((host, port)) if port.is_empty() || port.starts_with(':') => host,
+            _ => return false,
+        }
+    } else {
+        match value.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => value,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Why a CLI call failed.
@@ -601,6 +835,152 @@ mod tests {
             );
         }
         assert!(text.contains("wgmesh_peers{interface=\"wg0\"} 0\n"));
+    }
+
+    /// Checks `text` with a Prometheus text-format parser: every line is
+    /// understood, every family is declared once, before its samples, and
+    /// its samples are contiguous.
+    fn assert_valid_exposition(text: &str) {
+        use prometheus_parse::LineInfo;
+        let mut declared: Vec<String> = Vec::new();
+        let mut finished: Vec<String> = Vec::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            match LineInfo::parse(line) {
+                LineInfo::Type { metric_name, .. } => {
+                    assert!(
+                        !declared.contains(&metric_name),
+                        "{metric_name} declared twice"
+                    );
+                    if let Some(previous) = current.take() {
+                        finished.push(previous);
+                    }
+                    declared.push(metric_name.clone());
+                    current = Some(metric_name);
+                }
+                LineInfo::Sample { metric_name, .. } => {
+                    assert_eq!(
+                        current.as_deref(),
+                        Some(metric_name),
+                        "sample of {metric_name} outside its family"
+                    );
+                    assert!(!finished.iter().any(|f| f == metric_name));
+                }
+                LineInfo::Doc { .. } | LineInfo::Empty => {}
+                LineInfo::Ignored => panic!("not Prometheus text: {line:?}"),
+            }
+        }
+        assert!(!declared.is_empty());
+    }
+
+    #[test]
+    fn metrics_declare_each_name_once() {
+        let mut status = Status::default();
+        status.counters.peers_configured = 3;
+        status.peers = vec![wgmesh_core::PeerStatus {
+            node_key: wgmesh_core::NodePrivateKey::from_bytes([2; 32]).public_key(),
+            configured: true,
+            rx_bytes: 5,
+            ..Default::default()
+        }];
+        let text = metrics_text("wg0", &status);
+        assert_valid_exposition(&text);
+        assert!(
+            text.contains("wgmesh_peers_configured{interface=\"wg0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wgmesh_peers_configured_total{interface=\"wg0\"} 3\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn metrics_requests_must_name_the_loopback() {
+        let ok = |host: &str| {
+            check_metrics_request(
+                format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+            )
+        };
+        for host in [
+            "127.0.0.1:9101",
+            "localhost:9101",
+            "LOCALHOST",
+            "[::1]:9101",
+            "127.0.0.2",
+            "localhost.",
+        ] {
+            assert_eq!(ok(host), Ok(()), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9101",
+            "10.0.0.1:9101",
+            "[::2]:9101",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+        ] {
+            assert_eq!(ok(host), Err("403 Forbidden"), "{host}");
+        }
+        assert_eq!(check_metrics_request(b"GET / HTTP/1.0\r\n\r\n"), Ok(()));
+        assert_eq!(
+            check_metrics_request(b"POST / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            Err("405 Method Not Allowed")
+        );
+        assert_eq!(
+            check_metrics_request(b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil\r\n\r\n"),
+            Err("400 Bad Request")
+        );
+        assert_eq!(check_metrics_request(b"GET / HTT"), Err("400 Bad Request"));
+    }
+
+    #[test]
+    fn read_only_callers_get_status_and_metrics_only() {
+        let ping = ApiRequest::Ping {
+            ip: "100.64.0.2".parse().unwrap(),
+            kind: "tsmp".into(),
+            size: 0,
+        };
+        let all = [
+            ApiRequest::Status,
+            ApiRequest::Metrics,
+            ping,
+            ApiRequest::Reload,
+            ApiRequest::Capture { seconds: None },
+        ];
+        for request in &all {
+            assert!(request_allowed(request, CallerRights::Admin));
+            assert!(!request_allowed(request, CallerRights::None));
+        }
+        let read_only: Vec<bool> = all
+            .iter()
+            .map(|r| request_allowed(r, CallerRights::ReadOnly))
+            .collect();
+        assert_eq!(read_only, [true, true, false, false, false]);
+    }
+
+    #[test]
+    fn the_capture_file_is_private_and_no_symlink_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cap.pcap");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(create_capture_file(&path).unwrap());
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), 0);
+        let fresh = dir.path().join("fresh.pcap");
+        drop(create_capture_file(&fresh).unwrap());
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.path().join("link.pcap");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_capture_file(&link).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
     }
 
     #[test]

@@ -208,6 +208,9 @@ pub struct ApiSection {
     pub metrics_listen: Option<SocketAddr>,
     /// Serve the WireGuard UAPI socket (default true).
     pub uapi: Option<bool>,
+    /// A group whose members may use the local API's read-only commands
+    /// (`status`, `metrics`); everything else needs root.
+    pub group: Option<String>,
 }
 
 /// `[bird]`.
@@ -230,8 +233,9 @@ pub struct FlowLogSection {
     pub interval_secs: Option<u64>,
 }
 
-/// One `[[peer]]`.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[peer]]`. Its `Debug` output redacts the pre-shared key, which is
+/// zeroized on drop.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerSection {
     /// A name for status and logs.
@@ -254,6 +258,28 @@ pub struct PeerSection {
     /// A WireGuard pre-shared key (base64).
     #[serde(default, deserialize_with = "opt_psk")]
     pub preshared_key: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for PeerSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSection")
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("disco_key", &self.disco_key)
+            .field("endpoints", &self.endpoints)
+            .field("allowed_ips", &self.allowed_ips)
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Drop for PeerSection {
+    fn drop(&mut self) {
+        if let Some(key) = self.preshared_key.as_mut() {
+            zeroize::Zeroize::zeroize(key);
+        }
+    }
 }
 
 fn spanned_text<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<String>, D::Error> {
@@ -315,13 +341,33 @@ pub struct DaemonConfig {
 }
 
 impl DaemonConfig {
-    /// Reads and checks `path`.
+    /// Reads and checks `path`. A file that holds a key inline (the private
+    /// key or a pre-shared key) must be private: see [`check_secret_file`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::parse(path, &text)
+        };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        // The mode is checked on the file that was read, not on whatever the
+        // path names by the time of the check.
+        let meta = file.metadata().map_err(read_err)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(read_err)?;
+        let config = Self::parse(path, &text)?;
+        let holds_key = config.file.interface.private_key.is_some()
+            || config.file.peers.iter().any(|p| p.preshared_key.is_some());
+        if holds_key {
+            check_secret_file(&meta).map_err(|problem| ConfigError::Invalid {
+                path: path.to_owned(),
+                line: 1,
+                column: 1,
+                message: format!(
+                    "the file holds a key but {problem}; chmod 600 it (or move the key to private_key_file)"
+                ),
+            })?;
+        }
+        Ok(config)
     }
 
     /// Parses and checks the text of a config file named `path`.
@@ -362,7 +408,7 @@ impl DaemonConfig {
             (Some(k), None) => k.get_ref().clone(),
             (None, Some(f)) => {
                 let key_path = f.get_ref();
-                let key_text = std::fs::read_to_string(key_path).map_err(|e| {
+                let key_text = read_secret_file(key_path).map_err(|e| {
                     invalid(
                         Some(f.span()),
                         format!("private_key_file: {}: {e}", key_path.display()),
@@ -497,6 +543,40 @@ impl DaemonConfig {
             primary_routes: i.primary_routes.clone(),
         }
     }
+}
+
+/// Why a file holding a secret is refused, or `Ok` when only its owner (root
+/// or the daemon's own user) may read or write it.
+///
+/// wgmeshd refuses such files rather than warn as wg-quick does: a key that
+/// others could read is no longer secret, and a warning in a log nobody
+/// reads protects no one (ssh refuses private keys the same way). The
+/// message tells the fix.
+pub fn check_secret_file(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::Uid::effective().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "it is owned by uid {}, not by root or uid {me}",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!("its mode {mode:o} lets other users access it"));
+    }
+    Ok(())
+}
+
+/// Reads a file that holds a secret, refusing it when others may access it
+/// (see [`check_secret_file`]).
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    check_secret_file(&meta).map_err(|problem| format!("{problem}; chmod 600 it"))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| e.to_string())?;
+    Ok(text)
 }
 
 /// The dotted name of the field whose value covers byte `offset`, found from
@@ -691,7 +771,7 @@ allowed_ips = ["100.64.0.2/32"]
     fn key_file_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("key");
-        std::fs::write(&key_path, format!("{A}\n")).unwrap();
+        write_private(&key_path, &format!("{A}\n"));
         let text = good().replace(
             &format!("private_key = \"{A}\""),
             &format!("private_key_file = \"{}\"", key_path.display()),
@@ -707,7 +787,7 @@ allowed_ips = ["100.64.0.2/32"]
     fn the_example_config_is_valid() {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("private.key");
-        std::fs::write(&key_path, A).unwrap();
+        write_private(&key_path, A);
         let text = include_str!("../examples/wgmesh0.toml")
             .replace("/etc/wgmesh/private.key", &key_path.display().to_string());
         let config = DaemonConfig::parse(Path::new("wgmesh0.toml"), &text).unwrap();
@@ -716,6 +796,58 @@ allowed_ips = ["100.64.0.2/32"]
             Some("127.0.0.1:9101".parse().unwrap())
         );
         assert_eq!(config.reconfig().wireguard.unwrap().peers.len(), 1);
+    }
+
+    /// Writes `text` to `path` with mode 0600.
+    fn write_private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn key_files_and_keyed_configs_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("key");
+        write_private(&key_path, A);
+        let with_file = good().replace(
+            &format!("private_key = \"{A}\""),
+            &format!("private_key_file = \"{}\"", key_path.display()),
+        );
+        let config_path = dir.path().join("wg0.toml");
+        std::fs::write(&config_path, &with_file).unwrap();
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The key is in a private file: the config itself may be readable.
+        DaemonConfig::load(&config_path).unwrap();
+        for mode in [0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = DaemonConfig::load(&config_path).unwrap_err().to_string();
+            assert!(
+                err.contains("private_key_file") && err.contains(&format!("{mode:o}")),
+                "{err}"
+            );
+        }
+        // A config holding the key inline must be private itself.
+        std::fs::write(&config_path, good()).unwrap();
+        let err = DaemonConfig::load(&config_path).unwrap_err().to_string();
+        assert!(err.contains("holds a key") && err.contains("644"), "{err}");
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        DaemonConfig::load(&config_path).unwrap();
+    }
+
+    #[test]
+    fn peer_sections_do_not_show_the_preshared_key() {
+        let text = good().replace(
+            "allowed_ips = [\"100.64.0.2/32\"]",
+            "allowed_ips = [\"100.64.0.2/32\"]\npreshared_key = \"Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\"",
+        );
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        assert_eq!(config.file.peers[0].preshared_key, Some([0x5e; 32]));
+        let debug = format!("{config:?} {:?}", config.reconfig());
+        assert!(debug.contains("<redacted>"), "{debug}");
+        assert!(!debug.contains("94"), "{debug}");
+        assert!(!debug.contains("Xl5eXl5e"), "{debug}");
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// A control socket (API or UAPI) could not be set up safely.
+    #[error(transparent)]
+    LocalSocket(#[from] crate::localsock::LocalSocketError),
     /// Netlink could not be opened.
     #[error(transparent)]
     Router(#[from] router::RouterError),
@@ -154,19 +157,21 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         .map_or(1280, |r| if r.mtu == 0 { 1280 } else { r.mtu });
     let dns_mode = config.as_ref().map_or(DnsMode::Off, |c| c.file.dns.mode);
 
+    // Connections to the metrics listener and the sockets must not run the
+    // daemon out of descriptors at the inherited (often 1024) soft limit.
+    crate::localsock::raise_nofile_limit();
+    let access = crate::localsock::SocketAccess::with_group_name(
+        config.as_ref().and_then(|c| c.file.api.group.as_deref()),
+    )?;
+    let api_path = api_socket_path(&options, config.as_ref(), &interface);
+
     // The OS side first: clean up after a crashed run before creating anything.
-    std::fs::create_dir_all(&options.state_dir).map_err(|source| DaemonError::Local {
-        what: format!("state directory {}", options.state_dir.display()),
-        source,
-    })?;
-    // The API socket and the resolv.conf backup live here: root only.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let private = std::fs::Permissions::from_mode(0o700);
-        if let Err(e) = std::fs::set_permissions(&options.state_dir, private) {
-            warn!(dir = %options.state_dir.display(), error = %e, "could not make the state directory private");
-        }
-    }
+    // The API socket and the resolv.conf backup live here: root only (the
+    // API's group may traverse it when the socket is inside).
+    let state_group = access
+        .read_group
+        .filter(|_| api_path.parent() == Some(options.state_dir.as_path()));
+    crate::localsock::prepare_directory(&options.state_dir, 0o700, state_group)?;
     let state_path = options.state_dir.join(format!("{interface}.state"));
     let dns = DnsManager::new(
         detect(dns_mode, &options.resolv_conf),
@@ -227,19 +232,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
 
     // The local API.
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
-    let api_path = options
-        .api_socket
-        .clone()
-        .unwrap_or_else(|| api::default_socket(&options.state_dir, &interface));
-    let listener = api::bind_api_socket(&api_path).map_err(|source| DaemonError::Local {
-        what: format!("API socket {}", api_path.display()),
-        source,
-    })?;
-    let context = Arc::new(ApiContext {
-        handle: handle.clone(),
-        interface: interface.clone(),
-        reload: reload_tx,
-    });
+    let listener = api::bind_api_socket(&api_path, access)?;
+    let context = Arc::new(ApiContext::new(
+        handle.clone(),
+        interface.clone(),
+        reload_tx,
+        access,
+    ));
     let api_task = tokio::spawn(api::serve_api(listener, context.clone()));
     let metrics_task =
         config
@@ -263,10 +262,10 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let uapi_task = match (&options.uapi_dir, uapi_enabled) {
         (Some(dir), true) => {
             let path = dir.join(format!("{interface}.sock"));
-            let listener = api::bind_api_socket(&path).map_err(|source| DaemonError::Local {
-                what: format!("UAPI socket {}", path.display()),
-                source,
-            })?;
+            // The directory is 0755 as for wireguard-go (`wg` lists it); the
+            // socket itself is root's only.
+            let listener =
+                crate::localsock::bind(&path, 0o755, crate::localsock::SocketAccess::default())?;
             uapi_path = Some(path);
             Some(tokio::spawn(uapi::serve(
                 listener,
@@ -369,6 +368,20 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     }
     info!("wgmeshd stopped");
     result
+}
+
+/// Where the API socket goes: the command line's `--api-socket`, else the
+/// file's `[api] socket`, else `<state_dir>/<interface>.sock`.
+fn api_socket_path(
+    options: &DaemonOptions,
+    config: Option<&DaemonConfig>,
+    interface: &str,
+) -> PathBuf {
+    options
+        .api_socket
+        .clone()
+        .or_else(|| config.and_then(|c| c.file.api.socket.clone()))
+        .unwrap_or_else(|| api::default_socket(&options.state_dir, interface))
 }
 
 /// What the driver thread reports when its loop ends.
@@ -524,6 +537,38 @@ mod tests {
         // SAFETY: getpriority reads only its integer arguments. Its -1 is
         // also a valid nice value, but none of these tests uses -1.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    #[test]
+    fn the_api_socket_comes_from_the_flag_then_the_file_then_the_state_dir() {
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let text = format!(
+            "[interface]\nprivate_key = \"{key}\"\n[api]\nsocket = \"/run/wgm-api/x.sock\"\n"
+        );
+        let config = DaemonConfig::parse(std::path::Path::new("x.toml"), &text).unwrap();
+        let mut options = DaemonOptions {
+            config: None,
+            interface: None,
+            api_socket: None,
+            state_dir: PathBuf::from("/run/wgmesh"),
+            uapi_dir: None,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            manage_routes: false,
+            data_plane_nice: None,
+        };
+        assert_eq!(
+            api_socket_path(&options, Some(&config), "wg0"),
+            PathBuf::from("/run/wgm-api/x.sock")
+        );
+        assert_eq!(
+            api_socket_path(&options, None, "wg0"),
+            PathBuf::from("/run/wgmesh/wg0.sock")
+        );
+        options.api_socket = Some(PathBuf::from("/tmp/flag.sock"));
+        assert_eq!(
+            api_socket_path(&options, Some(&config), "wg0"),
+            PathBuf::from("/tmp/flag.sock")
+        );
     }
 
     #[test]

@@ -248,15 +248,31 @@ impl DnsManager {
     }
 }
 
-/// Truncates and rewrites `path` without replacing the inode.
+/// Truncates and rewrites `path` without replacing the inode. A symlink at
+/// `path` (another program re-created one while wgmeshd manages the file) is
+/// never written through: it is replaced by a file of wgmeshd's own, so the
+/// file it points to, which another program owns, is left alone.
 fn write_in_place(path: &Path, text: &str) -> Result<(), DnsError> {
     use std::io::Write;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(file_err(path))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    };
+    let mut file = match open() {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            warn!(path = %path.display(), "a symlink replaced the managed file; replacing it by a file instead of writing through it");
+            fs::remove_file(path).map_err(file_err(path))?;
+            open().map_err(file_err(path))?
+        }
+        Err(e) => return Err(file_err(path)(e)),
+    };
     file.write_all(text.as_bytes()).map_err(file_err(path))
 }
 
@@ -310,6 +326,44 @@ mod tests {
         m.shutdown().await.unwrap();
         assert_eq!(fs::read_to_string(&conf).unwrap(), "nameserver 9.9.9.9\n");
         assert!(!backup.exists());
+    }
+
+    #[tokio::test]
+    async fn a_symlink_recreated_while_managed_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        let backup = dir.path().join("wg0.resolv.bak");
+        fs::write(&conf, "nameserver 9.9.9.9\n").unwrap();
+        let mut m = DnsManager::new(DnsBackend::File, "wg0", conf.clone(), backup.clone());
+        m.apply(&dns(&["100.100.100.100"])).await.unwrap();
+        assert!(backup.exists());
+        // Another program puts its link back while the backup exists.
+        let theirs = dir.path().join("stub-resolv.conf");
+        fs::write(&theirs, "nameserver 127.0.0.53\n").unwrap();
+        fs::remove_file(&conf).unwrap();
+        std::os::unix::fs::symlink(&theirs, &conf).unwrap();
+        m.apply(&dns(&["100.100.100.101"])).await.unwrap();
+        assert_eq!(
+            fs::read_to_string(&theirs).unwrap(),
+            "nameserver 127.0.0.53\n"
+        );
+        assert!(
+            !fs::symlink_metadata(&conf)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            fs::read_to_string(&conf)
+                .unwrap()
+                .contains("nameserver 100.100.100.101")
+        );
+        m.shutdown().await.unwrap();
+        assert_eq!(fs::read_to_string(&conf).unwrap(), "nameserver 9.9.9.9\n");
+        assert_eq!(
+            fs::read_to_string(&theirs).unwrap(),
+            "nameserver 127.0.0.53\n"
+        );
     }
 
     #[tokio::test]

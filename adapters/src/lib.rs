@@ -37,6 +37,8 @@ pub mod driver;
 pub mod fastpath;
 pub mod flowlog;
 pub mod linkmon;
+pub mod localsock;
+pub mod logging;
 pub mod os;
 pub mod router;
 pub mod tun;

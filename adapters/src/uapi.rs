@@ -12,28 +12,61 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use wgmesh_core::{NodePrivateKey, NodePublicKey, PeerConfig, Status};
 
 use crate::desired::{ChangeError, Desired, DesiredState};
 use crate::driver::{DriverHandle, RequestError};
+use crate::localsock::{
+    CallerRights, ConnectionLimit, MAX_CONNECTIONS_PER_SOCKET, REQUEST_READ_TIMEOUT, ReadLineError,
+    SocketAccess, read_bounded_line, stream_rights,
+};
 
 /// The errno values `wg` understands.
 const EINVAL: i32 = 22;
 const EIO: i32 = 5;
 const EPROTO: i32 = 71;
 
-/// Why a `set` was refused.
+/// The errno `wg` reports for a setting wgmeshd does not implement
+/// ("Operation not supported").
+const EOPNOTSUPP: i32 = 95;
+/// The errno for a caller that may not use the socket.
+const EACCES: i32 = 13;
+
+/// The longest line of a request. The longest valid one (an `endpoint=` or
+/// `allowed_ip=` with an IPv6 address) is under 100 bytes.
+pub const MAX_LINE_BYTES: usize = 1024;
+/// The most lines in one request: 4096 peers of 16 lines each.
+pub const MAX_LINES_PER_REQUEST: usize = 65_536;
+
+/// Why a `set` was refused. The errors never carry a line's value: a key
+/// line that fails to parse must not end up in the log.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SetError {
-    /// A line is not `key=value` or its value is malformed.
-    #[error("invalid line {0:?}")]
+    /// A line is not `key=value`.
+    #[error("a line is not key=value")]
+    NotKeyValue,
+    /// The value of `key` is malformed.
+    #[error("invalid value for {0}")]
     Invalid(String),
     /// A key wgmeshd does not know.
     #[error("unknown key {0:?}")]
     UnknownKey(String),
+    /// A setting wgmeshd knows but does not implement.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl SetError {
+    /// The errno `wg` is answered with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            SetError::NotKeyValue | SetError::Invalid(_) | SetError::UnknownKey(_) => EINVAL,
+            SetError::Unsupported(_) => EOPNOTSUPP,
+        }
+    }
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
@@ -45,7 +78,8 @@ fn hex(bytes: &[u8; 32]) -> String {
 }
 
 fn parse_hex(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
+    // `from_str_radix` takes a leading sign: check the digits first.
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -121,10 +155,8 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
     let mut in_peer = false;
     let mut just_created = false;
     for line in lines {
-        let (key, value) = line
-            .split_once('=')
-            .ok_or_else(|| SetError::Invalid(line.clone()))?;
-        let invalid = || SetError::Invalid(line.clone());
+        let (key, value) = line.split_once('=').ok_or(SetError::NotKeyValue)?;
+        let invalid = || SetError::Invalid(key.to_owned());
         match (in_peer, key) {
             (false, "private_key") => {
                 let bytes = parse_hex(value).ok_or_else(invalid)?;
@@ -135,7 +167,17 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
                 }
             }
             (false, "listen_port") => wg.listen_port = value.parse().map_err(|_| invalid())?,
-            (false, "fwmark") => {}
+            (false, "fwmark") => {
+                // 0 is "no mark", what every config without a FwMark sends.
+                // A mark would have to be set on the UDP sockets, which the
+                // data plane does not do yet: refuse rather than ignore it.
+                let mark: u32 = value.parse().map_err(|_| invalid())?;
+                if mark != 0 {
+                    return Err(SetError::Unsupported(
+                        "fwmark is not supported by wgmeshd (only fwmark=0)",
+                    ));
+                }
+            }
             (false, "replace_peers") => {
                 if value == "true" {
                     wg.peers.clear();
@@ -157,8 +199,8 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
             (true, "update_only") => {
                 // update_only: a peer that `public_key` only now created must
                 // not exist; take it out again and skip its keys.
-                if value == "true" && just_created {
-                    wg.peers.pop();
+                if let (Some(i), "true", true) = (current, value, just_created) {
+                    wg.peers.remove(i);
                     current = None;
                     just_created = false;
                 }
@@ -167,6 +209,9 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
                 if let (Some(i), "true") = (current, value) {
                     wg.peers.remove(i);
                     current = None;
+                    // The removed peer is no longer the one a following
+                    // update_only could take out again.
+                    just_created = false;
                 }
             }
             (true, "preshared_key") => {
@@ -211,25 +256,102 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
     Ok(outcome)
 }
 
-/// Serves UAPI on `listener` until it fails. `get` reads the engine's
-/// status and `desired`; `set` changes `desired` (which applies it).
+/// Serves UAPI on `listener` until the task is aborted. `get` reads the
+/// engine's status and `desired`; `set` changes `desired` (which applies
+/// it). Only root and the daemon's own user may use it (`get` shows the
+/// private key, `set` changes everything); at most
+/// [`MAX_CONNECTIONS_PER_SOCKET`] connections at once.
 pub async fn serve(listener: UnixListener, driver: DriverHandle, desired: Arc<DesiredState>) {
+    let limit = ConnectionLimit::new(MAX_CONNECTIONS_PER_SOCKET);
+    let mut failures = 0u32;
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
             Err(e) => {
-                warn!(error = %e, "UAPI accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                failures = failures.saturating_add(1);
+                warn!(error = %e, failures, "UAPI accept failed");
+                tokio::time::sleep(accept_backoff(failures)).await;
                 continue;
             }
+        };
+        let Some(permit) = limit.try_admit() else {
+            debug!("UAPI connection refused: too many open");
+            continue;
         };
         let driver = driver.clone();
         let desired = desired.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = connection(stream, &driver, &desired).await {
                 debug!(error = %e, "UAPI connection ended with an error");
             }
         });
+    }
+}
+
+/// The wait after the `failures`-th accept error in a row: 10 ms doubling up
+/// to one second, so a descriptor shortage neither spins nor ends the socket.
+pub fn accept_backoff(failures: u32) -> std::time::Duration {
+    let ms = 10u64.saturating_mul(1 << failures.clamp(1, 7).saturating_sub(1));
+    std::time::Duration::from_millis(ms.min(1000))
+}
+
+/// One request as read from the socket.
+enum Request {
+    /// The first line and the body.
+    Lines(String, Vec<String>),
+    /// Too long, too many lines, not UTF-8 or too slow: answered with an
+    /// errno, then the connection is closed.
+    Refused(&'static str),
+}
+
+async fn read_request<R>(reader: &mut R) -> std::io::Result<Option<Request>>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    // A connection idle between requests for that long is closed quietly.
+    let first = match tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        read_bounded_line(reader, MAX_LINE_BYTES),
+    )
+    .await
+    {
+        Err(_) | Ok(Ok(None)) => return Ok(None),
+        Ok(Ok(Some(first))) => first,
+        Ok(Err(ReadLineError::Io(e))) => return Err(e),
+        Ok(Err(ReadLineError::TooLong(_))) => {
+            return Ok(Some(Request::Refused("line too long")));
+        }
+        Ok(Err(ReadLineError::NotUtf8)) => return Ok(Some(Request::Refused("not UTF-8"))),
+    };
+    // Once a request has begun, all of it must arrive in time.
+    let read = async {
+        let mut body = Vec::new();
+        loop {
+            match read_bounded_line(reader, MAX_LINE_BYTES).await {
+                Ok(Some(line)) if line.is_empty() => break,
+                Ok(Some(line)) => {
+                    if body.len() == MAX_LINES_PER_REQUEST {
+                        return Ok(Some(Request::Refused("too many lines")));
+                    }
+                    body.push(line);
+                }
+                Ok(None) => break,
+                Err(ReadLineError::Io(e)) => return Err(e),
+                Err(ReadLineError::TooLong(_)) => {
+                    return Ok(Some(Request::Refused("line too long")));
+                }
+                Err(ReadLineError::NotUtf8) => return Ok(Some(Request::Refused("not UTF-8"))),
+            }
+        }
+        Ok(Some(Request::Lines(first, body)))
+    };
+    match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => Ok(Some(Request::Refused("request not complete in time"))),
     }
 }
 
@@ -238,17 +360,30 @@ async fn connection(
     driver: &DriverHandle,
     desired: &DesiredState,
 ) -> std::io::Result<()> {
+    let rights = stream_rights(&stream, SocketAccess::default());
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let mut reader = BufReader::new(read);
     // A client may send several requests on one connection.
-    while let Some(first) = lines.next_line().await? {
-        let mut body = Vec::new();
-        while let Some(line) = lines.next_line().await? {
-            if line.is_empty() {
-                break;
+    while let Some(request) = read_request(&mut reader).await? {
+        let (first, body) = match request {
+            // The request is read (bounded) before the refusal, so that the
+            // answer is not lost to a reset for unread data.
+            Request::Lines(..) if rights != CallerRights::Admin => {
+                info!("UAPI caller refused: only root may use the UAPI socket");
+                write
+                    .write_all(format!("errno={EACCES}\n\n").as_bytes())
+                    .await?;
+                return write.shutdown().await;
             }
-            body.push(line);
-        }
+            Request::Lines(first, body) => (first, body),
+            Request::Refused(why) => {
+                warn!(reason = why, "UAPI request refused");
+                write
+                    .write_all(format!("errno={EINVAL}\n\n").as_bytes())
+                    .await?;
+                return write.shutdown().await;
+            }
+        };
         let answer = match first.as_str() {
             "get=1" => match driver.status().await {
                 Ok(status) => {
@@ -272,7 +407,7 @@ async fn set(desired: &DesiredState, body: &[String]) -> i32 {
         Ok(_) => 0,
         Err(ChangeError::Edit(e)) => {
             warn!(error = %e, "UAPI set refused");
-            EINVAL
+            e.errno()
         }
         Err(ChangeError::Engine(RequestError::Refused(e))) => {
             warn!(error = %e, "UAPI set refused by the engine");
@@ -348,6 +483,125 @@ mod tests {
             apply_set(&mut d, &lines("listen_port=x")),
             Err(SetError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn update_only_after_a_remove_leaves_other_peers_alone() {
+        let mut d = desired();
+        let (a, b, c) = (
+            NodePrivateKey::from_bytes([2; 32]).public_key(),
+            NodePrivateKey::from_bytes([3; 32]).public_key(),
+            NodePrivateKey::from_bytes([4; 32]).public_key(),
+        );
+        let body = format!(
+            "public_key={}\npublic_key={}\n",
+            hex(a.as_bytes()),
+            hex(b.as_bytes())
+        );
+        apply_set(&mut d, &lines(&body)).unwrap();
+        // c is created, removed, then (update_only) must not take out b.
+        let body = format!(
+            "public_key={}\nremove=true\nupdate_only=true\n",
+            hex(c.as_bytes())
+        );
+        apply_set(&mut d, &lines(&body)).unwrap();
+        let keys: Vec<NodePublicKey> = d
+            .reconfig
+            .wireguard
+            .as_ref()
+            .unwrap()
+            .peers
+            .iter()
+            .map(|p| p.public_key)
+            .collect();
+        assert_eq!(keys, vec![a, b]);
+        // update_only on an unknown peer still creates nothing.
+        let body = format!("public_key={}\nupdate_only=true\n", hex(c.as_bytes()));
+        apply_set(&mut d, &lines(&body)).unwrap();
+        assert_eq!(d.reconfig.wireguard.as_ref().unwrap().peers.len(), 2);
+    }
+
+    #[test]
+    fn hex_with_a_sign_is_refused() {
+        let good = hex(&[0xab; 32]);
+        assert_eq!(parse_hex(&good), Some([0xab; 32]));
+        let signed = format!("+a{}", &good[2..]);
+        assert_eq!(parse_hex(&signed), None);
+        let mut d = desired();
+        assert_eq!(
+            apply_set(&mut d, &lines(&format!("private_key={signed}"))),
+            Err(SetError::Invalid("private_key".into()))
+        );
+    }
+
+    #[test]
+    fn a_bad_key_line_is_reported_without_its_value() {
+        let mut d = desired();
+        let secret = format!("{}zz", hex(&[0x5e; 32])[..62].to_owned());
+        for key in ["private_key", "preshared_key"] {
+            let body = if key == "private_key" {
+                format!("{key}={secret}")
+            } else {
+                format!("public_key={}\n{key}={secret}", hex(&[2; 32]))
+            };
+            let err = apply_set(&mut d, &lines(&body)).unwrap_err();
+            let text = format!("{err} {err:?}");
+            assert!(text.contains(key), "{text}");
+            assert!(!text.contains(&secret[..16]), "the value leaked: {text}");
+        }
+        let err = apply_set(&mut d, &lines(&secret)).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains(&secret[..16]));
+    }
+
+    #[test]
+    fn fwmark_is_refused_unless_zero() {
+        let mut d = desired();
+        assert!(apply_set(&mut d, &lines("fwmark=0")).is_ok());
+        let err = apply_set(&mut d, &lines("fwmark=51820")).unwrap_err();
+        assert_eq!(err.errno(), EOPNOTSUPP);
+        assert!(err.to_string().contains("fwmark"), "{err}");
+        assert_eq!(
+            apply_set(&mut d, &lines("fwmark=x")).unwrap_err().errno(),
+            EINVAL
+        );
+    }
+
+    #[test]
+    fn the_desired_state_debug_output_has_no_keys() {
+        let mut d = desired();
+        let mut peer = PeerConfig::new(NodePrivateKey::from_bytes([2; 32]).public_key(), vec![]);
+        peer.preshared_key = Some([0x5e; 32]);
+        d.reconfig.wireguard.as_mut().unwrap().peers.push(peer);
+        let text = format!("{d:?}");
+        assert!(text.contains("preshared_key"), "{text}");
+        assert!(
+            !text.contains("94"),
+            "the pre-shared key's bytes leaked: {text}"
+        );
+        assert!(!text.contains(&hex(&[1; 32])), "{text}");
+    }
+
+    #[test]
+    fn dropped_keys_are_zeroed() {
+        let mut peer = std::mem::ManuallyDrop::new(PeerConfig::new(
+            NodePrivateKey::from_bytes([2; 32]).public_key(),
+            vec![],
+        ));
+        peer.preshared_key = Some([0x5e; 32]);
+        let mut key = std::mem::ManuallyDrop::new(NodePrivateKey::from_bytes([0x5e; 32]));
+        // SAFETY: each value is dropped once and never used as a whole again;
+        // only its plain-byte key field is read back, from memory the
+        // ManuallyDrop still owns.
+        let (psk, secret) = unsafe {
+            std::mem::ManuallyDrop::drop(&mut peer);
+            std::mem::ManuallyDrop::drop(&mut key);
+            (
+                std::ptr::addr_of!(peer.preshared_key).read(),
+                std::ptr::addr_of!(*key).cast::<[u8; 32]>().read(),
+            )
+        };
+        assert_eq!(psk, Some([0; 32]));
+        assert_eq!(secret, [0; 32]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use wgmesh_adapters::api::{self, ApiContext, ApiRequest, ReloadRequest};
 use wgmesh_adapters::desired::{Desired, DesiredState};
 use wgmesh_adapters::driver::Clock;
+use wgmesh_adapters::localsock::SocketAccess;
 use wgmesh_adapters::{
     DatagramSocket, DriverHandle, LogEffects, MemTun, PlainUdp, TokioClock, run_driver,
 };
@@ -105,15 +106,16 @@ async fn api_and_uapi_over_unix_sockets() {
             ));
         }
     });
-    let context = Arc::new(ApiContext {
-        handle: a.clone(),
-        interface: "wgt0".into(),
-        reload: reload_tx,
-    });
+    let context = Arc::new(ApiContext::new(
+        a.clone(),
+        "wgt0".into(),
+        reload_tx,
+        SocketAccess::default(),
+    ));
     let api_path = dir.path().join("run/wgt0.sock");
-    let listener = api::bind_api_socket(&api_path).unwrap();
+    let listener = api::bind_api_socket(&api_path, SocketAccess::default()).unwrap();
     let mode = std::fs::metadata(&api_path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
     tokio::spawn(api::serve_api(listener, context));
 
     // A TSMP ping through the API.
@@ -153,6 +155,18 @@ async fn api_and_uapi_over_unix_sockets() {
         "{metrics}"
     );
 
+    // A request that is not UTF-8, or too long, gets an answer, not a
+    // silently closed connection.
+    for bad in [b"\xff\xfe{}\n".to_vec(), vec![b'x'; 70 * 1024]] {
+        let mut stream = tokio::net::UnixStream::connect(&api_path).await.unwrap();
+        stream.write_all(&bad).await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).await.unwrap();
+        let answer: api::ApiResponse = serde_json::from_str(answer.trim()).unwrap();
+        assert!(!answer.ok);
+        assert!(answer.error.unwrap().starts_with("bad request: "));
+    }
+
     // A refused reload carries the reason back.
     let reload = api::call(&api_path, &ApiRequest::Reload).await.unwrap();
     assert!(!reload.ok);
@@ -168,7 +182,8 @@ async fn api_and_uapi_over_unix_sockets() {
         },
     ));
     let uapi_path = dir.path().join("wireguard/wgt0.sock");
-    let listener = api::bind_api_socket(&uapi_path).unwrap();
+    let listener =
+        wgmesh_adapters::localsock::bind(&uapi_path, 0o755, SocketAccess::default()).unwrap();
     tokio::spawn(wgmesh_adapters::uapi::serve(
         listener,
         a.clone(),
@@ -211,6 +226,13 @@ async fn api_and_uapi_over_unix_sockets() {
         vec!["errno=22".to_owned()]
     );
     assert_eq!(a.status().await.unwrap().peers.len(), 2);
+    // A line longer than any valid one is refused, and the connection closed.
+    let mut long = b"set=1\nprivate_key=".to_vec();
+    long.resize(8 * 1024, b'a');
+    assert_eq!(
+        exchange(String::from_utf8(long).unwrap()).await,
+        vec!["errno=22".to_owned()]
+    );
 
     a.close().await.unwrap();
     b.close().await.unwrap();

@@ -21,6 +21,13 @@ NS_Y=wgm-e2e-y
 NS_P=wgm-e2e-p
 ALL_NS=("$NS_A" "$NS_B" "$NS_C" "$NS_X" "$NS_Y" "$NS_P" "$NS_BR")
 TRAFFIC=$(realpath "$(dirname "$0")/e2e_traffic.py")
+# The configs hold private keys inline, and wgmeshd refuses a keyed file that
+# others may read: everything this script writes is private.
+umask 077
+# The attacks made as an unprivileged user run as uid 65534 with the
+# system's python (root's may live under /root, which uid 65534 cannot read).
+AS_NOBODY=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+SYS_PYTHON=/usr/bin/python3
 TMP=$(mktemp -d /tmp/wgmesh-e2e.XXXXXX)
 PASSED=0
 FAILED=0
@@ -130,8 +137,11 @@ for n in a b c; do
 done
 
 start() { # ns name [VAR=VALUE...] (more environment for wgmeshd)
-    local ns=$1 n=$2
-    ip netns exec "$ns" env RUST_LOG="${E2E_LOG:-info}" "${@:3}" "$WGMESHD" --foreground --config "$TMP/$n.toml" \
+    local ns=$1 n=$2 mask=022
+    # Node A inherits the most permissive umask there is: its sockets and
+    # directories must be private all the same.
+    [ "$n" = a ] && mask=000
+    ip netns exec "$ns" sh -c 'umask "$0"; exec "$@"' "$mask" env RUST_LOG="${E2E_LOG:-info}" "${@:3}" "$WGMESHD" --foreground --config "$TMP/$n.toml" \
         --state-dir "$TMP/state-$n" --resolv-conf "$TMP/resolv-$n.conf" >"$TMP/$n.log" 2>&1 &
     PIDS+=($!)
     PID[$n]=$!
@@ -187,6 +197,160 @@ assert "wgmesh_peer_rx_bytes{" in body
 PY
 }
 check "Prometheus metrics over HTTP on loopback" metrics_http
+
+# Security (issue 18): the local surfaces against an unprivileged user
+# (uid 65534) on the same machine, node A running under umask 000.
+mode_of() { stat -c %a "$1"; }
+sockets_and_directories_are_private_under_umask_000() {
+    local api=$TMP/state-a/wgmA.sock uapi=/var/run/wireguard/wgmA.sock path
+    for path in "$api" "$uapi"; do
+        [ -S "$path" ] || { echo "no socket $path"; return 1; }
+        [ "$(( 8#$(mode_of "$path") & 8#077 ))" = 0 ] || { echo "$path mode $(mode_of "$path")"; return 1; }
+    done
+    [ "$(( 8#$(mode_of "$TMP/state-a") & 8#077 ))" = 0 ] || { echo "state dir mode $(mode_of "$TMP/state-a")"; return 1; }
+    [ "$(( 8#$(mode_of /var/run/wireguard) & 8#022 ))" = 0 ] || { echo "/var/run/wireguard mode $(mode_of /var/run/wireguard)"; return 1; }
+    # uid 65534 cannot even connect to the UAPI socket.
+    if in_a "${AS_NOBODY[@]}" "$SYS_PYTHON" -c "import socket; socket.socket(socket.AF_UNIX).connect('$uapi')" 2>"$TMP/err"; then
+        echo "uid 65534 connected to $uapi"; return 1
+    fi
+    grep -q PermissionError "$TMP/err" || { cat "$TMP/err"; return 1; }
+}
+check "sockets_and_directories_are_private_under_umask_000" sockets_and_directories_are_private_under_umask_000
+
+# Even when the file mode lets a caller in (the window the issue measured
+# between bind and chmod, or a careless chmod), SO_PEERCRED refuses it: the
+# sockets are opened to all for the test through a hard link, then closed.
+unprivileged_user_cannot_use_api_or_uapi_socket() {
+    local dir=/tmp/wgm-e2e-peercred status=0 api_mode uapi_mode
+    rm -rf "$dir"; mkdir -m 755 "$dir" || return 1
+    ln "$TMP/state-a/wgmA.sock" "$dir/api.sock" || return 1
+    ln /var/run/wireguard/wgmA.sock "$dir/uapi.sock" || return 1
+    api_mode=$(mode_of "$dir/api.sock") && uapi_mode=$(mode_of "$dir/uapi.sock") || return 1
+    chmod 666 "$dir/api.sock" "$dir/uapi.sock" || return 1
+    in_a "${AS_NOBODY[@]}" "$SYS_PYTHON" - "$dir" <<'PY' || status=1
+import json, socket, sys
+d = sys.argv[1]
+def ask(path, data):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path)
+    s.sendall(data); out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    return out.decode(errors="replace")
+uapi = ask(d + "/uapi.sock", b"get=1\n\n")
+assert uapi == "errno=13\n\n", uapi
+assert "private_key" not in uapi
+bad = ask(d + "/uapi.sock", b"set=1\nlisten_port=1\n\n")
+assert bad == "errno=13\n\n", bad
+for cmd in ("status", "metrics", "reload"):
+    answer = json.loads(ask(d + "/api.sock", json.dumps({"cmd": cmd}).encode() + b"\n"))
+    assert not answer["ok"] and "permission denied" in answer["error"], (cmd, answer)
+print("uid 65534 refused on both sockets")
+PY
+    chmod "$api_mode" "$dir/api.sock"; chmod "$uapi_mode" "$dir/uapi.sock"
+    rm -rf "$dir"
+    [ "$status" = 0 ] || return 1
+    # Root still has everything.
+    in_a "$WGMESH" "${API_A[@]}" status >/dev/null || return 1
+}
+check "unprivileged_user_cannot_use_api_or_uapi_socket" unprivileged_user_cannot_use_api_or_uapi_socket
+
+uapi_refuses_oversized_and_malformed_requests() {
+    python3 - /var/run/wireguard/wgmA.sock "${PID[a]}" <<'PY' || return 1
+import socket, sys
+path, pid = sys.argv[1], sys.argv[2]
+def rss_kb():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+def exchange(data):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(15); s.connect(path)
+    try:
+        s.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    out = b""
+    try:
+        while not out.endswith(b"\n\n") and (chunk := s.recv(65536)):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out.decode(errors="replace")
+before = rss_kb()
+# 64 MiB without a newline: refused at the first KiB, not buffered.
+answer = exchange(b"set=1\nprivate_key=" + b"a" * (64 << 20))
+assert answer.startswith("errno=22"), answer
+grown = rss_kb() - before
+assert grown < 32 << 10, f"RSS grew by {grown} KiB"
+assert exchange(b"set=1\n\xff\xfe=1\n\n") == "errno=22\n\n"
+assert exchange(b"set=1\nfwmark=51820\n\n") == "errno=95\n\n"
+assert exchange(b"set=1\nprivate_key=+" + b"a" * 63 + b"\n\n") == "errno=22\n\n"
+print(f"RSS grew by {grown} KiB")
+PY
+    # The key line that failed to parse is named in the log, its value is not.
+    if grep -q "aaaaaaaaaaaaaaaa" "$TMP/a.log"; then echo "a key value reached the log"; return 1; fi
+    in_a "$WGMESH" "${API_A[@]}" status >/dev/null || return 1
+}
+check "uapi_refuses_oversized_and_malformed_requests" uapi_refuses_oversized_and_malformed_requests
+
+metrics_survives_connection_flood() {
+    in_a "${AS_NOBODY[@]}" "$SYS_PYTHON" - <<'PY' || return 1
+import resource, socket, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+held = []
+for _ in range(3000):
+    s = socket.socket(); s.setblocking(False)
+    try:
+        s.connect(("127.0.0.1", 9101))
+    except BlockingIOError:
+        pass
+    except OSError:
+        s.close(); continue
+    held.append(s)
+time.sleep(1)
+print(f"held {len(held)} connections")
+for s in held:
+    s.close()
+PY
+    # The listener is still there and answers a proper scrape.
+    in_a python3 - <<'PY' || return 1
+import urllib.request
+body = urllib.request.urlopen("http://127.0.0.1:9101/metrics", timeout=10).read().decode()
+assert 'wgmesh_handshakes_completed{interface="wgmA"}' in body, body[:300]
+PY
+}
+check "metrics_survives_connection_flood" metrics_survives_connection_flood
+
+metrics_refuse_dns_rebinding_and_declare_each_metric_once() {
+    in_a "${AS_NOBODY[@]}" "$SYS_PYTHON" - <<'PY' || return 1
+import socket, collections
+def get(host):
+    s = socket.create_connection(("127.0.0.1", 9101), timeout=10)
+    s.sendall(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out.decode()
+evil = get("evil.example:9101")
+assert evil.startswith("HTTP/1.1 403"), evil[:200]
+assert "wgmesh_peer_rx_bytes" not in evil
+ok = get("localhost:9101")
+assert ok.startswith("HTTP/1.1 200"), ok[:200]
+types = collections.Counter(l.split()[2] for l in ok.split("\r\n\r\n", 1)[1].splitlines() if l.startswith("# TYPE "))
+twice = [n for n, c in types.items() if c > 1]
+assert not twice, twice
+PY
+}
+check "metrics_refuse_dns_rebinding_and_declare_each_metric_once" metrics_refuse_dns_rebinding_and_declare_each_metric_once
+
+config_with_a_key_readable_by_others_is_refused() {
+    cp "$TMP/a.toml" "$TMP/open.toml" && chmod 644 "$TMP/open.toml" || return 1
+    if "$WGMESHD" --check --config "$TMP/open.toml" 2>"$TMP/err"; then echo "accepted"; return 1; fi
+    grep -q "holds a key but its mode 644" "$TMP/err" || { cat "$TMP/err"; return 1; }
+    chmod 600 "$TMP/open.toml" && "$WGMESHD" --check --config "$TMP/open.toml" || return 1
+}
+check "config_with_a_key_readable_by_others_is_refused" config_with_a_key_readable_by_others_is_refused
 
 # A new default route in A's namespace is a major link change: the engine
 # counts it, rebinds its socket, and traffic keeps flowing.
@@ -277,6 +441,19 @@ PY
 }
 check "wgmesh capture writes the tunnel's packets as pcap" capture_pcap
 
+capture_file_is_private_and_huge_durations_are_safe() {
+    # A huge duration used to panic the connection's task with the hook on.
+    in_a sh -c "umask 000; exec '$WGMESH' ${API_A[*]} capture -o '$TMP/cap2.pcap' --seconds 18446744073709551615" &
+    local cap=$!
+    sleep 1
+    [ "$(mode_of "$TMP/cap2.pcap")" = 600 ] || { echo "pcap mode $(mode_of "$TMP/cap2.pcap")"; kill "$cap"; return 1; }
+    [ "$(stat -c %s "$TMP/cap2.pcap")" -ge 24 ] || { echo "no pcap header"; kill "$cap"; return 1; }
+    kill -TERM "$cap"; wait "$cap" || true
+    if grep -q "panicked" "$TMP/a.log"; then grep panicked "$TMP/a.log"; return 1; fi
+    in_a "$WGMESH" "${API_A[@]}" status >/dev/null || return 1
+}
+check "capture_file_is_private_and_huge_durations_are_safe" capture_file_is_private_and_huge_durations_are_safe
+
 if command -v wg >/dev/null; then
     check "wg show lists the peer" sh -c "wg show wgmA | grep -q 'peer: $PUB_B' && wg show wgmA | grep -q 'latest handshake'"
 fi
@@ -365,6 +542,33 @@ crash_recovery() {
     [ ! -e "$TMP/state-c/wgmC.state" ] && [ ! -e "$TMP/state-c/wgmC.resolv.bak" ] || return 1
 }
 check "after a crash the next start restores resolv.conf and cleans up" crash_recovery
+
+# C is down now but still A's peer: SYNs to it go unanswered. 300 of them
+# from uid 65534 must not write 600 lines to A's log.
+unanswered_syn_flood_is_rate_limited_in_the_log() {
+    local before after lines
+    before=$(wc -l <"$TMP/a.log")
+    in_a "${AS_NOBODY[@]}" "$SYS_PYTHON" - <<'PY' || return 1
+import socket
+held = []
+for port in range(20000, 20300):
+    s = socket.socket(); s.setblocking(False)
+    try:
+        s.connect(("100.64.0.3", port))
+    except BlockingIOError:
+        pass
+    held.append(s)
+import time; time.sleep(6.5)
+PY
+    sleep 1
+    after=$(wc -l <"$TMP/a.log")
+    lines=$(tail -n +"$((before + 1))" "$TMP/a.log" | grep -c "outbound connection" || true)
+    echo "     ($lines 'outbound connection' lines for 300 unanswered SYNs; $((after - before)) lines in all)" >&3
+    [ "$lines" -ge 1 ] || { echo "no connection failure logged at all"; return 1; }
+    # Two callsites, 20 lines each per 10 s window (two windows at most here).
+    [ "$lines" -le 80 ] || { echo "$lines lines"; return 1; }
+}
+check "unanswered_syn_flood_is_rate_limited_in_the_log" unanswered_syn_flood_is_rate_limited_in_the_log
 
 # B restarts with a new disco key; once A's config carries the new key, A
 # flushes the old session and traffic is back within a second.

@@ -52,11 +52,10 @@ fn engine_pair() -> Engines {
     let mut b = engine(2, now);
     let a_addr: SocketAddr = "192.0.2.1:41641".parse().unwrap();
     let b_addr: SocketAddr = "192.0.2.2:41641".parse().unwrap();
-    let peer = |e: &Engine, ip: &str, ep: SocketAddr| PeerConfig {
-        endpoints: vec![ep],
-        allowed_ips: vec![ip.parse::<IpNet>().unwrap()],
-        disco_key: None,
-        ..PeerConfig::new(e.node_key(), vec![])
+    let peer = |e: &Engine, ip: &str, ep: SocketAddr| {
+        let mut peer = PeerConfig::new(e.node_key(), vec![ip.parse::<IpNet>().unwrap()]);
+        peer.endpoints = vec![ep];
+        peer
     };
     let knobs = Knobs {
         keep_full_wg_config: true,

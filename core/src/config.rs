@@ -7,6 +7,7 @@
 //! costs little and reports [`crate::ReconfigOutcome::NoChanges`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -90,7 +91,10 @@ pub struct WgConfig {
 }
 
 /// One peer of the full config.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Its `Debug` output redacts the pre-shared key, and the key is overwritten
+/// when the config is dropped: configs are logged and cloned freely.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PeerConfig {
     /// The peer's WireGuard public key (its identity).
     pub public_key: NodePublicKey,
@@ -106,6 +110,20 @@ pub struct PeerConfig {
     pub persistent_keepalive_secs: Option<u16>,
     /// Optional WireGuard pre-shared key.
     pub preshared_key: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("public_key", &self.public_key)
+            .field("disco_key", &self.disco_key)
+            .field("name", &self.name)
+            .field("allowed_ips", &self.allowed_ips)
+            .field("endpoints", &self.endpoints)
+            .field("persistent_keepalive_secs", &self.persistent_keepalive_secs)
+            .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl PeerConfig {

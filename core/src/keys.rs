@@ -107,6 +107,14 @@ macro_rules! private_key_type {
             }
         }
 
+        /// The secret bytes are overwritten when the key is dropped, so a
+        /// freed key does not linger in memory the allocator hands out again.
+        impl Drop for $name {
+            fn drop(&mut self) {
+                zeroize::Zeroize::zeroize(&mut self.0);
+            }
+        }
+
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}(<secret for {:?}>)", stringify!($name), self.public_key())

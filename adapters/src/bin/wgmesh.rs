@@ -192,8 +192,9 @@ async fn capture(cli: &Cli, output: &std::path::Path, seconds: Option<u64>) -> R
             _ = tokio::signal::ctrl_c() => 0,
         }
     } else {
-        let mut file = tokio::fs::File::create(output)
-            .await
+        // The capture holds the tunnel's plaintext: 0600, whatever the umask.
+        let mut file = wgmesh_adapters::api::create_capture_file(output)
+            .map(tokio::fs::File::from_std)
             .map_err(|e| format!("{}: {e}", output.display()))?;
         let copied = tokio::select! {
             r = tokio::io::copy(&mut stream, &mut file) => r.map_err(|e| e.to_string())?,

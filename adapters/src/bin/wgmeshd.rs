@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 use wgmesh_adapters::daemon::{self, DaemonOptions};
+use wgmesh_adapters::logging::RateLimit;
 
 /// The wgmesh node daemon: a WireGuard mesh node with lazy peers, disco path
 /// discovery, TSMP/ICMP/disco pings, routes and DNS.
@@ -82,15 +85,23 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    // Lines other users can cause (an unanswered SYN, a refused caller) must
+    // not flood the log: each place in the code gets a budget per window.
+    let rate_limit = RateLimit::default();
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes only for a terminal: journald and log files
+                // get plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(rate_limit.clone()),
         )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: journald and log files get
-        // plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = rate_limit.spawn_reporter() {
+        eprintln!("wgmeshd: no reports of rate-limited log lines: {e}");
+    }
 
     if args.check {
         let path = args

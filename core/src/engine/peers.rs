@@ -51,6 +51,18 @@ pub(super) struct Peer {
     pub(super) tx_bytes: u64,
 }
 
+/// The engine's copy of a peer's preshared key is wiped when the peer leaves
+/// the config. `PeerConfig` itself has no `Drop`, so that callers can keep
+/// building it with struct-update syntax; holders of keys in the adapters
+/// wipe theirs the same way.
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(key) = self.config.preshared_key.as_mut() {
+            zeroize::Zeroize::zeroize(key);
+        }
+    }
+}
+
 impl Peer {
     /// The deadline this peer has in the timer queue, and what it is for.
     pub(super) fn timer_deadline(&self) -> Option<(Instant, PeerTimer)> {
