@@ -32,6 +32,26 @@ pub struct Desired {
     pub reconfig: Reconfig,
 }
 
+/// Every copy of the desired state wipes the preshared keys it holds when it
+/// goes (the private key wipes itself); the engine does the same for its own
+/// copy.
+impl Drop for Desired {
+    fn drop(&mut self) {
+        wipe_preshared_keys(&mut self.reconfig);
+    }
+}
+
+/// Overwrites every preshared key in `reconfig` with zeros.
+pub fn wipe_preshared_keys(reconfig: &mut Reconfig) {
+    if let Some(wireguard) = reconfig.wireguard.as_mut() {
+        for peer in &mut wireguard.peers {
+            if let Some(key) = peer.preshared_key.as_mut() {
+                zeroize::Zeroize::zeroize(key);
+            }
+        }
+    }
+}
+
 /// An empty but complete reconfig: no peers, no addresses, no DNS.
 pub fn empty_reconfig(listen_port: u16) -> Reconfig {
     Reconfig {
@@ -303,7 +323,7 @@ mod tests {
     async fn a_refused_change_leaves_the_recorded_state() {
         let (driver, mut control) = DriverHandle::detached(8);
         let desired = std::sync::Arc::new(state(driver));
-        let before = desired.snapshot().await.reconfig;
+        let before = desired.snapshot().await.reconfig.clone();
 
         let refused_edit = desired.change(|_| Err(EditRefused)).await;
         assert!(matches!(refused_edit, Err(ChangeError::Edit(EditRefused))));

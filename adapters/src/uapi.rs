@@ -583,25 +583,25 @@ mod tests {
 
     #[test]
     fn dropped_keys_are_zeroed() {
-        let mut peer = std::mem::ManuallyDrop::new(PeerConfig::new(
-            NodePrivateKey::from_bytes([2; 32]).public_key(),
-            vec![],
-        ));
-        peer.preshared_key = Some([0x5e; 32]);
         let mut key = std::mem::ManuallyDrop::new(NodePrivateKey::from_bytes([0x5e; 32]));
-        // SAFETY: each value is dropped once and never used as a whole again;
-        // only its plain-byte key field is read back, from memory the
-        // ManuallyDrop still owns.
-        let (psk, secret) = unsafe {
-            std::mem::ManuallyDrop::drop(&mut peer);
+        // SAFETY: the value is dropped once and never used as a whole again;
+        // only its plain-byte key is read back, from memory the ManuallyDrop
+        // still owns.
+        let secret = unsafe {
             std::mem::ManuallyDrop::drop(&mut key);
-            (
-                std::ptr::addr_of!(peer.preshared_key).read(),
-                std::ptr::addr_of!(*key).cast::<[u8; 32]>().read(),
-            )
+            std::ptr::addr_of!(*key).cast::<[u8; 32]>().read()
         };
-        assert_eq!(psk, Some([0; 32]));
         assert_eq!(secret, [0; 32]);
+        // The desired state's drop wipes its peers' preshared keys with this.
+        let mut d = desired();
+        let mut peer = PeerConfig::new(NodePrivateKey::from_bytes([2; 32]).public_key(), vec![]);
+        peer.preshared_key = Some([0x5e; 32]);
+        d.reconfig.wireguard.as_mut().unwrap().peers.push(peer);
+        crate::desired::wipe_preshared_keys(&mut d.reconfig);
+        assert_eq!(
+            d.reconfig.wireguard.as_ref().unwrap().peers[0].preshared_key,
+            Some([0; 32])
+        );
     }
 
     #[test]
