@@ -18,7 +18,6 @@ use ipnet::IpNet;
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
-
 /// The wall-clock time (seconds since the Unix epoch) at which the harness's
 /// virtual time starts.
 pub const WALL_CLOCK_EPOCH_SECS: u64 = 1_700_000_000;
@@ -392,7 +391,8 @@ impl Net {
     /// than its predecessor, never earlier.
     fn enter_wall_clock(&self) {
         wgmesh_vclock::set(
-            Duration::from_secs(WALL_CLOCK_EPOCH_SECS) + self.now.saturating_duration_since(self.base),
+            Duration::from_secs(WALL_CLOCK_EPOCH_SECS)
+                + self.now.saturating_duration_since(self.base),
         );
     }
 
