@@ -40,6 +40,9 @@ counters! {
     drop_no_peer_for_dst,
     /// Drop: a packet waiting for a handshake found the queue full.
     drop_queue_overflow,
+    /// Drop: a packet waiting for a handshake would have taken the queues of
+    /// all peers together over their byte budget.
+    drop_queue_budget_exceeded,
     /// Drop: packets still queued when their peer was removed or expired.
     drop_queue_discarded,
     /// Drop: a TUN packet larger than the engine's buffers.
@@ -83,6 +86,10 @@ counters! {
     handshakes_completed,
     /// Handshake initiations sent.
     handshake_initiations_sent,
+    /// Handshake initiations from a peer left unanswered because ours to it
+    /// crossed them in flight and this node has the higher key: the peer
+    /// answers ours instead, so the crossing settles in one round trip.
+    handshake_crossings_yielded,
     /// Keepalives sent by WireGuard's timers.
     keepalives_sent,
     /// Peers handed to WireGuard.

@@ -66,3 +66,7 @@ pub const MAX_PACKET_SIZE: usize = 65535;
 pub(crate) const BUFFER_POOL_LIMIT: usize = 512;
 /// Buffers larger than this are freed rather than pooled.
 pub(crate) const POOLED_BUFFER_MAX_CAPACITY: usize = 16 * 1024;
+
+/// How soon after our initiation a peer's initiation counts as crossing it,
+/// while no handshake round trip to that peer has been measured.
+pub const CROSSING_WINDOW_UNKNOWN_RTT: Duration = Duration::from_secs(1);

@@ -171,6 +171,96 @@ impl<T> PrefixTable<T> {
     }
 }
 
+/// Prefixes that several owners may list at once, with one owner chosen per
+/// prefix.
+///
+/// Two subnet routers may advertise the same subnet. WireGuard's own
+/// cryptokey routing keeps one peer per prefix, and the last one to list it
+/// wins; if that peer then drops it the prefix is gone, although another
+/// peer still lists it. Here every owner that lists a prefix is kept, in the
+/// order they started listing it, and the prefix routes to the first: the
+/// owner that has listed it longest. A router that starts listing a subnet
+/// another already serves does not take its flows; when the serving router
+/// drops the subnet, the next-longest lister takes over at once. Within one
+/// reconfig, owners are added in the order of its peer list, so the choice
+/// is a deterministic function of the sequence of netmaps.
+#[derive(Debug, Clone)]
+pub struct SharedPrefixTable<T> {
+    table: PrefixTable<Vec<T>>,
+}
+
+impl<T> Default for SharedPrefixTable<T> {
+    fn default() -> Self {
+        Self {
+            table: PrefixTable::new(),
+        }
+    }
+}
+
+impl<T: Copy + Eq> SharedPrefixTable<T> {
+    /// Adds `owner` to the owners of `net` (last in line if others list it).
+    pub fn add(&mut self, net: IpNet, owner: T) {
+        match self.table.remove(&net) {
+            Some(mut owners) => {
+                if !owners.contains(&owner) {
+                    owners.push(owner);
+                }
+                self.table.insert(net, owners);
+            }
+            None => {
+                self.table.insert(net, vec![owner]);
+            }
+        }
+    }
+
+    /// Removes `owner` from the owners of `net`; the prefix stays routed
+    /// while anyone still lists it.
+    pub fn remove(&mut self, net: &IpNet, owner: T) {
+        if let Some(mut owners) = self.table.remove(net) {
+            owners.retain(|o| *o != owner);
+            if !owners.is_empty() {
+                self.table.insert(*net, owners);
+            }
+        }
+    }
+
+    /// The chosen owner of exactly `net`.
+    pub fn owner_exact(&self, net: &IpNet) -> Option<T> {
+        self.table.get_exact(net).and_then(|o| o.first().copied())
+    }
+
+    /// Every owner listing exactly `net`, the chosen one first.
+    pub fn owners_exact(&self, net: &IpNet) -> &[T] {
+        self.table.get_exact(net).map_or(&[], Vec::as_slice)
+    }
+
+    /// The longest prefix containing `addr`, with its chosen owner.
+    pub fn lookup(&self, addr: IpAddr) -> Option<(IpNet, T)> {
+        self.table
+            .lookup(addr)
+            .and_then(|(net, owners)| owners.first().map(|o| (net, *o)))
+    }
+
+    /// The longest prefix containing `addr`, with every owner listing it
+    /// (the chosen one first). Inbound traffic is accepted from any of them:
+    /// a standby router still answers the flows it carries.
+    pub fn lookup_owners(&self, addr: IpAddr) -> Option<(IpNet, &[T])> {
+        self.table
+            .lookup(addr)
+            .map(|(net, owners)| (net, owners.as_slice()))
+    }
+
+    /// How many distinct prefixes are routed.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no prefix is routed.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +352,33 @@ mod tests {
                 prop_assert_eq!(got, want);
             }
         }
+    }
+
+    #[test]
+    fn a_shared_prefix_stays_routed_while_any_owner_lists_it() {
+        let net: IpNet = "10.90.0.0/24".parse().unwrap();
+        let inside: IpAddr = "10.90.0.5".parse().unwrap();
+        let mut table = SharedPrefixTable::default();
+        table.add(net, 1u32);
+        table.add(net, 2);
+        table.add(net, 2);
+        assert_eq!(
+            table.lookup(inside),
+            Some((net, 1)),
+            "the first lister serves"
+        );
+        assert_eq!(table.owners_exact(&net), &[1, 2]);
+        table.remove(&net, 1);
+        assert_eq!(table.lookup(inside), Some((net, 2)), "the other takes over");
+        table.add(net, 1);
+        assert_eq!(
+            table.owner_exact(&net),
+            Some(2),
+            "a returning lister waits in line"
+        );
+        table.remove(&net, 2);
+        table.remove(&net, 1);
+        assert_eq!(table.lookup(inside), None);
+        assert!(table.is_empty());
     }
 }

@@ -18,6 +18,10 @@ use ipnet::IpNet;
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
+/// The wall-clock time (seconds since the Unix epoch) at which the harness's
+/// virtual time starts.
+pub const WALL_CLOCK_EPOCH_SECS: u64 = 1_700_000_000;
+
 /// One node: its engine and everything it produced.
 pub struct Node {
     /// Its name (`node0`, `node1`, ...), also the engine's name.
@@ -215,6 +219,7 @@ impl Net {
 
     /// Feeds one input to node `i` and drains its outputs into the network.
     pub fn input(&mut self, i: usize, input: Input<'_>) -> Result<InputOutcome, InputError> {
+        self.enter_wall_clock();
         let now = self.now;
         let r = self.nodes[i].engine.handle_input(now, input);
         self.drain(i);
@@ -378,6 +383,19 @@ impl Net {
         next
     }
 
+    /// Points this thread's wall clock at the harness's virtual time
+    /// ([`WALL_CLOCK_EPOCH_SECS`] plus the time since `base`), so that
+    /// boringtun's handshake stamps (its one wall-clock read, when a tunnel
+    /// is created) follow virtual time as they follow real time in
+    /// production: a tunnel re-created after a trim or restart stamps later
+    /// than its predecessor, never earlier.
+    fn enter_wall_clock(&self) {
+        wgmesh_vclock::set(
+            Duration::from_secs(WALL_CLOCK_EPOCH_SECS)
+                + self.now.saturating_duration_since(self.base),
+        );
+    }
+
     /// Runs every event up to and including `until`; time ends at `until`.
     pub fn run_until(&mut self, until: Instant) {
         let mut steps = 0u64;
@@ -388,6 +406,7 @@ impl Net {
             steps += 1;
             assert!(steps < 10_000_000, "runaway simulation");
             self.now = self.now.max(t);
+            self.enter_wall_clock();
             if let Some(Reverse(a)) = self.queue.peek() {
                 if a.at <= self.now {
                     let Reverse(a) = self.queue.pop().unwrap();

@@ -35,6 +35,7 @@
 pub mod backend;
 pub mod evaluate;
 pub mod explore;
+pub mod liveness;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -11,7 +11,7 @@ use super::disco::DiscoAction;
 use super::pending::MatchKey;
 use super::slot::PeerSlot;
 use super::timer::{EngineTimer, TimerKey};
-use super::wg::{Arrival, ArrivalDrop, Decapsulated, MIN_BUFFER, QueuedSend, WgError};
+use super::wg::{Arrival, ArrivalDrop, Decapsulated, MIN_BUFFER, Reply, WgError};
 use crate::api::*;
 use crate::filter::FilterAction;
 use crate::keys::DiscoPublicKey;
@@ -36,6 +36,10 @@ impl Engine {
                     // The reference drops this and waits 5 s for a retry; we
                     // re-add the peer and answer the same initiation.
                     self.wake_peer(now, slot, WakeReason::Handshake);
+                } else if self.yields_to_crossing(now, slot) {
+                    self.counters.handshake_crossings_yielded += 1;
+                    debug!(?peer, "crossing initiation left for ours to settle");
+                    return;
                 }
                 slot
             }
@@ -78,7 +82,7 @@ impl Engine {
         from: SocketAddr,
         data: &[u8],
     ) {
-        self.refresh_peer_timers(now, slot);
+        let refresh_after = self.refresh_peer_timers(now, slot);
         // Decrypt straight into a pooled buffer: the plaintext then goes to
         // the TUN without another copy.
         let mut buf = self.buffers.sized(data.len().max(MIN_BUFFER * 2));
@@ -87,41 +91,90 @@ impl Engine {
             return;
         };
         match wg.tunnel.decapsulate(now, from.ip(), data, &mut buf) {
-            Decapsulated::Done => {
-                wg.timers.on_authenticated_received(now);
+            Decapsulated::Keepalive => {
+                wg.timers.on_keepalive_received(now);
                 self.buffers.recycle(buf);
                 self.peer_heard(now, slot, from);
+            }
+            Decapsulated::CookieStored => {
+                // The peer is under load; our retry carries the cookie.
+                self.buffers.recycle(buf);
             }
             Decapsulated::Error(e) => {
                 self.buffers.recycle(buf);
                 self.count_wg_error(e);
             }
-            Decapsulated::Send {
-                len,
-                session_established,
-            } => {
-                wg.timers.on_authenticated_received(now);
-                wg.timers.on_data_sent(now);
+            Decapsulated::Send { len, reply } => {
                 buf.truncate(len);
-                if session_established {
-                    self.session_established(now, slot, from);
+                match reply {
+                    Reply::Cookie => {
+                        // Under load: no handshake happened, the peer
+                        // retries with the cookie.
+                        self.counters.cookie_replies_sent += 1;
+                    }
+                    Reply::Response => {
+                        wg.timers.on_authenticated_received(now);
+                        wg.timers.on_response_sent(now);
+                        self.session_established(now, slot, from);
+                        self.peer_heard(now, slot, from);
+                    }
+                    Reply::FirstKeepalive => {
+                        let rtt = wg.timers.initiation_round_trip(now);
+                        wg.timers.on_authenticated_received(now);
+                        wg.timers.on_keepalive_sent(now);
+                        if rtt.is_some() {
+                            self.peers[slot].handshake_rtt = rtt;
+                        }
+                        self.session_established(now, slot, from);
+                        self.peer_heard(now, slot, from);
+                    }
                 }
-                self.peer_heard(now, slot, from);
                 self.counters.datagrams_out += 1;
                 self.outputs.push_back(Output::Transmit(Transmit {
                     dst: from,
                     data: buf,
                 }));
-                self.flush_queue(now, slot, from);
             }
             Decapsulated::Deliver { len } => {
-                wg.timers.on_authenticated_received(now);
+                wg.timers.on_data_received(now);
                 buf.truncate(len);
                 self.peer_heard(now, slot, from);
                 self.deliver_inbound(now, slot, buf);
             }
         }
+        // Whichever side completed it, a usable session sends what waited.
+        self.drain_staged(now, slot);
+        if refresh_after {
+            self.refresh_peer_timers(now, slot);
+        }
         self.reschedule_peer(slot);
+    }
+
+    /// Whether to leave the peer's initiation unanswered because ours to it
+    /// is in flight and crossed it. Answering both would make each side
+    /// discard the handshake state the other's answer needs, and both would
+    /// start again (a storm, one round each round trip). So exactly one side
+    /// yields, the one with the higher node key, once per run of attempts:
+    /// the peer answers ours, and the session exists one round trip after
+    /// our initiation left.
+    ///
+    /// A peer initiation can only have crossed ours if it arrives within
+    /// about one round trip of ours leaving; one that comes later means ours
+    /// was lost or refused, and it is answered. The round trip is the last
+    /// one measured to this peer (twice it, for jitter), or
+    /// `CROSSING_WINDOW_UNKNOWN_RTT` before any was measured.
+    fn yields_to_crossing(&mut self, now: Instant, slot: PeerSlot) -> bool {
+        let node_key = self.node_key;
+        let peer = &mut self.peers[slot];
+        if node_key <= peer.config.public_key {
+            return false;
+        }
+        let window = peer
+            .handshake_rtt
+            .map_or(CROSSING_WINDOW_UNKNOWN_RTT, |rtt| rtt * 2);
+        peer.wg
+            .as_mut()
+            .is_some_and(|wg| wg.timers.yield_to_crossing(now, window))
     }
 
     /// Authenticated traffic from a peer: roam to its address and note activity.
@@ -148,41 +201,6 @@ impl Engine {
             }));
     }
 
-    /// Sends what WireGuard queued while the handshake ran, to the best
-    /// path or else to `to` (where the handshake came from).
-    fn flush_queue(&mut self, now: Instant, slot: PeerSlot, to: SocketAddr) {
-        loop {
-            let Some(wg) = self.peers[slot].wg.as_mut() else {
-                return;
-            };
-            let Some(queued) = wg.tunnel.next_queued(now, &mut self.buffers.wg_scratch) else {
-                return;
-            };
-            let len = match queued {
-                QueuedSend::Data { len, plaintext_len } => {
-                    wg.queued = wg.queued.saturating_sub(1);
-                    wg.timers.on_data_sent(now);
-                    self.peers[slot].tx_bytes += plaintext_len as u64;
-                    len
-                }
-                QueuedSend::Initiation { len } => {
-                    wg.timers.on_initiation_sent(now);
-                    self.counters.handshake_initiations_sent += 1;
-                    len
-                }
-            };
-            let buf = self.buffers.copy_of_wg_scratch(len);
-            self.counters.datagrams_out += 1;
-            let dst = self.disco.best_endpoint(slot).unwrap_or(to);
-            self.outputs
-                .push_back(Output::Transmit(Transmit { dst, data: buf }));
-            if matches!(queued, QueuedSend::Initiation { .. }) {
-                // The queue waits for this new handshake.
-                return;
-            }
-        }
-    }
-
     /// A decrypted packet from a peer: check its source, filter it, intercept
     /// what is ours (TSMP, ping replies), deliver the rest to the TUN.
     pub(super) fn deliver_inbound(&mut self, now: Instant, slot: PeerSlot, packet: Vec<u8>) {
@@ -196,8 +214,8 @@ impl Engine {
         };
         let allowed = self
             .routes
-            .lookup(header.src)
-            .is_some_and(|(_, &s)| s == slot);
+            .lookup_owners(header.src)
+            .is_some_and(|(_, owners)| owners.contains(&slot));
         if !allowed {
             self.counters.drop_spoofed_source += 1;
             self.buffers.recycle(packet);

@@ -26,7 +26,7 @@ use crate::config::{EngineConfig, PeerDelta, Reconfig, ReconfigError};
 use crate::counters::Counters;
 use crate::filter::PacketFilter;
 use crate::keys::{DiscoPublicKey, NodePublicKey};
-use crate::routing::PrefixTable;
+use crate::routing::SharedPrefixTable;
 use buffers::Buffers;
 use disco::DiscoState;
 use peers::PeerTable;
@@ -106,13 +106,20 @@ pub struct Engine {
     by_key: BTreeMap<NodePublicKey, PeerSlot>,
     by_disco: BTreeMap<DiscoPublicKey, PeerSlot>,
     by_index: BTreeMap<u32, PeerSlot>,
-    routes: PrefixTable<PeerSlot>,
+    /// Cryptokey routing over the full config; a subnet listed by several
+    /// peers routes to the one that has listed it longest (see
+    /// [`SharedPrefixTable`]).
+    routes: SharedPrefixTable<PeerSlot>,
     next_tunnel_index: u32,
     configured_count: usize,
     /// Slots in the order of the last reconfig's peer list (for the fast diff).
     peer_order: Vec<PeerSlot>,
     /// Two-phase flushes done by the last peer change.
     last_flush_count: usize,
+    /// Staged packets of peers in the middle of a two-phase flush.
+    flush_carry: Vec<(PeerSlot, VecDeque<Vec<u8>>, usize)>,
+    /// Bytes waiting in all peers' staged queues together.
+    staged_bytes_total: usize,
     /// The disco and pending-open deadlines currently in the timer queue.
     disco_timer_at: Option<Instant>,
     opens_timer_at: Option<Instant>,
@@ -161,11 +168,13 @@ impl Engine {
             by_key: BTreeMap::new(),
             by_disco: BTreeMap::new(),
             by_index: BTreeMap::new(),
-            routes: PrefixTable::new(),
+            routes: SharedPrefixTable::default(),
             next_tunnel_index,
             configured_count: 0,
             peer_order: Vec::new(),
             last_flush_count: 0,
+            flush_carry: Vec::new(),
+            staged_bytes_total: 0,
             disco_timer_at: None,
             opens_timer_at: None,
             trimming: config.trim_override.unwrap_or(true),
@@ -500,5 +509,6 @@ impl Engine {
         if now > self.now {
             self.now = now;
         }
+        self.device.tick(now);
     }
 }

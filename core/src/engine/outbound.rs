@@ -7,7 +7,7 @@ use tracing::trace;
 
 use super::Engine;
 use super::slot::PeerSlot;
-use super::wg::{DATA_OVERHEAD, Encapsulated, MIN_BUFFER};
+use super::wg::{DATA_OVERHEAD, Encapsulated, Initiated, MIN_BUFFER};
 use crate::api::*;
 use crate::limits::*;
 use crate::wire;
@@ -40,7 +40,7 @@ impl Engine {
             self.outputs.push_back(Output::TunWrite(buf));
             return;
         }
-        let route = self.routes.lookup(header.dst).map(|(_, &slot)| slot);
+        let route = self.routes.lookup(header.dst).map(|(_, slot)| slot);
         if header.protocol == wire::ip::PROTO_TCP {
             if let Some(tcp) = wire::tcp::parse(&header, packet) {
                 if tcp.is_syn_only() {
@@ -107,11 +107,27 @@ impl Engine {
         }
     }
 
-    /// Encrypts `packet` for the peer in `slot` and queues the datagram.
-    /// The caller has made sure the peer is in WireGuard (woken if needed).
+    /// Encrypts `packet` for the peer in `slot` and queues the datagram, or
+    /// stages it until a session exists. The caller has made sure the peer
+    /// is in WireGuard (woken if needed).
     pub(super) fn send_to_peer(&mut self, now: Instant, slot: PeerSlot, packet: &[u8]) {
         self.refresh_peer_timers(now, slot);
-        let max_queued = self.config.max_queued_packets_per_peer;
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        wg.timers.on_outbound_packet();
+        if wg.staged.is_empty() && wg.tunnel.has_session(now) {
+            self.encrypt_to_peer(now, slot, packet);
+        } else {
+            self.stage_packet(slot, packet);
+            self.start_handshake_if_allowed(now, slot);
+            self.drain_staged(now, slot);
+        }
+        self.reschedule_peer(slot);
+    }
+
+    /// Encrypts one packet on the current session and transmits it.
+    fn encrypt_to_peer(&mut self, now: Instant, slot: PeerSlot, packet: &[u8]) {
         let needed = (packet.len() + DATA_OVERHEAD).max(MIN_BUFFER);
         let mut buf = self.buffers.sized(needed);
         let peer = &mut self.peers[slot];
@@ -119,12 +135,6 @@ impl Engine {
             self.buffers.recycle(buf);
             return;
         };
-        if wg.queued >= max_queued && !wg.timers.has_session() {
-            self.counters.drop_queue_overflow += 1;
-            self.buffers.recycle(buf);
-            return;
-        }
-        wg.timers.on_outbound_packet();
         match wg.tunnel.encapsulate(now, packet, &mut buf) {
             Encapsulated::Data { len } => {
                 wg.timers.on_data_sent(now);
@@ -133,24 +143,92 @@ impl Engine {
                 self.transmit_to_peer(slot, buf);
             }
             Encapsulated::Initiation { len } => {
-                // No session yet: the packet itself was queued behind this initiation.
-                wg.queued += 1;
+                // The session went away between the check and the call
+                // (it cannot today: both run at the same instant); WireGuard
+                // queued the packet behind this initiation and sends it when
+                // the handshake completes.
                 wg.timers.on_initiation_sent(now);
                 self.counters.handshake_initiations_sent += 1;
                 buf.truncate(len);
                 self.transmit_to_peer(slot, buf);
             }
-            Encapsulated::Queued => {
-                // Queued behind a handshake already in progress.
-                wg.queued += 1;
-                self.buffers.recycle(buf);
-            }
+            Encapsulated::Queued => self.buffers.recycle(buf),
             Encapsulated::Error(e) => {
                 self.count_wg_error(e);
                 self.buffers.recycle(buf);
             }
         }
-        self.reschedule_peer(slot);
+    }
+
+    /// Keeps a packet until the peer has a usable session (wireguard-go's
+    /// staged packets), within the per-peer and global bounds. Staged
+    /// packets never go into WireGuard before a session exists, so it never
+    /// starts a handshake of its own for them.
+    fn stage_packet(&mut self, slot: PeerSlot, packet: &[u8]) {
+        let max_packets = self.config.max_queued_packets_per_peer;
+        let max_bytes = self.config.max_queued_bytes_per_peer;
+        let budget = self.config.max_queued_bytes_total;
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        if wg.staged.len() >= max_packets || wg.staged_bytes + packet.len() > max_bytes {
+            self.counters.drop_queue_overflow += 1;
+            return;
+        }
+        if self.staged_bytes_total + packet.len() > budget {
+            self.counters.drop_queue_budget_exceeded += 1;
+            return;
+        }
+        let mut copy = self.buffers.sized(packet.len());
+        copy.clear();
+        copy.extend_from_slice(packet);
+        wg.staged.push_back(copy);
+        wg.staged_bytes += packet.len();
+        self.staged_bytes_total += packet.len();
+    }
+
+    /// Sends the staged packets, in order, once a session exists, whichever
+    /// side completed it.
+    pub(super) fn drain_staged(&mut self, now: Instant, slot: PeerSlot) {
+        loop {
+            let Some(wg) = self.peers[slot].wg.as_mut() else {
+                return;
+            };
+            if wg.staged.is_empty() || !wg.tunnel.has_session(now) {
+                return;
+            }
+            let Some(packet) = wg.staged.pop_front() else {
+                return;
+            };
+            wg.staged_bytes -= packet.len();
+            self.staged_bytes_total -= packet.len();
+            self.encrypt_to_peer(now, slot, &packet);
+            self.buffers.recycle(packet);
+        }
+    }
+
+    /// Starts a handshake for staged packets unless WireGuard's rules say to
+    /// wait: an initiation of ours is in flight, or we answered the peer's
+    /// and it has not confirmed that session yet (see
+    /// `SessionTimers::handshake_must_wait`).
+    pub(super) fn start_handshake_if_allowed(&mut self, now: Instant, slot: PeerSlot) {
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        if wg.staged.is_empty() || wg.tunnel.has_session(now) || wg.timers.handshake_must_wait(now)
+        {
+            return;
+        }
+        match wg.tunnel.initiate(now, &mut self.buffers.wg_scratch) {
+            Initiated::Sent { len } => {
+                wg.timers.on_initiation_sent(now);
+                self.counters.handshake_initiations_sent += 1;
+                let buf = self.buffers.copy_of_wg_scratch(len);
+                self.transmit_to_peer(slot, buf);
+            }
+            Initiated::InProgress => {}
+            Initiated::Error(e) => self.count_wg_error(e),
+        }
     }
 
     /// Sends a WireGuard datagram to the peer's current endpoint.

@@ -1,7 +1,8 @@
 //! Peers in and out of WireGuard: configure, wake, trim, and their timers.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
@@ -25,8 +26,9 @@ pub(super) struct WgPeer {
     pub(super) index: u32,
     /// The session's protocol times, changed only through their hooks.
     pub(super) timers: SessionTimers,
-    /// Packets WireGuard holds for us while a handshake runs.
-    pub(super) queued: usize,
+    /// Packets waiting for a usable session, and their bytes.
+    pub(super) staged: VecDeque<Vec<u8>>,
+    pub(super) staged_bytes: usize,
     /// Where WireGuard sends when disco has no better path: the last address
     /// the peer was heard from, else its first configured endpoint.
     pub(super) endpoint: Option<SocketAddr>,
@@ -49,6 +51,9 @@ pub(super) struct Peer {
     pub(super) last_receive_activity: Option<Instant>,
     pub(super) rx_bytes: u64,
     pub(super) tx_bytes: u64,
+    /// The round trip of our last answered initiation to this peer (kept
+    /// while the peer is trimmed): how long a crossing can take.
+    pub(super) handshake_rtt: Option<Duration>,
 }
 
 /// The engine's copy of a peer's preshared key is wiped when the peer leaves
@@ -111,7 +116,8 @@ impl Engine {
             tunnel,
             index,
             timers: SessionTimers::new(now, peer.config.persistent_keepalive_secs),
-            queued: 0,
+            staged: VecDeque::new(),
+            staged_bytes: 0,
             endpoint: peer.config.endpoints.first().copied(),
             woken_at: None,
             heard_since_wake: false,
@@ -138,8 +144,20 @@ impl Engine {
         let Some(wg) = peer.wg.take() else { return };
         self.by_index.remove(&wg.index);
         self.configured_count -= 1;
-        if wg.queued > 0 && !matches!(reason, RemoveReason::DiscoKeyChanged) {
-            self.counters.drop_queue_discarded += wg.queued as u64;
+        let mut wg = wg;
+        if matches!(reason, RemoveReason::DiscoKeyChanged) {
+            // The peer restarted: what waited for it waits for the new
+            // session instead of being lost with the old one.
+            if !wg.staged.is_empty() {
+                let staged = std::mem::take(&mut wg.staged);
+                self.flush_carry.push((slot, staged, wg.staged_bytes));
+            }
+        } else {
+            self.staged_bytes_total -= wg.staged_bytes;
+            self.counters.drop_queue_discarded += wg.staged.len() as u64;
+            for packet in wg.staged.drain(..) {
+                self.buffers.recycle(packet);
+            }
         }
         let key = peer.config.public_key;
         self.disco.remove_peer(slot);
@@ -190,20 +208,28 @@ impl Engine {
             wg.timers.on_timers_run(now, keepalive_secs);
             let action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);
             self.handle_timer_action(now, slot, action);
+            self.start_handshake_if_allowed(now, slot);
+            self.drain_staged(now, slot);
         }
         self.reschedule_peer(slot);
     }
 
     /// Refreshes WireGuard's clock for a peer before an operation and sends
-    /// whatever its timers wanted.
-    pub(super) fn refresh_peer_timers(&mut self, now: Instant, slot: PeerSlot) {
+    /// whatever its timers wanted. Returns `true` when the refresh had to
+    /// wait (see `SessionTimers::refresh_would_rehandshake_early`): the
+    /// caller refreshes again after the operation.
+    pub(super) fn refresh_peer_timers(&mut self, now: Instant, slot: PeerSlot) -> bool {
         let Some(wg) = self.peers[slot].wg.as_mut() else {
-            return;
+            return false;
         };
+        if wg.timers.refresh_would_rehandshake_early(now) {
+            return true;
+        }
         let action = wg.tunnel.refresh(now, &mut self.buffers.wg_scratch);
         if action != TimerAction::Nothing {
             self.handle_timer_action(now, slot, action);
         }
+        false
     }
 
     /// Carries out what WireGuard's timers asked for; the packet, if any, is
@@ -221,15 +247,19 @@ impl Engine {
                 self.transmit_to_peer(slot, buf);
             }
             TimerAction::SendKeepalive { len } => {
-                wg.timers.on_data_sent(now);
+                wg.timers.on_keepalive_sent(now);
                 self.counters.keepalives_sent += 1;
                 let buf = self.buffers.copy_of_wg_scratch(len);
                 self.transmit_to_peer(slot, buf);
             }
             TimerAction::Expired => {
                 if wg.timers.on_expired() {
-                    self.counters.drop_queue_discarded += wg.queued as u64;
-                    wg.queued = 0;
+                    self.counters.drop_queue_discarded += wg.staged.len() as u64;
+                    self.staged_bytes_total -= wg.staged_bytes;
+                    wg.staged_bytes = 0;
+                    for packet in wg.staged.drain(..) {
+                        self.buffers.recycle(packet);
+                    }
                     debug!(peer = ?self.peers[slot].config.public_key, "WireGuard connection expired");
                 }
             }
@@ -257,7 +287,7 @@ impl Engine {
         let wg_deadline = peer
             .wg
             .as_deref()
-            .and_then(|wg| wg.timers.next_deadline(now));
+            .and_then(|wg| wg.timers.next_deadline(now, !wg.staged.is_empty()));
         let idle = self.idle_deadline(slot).map(|at| (at, PeerTimer::IdleTrim));
         let next = match (wg_deadline, idle) {
             (Some(wg), Some(idle)) if idle.0 < wg.0 => Some(idle),
@@ -288,6 +318,7 @@ impl Engine {
             last_send_activity: None,
             last_receive_activity: None,
             rx_bytes: 0,
+            handshake_rtt: None,
             tx_bytes: 0,
         });
         self.by_key.insert(key, slot);
@@ -295,7 +326,7 @@ impl Engine {
             self.by_disco.insert(d, slot);
         }
         for net in nets {
-            self.routes.insert(net, slot);
+            self.routes.add(net, slot);
         }
         let _ = endpoints;
         if !self.trimming || !trimmable {
@@ -315,12 +346,12 @@ impl Engine {
         let new = &self.peers[slot].config;
         if old.allowed_ips != new.allowed_ips {
             for net in &old.allowed_ips {
-                if self.routes.get_exact(net) == Some(&slot) {
-                    self.routes.remove(net);
+                if !new.allowed_ips.contains(net) {
+                    self.routes.remove(net, slot);
                 }
             }
             for net in new.allowed_ips.clone() {
-                self.routes.insert(net, slot);
+                self.routes.add(net, slot);
             }
         }
         if old.disco_key != new.disco_key {
@@ -393,9 +424,7 @@ impl Engine {
             }
         }
         for net in &peer.config.allowed_ips {
-            if self.routes.get_exact(net) == Some(&slot) {
-                self.routes.remove(net);
-            }
+            self.routes.remove(net, slot);
         }
         self.disco.remove_peer(slot);
     }

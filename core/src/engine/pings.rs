@@ -33,7 +33,7 @@ impl Engine {
     }
 
     pub(super) fn peer_slot_for_ip(&self, ip: IpAddr) -> Result<PeerSlot, PeerForIpError> {
-        if let Some(&slot) = self.routes.get_exact(&IpNet::from(ip)) {
+        if let Some(slot) = self.routes.owner_exact(&IpNet::from(ip)) {
             return Ok(slot);
         }
         if self.is_local_addr(ip) {
@@ -41,7 +41,7 @@ impl Engine {
         }
         self.routes
             .lookup(ip)
-            .map(|(_, &slot)| slot)
+            .map(|(_, slot)| slot)
             .ok_or(PeerForIpError::NoMatchingPeer(ip))
     }
 

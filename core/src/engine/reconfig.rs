@@ -197,6 +197,17 @@ impl Engine {
             }));
             self.configure_peer(now, slot, None);
         }
+        for (slot, staged, bytes) in std::mem::take(&mut self.flush_carry) {
+            let Some(wg) = self.peers.get_mut(slot).and_then(|p| p.wg.as_mut()) else {
+                self.staged_bytes_total -= bytes;
+                self.counters.drop_queue_discarded += staged.len() as u64;
+                continue;
+            };
+            wg.staged = staged;
+            wg.staged_bytes = bytes;
+            self.start_handshake_if_allowed(now, slot);
+            self.reschedule_peer(slot);
+        }
     }
 
     /// Compares and applies every part of a reconfig but the peers.
@@ -410,7 +421,7 @@ impl RunningPeers for RunningView<'_> {
     }
 
     fn single_ip_owner(&self, net: &IpNet) -> Option<NodePublicKey> {
-        let slot = *self.engine.routes.get_exact(net)?;
+        let slot = self.engine.routes.owner_exact(net)?;
         Some(self.engine.peers[slot].config.public_key)
     }
 }

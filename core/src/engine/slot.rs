@@ -54,6 +54,15 @@ impl<T> SlotTable<T> {
         }
     }
 
+    /// The value in `slot`, mutably, if it is still the one the slot was
+    /// handed out for.
+    pub(super) fn get_mut(&mut self, slot: PeerSlot) -> Option<&mut T> {
+        match self.slab.get_mut(slot.index) {
+            Some((generation, peer)) if *generation == slot.generation => Some(peer),
+            Some(_) | None => None,
+        }
+    }
+
     pub(super) fn len(&self) -> usize {
         self.slab.len()
     }

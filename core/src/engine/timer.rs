@@ -96,6 +96,22 @@ pub(crate) struct SessionTimers {
     /// WireGuard gave up (`REKEY_ATTEMPT_TIME` or key expiry): no timer runs
     /// until outbound traffic asks for a session again.
     expired: bool,
+    /// The first data message sent since the peer was last heard from: the
+    /// "no reply" rule re-handshakes `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT`
+    /// after it (wireguard-go arms that timer on the first unanswered send).
+    first_unanswered_data_sent: Option<Instant>,
+    /// The first data message received since we last sent anything: the
+    /// passive keepalive goes out `KEEPALIVE_TIMEOUT` after it.
+    first_data_received_unanswered: Option<Instant>,
+    /// When we last answered the peer's initiation. Until the peer confirms
+    /// that session with its first data message (or `REKEY_TIMEOUT` passes),
+    /// no initiation of ours may start: it would throw away the handshake
+    /// state the peer's confirmation is for.
+    responded_at: Option<Instant>,
+    /// A crossing initiation from the peer was already left unanswered in
+    /// this run of attempts (at most one is, so a peer that cannot hear us
+    /// is answered on its next try).
+    crossing_yielded: bool,
 }
 
 impl SessionTimers {
@@ -113,21 +129,48 @@ impl SessionTimers {
                 .filter(|&s| s > 0)
                 .map(|s| now + Duration::from_secs(u64::from(s))),
             expired: false,
+            first_unanswered_data_sent: None,
+            first_data_received_unanswered: None,
+            responded_at: None,
+            crossing_yielded: false,
         }
     }
 
-    /// A data message, keepalive or handshake response went out (anything but an initiation).
+    /// A data message went out: arms the "no reply" rule if it is the first
+    /// since the peer was last heard from.
     pub(crate) fn on_data_sent(&mut self, now: Instant) {
-        self.last_sent = Some(now);
+        self.on_anything_sent(now);
+        if self.first_unanswered_data_sent.is_none() {
+            self.first_unanswered_data_sent = Some(now);
+        }
+    }
+
+    /// A keepalive went out.
+    pub(crate) fn on_keepalive_sent(&mut self, now: Instant) {
+        self.on_anything_sent(now);
+    }
+
+    /// We answered the peer's initiation: that session awaits the peer's
+    /// confirmation.
+    pub(crate) fn on_response_sent(&mut self, now: Instant) {
+        self.on_anything_sent(now);
+        self.responded_at = Some(now);
     }
 
     /// A handshake initiation went out: starts the attempt run if none is running.
     pub(crate) fn on_initiation_sent(&mut self, now: Instant) {
         if self.handshake_started.is_none() {
             self.handshake_started = Some(now);
+            self.crossing_yielded = false;
         }
         self.last_initiation_sent = Some(now);
+        self.on_anything_sent(now);
+    }
+
+    /// Anything sent answers what the peer sent: no passive keepalive is due.
+    fn on_anything_sent(&mut self, now: Instant) {
         self.last_sent = Some(now);
+        self.first_data_received_unanswered = None;
     }
 
     /// A handshake completed (either side): the attempt run ends and the session is live.
@@ -137,11 +180,76 @@ impl SessionTimers {
         self.last_initiation_sent = None;
         self.expired = false;
         self.last_handshake = Some(now);
+        self.crossing_yielded = false;
     }
 
-    /// An authenticated message (handshake, data or keepalive) arrived from the peer.
+    /// An authenticated handshake message arrived from the peer.
     pub(crate) fn on_authenticated_received(&mut self, now: Instant) {
         self.last_received = Some(now);
+        self.first_unanswered_data_sent = None;
+    }
+
+    /// A keepalive arrived on a session: the peer heard us, and a session we
+    /// answered for is confirmed.
+    pub(crate) fn on_keepalive_received(&mut self, now: Instant) {
+        self.on_authenticated_received(now);
+        self.responded_at = None;
+    }
+
+    /// A data message arrived on a session: as a keepalive, and it asks for
+    /// a passive keepalive if nothing goes back.
+    pub(crate) fn on_data_received(&mut self, now: Instant) {
+        self.on_keepalive_received(now);
+        if self.first_data_received_unanswered.is_none() {
+            self.first_data_received_unanswered = Some(now);
+        }
+    }
+
+    /// How long ago the initiation that was just answered left.
+    pub(crate) fn initiation_round_trip(&self, now: Instant) -> Option<Duration> {
+        self.last_initiation_sent
+            .map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Whether a handshake of ours must wait: our initiation is in flight
+    /// (`REKEY_TIMEOUT`), or we answered the peer's and it has not confirmed.
+    pub(crate) fn handshake_must_wait(&self, now: Instant) -> bool {
+        let within = |at: Option<Instant>| at.is_some_and(|t| now < t + REKEY_TIMEOUT);
+        within(self.last_initiation_sent) || within(self.responded_at)
+    }
+
+    /// Whether to leave an initiation of the peer's unanswered because ours
+    /// went out less than `window` ago and this is the first such crossing
+    /// in this run of attempts. Records that it yielded.
+    pub(crate) fn yield_to_crossing(&mut self, now: Instant, window: Duration) -> bool {
+        let in_flight = self
+            .last_initiation_sent
+            .is_some_and(|t| now < t + window.min(REKEY_TIMEOUT));
+        if !in_flight || self.crossing_yielded {
+            return false;
+        }
+        self.crossing_yielded = true;
+        true
+    }
+
+    /// Whether running the WireGuard implementation's timers now would start
+    /// a handshake before WireGuard's rules say to.
+    ///
+    /// boringtun's "no reply" rule fires when data went out since the last
+    /// receive and that receive is `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT` old;
+    /// WireGuard's counts from the first unanswered send. While the first
+    /// holds and the second does not yet, the caller leaves boringtun's clock
+    /// where the unanswered send put it (less than 15 s ago), runs the
+    /// operation, and refreshes after: an answer that arrived meanwhile
+    /// clears the condition first. The "no reply" deadline runs the rule on
+    /// time.
+    pub(crate) fn refresh_would_rehandshake_early(&self, now: Instant) -> bool {
+        let no_reply_after = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT;
+        let within_window = self
+            .first_unanswered_data_sent
+            .is_some_and(|t| now < t + no_reply_after);
+        let boringtun_would_fire = self.last_received.is_none_or(|t| now >= t + no_reply_after);
+        within_window && boringtun_would_fire
     }
 
     /// An outbound packet was handed to the tunnel: an expired session may try again.
@@ -159,6 +267,9 @@ impl SessionTimers {
         self.session_established = None;
         self.handshake_started = None;
         self.last_initiation_sent = None;
+        self.first_unanswered_data_sent = None;
+        self.first_data_received_unanswered = None;
+        self.responded_at = None;
         true
     }
 
@@ -193,7 +304,10 @@ impl SessionTimers {
     /// WireGuard would otherwise re-key an idle session at 120 s, and that
     /// handshake would count as activity and keep idle peers from ever being
     /// trimmed. Deadlines at or before `now` have been acted on and are skipped.
-    pub(crate) fn next_deadline(&self, now: Instant) -> Option<(Instant, PeerTimer)> {
+    ///
+    /// `staged` says packets wait for a session: then a handshake that had
+    /// to wait for the peer's confirmation starts when that wait ends.
+    pub(crate) fn next_deadline(&self, now: Instant, staged: bool) -> Option<(Instant, PeerTimer)> {
         if self.expired {
             return None;
         }
@@ -207,13 +321,20 @@ impl SessionTimers {
                 PeerTimer::HandshakeGiveUp,
             ),
             (
-                self.last_sent
+                self.first_unanswered_data_sent
                     .map(|t| t + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT),
                 PeerTimer::NoReplyRehandshake,
             ),
             (
-                self.last_received.map(|t| t + KEEPALIVE_TIMEOUT),
+                self.first_data_received_unanswered
+                    .map(|t| t + KEEPALIVE_TIMEOUT),
                 PeerTimer::PassiveKeepalive,
+            ),
+            (
+                self.responded_at
+                    .filter(|_| staged)
+                    .map(|t| t + REKEY_TIMEOUT),
+                PeerTimer::StagedHandshake,
             ),
             (
                 self.next_persistent_keepalive,
@@ -244,8 +365,11 @@ pub enum PeerTimer {
     /// Sent but heard nothing back for `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT`
     /// (15 s): start a new handshake.
     NoReplyRehandshake,
-    /// Received but sent nothing for `KEEPALIVE_TIMEOUT` (10 s): send a keepalive.
+    /// Received data but sent nothing for `KEEPALIVE_TIMEOUT` (10 s): send a keepalive.
     PassiveKeepalive,
+    /// Packets wait for a session, and the peer never confirmed the session
+    /// we answered its initiation with (`REKEY_TIMEOUT`, 5 s): start our own.
+    StagedHandshake,
     /// The configured persistent keepalive.
     PersistentKeepalive,
     /// The lazy-peer idle check: trim the peer out of WireGuard.
@@ -290,56 +414,127 @@ mod tests {
         let t0 = epoch();
         let mut timers = SessionTimers::new(t0, None);
         assert_eq!(
-            timers.next_deadline(t0),
+            timers.next_deadline(t0, false),
             None,
             "a fresh tunnel has no timer"
         );
 
         timers.on_initiation_sent(t0);
         assert_eq!(
-            timers.next_deadline(t0),
-            Some((t0 + REKEY_TIMEOUT, PeerTimer::HandshakeRetry))
+            timers.next_deadline(t0, false),
+            Some((t0 + Duration::from_secs(5), PeerTimer::HandshakeRetry))
         );
 
+        // Our initiation is answered; we send the first keepalive.
         let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(
+            timers.initiation_round_trip(t1),
+            Some(Duration::from_millis(100))
+        );
         timers.on_authenticated_received(t1);
+        timers.on_keepalive_sent(t1);
         timers.on_session_established(t1);
         assert!(timers.has_session());
         assert_eq!(timers.last_handshake(), Some(t1));
-        // Retry and give-up are gone; the passive keepalive (t1 + 10 s) comes
-        // before the no-reply re-handshake (t0 + 15 s).
+        assert_eq!(timers.next_deadline(t1, false), None, "nothing pending");
+
+        // Data out: the "no reply" rule runs 15 s after the FIRST unanswered
+        // send, not after the last one.
+        let t2 = t1 + Duration::from_secs(30);
+        timers.on_data_sent(t2);
+        timers.on_data_sent(t2 + Duration::from_secs(3));
         assert_eq!(
-            timers.next_deadline(t1),
-            Some((t1 + KEEPALIVE_TIMEOUT, PeerTimer::PassiveKeepalive))
+            timers.next_deadline(t2, false),
+            Some((t2 + Duration::from_secs(15), PeerTimer::NoReplyRehandshake))
         );
-        // Deadlines at or before `now` were acted on and are skipped.
+
+        // Data in answers it, and asks for a passive keepalive 10 s later
+        // unless something goes back first.
+        let t3 = t2 + Duration::from_secs(5);
+        timers.on_data_received(t3);
+        timers.on_data_received(t3 + Duration::from_secs(1));
         assert_eq!(
-            timers.next_deadline(t1 + KEEPALIVE_TIMEOUT),
-            Some((
-                t0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
-                PeerTimer::NoReplyRehandshake
-            ))
+            timers.next_deadline(t3, false),
+            Some((t3 + Duration::from_secs(10), PeerTimer::PassiveKeepalive))
         );
+        timers.on_keepalive_sent(t3 + Duration::from_secs(2));
+        assert_eq!(timers.next_deadline(t3, false), None);
 
         assert!(timers.on_expired());
         assert!(!timers.on_expired(), "expiry is reported once");
         assert!(!timers.has_session());
         assert_eq!(timers.last_handshake(), Some(t1), "kept for status");
-        assert_eq!(timers.next_deadline(t1), None, "nothing runs while expired");
+        assert_eq!(
+            timers.next_deadline(t3, false),
+            None,
+            "nothing runs while expired"
+        );
+    }
 
-        timers.on_outbound_packet();
+    #[test]
+    fn a_response_holds_our_handshake_until_confirmed_or_five_seconds() {
+        let t0 = epoch();
+        let mut timers = SessionTimers::new(t0, None);
+        assert!(!timers.handshake_must_wait(t0));
+        timers.on_authenticated_received(t0);
+        timers.on_response_sent(t0);
+        assert!(timers.handshake_must_wait(t0 + Duration::from_millis(4999)));
+        assert!(!timers.handshake_must_wait(t0 + Duration::from_secs(5)));
+        assert_eq!(timers.next_deadline(t0, false), None);
         assert_eq!(
-            timers.next_deadline(t1),
-            Some((t1 + KEEPALIVE_TIMEOUT, PeerTimer::PassiveKeepalive))
+            timers.next_deadline(t0, true),
+            Some((t0 + Duration::from_secs(5), PeerTimer::StagedHandshake)),
+            "staged packets start our own handshake when the wait ends"
         );
+        // The peer's first data confirms the session: no more waiting.
+        timers.on_data_received(t0 + Duration::from_millis(40));
+        assert!(!timers.handshake_must_wait(t0 + Duration::from_millis(41)));
+        assert_eq!(
+            timers.next_deadline(t0, true).map(|(_, t)| t),
+            Some(PeerTimer::PassiveKeepalive)
+        );
+    }
+
+    #[test]
+    fn one_crossing_per_attempt_run_is_yielded_and_only_in_its_window() {
+        let t0 = epoch();
+        let window = Duration::from_millis(100);
+        let mut timers = SessionTimers::new(t0, None);
+        assert!(!timers.yield_to_crossing(t0, window), "nothing in flight");
+        timers.on_initiation_sent(t0);
+        assert!(!timers.yield_to_crossing(t0 + window, window), "too late");
+        assert!(timers.yield_to_crossing(t0 + Duration::from_millis(50), window));
+        assert!(
+            !timers.yield_to_crossing(t0 + Duration::from_millis(60), window),
+            "at most one per run"
+        );
+        // A new run after a session may yield again.
+        timers.on_session_established(t0 + window);
+        let t1 = t0 + Duration::from_secs(200);
+        timers.on_initiation_sent(t1);
+        assert!(timers.yield_to_crossing(t1, window));
+    }
+
+    #[test]
+    fn the_refresh_waits_only_where_boringtun_would_rehandshake_early() {
+        let t0 = epoch();
+        let mut timers = SessionTimers::new(t0, None);
+        timers.on_authenticated_received(t0);
+        // Data 60 s after the last receive: boringtun's rule (15 s since the
+        // last receive) holds at once, WireGuard's (15 s after this send)
+        // not until t1 + 15 s.
+        let t1 = t0 + Duration::from_secs(60);
+        assert!(!timers.refresh_would_rehandshake_early(t1));
         timers.on_data_sent(t1);
-        assert_eq!(
-            timers.next_deadline(t1 + KEEPALIVE_TIMEOUT),
-            Some((
-                t1 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
-                PeerTimer::NoReplyRehandshake
-            ))
-        );
+        assert!(timers.refresh_would_rehandshake_early(t1 + Duration::from_secs(10)));
+        assert!(!timers.refresh_would_rehandshake_early(t1 + Duration::from_secs(15)));
+        // An answer clears it.
+        timers.on_keepalive_received(t1 + Duration::from_secs(10));
+        assert!(!timers.refresh_would_rehandshake_early(t1 + Duration::from_secs(11)));
+        // Data soon after a receive: both rules agree, no waiting.
+        let t2 = t1 + Duration::from_secs(12);
+        timers.on_data_sent(t2);
+        assert!(!timers.refresh_would_rehandshake_early(t2 + Duration::from_secs(1)));
     }
 
     #[test]
@@ -348,21 +543,24 @@ mod tests {
         let interval = Duration::from_secs(25);
         let mut timers = SessionTimers::new(t0, Some(25));
         assert_eq!(
-            timers.next_deadline(t0),
+            timers.next_deadline(t0, false),
             Some((t0 + interval, PeerTimer::PersistentKeepalive))
         );
         timers.on_timers_run(t0 + Duration::from_secs(24), 25);
         assert_eq!(
-            timers.next_deadline(t0),
+            timers.next_deadline(t0, false),
             Some((t0 + interval, PeerTimer::PersistentKeepalive))
         );
         timers.on_timers_run(t0 + interval, 25);
         assert_eq!(
-            timers.next_deadline(t0 + interval),
+            timers.next_deadline(t0 + interval, false),
             Some((t0 + 2 * interval, PeerTimer::PersistentKeepalive))
         );
         // Zero means off.
-        assert_eq!(SessionTimers::new(t0, Some(0)).next_deadline(t0), None);
+        assert_eq!(
+            SessionTimers::new(t0, Some(0)).next_deadline(t0, false),
+            None
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub(crate) const MIN_BUFFER: usize = 148;
 
 /// WireGuard message types, as the first byte (little-endian u32) of a message.
 const MESSAGE_INITIATION: u8 = 1;
-const MESSAGE_RESPONSE: u8 = 2;
+const MESSAGE_COOKIE_REPLY: u8 = 3;
 const MESSAGE_DATA: u8 = 4;
 
 /// How often the handshake rate limiter's counts start over.
@@ -199,6 +199,18 @@ impl WgDevice {
         }
     }
 
+    /// Starts a new window of the handshake rate limiter once a second, by
+    /// time. The limiter counts every handshake message any tunnel sees
+    /// (answers to our own initiations too); starting windows only when an
+    /// initiation arrived left a node that only initiates "under load" for
+    /// good after its 100th answer, answering every response with a cookie.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.rate_limiter_reset_at) >= RATE_LIMIT_WINDOW {
+            self.rate_limiter_reset_at = now;
+            self.clock.with(now, || self.rate_limiter.reset_count());
+        }
+    }
+
     /// Says what a (non-disco) datagram from `from` is. An initiation is
     /// rate-limited and its MAC checked with the shared limiter before the
     /// expensive Diffie-Hellman that reveals the sender's key.
@@ -239,10 +251,6 @@ impl WgDevice {
                 };
             }
         };
-        if now.saturating_duration_since(self.rate_limiter_reset_at) >= RATE_LIMIT_WINDOW {
-            self.rate_limiter_reset_at = now;
-            self.clock.with(now, || self.rate_limiter.reset_count());
-        }
         let mut reply = [0u8; 64];
         let verdict = self.clock.with(now, || {
             match self
@@ -287,31 +295,40 @@ pub(crate) enum Encapsulated {
 /// caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decapsulated {
-    /// Authenticated and consumed, nothing to send or deliver (a keepalive,
-    /// a cookie reply).
-    Done,
-    /// Send `len` bytes back to the sender. `session_established` is true
-    /// when the datagram was a handshake message, so that a session now
-    /// exists: we answered an initiation (we are the responder) or our
-    /// initiation was answered and the reply is the first keepalive.
-    Send {
-        len: usize,
-        session_established: bool,
-    },
+    /// A keepalive on a session: authenticated, nothing to deliver.
+    Keepalive,
+    /// A cookie reply to our initiation, stored for its retry.
+    CookieStored,
+    /// Send `len` bytes back to the sender, a reply of this kind.
+    Send { len: usize, reply: Reply },
     /// Deliver this decrypted IP packet of `len` bytes to the TUN.
     Deliver { len: usize },
     /// Refused.
     Error(WgError),
 }
 
-/// One packet boringtun held while a handshake ran, now to be sent.
+/// What a reply to a handshake message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum QueuedSend {
-    /// A data message of `len` bytes carrying `plaintext_len` bytes.
-    Data { len: usize, plaintext_len: usize },
-    /// boringtun put the packet back and started its own handshake: send
-    /// this initiation of `len` bytes; the queue stays until it completes.
-    Initiation { len: usize },
+pub(crate) enum Reply {
+    /// We answered the peer's initiation: a session exists on our side and
+    /// is usable once the peer's first data message confirms it.
+    Response,
+    /// Our initiation was answered: the session is usable now, and this
+    /// first keepalive confirms it to the peer.
+    FirstKeepalive,
+    /// Under load: the initiator must retry with this cookie; no session.
+    Cookie,
+}
+
+/// What starting a handshake produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Initiated {
+    /// Send this initiation of `len` bytes.
+    Sent { len: usize },
+    /// One is already in progress; WireGuard's timers retransmit it.
+    InProgress,
+    /// Refused.
+    Error(WgError),
 }
 
 /// What WireGuard's own timers want.
@@ -375,6 +392,26 @@ impl WgTunnel {
         }
     }
 
+    /// Whether a session exists to encrypt with: one we initiated and got
+    /// an answer for, or one the peer initiated and confirmed with data.
+    pub(crate) fn has_session(&self, now: Instant) -> bool {
+        self.clock.enter(now);
+        self.tunn.time_since_last_handshake().is_some()
+    }
+
+    /// Starts a handshake unless one is in progress.
+    pub(crate) fn initiate(&mut self, now: Instant, dst: &mut [u8]) -> Initiated {
+        self.clock.enter(now);
+        match self.tunn.format_handshake_initiation(dst, false) {
+            TunnResult::WriteToNetwork(out) => Initiated::Sent { len: out.len() },
+            TunnResult::Done => Initiated::InProgress,
+            TunnResult::Err(e) => Initiated::Error(e.into()),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                Initiated::Error(WgError::Other)
+            }
+        }
+    }
+
     /// Handles one datagram from `from`.
     pub(crate) fn decapsulate(
         &mut self,
@@ -384,39 +421,25 @@ impl WgTunnel {
         dst: &mut [u8],
     ) -> Decapsulated {
         self.clock.enter(now);
-        let handshake = matches!(
-            datagram.first(),
-            Some(&(MESSAGE_INITIATION | MESSAGE_RESPONSE))
-        );
+        let message = datagram.first().copied();
         match self.tunn.decapsulate(Some(from), datagram, dst) {
-            TunnResult::Done => Decapsulated::Done,
+            TunnResult::Done if message == Some(MESSAGE_DATA) => Decapsulated::Keepalive,
+            TunnResult::Done => Decapsulated::CookieStored,
             TunnResult::Err(e) => Decapsulated::Error(e.into()),
-            TunnResult::WriteToNetwork(reply) => Decapsulated::Send {
-                len: reply.len(),
-                session_established: handshake,
-            },
+            TunnResult::WriteToNetwork(reply) => {
+                let kind = match (message, reply.first().copied()) {
+                    (_, Some(MESSAGE_COOKIE_REPLY)) => Reply::Cookie,
+                    (Some(MESSAGE_INITIATION), _) => Reply::Response,
+                    _ => Reply::FirstKeepalive,
+                };
+                Decapsulated::Send {
+                    len: reply.len(),
+                    reply: kind,
+                }
+            }
             TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
                 Decapsulated::Deliver { len: inner.len() }
             }
-        }
-    }
-
-    /// The next packet boringtun queued while a handshake ran, if any.
-    pub(crate) fn next_queued(&mut self, now: Instant, dst: &mut [u8]) -> Option<QueuedSend> {
-        self.clock.enter(now);
-        match self.tunn.decapsulate(None, &[], dst) {
-            TunnResult::WriteToNetwork(out) if out.first() == Some(&MESSAGE_DATA) => {
-                let len = out.len();
-                Some(QueuedSend::Data {
-                    len,
-                    plaintext_len: len - DATA_OVERHEAD,
-                })
-            }
-            TunnResult::WriteToNetwork(out) => Some(QueuedSend::Initiation { len: out.len() }),
-            TunnResult::Done
-            | TunnResult::Err(_)
-            | TunnResult::WriteToTunnelV4(..)
-            | TunnResult::WriteToTunnelV6(..) => None,
         }
     }
 }

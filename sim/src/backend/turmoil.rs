@@ -181,7 +181,12 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
                 break;
             }
         }
-        if outer.sim.step().is_err() {
+        // The hosts' wall clock (boringtun's handshake stamps, the
+        // daemon's status times) is turmoil's simulated one during the step.
+        wgmesh_vclock::set(outer.sim.since_epoch());
+        let stepped = outer.sim.step();
+        wgmesh_vclock::clear();
+        if stepped.is_err() {
             break;
         }
     }

@@ -5,7 +5,7 @@
 //! calls into an engine (inputs, timeouts, outputs, deadlines): a hook that
 //! must run around every engine call goes there.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wgmesh_core::{
     Effect, Engine, EngineConfig, Event, Input, Output, PING_TIMEOUT, PingOutcome, RemoveReason,
@@ -15,6 +15,7 @@ use wgmesh_core::{
 use super::queue::SimEvent;
 use super::state::Tailnet;
 use crate::trace::Category;
+use crate::world::EPOCH_SECS;
 use crate::world::render::{Rendering, effect_detail, event_line, ms, ping_result_detail};
 
 /// Nesting depth of OS reactions (a reply to a reply ...) before the harness stops.
@@ -41,6 +42,11 @@ impl Tailnet {
         call: impl FnOnce(&mut Engine, Instant) -> R,
     ) -> Option<R> {
         let now = self.instant();
+        // The engine's one wall-clock read (boringtun's handshake stamp when
+        // a tunnel is created) sees the scenario's epoch plus virtual time,
+        // as it sees real time in production: a run does not depend on how
+        // fast the machine runs it.
+        let _wall = wgmesh_vclock::scoped(Duration::from_secs(EPOCH_SECS) + self.now);
         self.nodes[i]
             .engine
             .as_mut()

@@ -1,0 +1,199 @@
+//! The liveness oracle every run applies: a datagram sent while the network
+//! is healthy arrives, once, within the default bound.
+//!
+//! The scenario's own checks say what a run must show; this one says what
+//! every run must never show, the way the invariants do for safety. A stall
+//! (a handshake storm, a replayed stamp, a packet waiting for the wrong
+//! handshake) and a loss are failures wherever they happen, also in files
+//! that never thought to check for them, and in every case `explore` makes.
+//!
+//! **Healthy** means: the network drops nothing (`loss = 0`), there is no
+//! random churn, and no fault (a restart, a partition or its heal, a link
+//! change, a knob or AllowedIPs change through control) happened from
+//! [`SETTLE`] before the send until the deadline. After a fault the tailnet
+//! gets [`SETTLE`] to recover (control's delay, a handshake retry at 5 s, a
+//! disco path's 6.5 s trust) before it is judged again. A partition is a
+//! fault until [`SETTLE`] after the heal, a restart until [`SETTLE`] after
+//! the node is back, a link down until [`SETTLE`] after it is up again.
+//!
+//! **The default bound** for a datagram is one handshake round trip plus one
+//! way, each of the three trips with its full jitter: `3 x (latency +
+//! jitter)`. When the receiver was itself sending to the sender within one
+//! round trip of the send, before or after (a crossing wake: both sides initiate, and WireGuard's
+//! rules make one side's packets wait for the other's session to be
+//! confirmed) the bound is one round trip more. That holds for whichever
+//! side started first: the one with the higher key is the initiator. Only streams addressed to a
+//! node's tailnet address are judged (a send into a subnet or to an address
+//! nobody has is a scenario about that, with its own checks).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::report::Check;
+use crate::scenario::{ActionKind, Scenario};
+use crate::world::address::{tailnet_ip4, tailnet_ip6};
+use crate::world::{LinkKind, StreamRecord};
+
+/// How long after a fault the tailnet is given to recover before its
+/// datagrams are judged again.
+pub const SETTLE: Duration = Duration::from_secs(20);
+
+/// A span of virtual time during which the network is not healthy.
+#[derive(Debug, Clone, Copy)]
+struct Impaired {
+    from: Duration,
+    until: Duration,
+}
+
+/// The spans in which datagrams are not judged, from the schedule; `None`
+/// when the whole run is unjudged (loss or random churn).
+fn impaired_spans(scenario: &Scenario) -> Option<Vec<Impaired>> {
+    if scenario.network.loss > 0.0 || scenario.churn.is_some() {
+        return None;
+    }
+    let end = scenario.duration + SETTLE;
+    let mut actions: Vec<_> = scenario.actions.iter().collect();
+    actions.sort_by_key(|a| a.at);
+    let mut spans = Vec::new();
+    let mut open_partition: Option<Duration> = None;
+    let mut down_links: Vec<(usize, Duration)> = Vec::new();
+    for action in actions {
+        let at = action.at;
+        match &action.kind {
+            ActionKind::Send { .. }
+            | ActionKind::Ping { .. }
+            | ActionKind::Flow { .. }
+            | ActionKind::Idle { .. } => {}
+            ActionKind::Restart { downtime, .. } => spans.push(Impaired {
+                from: at,
+                until: at + *downtime + SETTLE,
+            }),
+            ActionKind::Partition { .. } => {
+                open_partition.get_or_insert(at);
+            }
+            ActionKind::Heal => {
+                let from = open_partition.take().unwrap_or(at);
+                spans.push(Impaired {
+                    from,
+                    until: at + SETTLE,
+                });
+            }
+            ActionKind::LinkChange { node, link } => match link {
+                LinkKind::Down => down_links.push((*node, at)),
+                LinkKind::Up => {
+                    let from = down_links
+                        .iter()
+                        .position(|(n, _)| n == node)
+                        .map_or(at, |i| down_links.remove(i).1);
+                    spans.push(Impaired {
+                        from,
+                        until: at + SETTLE,
+                    });
+                }
+                LinkKind::Major | LinkKind::Minor => spans.push(Impaired {
+                    from: at,
+                    until: at + SETTLE,
+                }),
+            },
+            ActionKind::SetKnob { .. } | ActionKind::SetAllowedIps { .. } => {
+                spans.push(Impaired {
+                    from: at,
+                    until: at + SETTLE,
+                });
+            }
+        }
+    }
+    if let Some(from) = open_partition {
+        spans.push(Impaired { from, until: end });
+    }
+    for (_, from) in down_links {
+        spans.push(Impaired { from, until: end });
+    }
+    Some(spans)
+}
+
+/// The node whose tailnet address `ip` is.
+fn node_of(scenario: &Scenario, ip: IpAddr) -> Option<usize> {
+    (0..scenario.nodes.len())
+        .find(|&i| ip == IpAddr::V4(tailnet_ip4(i)) || ip == IpAddr::V6(tailnet_ip6(i)))
+}
+
+/// One liveness check per stream to a node, in stream order.
+pub(crate) fn liveness_checks(scenario: &Scenario, streams: &[StreamRecord]) -> Vec<Check> {
+    let Some(spans) = impaired_spans(scenario) else {
+        return Vec::new();
+    };
+    let net = &scenario.network;
+    let one_way = net.latency + net.jitter;
+    let bound = one_way * 3;
+    let crossing_bound = one_way * 5;
+    let round_trip = one_way * 2;
+    let mut checks = Vec::new();
+    for (index, stream) in streams.iter().enumerate() {
+        let Some(receiver) = node_of(scenario, stream.dst) else {
+            continue;
+        };
+        let sender = stream.from.0;
+        let name = stream.label.clone().unwrap_or_else(|| format!("#{index}"));
+        // Sends of the receiver to the sender, for the crossing allowance.
+        let reverse_sends: Vec<Duration> = streams
+            .iter()
+            .filter(|s| s.from.0 == receiver && node_of(scenario, s.dst) == Some(sender))
+            .flat_map(|s| s.sent.iter().copied())
+            .collect();
+        let (mut judged, mut late, mut lost) = (0u64, 0u64, 0u64);
+        let mut worst: Option<(Duration, Duration, Duration)> = None;
+        for (sent, delivered) in stream.sent.iter().zip(&stream.delivered) {
+            let crossing = reverse_sends
+                .iter()
+                .any(|r| r.abs_diff(*sent) <= round_trip);
+            let allowed = if crossing { crossing_bound } else { bound };
+            let deadline = *sent + allowed;
+            if deadline > scenario.duration {
+                continue;
+            }
+            let window_from = sent.saturating_sub(SETTLE);
+            if spans
+                .iter()
+                .any(|s| s.from <= deadline && window_from <= s.until)
+            {
+                continue;
+            }
+            judged += 1;
+            match delivered {
+                None => lost += 1,
+                Some(at) => {
+                    let delay = at.saturating_sub(*sent);
+                    if delay > allowed {
+                        late += 1;
+                    }
+                    if worst.is_none_or(|(d, _, _)| delay > d) {
+                        worst = Some((delay, *sent, allowed));
+                    }
+                }
+            }
+        }
+        if judged == 0 {
+            continue;
+        }
+        let detail = match worst {
+            Some((delay, sent, allowed)) => format!(
+                "{judged} sent while healthy: {lost} lost, {late} late; longest delay {} (sent at {:.3}s, bound {})",
+                fmt_ms(delay),
+                sent.as_secs_f64(),
+                fmt_ms(allowed)
+            ),
+            None => format!("{judged} sent while healthy: all {lost} lost"),
+        };
+        checks.push(Check {
+            name: format!("liveness {name}"),
+            passed: lost == 0 && late == 0,
+            detail,
+        });
+    }
+    checks
+}
+
+fn fmt_ms(d: Duration) -> String {
+    format!("{:.3}ms", d.as_secs_f64() * 1000.0)
+}
