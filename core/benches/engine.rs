@@ -52,9 +52,12 @@ fn engine_pair() -> Engines {
     let mut b = engine(2, now);
     let a_addr: SocketAddr = "192.0.2.1:41641".parse().unwrap();
     let b_addr: SocketAddr = "192.0.2.2:41641".parse().unwrap();
+    // Real peers carry a disco key: the data path then runs with disco's
+    // per-peer state (path selection, activity notes) as in production.
     let peer = |e: &Engine, ip: &str, ep: SocketAddr| {
         let mut peer = PeerConfig::new(e.node_key(), vec![ip.parse::<IpNet>().unwrap()]);
         peer.endpoints = vec![ep];
+        peer.disco_key = Some(e.disco_key());
         peer
     };
     let knobs = Knobs {
@@ -117,18 +120,25 @@ fn collect(e: &mut Engine, out: &mut Vec<Vec<u8>>) {
 fn engine_encrypt(p: &mut Engines, pkt: &[u8]) -> (f64, f64) {
     let mut now = p.now;
     let allocs = allocations();
+    let mut sent = 0usize;
     let start = Instant::now();
     for _ in 0..PACKETS {
         now += Duration::from_micros(1);
         p.a.handle_input(now, Input::TunPacket(pkt)).unwrap();
         while let Some(out) = p.a.poll_output() {
             if let Output::Transmit(t) = out {
+                sent += usize::from(t.data.first() == Some(&4));
                 black_box(&t.data);
                 p.a.recycle(t.data);
             }
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / PACKETS as f64;
+    // An engine that dropped packets must not look faster.
+    assert_eq!(
+        sent, PACKETS,
+        "every packet became exactly one data datagram"
+    );
     p.now = now;
     (ns, (allocations() - allocs) as f64 / PACKETS as f64)
 }
@@ -137,6 +147,7 @@ fn engine_encrypt(p: &mut Engines, pkt: &[u8]) -> (f64, f64) {
 fn engine_decrypt(p: &mut Engines, datagrams: &[Vec<u8>]) -> (f64, f64) {
     let mut now = p.now;
     let allocs = allocations();
+    let mut delivered = 0usize;
     let start = Instant::now();
     for d in datagrams {
         now += Duration::from_micros(1);
@@ -150,12 +161,18 @@ fn engine_decrypt(p: &mut Engines, datagrams: &[Vec<u8>]) -> (f64, f64) {
         .unwrap();
         while let Some(out) = p.b.poll_output() {
             if let Output::TunWrite(t) = out {
+                delivered += 1;
                 black_box(&t);
                 p.b.recycle(t);
             }
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / datagrams.len() as f64;
+    assert_eq!(
+        delivered,
+        datagrams.len(),
+        "every datagram became exactly one TUN write"
+    );
     p.now = now;
     (ns, (allocations() - allocs) as f64 / datagrams.len() as f64)
 }

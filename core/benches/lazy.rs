@@ -43,10 +43,17 @@ fn wake_cost(n: u32) -> f64 {
             &mut pkt,
         )
         .unwrap();
+        let configured_before = e.configured_peer_count();
         let start = Instant::now();
         e.handle_input(now, Input::TunPacket(&pkt)).unwrap();
         drain(&mut e);
         times.push(start.elapsed().as_secs_f64());
+        // The cost measured must be a real wake: the peer is in WireGuard now.
+        assert_eq!(
+            e.configured_peer_count(),
+            configured_before + 1,
+            "the packet woke its peer"
+        );
     }
     times.sort_by(|a, b| a.total_cmp(b));
     times[times.len() / 2]

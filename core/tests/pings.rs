@@ -110,8 +110,8 @@ fn every_kind_times_out_at_exactly_ten_seconds_when_cut_off() {
         assert_eq!(out, PingOutcome::Timeout, "{kind:?}");
         assert_eq!(
             t.duration_since(start),
-            PING_TIMEOUT,
-            "{kind:?} timed out exactly at 10 s"
+            Duration::from_secs(10),
+            "{kind:?} timed out exactly at 10 s (the reference's ping timeout)"
         );
         assert_eq!(
             net.nodes[0].pings.iter().filter(|(_, r)| r.id == 7).count(),
@@ -330,10 +330,11 @@ fn disco_path_selection_picks_fastest_falls_back_and_returns() {
     let moved = moved_at
         .expect("moved off the dead path")
         .duration_since(died);
-    assert!(
-        moved <= TRUST_UDP_ADDR_DURATION + DISCO_PING_TIMEOUT + Duration::from_millis(500),
-        "moved after {moved:?}"
-    );
+    // Pinned: the path dies just as a heartbeat (every 3 s while active)
+    // goes out on it; that disco ping times out after the reference's 5 s
+    // and the next best path takes over at once (its pong is fresh, within
+    // the 6.5 s trust). Traffic is sampled every 500 ms.
+    assert_eq!(moved, Duration::from_secs(5), "failover time");
     // It comes back: preferred again after the next full ping round.
     net.blackholed.remove(&fast);
     for _ in 0..150 {
@@ -458,4 +459,56 @@ mod property {
             prop_assert_eq!(total, started.len());
         }
     }
+}
+
+/// A major link change resets disco paths: every candidate of an active peer
+/// is pinged again at once (the paths must be proven anew from the new
+/// address), and the path is chosen again from the pongs.
+#[test]
+fn a_major_link_change_resets_disco_paths() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(Knobs::default());
+    warm(&mut net);
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"keep it active");
+    net.run_for(Duration::from_millis(100));
+    let disco_sent = |net: &Net, since: std::time::Instant| {
+        net.nodes[0]
+            .sent
+            .iter()
+            .filter(|(t, dst, _)| *t >= since && *dst == net.nodes[1].endpoint)
+            .count()
+            - net.nodes[0].sent_wg.iter().filter(|t| **t >= since).count()
+    };
+    // A minor change re-discovers endpoints but keeps the proven paths:
+    // no disco ping leaves at that instant.
+    let minor_at = net.now;
+    net.input(
+        0,
+        Input::LinkChange(LinkChange {
+            any_link_up: true,
+            major: false,
+        }),
+    )
+    .unwrap();
+    assert_eq!(disco_sent(&net, minor_at), 0, "a minor change keeps paths");
+    net.run_for(Duration::from_millis(100));
+    let at = net.now;
+    net.input(
+        0,
+        Input::LinkChange(LinkChange {
+            any_link_up: true,
+            major: true,
+        }),
+    )
+    .unwrap();
+    assert!(
+        disco_sent(&net, at) >= 1,
+        "the active peer's candidates are pinged at once"
+    );
+    assert_eq!(net.nodes[0].engine.counters().link_changes_major, 1);
+    // The pongs prove the path again and traffic keeps flowing on it.
+    net.send_udp(0, ip1, b"after the change");
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.delivered(1, b"after the change").len(), 1);
 }
