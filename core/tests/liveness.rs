@@ -239,3 +239,34 @@ fn a_steady_one_way_stream_rekeys_only_when_the_session_ages() {
         "110 s of stream: the sender sent {sender} initiations, the receiver {receiver}"
     );
 }
+
+/// A day of one-way traffic every 7 minutes (each send wakes the peer, which
+/// was trimmed after 5 idle minutes): every wake takes one handshake round
+/// trip plus one way, all day. With the rate limiter reset only by arriving
+/// initiations, the sender counted the answers to its own initiations and
+/// was "under load" for good after the 100th (hour 11 or so): every wake
+/// from then on waited for the 5 s retry with a cookie.
+#[test]
+fn a_day_of_wakes_every_seven_minutes_stays_one_round_trip() {
+    let one_way = Duration::from_millis(20);
+    let mut net = Net::new(2, one_way, |_, _| {});
+    net.configure_all(Knobs::default());
+    let ip1 = net.nodes[1].ip4;
+    let wakes = 24 * 60 / 7;
+    for wake in 0..wakes {
+        let sent_at = net.now;
+        let payload = format!("day-wake-{wake:04}").into_bytes();
+        net.send_udp(0, ip1, &payload);
+        net.run_for(Duration::from_secs(7 * 60));
+        let delay = delivered_once(&net, 1, &payload, sent_at);
+        assert!(
+            delay <= one_way * 3,
+            "wake {wake} (hour {}): {delay:?}",
+            wake * 7 / 60
+        );
+    }
+    for node in 0..2 {
+        assert_eq!(net.nodes[node].engine.counters().cookie_replies_sent, 0);
+    }
+    assert!(net.nodes[0].engine.counters().peers_woken_by_send >= wakes as u64 - 1);
+}
