@@ -385,7 +385,7 @@ impl Net {
 
     /// Points this thread's wall clock at the harness's virtual time
     /// ([`WALL_CLOCK_EPOCH_SECS`] plus the time since `base`), so that
-    /// boringtun's handshake stamps (its one wall-clock read, when a tunnel
+    /// the WireGuard implementation's handshake stamps (its one wall-clock read, when a tunnel
     /// is created) follow virtual time as they follow real time in
     /// production: a tunnel re-created after a trim or restart stamps later
     /// than its predecessor, never earlier.

@@ -175,6 +175,7 @@ pub(crate) fn evaluate_outcomes(
                 max_lost,
                 max_loss_run,
                 min_loss_run,
+                max_delay,
             } => match labels.streams.get(&label).map(|&s| &net.streams[s]) {
                 None => Check {
                     name: format!("delivery {label}"),
@@ -185,17 +186,29 @@ pub(crate) fn evaluate_outcomes(
                     let d = s.delivered_count();
                     let l = s.lost_count();
                     let run = s.longest_loss_run();
+                    let longest = s.max_delay();
+                    let delay_ok =
+                        max_delay.is_none_or(|bound| longest.is_none_or(|delay| delay <= bound));
                     let ok = bound_check(d, *min_delivered, None, *delivered)
                         && bound_check(l, *min_lost, *max_lost, *lost)
-                        && bound_check(run, *min_loss_run, *max_loss_run, None);
+                        && bound_check(run, *min_loss_run, *max_loss_run, None)
+                        && delay_ok;
+                    let mut detail = format!(
+                        "sent {} delivered {d} lost {l} longest loss run {run} (duplicates {})",
+                        s.sent.len(),
+                        s.duplicates
+                    );
+                    if let Some(bound) = max_delay {
+                        detail.push_str(&format!(
+                            "; longest delay {}, want <= {}",
+                            longest.map_or_else(|| "-".to_string(), fmt_ms),
+                            fmt_ms(*bound)
+                        ));
+                    }
                     Check {
                         name: format!("delivery {label}"),
                         passed: ok,
-                        detail: format!(
-                            "sent {} delivered {d} lost {l} longest loss run {run} (duplicates {})",
-                            s.sent.len(),
-                            s.duplicates
-                        ),
+                        detail,
                     }
                 }
             },

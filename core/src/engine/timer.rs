@@ -235,10 +235,10 @@ impl SessionTimers {
     /// Whether running the WireGuard implementation's timers now would start
     /// a handshake before WireGuard's rules say to.
     ///
-    /// boringtun's "no reply" rule fires when data went out since the last
+    /// The WireGuard implementation's "no reply" rule fires when data went out since the last
     /// receive and that receive is `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT` old;
     /// WireGuard's counts from the first unanswered send. While the first
-    /// holds and the second does not yet, the caller leaves boringtun's clock
+    /// holds and the second does not yet, the caller leaves its clock
     /// where the unanswered send put it (less than 15 s ago), runs the
     /// operation, and refreshes after: an answer that arrived meanwhile
     /// clears the condition first. The "no reply" deadline runs the rule on
@@ -248,8 +248,9 @@ impl SessionTimers {
         let within_window = self
             .first_unanswered_data_sent
             .is_some_and(|t| now < t + no_reply_after);
-        let boringtun_would_fire = self.last_received.is_none_or(|t| now >= t + no_reply_after);
-        within_window && boringtun_would_fire
+        let implementation_would_fire =
+            self.last_received.is_none_or(|t| now >= t + no_reply_after);
+        within_window && implementation_would_fire
     }
 
     /// An outbound packet was handed to the tunnel: an expired session may try again.
@@ -516,11 +517,11 @@ mod tests {
     }
 
     #[test]
-    fn the_refresh_waits_only_where_boringtun_would_rehandshake_early() {
+    fn the_refresh_waits_only_where_the_implementation_would_rehandshake_early() {
         let t0 = epoch();
         let mut timers = SessionTimers::new(t0, None);
         timers.on_authenticated_received(t0);
-        // Data 60 s after the last receive: boringtun's rule (15 s since the
+        // Data 60 s after the last receive: the implementation's rule (15 s since the
         // last receive) holds at once, WireGuard's (15 s after this send)
         // not until t1 + 15 s.
         let t1 = t0 + Duration::from_secs(60);

@@ -77,6 +77,7 @@ pub(super) fn expect(
                 max_lost: e.max_lost,
                 max_loss_run: e.max_loss_run,
                 min_loss_run: e.min_loss_run,
+                max_delay: e.max_delay_ms.map(millis),
             },
             label_of("send")?,
         ),

@@ -231,6 +231,8 @@ pub enum ExpectKind {
         max_loss_run: Option<u64>,
         /// The longest run of consecutive losses is at least this.
         min_loss_run: Option<u64>,
+        /// No datagram that arrived took longer than this.
+        max_delay: Option<Duration>,
     },
     /// Time from `since` to the first arrival of a labelled stream's
     /// datagram sent at or after `since`.

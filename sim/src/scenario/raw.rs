@@ -128,6 +128,7 @@ pub(super) struct RawExpect {
     pub(super) max_lost: Option<u64>,
     pub(super) max_loss_run: Option<u64>,
     pub(super) min_loss_run: Option<u64>,
+    pub(super) max_delay_ms: Option<f64>,
     pub(super) since_s: Option<f64>,
     pub(super) min_ms: Option<f64>,
     pub(super) max_ms: Option<f64>,

@@ -142,6 +142,15 @@ impl StreamRecord {
         self.delivered.iter().filter(|d| d.is_some()).count() as u64
     }
 
+    /// The longest time any datagram that arrived took.
+    pub fn max_delay(&self) -> Option<Duration> {
+        self.sent
+            .iter()
+            .zip(&self.delivered)
+            .filter_map(|(s, d)| d.map(|d| d.saturating_sub(*s)))
+            .max()
+    }
+
     /// Datagrams sent that did not arrive.
     pub fn lost_count(&self) -> u64 {
         self.sent.len() as u64 - self.delivered_count()
