@@ -337,7 +337,11 @@ pub(crate) fn evaluate_outcomes(
             )
         },
     });
-    checks.extend(crate::liveness::liveness_checks(scenario, net.streams));
+    checks.extend(crate::liveness::liveness_checks(
+        scenario,
+        seed,
+        net.streams,
+    ));
     let unfinished = net.pings.iter().filter(|p| p.result.is_none()).count();
     checks.push(Check {
         name: "every ping ended".into(),

@@ -7,8 +7,7 @@
 //! handshake) and a loss are failures wherever they happen, also in files
 //! that never thought to check for them, and in every case `explore` makes.
 //!
-//! **Healthy** means: the network drops nothing (`loss = 0`), there is no
-//! random churn, and no fault (a restart, a partition or its heal, a link
+//! **Healthy** means: the network drops nothing (`loss = 0`), and no fault (a restart, a partition or its heal, a link
 //! change, a knob or AllowedIPs change through control) happened from
 //! [`SETTLE`] before the send until the deadline. After a fault the tailnet
 //! gets [`SETTLE`] to recover (control's delay, a handshake retry at 5 s, a
@@ -45,19 +44,19 @@ struct Impaired {
     until: Duration,
 }
 
-/// The spans in which datagrams are not judged, from the schedule; `None`
-/// when the whole run is unjudged (loss or random churn).
-fn impaired_spans(scenario: &Scenario) -> Option<Vec<Impaired>> {
-    if scenario.network.loss > 0.0 || scenario.churn.is_some() {
+/// The spans in which datagrams are not judged, from the run's schedule
+/// (the file's actions and the churn expanded for this seed); `None` when
+/// the whole run is unjudged (the network loses datagrams).
+fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
+    if scenario.network.loss > 0.0 {
         return None;
     }
     let end = scenario.duration + SETTLE;
-    let mut actions: Vec<_> = scenario.actions.iter().collect();
-    actions.sort_by_key(|a| a.at);
+    let actions = scenario.schedule(seed);
     let mut spans = Vec::new();
     let mut open_partition: Option<Duration> = None;
     let mut down_links: Vec<(usize, Duration)> = Vec::new();
-    for action in actions {
+    for action in &actions {
         let at = action.at;
         match &action.kind {
             ActionKind::Send { .. }
@@ -119,8 +118,12 @@ fn node_of(scenario: &Scenario, ip: IpAddr) -> Option<usize> {
 }
 
 /// One liveness check per stream to a node, in stream order.
-pub(crate) fn liveness_checks(scenario: &Scenario, streams: &[StreamRecord]) -> Vec<Check> {
-    let Some(spans) = impaired_spans(scenario) else {
+pub(crate) fn liveness_checks(
+    scenario: &Scenario,
+    seed: u64,
+    streams: &[StreamRecord],
+) -> Vec<Check> {
+    let Some(spans) = impaired_spans(scenario, seed) else {
         return Vec::new();
     };
     let net = &scenario.network;
