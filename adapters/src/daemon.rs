@@ -124,6 +124,9 @@ pub enum DaemonError {
     /// The driver stopped unexpectedly.
     #[error("the driver stopped unexpectedly")]
     DriverStopped,
+    /// The MagicDNS resolver could not start.
+    #[error(transparent)]
+    MagicDns(#[from] crate::magicdns::MagicDnsError),
 }
 
 /// The state the daemon changes at run time, shared with UAPI.
@@ -209,6 +212,17 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     };
     let mut os = OsManager::new(&interface, router, dns, bird, state_path);
     os.recover().await;
+    // MagicDNS forwards to the resolvers the host used before wgmeshd: read
+    // them now, after a crashed run's resolv.conf was restored and before
+    // the DNS effect rewrites it.
+    let magicdns_section = config
+        .as_ref()
+        .map(|c| c.file.magicdns.clone())
+        .filter(|m| m.enable);
+    let host_upstreams = match &magicdns_section {
+        Some(_) => crate::magicdns::host_upstreams(&options.resolv_conf),
+        None => Vec::new(),
+    };
 
     let mut engine_config = EngineConfig::new(private_key.clone(), disco_key);
     engine_config.name = interface.clone();
@@ -243,6 +257,24 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             RequestError::Refused(e) => DaemonError::Refused(e),
             RequestError::Stopped => DaemonError::DriverStopped,
         })?;
+    let magicdns = match &magicdns_section {
+        Some(section) => {
+            let router = if options.manage_routes {
+                Some(NetlinkRouter::new(router::connect()?, &interface))
+            } else {
+                None
+            };
+            let started = crate::magicdns::MagicDns::start(
+                &interface,
+                router,
+                section,
+                &reconfig,
+                host_upstreams,
+            );
+            Some(started.await?)
+        }
+        None => None,
+    };
     let desired = Arc::new(Mutex::new(Desired {
         private_key,
         reconfig,
@@ -343,13 +375,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = hup.recv() => {
-                match reload(&options, &handle, &desired).await {
+                match reload(&options, &handle, &desired, magicdns.as_ref()).await {
                     Ok(message) => info!(%message, "reloaded on SIGHUP"),
                     Err(message) => error!(%message, "reload refused; the running config stays"),
                 }
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = reload(&options, &handle, &desired).await;
+                let outcome = reload(&options, &handle, &desired, magicdns.as_ref()).await;
                 if let Err(message) = &outcome {
                     error!(%message, "reload refused; the running config stays");
                 }
@@ -368,6 +400,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     // Shutdown, in order: stop taking requests, close the engine (its last
     // effects withdraw routes and DNS), wait for the OS manager to finish.
     api_task.abort();
+    drop(magicdns);
     for task in [metrics_task, uapi_task, monitor_task, flowlog_task]
         .into_iter()
         .flatten()
@@ -498,6 +531,7 @@ async fn reload(
     options: &DaemonOptions,
     handle: &DriverHandle,
     desired: &Mutex<Desired>,
+    magicdns: Option<&crate::magicdns::MagicDns>,
 ) -> Result<String, String> {
     let Some(path) = &options.config else {
         return Err("wgmeshd was started without a config file; nothing to reload".into());
@@ -516,6 +550,12 @@ async fn reload(
             path.display()
         ));
     }
+    if config.file.magicdns.enable != magicdns.is_some() {
+        return Err(format!(
+            "{}: magicdns.enable changed; restart wgmeshd to start or stop MagicDNS",
+            path.display()
+        ));
+    }
     let mut reconfig = config.reconfig();
     if let Some(wg) = reconfig.wireguard.as_mut() {
         if wg.listen_port == 0 {
@@ -526,6 +566,9 @@ async fn reload(
         .reconfig(reconfig.clone())
         .await
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(magicdns) = magicdns {
+        magicdns.update(&config.file.magicdns, &reconfig);
+    }
     if let Ok(mut d) = desired.lock() {
         d.reconfig = reconfig;
     }

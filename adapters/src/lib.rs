@@ -6,7 +6,8 @@
 //! devices and the simulator runs over turmoil's sockets and an in-memory TUN.
 //! The rest are the Linux pieces the daemon `wgmeshd` plugs into it: the
 //! TOML [`config`], the [`tun`] device, the [`udp`] socket, the netlink
-//! [`router`] and link monitor ([`linkmon`]), the [`dns`] manager, the [`bird`]
+//! [`router`] and link monitor ([`linkmon`]), the [`dns`] manager, the
+//! [`magicdns`] resolver, the [`bird`]
 //! client, the [`os`] manager that applies effects, the local [`api`] and the
 //! WireGuard [`uapi`].
 
@@ -19,6 +20,7 @@ pub mod driver;
 pub mod fastpath;
 pub mod flowlog;
 pub mod linkmon;
+pub mod magicdns;
 pub mod os;
 pub mod router;
 pub mod tun;
