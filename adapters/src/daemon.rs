@@ -259,14 +259,14 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         })?;
     let magicdns = match &magicdns_section {
         Some(section) => {
-            let router = if options.manage_routes {
-                Some(NetlinkRouter::new(router::connect()?, &interface))
+            let netlink = if options.manage_routes {
+                Some(router::connect()?)
             } else {
                 None
             };
             let started = crate::magicdns::MagicDns::start(
                 &interface,
-                router,
+                netlink,
                 section,
                 &reconfig,
                 host_upstreams,

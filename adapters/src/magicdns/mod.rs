@@ -11,8 +11,11 @@
 //! The two addresses are added to the tunnel interface (as /32 and /128), so
 //! the kernel delivers queries of local programs to the sockets bound there;
 //! the sockets are bound with `IP_FREEBIND` so that starting does not race
-//! with the address. The interface goes away with the daemon, and the
-//! addresses with it.
+//! with the address. They must never become the source address of the
+//! node's own traffic (a peer would drop packets from 100.100.100.100, which
+//! is in no one's allowed IPs), so the IPv4 one has host scope and the IPv6
+//! one is deprecated (preferred lifetime 0), which source selection skips.
+//! The interface goes away with the daemon, and the addresses with it.
 //!
 //! What the resolver knows is one [`ResolverState`] value, rebuilt from the
 //! config on every reload and swapped in whole: a query takes a reference to
@@ -228,14 +231,19 @@ pub enum MagicDnsError {
         #[source]
         source: std::io::Error,
     },
-    /// The addresses could not be added to the tunnel interface.
-    #[error("MagicDNS addresses on {interface}: {source}")]
+    /// The tunnel interface was not found.
+    #[error("MagicDNS: {0}")]
+    Interface(#[source] crate::router::RouterError),
+    /// An address could not be added to the tunnel interface.
+    #[error("MagicDNS address {addr} on {interface}: {source}")]
     Address {
         /// The interface.
         interface: String,
+        /// The address.
+        addr: IpAddr,
         /// The netlink error.
         #[source]
-        source: crate::router::RouterError,
+        source: rtnetlink::Error,
     },
 }
 
@@ -248,30 +256,17 @@ pub struct MagicDns {
 }
 
 impl MagicDns {
-    /// Adds the MagicDNS addresses to `interface` (when `router` is given)
-    /// and starts answering on them.
+    /// Adds the MagicDNS addresses to `interface` (when a netlink handle is
+    /// given) and starts answering on them.
     pub async fn start(
         interface: &str,
-        router: Option<crate::router::NetlinkRouter>,
+        netlink: Option<rtnetlink::Handle>,
         section: &MagicDnsSection,
         reconfig: &Reconfig,
         host_upstreams: Vec<SocketAddr>,
     ) -> Result<Self, MagicDnsError> {
-        if let Some(mut router) = router {
-            let config = wgmesh_core::RouterConfig {
-                local_addrs: vec![
-                    IpNet::from(IpAddr::V4(QUAD100_V4)),
-                    IpNet::from(IpAddr::V6(QUAD100_V6)),
-                ],
-                ..wgmesh_core::RouterConfig::default()
-            };
-            router
-                .apply(&config)
-                .await
-                .map_err(|source| MagicDnsError::Address {
-                    interface: interface.to_owned(),
-                    source,
-                })?;
+        if let Some(handle) = netlink {
+            add_service_addresses(handle, interface).await?;
         }
         let listen = [
             SocketAddr::new(IpAddr::V4(QUAD100_V4), 53),
@@ -328,6 +323,51 @@ impl Drop for MagicDns {
             task.abort();
         }
     }
+}
+
+/// Adds 100.100.100.100/32 (host scope) and fd7a:115c:a1e0::53/128
+/// (deprecated) to `interface`; an address already there is fine.
+async fn add_service_addresses(
+    handle: rtnetlink::Handle,
+    interface: &str,
+) -> Result<(), MagicDnsError> {
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressScope, CacheInfo};
+    let index = crate::router::NetlinkRouter::new(handle.clone(), interface)
+        .index()
+        .await
+        .map_err(MagicDnsError::Interface)?;
+    for addr in [IpAddr::V4(QUAD100_V4), IpAddr::V6(QUAD100_V6)] {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let mut request = handle.address().add(index, addr, prefix);
+        let message = request.message_mut();
+        match addr {
+            // Host scope: local delivery only, never a source for a route
+            // that leaves the host.
+            IpAddr::V4(_) => message.header.scope = AddressScope::Host,
+            // IPv6 derives the scope from the address; a deprecated address
+            // still receives, but source selection avoids it (RFC 6724 rule 3).
+            IpAddr::V6(_) => {
+                let mut lifetimes = CacheInfo::default();
+                lifetimes.ifa_preferred = 0;
+                lifetimes.ifa_valid = u32::MAX;
+                message
+                    .attributes
+                    .push(AddressAttribute::CacheInfo(lifetimes));
+            }
+        }
+        match request.execute().await {
+            Ok(()) => info!(%interface, %addr, "MagicDNS address added"),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => {}
+            Err(source) => {
+                return Err(MagicDnsError::Address {
+                    interface: interface.to_owned(),
+                    addr,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The current state; a lock poisoned by a panicking writer still holds a
