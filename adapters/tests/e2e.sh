@@ -178,7 +178,7 @@ dns_stub() { # ns listen-address name: dnsmasq in the foreground, its PID in PID
         --pid-file="$TMP/dnsmasq-$name.pid" --log-queries --log-facility="$TMP/dnsmasq-$name.log" "$@" &
     PIDS+=($!)
     for _ in $(seq 50); do
-        ip netns exec "$ns" ss -Hlnu "sport = :53" 2>/dev/null | grep -q "$addr" && return 0
+        grep -q "$addr" <<<"$(ip netns exec "$ns" ss -Hlnu "sport = :53" 2>/dev/null)" && return 0
         sleep 0.1
     done
     echo "dnsmasq $name did not start"; return 1
@@ -257,9 +257,16 @@ magicdns_addresses_are_never_a_source() {
     # 100.100.100.100 and fd7a:115c:a1e0::53 are on the TUN for local
     # delivery only: the node's own traffic keeps its own source addresses
     # (a peer drops packets from addresses outside its allowed IPs).
-    in_a ip addr show wgmA | grep -q "inet 100.100.100.100/32 scope host" || { in_a ip addr show wgmA; return 1; }
-    in_a ip route get 100.64.0.2 | grep -q "src 100.64.0.1 " || { in_a ip route get 100.64.0.2; return 1; }
-    in_a ip -6 route get fd7a:115c:a1e0::2 | grep -q "src fd7a:115c:a1e0::1 " || { in_a ip -6 route get fd7a:115c:a1e0::2; return 1; }
+    # Each output is read whole before grep: `grep -q` closing the pipe
+    # early would fail the pipeline with SIGPIPE under pipefail.
+    local addrs v4 v6
+    addrs=$(in_a ip addr show wgmA) && v4=$(in_a ip route get 100.64.0.2) \
+        && v6=$(in_a ip -6 route get fd7a:115c:a1e0::2) || return 1
+    echo "$addrs"; echo "$v4"; echo "$v6"
+    grep -q "inet 100.100.100.100/32 scope host" <<<"$addrs" || return 1
+    grep -q "inet6 fd7a:115c:a1e0::53/128 scope global deprecated" <<<"$addrs" || return 1
+    grep -q "src 100.64.0.1 " <<<"$v4" || return 1
+    grep -q "src fd7a:115c:a1e0::1 " <<<"$v6" || return 1
 }
 check "magicdns_addresses_are_never_a_source: host scope and deprecated on the TUN" magicdns_addresses_are_never_a_source
 if command -v dig >/dev/null && command -v dnsmasq >/dev/null; then
