@@ -17,6 +17,10 @@
 //! one is deprecated (preferred lifetime 0), which source selection skips.
 //! The interface goes away with the daemon, and the addresses with it.
 //!
+//! Only the host's own programs are answered: a query from an address that
+//! is not the host's (a peer sending to 100.100.100.100 through the tunnel)
+//! is dropped and counted.
+//!
 //! What the resolver knows is one [`ResolverState`] value, rebuilt from the
 //! config on every reload and swapped in whole: a query takes a reference to
 //! the current value and never waits for the data plane or a reload.
@@ -34,7 +38,7 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 use wgmesh_core::Reconfig;
 
-pub use server::{Limits, Listeners, answer, bind_listeners};
+pub use server::{Limits, Listeners, answer, bind_listeners, is_local_source};
 pub use table::{Lookup, NameTable, Skipped};
 
 use crate::config::MagicDnsSection;

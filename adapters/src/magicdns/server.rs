@@ -69,6 +69,8 @@ impl Default for Limits {
 pub struct Drops {
     /// UDP queries dropped because too many were in flight.
     pub busy: AtomicU64,
+    /// Queries and connections from an address that is not this host's.
+    pub not_local: AtomicU64,
     /// TCP connections closed because too many were open.
     pub tcp_refused: AtomicU64,
 }
@@ -168,6 +170,23 @@ pub fn bind_listeners(addrs: &[SocketAddr]) -> Result<Listeners, MagicDnsError> 
     Ok(listeners)
 }
 
+/// True when `ip` is an address of this host: MagicDNS serves the host's
+/// own programs only. Its address is on the tunnel interface, so a peer can
+/// send a query there through the tunnel; answering it would make the node
+/// an open resolver into its split-DNS domains and its upstreams. Binding
+/// without `IP_FREEBIND` succeeds exactly for local addresses, which is the
+/// kernel's own answer, whatever addresses come and go.
+pub fn is_local_source(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+fn count_not_local(drops: &Drops, from: SocketAddr) {
+    let n = drops.not_local.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!(%from, dropped = n, "MagicDNS: queries from outside this host dropped");
+    }
+}
+
 fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     match addr {
@@ -214,7 +233,12 @@ async fn serve_udp(
         let query = buf[..len].to_vec();
         let socket = socket.clone();
         let current = read_state(&state);
+        let drops = drops.clone();
         tokio::spawn(async move {
+            if !is_local_source(from.ip()) {
+                count_not_local(&drops, from);
+                return;
+            }
             if let Some(reply) = answer(&current, &query, Transport::Udp, &limits).await {
                 if let Err(e) = socket.send_to(&reply, from).await {
                     debug!(%from, error = %e, "MagicDNS UDP send failed");
@@ -242,6 +266,10 @@ async fn serve_tcp(
                 continue;
             }
         };
+        if !is_local_source(from.ip()) {
+            count_not_local(&drops, from);
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             drops.tcp_refused.fetch_add(1, Ordering::Relaxed);
             debug!(%from, "MagicDNS: too many TCP connections; closing");

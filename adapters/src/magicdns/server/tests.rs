@@ -422,3 +422,12 @@ async fn a_swapped_state_is_seen_by_the_next_query() {
     let (m, _) = ask_udp(r.addr, &query("peer-b.tail.example.", RecordType::A, None)).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "gone");
 }
+
+#[test]
+fn only_this_hosts_addresses_are_local_sources() {
+    assert!(is_local_source(ip("127.0.0.1")));
+    assert!(is_local_source(ip("::1")));
+    // TEST-NET-1: never an address of this machine (binding it only asks
+    // the kernel; nothing is sent).
+    assert!(!is_local_source(ip("192.0.2.1")));
+}
