@@ -11,7 +11,13 @@
 //!
 //! [dns]
 //! mode = "auto"                     # auto | resolv-conf | resolved | off
-//! nameservers = ["100.100.100.100"]
+//! nameservers = ["100.100.100.100"]  # only with [magicdns] enabled
+//!
+//! [magicdns]
+//! enable = true
+//! domain = "tail.example"
+//! split_dns = { "corp.example" = ["10.1.2.3"] }
+//! # upstreams = ["192.0.2.53"]     # default: the host's resolv.conf
 //!
 //! [[peer]]
 //! name = "b"
@@ -90,6 +96,9 @@ pub struct ConfigFile {
     /// DNS settings.
     #[serde(default)]
     pub dns: DnsSection,
+    /// The MagicDNS resolver at 100.100.100.100.
+    #[serde(default)]
+    pub magicdns: MagicDnsSection,
     /// Behaviour switches.
     #[serde(default)]
     pub knobs: KnobsSection,
@@ -164,18 +173,74 @@ fn default_mtu() -> Spanned<u16> {
 }
 
 /// `[dns]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsSection {
     /// How to apply DNS.
     #[serde(default)]
     pub mode: DnsMode,
     /// Resolvers.
-    #[serde(default)]
-    pub nameservers: Vec<IpAddr>,
+    #[serde(default = "no_nameservers")]
+    pub nameservers: Spanned<Vec<IpAddr>>,
     /// Search domains.
     #[serde(default)]
     pub search_domains: Vec<String>,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self {
+            mode: DnsMode::default(),
+            nameservers: no_nameservers(),
+            search_domains: Vec::new(),
+        }
+    }
+}
+
+fn no_nameservers() -> Spanned<Vec<IpAddr>> {
+    // A span of 0..0 marks "not in the file", as for the MTU.
+    Spanned::new(0..0, Vec::new())
+}
+
+/// `[magicdns]`: the resolver at 100.100.100.100 and `fd7a:115c:a1e0::53`
+/// (see [`crate::magicdns`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MagicDnsSection {
+    /// Run the resolver (default false).
+    #[serde(default)]
+    pub enable: bool,
+    /// The tailnet's domain: `peer.<domain>` names a peer, and unknown names
+    /// under it are answered NXDOMAIN. Required when enabled.
+    pub domain: Option<Spanned<String>>,
+    /// This node's own name (default: the first label of the host name).
+    pub hostname: Option<Spanned<String>>,
+    /// Split DNS: a domain suffix and the resolvers for the names under it
+    /// (the longest matching suffix wins).
+    #[serde(default)]
+    pub split_dns: std::collections::BTreeMap<Spanned<String>, Spanned<Vec<Upstream>>>,
+    /// The resolvers for every other name; by default the ones the host's
+    /// resolv.conf named before wgmeshd replaced it.
+    pub upstreams: Option<Spanned<Vec<Upstream>>>,
+}
+
+/// An upstream resolver: `"10.1.2.3"` (port 53) or `"10.1.2.3:5353"`,
+/// `"[fd00::1]:5353"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Upstream(SocketAddr::new(ip, 53)));
+        }
+        text.parse::<SocketAddr>().map(Upstream).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an IP address or an IP:port resolver address"
+            ))
+        })
+    }
 }
 
 /// `[knobs]`: see [`Knobs`].
@@ -451,6 +516,7 @@ impl DaemonConfig {
                 ));
             }
         }
+        self.check_magicdns()?;
         let disco = DiscoPrivateKey::from_bytes([7; 32]);
         let mut engine = Engine::new(
             EngineConfig::new(self.private_key.clone(), disco),
@@ -480,6 +546,137 @@ impl DaemonConfig {
             ReconfigError::WrongFamily { what, .. } => (None, format!("{what}: {err}")),
             other => (None, other.to_string()),
         })
+    }
+
+    /// The DNS part of the reconfig. With MagicDNS on, the system resolver is
+    /// pointed at it (unless the file names its own nameservers) and the
+    /// tailnet domain is searched, so that `ssh peer` works.
+    pub fn dns_config(&self) -> DnsConfig {
+        let mut nameservers = self.file.dns.nameservers.get_ref().clone();
+        let mut search_domains = self.file.dns.search_domains.clone();
+        let m = &self.file.magicdns;
+        if m.enable {
+            if nameservers.is_empty() {
+                nameservers.push(IpAddr::V4(crate::magicdns::QUAD100_V4));
+            }
+            if let Some(domain) = &m.domain {
+                let domain = crate::magicdns::normalize_name(domain.get_ref());
+                if !search_domains
+                    .iter()
+                    .any(|d| crate::magicdns::normalize_name(d) == domain)
+                {
+                    search_domains.push(domain);
+                }
+            }
+        }
+        DnsConfig {
+            nameservers,
+            search_domains,
+        }
+    }
+
+    /// Checks `[magicdns]`, and that `[dns]` does not point the system at a
+    /// MagicDNS address nothing answers.
+    fn check_magicdns(&self) -> Result<(), (Option<Range<usize>>, String)> {
+        use crate::magicdns::{QUAD100_V4, QUAD100_V6, is_valid_domain, is_valid_label};
+        let m = &self.file.magicdns;
+        let servers = &self.file.dns.nameservers;
+        let quad100 = [IpAddr::V4(QUAD100_V4), IpAddr::V6(QUAD100_V6)];
+        if !m.enable {
+            if let Some(ip) = servers.get_ref().iter().find(|ip| quad100.contains(ip)) {
+                return Err((
+                    Some(servers.span()),
+                    format!(
+                        "dns.nameservers: {ip} is the MagicDNS address, but [magicdns] is not \
+                         enabled, so nothing would answer there (set magicdns.enable = true)"
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        match &m.domain {
+            None => {
+                return Err((
+                    None,
+                    "magicdns.domain: missing (required when magicdns.enable = true)".into(),
+                ));
+            }
+            Some(d) if !is_valid_domain(d.get_ref()) => {
+                return Err((
+                    Some(d.span()),
+                    format!(
+                        "magicdns.domain: {:?} is not a valid domain name",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        if let Some(h) = &m.hostname {
+            if !is_valid_label(h.get_ref()) {
+                return Err((
+                    Some(h.span()),
+                    format!(
+                        "magicdns.hostname: {:?} is not a single valid DNS label",
+                        h.get_ref()
+                    ),
+                ));
+            }
+        }
+        for (suffix, servers) in &m.split_dns {
+            if !is_valid_domain(suffix.get_ref()) {
+                return Err((
+                    Some(suffix.span()),
+                    format!(
+                        "magicdns.split_dns: {:?} is not a valid domain name",
+                        suffix.get_ref()
+                    ),
+                ));
+            }
+            if servers.get_ref().is_empty() {
+                return Err((
+                    Some(servers.span()),
+                    format!(
+                        "magicdns.split_dns: {:?} has no resolvers",
+                        suffix.get_ref()
+                    ),
+                ));
+            }
+        }
+        let normalized: Vec<String> = m
+            .split_dns
+            .keys()
+            .map(|k| crate::magicdns::normalize_name(k.get_ref()))
+            .collect();
+        for (i, (suffix, _)) in m.split_dns.iter().enumerate() {
+            if normalized[..i].contains(&normalized[i]) {
+                return Err((
+                    Some(suffix.span()),
+                    format!(
+                        "magicdns.split_dns: {:?} is given twice (names are case-insensitive)",
+                        suffix.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(u) = &m.upstreams {
+            if u.get_ref().is_empty() {
+                return Err((
+                    Some(u.span()),
+                    "magicdns.upstreams: empty (leave it out to use the host's resolvers)".into(),
+                ));
+            }
+            if let Some(bad) = u.get_ref().iter().find(|s| quad100.contains(&s.0.ip())) {
+                return Err((
+                    Some(u.span()),
+                    format!(
+                        "magicdns.upstreams: {} is MagicDNS itself; queries would loop",
+                        bad.0
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The interface name: the file's, else `fallback`.
@@ -528,10 +725,7 @@ impl DaemonConfig {
                 advertised_routes: i.advertised_routes.clone(),
                 mtu: *i.mtu.get_ref(),
             }),
-            dns: Some(DnsConfig {
-                nameservers: self.file.dns.nameservers.clone(),
-                search_domains: self.file.dns.search_domains.clone(),
-            }),
+            dns: Some(self.dns_config()),
             knobs: Knobs {
                 keep_full_wg_config: k.keep_full_wg_config,
                 randomize_client_port: k.randomize_client_port,
@@ -796,6 +990,109 @@ allowed_ips = ["100.64.0.2/32"]
             Some("127.0.0.1:9101".parse().unwrap())
         );
         assert_eq!(config.reconfig().wireguard.unwrap().peers.len(), 1);
+        // The example's resolv.conf names 100.100.100.100 only because its
+        // MagicDNS answers there.
+        assert!(config.file.magicdns.enable);
+        let dns = config.reconfig().dns.unwrap();
+        assert_eq!(
+            dns.nameservers,
+            vec!["100.100.100.100".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn magicdns_points_the_system_at_itself_and_searches_its_domain() {
+        let text = good().replace(
+            "[dns]",
+            "[magicdns]\nenable = true\ndomain = \"Tail.Example.\"\n\
+             split_dns = { \"corp.example\" = [\"10.1.2.3\", \"10.1.2.4:5353\"] }\n\
+             upstreams = [\"192.0.2.53\"]\n\n[dns]",
+        );
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        let dns = config.reconfig().dns.unwrap();
+        assert_eq!(
+            dns.nameservers,
+            vec!["100.100.100.100".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(dns.search_domains, vec!["tail.example".to_owned()]);
+        let m = &config.file.magicdns;
+        let corp: Vec<SocketAddr> = m
+            .split_dns
+            .values()
+            .next()
+            .unwrap()
+            .get_ref()
+            .iter()
+            .map(|u| u.0)
+            .collect();
+        assert_eq!(
+            corp,
+            vec![
+                "10.1.2.3:53".parse().unwrap(),
+                "10.1.2.4:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            m.upstreams.as_ref().unwrap().get_ref()[0].0,
+            "192.0.2.53:53".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn magicdns_fields_are_checked_with_line_and_field() {
+        let with =
+            |section: &str| good().replace("[dns]", &format!("[magicdns]\n{section}\n[dns]"));
+        let (line, msg) = err(&with("enable = true"));
+        assert!(msg.starts_with("magicdns.domain: missing"), "{line}: {msg}");
+
+        let (line, msg) = err(&with("enable = true\ndomain = \"bad_name.example\""));
+        assert_eq!(line, 10, "{msg}");
+        assert!(msg.starts_with("magicdns.domain: "), "{msg}");
+
+        let (line, msg) = err(&with(
+            "enable = true\ndomain = \"t.example\"\nhostname = \"a.b\"",
+        ));
+        assert_eq!(line, 11, "{msg}");
+        assert!(msg.starts_with("magicdns.hostname: "), "{msg}");
+
+        let (line, msg) = err(&with(
+            "enable = true\ndomain = \"t.example\"\n[magicdns.split_dns]\n\"corp.example\" = []",
+        ));
+        assert_eq!(line, 12, "{msg}");
+        assert!(msg.contains("has no resolvers"), "{msg}");
+
+        let (line, msg) = err(&with(
+            "enable = true\ndomain = \"t.example\"\nsplit_dns = { \"corp.example\" = [\"nope\"] }",
+        ));
+        assert_eq!(line, 11, "{msg}");
+        assert!(msg.contains("not an IP address"), "{msg}");
+
+        let (line, msg) = err(&with(
+            "enable = true\ndomain = \"t.example\"\nupstreams = [\"100.100.100.100\"]",
+        ));
+        assert_eq!(line, 11, "{msg}");
+        assert!(msg.contains("would loop"), "{msg}");
+
+        let (line, msg) = err(&with(
+            "enable = true\ndomain = \"t.example\"\nupstreams = []",
+        ));
+        assert_eq!(line, 11, "{msg}");
+        assert!(msg.starts_with("magicdns.upstreams: empty"), "{msg}");
+
+        let (line, msg) = err(&with("enabled = true"));
+        assert_eq!(line, 9, "{msg}");
+        assert!(msg.contains("unknown field `enabled`"), "{msg}");
+    }
+
+    #[test]
+    fn the_magicdns_address_without_magicdns_is_refused() {
+        let text = good().replace(
+            "mode = \"off\"",
+            "mode = \"off\"\nnameservers = [\"100.100.100.100\"]",
+        );
+        let (line, msg) = err(&text);
+        assert_eq!(line, 10, "{msg}");
+        assert!(msg.contains("[magicdns] is not enabled"), "{msg}");
     }
 
     /// Writes `text` to `path` with mode 0600.

@@ -125,6 +125,9 @@ pub enum DaemonError {
     /// The driver stopped unexpectedly.
     #[error("the driver stopped unexpectedly")]
     DriverStopped,
+    /// The MagicDNS resolver could not start.
+    #[error(transparent)]
+    MagicDns(#[from] crate::magicdns::MagicDnsError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -190,6 +193,17 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     };
     let mut os = OsManager::new(&interface, router, dns, bird, state_path);
     os.recover().await;
+    // MagicDNS forwards to the resolvers the host used before wgmeshd: read
+    // them now, after a crashed run's resolv.conf was restored and before
+    // the DNS effect rewrites it.
+    let magicdns_section = config
+        .as_ref()
+        .map(|c| c.file.magicdns.clone())
+        .filter(|m| m.enable);
+    let host_upstreams = match &magicdns_section {
+        Some(_) => crate::magicdns::host_upstreams(&options.resolv_conf),
+        None => Vec::new(),
+    };
 
     let engine = new_engine(private_key.clone(), disco_key, &interface);
     info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
@@ -221,6 +235,24 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             RequestError::Refused(e) => DaemonError::Refused(e),
             RequestError::Stopped => DaemonError::DriverStopped,
         })?;
+    let magicdns = match &magicdns_section {
+        Some(section) => {
+            let netlink = if options.manage_routes {
+                Some(router::connect()?)
+            } else {
+                None
+            };
+            let started = crate::magicdns::MagicDns::start(
+                &interface,
+                netlink,
+                section,
+                &reconfig,
+                host_upstreams,
+            );
+            Some(started.await?)
+        }
+        None => None,
+    };
     let desired = Arc::new(DesiredState::new(
         handle.clone(),
         interface.clone(),
@@ -319,13 +351,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = hup.recv() => {
-                match reload(&options, &desired).await {
+                match reload(&options, &desired, magicdns.as_ref()).await {
                     Ok(message) => info!(%message, "reloaded on SIGHUP"),
                     Err(message) => error!(%message, "reload refused; the running config stays"),
                 }
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = reload(&options, &desired).await;
+                let outcome = reload(&options, &desired, magicdns.as_ref()).await;
                 if let Err(message) = &outcome {
                     error!(%message, "reload refused; the running config stays");
                 }
@@ -344,6 +376,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     // Shutdown, in order: stop taking requests, close the engine (its last
     // effects withdraw routes and DNS), wait for the OS manager to finish.
     api_task.abort();
+    drop(magicdns);
     for task in [metrics_task, uapi_task, monitor_task, flowlog_task]
         .into_iter()
         .flatten()
@@ -492,11 +525,21 @@ enum ReloadRefused {
         /// The config file.
         path: String,
     },
+    /// `magicdns.enable` changed: the resolver starts and stops with the daemon.
+    #[error("{path}: magicdns.enable changed; restart wgmeshd to start or stop MagicDNS")]
+    MagicDnsToggled {
+        /// The config file.
+        path: String,
+    },
 }
 
 /// Re-reads the config file and applies it; a bad file changes nothing. A
 /// file without a listen port keeps the running one.
-async fn reload(options: &DaemonOptions, desired: &DesiredState) -> Result<String, String> {
+async fn reload(
+    options: &DaemonOptions,
+    desired: &DesiredState,
+    magicdns: Option<&crate::magicdns::MagicDns>,
+) -> Result<String, String> {
     let Some(path) = &options.config else {
         return Err("wgmeshd was started without a config file; nothing to reload".into());
     };
@@ -505,6 +548,11 @@ async fn reload(options: &DaemonOptions, desired: &DesiredState) -> Result<Strin
         .change(|d| {
             if config.private_key != d.private_key {
                 return Err(ReloadRefused::KeyChanged {
+                    path: path.display().to_string(),
+                });
+            }
+            if config.file.magicdns.enable != magicdns.is_some() {
+                return Err(ReloadRefused::MagicDnsToggled {
                     path: path.display().to_string(),
                 });
             }
@@ -523,6 +571,10 @@ async fn reload(options: &DaemonOptions, desired: &DesiredState) -> Result<Strin
             ChangeError::Edit(refused) => refused.to_string(),
             ChangeError::Engine(e) => format!("{}: {e}", path.display()),
         })?;
+    if let Some(magicdns) = magicdns {
+        let applied = desired.snapshot().await;
+        magicdns.update(&config.file.magicdns, &applied.reconfig);
+    }
     Ok(format!("{}: {outcome:?}", path.display()))
 }
 

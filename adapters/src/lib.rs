@@ -39,6 +39,7 @@ pub mod flowlog;
 pub mod linkmon;
 pub mod localsock;
 pub mod logging;
+pub mod magicdns;
 pub mod os;
 pub mod router;
 pub mod tun;

@@ -120,8 +120,14 @@ mtu = 1280
 
 [dns]
 mode = "resolv-conf"
-nameservers = ["100.100.100.100"]
-search_domains = ["tail.e2e"]
+
+[magicdns]
+enable = true
+domain = "tail.e2e"
+# The stub resolvers of the MagicDNS checks: dnsmasq in B's and C's
+# namespaces, never an outside address.
+upstreams = ["10.77.0.2"]
+split_dns = { "corp.e2e" = ["10.77.0.3"] }
 CONF
     peer_section "$5" "$6" "$7" "$8" "$9"
 }
@@ -169,6 +175,122 @@ check "bad config is refused with file, line and field" bad_config
 check "route and address applied" in_a sh -c "ip addr show wgmA | grep -q 100.64.0.1/32 && ip route show dev wgmA | grep -q 100.64.0.2"
 check "resolv.conf written" grep -q "nameserver 100.100.100.100" "$TMP/resolv-a.conf"
 check "kernel ping across the tunnel" in_a ping -c 3 -i 0.2 -W 2 100.64.0.2
+
+# MagicDNS: A's resolver at 100.100.100.100 and fd7a:115c:a1e0::53 answers
+# the tailnet's names itself and forwards the rest to stub resolvers
+# (dnsmasq) in B's namespace (the default upstream, 10.77.0.2) and C's (the
+# split-DNS route for corp.e2e, 10.77.0.3). The stubs serve made-up names
+# only; nothing leaves the machine.
+dns_stub() { # ns listen-address name: dnsmasq in the foreground, its PID in PIDS
+    local ns=$1 addr=$2 name=$3; shift 3
+    ip netns exec "$ns" dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
+        --bind-interfaces --listen-address="$addr" --port=53 --user=root \
+        --pid-file="$TMP/dnsmasq-$name.pid" --log-queries --log-facility="$TMP/dnsmasq-$name.log" "$@" &
+    PIDS+=($!)
+    for _ in $(seq 50); do
+        grep -q "$addr" <<<"$(ip netns exec "$ns" ss -Hlnu "sport = :53" 2>/dev/null)" && return 0
+        sleep 0.1
+    done
+    echo "dnsmasq $name did not start"; return 1
+}
+big_txt_args() { # ten TXT records of 100 bytes each: about 1.2 KB, over 512
+    local i
+    for i in $(seq 10); do printf -- '--txt-record=big.example.com,"%02d%s"\n' "$i" "$(printf 'x%.0s' $(seq 98))"; done
+}
+mdig() { in_a dig +time=2 +tries=1 "$@"; }
+magicdns_stubs_start() {
+    dns_stub "$NS_B" 10.77.0.2 b --address=/www.example.com/198.51.100.7 $(big_txt_args) || return 1
+    dns_stub "$NS_C" 10.77.0.3 c --address=/corp.e2e/10.99.0.3 || return 1
+}
+magicdns_answers_peer_names() {
+    local out
+    out=$(mdig +short @100.100.100.100 node-b.tail.e2e A) || return 1
+    [ "$out" = 100.64.0.2 ] || { echo "node-b.tail.e2e A: '$out'"; return 1; }
+    out=$(mdig +short @100.100.100.100 NODE-B.Tail.E2E. A) || return 1
+    [ "$out" = 100.64.0.2 ] || { echo "NODE-B.Tail.E2E. A: '$out'"; return 1; }
+    out=$(mdig +short @100.100.100.100 node-b A) || return 1
+    [ "$out" = 100.64.0.2 ] || { echo "node-b A: '$out'"; return 1; }
+    out=$(mdig +short +tcp @100.100.100.100 node-b.tail.e2e A) || return 1
+    [ "$out" = 100.64.0.2 ] || { echo "node-b.tail.e2e A over TCP: '$out'"; return 1; }
+}
+magicdns_answers_aaaa_over_ipv6() {
+    local out
+    out=$(mdig +short @fd7a:115c:a1e0::53 node-b.tail.e2e AAAA) || return 1
+    [ "$out" = fd7a:115c:a1e0::2 ] || { echo "AAAA via fd7a:115c:a1e0::53: '$out'"; return 1; }
+    out=$(mdig +short @100.100.100.100 node-b.tail.e2e AAAA) || return 1
+    [ "$out" = fd7a:115c:a1e0::2 ] || { echo "AAAA via 100.100.100.100: '$out'"; return 1; }
+}
+magicdns_nxdomain_under_the_tailnet_domain() {
+    mdig @100.100.100.100 nobody.tail.e2e A >"$TMP/dig.out" || return 1
+    grep -q "status: NXDOMAIN" "$TMP/dig.out" || { cat "$TMP/dig.out"; return 1; }
+    grep -q "flags: qr aa" "$TMP/dig.out" || { cat "$TMP/dig.out"; return 1; }
+    ! grep -q "nobody.tail.e2e" "$TMP/dnsmasq-b.log" || { echo "asked upstream"; return 1; }
+}
+magicdns_getent_resolves_peer_names() {
+    # The system resolver of A's namespace: A's resolv.conf (written by
+    # wgmeshd: nameserver 100.100.100.100, search tail.e2e) mounted over
+    # /etc/resolv.conf in a mount namespace of this command only.
+    local out
+    out=$(in_a unshare -m --propagation private sh -c \
+        "mount --bind '$TMP/resolv-a.conf' /etc/resolv.conf && getent ahostsv4 node-b && getent hosts node-b") || return 1
+    echo "$out"
+    echo "$out" | grep -q "^100.64.0.2 " || return 1
+    echo "$out" | grep -q "node-b" || return 1
+}
+magicdns_forwards_other_names() {
+    local out
+    out=$(mdig +short @100.100.100.100 www.example.com A) || return 1
+    [ "$out" = 198.51.100.7 ] || { echo "www.example.com A: '$out'"; return 1; }
+    out=$(mdig +short +tcp @100.100.100.100 www.example.com A) || return 1
+    [ "$out" = 198.51.100.7 ] || { echo "www.example.com A over TCP: '$out'"; return 1; }
+    grep -q "query\[A\] www.example.com from 10.77.0.1" "$TMP/dnsmasq-b.log" || { cat "$TMP/dnsmasq-b.log"; return 1; }
+}
+magicdns_split_dns_goes_to_its_resolver() {
+    local out
+    out=$(mdig +short @100.100.100.100 host.corp.e2e A) || return 1
+    [ "$out" = 10.99.0.3 ] || { echo "host.corp.e2e A: '$out'"; return 1; }
+    grep -q "query\[A\] host.corp.e2e from 10.77.0.1" "$TMP/dnsmasq-c.log" || return 1
+    ! grep -q "host.corp.e2e" "$TMP/dnsmasq-b.log" || { echo "went to the default upstream"; return 1; }
+}
+magicdns_large_answer_over_tcp() {
+    # Without EDNS the answer (about 1.2 KB) does not fit 512 bytes: the stub
+    # truncates it, the resolver asks the stub again over TCP, and hands the
+    # client the truncated form; dig retries over TCP and gets all ten.
+    mdig +noedns @100.100.100.100 big.example.com TXT >"$TMP/dig.out" 2>&1 || { cat "$TMP/dig.out"; return 1; }
+    grep -q "Truncated, retrying in TCP mode" "$TMP/dig.out" || { cat "$TMP/dig.out"; return 1; }
+    [ "$(grep -c '^big.example.com\..*TXT' "$TMP/dig.out")" = 10 ] || { cat "$TMP/dig.out"; return 1; }
+    mdig +tcp +short @100.100.100.100 big.example.com TXT >"$TMP/dig.out" || return 1
+    [ "$(wc -l <"$TMP/dig.out")" = 10 ] || { cat "$TMP/dig.out"; return 1; }
+    grep -q "query\[TXT\] big.example.com from 10.77.0.1" "$TMP/dnsmasq-b.log" || return 1
+}
+magicdns_addresses_are_never_a_source() {
+    # 100.100.100.100 and fd7a:115c:a1e0::53 are on the TUN for local
+    # delivery only: the node's own traffic keeps its own source addresses
+    # (a peer drops packets from addresses outside its allowed IPs).
+    # Each output is read whole before grep: `grep -q` closing the pipe
+    # early would fail the pipeline with SIGPIPE under pipefail.
+    local addrs v4 v6
+    addrs=$(in_a ip addr show wgmA) && v4=$(in_a ip route get 100.64.0.2) \
+        && v6=$(in_a ip -6 route get fd7a:115c:a1e0::2) || return 1
+    echo "$addrs"; echo "$v4"; echo "$v6"
+    grep -q "inet 100.100.100.100/32 scope host" <<<"$addrs" || return 1
+    grep -q "inet6 fd7a:115c:a1e0::53/128 scope global deprecated" <<<"$addrs" || return 1
+    grep -q "src 100.64.0.1 " <<<"$v4" || return 1
+    grep -q "src fd7a:115c:a1e0::1 " <<<"$v6" || return 1
+}
+check "magicdns_addresses_are_never_a_source: host scope and deprecated on the TUN" magicdns_addresses_are_never_a_source
+if command -v dig >/dev/null && command -v dnsmasq >/dev/null; then
+    check "magicdns_stubs_start: dnsmasq stubs in B's and C's namespaces" magicdns_stubs_start
+    check "magicdns_answers_peer_names: A, any case, bare and under the domain, UDP and TCP" magicdns_answers_peer_names
+    check "magicdns_answers_aaaa_over_ipv6: AAAA at fd7a:115c:a1e0::53" magicdns_answers_aaaa_over_ipv6
+    check "magicdns_nxdomain_under_the_tailnet_domain: authoritative, not forwarded" magicdns_nxdomain_under_the_tailnet_domain
+    check "magicdns_getent_resolves_peer_names: getent through A's resolv.conf" magicdns_getent_resolves_peer_names
+    check "magicdns_forwards_other_names: to the upstream stub, UDP and TCP" magicdns_forwards_other_names
+    check "magicdns_split_dns_goes_to_its_resolver: corp.e2e to C's stub" magicdns_split_dns_goes_to_its_resolver
+    check "magicdns_large_answer_over_tcp: truncated over UDP, whole over TCP" magicdns_large_answer_over_tcp
+else
+    echo "skip MagicDNS checks (dig and dnsmasq not installed)"
+fi
 check "kernel ping across the tunnel over IPv6" in_a ping -6 -c 3 -i 0.2 -W 2 fd7a:115c:a1e0::2
 check "wgmesh ping --tsmp over IPv6" in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 fd7a:115c:a1e0::2
 check "wgmesh ping --tsmp" in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 100.64.0.2
