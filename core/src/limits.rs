@@ -52,6 +52,15 @@ pub(crate) const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
 pub(crate) const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Passive keepalive after receiving without sending for this long.
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session's keys are refused this long after its handshake.
+pub(crate) const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// No data is sent on a session older than this: the peer's copy of the
+/// keys is up to one one-way delay older than ours (it made them first) and
+/// expires at `REJECT_AFTER_TIME` on its clock, so a packet sent just before
+/// our expiry arrives just after the peer's and is lost. Within this margin
+/// the packet waits for a fresh handshake instead (one round trip).
+pub(crate) const SEND_ON_SESSION_UNTIL: Duration =
+    Duration::from_secs(REJECT_AFTER_TIME.as_secs() - REKEY_TIMEOUT.as_secs());
 /// Handshake messages per second above which cookies are required.
 pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// How far the clock may move before WireGuard's events are stamped with a

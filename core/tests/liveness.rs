@@ -270,3 +270,33 @@ fn a_day_of_wakes_every_seven_minutes_stays_one_round_trip() {
     }
     assert!(net.nodes[0].engine.counters().peers_woken_by_send >= wakes as u64 - 1);
 }
+
+/// A packet sent just before the session's keys expire (180 s) on the
+/// sender's clock arrives just after they expired on the receiver's (the
+/// responder made its copy one one-way delay earlier). It must wait for a
+/// fresh handshake instead of going out on keys the peer no longer holds.
+/// Found by `wgmesh-sim explore` with the liveness oracle on.
+#[test]
+fn a_packet_sent_at_the_edge_of_the_session_lifetime_is_not_lost() {
+    let one_way = Duration::from_millis(20);
+    let mut net = Net::new(2, one_way, |_, _| {});
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs);
+    let ip1 = net.nodes[1].ip4;
+    let start = net.now;
+    net.send_udp(0, ip1, b"opens the session");
+    net.run_for(Duration::from_secs(1));
+    delivered_once(&net, 1, b"opens the session", start);
+    // The initiator's keys date from start + 40 ms, the responder's from
+    // start + 20 ms. At start + 179.99 s + 20 ms the responder's are 180.01 s
+    // old when the packet arrives.
+    net.run_until(start + Duration::from_millis(180_030) - one_way);
+    let sent_at = net.now;
+    net.send_udp(0, ip1, b"at the edge");
+    net.run_for(Duration::from_secs(2));
+    let delay = delivered_once(&net, 1, b"at the edge", sent_at);
+    assert!(delay <= one_way * 3, "{delay:?}");
+}

@@ -145,6 +145,7 @@ pub(crate) fn liveness_checks(
             .flat_map(|s| s.sent.iter().copied())
             .collect();
         let (mut judged, mut late, mut lost) = (0u64, 0u64, 0u64);
+        let mut first_lost: Option<Duration> = None;
         let mut worst: Option<(Duration, Duration, Duration)> = None;
         for (sent, delivered) in stream.sent.iter().zip(&stream.delivered) {
             let crossing = reverse_sends
@@ -164,7 +165,10 @@ pub(crate) fn liveness_checks(
             }
             judged += 1;
             match delivered {
-                None => lost += 1,
+                None => {
+                    lost += 1;
+                    first_lost.get_or_insert(*sent);
+                }
                 Some(at) => {
                     let delay = at.saturating_sub(*sent);
                     if delay > allowed {
@@ -179,7 +183,7 @@ pub(crate) fn liveness_checks(
         if judged == 0 {
             continue;
         }
-        let detail = match worst {
+        let mut detail = match worst {
             Some((delay, sent, allowed)) => format!(
                 "{judged} sent while healthy: {lost} lost, {late} late; longest delay {} (sent at {:.3}s, bound {})",
                 fmt_ms(delay),
@@ -188,6 +192,9 @@ pub(crate) fn liveness_checks(
             ),
             None => format!("{judged} sent while healthy: all {lost} lost"),
         };
+        if let Some(at) = first_lost {
+            detail.push_str(&format!("; first lost sent at {:.3}s", at.as_secs_f64()));
+        }
         checks.push(Check {
             name: format!("liveness {name}"),
             passed: lost == 0 && late == 0,

@@ -6,6 +6,7 @@ use std::time::Instant;
 use tracing::trace;
 
 use super::Engine;
+use super::peers::WgPeer;
 use super::slot::PeerSlot;
 use super::wg::{DATA_OVERHEAD, Encapsulated, Initiated, MIN_BUFFER};
 use crate::api::*;
@@ -116,7 +117,7 @@ impl Engine {
             return;
         };
         wg.timers.on_outbound_packet();
-        if wg.staged.is_empty() && wg.tunnel.has_session(now) {
+        if wg.staged.is_empty() && Self::can_send_data(wg, now) {
             self.encrypt_to_peer(now, slot, packet);
         } else {
             self.stage_packet(slot, packet);
@@ -160,6 +161,12 @@ impl Engine {
         }
     }
 
+    /// Whether data may go out on the peer's current session now: one
+    /// exists and is not within `SEND_ON_SESSION_UNTIL` of its expiry.
+    fn can_send_data(wg: &WgPeer, now: Instant) -> bool {
+        wg.tunnel.has_session(now) && !wg.timers.session_too_old_to_send(now)
+    }
+
     /// Keeps a packet until the peer has a usable session (wireguard-go's
     /// staged packets), within the per-peer and global bounds. Staged
     /// packets never go into WireGuard before a session exists, so it never
@@ -194,7 +201,7 @@ impl Engine {
             let Some(wg) = self.peers[slot].wg.as_mut() else {
                 return;
             };
-            if wg.staged.is_empty() || !wg.tunnel.has_session(now) {
+            if wg.staged.is_empty() || !Self::can_send_data(wg, now) {
                 return;
             }
             let Some(packet) = wg.staged.pop_front() else {
@@ -215,7 +222,9 @@ impl Engine {
         let Some(wg) = self.peers[slot].wg.as_mut() else {
             return;
         };
-        if wg.staged.is_empty() || wg.tunnel.has_session(now) || wg.timers.handshake_must_wait(now)
+        if wg.staged.is_empty()
+            || Self::can_send_data(wg, now)
+            || wg.timers.handshake_must_wait(now)
         {
             return;
         }

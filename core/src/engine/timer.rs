@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::slot::PeerSlot;
 use crate::api::PingId;
 use crate::keys::NodePublicKey;
-use crate::limits::{KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT};
+use crate::limits::{KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, SEND_ON_SESSION_UNTIL};
 
 /// What a deadline belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -281,6 +281,13 @@ impl SessionTimers {
             self.next_persistent_keepalive =
                 Some(now + Duration::from_secs(u64::from(interval_secs.max(1))));
         }
+    }
+
+    /// Whether the session is too close to its expiry to send data on
+    /// (see `SEND_ON_SESSION_UNTIL`).
+    pub(crate) fn session_too_old_to_send(&self, now: Instant) -> bool {
+        self.session_established
+            .is_some_and(|t| now >= t + SEND_ON_SESSION_UNTIL)
     }
 
     /// True while a session is established and has not expired.
