@@ -66,6 +66,10 @@ counters! {
     drop_wg_stale_timestamp,
     /// Drop: any other WireGuard protocol error.
     drop_wg_other,
+    /// Drop: a handshake initiation naming a trimmed peer that did not
+    /// authenticate as it (its timestamp did not decrypt under the key we
+    /// share with the peer): forged, so the peer stays trimmed.
+    drop_wg_unauthenticated_wake,
     /// Drop: a decrypted packet whose source is outside the peer's AllowedIPs.
     drop_spoofed_source,
     /// Drop: a decrypted packet that is not valid IP.

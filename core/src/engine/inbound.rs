@@ -33,6 +33,16 @@ impl Engine {
                     return;
                 };
                 if self.peers[slot].wg.is_none() {
+                    // The key `classify` read can be forged by anyone who
+                    // knows both public keys: wake only for an initiation
+                    // that authenticates as the peer, so a forged one leaves
+                    // it trimmed (no tunnel, no event, no idle timer).
+                    if let Err(error) = self.device.authenticate_initiation(now, from, &peer, data)
+                    {
+                        self.counters.drop_wg_unauthenticated_wake += 1;
+                        debug!(?peer, %from, ?error, "initiation for a trimmed peer did not authenticate");
+                        return;
+                    }
                     // The reference drops this and waits 5 s for a retry; we
                     // re-add the peer and answer the same initiation.
                     self.wake_peer(now, slot, WakeReason::Handshake);
