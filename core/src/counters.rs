@@ -66,6 +66,10 @@ counters! {
     drop_wg_stale_timestamp,
     /// Drop: any other WireGuard protocol error.
     drop_wg_other,
+    /// Drop: a handshake initiation naming a trimmed peer that did not
+    /// authenticate as it (its timestamp did not decrypt under the key we
+    /// share with the peer): forged, so the peer stays trimmed.
+    drop_wg_unauthenticated_wake,
     /// Drop: a decrypted packet whose source is outside the peer's AllowedIPs.
     drop_spoofed_source,
     /// Drop: a decrypted packet that is not valid IP.
@@ -76,6 +80,13 @@ counters! {
     drop_disco_bad,
     /// Drop: a disco message from a disco key no peer has.
     drop_disco_unknown_sender,
+    /// Drop: a disco message that authenticated as its peer but whose nonce
+    /// is among the peer's recent ones: a replay (or a duplicate).
+    drop_disco_replay,
+    /// Drop: a disco candidate learned from a call-me-maybe or a ping source
+    /// that no path can use (loopback, multicast, unspecified, broadcast,
+    /// port 0).
+    drop_disco_bad_candidate,
     /// Drop: a TSMP message that did not parse.
     drop_tsmp_malformed,
     /// Drop: traffic while the engine is closed.
@@ -142,6 +153,14 @@ counters! {
     disco_pongs_sent,
     /// Disco call-me-maybe messages received.
     disco_call_me_maybe_received,
+    /// Learned disco candidates dropped at the per-peer bound
+    /// (`MAX_DISCO_CANDIDATES`): an older learned one evicted for a newer
+    /// one, or a new one left out when nothing could be evicted.
+    disco_candidates_evicted,
+    /// Call-me-maybe messages whose ping of every candidate was deferred
+    /// because one ran less than `DISCO_FULL_PING_MIN_INTERVAL` before; those
+    /// of one interval share one deferred ping.
+    disco_full_pings_deferred,
     /// Best-path changes.
     path_changes,
     /// Failed outbound connections diagnosed.

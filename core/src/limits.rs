@@ -41,8 +41,21 @@ pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
 pub const DISCO_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// An active peer's candidates are all re-pinged this often.
 pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
-/// Candidates kept per peer; more are ignored.
-pub(crate) const MAX_DISCO_CANDIDATES: usize = 16;
+/// Candidates kept per peer, configured and learned together. Configured
+/// endpoints beyond it are ignored; a learned one beyond it evicts the
+/// learned candidate that proved itself least (see `engine::disco`).
+pub const MAX_DISCO_CANDIDATES: usize = 16;
+/// A call-me-maybe pings every candidate of its peer at most this often
+/// (counted from the last ping of every candidate, whatever started it); one
+/// that arrives sooner updates the candidates and defers the ping to the end
+/// of the interval, where all the call-me-maybes of one interval share it.
+/// The same spacing as the reference's minimum between pings of one endpoint.
+pub const DISCO_FULL_PING_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Disco messages per peer whose nonces are remembered to refuse replays.
+/// Only messages that authenticated as the peer enter the window, so an
+/// attacker cannot push a captured one out; it opens again only after the
+/// peer itself sent this many newer ones (minutes of heartbeats).
+pub const DISCO_REPLAY_WINDOW: usize = 128;
 
 // --- WireGuard (the whitepaper's timers) ---------------
 

@@ -7,7 +7,7 @@ use rand_core::RngCore;
 use tracing::{debug, trace};
 
 use super::Engine;
-use super::disco::DiscoAction;
+use super::disco::{DiscoAction, DiscoBound, OpenError};
 use super::pending::MatchKey;
 use super::slot::PeerSlot;
 use super::timer::{EngineTimer, TimerKey};
@@ -33,6 +33,16 @@ impl Engine {
                     return;
                 };
                 if self.peers[slot].wg.is_none() {
+                    // The key `classify` read can be forged by anyone who
+                    // knows both public keys: wake only for an initiation
+                    // that authenticates as the peer, so a forged one leaves
+                    // it trimmed (no tunnel, no event, no idle timer).
+                    if let Err(error) = self.device.authenticate_initiation(now, from, &peer, data)
+                    {
+                        self.counters.drop_wg_unauthenticated_wake += 1;
+                        debug!(?peer, %from, ?error, "initiation for a trimmed peer did not authenticate");
+                        return;
+                    }
                     // The reference drops this and waits 5 s for a retry; we
                     // re-add the peer and answer the same initiation.
                     self.wake_peer(now, slot, WakeReason::Handshake);
@@ -382,8 +392,13 @@ impl Engine {
             .ensure_peer(slot, DiscoPublicKey(sender), &peer.config.endpoints);
         let message = match self.disco.open(slot, data) {
             Ok(m) => m,
-            Err(_) => {
+            Err(OpenError::Bad(_)) => {
                 self.counters.drop_disco_bad += 1;
+                return;
+            }
+            Err(OpenError::Replay) => {
+                self.counters.drop_disco_replay += 1;
+                debug!(peer = ?self.peers[slot].config.public_key, %from, "replayed disco datagram");
                 return;
             }
         };
@@ -437,6 +452,16 @@ impl Engine {
                     }));
                 }
                 DiscoAction::CallMeMaybeReceived => self.counters.disco_call_me_maybe_received += 1,
+                DiscoAction::Bounded { what, n } => {
+                    let counter = match what {
+                        DiscoBound::CandidateEvicted => &mut self.counters.disco_candidates_evicted,
+                        DiscoBound::BadCandidate => &mut self.counters.drop_disco_bad_candidate,
+                        DiscoBound::FullPingDeferred => {
+                            &mut self.counters.disco_full_pings_deferred
+                        }
+                    };
+                    *counter += n;
+                }
             }
         }
         self.schedule_disco();

@@ -271,6 +271,14 @@ impl Engine {
         self.opens.len()
     }
 
+    /// Disco path candidates kept for `peer` (0 while it has no disco
+    /// state; `None`: not in the config), to check their bound.
+    pub fn disco_candidate_count(&self, peer: &NodePublicKey) -> Option<usize> {
+        self.by_key
+            .get(peer)
+            .map(|&slot| self.disco.candidate_count(slot))
+    }
+
     /// Entries in the timer queue (live and stale), to check it stays bounded.
     pub fn timer_queue_len(&self) -> usize {
         self.timers.len()

@@ -426,7 +426,7 @@ impl Engine {
         for net in &peer.config.allowed_ips {
             self.routes.remove(net, slot);
         }
-        self.disco.remove_peer(slot);
+        self.disco.forget_peer(slot);
     }
 
     pub(super) fn set_trimming(&mut self, now: Instant, on: bool) {

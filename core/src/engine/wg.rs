@@ -153,6 +153,11 @@ pub(crate) struct WgDevice {
     static_public: x25519::PublicKey,
     rate_limiter: Arc<RateLimiter>,
     rate_limiter_reset_at: Instant,
+    /// The limiter of the throwaway tunnels that authenticate an initiation
+    /// before its trimmed peer is woken. Its limit is never reached: the
+    /// initiation already passed the shared limiter, which must count it
+    /// once, not once per check.
+    probe_limiter: Arc<RateLimiter>,
 }
 
 impl WgDevice {
@@ -164,12 +169,56 @@ impl WgDevice {
         let rate_limiter = clock.with(now, || {
             Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT))
         });
+        let probe_limiter =
+            clock.with(now, || Arc::new(RateLimiter::new(&static_public, u64::MAX)));
         Self {
             clock,
             static_private,
             static_public,
             rate_limiter,
             rate_limiter_reset_at: now,
+            probe_limiter,
+        }
+    }
+
+    /// Whether an initiation that [`WgDevice::classify`] attributed to
+    /// `peer` really comes from it. `classify` reads the initiator's key
+    /// from the first half of the message, which anyone who knows our public
+    /// key can write with any key in it; only the encrypted timestamp proves
+    /// the sender holds the peer's private key. So the initiation is handed
+    /// to a throwaway tunnel for `peer`, which accepts it (and writes a
+    /// response that is discarded) only if the timestamp decrypts under the
+    /// static key we share with the peer. The preshared key only enters the
+    /// response, so the check does not need it.
+    ///
+    /// For a peer not in WireGuard (trimmed): its real tunnel would be
+    /// fresh too, so what the probe accepts the real tunnel accepts.
+    pub(crate) fn authenticate_initiation(
+        &self,
+        now: Instant,
+        from: SocketAddr,
+        peer: &NodePublicKey,
+        datagram: &[u8],
+    ) -> Result<(), WgError> {
+        self.clock.enter(now);
+        let mut probe = Tunn::new(
+            self.static_private.clone(),
+            x25519::PublicKey::from(peer.0),
+            None,
+            None,
+            0,
+            Some(Arc::clone(&self.probe_limiter)),
+        );
+        let mut response = [0u8; MIN_BUFFER];
+        match probe.decapsulate(Some(from.ip()), datagram, &mut response) {
+            TunnResult::WriteToNetwork(reply) if reply.first() != Some(&MESSAGE_COOKIE_REPLY) => {
+                Ok(())
+            }
+            TunnResult::Err(e) => Err(e.into()),
+            TunnResult::WriteToNetwork(_)
+            | TunnResult::Done
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..) => Err(WgError::Other),
         }
     }
 
@@ -479,6 +528,60 @@ mod tests {
             let theirs = x25519::PublicKey::from(&x25519::StaticSecret::from(bytes));
             assert_eq!(ours.0, theirs.to_bytes(), "seed {seed}");
         }
+    }
+
+    /// An initiation from `initiator` to `responder`, made by boringtun.
+    fn initiation(initiator: [u8; 32], responder: &NodePublicKey) -> Vec<u8> {
+        let mut tunn = Tunn::new(
+            x25519::StaticSecret::from(initiator),
+            x25519::PublicKey::from(responder.0),
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut buf = [0u8; MIN_BUFFER];
+        match tunn.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_an_initiation_from_the_named_peer_authenticates_as_it() {
+        // The harness owns the clock; this reading only fixes an epoch.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let ours = NodePrivateKey::from_bytes([7; 32]);
+        let device = WgDevice::new(&ours, now);
+        let from: SocketAddr = "192.0.2.1:41641".parse().unwrap();
+        let peer = NodePrivateKey::from_bytes([9; 32]).public_key();
+        let real = initiation([9; 32], &ours.public_key());
+        assert_eq!(
+            device.authenticate_initiation(now, from, &peer, &real),
+            Ok(())
+        );
+        // Checking does not consume it: the peer's real tunnel still can.
+        assert_eq!(
+            device.authenticate_initiation(now, from, &peer, &real),
+            Ok(())
+        );
+        // Someone else's initiation does not authenticate as the peer.
+        let other = initiation([11; 32], &ours.public_key());
+        assert!(
+            device
+                .authenticate_initiation(now, from, &peer, &other)
+                .is_err()
+        );
+        // Nor does the real one with its timestamp tampered (MAC1 then fails
+        // first, as it would for any bit flipped in transit).
+        let mut tampered = real.clone();
+        tampered[100] ^= 1;
+        assert!(
+            device
+                .authenticate_initiation(now, from, &peer, &tampered)
+                .is_err()
+        );
     }
 
     #[test]

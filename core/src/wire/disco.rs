@@ -68,6 +68,15 @@ pub fn sender_key(datagram: &[u8]) -> Option<[u8; 32]> {
     array_at(datagram, MAGIC.len())
 }
 
+/// The box nonce, read without opening the box. `None` if the datagram does
+/// not look like disco.
+pub fn nonce(datagram: &[u8]) -> Option<[u8; NONCE_LEN]> {
+    if !looks_like_disco(datagram) {
+        return None;
+    }
+    array_at(datagram, MAGIC.len() + KEY_LEN)
+}
+
 /// A decoded disco plaintext.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiscoMessage {
@@ -544,6 +553,8 @@ mod tests {
         assert_eq!(&sealed[38..62], &NONCE);
         assert!(looks_like_disco(&sealed));
         assert_eq!(sender_key(&sealed), Some(ALICE_PUBLIC));
+        assert_eq!(nonce(&sealed), Some(NONCE));
+        assert_eq!(nonce(&sealed[..MIN_LEN - 1]), None);
         // The plaintext does not appear in the clear.
         assert_ne!(&sealed[MIN_LEN..], &plaintext(&message)[..]);
 
