@@ -283,7 +283,11 @@ pub enum RemoveReason {
     RemovedFromConfig,
     /// First phase of a disco-key flush.
     DiscoKeyChanged,
-    /// Its config changed in a way that needs a new session (key material).
+    /// Its config changed in a way that needs a new session. No change
+    /// does today: a preshared key or persistent keepalive change is
+    /// applied to the live session in place, as in wireguard-go. Kept so
+    /// that consumers matching every reason (the simulator's renderer) keep
+    /// building; it can go once they drop it.
     ConfigChanged,
     /// The engine closed.
     Closed,

@@ -198,7 +198,10 @@ pub struct Knobs {
     pub randomize_client_port: bool,
     /// Path-MTU discovery on or off (passed to the adapters).
     pub path_mtu_discovery: bool,
-    /// Fake mode: the engine answers ICMP echo requests to any peer itself.
+    /// Fake mode: the engine answers ICMP echo requests that arrive from
+    /// peers through the tunnel (for any destination that passes the packet
+    /// filter) and sends the reply back through WireGuard; the request does
+    /// not reach the TUN. The local OS's own pings go out untouched.
     pub fake_icmp_echo: bool,
     /// The PeerAPI port announced in TSMP pongs.
     pub peerapi_port: Option<u16>,

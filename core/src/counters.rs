@@ -149,6 +149,8 @@ counters! {
     fake_icmp_replies,
     /// Disco pings sent.
     disco_pings_sent,
+    /// Drop: a disco message not sent because no link was up.
+    drop_disco_network_down,
     /// Disco pongs sent.
     disco_pongs_sent,
     /// Disco call-me-maybe messages received.

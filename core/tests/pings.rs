@@ -512,3 +512,69 @@ fn a_major_link_change_resets_disco_paths() {
     net.run_for(Duration::from_millis(200));
     assert_eq!(net.delivered(1, b"after the change").len(), 1);
 }
+
+/// A TSMP ping to an address in a subnet a peer routes finds that subnet
+/// router by peer-for-IP, and the router answers it: the reference answers
+/// every TSMP ping that comes in from a peer, whatever its destination, with
+/// a pong from that destination.
+#[test]
+fn tsmp_ping_to_a_subnet_address_is_answered_by_the_subnet_router() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.nodes[1]
+        .extra_allowed
+        .push("10.1.0.0/16".parse().unwrap());
+    net.configure_all(Knobs {
+        peerapi_port: Some(5252),
+        ..Knobs::default()
+    });
+    let target: IpAddr = "10.1.0.5".parse().unwrap();
+    // The pinger's side: the subnet IP resolves to the subnet router.
+    assert_eq!(net.nodes[0].engine.peer_for_ip(target), Ok(net.key(1)));
+    net.ping(0, target, PingKind::Tsmp, 1);
+    net.run_for(Duration::from_secs(2));
+    let (_, out) = outcome(&net, 0, 1).expect("the ping ended");
+    match out {
+        PingOutcome::Pong {
+            node_key,
+            node_name,
+            peerapi_port,
+            ..
+        } => {
+            assert_eq!(node_key, net.key(1));
+            assert_eq!(node_name, "node1");
+            assert_eq!(peerapi_port, Some(5252));
+        }
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    // The responder's side: answered, not dropped as malformed, and nothing
+    // of it reached the router's TUN.
+    let c = net.nodes[1].engine.counters();
+    assert_eq!((c.tsmp_pongs_sent, c.drop_tsmp_malformed), (1, 0));
+    assert!(net.nodes[1].tun_out.is_empty());
+    assert_eq!(net.nodes[0].engine.counters().drop_spoofed_source, 0);
+}
+
+/// The responder answers a TSMP ping its peer's OS sent to a subnet address
+/// behind it, with a pong whose source is that address.
+#[test]
+fn tsmp_ping_from_a_peer_to_a_routed_address_gets_a_pong_from_that_address() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.nodes[1]
+        .extra_allowed
+        .push("10.1.0.0/16".parse().unwrap());
+    net.configure_all(Knobs::default());
+    warm(&mut net);
+    let target: IpAddr = "10.1.0.5".parse().unwrap();
+    let mut ping = Vec::new();
+    wire::tsmp::TsmpMessage::Ping { data: [7; 8] }
+        .emit_packet(net.nodes[0].ip4, target, &mut ping)
+        .unwrap();
+    net.input(0, Input::TunPacket(&ping)).unwrap();
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.nodes[1].engine.counters().tsmp_pongs_sent, 1);
+    assert_eq!(net.nodes[1].engine.counters().drop_tsmp_malformed, 0);
+    assert!(net.nodes[1].tun_out.is_empty());
+    // The pong came from the pinged address, so it passed node 0's
+    // AllowedIPs check for the router.
+    assert_eq!(net.nodes[0].engine.counters().drop_spoofed_source, 0);
+}

@@ -1,5 +1,6 @@
 //! Reconfig change detection and validation.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -457,35 +458,112 @@ fn subnet_router_state_drives_bird() {
     );
 }
 
+/// The ICMP echo requests (and replies) in `node`'s TUN writes with this ident.
+fn echoes_in_tun(
+    net: &Net,
+    node: usize,
+    ident: u16,
+) -> Vec<(wire::icmp::EchoKind, IpAddr, IpAddr)> {
+    net.nodes[node]
+        .tun_out
+        .iter()
+        .filter_map(|(_, p)| {
+            let header = wire::ip::IpHeader::parse(p).ok()?;
+            let echo = wire::icmp::parse_echo(&header, p)?;
+            (echo.ident == ident).then_some((echo.kind, header.src, header.dst))
+        })
+        .collect()
+}
+
+/// Fake mode (the reference's `RespondToPing`) answers echo requests that
+/// arrive from peers through the tunnel and encrypts the reply back to them;
+/// the request never reaches this node's TUN. The local OS's own pings to
+/// peers go out through WireGuard untouched.
 #[test]
-fn fake_mode_answers_icmp_echo_itself() {
+fn fake_mode_answers_echo_requests_from_peers_and_sends_the_reply_back() {
     let mut net = Net::new(2, Duration::from_millis(5), |_, _| {});
-    net.configure_all(Knobs {
-        fake_icmp_echo: true,
-        ..Knobs::default()
-    });
-    let mut req = Vec::new();
-    let (src, dst) = (net.nodes[0].ip4, net.nodes[1].ip4);
+    for i in 0..2 {
+        let knobs = Knobs {
+            fake_icmp_echo: i == 1,
+            ..Knobs::default()
+        };
+        let rc = net.reconfig_for(i, knobs);
+        net.input(i, Input::Reconfig(Box::new(rc))).unwrap();
+    }
+    for v6 in [false, true] {
+        let (a, b) = if v6 {
+            (net.nodes[0].ip6, net.nodes[1].ip6)
+        } else {
+            (net.nodes[0].ip4, net.nodes[1].ip4)
+        };
+        let ident = if v6 { 61 } else { 41 };
+        // A's OS pings B's address; B is in fake mode.
+        let mut request = Vec::new();
+        wire::icmp::emit_echo(
+            a,
+            b,
+            wire::icmp::EchoKind::Request,
+            ident,
+            2,
+            b"abc",
+            &mut request,
+        )
+        .unwrap();
+        net.input(0, Input::TunPacket(&request)).unwrap();
+        assert!(
+            echoes_in_tun(&net, 0, ident).is_empty(),
+            "A's engine does not answer its own OS's ping"
+        );
+        net.run_for(Duration::from_secs(1));
+        assert_eq!(
+            echoes_in_tun(&net, 0, ident),
+            vec![(wire::icmp::EchoKind::Reply, b, a)],
+            "v6={v6}: the reply came back to A through the tunnel"
+        );
+        assert!(
+            echoes_in_tun(&net, 1, ident).is_empty(),
+            "v6={v6}: B's TUN saw nothing of the ping"
+        );
+    }
+    assert_eq!(net.nodes[1].engine.counters().fake_icmp_replies, 2);
+    assert_eq!(net.nodes[0].engine.counters().fake_icmp_replies, 0);
+
+    // B's OS pings A: B's engine does not answer it locally, the request
+    // goes to A (not in fake mode), whose OS sees it.
+    let (a, b) = (net.nodes[0].ip4, net.nodes[1].ip4);
+    let mut request = Vec::new();
     wire::icmp::emit_echo(
-        src,
-        dst,
+        b,
+        a,
         wire::icmp::EchoKind::Request,
+        77,
         1,
-        2,
-        b"abc",
-        &mut req,
+        b"xyz",
+        &mut request,
     )
     .unwrap();
-    net.input(0, Input::TunPacket(&req)).unwrap();
-    let (_, reply) = net.nodes[0].tun_out.last().unwrap().clone();
-    let header = wire::ip::IpHeader::parse(&reply).unwrap();
-    assert_eq!((header.src, header.dst), (dst, src));
-    let echo = wire::icmp::parse_echo(&header, &reply).unwrap();
-    assert_eq!(
-        (echo.kind, echo.ident, echo.seq, echo.payload),
-        (wire::icmp::EchoKind::Reply, 1, 2, &b"abc"[..])
+    net.input(1, Input::TunPacket(&request)).unwrap();
+    assert!(
+        echoes_in_tun(&net, 1, 77).is_empty(),
+        "no local answer at B"
     );
-    assert!(net.nodes[0].sent.is_empty(), "nothing went to the network");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(
+        echoes_in_tun(&net, 0, 77),
+        vec![(wire::icmp::EchoKind::Request, b, a)]
+    );
+    assert!(echoes_in_tun(&net, 1, 77).is_empty());
+    assert_eq!(net.nodes[1].engine.counters().fake_icmp_replies, 2);
+
+    // The engine's own ICMP ping from A to B is answered by B's engine.
+    net.ping(0, b, PingKind::Icmp, 9);
+    net.run_for(Duration::from_secs(1));
+    let (_, result) = net.nodes[0].pings.iter().find(|(_, r)| r.id == 9).unwrap();
+    assert!(
+        matches!(result.outcome, PingOutcome::Pong { .. }),
+        "{:?}",
+        result.outcome
+    );
 }
 
 #[test]
@@ -659,4 +737,214 @@ fn peer_delta_is_an_input_and_is_refused_after_close() {
         2,
         "a closed engine keeps its state"
     );
+}
+
+/// Disco datagrams `node` has sent so far (every datagram that is not WireGuard).
+fn disco_sent(net: &Net, node: usize) -> usize {
+    net.nodes[node].sent.len() - net.nodes[node].sent_wg.len()
+}
+
+/// While no link is up the engine sends no disco message (heartbeats, pings
+/// or pongs), even to a peer with traffic; when a link comes back it pings
+/// the active peers' candidates at once and heartbeats resume.
+#[test]
+fn no_disco_while_every_link_is_down_and_pings_resume_when_one_comes_back() {
+    let mut net = Net::new(2, Duration::from_millis(10), |_, _| {});
+    net.configure_all(Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    });
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"start");
+    net.run_for(Duration::from_secs(5));
+    assert!(disco_sent(&net, 0) > 0, "disco runs while the link is up");
+    net.input(
+        0,
+        Input::LinkChange(LinkChange {
+            any_link_up: false,
+            major: false,
+        }),
+    )
+    .unwrap();
+    let disco_before = disco_sent(&net, 0);
+    let pings_before = net.nodes[0].engine.counters().disco_pings_sent;
+    let pongs_before = net.nodes[0].engine.counters().disco_pongs_sent;
+    // A minute of virtual time with the peer active both ways (node 1's
+    // link is up: its own disco pings keep arriving).
+    for i in 0..30u32 {
+        net.send_udp(0, ip1, format!("down-{i}").as_bytes());
+        net.send_udp(1, net.nodes[0].ip4, format!("back-{i}").as_bytes());
+        net.run_for(Duration::from_secs(2));
+    }
+    assert_eq!(
+        disco_sent(&net, 0),
+        disco_before,
+        "no disco datagram left while every link was down"
+    );
+    let c = net.nodes[0].engine.counters();
+    assert_eq!(
+        (c.disco_pings_sent, c.disco_pongs_sent),
+        (pings_before, pongs_before)
+    );
+    assert!(
+        !net.delivered(1, b"down-29").is_empty(),
+        "WireGuard traffic itself is not paused"
+    );
+    net.input(
+        0,
+        Input::LinkChange(LinkChange {
+            any_link_up: true,
+            major: false,
+        }),
+    )
+    .unwrap();
+    assert!(
+        disco_sent(&net, 0) > disco_before,
+        "the active peer's candidates are pinged when the link comes back"
+    );
+    let resumed = disco_sent(&net, 0);
+    for i in 0..5u32 {
+        net.send_udp(0, ip1, format!("up-{i}").as_bytes());
+        net.run_for(Duration::from_secs(2));
+    }
+    assert!(
+        disco_sent(&net, 0) > resumed,
+        "heartbeats resume after the link is back"
+    );
+}
+/// Every `PeerRemoved` and `PeerConfigured` event `node` reported since `from`.
+fn peer_churn(net: &Net, node: usize, from: usize) -> Vec<Event> {
+    net.nodes[node].events[from..]
+        .iter()
+        .map(|(_, e)| e.clone())
+        .filter(|e| matches!(e, Event::PeerRemoved { .. } | Event::PeerConfigured { .. }))
+        .collect()
+}
+
+/// Keepalives (32-byte WireGuard datagrams) `node` sent in `[from, to)`.
+fn keepalives_between(
+    net: &Net,
+    node: usize,
+    from: std::time::Instant,
+    to: std::time::Instant,
+) -> usize {
+    net.nodes[node]
+        .sent
+        .iter()
+        .filter(|(t, _, len)| *len == 32 && *t >= from && *t < to)
+        .count()
+}
+
+/// wireguard-go changes a peer's persistent keepalive in place: the session
+/// survives (no removal, no new handshake), turning it on sends a keepalive
+/// at once, and the new interval is what the session follows.
+#[test]
+fn persistent_keepalive_change_keeps_the_session_and_takes_effect() {
+    let mut net = Net::new(2, Duration::from_millis(10), |_, _| {});
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs.clone());
+    let (ip0, ip1) = (net.nodes[0].ip4, net.nodes[1].ip4);
+    net.send_udp(0, ip1, b"before");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.delivered(1, b"before").len(), 1);
+    let events_from = net.nodes[0].events.len();
+    let initiations = |net: &Net| {
+        (0..2)
+            .map(|i| net.nodes[i].engine.counters().handshake_initiations_sent)
+            .sum::<u64>()
+    };
+    let initiations_before = initiations(&net);
+
+    net.nodes[1].persistent_keepalive_secs = Some(5);
+    let rc = net.reconfig_for(0, knobs.clone());
+    let changed_at = net.now;
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    assert_eq!(peer_churn(&net, 0, events_from), vec![]);
+    assert_eq!(
+        keepalives_between(&net, 0, changed_at, changed_at + Duration::from_millis(1)),
+        1,
+        "turning the keepalive on sends one at once"
+    );
+    net.run_for(Duration::from_secs(21));
+    let kept = keepalives_between(&net, 0, changed_at, net.now);
+    assert!(
+        (5..=6).contains(&kept),
+        "one at once and one every 5 s for 21 s, got {kept}"
+    );
+    net.send_udp(0, ip1, b"during");
+    net.send_udp(1, ip0, b"reply");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.delivered(1, b"during").len(), 1);
+    assert_eq!(net.delivered(0, b"reply").len(), 1);
+
+    // Off again: no more persistent keepalives, still the same session.
+    net.nodes[1].persistent_keepalive_secs = None;
+    let rc = net.reconfig_for(0, knobs);
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    // Let the passive keepalive for "reply" go first.
+    net.run_for(Duration::from_secs(11));
+    let off_at = net.now;
+    net.run_for(Duration::from_secs(30));
+    assert_eq!(keepalives_between(&net, 0, off_at, net.now), 0);
+    assert_eq!(peer_churn(&net, 0, events_from), vec![]);
+    assert_eq!(initiations(&net), initiations_before, "no new handshake");
+    assert_eq!(
+        net.nodes[0].engine.counters().handshakes_completed,
+        1,
+        "the first session is still the one in use"
+    );
+}
+
+/// wireguard-go changes a peer's preshared key in place: the live session
+/// survives and the new key is used from the next handshake on. Node 0 gets
+/// the key first: the session keeps carrying traffic, but the next handshake
+/// (forced by a restart of node 1) only completes once node 1 has the same key.
+#[test]
+fn preshared_key_change_keeps_the_session_and_applies_to_the_next_handshake() {
+    let mut net = Net::new(2, Duration::from_millis(10), |_, _| {});
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs.clone());
+    let (ip0, ip1) = (net.nodes[0].ip4, net.nodes[1].ip4);
+    net.send_udp(0, ip1, b"before");
+    net.run_for(Duration::from_secs(1));
+    let events_from = net.nodes[0].events.len();
+    let completed = |net: &Net, i: usize| net.nodes[i].engine.counters().handshakes_completed;
+    assert_eq!(completed(&net, 0), 1);
+
+    let psk = [5u8; 32];
+    let mut rc = net.reconfig_for(0, knobs.clone());
+    rc.wireguard.as_mut().unwrap().peers[0].preshared_key = Some(psk);
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    assert_eq!(peer_churn(&net, 0, events_from), vec![]);
+    net.send_udp(0, ip1, b"same-session");
+    net.send_udp(1, ip0, b"same-back");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.delivered(1, b"same-session").len(), 1);
+    assert_eq!(net.delivered(0, b"same-back").len(), 1);
+    assert_eq!(completed(&net, 0), 1, "no new handshake for a key change");
+
+    // Node 1 restarts without a preshared key: its initiation is answered
+    // with node 0's new key, so it cannot complete.
+    net.restart(1, 77);
+    let rc1 = net.reconfig_for(1, knobs.clone());
+    net.input(1, Input::Reconfig(Box::new(rc1))).unwrap();
+    net.send_udp(1, ip0, b"no-psk");
+    net.run_for(Duration::from_secs(12));
+    assert!(net.delivered(0, b"no-psk").is_empty(), "keys differ");
+    assert_eq!(completed(&net, 1), 0);
+
+    // With the same key on node 1 the next attempt completes.
+    let mut rc1 = net.reconfig_for(1, knobs);
+    rc1.wireguard.as_mut().unwrap().peers[0].preshared_key = Some(psk);
+    net.input(1, Input::Reconfig(Box::new(rc1))).unwrap();
+    net.send_udp(1, ip0, b"with-psk");
+    net.run_for(Duration::from_secs(12));
+    assert!(completed(&net, 1) >= 1);
+    assert_eq!(net.delivered(0, b"with-psk").len(), 1);
 }

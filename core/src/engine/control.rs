@@ -13,11 +13,23 @@ impl Engine {
     pub(super) fn link_change(&mut self, change: LinkChange) {
         self.outputs
             .push_back(Output::Effect(Effect::SetNetworkUp(change.any_link_up)));
+        let was_up = self.network_up;
+        // While no link is up no disco message leaves (see
+        // `run_disco_actions`): heartbeats and path pings pause.
         self.network_up = change.any_link_up;
         if !change.any_link_up {
             self.counters.link_changes_down += 1;
-            info!("all links down; pausing");
+            info!("all links down; pausing disco");
             return;
+        }
+        if !was_up && !change.major {
+            // Back from "all links down": what was learnt about the paths
+            // is stale, so every active peer's candidates are pinged again
+            // now rather than at the next heartbeat. (A major change resets
+            // the paths below, which pings them too.)
+            info!("a link is up again; resuming disco");
+            let actions = self.disco.ping_active_peers(self.now, &mut self.rng);
+            self.run_disco_actions(self.now, actions);
         }
         if change.major {
             self.counters.link_changes_major += 1;

@@ -638,6 +638,34 @@ impl DiscoState {
         out
     }
 
+    /// Forgets a ping that was never sent (no link was up).
+    pub(crate) fn forget_ping(&mut self, slot: PeerSlot, tx_id: [u8; 12]) {
+        if let Some(peer) = self.peers.get_mut(&slot) {
+            peer.pending.remove(&tx_id);
+        }
+    }
+
+    /// A link came back after all were down: every active peer's candidates
+    /// are pinged again at once.
+    pub(crate) fn ping_active_peers(
+        &mut self,
+        now: Instant,
+        rng: &mut impl RngCore,
+    ) -> Vec<DiscoAction> {
+        let mut out = Vec::new();
+        let slots: Vec<PeerSlot> = self.peers.keys().copied().collect();
+        for slot in slots {
+            let Some(peer) = self.peers.get_mut(&slot) else {
+                continue;
+            };
+            if peer.is_active(now) {
+                Self::full_ping(peer, slot, now, rng, &mut out);
+            }
+            self.reschedule(now, slot);
+        }
+        out
+    }
+
     /// A major link change: every path must be proven again.
     pub(crate) fn reset_paths(&mut self, now: Instant, rng: &mut impl RngCore) -> Vec<DiscoAction> {
         let mut out = Vec::new();

@@ -285,11 +285,34 @@ impl Engine {
             self.buffers.recycle(packet);
             return;
         }
+        if self.applied.knobs.fake_icmp_echo && self.answer_echo_request(now, slot, &packet) {
+            self.buffers.recycle(packet);
+            return;
+        }
         if self.capture {
             self.capture_packet(now, false, &packet);
         }
         self.counters.tun_packets_out += 1;
         self.outputs.push_back(Output::TunWrite(packet));
+    }
+
+    /// Fake mode (the reference's "respond to ping"): an ICMP echo request
+    /// that came in from a peer and passed the packet filter is answered
+    /// here, whatever its destination, and the reply is encrypted back to
+    /// that peer. The request goes no further: in the reference the packet
+    /// is then delivered to a TUN that discards everything, so nothing of it
+    /// reaches the OS; delivering it to a real TUN would answer it twice.
+    /// Returns whether the packet was such a request.
+    fn answer_echo_request(&mut self, now: Instant, slot: PeerSlot, packet: &[u8]) -> bool {
+        let mut reply = self.buffers.empty();
+        if wire::icmp::echo_reply_for(packet, &mut reply).is_none() {
+            self.buffers.recycle(reply);
+            return false;
+        }
+        self.counters.fake_icmp_replies += 1;
+        self.send_to_peer(now, slot, &reply);
+        self.buffers.recycle(reply);
+        true
     }
 
     pub(super) fn handle_tsmp(
@@ -311,10 +334,11 @@ impl Engine {
         };
         match message {
             wire::tsmp::TsmpMessage::Ping { data } => {
-                if !self.is_local_addr(header.dst) {
-                    self.counters.drop_tsmp_malformed += 1;
-                    return;
-                }
+                // The reference answers every TSMP ping a peer sends, for
+                // any destination (one of our addresses or one we route,
+                // like an address in an advertised subnet), from that
+                // destination. The source was checked against the peer's
+                // AllowedIPs already, so the pong goes back to the peer.
                 let pong = wire::tsmp::TsmpMessage::Pong {
                     data,
                     peerapi_port: self.applied.knobs.peerapi_port,
@@ -412,6 +436,16 @@ impl Engine {
         for action in actions {
             match action {
                 DiscoAction::Send { slot, dst, message } => {
+                    if !self.network_up {
+                        // No link is up: like the reference's magicsock,
+                        // send no disco message at all, and forget a ping
+                        // that could not leave so it does not count as lost.
+                        self.counters.drop_disco_network_down += 1;
+                        if let wire::disco::DiscoMessage::Ping { tx_id, .. } = message {
+                            self.disco.forget_ping(slot, tx_id);
+                        }
+                        continue;
+                    }
                     let mut nonce = [0u8; 24];
                     self.rng.fill_bytes(&mut nonce);
                     let mut buf = self.buffers.empty();

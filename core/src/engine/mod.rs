@@ -128,6 +128,8 @@ pub struct Engine {
     trimming: bool,
     filter: PacketFilter,
     capture: bool,
+    /// False while no link is up (the last [`LinkChange`]): no disco
+    /// message is sent then.
     network_up: bool,
     closed: bool,
 

@@ -59,16 +59,6 @@ impl Engine {
             trace!(dst = %header.dst, "no peer for destination");
             return;
         };
-        if self.applied.knobs.fake_icmp_echo {
-            let mut reply = self.buffers.empty();
-            if wire::icmp::echo_reply_for(packet, &mut reply).is_some() {
-                self.counters.fake_icmp_replies += 1;
-                self.counters.tun_packets_out += 1;
-                self.outputs.push_back(Output::TunWrite(reply));
-                return;
-            }
-            self.buffers.recycle(reply);
-        }
         self.note_send_activity(now, slot, header.dst);
         self.send_to_peer(now, slot, packet);
     }

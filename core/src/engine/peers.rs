@@ -109,7 +109,6 @@ impl Engine {
             now,
             &peer.config.public_key,
             peer.config.preshared_key,
-            peer.config.persistent_keepalive_secs,
             index,
         );
         peer.wg = Some(Box::new(WgPeer {
@@ -205,8 +204,17 @@ impl Engine {
         let peer = &mut self.peers[slot];
         let keepalive_secs = peer.config.persistent_keepalive_secs.unwrap_or(0);
         if let Some(wg) = peer.wg.as_mut() {
+            let keepalive_due = wg.timers.persistent_keepalive_due(now);
             wg.timers.on_timers_run(now, keepalive_secs);
-            let action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);
+            let mut action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);
+            // The persistent keepalive is the engine's (see
+            // `WgDevice::new_tunnel`), with boringtun's rules: not while our
+            // initiation awaits its answer, and one keepalive covers both
+            // it and a passive keepalive WireGuard wanted at the same time.
+            if keepalive_due && action == TimerAction::Nothing && !wg.timers.initiation_in_flight()
+            {
+                action = wg.tunnel.send_keepalive(now, &mut self.buffers.wg_scratch);
+            }
             self.handle_timer_action(now, slot, action);
             self.start_handshake_if_allowed(now, slot);
             self.drain_staged(now, slot);
@@ -383,8 +391,6 @@ impl Engine {
         self.run_disco_actions(now, actions);
         let peer = &mut self.peers[slot];
         peer.trimmable = peer.config.is_trimmable();
-        let keys_changed = old.preshared_key != peer.config.preshared_key
-            || old.persistent_keepalive_secs != peer.config.persistent_keepalive_secs;
         let mut flush = None;
         if peer.wg.is_some() {
             match (old.disco_key, new_disco) {
@@ -395,11 +401,7 @@ impl Engine {
                     self.unconfigure_peer(slot, RemoveReason::DiscoKeyChanged);
                     flush = Some((slot, a, b));
                 }
-                _ if keys_changed => {
-                    self.unconfigure_peer(slot, RemoveReason::ConfigChanged);
-                    self.configure_peer(now, slot, None);
-                }
-                _ => {}
+                _ => self.update_session_keys_in_place(now, slot, &old),
             }
         }
         if self.peers[slot].wg.is_none()
@@ -410,6 +412,33 @@ impl Engine {
         }
         self.reschedule_peer(slot);
         flush
+    }
+
+    /// A changed preshared key or persistent keepalive is applied to the
+    /// live tunnel, as wireguard-go does: the session survives. The new
+    /// preshared key is used from the next handshake on; a keepalive that
+    /// is switched on sends one at once (wireguard-go's `pkaOn`), and every
+    /// change restarts the interval from now.
+    fn update_session_keys_in_place(&mut self, now: Instant, slot: PeerSlot, old: &PeerConfig) {
+        let peer = &mut self.peers[slot];
+        let new_psk = peer.config.preshared_key;
+        let new_keepalive = peer.config.persistent_keepalive_secs.filter(|&s| s > 0);
+        let Some(wg) = peer.wg.as_mut() else { return };
+        if old.preshared_key != new_psk {
+            debug!(peer = ?peer.config.public_key, "preshared key changed in place");
+            wg.tunnel.set_preshared_key(new_psk);
+        }
+        let old_keepalive = old.persistent_keepalive_secs.filter(|&s| s > 0);
+        if old_keepalive == new_keepalive {
+            return;
+        }
+        debug!(peer = ?peer.config.public_key, ?new_keepalive, "persistent keepalive changed in place");
+        wg.timers
+            .on_persistent_keepalive_changed(now, new_keepalive);
+        if old_keepalive.is_none() {
+            let action = wg.tunnel.send_keepalive(now, &mut self.buffers.wg_scratch);
+            self.handle_timer_action(now, slot, action);
+        }
     }
 
     pub(super) fn remove_peer(&mut self, slot: PeerSlot) {

@@ -290,6 +290,26 @@ impl SessionTimers {
             .is_some_and(|t| now >= t + SEND_ON_SESSION_UNTIL)
     }
 
+    /// Whether the persistent keepalive is due at `now` (read before
+    /// [`SessionTimers::on_timers_run`] moves it on).
+    pub(crate) fn persistent_keepalive_due(&self, now: Instant) -> bool {
+        self.next_persistent_keepalive.is_some_and(|t| t <= now)
+    }
+
+    /// The persistent keepalive was changed in place to `secs` (0 or `None`
+    /// for off): the next one is due one new interval from `now`.
+    pub(crate) fn on_persistent_keepalive_changed(&mut self, now: Instant, secs: Option<u16>) {
+        self.next_persistent_keepalive = secs
+            .filter(|&s| s > 0)
+            .map(|s| now + Duration::from_secs(u64::from(s)));
+    }
+
+    /// Whether an initiation of ours awaits its answer: WireGuard sends no
+    /// persistent keepalive then (the handshake's retries keep the path).
+    pub(crate) fn initiation_in_flight(&self) -> bool {
+        self.last_initiation_sent.is_some()
+    }
+
     /// True while a session is established and has not expired.
     pub(crate) fn has_session(&self) -> bool {
         self.session_established.is_some() && !self.expired

@@ -224,25 +224,29 @@ impl WgDevice {
 
     /// A fresh tunnel to one peer (no session: the first send or an
     /// initiation from the peer starts one).
+    ///
+    /// boringtun's own persistent keepalive stays off: boringtun cannot
+    /// change it on a live tunnel, and wireguard-go changes it in place, so
+    /// the engine's session timers decide when one is due and send it with
+    /// [`WgTunnel::send_keepalive`].
     pub(crate) fn new_tunnel(
         &self,
         now: Instant,
         peer_public: &NodePublicKey,
         preshared_key: Option<[u8; 32]>,
-        persistent_keepalive_secs: Option<u16>,
         index: u32,
     ) -> WgTunnel {
-        self.clock.enter(now);
-        let tunn = Tunn::new(
-            self.static_private.clone(),
-            x25519::PublicKey::from(peer_public.0),
+        let keys = TunnelKeys {
+            static_private: self.static_private.clone(),
+            peer_public: x25519::PublicKey::from(peer_public.0),
             preshared_key,
-            persistent_keepalive_secs.filter(|&s| s > 0),
             index,
-            Some(Arc::clone(&self.rate_limiter)),
-        );
+            rate_limiter: Arc::clone(&self.rate_limiter),
+        };
         WgTunnel {
-            tunn,
+            tunn: keys.tunn(self.clock, now),
+            keys,
+            preshared_key_pending: false,
             clock: self.clock,
             refreshed_at: now,
         }
@@ -394,20 +398,82 @@ pub(crate) enum TimerAction {
     Expired,
 }
 
+/// What a tunnel is made from, kept so that it can be made again with a new
+/// preshared key (boringtun has no way to change the key of a `Tunn`).
+struct TunnelKeys {
+    static_private: x25519::StaticSecret,
+    peer_public: x25519::PublicKey,
+    preshared_key: Option<[u8; 32]>,
+    index: u32,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+impl TunnelKeys {
+    fn tunn(&self, clock: WgClock, now: Instant) -> Tunn {
+        clock.enter(now);
+        Tunn::new(
+            self.static_private.clone(),
+            self.peer_public,
+            self.preshared_key,
+            None,
+            self.index,
+            Some(Arc::clone(&self.rate_limiter)),
+        )
+    }
+}
+
+impl Drop for TunnelKeys {
+    fn drop(&mut self) {
+        if let Some(key) = self.preshared_key.as_mut() {
+            zeroize::Zeroize::zeroize(key);
+        }
+    }
+}
+
 /// One WireGuard tunnel to one peer.
 pub(crate) struct WgTunnel {
     tunn: Tunn,
+    keys: TunnelKeys,
+    /// The preshared key changed while a session was live: the session
+    /// keeps its keys, and the next handshake (ours or the peer's) starts on
+    /// a tunnel made with the new key, as in wireguard-go, where the key is
+    /// read by the handshake and the current keypair is left alone.
+    preshared_key_pending: bool,
     clock: WgClock,
     refreshed_at: Instant,
 }
 
 impl WgTunnel {
+    /// Changes the preshared key in place. The live session, if any, is
+    /// kept; the key is used from the next handshake that starts on (ours:
+    /// a first initiation, a retry or a rekey; or the peer's initiation).
+    /// A handshake already in flight completes with the key it started with.
+    pub(crate) fn set_preshared_key(&mut self, preshared_key: Option<[u8; 32]>) {
+        if self.keys.preshared_key == preshared_key {
+            return;
+        }
+        if let Some(old) = self.keys.preshared_key.as_mut() {
+            zeroize::Zeroize::zeroize(old);
+        }
+        self.keys.preshared_key = preshared_key;
+        self.preshared_key_pending = true;
+    }
+
+    /// Makes the tunnel again with the new preshared key, if one is waiting.
+    /// Called only when a handshake starts, which replaces the session anyway.
+    fn apply_pending_preshared_key(&mut self, now: Instant) {
+        if std::mem::take(&mut self.preshared_key_pending) {
+            self.tunn = self.keys.tunn(self.clock, now);
+            self.refreshed_at = now;
+        }
+    }
+
     /// Runs WireGuard's timers now. Early calls are harmless.
     pub(crate) fn update_timers(&mut self, now: Instant, dst: &mut [u8]) -> TimerAction {
         self.clock.enter(now);
         self.refreshed_at = now;
-        let result = self.tunn.update_timers(dst);
-        timer_action(result)
+        let action = timer_action(self.tunn.update_timers(dst));
+        self.restart_initiation_with_new_key(now, action, dst)
     }
 
     /// Refreshes boringtun's notion of "now" if the clock moved by at least
@@ -419,13 +485,52 @@ impl WgTunnel {
             return TimerAction::Nothing;
         }
         self.refreshed_at = now;
-        let result = self.tunn.update_timers(dst);
-        timer_action(result)
+        let action = timer_action(self.tunn.update_timers(dst));
+        self.restart_initiation_with_new_key(now, action, dst)
+    }
+
+    /// When WireGuard's timers start a handshake (a rekey or a retry) and a
+    /// new preshared key waits, that handshake runs on a tunnel made with
+    /// the new key: the initiation the old tunnel formatted is dropped with it.
+    fn restart_initiation_with_new_key(
+        &mut self,
+        now: Instant,
+        action: TimerAction,
+        dst: &mut [u8],
+    ) -> TimerAction {
+        match action {
+            TimerAction::SendInitiation { .. } if self.preshared_key_pending => {
+                self.apply_pending_preshared_key(now);
+                match self.initiate(now, dst) {
+                    Initiated::Sent { len } => TimerAction::SendInitiation { len },
+                    Initiated::InProgress | Initiated::Error(_) => TimerAction::Nothing,
+                }
+            }
+            TimerAction::Nothing
+            | TimerAction::SendInitiation { .. }
+            | TimerAction::SendKeepalive { .. }
+            | TimerAction::Expired => action,
+        }
+    }
+
+    /// Sends a keepalive on the session (the persistent keepalive the engine
+    /// schedules, or the one wireguard-go sends when a persistent keepalive
+    /// is switched on). With no session, WireGuard starts a handshake
+    /// instead, as wireguard-go does for a keepalive with no keypair.
+    pub(crate) fn send_keepalive(&mut self, now: Instant, dst: &mut [u8]) -> TimerAction {
+        match self.encapsulate(now, &[], dst) {
+            Encapsulated::Data { len } => TimerAction::SendKeepalive { len },
+            Encapsulated::Initiation { len } => TimerAction::SendInitiation { len },
+            Encapsulated::Queued | Encapsulated::Error(_) => TimerAction::Nothing,
+        }
     }
 
     /// Encrypts one IP packet (or queues it and starts a handshake).
     pub(crate) fn encapsulate(&mut self, now: Instant, src: &[u8], dst: &mut [u8]) -> Encapsulated {
         self.clock.enter(now);
+        if self.preshared_key_pending && !self.has_session(now) {
+            self.apply_pending_preshared_key(now);
+        }
         match self.tunn.encapsulate(src, dst) {
             TunnResult::WriteToNetwork(out) if out.first() == Some(&MESSAGE_DATA) => {
                 Encapsulated::Data { len: out.len() }
@@ -450,6 +555,7 @@ impl WgTunnel {
 
     /// Starts a handshake unless one is in progress.
     pub(crate) fn initiate(&mut self, now: Instant, dst: &mut [u8]) -> Initiated {
+        self.apply_pending_preshared_key(now);
         self.clock.enter(now);
         match self.tunn.format_handshake_initiation(dst, false) {
             TunnResult::WriteToNetwork(out) => Initiated::Sent { len: out.len() },
@@ -469,8 +575,13 @@ impl WgTunnel {
         datagram: &[u8],
         dst: &mut [u8],
     ) -> Decapsulated {
-        self.clock.enter(now);
         let message = datagram.first().copied();
+        if message == Some(MESSAGE_INITIATION) {
+            // The peer starts a handshake: it runs with the new preshared
+            // key, if one waits.
+            self.apply_pending_preshared_key(now);
+        }
+        self.clock.enter(now);
         match self.tunn.decapsulate(Some(from), datagram, dst) {
             TunnResult::Done if message == Some(MESSAGE_DATA) => Decapsulated::Keepalive,
             TunnResult::Done => Decapsulated::CookieStored,
