@@ -195,6 +195,10 @@ impl Tailnet {
             "node-up",
             format!("disco {}", self.nodes[i].disco_public.short()),
         );
+        // A node that starts tells control where it can be reached now: its
+        // address may have changed while it was down (a link change during
+        // the downtime reaches no engine, so no re-discovery reported it).
+        self.nodes[i].reported_endpoint = self.nodes[i].endpoint;
         let why = format!("{} restarted", self.nodes[i].spec.name);
         self.push_netmaps(&why);
     }
