@@ -227,6 +227,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         Desired {
             private_key,
             reconfig,
+            fwmark: 0,
         },
     ));
 
@@ -522,6 +523,7 @@ async fn reload(options: &DaemonOptions, desired: &DesiredState) -> Result<Strin
         .map_err(|e| match e {
             ChangeError::Edit(refused) => refused.to_string(),
             ChangeError::Engine(e) => format!("{}: {e}", path.display()),
+            ChangeError::Fwmark(e) => format!("{}: {e}", path.display()),
         })?;
     Ok(format!("{}: {outcome:?}", path.display()))
 }
