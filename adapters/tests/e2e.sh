@@ -292,7 +292,12 @@ assert answer.startswith("errno=22"), answer
 grown = rss_kb() - before
 assert grown < 32 << 10, f"RSS grew by {grown} KiB"
 assert exchange(b"set=1\n\xff\xfe=1\n\n") == "errno=22\n\n"
-assert exchange(b"set=1\nfwmark=51820\n\n") == "errno=95\n\n"
+# fwmark is applied to the UDP socket (SO_MARK) and shown by get.
+assert exchange(b"set=1\nfwmark=51820\n\n") == "errno=0\n\n"
+assert "\nfwmark=51820\n" in exchange(b"get=1\n\n")
+assert exchange(b"set=1\nfwmark=0\n\n") == "errno=0\n\n"
+assert "fwmark=" not in exchange(b"get=1\n\n")
+assert exchange(b"set=1\nfwmark=+1\n\n") == "errno=22\n\n"
 assert exchange(b"set=1\nprivate_key=+" + b"a" * 63 + b"\n\n") == "errno=22\n\n"
 print(f"RSS grew by {grown} KiB")
 PY
