@@ -259,6 +259,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         Desired {
             private_key,
             reconfig,
+            fwmark: 0,
         },
     ));
 
@@ -570,6 +571,7 @@ async fn reload(
         .map_err(|e| match e {
             ChangeError::Edit(refused) => refused.to_string(),
             ChangeError::Engine(e) => format!("{}: {e}", path.display()),
+            ChangeError::Fwmark(e) => format!("{}: {e}", path.display()),
         })?;
     if let Some(magicdns) = magicdns {
         let applied = desired.snapshot().await;

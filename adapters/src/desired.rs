@@ -30,6 +30,9 @@ pub struct Desired {
     pub private_key: NodePrivateKey,
     /// The full desired state last accepted.
     pub reconfig: Reconfig,
+    /// The firewall mark of the UDP socket (UAPI `fwmark=`, 0: none). It
+    /// lives here, not in the engine's config: only the socket uses it.
+    pub fwmark: u32,
 }
 
 /// Every copy of the desired state wipes the preshared keys it holds when it
@@ -84,6 +87,9 @@ pub enum ChangeError<E: std::error::Error + 'static> {
     /// The engine refused the new state, or the driver has stopped.
     #[error(transparent)]
     Engine(#[from] RequestError),
+    /// The socket refused the new firewall mark; nothing changed.
+    #[error("could not set the firewall mark: {0}")]
+    Fwmark(#[source] std::io::Error),
 }
 
 /// The one owner of the daemon's [`Desired`] state (see the module docs).
@@ -124,6 +130,32 @@ impl DesiredState {
         let mut current = self.state.lock().await;
         let mut next = current.clone();
         edit(&mut next).map_err(ChangeError::Edit)?;
+        // The mark first: a socket that refuses it leaves everything as it
+        // was, and an engine that refuses the state gets the old mark back.
+        let mark_changed = next.fwmark != current.fwmark;
+        if mark_changed {
+            self.driver
+                .set_fwmark(next.fwmark)
+                .await?
+                .map_err(ChangeError::Fwmark)?;
+        }
+        let outcome = self.apply(&current, &next).await;
+        if mark_changed && outcome.is_err() {
+            if let Ok(Err(e)) = self.driver.set_fwmark(current.fwmark).await {
+                tracing::warn!(fwmark = current.fwmark, error = %e, "could not restore the firewall mark");
+            }
+        }
+        let outcome = outcome?;
+        *current = next;
+        Ok(outcome)
+    }
+
+    /// Has the engine run `next` (replacing it when the key changed).
+    async fn apply(
+        &self,
+        current: &Desired,
+        next: &Desired,
+    ) -> Result<ReconfigOutcome, RequestError> {
         let outcome = if next.private_key == current.private_key {
             self.driver.reconfig(next.reconfig.clone()).await?
         } else {
@@ -145,7 +177,6 @@ impl DesiredState {
                 .map_err(|_| RequestError::Stopped)?
                 .map_err(RequestError::Refused)?
         };
-        *current = next;
         Ok(outcome)
     }
 }
@@ -175,6 +206,7 @@ mod tests {
             Desired {
                 private_key: key(1),
                 reconfig: empty_reconfig(51820),
+                fwmark: 0,
             },
         )
     }

@@ -7,11 +7,13 @@
 //! the driver ends it drops the sender; this task then withdraws everything it
 //! applied and removes the state file.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use wgmesh_core::Effect;
+use wgmesh_core::{Effect, RouterConfig};
 
 use crate::bird::BirdClient;
 use crate::dns::DnsManager;
@@ -63,6 +65,47 @@ pub struct OsManager {
     /// The last BIRD switch that failed, retried on the next router change.
     bird_pending: Option<(String, bool)>,
     state_path: PathBuf,
+    /// The router config the engine asked for last (before the resolver
+    /// routes are added).
+    router_config: Option<RouterConfig>,
+    /// The resolvers of the last DNS config.
+    nameservers: Vec<IpAddr>,
+    /// Whether the engine says the resolvers are reached through the tunnel
+    /// (their addresses then get routes on the tunnel interface).
+    dns_via_tunnel: bool,
+    /// Whether any link is up, once the engine has said.
+    network_up: Option<bool>,
+    /// Endpoint re-discoveries asked for. The daemon has no discovery of its
+    /// own endpoints yet (no STUN, no interface list given to the engine),
+    /// so each one is counted and logged, not run.
+    rediscover_requests: u64,
+}
+
+/// `config` with a host route through the tunnel for every resolver in
+/// `nameservers` that no route of `config` covers yet, when `via_tunnel`.
+/// The engine decided the resolvers are reached through a peer (an address
+/// inside its AllowedIPs); without the route the OS would send the queries
+/// out of the default interface, where nothing answers them.
+pub fn with_resolver_routes(
+    config: &RouterConfig,
+    nameservers: &[IpAddr],
+    via_tunnel: bool,
+) -> RouterConfig {
+    let mut config = config.clone();
+    if !via_tunnel {
+        return config;
+    }
+    for &ns in nameservers {
+        if config.routes.iter().any(|r| r.contains(&ns)) {
+            continue;
+        }
+        // A tunnel address of our own is local, not a route.
+        if config.local_addrs.iter().any(|a| a.addr() == ns) {
+            continue;
+        }
+        config.routes.push(IpNet::from(ns));
+    }
+    config
 }
 
 impl OsManager {
@@ -82,7 +125,22 @@ impl OsManager {
             bird,
             bird_pending: None,
             state_path,
+            router_config: None,
+            nameservers: Vec::new(),
+            dns_via_tunnel: false,
+            network_up: None,
+            rediscover_requests: 0,
         }
+    }
+
+    /// Whether any link is up, as the engine last said (`None`: not yet).
+    pub fn network_up(&self) -> Option<bool> {
+        self.network_up
+    }
+
+    /// How many endpoint re-discoveries were asked for.
+    pub fn rediscover_requests(&self) -> u64 {
+        self.rediscover_requests
     }
 
     /// Undoes what a previous, crashed run left behind.
@@ -107,20 +165,14 @@ impl OsManager {
         self.shutdown().await;
     }
 
-    async fn apply(&mut self, effect: Effect) {
+    /// Applies one effect. Every variant core has is named: `Effect` is
+    /// `#[non_exhaustive]` in core, so the compiler demands a last arm, and
+    /// it warns instead of passing a new effect by silently.
+    pub async fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::ApplyRouter(config) => {
-                if let Some(router) = &mut self.router {
-                    match router.apply(&config).await {
-                        Ok(()) => info!(
-                            addresses = config.local_addrs.len(),
-                            routes = config.routes.len(),
-                            mtu = config.mtu,
-                            "router config applied"
-                        ),
-                        Err(e) => warn!(error = %e, "router config failed"),
-                    }
-                }
+                self.router_config = Some(config);
+                self.apply_router().await;
                 if let Some((protocol, enabled)) = self.bird_pending.take() {
                     self.set_bird(protocol, enabled).await;
                 }
@@ -130,6 +182,12 @@ impl OsManager {
                 if let Err(e) = self.dns.apply(&config).await {
                     warn!(error = %e, "DNS config failed");
                 }
+                if config.nameservers != self.nameservers {
+                    self.nameservers = config.nameservers.clone();
+                    if self.dns_via_tunnel {
+                        self.apply_router().await;
+                    }
+                }
                 self.save_state();
             }
             Effect::FlushDnsCaches => {
@@ -138,7 +196,68 @@ impl OsManager {
                 }
             }
             Effect::SetBirdProtocol { protocol, enabled } => self.set_bird(protocol, enabled).await,
-            other => debug!(effect = ?other, "effect needs no OS change"),
+            Effect::SetDnsViaTunnel(via_tunnel) => {
+                info!(
+                    via_tunnel,
+                    nameservers = ?self.nameservers,
+                    "DNS resolvers reached through the tunnel: routing their addresses there"
+                );
+                if via_tunnel != self.dns_via_tunnel {
+                    self.dns_via_tunnel = via_tunnel;
+                    self.apply_router().await;
+                    self.save_state();
+                }
+            }
+            Effect::SetNetworkUp(up) => {
+                match self.network_up {
+                    Some(before) if before == up => {
+                        debug!(network_up = up, "network state unchanged")
+                    }
+                    before => info!(network_up = up, ?before, "network state changed"),
+                }
+                self.network_up = Some(up);
+            }
+            Effect::ReDiscoverEndpoints { reason } => {
+                self.rediscover_requests += 1;
+                info!(
+                    reason,
+                    requests = self.rediscover_requests,
+                    "endpoint re-discovery asked for; wgmeshd has no local endpoint discovery to re-run (counted)"
+                );
+            }
+            // The driver loop acts on these (the socket is its own); they
+            // reach this task only to be logged.
+            Effect::Rebind => debug!("socket rebind (done by the driver)"),
+            Effect::SetListenPort(port) => debug!(port, "listen port (done by the driver)"),
+            Effect::SetPathMtuDiscovery(on) => {
+                debug!(
+                    path_mtu_discovery = on,
+                    "path-MTU discovery (done by the driver)"
+                )
+            }
+            other => warn!(effect = ?other, "effect unknown to the OS manager; not applied"),
+        }
+    }
+
+    /// Applies the engine's router config plus the resolver routes.
+    async fn apply_router(&mut self) {
+        let Some(wanted) = &self.router_config else {
+            return;
+        };
+        let config = with_resolver_routes(wanted, &self.nameservers, self.dns_via_tunnel);
+        let Some(router) = &mut self.router else {
+            debug!(routes = config.routes.len(), "routes are not managed");
+            return;
+        };
+        match router.apply(&config).await {
+            Ok(()) => info!(
+                addresses = config.local_addrs.len(),
+                routes = config.routes.len(),
+                resolver_routes = config.routes.len() - wanted.routes.len(),
+                mtu = config.mtu,
+                "router config applied"
+            ),
+            Err(e) => warn!(error = %e, "router config failed"),
         }
     }
 
@@ -182,5 +301,100 @@ impl OsManager {
         }
         let _ = std::fs::remove_file(&self.state_path);
         info!(interface = %self.interface, "OS changes withdrawn");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::DnsBackend;
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
+    fn manager(dir: &Path) -> OsManager {
+        let dns = DnsManager::new(
+            DnsBackend::Off,
+            "wgtest0",
+            dir.join("resolv.conf"),
+            dir.join("resolv.bak"),
+        );
+        OsManager::new("wgtest0", None, dns, None, dir.join("wgtest0.state"))
+    }
+
+    #[test]
+    fn resolvers_through_the_tunnel_get_host_routes_unless_covered() {
+        let config = RouterConfig {
+            local_addrs: vec![net("100.64.0.1/32")],
+            routes: vec![net("100.64.0.2/32"), net("10.9.0.0/24")],
+            advertised_routes: vec![],
+            mtu: 1280,
+        };
+        let nameservers: Vec<IpAddr> = [
+            "100.64.0.3",
+            "10.9.0.53",
+            "fd7a:115c:a1e0::53",
+            "100.64.0.1",
+        ]
+        .iter()
+        .map(|t| t.parse().unwrap())
+        .collect();
+        let routed = with_resolver_routes(&config, &nameservers, true);
+        assert_eq!(
+            routed.routes,
+            vec![
+                net("100.64.0.2/32"),
+                net("10.9.0.0/24"),
+                net("100.64.0.3/32"),
+                net("fd7a:115c:a1e0::53/128"),
+            ]
+        );
+        assert_eq!(with_resolver_routes(&config, &nameservers, false), config);
+    }
+
+    #[tokio::test]
+    async fn network_transitions_and_rediscoveries_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut os = manager(dir.path());
+        assert_eq!(os.network_up(), None);
+        os.apply(Effect::SetNetworkUp(false)).await;
+        assert_eq!(os.network_up(), Some(false));
+        os.apply(Effect::SetNetworkUp(true)).await;
+        assert_eq!(os.network_up(), Some(true));
+        os.apply(Effect::ReDiscoverEndpoints {
+            reason: "link-change-major",
+        })
+        .await;
+        os.apply(Effect::ReDiscoverEndpoints {
+            reason: "link-change-minor",
+        })
+        .await;
+        assert_eq!(os.rediscover_requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn dns_via_the_tunnel_follows_the_resolvers_and_the_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut os = manager(dir.path());
+        os.apply(Effect::ApplyRouter(RouterConfig {
+            local_addrs: vec![net("100.64.0.1/32")],
+            routes: vec![],
+            advertised_routes: vec![],
+            mtu: 1280,
+        }))
+        .await;
+        os.apply(Effect::ApplyDns(wgmesh_core::DnsConfig {
+            nameservers: vec!["100.64.0.3".parse().unwrap()],
+            search_domains: vec![],
+        }))
+        .await;
+        os.apply(Effect::SetDnsViaTunnel(true)).await;
+        let wanted = os.router_config.clone().unwrap();
+        let applied = with_resolver_routes(&wanted, &os.nameservers, os.dns_via_tunnel);
+        assert_eq!(applied.routes, vec![net("100.64.0.3/32")]);
+        os.apply(Effect::SetDnsViaTunnel(false)).await;
+        let applied = with_resolver_routes(&wanted, &os.nameservers, os.dns_via_tunnel);
+        assert!(applied.routes.is_empty());
     }
 }

@@ -89,12 +89,24 @@ fn parse_hex(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// A decimal number without sign or spaces (`u32::from_str` takes a `+`).
+fn parse_decimal(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// Renders the answer to `get=1` (without the final `errno` line).
 pub fn render_get(desired: &Desired, status: &Status) -> String {
     let mut out = String::new();
     let wall = SystemTime::now();
     let _ = writeln!(out, "private_key={}", hex(desired.private_key.as_bytes()));
     let _ = writeln!(out, "listen_port={}", status.listen_port);
+    // wg prints the mark only when one is set, as wireguard-go sends it.
+    if desired.fwmark != 0 {
+        let _ = writeln!(out, "fwmark={}", desired.fwmark);
+    }
     let configured: Vec<&PeerConfig> = desired
         .reconfig
         .wireguard
@@ -167,17 +179,9 @@ pub fn apply_set(desired: &mut Desired, lines: &[String]) -> Result<SetOutcome, 
                 }
             }
             (false, "listen_port") => wg.listen_port = value.parse().map_err(|_| invalid())?,
-            (false, "fwmark") => {
-                // 0 is "no mark", what every config without a FwMark sends.
-                // A mark would have to be set on the UDP sockets, which the
-                // data plane does not do yet: refuse rather than ignore it.
-                let mark: u32 = value.parse().map_err(|_| invalid())?;
-                if mark != 0 {
-                    return Err(SetError::Unsupported(
-                        "fwmark is not supported by wgmeshd (only fwmark=0)",
-                    ));
-                }
-            }
+            // 0 is "no mark", what every config without a FwMark sends;
+            // the mark goes on the UDP socket (`DesiredState::change`).
+            (false, "fwmark") => desired.fwmark = parse_decimal(value).ok_or_else(invalid)?,
             (false, "replace_peers") => {
                 if value == "true" {
                     wg.peers.clear();
@@ -414,6 +418,10 @@ async fn set(desired: &DesiredState, body: &[String]) -> i32 {
             EINVAL
         }
         Err(ChangeError::Engine(RequestError::Stopped)) => EIO,
+        Err(ChangeError::Fwmark(e)) => {
+            warn!(error = %e, "UAPI set refused: the socket did not take the firewall mark");
+            e.raw_os_error().unwrap_or(EIO)
+        }
     }
 }
 
@@ -426,6 +434,7 @@ mod tests {
         Desired {
             private_key: NodePrivateKey::from_bytes([1; 32]),
             reconfig: empty_reconfig(51820),
+            fwmark: 0,
         }
     }
 
@@ -554,16 +563,22 @@ mod tests {
     }
 
     #[test]
-    fn fwmark_is_refused_unless_zero() {
+    fn fwmark_is_recorded_and_shown_by_get() {
         let mut d = desired();
-        assert!(apply_set(&mut d, &lines("fwmark=0")).is_ok());
-        let err = apply_set(&mut d, &lines("fwmark=51820")).unwrap_err();
-        assert_eq!(err.errno(), EOPNOTSUPP);
-        assert!(err.to_string().contains("fwmark"), "{err}");
-        assert_eq!(
-            apply_set(&mut d, &lines("fwmark=x")).unwrap_err().errno(),
-            EINVAL
-        );
+        apply_set(&mut d, &lines("fwmark=51820")).unwrap();
+        assert_eq!(d.fwmark, 51820);
+        let status = Status::default();
+        assert!(render_get(&d, &status).contains("\nfwmark=51820\n"));
+        apply_set(&mut d, &lines("fwmark=0")).unwrap();
+        assert_eq!(d.fwmark, 0);
+        assert!(!render_get(&d, &status).contains("fwmark"));
+        for bad in ["fwmark=x", "fwmark=+1", "fwmark=4294967296", "fwmark="] {
+            assert_eq!(
+                apply_set(&mut d, &lines(bad)).unwrap_err().errno(),
+                EINVAL,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -179,6 +179,7 @@ async fn api_and_uapi_over_unix_sockets() {
         Desired {
             private_key: ka.clone(),
             reconfig: ra,
+            fwmark: 0,
         },
     ));
     let uapi_path = dir.path().join("wireguard/wgt0.sock");

@@ -180,3 +180,41 @@ async fn ping_first_wakes_a_trimmed_peer() {
         );
     }
 }
+
+/// Issue 15: `randomize_client_port` (an engine's `SetListenPort(0)`) moves
+/// the socket to a new random port, and the status reports the port the
+/// socket holds, not the configured one.
+#[tokio::test]
+async fn a_random_client_port_moves_the_socket_and_status_shows_it() {
+    let mut a = node(1, Ipv4Addr::new(100, 64, 0, 1));
+    let b = node(2, Ipv4Addr::new(100, 64, 0, 2));
+    let first_port = a.id.addr.port();
+    let (running, handle, _os) = start_driver(&mut a, 1, None);
+    let mut reconfig = named_reconfig_for(&a, &b);
+    if let Some(wg) = reconfig.wireguard.as_mut() {
+        wg.listen_port = first_port;
+    }
+    let _ = handle.reconfig(reconfig.clone()).await.unwrap();
+    let status = handle.status().await.unwrap();
+    assert_eq!(status.listen_port, first_port);
+
+    reconfig.knobs.randomize_client_port = true;
+    let _ = handle.reconfig(reconfig).await.unwrap();
+    let status = handle.status().await.unwrap();
+    assert_ne!(status.listen_port, 0);
+    assert_ne!(
+        status.listen_port, first_port,
+        "the socket stayed on the configured port"
+    );
+    // The old port is free again: the socket really moved.
+    let probe = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, first_port));
+    assert!(probe.is_ok(), "the old port is still held");
+
+    handle.close().await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, DriverExit::Closed);
+}

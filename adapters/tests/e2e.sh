@@ -297,6 +297,15 @@ check "wgmesh ping --tsmp" in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 100.64.
 check "wgmesh ping --icmp" in_a "$WGMESH" "${API_A[@]}" ping --icmp -c 3 100.64.0.2
 check "wgmesh ping --disco" in_a "$WGMESH" "${API_A[@]}" ping --disco -c 5 100.64.0.2
 
+# Issue 15: `-c N` sends N pings and prints a line for each (it used to stop
+# at the first pong), then a summary.
+ping_count_sends_every_ping() {
+    in_a "$WGMESH" "${API_A[@]}" ping --tsmp -c 3 100.64.0.2 >"$TMP/ping-count" || return 1
+    [ "$(grep -c '^pong from' "$TMP/ping-count")" = 3 ] || { cat "$TMP/ping-count"; return 1; }
+    grep -q '^3 pings sent, 3 answered' "$TMP/ping-count" || return 1
+}
+check "wgmesh ping -c 3 sends three pings and prints three lines" ping_count_sends_every_ping
+
 status_json() {
     "$WGMESH" "${API_A[@]}" status --json >"$TMP/status.json" || return 1
     python3 - "$TMP/status.json" <<'PY' || return 1
@@ -405,7 +414,12 @@ assert answer.startswith("errno=22"), answer
 grown = rss_kb() - before
 assert grown < 32 << 10, f"RSS grew by {grown} KiB"
 assert exchange(b"set=1\n\xff\xfe=1\n\n") == "errno=22\n\n"
-assert exchange(b"set=1\nfwmark=51820\n\n") == "errno=95\n\n"
+# fwmark is applied to the UDP socket (SO_MARK) and shown by get.
+assert exchange(b"set=1\nfwmark=51820\n\n") == "errno=0\n\n"
+assert "\nfwmark=51820\n" in exchange(b"get=1\n\n")
+assert exchange(b"set=1\nfwmark=0\n\n") == "errno=0\n\n"
+assert "fwmark=" not in exchange(b"get=1\n\n")
+assert exchange(b"set=1\nfwmark=+1\n\n") == "errno=22\n\n"
 assert exchange(b"set=1\nprivate_key=+" + b"a" * 63 + b"\n\n") == "errno=22\n\n"
 print(f"RSS grew by {grown} KiB")
 PY
@@ -529,6 +543,7 @@ flow_log() {
     python3 - "$TMP/flows.jsonl" "$SIZE_MB" <<'PY' || return 1
 import json, sys
 flows = [json.loads(l) for l in open(sys.argv[1])]
+flows = [f for f in flows if "summary" not in f]
 tcp = [f for f in flows if f["proto"] == 6 and f["dst"] == "100.64.0.2:5201" and f["direction"] == "out"]
 sent = sum(f["bytes"] for f in tcp)
 assert sent >= int(sys.argv[2]) << 20, (sent, tcp[:3])
@@ -537,6 +552,12 @@ assert any(f["proto"] == 1 and f["direction"] == "in" for f in flows), "no ICMP 
 PY
 }
 check "flow log has the TCP transfer and the pings, per peer" flow_log
+
+# Issue 18 item 5: the flow log is readable by its owner only.
+flow_log_is_private() {
+    [ "$(stat -c %a "$TMP/flows.jsonl")" = 600 ] || { stat -c %a "$TMP/flows.jsonl"; return 1; }
+}
+check "flow log file is created 0600" flow_log_is_private
 
 capture_pcap() {
     in_a "$WGMESH" "${API_A[@]}" capture -o "$TMP/cap.pcap" --seconds 3 &

@@ -70,14 +70,15 @@ struct PingArgs {
     /// ICMP echo inside WireGuard, answered by the peer's OS.
     #[arg(long, group = "kind")]
     icmp: bool,
-    /// Number of pings.
-    #[arg(short = 'c', long, default_value_t = 10)]
-    count: u32,
+    /// Send exactly this many pings and print a line for each, like
+    /// `ping -c`. Without it: up to 10, stopping at the first pong, like
+    /// `tailscale ping`.
+    #[arg(short = 'c', long)]
+    count: Option<u32>,
     /// Extra payload bytes (ICMP only).
     #[arg(long, default_value_t = 0)]
     size: usize,
-    /// Keep pinging after the first answer (default: stop at the first pong,
-    /// like `tailscale ping`).
+    /// Without `-c`: send all 10 instead of stopping at the first pong.
     #[arg(long)]
     until_count: bool,
     /// The tailnet address.
@@ -269,6 +270,54 @@ fn render_status(status: &StatusView) -> String {
     out
 }
 
+/// Pings sent without `-c` at most.
+const DEFAULT_PING_COUNT: u32 = 10;
+
+/// How many pings to send and whether the first pong ends them.
+fn ping_plan(count: Option<u32>, until_count: bool) -> (u32, bool) {
+    match count {
+        // `-c N`: N pings, each with its line, whatever they answer.
+        Some(n) => (n.max(1), false),
+        None => (DEFAULT_PING_COUNT, !until_count),
+    }
+}
+
+/// Sends the pings through `one` (one ping each) and prints a line per
+/// ping with `print`; returns (sent, answered). An error answer ends the
+/// run with that error.
+async fn run_pings<F, Fut>(
+    count: Option<u32>,
+    until_count: bool,
+    pause: Duration,
+    mut one: F,
+    mut print: impl FnMut(&str),
+) -> Result<(u32, u32), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<api::PingView, String>>,
+{
+    let (attempts, stop_at_pong) = ping_plan(count, until_count);
+    let mut answered = 0;
+    let mut sent = 0;
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        let view = one().await?;
+        sent += 1;
+        print(&view.line());
+        if view.outcome == "pong" {
+            answered += 1;
+            if stop_at_pong {
+                break;
+            }
+        } else if view.outcome == "error" {
+            return Err(view.error.unwrap_or_else(|| "ping failed".into()));
+        }
+    }
+    Ok((sent, answered))
+}
+
 async fn ping(cli: &Cli, args: &PingArgs) -> Result<(), String> {
     let kind = if args.tsmp {
         "tsmp"
@@ -277,38 +326,97 @@ async fn ping(cli: &Cli, args: &PingArgs) -> Result<(), String> {
     } else {
         "disco"
     };
-    let mut answered = 0;
-    for attempt in 0..args.count.max(1) {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let request = ApiRequest::Ping {
-            ip: args.ip,
-            kind: kind.into(),
-            size: args.size,
-        };
-        let response = call(cli, &request).await?;
-        match response.ping {
-            Some(view) => {
-                println!("{}", view.line());
-                if view.outcome == "pong" {
-                    answered += 1;
-                    if !args.until_count {
-                        break;
-                    }
-                } else if view.outcome == "error" {
-                    return Err(view.error.unwrap_or_else(|| "ping failed".into()));
-                }
-            }
-            None => return Err(response.error.unwrap_or_else(|| "ping failed".into())),
-        }
+    let request = ApiRequest::Ping {
+        ip: args.ip,
+        kind: kind.into(),
+        size: args.size,
+    };
+    let (sent, answered) = run_pings(
+        args.count,
+        args.until_count,
+        Duration::from_millis(500),
+        || async {
+            let response = call(cli, &request).await?;
+            response
+                .ping
+                .ok_or_else(|| response.error.unwrap_or_else(|| "ping failed".into()))
+        },
+        |line| println!("{line}"),
+    )
+    .await?;
+    if args.count.is_some() {
+        println!(
+            "--- {} ping statistics ---\n{sent} pings sent, {answered} answered",
+            args.ip
+        );
     }
     if answered == 0 {
-        return Err(format!(
-            "no reply from {} after {} attempts",
-            args.ip,
-            args.count.max(1)
-        ));
+        return Err(format!("no reply from {} after {sent} attempts", args.ip));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pong() -> api::PingView {
+        api::PingView {
+            outcome: "pong".into(),
+            ..api::PingView::default()
+        }
+    }
+
+    async fn pings(count: Option<u32>, until_count: bool) -> (u32, u32, usize) {
+        let mut calls = 0;
+        let mut lines = 0;
+        let (sent, answered) = run_pings(
+            count,
+            until_count,
+            Duration::ZERO,
+            || {
+                calls += 1;
+                async { Ok(pong()) }
+            },
+            |_| lines += 1,
+        )
+        .await
+        .unwrap();
+        assert_eq!(sent, calls);
+        (sent, answered, lines)
+    }
+
+    /// Issue 15: `-c N` sends N pings and prints N lines, even when every
+    /// one is answered; without `-c` the first pong ends the run.
+    #[tokio::test]
+    async fn count_sends_that_many_pings_and_prints_a_line_each() {
+        assert_eq!(pings(Some(4), false).await, (4, 4, 4));
+        assert_eq!(pings(Some(1), false).await, (1, 1, 1));
+        assert_eq!(pings(None, false).await, (1, 1, 1));
+        assert_eq!(pings(None, true).await, (10, 10, 10));
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_ends_the_run() {
+        let mut calls = 0;
+        let result = run_pings(
+            Some(5),
+            false,
+            Duration::ZERO,
+            || {
+                calls += 1;
+                async {
+                    Ok(api::PingView {
+                        outcome: "error".into(),
+                        error: Some("no such peer".into()),
+                        ..api::PingView::default()
+                    })
+                }
+            },
+            |_| {},
+        )
+        .await;
+        assert_eq!(result, Err("no such peer".into()));
+        assert_eq!(calls, 1);
+    }
 }

@@ -67,13 +67,21 @@ impl Executor {
 
     /// Feeds one control message. Returns the reply channel of a close,
     /// which the caller answers once the outputs are executed.
-    pub(super) fn control(
+    pub(super) fn control<S: DatagramSocket>(
         &mut self,
         engine: &mut Engine,
+        socket: &mut S,
         now: Instant,
         control: Control,
     ) -> Option<oneshot::Sender<()>> {
         match control {
+            Control::SetFwmark { mark, reply } => {
+                let result = Self::set_fwmark(socket, mark);
+                if let Err(e) = &result {
+                    warn!(fwmark = mark, error = %e, "could not set the socket's firewall mark");
+                }
+                let _ = reply.send(result);
+            }
             Control::Reconfig { reconfig, reply } => {
                 let result = engine.handle_input(now, Input::Reconfig(reconfig));
                 let result = match result {
@@ -222,7 +230,13 @@ impl Executor {
                         let _ = reply.send(result);
                     }
                 }
-                Output::Status(status) => {
+                Output::Status(mut status) => {
+                    // The engine knows the port it was configured with; the
+                    // socket knows the one it holds (a random one after
+                    // `listen_port = 0` or `randomize_client_port`).
+                    if let Ok(bound) = socket.local_addr() {
+                        status.listen_port = bound.port();
+                    }
                     for waiter in self.status_waiters.drain(..) {
                         let _ = waiter.send(status.clone());
                     }
@@ -236,17 +250,69 @@ impl Executor {
         Ok(())
     }
 
-    /// The effects that concern the socket the loop owns.
+    /// The effects that concern the socket the loop owns; the others are
+    /// the OS manager's (every effect goes on to the sink after this).
     async fn socket_effect<S: DatagramSocket>(&mut self, socket: &mut S, effect: &Effect) {
-        let current = socket.local_addr().map(|a| a.port()).unwrap_or(0);
-        let port = match effect {
-            Effect::Rebind => current,
-            Effect::SetListenPort(port) if *port != 0 && *port != current => *port,
-            _ => return,
-        };
-        match socket.rebind(port).await {
-            Ok(()) => info!(port, "socket rebound"),
-            Err(e) => warn!(port, error = %e, "rebind failed; keeping the old socket"),
+        match effect {
+            // A link change: the socket is bound to the wildcard address, so
+            // it keeps working on the new links; keeping it (same port)
+            // leaves no gap in which another process could take the port.
+            Effect::Rebind => {
+                let current = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+                rebind(socket, current).await;
+            }
+            // 0 asks for a random port (`listen_port = 0` over UAPI, or
+            // `randomize_client_port`).
+            Effect::SetListenPort(port) => rebind(socket, *port).await,
+            Effect::SetPathMtuDiscovery(on) => match socket.set_path_mtu_discovery(*on) {
+                Ok(()) => info!(
+                    path_mtu_discovery = on,
+                    "path-MTU discovery set on the socket"
+                ),
+                Err(e) => {
+                    warn!(path_mtu_discovery = on, error = %e, "could not set path-MTU discovery")
+                }
+            },
+            Effect::ApplyRouter(_)
+            | Effect::ApplyDns(_)
+            | Effect::FlushDnsCaches
+            | Effect::ReDiscoverEndpoints { .. }
+            | Effect::SetNetworkUp(_)
+            | Effect::SetBirdProtocol { .. }
+            | Effect::SetDnsViaTunnel(_) => {}
+            // `Effect` is `#[non_exhaustive]` in core, so the compiler
+            // demands this arm; every variant core has today is named
+            // above, and one added later is reported here, not dropped.
+            other => warn!(effect = ?other, "effect unknown to the driver"),
+        }
+    }
+
+    /// Sets the firewall mark of the socket (UAPI `fwmark=`).
+    pub(super) fn set_fwmark<S: DatagramSocket>(socket: &mut S, mark: u32) -> io::Result<()> {
+        socket.set_fwmark(mark)?;
+        info!(fwmark = mark, "socket firewall mark set");
+        Ok(())
+    }
+}
+
+/// Moves the socket to `port` (0: random), logging the outcome; a failure
+/// keeps the old socket (see [`DatagramSocket::rebind`]).
+async fn rebind<S: DatagramSocket>(socket: &mut S, port: u16) {
+    let before = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    match socket.rebind(port).await {
+        Ok(()) => {
+            let bound = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+            if bound == before {
+                debug!(port = bound, "socket kept on its port");
+            } else {
+                info!(
+                    requested = port,
+                    before, bound, "socket moved to a new port"
+                );
+            }
+        }
+        Err(e) => {
+            warn!(requested = port, kept = before, error = %e, "rebind failed; keeping the old socket")
         }
     }
 }

@@ -51,6 +51,14 @@ pub enum Control {
     /// Take the flows counted so far, leaving an empty table in their place;
     /// the reply is `None` while flow counting is off.
     TakeFlows(oneshot::Sender<Option<FlowTable>>),
+    /// Set the firewall mark (`SO_MARK`, 0: none) of the UDP socket and of
+    /// every socket a rebind makes (UAPI `fwmark=`).
+    SetFwmark {
+        /// The mark.
+        mark: u32,
+        /// Whether the socket took it.
+        reply: oneshot::Sender<std::io::Result<()>>,
+    },
     /// Swap in a new engine (a new private key, set through UAPI) and give
     /// it `reconfig`. The old engine is dropped without closing, so the OS
     /// keeps its routes; its pending pings end with [`RequestError::Stopped`].
@@ -81,6 +89,7 @@ impl std::fmt::Debug for Control {
             Control::SetCapture(on) => write!(f, "SetCapture({on})"),
             Control::SetFlowLog(on) => write!(f, "SetFlowLog({on})"),
             Control::TakeFlows(_) => f.write_str("TakeFlows"),
+            Control::SetFwmark { mark, .. } => write!(f, "SetFwmark({mark})"),
             Control::Replace { engine, .. } => write!(f, "Replace({:?})", engine.node_key()),
             Control::Close { .. } => f.write_str("Close"),
         }
@@ -176,6 +185,13 @@ impl DriverHandle {
     pub async fn close(&self) -> Result<(), RequestError> {
         let (reply, rx) = oneshot::channel();
         self.send(Control::Close { reply }).await?;
+        rx.await.map_err(|_| RequestError::Stopped)
+    }
+
+    /// Sets the UDP socket's firewall mark (see [`Control::SetFwmark`]).
+    pub async fn set_fwmark(&self, mark: u32) -> Result<std::io::Result<()>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::SetFwmark { mark, reply }).await?;
         rx.await.map_err(|_| RequestError::Stopped)
     }
 

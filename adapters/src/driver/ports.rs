@@ -84,9 +84,31 @@ pub trait DatagramSocket: Send + 'static {
     fn flush(&mut self) {}
     /// The address the socket is bound to.
     fn local_addr(&self) -> io::Result<SocketAddr>;
-    /// Closes the socket and binds a new one on `port` (0: any port). On
-    /// error the old socket must stay usable.
+    /// Moves the socket to `port` (0: a new random port). The same non-zero
+    /// port keeps the socket as it is (closing it would let another process
+    /// take the port in the gap); another port is bound before the old
+    /// socket is dropped. On error the old socket, with its queued output,
+    /// must stay as it was.
     fn rebind(&mut self, port: u16) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sets path-MTU discovery on the socket (and on every socket a rebind
+    /// makes): on, datagrams carry the don't-fragment bit; off, the kernel
+    /// may fragment them. Sockets without such an option say so with
+    /// [`io::ErrorKind::Unsupported`].
+    fn set_path_mtu_discovery(&mut self, _on: bool) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket has no path-MTU discovery option",
+        ))
+    }
+    /// Sets the firewall mark (`SO_MARK`, 0: none) of every datagram sent,
+    /// kept across rebinds. Sockets without marks say so with
+    /// [`io::ErrorKind::Unsupported`].
+    fn set_fwmark(&mut self, _mark: u32) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket cannot carry a firewall mark",
+        ))
+    }
 }
 
 /// The monotonic clock the engine is driven on.

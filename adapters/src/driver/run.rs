@@ -260,7 +260,7 @@ where
                     return Ok(DriverExit::HandlesDropped);
                 }
                 Step::Control(Some(control)) => {
-                    if let Some(reply) = exec.control(&mut engine, now, control) {
+                    if let Some(reply) = exec.control(&mut engine, &mut socket, now, control) {
                         exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
                             .await?;
                         let _ = reply.send(());

@@ -212,4 +212,18 @@ impl DatagramSocket for DataUdp {
             Self::Fast(s) => s.rebind(port).await,
         }
     }
+
+    fn set_path_mtu_discovery(&mut self, on: bool) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.set_path_mtu_discovery(on),
+            Self::Fast(s) => s.set_path_mtu_discovery(on),
+        }
+    }
+
+    fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.set_fwmark(mark),
+            Self::Fast(s) => s.set_fwmark(mark),
+        }
+    }
 }

@@ -22,7 +22,7 @@ use super::outbox::{IdleCheck, Shared};
 use super::tun::FastTun;
 use super::udp_send::{CMSG_ROOM, SendQueue};
 use crate::driver::ports::DatagramSocket;
-use crate::udp::{SOCKET_BUFFER_BYTES, unmap};
+use crate::udp::{SOCKET_BUFFER_BYTES, SocketTuning, rebind_needs_new_socket, set_int, unmap};
 
 /// Messages per `recvmmsg`.
 const RECV_BATCH: usize = 16;
@@ -35,6 +35,10 @@ pub struct FastUdp {
     shared: Arc<Shared>,
     socket: Arc<UdpSocket>,
     options: FastPathOptions,
+    /// Whether `socket` is dual-stack (IPv6 with IPv4-mapped peers).
+    dual_stack: bool,
+    /// The options every socket of this path gets, across rebinds.
+    tuning: SocketTuning,
     batch: RecvBatch,
     idle: IdleCheck,
 }
@@ -61,25 +65,17 @@ impl std::fmt::Debug for FastUdp {
     }
 }
 
-fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: the option value is a live c_int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            &value as *const libc::c_int as *const libc::c_void,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+#[cfg(test)]
+fn open(port: u16, v6: bool, options: FastPathOptions) -> io::Result<UdpSocket> {
+    open_tuned(port, v6, options, &SocketTuning::default())
 }
 
-fn open(port: u16, v6: bool, options: FastPathOptions) -> io::Result<UdpSocket> {
+fn open_tuned(
+    port: u16,
+    v6: bool,
+    options: FastPathOptions,
+    tuning: &SocketTuning,
+) -> io::Result<UdpSocket> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     if v6 {
@@ -101,6 +97,7 @@ fn open(port: u16, v6: bool, options: FastPathOptions) -> io::Result<UdpSocket> 
             debug!(error = %e, "no UDP GRO");
         }
     }
+    tuning.apply(fd, v6)?;
     socket.set_nonblocking(true)?;
     let addr: SocketAddr = if v6 {
         (Ipv6Addr::UNSPECIFIED, port).into()
@@ -111,12 +108,16 @@ fn open(port: u16, v6: bool, options: FastPathOptions) -> io::Result<UdpSocket> 
     UdpSocket::from_std(socket.into())
 }
 
-fn open_any(port: u16, options: FastPathOptions) -> io::Result<(UdpSocket, bool)> {
-    match open(port, true, options) {
+fn open_any(
+    port: u16,
+    options: FastPathOptions,
+    tuning: &SocketTuning,
+) -> io::Result<(UdpSocket, bool)> {
+    match open_tuned(port, true, options, tuning) {
         Ok(socket) => Ok((socket, true)),
         Err(e) => {
             debug!(error = %e, "no dual-stack socket; falling back to IPv4");
-            Ok((open(port, false, options)?, false))
+            Ok((open_tuned(port, false, options, tuning)?, false))
         }
     }
 }
@@ -152,7 +153,8 @@ impl FastUdp {
     /// joins `tun`'s output queue.
     pub fn bind(port: u16, tun: &FastTun) -> io::Result<Self> {
         let options = tun.options;
-        let (socket, dual_stack) = open_any(port, options)?;
+        let tuning = SocketTuning::default();
+        let (socket, dual_stack) = open_any(port, options, &tuning)?;
         let socket = Arc::new(socket);
         let queue = SendQueue::new(
             socket.clone(),
@@ -165,6 +167,8 @@ impl FastUdp {
             shared: tun.shared.clone(),
             socket,
             options,
+            dual_stack,
+            tuning,
             batch: RecvBatch::new(),
             idle: IdleCheck::default(),
         })
@@ -355,35 +359,53 @@ impl DatagramSocket for FastUdp {
     }
 
     async fn rebind(&mut self, port: u16) -> io::Result<()> {
-        // Send what is queued on the old socket, then close it so the same
-        // port can be bound again.
-        let old_port = self.socket.local_addr()?.port();
-        let mut out = self.shared.outbox();
-        if let Some(queue) = out.udp.as_mut() {
-            queue.flush();
+        // The same port keeps the socket. Another port is bound, and its
+        // send queue made, while the old socket still holds its port and
+        // queue; only then are they swapped. On any error nothing changed.
+        let current_port = self.socket.local_addr()?.port();
+        if !rebind_needs_new_socket(current_port, port) {
+            return Ok(());
         }
-        out.udp = None;
-        let placeholder = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        placeholder.set_nonblocking(true)?;
-        self.socket = Arc::new(UdpSocket::from_std(placeholder)?);
-        let (socket, dual_stack, result) = match open_any(port, self.options) {
-            Ok((socket, dual_stack)) => (socket, dual_stack, Ok(())),
-            Err(e) => {
-                let (socket, dual_stack) = open_any(old_port, self.options)?;
-                (socket, dual_stack, Err(e))
-            }
-        };
+        let (socket, dual_stack) = open_any(port, self.options, &self.tuning)?;
         let socket = Arc::new(socket);
-        out.udp = Some(SendQueue::new(
+        let queue = SendQueue::new(
             socket.clone(),
             dual_stack,
             self.options.udp_gso,
             self.options.writer_threads,
-        )?);
+        )?;
+        let mut out = self.shared.outbox();
+        // What the old socket has queued still leaves through it.
+        if let Some(old) = out.udp.as_mut() {
+            old.flush();
+        }
+        out.udp = Some(queue);
         drop(out);
+        // Datagrams already read into the batch stay there: they are as
+        // good as the ones the new socket will read.
         self.socket = socket;
-        self.batch.clear();
-        result
+        self.dual_stack = dual_stack;
+        Ok(())
+    }
+
+    fn set_path_mtu_discovery(&mut self, on: bool) -> io::Result<()> {
+        let tuning = SocketTuning {
+            path_mtu_discovery: Some(on),
+            ..self.tuning
+        };
+        tuning.apply(self.socket.as_raw_fd(), self.dual_stack)?;
+        self.tuning = tuning;
+        Ok(())
+    }
+
+    fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
+        let tuning = SocketTuning {
+            fwmark: mark,
+            ..self.tuning
+        };
+        tuning.apply(self.socket.as_raw_fd(), self.dual_stack)?;
+        self.tuning = tuning;
+        Ok(())
     }
 }
 

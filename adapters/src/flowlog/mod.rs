@@ -23,7 +23,11 @@
 //! The table holds at most [`MAX_FLOWS`] flows per interval, so a scan or a
 //! flood of spoofed addresses cannot make it grow without bound; packets of
 //! flows beyond that are added to one overflow counter, which the task logs
-//! as a warning instead of writing lines for them.
+//! as a warning and in the interval's summary line. The file itself is
+//! created 0600 without following a symlink, writes at most
+//! [`task::MAX_LINES_PER_INTERVAL`] flow lines per interval (the largest;
+//! the others are summed into one `flows_summarised` line) and is rotated
+//! to `<path>.1` at [`task::MAX_FILE_BYTES`].
 //!
 //! [`table`] is the pure table (no I/O, no clock: the driver counts into it
 //! and the task drains it); [`task`] is the task that switches counting on,
