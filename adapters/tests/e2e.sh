@@ -504,6 +504,43 @@ link_change() {
     in_a ping -c 2 -i 0.2 -W 2 100.64.0.2 || return 1
 }
 check "a default-route change is a major link change; traffic survives the rebind" link_change
+
+# An unprivileged process that loops on bind() of A's listen port while A
+# rebinds (ten major link changes) never gets the port: the rebind keeps the
+# same socket when the port stays the same, and binds a new one before it
+# lets an old one go. Afterwards A still holds the port and traffic flows.
+port_takeover_on_rebind_fails() {
+    in_a "${AS_NOBODY[@]}" "$SYS_PYTHON" - 51820 >"$TMP/binder.out" 2>&1 <<'PY' &
+import socket, sys, time
+port = int(sys.argv[1])
+won = 0
+deadline = time.monotonic() + 6
+while time.monotonic() < deadline:
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            s.bind((addr, port))
+            won += 1
+        except OSError:
+            pass
+        finally:
+            s.close()
+print(f"won {won}")
+PY
+    local binder=$! i
+    for i in $(seq 10); do
+        in_a ip route add default via 10.77.0.254 dev veth-a || true
+        sleep 0.2
+        in_a ip route del default via 10.77.0.254 dev veth-a || true
+        sleep 0.2
+    done
+    wait "$binder"
+    cat "$TMP/binder.out"
+    grep -q "^won 0$" "$TMP/binder.out" || { echo "the unprivileged binder got the port"; return 1; }
+    in_a ss -uanp | grep -q ":51820 .*wgmeshd" || { echo "wgmeshd no longer holds 51820"; in_a ss -uanp; return 1; }
+    in_a ping -c 2 -i 0.2 -W 2 100.64.0.2 || return 1
+}
+check "port_takeover_on_rebind_fails" port_takeover_on_rebind_fails
 check "wgmesh metrics" sh -c "'$WGMESH' ${API_A[*]} metrics | grep -q '^wgmesh_handshakes_completed{interface=\"wgmA\"} [1-9]'"
 
 SIZE_MB=${E2E_TRANSFER_MB:-100}
