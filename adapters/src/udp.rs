@@ -82,6 +82,21 @@ pub(crate) fn get_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::R
 }
 
 impl SocketTuning {
+    /// Changes the options with `edit` and applies them to the socket behind
+    /// `fd`; they are kept only if the socket took them.
+    pub(crate) fn change(
+        &mut self,
+        fd: RawFd,
+        v6: bool,
+        edit: impl FnOnce(&mut SocketTuning),
+    ) -> io::Result<()> {
+        let mut next = *self;
+        edit(&mut next);
+        next.apply(fd, v6)?;
+        *self = next;
+        Ok(())
+    }
+
     /// Applies the options to the socket behind `fd` (`v6`: an IPv6 socket,
     /// dual-stack or not).
     pub(crate) fn apply(&self, fd: RawFd, v6: bool) -> io::Result<()> {
@@ -246,23 +261,14 @@ impl DatagramSocket for PlainUdp {
     }
 
     fn set_path_mtu_discovery(&mut self, on: bool) -> io::Result<()> {
-        let tuning = SocketTuning {
-            path_mtu_discovery: Some(on),
-            ..self.tuning
-        };
-        tuning.apply(self.socket.as_raw_fd(), self.dual_stack)?;
-        self.tuning = tuning;
-        Ok(())
+        let fd = self.socket.as_raw_fd();
+        self.tuning
+            .change(fd, self.dual_stack, |t| t.path_mtu_discovery = Some(on))
     }
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
-        let tuning = SocketTuning {
-            fwmark: mark,
-            ..self.tuning
-        };
-        tuning.apply(self.socket.as_raw_fd(), self.dual_stack)?;
-        self.tuning = tuning;
-        Ok(())
+        let fd = self.socket.as_raw_fd();
+        self.tuning.change(fd, self.dual_stack, |t| t.fwmark = mark)
     }
 }
 

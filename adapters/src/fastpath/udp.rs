@@ -389,23 +389,14 @@ impl DatagramSocket for FastUdp {
     }
 
     fn set_path_mtu_discovery(&mut self, on: bool) -> io::Result<()> {
-        let tuning = SocketTuning {
-            path_mtu_discovery: Some(on),
-            ..self.tuning
-        };
-        tuning.apply(self.socket.as_raw_fd(), self.dual_stack)?;
-        self.tuning = tuning;
-        Ok(())
+        let fd = self.socket.as_raw_fd();
+        self.tuning
+            .change(fd, self.dual_stack, |t| t.path_mtu_discovery = Some(on))
     }
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
-        let tuning = SocketTuning {
-            fwmark: mark,
-            ..self.tuning
-        };
-        tuning.apply(self.socket.as_raw_fd(), self.dual_stack)?;
-        self.tuning = tuning;
-        Ok(())
+        let fd = self.socket.as_raw_fd();
+        self.tuning.change(fd, self.dual_stack, |t| t.fwmark = mark)
     }
 }
 
