@@ -56,7 +56,7 @@
 //! - beneath them: `wg.rs`, the only module that touches the WireGuard
 //!   implementation, which speaks in wgmesh's own enums (what
 //!   arrived, what to do); `timer.rs`, the deadline queue and each session's
-//!   protocol-event timer hooks; `disco.rs`, path discovery; `pending.rs`,
+//!   protocol-event timer hooks; `disco/`, path discovery; `pending.rs`,
 //!   the tables of pings and opens waiting for an answer; `buffers.rs`, the
 //!   one owner of the packet buffers.
 #![forbid(unsafe_code)]

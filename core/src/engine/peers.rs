@@ -208,7 +208,7 @@ impl Engine {
             wg.timers.on_timers_run(now, keepalive_secs);
             let mut action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);
             // The persistent keepalive is the engine's (see
-            // `WgDevice::new_tunnel`), with boringtun's rules: not while our
+            // `WgDevice::new_tunnel`), with the WireGuard implementation's rules: not while our
             // initiation awaits its answer, and one keepalive covers both
             // it and a passive keepalive WireGuard wanted at the same time.
             if keepalive_due && action == TimerAction::Nothing && !wg.timers.initiation_in_flight()
