@@ -11,6 +11,7 @@ mod pending;
 mod pings;
 mod reconfig;
 mod slot;
+mod staged;
 mod timer;
 mod wg;
 
@@ -117,7 +118,7 @@ pub struct Engine {
     /// Two-phase flushes done by the last peer change.
     last_flush_count: usize,
     /// Staged packets of peers in the middle of a two-phase flush.
-    flush_carry: Vec<(PeerSlot, VecDeque<Vec<u8>>, usize)>,
+    flush_carry: Vec<(PeerSlot, staged::Staged)>,
     /// Bytes waiting in all peers' staged queues together.
     staged_bytes_total: usize,
     /// The disco and pending-open deadlines currently in the timer queue.

@@ -168,7 +168,7 @@ impl Engine {
         let Some(wg) = self.peers[slot].wg.as_mut() else {
             return;
         };
-        if wg.staged.len() >= max_packets || wg.staged_bytes + packet.len() > max_bytes {
+        if wg.staged.len() >= max_packets || wg.staged.bytes() + packet.len() > max_bytes {
             self.counters.drop_queue_overflow += 1;
             return;
         }
@@ -179,8 +179,7 @@ impl Engine {
         let mut copy = self.buffers.sized(packet.len());
         copy.clear();
         copy.extend_from_slice(packet);
-        wg.staged.push_back(copy);
-        wg.staged_bytes += packet.len();
+        wg.staged.push(copy);
         self.staged_bytes_total += packet.len();
     }
 
@@ -194,10 +193,9 @@ impl Engine {
             if wg.staged.is_empty() || !Self::can_send_data(wg, now) {
                 return;
             }
-            let Some(packet) = wg.staged.pop_front() else {
+            let Some(packet) = wg.staged.pop() else {
                 return;
             };
-            wg.staged_bytes -= packet.len();
             self.staged_bytes_total -= packet.len();
             self.encrypt_to_peer(now, slot, &packet);
             self.buffers.recycle(packet);

@@ -1,6 +1,5 @@
 //! Peers in and out of WireGuard: configure, wake, trim, and their timers.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -8,6 +7,7 @@ use tracing::{debug, info};
 
 use super::Engine;
 use super::slot::{PeerSlot, SlotTable};
+use super::staged::Staged;
 use super::timer::TimerKey;
 use super::timer::{PeerTimer, SessionTimers};
 use super::wg::{TimerAction, WgTunnel};
@@ -26,9 +26,8 @@ pub(super) struct WgPeer {
     pub(super) index: u32,
     /// The session's protocol times, changed only through their hooks.
     pub(super) timers: SessionTimers,
-    /// Packets waiting for a usable session, and their bytes.
-    pub(super) staged: VecDeque<Vec<u8>>,
-    pub(super) staged_bytes: usize,
+    /// Packets waiting for a usable session.
+    pub(super) staged: Staged,
     /// Where WireGuard sends when disco has no better path: the last address
     /// the peer was heard from, else its first configured endpoint.
     pub(super) endpoint: Option<SocketAddr>,
@@ -115,8 +114,7 @@ impl Engine {
             tunnel,
             index,
             timers: SessionTimers::new(now, peer.config.persistent_keepalive_secs),
-            staged: VecDeque::new(),
-            staged_bytes: 0,
+            staged: Staged::default(),
             endpoint: peer.config.endpoints.first().copied(),
             woken_at: None,
             heard_since_wake: false,
@@ -139,31 +137,34 @@ impl Engine {
 
     /// Takes a peer out of WireGuard, dropping its `Tunn` and keys.
     pub(super) fn unconfigure_peer(&mut self, slot: PeerSlot, reason: RemoveReason) {
-        let peer = &mut self.peers[slot];
-        let Some(wg) = peer.wg.take() else { return };
+        let Some(mut wg) = self.peers[slot].wg.take() else {
+            return;
+        };
         self.by_index.remove(&wg.index);
         self.configured_count -= 1;
-        let mut wg = wg;
         if matches!(reason, RemoveReason::DiscoKeyChanged) {
             // The peer restarted: what waited for it waits for the new
             // session instead of being lost with the old one.
             if !wg.staged.is_empty() {
-                let staged = std::mem::take(&mut wg.staged);
-                self.flush_carry.push((slot, staged, wg.staged_bytes));
+                self.flush_carry
+                    .push((slot, std::mem::take(&mut wg.staged)));
             }
         } else {
-            self.staged_bytes_total -= wg.staged_bytes;
-            self.counters.drop_queue_discarded += wg.staged.len() as u64;
-            for packet in wg.staged.drain(..) {
-                self.buffers.recycle(packet);
-            }
+            self.discard_staged(&mut wg.staged);
         }
-        let key = peer.config.public_key;
+        let key = self.peers[slot].config.public_key;
         self.disco.remove_peer(slot);
         debug!(peer = ?key, ?reason, "peer removed from WireGuard");
         self.outputs
             .push_back(Output::Event(Event::PeerRemoved { peer: key, reason }));
         self.reschedule_peer(slot);
+    }
+
+    /// Drops packets that will never get a session, counted.
+    pub(super) fn discard_staged(&mut self, staged: &mut Staged) {
+        let (packets, bytes) = staged.discard(&mut self.buffers);
+        self.staged_bytes_total -= bytes;
+        self.counters.drop_queue_discarded += packets as u64;
     }
 
     pub(super) fn wake_peer(&mut self, now: Instant, slot: PeerSlot, reason: WakeReason) {
@@ -262,12 +263,9 @@ impl Engine {
             }
             TimerAction::Expired => {
                 if wg.timers.on_expired() {
-                    self.counters.drop_queue_discarded += wg.staged.len() as u64;
-                    self.staged_bytes_total -= wg.staged_bytes;
-                    wg.staged_bytes = 0;
-                    for packet in wg.staged.drain(..) {
-                        self.buffers.recycle(packet);
-                    }
+                    let (packets, bytes) = wg.staged.discard(&mut self.buffers);
+                    self.staged_bytes_total -= bytes;
+                    self.counters.drop_queue_discarded += packets as u64;
                     debug!(peer = ?self.peers[slot].config.public_key, "WireGuard connection expired");
                 }
             }

@@ -197,14 +197,12 @@ impl Engine {
             }));
             self.configure_peer(now, slot, None);
         }
-        for (slot, staged, bytes) in std::mem::take(&mut self.flush_carry) {
+        for (slot, mut staged) in std::mem::take(&mut self.flush_carry) {
             let Some(wg) = self.peers.get_mut(slot).and_then(|p| p.wg.as_mut()) else {
-                self.staged_bytes_total -= bytes;
-                self.counters.drop_queue_discarded += staged.len() as u64;
+                self.discard_staged(&mut staged);
                 continue;
             };
             wg.staged = staged;
-            wg.staged_bytes = bytes;
             self.start_handshake_if_allowed(now, slot);
             self.reschedule_peer(slot);
         }
