@@ -34,7 +34,7 @@ bench-control NODES="10000":
 e2e:
     cargo build --release --locked -p wgmesh-adapters --bins
     command -v boringtun-cli >/dev/null || [ -x "$HOME/.cache/wgmesh-bench/boringtun/bin/boringtun-cli" ] || timeout 600 cargo install boringtun-cli --locked --root "$HOME/.cache/wgmesh-bench/boringtun" >/dev/null 2>&1 || echo "boringtun-cli could not be installed; its interop test is skipped"
-    bash adapters/tests/e2e.sh target/release
+    bash adapters/tests/e2e-suites.sh target/release
 
 # Validate a wgmeshd config file (prints file:line:column: field: problem).
 check-config FILE:
