@@ -76,6 +76,16 @@ counters! {
     drop_inner_malformed,
     /// Drop: the inbound packet filter refused it.
     drop_filtered,
+    /// Inbound packets the filter would have refused, let through because
+    /// they answer a flow this node opened (see `conntrack`).
+    conntrack_replies_accepted,
+    /// Flows this node opened that started being tracked.
+    conntrack_flows_tracked,
+    /// Tracked flows dropped from the full table (`MAX_TRACKED_FLOWS`) to
+    /// make room for a newer one: replies to them meet the filter again.
+    conntrack_flows_evicted,
+    /// Tracked flows forgotten after their protocol's idle timeout.
+    conntrack_flows_expired,
     /// Drop: a disco message that failed to open (bad box or truncated).
     drop_disco_bad,
     /// Drop: a disco message from a disco key no peer has.

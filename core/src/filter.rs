@@ -3,8 +3,10 @@
 //! A deliberately small model of the reference's filter: an ordered list of
 //! rules, each a source prefix, a destination prefix, an optional protocol
 //! and a destination port range. The first rule that matches decides; with no
-//! match the default action applies. Replies to our own outbound TCP flows are
-//! not tracked (the reference's conntrack); callers allow them with a rule.
+//! match the default action applies. The filter itself is stateless: replies
+//! to flows this node opened are let through by the engine's connection
+//! tracking ([`crate::conntrack`]) before a refusal counts, so a policy needs
+//! no rule for them.
 
 use ipnet::IpNet;
 

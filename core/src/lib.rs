@@ -38,7 +38,8 @@
 //! - `limits.rs`: every timing constant and size bound, re-exported here;
 //! - [`wire`]: the packet formats (IP, ICMP, TCP, UDP, TSMP, disco);
 //!   [`routing`]: the longest-prefix-match table; [`filter`]: the inbound
-//!   packet filter; [`keys`]: the key types; [`counters`]: the counters;
+//!   packet filter; [`conntrack`]: the flows we opened, whose replies pass
+//!   it; [`keys`]: the key types; [`counters`]: the counters;
 //! - `test_support` (feature `test-support`): a back-to-back harness of
 //!   engines on virtual time, for tests and the fuzz case.
 //!
@@ -64,6 +65,7 @@
 
 mod api;
 pub mod config;
+pub mod conntrack;
 pub mod counters;
 mod engine;
 pub mod filter;

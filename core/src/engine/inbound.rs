@@ -261,7 +261,17 @@ impl Engine {
             }
             _ => {}
         }
-        if self.filter.check(&header, &packet) == FilterAction::Drop {
+        // The policy says who may reach us; replies to flows we opened
+        // pass whatever it says (checked only when the filter refuses, so
+        // an allow-all filter costs no lookup).
+        let refused = if self.filter.check(&header, &packet) == FilterAction::Drop {
+            let answers_ours = self.conntrack.accepts_inbound(now, &header, &packet);
+            self.sync_conntrack_counters();
+            !answers_ours
+        } else {
+            false
+        };
+        if refused {
             self.counters.drop_filtered += 1;
             // A refused connection attempt gets a TSMP reject, so the other
             // side can tell "blocked by policy" from "no answer".

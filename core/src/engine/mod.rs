@@ -24,6 +24,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::api::*;
 use crate::config::{EngineConfig, PeerDelta, Reconfig, ReconfigError};
+use crate::conntrack::Conntrack;
 use crate::counters::Counters;
 use crate::filter::PacketFilter;
 use crate::keys::{DiscoPublicKey, NodePublicKey};
@@ -128,6 +129,8 @@ pub struct Engine {
     applied: RunningConfig,
     trimming: bool,
     filter: PacketFilter,
+    /// Flows this node opened, whose replies pass the filter.
+    conntrack: Conntrack,
     capture: bool,
     /// False while no link is up (the last [`LinkChange`]): no disco
     /// message is sent then.
@@ -183,6 +186,7 @@ impl Engine {
             trimming: config.trim_override.unwrap_or(true),
             applied: RunningConfig::default(),
             filter: PacketFilter::allow_all(),
+            conntrack: Conntrack::default(),
             capture: false,
             network_up: true,
             closed: false,
@@ -249,12 +253,13 @@ impl Engine {
     }
 
     /// Current levels (not counters) for metrics: `(name, value)` pairs.
-    pub fn gauges(&self) -> [(&'static str, u64); 5] {
+    pub fn gauges(&self) -> [(&'static str, u64); 6] {
         [
             ("configured_peers", self.configured_count as u64),
             ("full_config_peers", self.peers.len() as u64),
             ("pending_pings", self.pings.len() as u64),
             ("pending_opens", self.opens.len() as u64),
+            ("conntrack_flows", self.conntrack.len() as u64),
             ("timer_queue_entries", self.timers.len() as u64),
         ]
     }

@@ -59,8 +59,19 @@ impl Engine {
             trace!(dst = %header.dst, "no peer for destination");
             return;
         };
+        self.conntrack.note_outbound(now, &header, packet);
+        self.sync_conntrack_counters();
         self.note_send_activity(now, slot, header.dst);
         self.send_to_peer(now, slot, packet);
+    }
+
+    /// Copies the connection-tracking table's counters into the engine's.
+    pub(super) fn sync_conntrack_counters(&mut self) {
+        let stats = self.conntrack.stats();
+        self.counters.conntrack_replies_accepted = stats.replies_accepted;
+        self.counters.conntrack_flows_tracked = stats.flows_tracked;
+        self.counters.conntrack_flows_evicted = stats.flows_evicted;
+        self.counters.conntrack_flows_expired = stats.flows_expired;
     }
 
     pub(super) fn count_tun_error(&mut self, e: &wire::ip::IpError) {
