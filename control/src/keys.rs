@@ -94,6 +94,12 @@ key_type!(
     DiscoKey,
     "discokey"
 );
+key_type!(
+    /// The coordination server's public key (Curve25519), pinned in every
+    /// node's config; requests are sealed to it (see [`crate::wire`]).
+    ServerKey,
+    "serverkey"
+);
 
 /// A point in wall-clock time: milliseconds since the Unix epoch.
 ///

@@ -67,11 +67,14 @@
 //! Modules: [`policy`] parses the ACL file and compiles it to packet
 //! filters; [`netmap`] holds the netmap, its deltas and their versioned JSON
 //! wire form (and how a node maps them onto its engine); [`keys`] the key
-//! and time types; [`errors`] one error enum per request kind.
+//! and time types; [`errors`] one error enum per request kind; [`wire`] the
+//! HTTP wire protocol between nodes and the server binary (sealed requests
+//! and response frames).
 //!
 //! The HTTP server, the node side and the simulator build on this crate;
 //! authentication of requests (the node key) is the transport's job: an
-//! [`Input`] names a node key that the caller has already verified.
+//! [`Input`] names a node key that the caller has already verified, for
+//! the HTTP server with [`wire::open_request`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -80,6 +83,7 @@ pub mod errors;
 pub mod keys;
 pub mod netmap;
 pub mod policy;
+pub mod wire;
 
 pub use control::{
     AdminCommand, AuthKeyCreated, AuthKeyView, CloseReason, Control, ControlConfig, Counters,
@@ -89,7 +93,7 @@ pub use control::{
 pub use errors::{
     AdminError, DisconnectError, EndpointUpdateError, InputError, MapError, RegisterError,
 };
-pub use keys::{DiscoKey, NodeKey, Timestamp};
+pub use keys::{DiscoKey, NodeKey, ServerKey, Timestamp};
 pub use netmap::{
     AppliedDelta, DnsConfig, FilterRule, MapBody, MapResponse, Netmap, NetmapDelta, Peer,
     PeerChange, SelfNode, WIRE_VERSION,
