@@ -30,6 +30,7 @@
 pub mod api;
 pub mod bird;
 pub mod config;
+pub mod control_client;
 pub mod daemon;
 pub mod desired;
 pub mod dns;
