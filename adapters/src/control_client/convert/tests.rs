@@ -28,7 +28,7 @@ fn peer(byte: u8) -> Peer {
 }
 
 fn netmap(mut peers: Vec<Peer>) -> Netmap {
-    peers.sort_by(|a, b| a.node_key.cmp(&b.node_key));
+    peers.sort_by_key(|p| p.node_key);
     Netmap {
         self_node: SelfNode {
             node_key: NodeKey(own_private().public_key().0),
