@@ -114,6 +114,10 @@ pub struct ConfigFile {
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
+    /// The coordination server: peers, addresses and the node key come
+    /// from it instead of this file.
+    #[serde(default)]
+    pub control: Option<crate::control_client::settings::ControlSection>,
 }
 
 /// `[interface]`.
@@ -401,8 +405,11 @@ pub struct DaemonConfig {
     pub path: Option<PathBuf>,
     /// The raw sections.
     pub file: ConfigFile,
-    /// The node's private key.
+    /// The node's private key. With `[control]` it is the key stored in the
+    /// control state directory, or a fresh one the daemon stores at start.
     pub private_key: NodePrivateKey,
+    /// The checked `[control]` settings, if the node joins a control server.
+    pub control: Option<crate::control_client::settings::ControlSettings>,
 }
 
 impl DaemonConfig {
@@ -460,10 +467,33 @@ impl DaemonConfig {
             };
             invalid(e.span(), message)
         })?;
+        let control = match &file.control {
+            Some(section) => {
+                Self::refuse_static_parts_with_control(&file)
+                    .map_err(|(span, message)| invalid(span, message))?;
+                Some(
+                    section
+                        .resolve()
+                        .map_err(|(span, message)| invalid(span, message))?,
+                )
+            }
+            None => None,
+        };
         let private_key = match (
             &file.interface.private_key,
             &file.interface.private_key_file,
         ) {
+            (None, None) if control.is_some() => {
+                let state_dir = control.as_ref().map(|c| c.state_dir.clone());
+                let stored = state_dir
+                    .as_deref()
+                    .map(crate::control_client::settings::load_node_key)
+                    .transpose()
+                    .map_err(|e| invalid(None, format!("control.state_dir: {e}")))?
+                    .flatten();
+                // No key stored yet: the daemon stores one at its first start.
+                stored.unwrap_or_else(|| NodePrivateKey::generate(&mut rand_core::OsRng))
+            }
             (Some(_), Some(f)) => {
                 return Err(invalid(
                     Some(f.span()),
@@ -497,11 +527,72 @@ impl DaemonConfig {
             path: Some(path.to_owned()),
             file,
             private_key,
+            control,
         };
         config
             .check()
             .map_err(|(span, message)| invalid(span, message))?;
         Ok(config)
+    }
+
+    /// With `[control]`, the key, the addresses and the peers come from the
+    /// server: a file that also gives them is refused, naming the field.
+    fn refuse_static_parts_with_control(
+        file: &ConfigFile,
+    ) -> Result<(), (Option<Range<usize>>, String)> {
+        if let Some(peer) = file.peers.first() {
+            return Err((
+                Some(peer.public_key.span()),
+                "peer: static peers and [control] cannot be combined; the control server \
+                 provides the peers (remove the [[peer]] tables or the [control] section)"
+                    .into(),
+            ));
+        }
+        if let Some(k) = &file.interface.private_key {
+            return Err((
+                Some(k.span()),
+                "interface.private_key: with [control] the node key is generated and kept in \
+                 control.state_dir"
+                    .into(),
+            ));
+        }
+        if let Some(k) = &file.interface.private_key_file {
+            return Err((
+                Some(k.span()),
+                "interface.private_key_file: with [control] the node key is generated and kept \
+                 in control.state_dir"
+                    .into(),
+            ));
+        }
+        if !file.interface.addresses.is_empty() {
+            return Err((
+                None,
+                "interface.addresses: with [control] the control server assigns the addresses"
+                    .into(),
+            ));
+        }
+        if file.interface.routes.is_some() || !file.interface.primary_routes.is_empty() {
+            return Err((
+                None,
+                "interface.routes: with [control] the routes come from the control server".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A config with only `[control]`, for `wgmeshd --control URL` without a
+    /// config file.
+    pub fn for_control(
+        control: crate::control_client::settings::ControlSettings,
+    ) -> Result<Self, crate::control_client::settings::NodeKeyError> {
+        let private_key = crate::control_client::settings::load_node_key(&control.state_dir)?
+            .unwrap_or_else(|| NodePrivateKey::generate(&mut rand_core::OsRng));
+        Ok(Self {
+            path: None,
+            file: ConfigFile::default(),
+            private_key,
+            control: Some(control),
+        })
     }
 
     /// Runs the reconfig through a throwaway engine so that the engine's own
@@ -892,6 +983,83 @@ allowed_ips = ["100.64.0.2/32"]
             }
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    fn control_section(state_dir: &Path) -> String {
+        format!(
+            r#"
+[control]
+url = ["http://127.0.0.1:8080", "http://127.0.0.1:8081/"]
+server_public_key = "{server}"
+auth_key = "tskey-abc"
+state_dir = "{dir}"
+hostname = "node-a"
+"#,
+            server = peer_key(9),
+            dir = state_dir.display()
+        )
+    }
+
+    #[test]
+    fn a_control_section_alone_is_a_node_with_no_static_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("[dns]\nmode = \"off\"\n{}", control_section(dir.path()));
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        let control = config.control.as_ref().unwrap();
+        assert_eq!(control.urls.len(), 2);
+        assert_eq!(
+            control.urls[1].uri("/v1/map"),
+            "http://127.0.0.1:8081/v1/map"
+        );
+        assert_eq!(control.auth_key.as_deref(), Some("tskey-abc"));
+        assert_eq!(control.hostname, "node-a");
+        assert!(
+            !format!("{control:?}").contains("tskey"),
+            "the auth key is redacted"
+        );
+        let reconfig = config.reconfig();
+        assert!(reconfig.wireguard.unwrap().peers.is_empty());
+        assert!(
+            !dir.path().join("node.key").exists(),
+            "parsing stores nothing"
+        );
+    }
+
+    #[test]
+    fn static_peers_and_a_control_section_are_refused_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{}{}", good(), control_section(dir.path()));
+        let (_, message) = err(&text);
+        assert!(
+            message.contains("static peers and [control] cannot be combined")
+                || message.contains("interface.private_key"),
+            "{message}"
+        );
+        let without_key = text.replace(&format!("private_key = \"{A}\"\n"), "");
+        let (line, message) = err(&without_key);
+        assert!(
+            message.contains("static peers and [control] cannot be combined"),
+            "{message}"
+        );
+        assert!(line > 1);
+        let only_addresses = format!(
+            "[interface]\naddresses = [\"100.64.0.1/32\"]\n{}",
+            control_section(dir.path())
+        );
+        let (_, message) = err(&only_addresses);
+        assert!(
+            message.contains("control server assigns the addresses"),
+            "{message}"
+        );
+        let bad_url = control_section(dir.path()).replace("http://127.0.0.1:8080", "https://x");
+        let (_, message) = err(&bad_url);
+        assert!(message.starts_with("control.url:"), "{message}");
+        let no_key = control_section(dir.path()).replace(&peer_key(9), "nope");
+        let (_, message) = err(&no_key);
+        assert!(
+            message.starts_with("control.server_public_key"),
+            "{message}"
+        );
     }
 
     #[test]

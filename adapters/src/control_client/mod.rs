@@ -1,3 +1,5 @@
-//! The node side of the coordination server: from control's netmaps to the
-//! engine ([`convert`]).
+//! The node side of the coordination server: the `[control]` settings and
+//! the node key ([`settings`]), from control's netmaps to the engine
+//! ([`convert`]).
 pub mod convert;
+pub mod settings;
