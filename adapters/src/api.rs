@@ -100,6 +100,33 @@ pub struct StatusView {
     pub peers: Vec<PeerView>,
     /// Every engine counter.
     pub counters: BTreeMap<String, u64>,
+    /// The control client's state (absent for a node without control).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlView>,
+}
+
+/// The control client's state in a [`StatusView`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControlView {
+    /// The server URL in use (or last tried).
+    pub url: String,
+    /// Whether a map stream is open now.
+    pub connected: bool,
+    /// Whether the node key is registered.
+    pub registered: bool,
+    /// The seq of the last map message on the current stream (0: the full
+    /// netmap); absent before the first one.
+    pub netmap_seq: Option<u64>,
+    /// Map messages applied since the daemon started.
+    pub map_messages: u64,
+    /// Seconds since the last map message was applied.
+    pub secs_since_push: Option<f64>,
+    /// Peers in the last netmap.
+    pub peers: usize,
+    /// Map streams opened since the daemon started.
+    pub streams_opened: u64,
+    /// The last failure, if the last attempt failed.
+    pub last_error: Option<String>,
 }
 
 /// One peer in a [`StatusView`].
@@ -184,6 +211,7 @@ impl StatusView {
             listen_port: status.listen_port,
             local_addrs: status.local_addrs.iter().map(ToString::to_string).collect(),
             peers,
+            control: None,
             counters: status
                 .counters
                 .iter()
@@ -324,6 +352,8 @@ pub struct ApiContext {
     metrics: Arc<tokio::sync::Mutex<Option<CachedMetrics>>>,
     /// How many captures are running; the capture hook is on while any is.
     captures: Arc<tokio::sync::Mutex<usize>>,
+    /// The control client's state, when the node follows a control server.
+    control: Option<crate::control_client::task::SharedControlStatus>,
 }
 
 /// The metrics text and when it was made.
@@ -347,7 +377,37 @@ impl ApiContext {
             access,
             metrics: Arc::default(),
             captures: Arc::default(),
+            control: None,
         }
+    }
+
+    /// The same context, showing the control client's state in `status`.
+    pub fn with_control(
+        mut self,
+        status: crate::control_client::task::SharedControlStatus,
+    ) -> Self {
+        self.control = Some(status);
+        self
+    }
+
+    /// The control state as `status` shows it.
+    fn control_view(&self) -> Option<ControlView> {
+        let shared = self.control.as_ref()?;
+        let status = match shared.lock() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Some(ControlView {
+            url: status.url,
+            connected: status.connected,
+            registered: status.registered,
+            netmap_seq: status.netmap_seq,
+            map_messages: status.map_messages,
+            secs_since_push: status.last_push.map(|t| t.elapsed().as_secs_f64()),
+            peers: status.peers,
+            streams_opened: status.streams_opened,
+            last_error: status.last_error,
+        })
     }
 
     /// The metrics text, at most [`METRICS_CACHE_MAX_AGE`] old. Concurrent
@@ -371,7 +431,10 @@ impl ApiContext {
             ApiRequest::Status => match self.handle.status().await {
                 Ok(status) => ApiResponse {
                     ok: true,
-                    status: Some(StatusView::from_status(&self.interface, &status)),
+                    status: Some(StatusView {
+                        control: self.control_view(),
+                        ..StatusView::from_status(&self.interface, &status)
+                    }),
                     ..ApiResponse::default()
                 },
                 Err(e) => ApiResponse::error(e.to_string()),

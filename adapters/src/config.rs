@@ -686,6 +686,8 @@ impl DaemonConfig {
             return Ok(());
         }
         match &m.domain {
+            // With [control] the tailnet's domain comes from the server.
+            None if self.file.control.is_some() => {}
             None => {
                 return Err((
                     None,

@@ -44,6 +44,133 @@ pub struct DaemonOptions {
     /// The nice value of the data-plane thread (`None`: leave it as
     /// inherited). See [`DEFAULT_DATA_PLANE_NICE`].
     pub data_plane_nice: Option<i32>,
+    /// `--control` and its companion flags (empty: none given).
+    pub control: ControlFlags,
+}
+
+/// The command line's control flags: `--control URL` (repeatable, one per
+/// replica), `--authkey`, `--control-key`, `--control-state-dir`. With a
+/// config file that has `[control]` they override its `url` and auth key;
+/// without a config file they make a control-only node.
+#[derive(Debug, Clone, Default)]
+pub struct ControlFlags {
+    /// Server URLs.
+    pub urls: Vec<String>,
+    /// The pre-auth key.
+    pub auth_key: Option<String>,
+    /// The pinned server public key (base64).
+    pub server_key: Option<String>,
+    /// Where the node key is kept.
+    pub state_dir: Option<PathBuf>,
+    /// The host name to register with.
+    pub hostname: Option<String>,
+}
+
+impl ControlFlags {
+    /// Whether any control flag was given.
+    pub fn any(&self) -> bool {
+        !self.urls.is_empty()
+            || self.auth_key.is_some()
+            || self.server_key.is_some()
+            || self.state_dir.is_some()
+            || self.hostname.is_some()
+    }
+}
+
+/// Applies the control flags to the loaded config (or makes a control-only
+/// config when there is no file).
+fn apply_control_flags(
+    config: Option<DaemonConfig>,
+    flags: &ControlFlags,
+) -> Result<Option<DaemonConfig>, DaemonError> {
+    use crate::control_client::settings::{
+        ControlSettings, ControlUrl, DEFAULT_STATE_DIR, parse_server_key,
+    };
+    if !flags.any() {
+        return Ok(config);
+    }
+    let flag_error = |message: String| DaemonError::ControlFlags(message);
+    let urls = flags
+        .urls
+        .iter()
+        .map(|u| ControlUrl::parse(u))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| flag_error(format!("--control: {e}")))?;
+    let server_key = flags
+        .server_key
+        .as_deref()
+        .map(parse_server_key)
+        .transpose()
+        .map_err(|e| flag_error(format!("--control-key: {e}")))?;
+    if let Some(h) = &flags.hostname {
+        if !crate::magicdns::is_valid_label(h) {
+            return Err(flag_error(format!(
+                "--hostname: {h:?} is not a single valid DNS label"
+            )));
+        }
+    }
+    match config {
+        Some(mut config) => {
+            let Some(control) = config.control.as_mut() else {
+                return Err(flag_error(
+                    "--control and its flags need a config file with a [control] section, or no \
+                     config file at all (static peers and control cannot be combined)"
+                        .into(),
+                ));
+            };
+            if !urls.is_empty() {
+                control.urls = urls;
+            }
+            if let Some(key) = server_key {
+                control.server_key = key;
+            }
+            if let Some(auth) = &flags.auth_key {
+                control.auth_key = Some(auth.clone());
+            }
+            if let Some(dir) = &flags.state_dir {
+                control.state_dir = dir.clone();
+            }
+            if let Some(h) = &flags.hostname {
+                control.hostname = h.clone();
+            }
+            Ok(Some(config))
+        }
+        None => {
+            if urls.is_empty() {
+                return Err(flag_error(
+                    "--control URL is required with the control flags".into(),
+                ));
+            }
+            let Some(server_key) = server_key else {
+                return Err(flag_error(
+                    "--control-key KEY is required with --control (the server's public key, \
+                     pinned)"
+                        .into(),
+                ));
+            };
+            let hostname = flags
+                .hostname
+                .clone()
+                .unwrap_or_else(crate::magicdns::system_hostname);
+            let settings = ControlSettings {
+                urls,
+                server_key,
+                auth_key: flags.auth_key.clone(),
+                state_dir: flags
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                hostname: if hostname.is_empty() {
+                    "node".into()
+                } else {
+                    hostname
+                },
+            };
+            DaemonConfig::for_control(settings)
+                .map(Some)
+                .map_err(|e| flag_error(e.to_string()))
+        }
+    }
 }
 
 /// The data-plane thread's default nice value: the highest priority short of
@@ -128,6 +255,12 @@ pub enum DaemonError {
     /// The MagicDNS resolver could not start.
     #[error(transparent)]
     MagicDns(#[from] crate::magicdns::MagicDnsError),
+    /// The control flags are inconsistent.
+    #[error("{0}")]
+    ControlFlags(String),
+    /// The node key for control could not be loaded or stored.
+    #[error(transparent)]
+    NodeKey(#[from] crate::control_client::settings::NodeKeyError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -136,15 +269,23 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         Some(path) => Some(DaemonConfig::load(path)?),
         None => None,
     };
+    let config = apply_control_flags(config, &options.control)?;
+    let control_settings = config.as_ref().and_then(|c| c.control.clone());
     let interface = options
         .interface
         .clone()
         .or_else(|| config.as_ref().and_then(|c| c.file.interface.name.clone()))
         .unwrap_or_else(|| "wgmesh0".to_owned());
-    let private_key = config
-        .as_ref()
-        .map(|c| c.private_key.clone())
-        .unwrap_or_else(|| NodePrivateKey::generate(&mut OsRng));
+    let private_key = match &control_settings {
+        // The node key joins the tailnet: stored once, reused at every start.
+        Some(control) => {
+            crate::control_client::settings::load_or_create_node_key(&control.state_dir)?
+        }
+        None => config
+            .as_ref()
+            .map(|c| c.private_key.clone())
+            .unwrap_or_else(|| NodePrivateKey::generate(&mut OsRng)),
+    };
     let disco_key = config
         .as_ref()
         .and_then(|c| c.file.interface.disco_private_key.clone())
@@ -206,6 +347,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     };
 
     let engine = new_engine(private_key.clone(), disco_key, &interface);
+    let engine_disco_key = engine.disco_key();
     info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
 
     let (effects_tx, effects_rx) = mpsc::unbounded_channel();
@@ -249,10 +391,11 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
                 &reconfig,
                 host_upstreams,
             );
-            Some(started.await?)
+            Some(Arc::new(started.await?))
         }
         None => None,
     };
+    let private_key_for_control = private_key.clone();
     let desired = Arc::new(DesiredState::new(
         handle.clone(),
         interface.clone(),
@@ -266,12 +409,39 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     // The local API.
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let listener = api::bind_api_socket(&api_path, access)?;
-    let context = Arc::new(ApiContext::new(
-        handle.clone(),
-        interface.clone(),
-        reload_tx,
-        access,
-    ));
+    let context = ApiContext::new(handle.clone(), interface.clone(), reload_tx, access);
+    // The control client: the node's netmap comes from the server.
+    let control_status: Option<crate::control_client::task::SharedControlStatus> =
+        control_settings.as_ref().map(|_| Arc::default());
+    let context = Arc::new(match &control_status {
+        Some(status) => context.with_control(status.clone()),
+        None => context,
+    });
+    let control_task = match (control_settings, &control_status) {
+        (Some(settings), Some(status)) => {
+            let snapshot = desired.snapshot().await;
+            let running = &snapshot.reconfig;
+            let local = crate::control_client::convert::LocalSettings {
+                listen_port: running.wireguard.as_ref().map_or(0, |w| w.listen_port),
+                mtu: running.router.as_ref().map_or(0, |r| r.mtu),
+                knobs: running.knobs.clone(),
+            };
+            info!(urls = ?settings.urls.iter().map(|u| u.text.as_str()).collect::<Vec<_>>(), "joining the tailnet through control");
+            let client = crate::control_client::task::ControlClient {
+                settings,
+                node_key: private_key_for_control.clone(),
+                disco_key: engine_disco_key,
+                desired: desired.clone(),
+                handle: handle.clone(),
+                local,
+                interface: interface.clone(),
+                magicdns: magicdns.clone().zip(magicdns_section.clone()),
+                status: status.clone(),
+            };
+            Some(tokio::spawn(client.run()))
+        }
+        _ => None,
+    };
     let api_task = tokio::spawn(api::serve_api(listener, context.clone()));
     let metrics_task =
         config
@@ -352,13 +522,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = hup.recv() => {
-                match reload(&options, &desired, magicdns.as_ref()).await {
+                match reload(&options, &desired, magicdns.as_deref(), control_status.is_some()).await {
                     Ok(message) => info!(%message, "reloaded on SIGHUP"),
                     Err(message) => error!(%message, "reload refused; the running config stays"),
                 }
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = reload(&options, &desired, magicdns.as_ref()).await;
+                let outcome = reload(&options, &desired, magicdns.as_deref(), control_status.is_some()).await;
                 if let Err(message) = &outcome {
                     error!(%message, "reload refused; the running config stays");
                 }
@@ -378,9 +548,15 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     // effects withdraw routes and DNS), wait for the OS manager to finish.
     api_task.abort();
     drop(magicdns);
-    for task in [metrics_task, uapi_task, monitor_task, flowlog_task]
-        .into_iter()
-        .flatten()
+    for task in [
+        metrics_task,
+        uapi_task,
+        monitor_task,
+        flowlog_task,
+        control_task,
+    ]
+    .into_iter()
+    .flatten()
     {
         task.abort();
     }
@@ -540,7 +716,15 @@ async fn reload(
     options: &DaemonOptions,
     desired: &DesiredState,
     magicdns: Option<&crate::magicdns::MagicDns>,
+    control_mode: bool,
 ) -> Result<String, String> {
+    if control_mode {
+        return Err(
+            "this node follows its control server: peers and addresses come from there, and \
+             [control] is read at start (restart wgmeshd to change it)"
+                .into(),
+        );
+    }
     let Some(path) = &options.config else {
         return Err("wgmeshd was started without a config file; nothing to reload".into());
     };
@@ -601,6 +785,7 @@ mod tests {
         );
         let config = DaemonConfig::parse(std::path::Path::new("x.toml"), &text).unwrap();
         let mut options = DaemonOptions {
+            control: ControlFlags::default(),
             config: None,
             interface: None,
             api_socket: None,

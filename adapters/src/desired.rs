@@ -16,8 +16,8 @@ use rand_core::{OsRng, RngCore};
 use tokio::sync::{Mutex, oneshot};
 use tracing::info;
 use wgmesh_core::{
-    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, NodePrivateKey, Reconfig, ReconfigOutcome,
-    RouterConfig, WgConfig,
+    DiscoPrivateKey, DnsConfig, Engine, EngineConfig, NodePrivateKey, PeerDelta, Reconfig,
+    ReconfigOutcome, RouterConfig, WgConfig,
 };
 
 use crate::config::trim_override_from_env;
@@ -147,6 +147,18 @@ impl DesiredState {
         }
         let outcome = outcome?;
         *current = next;
+        Ok(outcome)
+    }
+
+    /// Applies a peer delta (from the control server): the engine gets only
+    /// the delta, and the recorded reconfig, whose peers are kept sorted by
+    /// key in control mode, is patched with a binary search per peer, so the
+    /// cost follows the change rather than the netmap. Under the same lock
+    /// as [`DesiredState::change`]; on a refusal nothing is recorded.
+    pub async fn change_peers(&self, delta: PeerDelta) -> Result<ReconfigOutcome, RequestError> {
+        let mut current = self.state.lock().await;
+        let outcome = self.driver.peer_delta(delta.clone()).await?;
+        crate::control_client::convert::apply_peer_delta_to_reconfig(&mut current.reconfig, &delta);
         Ok(outcome)
     }
 

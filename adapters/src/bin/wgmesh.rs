@@ -246,6 +246,28 @@ fn render_status(status: &StatusView) -> String {
         status.listen_port,
         status.local_addrs.join(",")
     );
+    if let Some(c) = &status.control {
+        let since = c
+            .secs_since_push
+            .map_or_else(|| "never".to_owned(), |s| format!("{s:.1}s ago"));
+        out.push_str(&format!(
+            "  control {}  {}  netmap seq {}  last push {}  peers {}{}\n",
+            c.url,
+            if c.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            c.netmap_seq
+                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            since,
+            c.peers,
+            c.last_error
+                .as_deref()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
     for p in &status.peers {
         let state = if p.configured {
             "active"

@@ -81,6 +81,37 @@ struct Args {
         value_parser = clap::value_parser!(i32).range(-20..=19)
     )]
     data_plane_nice: i32,
+
+    /// Join a tailnet through this coordination server (repeat it for each
+    /// replica; they are tried in turn). The node key is generated once and
+    /// kept in --control-state-dir; peers, addresses, routes, DNS names and
+    /// the packet filter come from the server. Needs --control-key; static
+    /// peers in a config file and --control are refused together.
+    #[arg(long = "control", value_name = "URL")]
+    control_urls: Vec<String>,
+
+    /// The pre-auth key to register with (`wgmesh-control authkey create`);
+    /// needed only until the node is registered.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "WGMESH_AUTHKEY",
+        hide_env_values = true
+    )]
+    authkey: Option<String>,
+
+    /// The control server's public key (base64), pinned: answers not sealed
+    /// by it are refused.
+    #[arg(long, value_name = "KEY")]
+    control_key: Option<String>,
+
+    /// Where the node key for control is kept (default /var/lib/wgmesh).
+    #[arg(long, value_name = "DIR")]
+    control_state_dir: Option<PathBuf>,
+
+    /// The host name to register with control (default: the system's).
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +164,13 @@ fn main() -> ExitCode {
         resolv_conf: args.resolv_conf,
         manage_routes: true,
         data_plane_nice: Some(args.data_plane_nice),
+        control: daemon::ControlFlags {
+            urls: args.control_urls,
+            auth_key: args.authkey,
+            server_key: args.control_key,
+            state_dir: args.control_state_dir,
+            hostname: args.hostname,
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -97,6 +97,20 @@ impl Executor {
                 };
                 let _ = reply.send(result);
             }
+            Control::PeerDelta { delta, reply } => {
+                let result = match engine.handle_input(now, Input::PeerDelta(&delta)) {
+                    Ok(InputOutcome::Reconfig(outcome)) => {
+                        debug!(?outcome, "peer delta applied");
+                        Ok(outcome)
+                    }
+                    Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+                    Err(e) => {
+                        warn!(error = %e, "peer delta refused");
+                        Err(e)
+                    }
+                };
+                let _ = reply.send(result);
+            }
             Control::Ping {
                 ip,
                 kind,

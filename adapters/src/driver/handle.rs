@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use wgmesh_core::{
-    CapturedPacket, Engine, Event, InputError, LinkChange, PacketFilter, PingKind, PingResult,
-    Reconfig, ReconfigOutcome, Status,
+    CapturedPacket, Engine, Event, InputError, LinkChange, PacketFilter, PeerDelta, PingKind,
+    PingResult, Reconfig, ReconfigOutcome, Status,
 };
 
 use crate::flowlog::table::FlowTable;
@@ -18,6 +18,14 @@ pub enum Control {
     Reconfig {
         /// The new state.
         reconfig: Box<Reconfig>,
+        /// The engine's verdict.
+        reply: oneshot::Sender<Result<ReconfigOutcome, InputError>>,
+    },
+    /// Apply a change to some peers (a control delta): the engine's cost is
+    /// proportional to the change.
+    PeerDelta {
+        /// The change.
+        delta: Box<PeerDelta>,
         /// The engine's verdict.
         reply: oneshot::Sender<Result<ReconfigOutcome, InputError>>,
     },
@@ -82,6 +90,12 @@ impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Control::Reconfig { .. } => f.write_str("Reconfig"),
+            Control::PeerDelta { delta, .. } => write!(
+                f,
+                "PeerDelta(upsert {}, remove {})",
+                delta.upsert.len(),
+                delta.remove.len()
+            ),
             Control::Ping { ip, kind, size, .. } => write!(f, "Ping({ip}, {kind:?}, {size})"),
             Control::Status { .. } => f.write_str("Status"),
             Control::LinkChange(change) => write!(f, "LinkChange({change:?})"),
@@ -149,6 +163,22 @@ impl DriverHandle {
         })
         .await?;
         Ok(rx.await.map_err(|_| RequestError::Stopped)??)
+    }
+
+    /// Applies a peer delta and returns the engine's verdict.
+    pub async fn peer_delta(&self, delta: PeerDelta) -> Result<ReconfigOutcome, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::PeerDelta {
+            delta: Box::new(delta),
+            reply,
+        })
+        .await?;
+        Ok(rx.await.map_err(|_| RequestError::Stopped)??)
+    }
+
+    /// Replaces the engine's inbound packet filter.
+    pub async fn set_packet_filter(&self, filter: PacketFilter) -> Result<(), RequestError> {
+        self.send(Control::SetPacketFilter(filter)).await
     }
 
     /// Pings `ip` and waits for the result (at most the engine's ping timeout).

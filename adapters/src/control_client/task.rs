@@ -1,0 +1,553 @@
+//! The control client task: registers once, keeps a map stream open, turns
+//! what arrives into engine changes through the daemon's one owner of the
+//! desired state, and reports this node's endpoints.
+//!
+//! A server that cannot be reached never touches the data plane: the node
+//! keeps running its last netmap, and the task retries with exponential
+//! backoff and jitter (drawn from the OS RNG, in the daemon, never in the
+//! core), moving to the next server URL after each failed attempt so that
+//! a node follows a replica that is still up.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use rand_core::{OsRng, RngCore};
+use toml::Spanned;
+use tracing::{debug, info, warn};
+use wgmesh_control::keys::DiscoKey;
+use wgmesh_control::wire::{
+    CloseFrame, EndpointsBody, EndpointsReply, FrameDecoder, FrameKind, MapStreamBody,
+    RegisterBody, RequestBody, STREAM_DEAD_AFTER,
+};
+use wgmesh_control::{MapBody, MapResponse, Netmap, Registration};
+
+use super::convert::{self, DeltaPlan, LocalSettings, PeerPlan};
+use super::http::{NodeChannel, RequestError};
+use super::settings::{ControlSettings, ControlUrl};
+use crate::config::MagicDnsSection;
+use crate::desired::DesiredState;
+use crate::driver::DriverHandle;
+
+/// The first wait after a failure.
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest wait between attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// How often the node's own endpoints are re-read while a stream is open;
+/// a change is reported at once.
+pub const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// The file in the state directory that says the node key is registered
+/// with the server whose key it holds.
+pub const REGISTERED_MARKER: &str = "registered";
+
+/// The control state `wgmesh status` shows.
+#[derive(Debug, Clone, Default)]
+pub struct ControlStatus {
+    /// The server URL in use (or last tried).
+    pub url: String,
+    /// Whether a map stream is open now.
+    pub connected: bool,
+    /// Whether this node key is registered.
+    pub registered: bool,
+    /// The `seq` of the last map message applied on the current stream
+    /// (0: the full netmap).
+    pub netmap_seq: Option<u64>,
+    /// Map messages applied since the daemon started.
+    pub map_messages: u64,
+    /// When the last map message was applied.
+    pub last_push: Option<Instant>,
+    /// Peers in the last netmap.
+    pub peers: usize,
+    /// Streams opened since the daemon started.
+    pub streams_opened: u64,
+    /// The last failure, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The status shared between the task and the local API.
+pub type SharedControlStatus = Arc<Mutex<ControlStatus>>;
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    /// A request failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// No frame within [`STREAM_DEAD_AFTER`].
+    #[error("no frame for {0} s: stream considered dead")]
+    Dead(u64),
+    /// The server closed the stream.
+    #[error("closed by the server: {0}")]
+    Closed(String),
+    /// The body ended.
+    #[error("the stream ended")]
+    Ended,
+    /// The stream broke the protocol (bad frame, gap, delta before netmap).
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The engine refused what the netmap asks.
+    #[error("the engine refused the netmap: {0}")]
+    Refused(String),
+}
+
+/// Everything the task needs from the daemon.
+pub struct ControlClient {
+    /// The checked settings.
+    pub settings: ControlSettings,
+    /// The node's private key (the engine's).
+    pub node_key: wgmesh_core::NodePrivateKey,
+    /// The engine's disco key (new at every start).
+    pub disco_key: wgmesh_core::DiscoPublicKey,
+    /// The one owner of the desired state.
+    pub desired: Arc<DesiredState>,
+    /// The driver (for the packet filter).
+    pub handle: DriverHandle,
+    /// Listen port, MTU and knobs.
+    pub local: LocalSettings,
+    /// The tunnel interface (its addresses are not endpoints).
+    pub interface: String,
+    /// The running MagicDNS resolver and its section, when enabled.
+    pub magicdns: Option<(Arc<crate::magicdns::MagicDns>, MagicDnsSection)>,
+    /// Shared with the API.
+    pub status: SharedControlStatus,
+}
+
+impl ControlClient {
+    fn marker_path(&self) -> PathBuf {
+        self.settings.state_dir.join(REGISTERED_MARKER)
+    }
+
+    /// Whether the marker says this key is registered with this server.
+    fn registered_before(&self) -> bool {
+        std::fs::read_to_string(self.marker_path())
+            .map(|text| text.trim() == self.settings.server_key.to_string())
+            .unwrap_or(false)
+    }
+
+    fn set_status(&self, edit: impl FnOnce(&mut ControlStatus)) {
+        match self.status.lock() {
+            Ok(mut status) => edit(&mut status),
+            Err(poisoned) => edit(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Runs until the daemon aborts the task.
+    pub async fn run(self) {
+        let channel = NodeChannel::new(&self.node_key, &self.settings.server_key);
+        let mut registered = self.registered_before();
+        let mut netmap: Option<Netmap> = None;
+        let mut url_index = 0usize;
+        let mut backoff = INITIAL_BACKOFF;
+        self.set_status(|s| s.registered = registered);
+        loop {
+            let url = &self.settings.urls[url_index % self.settings.urls.len()];
+            self.set_status(|s| s.url = url.text.clone());
+            let mut delivered = false;
+            let outcome = if registered {
+                Ok(())
+            } else {
+                self.register(&channel, url).await
+            };
+            let result = match outcome {
+                Ok(()) => {
+                    registered = true;
+                    self.set_status(|s| s.registered = true);
+                    self.stream(&channel, url, &mut netmap, &mut delivered)
+                        .await
+                }
+                Err(e) => Err(StreamEnd::Request(e)),
+            };
+            self.set_status(|s| s.connected = false);
+            let message = match &result {
+                Ok(()) => "the stream ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            if let Err(StreamEnd::Request(e)) = &result {
+                if e.refusal_kind()
+                    .is_some_and(|k| k.ends_with("unknown_node"))
+                {
+                    // The server forgot this node (deleted, or a new
+                    // database): register again with the auth key.
+                    registered = false;
+                    let _ = std::fs::remove_file(self.marker_path());
+                    self.set_status(|s| s.registered = false);
+                }
+            }
+            if delivered {
+                // The stream worked: come back at once to the same server
+                // (a restart of it), with a short jittered wait.
+                backoff = INITIAL_BACKOFF;
+                info!(url = %url.text, reason = %message, "control stream ended; reconnecting");
+            } else {
+                warn!(url = %url.text, error = %message, retry_in_ms = backoff.as_millis() as u64, "control unreachable or refused; the node keeps its last netmap");
+                url_index += 1;
+            }
+            self.set_status(|s| s.last_error = Some(message));
+            tokio::time::sleep(jittered(backoff)).await;
+            if !delivered {
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    async fn register(&self, channel: &NodeChannel, url: &ControlUrl) -> Result<(), RequestError> {
+        let Some(auth_key) = self.settings.auth_key.clone() else {
+            return Err(RequestError::Unexpected {
+                url: url.text.clone(),
+                what: "this node is not registered and no auth key was given \
+                       (control.auth_key, control.auth_key_file or --authkey)"
+                    .into(),
+            });
+        };
+        let body = RequestBody::Register(RegisterBody {
+            auth_key,
+            hostname: self.settings.hostname.clone(),
+            advertised_routes: Vec::new(),
+            requested_ipv4: None,
+        });
+        match channel.request::<Registration>(url, &body).await {
+            Ok(registration) => {
+                info!(url = %url.text, name = %registration.name, addresses = ?registration.addresses, "registered with control");
+            }
+            Err(e) if e.refusal_kind() == Some("register.already_registered") => {
+                info!(url = %url.text, "already registered with control");
+            }
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = std::fs::write(
+            self.marker_path(),
+            format!("{}\n", self.settings.server_key),
+        ) {
+            warn!(error = %e, "cannot record the registration; the next start registers again");
+        }
+        Ok(())
+    }
+
+    /// Opens a map stream and applies what arrives until it ends.
+    async fn stream(
+        &self,
+        channel: &NodeChannel,
+        url: &ControlUrl,
+        netmap: &mut Option<Netmap>,
+        delivered: &mut bool,
+    ) -> Result<(), StreamEnd> {
+        let mut endpoints = self.local_endpoints();
+        let body = RequestBody::Map(MapStreamBody {
+            disco_key: DiscoKey(self.disco_key.0),
+            endpoints: endpoints.clone(),
+        });
+        let mut open = channel.send(url, &body).await?;
+        info!(url = %url.text, endpoints = ?endpoints, "control stream open");
+        self.set_status(|s| {
+            s.connected = true;
+            s.streams_opened += 1;
+            s.netmap_seq = None;
+        });
+        let mut decoder = FrameDecoder::default();
+        let mut frame_seq = 0u64;
+        let mut map_seq = 0u64;
+        let mut check = tokio::time::interval(ENDPOINT_CHECK_INTERVAL);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                chunk = tokio::time::timeout(STREAM_DEAD_AFTER, open.body.frame()) => chunk,
+                _ = check.tick() => {
+                    let now = self.local_endpoints();
+                    if now != endpoints {
+                        endpoints = now;
+                        self.report_endpoints(channel, url, &endpoints).await;
+                    }
+                    continue;
+                }
+            };
+            let chunk = match chunk {
+                Err(_) => return Err(StreamEnd::Dead(STREAM_DEAD_AFTER.as_secs())),
+                Ok(None) => return Err(StreamEnd::Ended),
+                Ok(Some(Err(e))) => {
+                    return Err(StreamEnd::Request(RequestError::Http {
+                        url: url.text.clone(),
+                        source: e,
+                    }));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = chunk.into_data() else {
+                continue;
+            };
+            decoder.push(&data);
+            while let Some(sealed) = decoder
+                .next_frame()
+                .map_err(|e| StreamEnd::Protocol(e.to_string()))?
+            {
+                let frame = channel
+                    .open(&sealed, open.reply_to, frame_seq)
+                    .map_err(|e| StreamEnd::Protocol(e.to_string()))?;
+                frame_seq += 1;
+                match frame.kind {
+                    FrameKind::Keepalive => debug!("control keepalive"),
+                    FrameKind::Close => {
+                        let reason = frame
+                            .parse::<CloseFrame>()
+                            .map(|c| c.reason)
+                            .unwrap_or_else(|e| e.to_string());
+                        return Err(StreamEnd::Closed(reason));
+                    }
+                    FrameKind::Reply => {
+                        return Err(StreamEnd::Protocol("a reply frame on a map stream".into()));
+                    }
+                    FrameKind::Map => {
+                        let response = MapResponse::from_json(&frame.payload)
+                            .map_err(|e| StreamEnd::Protocol(e.to_string()))?;
+                        if response.seq != map_seq {
+                            return Err(StreamEnd::Protocol(format!(
+                                "map message seq {} where {map_seq} was due",
+                                response.seq
+                            )));
+                        }
+                        map_seq += 1;
+                        self.apply(response, netmap).await?;
+                        *delivered = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one map message; on any refusal the node keeps what it runs
+    /// and the stream is reopened (a full netmap follows).
+    async fn apply(
+        &self,
+        response: MapResponse,
+        netmap: &mut Option<Netmap>,
+    ) -> Result<(), StreamEnd> {
+        let seq = response.seq;
+        match response.body {
+            MapBody::Full(full) => {
+                let full = *full;
+                // The filter first: it must never be looser than the peers.
+                self.handle
+                    .set_packet_filter(convert::packet_filter(&full.packet_filter))
+                    .await
+                    .map_err(|e| StreamEnd::Refused(e.to_string()))?;
+                let reconfig = convert::reconfig_from_netmap(&full, &self.local);
+                let outcome = self
+                    .desired
+                    .change(|d| {
+                        d.reconfig = reconfig;
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .await;
+                if let Err(e) = outcome {
+                    *netmap = None;
+                    return Err(StreamEnd::Refused(e.to_string()));
+                }
+                info!(seq, peers = full.peers.len(), "netmap applied");
+                self.update_dns(&full).await;
+                let peers = full.peers.len();
+                *netmap = Some(full);
+                self.note_applied(seq, peers);
+            }
+            MapBody::Delta(delta) => {
+                let Some(current) = netmap.as_mut() else {
+                    return Err(StreamEnd::Protocol("a delta before any netmap".into()));
+                };
+                let plan: DeltaPlan = match convert::apply_delta(current, &delta, &self.local) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        *netmap = None;
+                        return Err(StreamEnd::Protocol(e.to_string()));
+                    }
+                };
+                if let Some(filter) = plan.filter {
+                    self.handle
+                        .set_packet_filter(filter)
+                        .await
+                        .map_err(|e| StreamEnd::Refused(e.to_string()))?;
+                }
+                let result = match plan.peers {
+                    PeerPlan::Unchanged => Ok(()),
+                    PeerPlan::Delta(peer_delta) => self
+                        .desired
+                        .change_peers(peer_delta)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    PeerPlan::Full(reconfig) => self
+                        .desired
+                        .change(|d| {
+                            d.reconfig = *reconfig;
+                            Ok::<(), std::convert::Infallible>(())
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = result {
+                    *netmap = None;
+                    return Err(StreamEnd::Refused(e));
+                }
+                debug!(seq, "netmap delta applied");
+                let peers = current.peers.len();
+                if plan.dns_changed {
+                    let snapshot = current.clone();
+                    self.update_dns(&snapshot).await;
+                }
+                self.note_applied(seq, peers);
+            }
+        }
+        Ok(())
+    }
+
+    fn note_applied(&self, seq: u64, peers: usize) {
+        self.set_status(|s| {
+            s.netmap_seq = Some(seq);
+            s.map_messages += 1;
+            s.last_push = Some(Instant::now());
+            s.peers = peers;
+            s.last_error = None;
+        });
+    }
+
+    /// Rebuilds MagicDNS's names from the recorded desired state, with the
+    /// tailnet's domain and this node's name from the netmap.
+    async fn update_dns(&self, netmap: &Netmap) {
+        let Some((magicdns, section)) = &self.magicdns else {
+            return;
+        };
+        let names = convert::dns_names(netmap);
+        let mut section = section.clone();
+        section.domain = Some(Spanned::new(0..0, names.domain));
+        section.hostname = Some(Spanned::new(0..0, names.hostname));
+        let applied = self.desired.snapshot().await;
+        magicdns.update(&section, &applied.reconfig);
+    }
+
+    async fn report_endpoints(
+        &self,
+        channel: &NodeChannel,
+        url: &ControlUrl,
+        endpoints: &[SocketAddr],
+    ) {
+        let body = RequestBody::Endpoints(EndpointsBody {
+            endpoints: endpoints.to_vec(),
+        });
+        match channel.request::<EndpointsReply>(url, &body).await {
+            Ok(reply) => {
+                info!(endpoints = ?endpoints, changed = reply.changed, "endpoints reported")
+            }
+            Err(e) => warn!(error = %e, "could not report endpoints; the next stream carries them"),
+        }
+    }
+
+    /// This node's endpoints: every address of every other interface that
+    /// is up (not loopback, link-local or tailnet), with the listen port.
+    fn local_endpoints(&self) -> Vec<SocketAddr> {
+        local_endpoints(&self.interface, self.local.listen_port)
+    }
+}
+
+/// See [`ControlClient::local_endpoints`].
+pub fn local_endpoints(tunnel: &str, port: u16) -> Vec<SocketAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = addrs
+        .filter(|a| a.interface_name != tunnel)
+        .filter(|a| {
+            a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+                && !a
+                    .flags
+                    .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+        })
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .filter(|ip| usable_endpoint(*ip))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a local address can be a peer's path to us.
+fn usable_endpoint(ip: IpAddr) -> bool {
+    let tailnet = |ip: &IpAddr| {
+        let v4: ipnet::IpNet = wgmesh_control::netmap::TAILNET_IPV4_RANGE
+            .parse()
+            .expect("constant prefix");
+        let v6: ipnet::IpNet = wgmesh_control::netmap::TAILNET_IPV6_RANGE
+            .parse()
+            .expect("constant prefix");
+        v4.contains(ip) || v6.contains(ip)
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            !v4.is_loopback()
+                && !v4.is_link_local()
+                && !v4.is_unspecified()
+                && !v4.is_multicast()
+                && !tailnet(&ip)
+        }
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+                && !v6.is_unicast_link_local()
+                && !tailnet(&ip)
+        }
+    }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5), from the OS RNG.
+pub fn jittered(base: Duration) -> Duration {
+    let factor = 0.5 + (OsRng.next_u32() as f64 / u32::MAX as f64);
+    base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_and_one_and_a_half_of_the_base() {
+        for _ in 0..200 {
+            let d = jittered(Duration::from_millis(1000));
+            assert!(
+                d >= Duration::from_millis(500) && d <= Duration::from_millis(1500),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoints_leave_out_loopback_link_local_and_tailnet_addresses() {
+        for bad in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "100.64.0.7",
+            "fd7a:115c:a1e0::1",
+            "fe80::1",
+            "::1",
+            "0.0.0.0",
+        ] {
+            assert!(!usable_endpoint(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["10.0.0.1", "192.0.2.7", "2001:db8::1"] {
+            assert!(usable_endpoint(good.parse().unwrap()), "{good}");
+        }
+        // Whatever this machine has, none of it is loopback.
+        for e in local_endpoints("no-such-tunnel", 41641) {
+            assert!(!e.ip().is_loopback());
+            assert_eq!(e.port(), 41641);
+        }
+    }
+}
