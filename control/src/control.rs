@@ -157,6 +157,8 @@ pub enum Input {
     SetPolicy(Box<Policy>),
     /// An admin command.
     Admin(AdminCommand),
+    /// A record another replica of the server stored (shared database).
+    Replicate(Replicated),
 }
 
 /// Names one map stream of one node.
@@ -196,6 +198,8 @@ pub enum InputOutcome {
     NodeExpired,
     /// The node is deleted.
     NodeDeleted,
+    /// Another replica's record is applied.
+    Replicated,
 }
 
 /// What a node learns when it registers.
@@ -784,6 +788,7 @@ impl Control {
             }
             Input::SetPolicy(policy) => Ok(self.set_policy(*policy)),
             Input::Admin(command) => self.admin(command).map_err(InputError::from),
+            Input::Replicate(record) => self.replicate(record).map_err(InputError::from),
         };
         match &result {
             Ok(_) => self.flush(),
@@ -1869,6 +1874,9 @@ fn parse_auth_key(text: &str) -> Option<(u64, [u8; 16])> {
 fn constant_time_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+mod replicate;
+pub use replicate::Replicated;
 
 #[cfg(test)]
 mod tests;

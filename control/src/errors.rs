@@ -156,6 +156,52 @@ pub enum AdminError {
     ExpiryInPast,
 }
 
+/// Why a record of another replica could not be applied: it conflicts with
+/// this replica's state (two replicas raced), which the server resolves by
+/// reloading from the shared store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicateError {
+    /// The node's address is not a node address of the tailnet.
+    #[error("node {node:?} has address {addr}, outside the tailnet")]
+    AddressOutsideTailnet {
+        /// The node.
+        node: NodeKey,
+        /// Its address.
+        addr: std::net::Ipv4Addr,
+    },
+    /// Another node holds the node's address here.
+    #[error("node {node:?}'s address is held by {holder:?} here")]
+    AddressHeldByAnother {
+        /// The node.
+        node: NodeKey,
+        /// The holder.
+        holder: NodeKey,
+    },
+    /// The node has another address here (a node never moves).
+    #[error("node {0:?} has another address here")]
+    AddressMoved(NodeKey),
+    /// Another node holds the node's disco key here.
+    #[error("node {node:?}'s disco key is held by {holder:?} here")]
+    DiscoKeyHeldByAnother {
+        /// The node.
+        node: NodeKey,
+        /// The holder.
+        holder: NodeKey,
+    },
+    /// Another node has the node's host name here.
+    #[error("node {node:?}'s host name is held by {holder:?} here")]
+    HostnameHeldByAnother {
+        /// The node.
+        node: NodeKey,
+        /// The holder.
+        holder: NodeKey,
+    },
+    /// The host name is not a DNS label.
+    #[error("host name {0:?} is not a DNS label")]
+    BadHostname(String),
+}
+
 /// Why an input was refused. The state is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -175,6 +221,9 @@ pub enum InputError {
     /// An admin command was refused.
     #[error("admin: {0}")]
     Admin(#[from] AdminError),
+    /// A replicated record was refused.
+    #[error("replicate: {0}")]
+    Replicate(#[from] ReplicateError),
 }
 
 impl InputError {
@@ -218,6 +267,18 @@ impl InputError {
                 AdminError::BadUser(_) => "admin.bad_user",
                 AdminError::BadTag(_) => "admin.bad_tag",
                 AdminError::ExpiryInPast => "admin.expiry_in_past",
+            },
+            InputError::Replicate(e) => match e {
+                ReplicateError::AddressOutsideTailnet { .. } => "replicate.address_outside_tailnet",
+                ReplicateError::AddressHeldByAnother { .. } => "replicate.address_held_by_another",
+                ReplicateError::AddressMoved(_) => "replicate.address_moved",
+                ReplicateError::DiscoKeyHeldByAnother { .. } => {
+                    "replicate.disco_key_held_by_another"
+                }
+                ReplicateError::HostnameHeldByAnother { .. } => {
+                    "replicate.hostname_held_by_another"
+                }
+                ReplicateError::BadHostname(_) => "replicate.bad_hostname",
             },
         }
     }

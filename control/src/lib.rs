@@ -88,10 +88,11 @@ pub mod wire;
 pub use control::{
     AdminCommand, AuthKeyCreated, AuthKeyView, CloseReason, Control, ControlConfig, Counters,
     EndpointUpdate, Input, InputOutcome, MapRequest, NodeView, Output, RegisterRequest,
-    Registration, RestoreError, StoredAuthKey, StoredNode, StreamId, TailnetState,
+    Registration, Replicated, RestoreError, StoredAuthKey, StoredNode, StreamId, TailnetState,
 };
 pub use errors::{
     AdminError, DisconnectError, EndpointUpdateError, InputError, MapError, RegisterError,
+    ReplicateError,
 };
 pub use keys::{DiscoKey, NodeKey, ServerKey, Timestamp};
 pub use netmap::{

@@ -478,7 +478,8 @@ pub struct DisconnectReply {
 /// stream. The node reconnects (after backoff), except after `deleted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloseFrame {
-    /// `replaced`, `key_expired`, `deleted`, `slow_consumer` or `shutdown`.
+    /// `replaced`, `key_expired`, `deleted`, `disconnected` (the node asked)
+    /// or `shutdown`. A stream dropped for reading too slowly just ends.
     pub reason: String,
 }
 
@@ -1092,6 +1093,8 @@ pub fn http_status(error: &InputError) -> u16 {
         InputError::Disconnect(e) => match e {
             DisconnectError::UnknownNode(_) => 404,
         },
+        // Replicas apply these among themselves; no request carries one.
+        InputError::Replicate(_) => 409,
         InputError::Admin(e) => match e {
             AdminError::UnknownNode(_) => 404,
             AdminError::RouteApprovedElsewhere { .. } => 409,
