@@ -8,7 +8,8 @@
 //! that never thought to check for them, and in every case `explore` makes.
 //!
 //! **Healthy** means: the network drops nothing (`loss = 0`), and no fault (a restart, a partition or its heal, a link
-//! change, a knob or AllowedIPs change through control) happened from
+//! change, a knob or AllowedIPs change through control, or from a policy
+//! change on to the end) happened from
 //! [`SETTLE`] before the send until the deadline. After a fault the tailnet
 //! gets [`SETTLE`] to recover (control's delay, a handshake retry at 5 s, a
 //! disco path's 6.5 s trust) before it is judged again. A partition is a
@@ -100,6 +101,16 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
                     until: at + SETTLE,
                 });
             }
+            // A new policy may cut flows for good: what is sent after it is
+            // the scenario's to judge.
+            ActionKind::SetPolicy { .. } => spans.push(Impaired {
+                from: at,
+                until: end,
+            }),
+            // The data plane does not depend on the coordination server
+            // being reachable: a node keeps its last netmap, so a server
+            // restart or a cut to it is no fault for the oracle.
+            ActionKind::ControlRestart { .. } | ActionKind::ControlPartition { .. } => {}
         }
     }
     if let Some(from) = open_partition {

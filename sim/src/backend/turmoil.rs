@@ -23,6 +23,7 @@
 //! than simulated differently. Its invariant checks are the ones visible
 //! from outside the driver: every ping ends exactly once within 10 s.
 
+mod control;
 mod host;
 mod os;
 mod outer;
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use wgmesh_core::{DiscoPrivateKey, NodePrivateKey};
 
+use self::control::ControlPlane;
 use self::host::node_host;
 use self::outer::Outer;
 use self::shared::{Cmd, Shared, SharedRef, lock, send};
@@ -43,8 +45,11 @@ use crate::report::Report;
 use crate::scenario::{ActionKind, Scenario};
 use crate::trace::{Keep, Trace};
 use crate::world::address::WG_PORT;
+use crate::world::address::tailnet_ip4;
+use crate::world::control::{ControlClient, ControlHost, LocalSettings, control_key};
 use crate::world::spec::node_knobs;
-use crate::world::{EPOCH_SECS, KEY_STREAM, rng_stream};
+use crate::world::{CONTROL_SEED_STREAM, EPOCH_SECS, KEY_STREAM, rng_stream};
+use rand_core::RngCore;
 
 fn unsupported(what: &str) -> RunError {
     RunError::BackendUnavailable(
@@ -76,7 +81,10 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             | ActionKind::LinkChange { .. }
             | ActionKind::SetKnob { .. }
             | ActionKind::Flow { .. }
-            | ActionKind::Idle { .. } => {}
+            | ActionKind::Idle { .. }
+            | ActionKind::SetPolicy { .. }
+            | ActionKind::ControlRestart { .. }
+            | ActionKind::ControlPartition { .. } => {}
             ActionKind::SetAllowedIps { .. } => {
                 return Err(unsupported(&format!("the action on line {}", a.line)));
             }
@@ -90,6 +98,49 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
     })
 }
 
+/// The coordination server and one client per node, as the scenario sets
+/// them up.
+fn control_plane(scenario: &Scenario, seed: u64, keys: &[NodePrivateKey]) -> ControlPlane {
+    let public: Vec<_> = keys.iter().map(|k| k.public_key()).collect();
+    let policy = scenario
+        .policy
+        .as_deref()
+        .and_then(|text| wgmesh_control::Policy::parse(text, "policy").ok())
+        .unwrap_or_else(wgmesh_control::Policy::allow_all);
+    let control_seed = rng_stream(seed, CONTROL_SEED_STREAM).next_u64();
+    let host = ControlHost::new(control_seed, policy, &public);
+    let keepalives: BTreeMap<_, u16> = BTreeMap::new();
+    let clients = scenario
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            ControlClient::new(
+                control_key(&public[i]),
+                spec.name.clone(),
+                spec.subnets.clone(),
+                tailnet_ip4(i),
+            )
+        })
+        .collect();
+    let legs = scenario
+        .nodes
+        .iter()
+        .map(|spec| spec.control_delay.unwrap_or(scenario.network.control_delay) / 2)
+        .collect();
+    let local = scenario
+        .nodes
+        .iter()
+        .map(|spec| LocalSettings {
+            knobs: node_knobs(spec, &scenario.knobs),
+            // Nodes with keepalives are refused up front (see `run`).
+            keepalives: keepalives.clone(),
+            deltas_as_reconfig: true,
+        })
+        .collect();
+    ControlPlane::new(host, clients, legs, local)
+}
+
 fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     let n = scenario.nodes.len();
     let mut key_rng = rng_stream(seed, KEY_STREAM);
@@ -99,6 +150,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     let disco: Vec<DiscoPrivateKey> = (0..n)
         .map(|_| DiscoPrivateKey::generate(&mut key_rng))
         .collect();
+    let control = control_plane(scenario, seed, &keys);
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         now: Duration::ZERO,
         names: scenario.nodes.iter().map(|s| s.name.clone()).collect(),
@@ -107,7 +159,6 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         incarnation: vec![0; n],
         key_rng,
         cmds: (0..n).map(|_| None).collect(),
-        netmaps_due: Vec::new(),
         trace: Trace::keeping(keep),
         pings: Vec::new(),
         streams: Vec::new(),
@@ -115,15 +166,11 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         counters: vec![Vec::new(); n],
         violations: Vec::new(),
         seed,
-        control_delay: scenario.network.control_delay,
+        control,
+        addresses: Vec::new(),
         ports: vec![WG_PORT; n],
         next_ports: (0..n).map(|_| Arc::new(AtomicU16::new(0))).collect(),
         pending_move: vec![None; n],
-        knobs: scenario
-            .nodes
-            .iter()
-            .map(|spec| node_knobs(spec, &scenario.knobs))
-            .collect(),
         subnets: scenario
             .nodes
             .iter()
@@ -150,6 +197,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         });
     }
     let mut outer = Outer::new(scenario, sim, shared);
+    lock(&outer.shared).addresses = outer.addresses.clone();
 
     // The schedule: actions (order 0) before probes (order 1) at one instant.
     let schedule = scenario.schedule(seed);
@@ -169,7 +217,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
                 outer.apply(&schedule[index], now);
             }
         }
-        outer.deliver_netmaps(now);
+        lock(&outer.shared).control_tick();
         if now >= scenario.duration {
             if finishing == 0 {
                 for i in 0..n {
@@ -206,7 +254,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         total
     };
     let sum = |name: &str| counter(None, name).unwrap_or(0);
-    let stats = vec![
+    let mut stats = vec![
         ("pings", s.pings.len() as u64),
         ("handshakes", sum("handshakes_completed")),
         ("trims", sum("peers_trimmed")),
@@ -217,6 +265,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         ),
         ("violations", s.violations.len() as u64),
     ];
+    stats.extend(s.control.host.stats.iter());
     let outcomes = Outcomes {
         pings: &s.pings,
         streams: &s.streams,

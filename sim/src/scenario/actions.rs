@@ -36,7 +36,7 @@ pub(super) fn action(
             &a.action,
             "do",
             format!(
-                "unknown action {what:?} (send, ping, flow, restart, partition, heal, link_change, set_knob, set_allowed_ips, idle)"
+                "unknown action {what:?} (send, ping, flow, restart, partition, heal, link_change, set_knob, set_allowed_ips, set_policy, control_restart, control_partition, idle)"
             ),
         ));
     };
@@ -58,6 +58,11 @@ pub(super) fn action(
         "link_change" => link_change(&entry)?,
         "set_knob" => set_knob(&entry)?,
         "set_allowed_ips" => set_allowed_ips(&entry)?,
+        "set_policy" => set_policy(&entry)?,
+        "control_restart" => ActionKind::ControlRestart {
+            downtime: secs(a.downtime_s.as_ref().map_or(0.0, |d| *d.get_ref())),
+        },
+        "control_partition" => control_partition(&entry)?,
         _ => idle(&entry),
     };
     Ok(Action {
@@ -97,6 +102,9 @@ fn allowed_fields(what: &str) -> Option<&'static [&'static str]> {
         "link_change" => &["node", "link", "label"],
         "set_knob" => &["node", "knob", "value", "label"],
         "set_allowed_ips" => &["node", "allowed_ips", "label"],
+        "set_policy" => &["policy", "label"],
+        "control_restart" => &["downtime_s", "label"],
+        "control_partition" => &["nodes", "label"],
         "idle" => &["note", "label"],
         _ => return None,
     })
@@ -111,7 +119,7 @@ fn refuse_foreign_fields(
     allowed: &[&str],
 ) -> Result<(), ScenarioError> {
     let a = sa.get_ref();
-    let present: [(&str, Option<usize>); 19] = [
+    let present: [(&str, Option<usize>); 21] = [
         ("from", a.from.as_ref().map(|s| s.span().start)),
         ("to", a.to.as_ref().map(|s| s.span().start)),
         ("node", a.node.as_ref().map(|s| s.span().start)),
@@ -140,6 +148,8 @@ fn refuse_foreign_fields(
         ),
         ("label", a.label.as_ref().map(|s| s.span().start)),
         ("note", a.note.as_ref().map(|s| s.span().start)),
+        ("nodes", a.nodes.as_ref().map(|_| sa.span().start)),
+        ("policy", a.policy.as_ref().map(|s| s.span().start)),
     ];
     for (field, offset) in present {
         if let Some(offset) = offset {
@@ -360,7 +370,10 @@ fn set_knob(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
 }
 
 /// `set_allowed_ips`: the prefixes (or addresses) control hands out for a
-/// node.
+/// node. With the real coordination server a node's AllowedIPs are its own
+/// addresses plus its approved routes, so this is the admin approving the
+/// listed prefixes that are not the node's own addresses (each must be one
+/// the node advertises, or the server refuses it).
 fn set_allowed_ips(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
     let node = e.need("node", e.a.node.as_ref())?;
     let Some(list) = &e.a.allowed_ips else {
@@ -382,6 +395,33 @@ fn set_allowed_ips(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
         allowed_ips.push(net.trunc());
     }
     Ok(ActionKind::SetAllowedIps { node, allowed_ips })
+}
+
+/// `set_policy`: a new policy file's text, checked now.
+fn set_policy(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
+    let Some(text) = &e.a.policy else {
+        return Err(e.missing("policy", "action \"set_policy\" needs it"));
+    };
+    super::parse::check_policy(e.ctx, text)?;
+    Ok(ActionKind::SetPolicy {
+        policy: text.get_ref().clone(),
+    })
+}
+
+/// `control_partition`: the nodes cut off from the coordination server.
+fn control_partition(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
+    match &e.a.nodes {
+        Some(list) if !list.is_empty() => Ok(ActionKind::ControlPartition {
+            nodes: list
+                .iter()
+                .map(|s| e.node_ref(s, "nodes"))
+                .collect::<Result<_, _>>()?,
+        }),
+        _ => Err(e.missing(
+            "nodes",
+            "action \"control_partition\" needs a non-empty list",
+        )),
+    }
 }
 
 /// `idle`: nothing happens but a note in the trace.

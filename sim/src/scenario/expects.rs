@@ -232,7 +232,8 @@ fn stat_check(ctx: &Ctx<'_>, se: &Spanned<RawExpect>) -> Result<ExpectKind, Scen
     };
     let known = crate::world::Stats::default()
         .iter()
-        .iter()
+        .into_iter()
+        .chain(crate::world::control::ControlStats::default().iter())
         .any(|(k, _)| k == stat.get_ref());
     if !known {
         return Err(ctx.at(

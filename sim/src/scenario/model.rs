@@ -172,6 +172,24 @@ pub enum ActionKind {
         /// Its new AllowedIPs.
         allowed_ips: Vec<IpNet>,
     },
+    /// A new policy (the text of a policy file) put in force at the
+    /// coordination server.
+    SetPolicy {
+        /// The policy file's text (checked when the scenario is loaded).
+        policy: String,
+    },
+    /// The coordination server restarts: every map stream closes, and after
+    /// `downtime` it starts again from its stored records.
+    ControlRestart {
+        /// How long it stays down.
+        downtime: Duration,
+    },
+    /// Cuts every path between the coordination server and these nodes
+    /// (until `heal`).
+    ControlPartition {
+        /// The nodes cut off.
+        nodes: Vec<NodeIndex>,
+    },
     /// Nothing happens; a marker in the timeline for a quiet period.
     Idle {
         /// What the quiet period is for.
@@ -314,6 +332,9 @@ pub struct Scenario {
     pub network: NetworkSpec,
     /// The knobs control sends every node.
     pub knobs: Knobs,
+    /// The coordination server's policy file (`None`: every node may reach
+    /// every node).
+    pub policy: Option<String>,
     /// The nodes.
     pub nodes: Vec<NodeSpec>,
     /// The schedule, in file order (the runner sorts it by time, stably).

@@ -56,6 +56,13 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
     let (duration_s, backend, backends) = top_level(ctx, &raw)?;
     let network = network(ctx, &raw.network)?;
     let knobs = knobs(&raw.knobs);
+    let policy = match &raw.control.policy {
+        Some(text) => {
+            check_policy(ctx, text)?;
+            Some(text.get_ref().clone())
+        }
+        None => None,
+    };
     let (nodes, names) = nodes(ctx, &raw)?;
     let actions = raw
         .actions
@@ -79,6 +86,7 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
         duration: secs(duration_s),
         network,
         knobs,
+        policy,
         nodes,
         actions,
         churn,
@@ -194,6 +202,16 @@ fn nodes(ctx: &Ctx<'_>, raw: &RawScenario) -> Result<(Vec<NodeSpec>, NodeNames),
             peerapi_port: rn.peerapi_port,
             subnets,
             persistent_keepalive_secs: rn.keepalive_s,
+            control_delay: match rn.control_delay_ms {
+                Some(ms) if !(0.0..=3_600_000.0).contains(&ms) => {
+                    return Err(ctx.at(
+                        &rn.name,
+                        "control_delay_ms",
+                        format!("{ms} is outside 0..=3600000"),
+                    ));
+                }
+                ms => ms.map(millis),
+            },
         });
     }
     if let Some(count) = raw.node_count {
@@ -261,4 +279,12 @@ fn action_labels(actions: &[Action]) -> ActionLabels {
             a.label.clone().map(|l| (l, kind))
         })
         .collect()
+}
+
+/// Checks a policy file's text with the control crate's parser: an error
+/// names the scenario field and the policy's own line and column.
+pub(super) fn check_policy(ctx: &Ctx<'_>, text: &Spanned<String>) -> Result<(), ScenarioError> {
+    wgmesh_control::Policy::parse(text.get_ref(), "policy")
+        .map(|_| ())
+        .map_err(|e| ctx.at(text, "policy", e.to_string()))
 }

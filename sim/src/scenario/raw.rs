@@ -23,6 +23,8 @@ pub(super) struct RawScenario {
     pub(super) network: RawNetwork,
     #[serde(default)]
     pub(super) knobs: RawKnobs,
+    #[serde(default)]
+    pub(super) control: RawControl,
     #[serde(default, rename = "node")]
     pub(super) nodes: Vec<RawNode>,
     pub(super) churn: Option<Spanned<RawChurn>>,
@@ -39,6 +41,12 @@ pub(super) struct RawNetwork {
     pub(super) jitter_ms: Option<f64>,
     pub(super) loss: Option<f64>,
     pub(super) control_delay_ms: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControl {
+    pub(super) policy: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +71,7 @@ pub(super) struct RawNode {
     #[serde(default)]
     pub(super) subnets: Vec<Spanned<String>>,
     pub(super) keepalive_s: Option<u16>,
+    pub(super) control_delay_ms: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +116,8 @@ pub(super) struct RawAction {
     pub(super) allowed_ips: Option<Vec<Spanned<String>>>,
     pub(super) label: Option<Spanned<String>>,
     pub(super) note: Option<Spanned<String>>,
+    pub(super) nodes: Option<Vec<Spanned<String>>>,
+    pub(super) policy: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,6 @@
 //! The simulated world both backends share: what a tailnet is made of
-//! ([`spec`]), where its nodes live ([`address`]), what control tells them
-//! (`netmap`), the harness's traffic ([`traffic`]), what a run records
+//! ([`spec`]), where its nodes live ([`address`]), the coordination server
+//! they join and each node's client for it ([`control`]), the harness's traffic ([`traffic`]), what a run records
 //! ([`records`]) and how engine output is written into the trace
 //! (`render`).
 //!
@@ -12,7 +12,7 @@
 //! record) starts in this module.
 
 pub mod address;
-pub(crate) mod netmap;
+pub mod control;
 pub mod records;
 pub(crate) mod render;
 pub mod spec;
@@ -33,6 +33,8 @@ pub(crate) const KEY_STREAM: u64 = 1;
 pub(crate) const NETWORK_STREAM: u64 = 2;
 /// The ChaCha stream random churn is expanded from.
 pub(crate) const CHURN_STREAM: u64 = 3;
+/// The seed of the coordination server's own RNG (its auth-key secrets).
+pub(crate) const CONTROL_SEED_STREAM: u64 = 4;
 
 /// The Unix time (seconds) the simulated wall clock starts from. The turmoil
 /// backend hands it to turmoil; the event backend does not simulate the wall

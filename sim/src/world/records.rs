@@ -307,6 +307,9 @@ pub struct Stats {
     pub restarts: u64,
     /// Control deliveries that found the node restarting.
     pub control_dropped: u64,
+    /// Messages between a node and the coordination server lost on the way
+    /// (loss, a cut to the server, a link that is down).
+    pub control_lost: u64,
     /// ERROR-level log events from wgmesh code.
     pub error_logs: u64,
     /// ERROR-level log events from boringtun (e.g. a handshake that gave up).
@@ -342,6 +345,7 @@ impl Stats {
             ("reconfigs_refused", self.reconfigs_refused),
             ("restarts", self.restarts),
             ("control_dropped", self.control_dropped),
+            ("control_lost", self.control_lost),
             ("error_logs", self.error_logs),
             ("boringtun_errors", self.boringtun_errors),
             ("max_timer_queue", self.max_timer_queue),

@@ -31,6 +31,9 @@ pub struct NodeSpec {
     pub subnets: Vec<IpNet>,
     /// The persistent keepalive peers configure for this node.
     pub persistent_keepalive_secs: Option<u16>,
+    /// This node's own control delay (`None`: the network's): how long a
+    /// change takes from a node through the coordination server to this one.
+    pub control_delay: Option<Duration>,
 }
 
 impl NodeSpec {
@@ -52,7 +55,10 @@ pub struct NetworkSpec {
     pub jitter: Duration,
     /// Probability that a datagram is lost.
     pub loss: f64,
-    /// Delay from a change at the control plane to its delivery to a node.
+    /// Delay from a change at a node, through the coordination server, to
+    /// its delivery to another node: every message between a node and the
+    /// server takes half of it (a node's own `control_delay` overrides it
+    /// for the messages of that node).
     pub control_delay: Duration,
 }
 

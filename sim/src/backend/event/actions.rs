@@ -162,6 +162,7 @@ impl Tailnet {
             format!("down for {}", ms(downtime)),
         );
         self.with_dispatch(|net| {
+            net.client_killed(i);
             net.feed(i, Input::Close);
             // Pings still open on the closed engine ended in `Close`; whatever
             // the old incarnation left is not this engine's any more.
@@ -195,12 +196,11 @@ impl Tailnet {
             "node-up",
             format!("disco {}", self.nodes[i].disco_public.short()),
         );
-        // A node that starts tells control where it can be reached now: its
-        // address may have changed while it was down (a link change during
-        // the downtime reaches no engine, so no re-discovery reported it).
-        self.nodes[i].reported_endpoint = self.nodes[i].endpoint;
-        let why = format!("{} restarted", self.nodes[i].spec.name);
-        self.push_netmaps(&why);
+        // A node that starts tells control its new disco key and where it
+        // can be reached now: its address may have changed while it was
+        // down (a link change during the downtime reaches no engine, so no
+        // re-discovery reported it).
+        self.client_start(i);
     }
 
     /// Cuts every path between a node of `a` and a node of `b`.
@@ -222,9 +222,11 @@ impl Tailnet {
         self.log(None, Category::Action, "partition", detail);
     }
 
-    /// Removes every partition.
+    /// Removes every partition (between nodes, and between nodes and the
+    /// coordination server).
     pub fn heal(&mut self) {
         self.partitions.clear();
+        self.control_cut.clear();
         self.log(None, Category::Action, "heal", String::new());
     }
 
@@ -269,32 +271,104 @@ impl Tailnet {
         });
     }
 
-    /// Changes the knobs control sends to `node` (or to every node) and
-    /// pushes the new netmap.
+    /// Changes the knobs of `node` (or of every node). The knobs are not
+    /// part of the control crate's netmap, so each node applies its netmap
+    /// again with the new knobs after its control delay, as if they came
+    /// with a push.
     pub fn set_knobs(&mut self, node: Option<NodeId>, f: impl Fn(&mut Knobs)) {
+        let mut changed = Vec::new();
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if node.is_none_or(|id| id.0 == i) {
                 f(&mut n.knobs);
+                changed.push(i);
             }
         }
         let who = node.map_or("all", |id| self.name(id)).to_string();
-        self.log(None, Category::Action, "set-knobs", who.clone());
-        self.with_dispatch(|net| net.push_netmaps(&format!("knobs of {who}")));
+        self.log(None, Category::Action, "set-knobs", who);
+        for i in changed {
+            let at = self.now + self.control_leg(i) * 2;
+            let incarnation = self.nodes[i].incarnation;
+            self.push(
+                at,
+                SimEvent::Reapply {
+                    node: i,
+                    incarnation,
+                },
+            );
+        }
     }
 
-    /// Replaces the AllowedIPs control hands out for `node` and pushes the
-    /// new netmap.
+    /// Sets the AllowedIPs of `node`: its own addresses stay, and the admin
+    /// approves the other listed prefixes as its routes at the coordination
+    /// server, which pushes the change to its peers (a prefix the node does
+    /// not advertise is refused by the server, and the trace says so).
     pub fn set_allowed_ips(&mut self, node: NodeId, allowed_ips: Vec<IpNet>) {
         let detail = allowed_ips
             .iter()
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        self.nodes[node.0].allowed_ips = allowed_ips;
+        let own = [
+            IpNet::from(IpAddr::V4(self.nodes[node.0].ip4)),
+            IpNet::from(IpAddr::V6(self.nodes[node.0].ip6)),
+        ];
+        let routes: Vec<IpNet> = allowed_ips
+            .iter()
+            .filter(|n| !own.contains(n))
+            .copied()
+            .collect();
+        self.nodes[node.0].allowed_ips =
+            own.iter().copied().chain(routes.iter().copied()).collect();
         self.rebuild_owners();
         self.log(Some(node.0), Category::Action, "set-allowed-ips", detail);
-        let why = format!("allowed IPs of {}", self.name(node));
-        self.with_dispatch(|net| net.push_netmaps(&why));
+        let key = wgmesh_control::NodeKey(*self.nodes[node.0].public_key.as_bytes());
+        self.with_dispatch(|net| {
+            let (outgoing, line) = net.control.approve_routes(net.now, key, routes);
+            net.log(Some(node.0), Category::Control, "approve-routes", line);
+            net.send_control_messages(outgoing);
+        });
+    }
+
+    /// Puts a new policy in force at the coordination server.
+    pub fn set_policy(&mut self, policy: wgmesh_control::Policy) {
+        self.log(None, Category::Action, "set-policy", String::new());
+        self.with_dispatch(|net| net.control_set_policy(policy));
+    }
+
+    /// Restarts the coordination server: it is down for `downtime`, then
+    /// starts again from its stored records.
+    pub fn restart_control(&mut self, downtime: Duration) {
+        self.log(
+            None,
+            Category::Action,
+            "control-restart",
+            format!("down for {}", ms(downtime)),
+        );
+        self.with_dispatch(|net| net.control_down(downtime));
+    }
+
+    /// Cuts every path between the coordination server and `nodes` (until
+    /// [`Tailnet::heal`]).
+    pub fn partition_control(&mut self, nodes: &[NodeId]) {
+        for n in nodes {
+            self.control_cut.insert(n.0);
+        }
+        let names = nodes
+            .iter()
+            .map(|i| self.name(*i))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.log(None, Category::Action, "control-partition", names);
+    }
+
+    /// The coordination server's counts so far.
+    pub fn control_stats(&self) -> &crate::world::control::ControlStats {
+        &self.control.stats
+    }
+
+    /// How many nodes hold an open map stream at the server now.
+    pub fn control_streams(&self) -> usize {
+        self.control.open_streams()
     }
 
     /// Checks every node's invariants now (the harness does this after each

@@ -72,6 +72,7 @@ impl Tailnet {
         };
         n.incarnation += 1;
         n.timer_at = None;
+        n.client_timer_at = None;
         n.outstanding_pings = 0;
         n.subnet_peers.clear();
         for a in &mut n.activity {
@@ -181,15 +182,8 @@ impl Tailnet {
         self.log(Some(i), Category::Effect, "effect", detail);
         if let Effect::ReDiscoverEndpoints { .. } = e {
             // The node tells control where it can be reached now; control
-            // passes it on to everyone.
-            if self.nodes[i].reported_endpoint != self.nodes[i].endpoint {
-                self.nodes[i].reported_endpoint = self.nodes[i].endpoint;
-                let why = format!(
-                    "{} endpoint {}",
-                    self.nodes[i].spec.name, self.nodes[i].endpoint
-                );
-                self.push_netmaps(&why);
-            }
+            // passes it on to its peers.
+            self.client_endpoints(i);
         }
     }
 

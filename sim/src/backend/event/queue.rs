@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use wgmesh_core::Reconfig;
+use crate::world::control::{FromControl, ToControl};
 
 /// What the queue holds.
 #[derive(Debug)]
@@ -15,9 +15,26 @@ pub(super) enum SimEvent {
         from: SocketAddr,
         data: Vec<u8>,
     },
-    Control {
+    ToControl {
         node: usize,
-        reconfig: Box<Reconfig>,
+        message: Box<ToControl>,
+    },
+    FromControl {
+        node: usize,
+        incarnation: u64,
+        message: Box<FromControl>,
+    },
+    ClientTimer {
+        node: usize,
+        incarnation: u64,
+    },
+    ControlUp {
+        epoch: u64,
+    },
+    ControlKeepalive,
+    Reapply {
+        node: usize,
+        incarnation: u64,
     },
     Timer {
         node: usize,

@@ -22,6 +22,13 @@ pub fn build_tailnet(scenario: &Scenario, seed: u64, keep: Keep) -> Tailnet {
         .network(scenario.network)
         .knobs(scenario.knobs.clone())
         .keep(keep);
+    if let Some(text) = &scenario.policy {
+        // Checked when the scenario was loaded; a policy that no longer
+        // parses runs under the default rather than a guess.
+        if let Ok(policy) = wgmesh_control::Policy::parse(text, "policy") {
+            builder = builder.policy(policy);
+        }
+    }
     for spec in &scenario.nodes {
         builder = builder.node_spec(spec.clone());
     }
@@ -81,6 +88,16 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
         ActionKind::SetAllowedIps { node, allowed_ips } => {
             net.set_allowed_ips(NodeId(*node), allowed_ips.clone());
         }
+        ActionKind::SetPolicy { policy } => match wgmesh_control::Policy::parse(policy, "policy") {
+            Ok(policy) => net.set_policy(policy),
+            // Checked when the scenario was loaded.
+            Err(e) => net.note(None, "policy-refused", e.to_string()),
+        },
+        ActionKind::ControlRestart { downtime } => net.restart_control(*downtime),
+        ActionKind::ControlPartition { nodes } => {
+            let nodes: Vec<NodeId> = nodes.iter().map(|&i| NodeId(i)).collect();
+            net.partition_control(&nodes);
+        }
         ActionKind::Idle { note } => net.note(None, "idle", note.clone()),
     }
 }
@@ -132,9 +149,16 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     let points = scenario.points(&schedule);
     let mut labels = Labels::default();
     let mut probes = Probes::new();
+    // The server's map bytes before the first change, and the changes.
+    let mut boot_bytes: Option<u64> = None;
+    let mut changes = 0u64;
     for (at, order, index) in points {
         net.run_until(at);
         if order == 0 {
+            if is_control_change(&schedule[index].kind) {
+                boot_bytes.get_or_insert(net.control_stats().map_bytes);
+                changes += 1;
+            }
             apply(&mut net, &schedule[index], &mut labels);
         } else if let ExpectKind::Peer { node, peer, .. } = scenario.expects[index].kind {
             let state = peer_state(net.is_configured(NodeId(node), NodeId(peer)));
@@ -148,7 +172,40 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     }
     net.run_until(scenario.duration);
     net.check_all();
-    evaluate(scenario, seed, &net, &labels, &probes)
+    let mut report = evaluate(scenario, seed, &net, &labels, &probes);
+    let total = net.control_stats().map_bytes;
+    let boot = boot_bytes.unwrap_or(total);
+    report
+        .metrics
+        .push(("control_bytes_boot".into(), boot as f64));
+    if changes > 0 {
+        report.metrics.push((
+            "control_bytes_per_change".into(),
+            ((total - boot) as f64 / changes as f64).round(),
+        ));
+    }
+    report
+}
+
+/// Whether an action makes the coordination server tell nodes something:
+/// the changes `control_bytes_per_change` divides the server's map bytes by
+/// (everything it sent after the first of them).
+fn is_control_change(kind: &ActionKind) -> bool {
+    match kind {
+        ActionKind::Restart { .. }
+        | ActionKind::LinkChange { .. }
+        | ActionKind::SetAllowedIps { .. }
+        | ActionKind::SetPolicy { .. }
+        | ActionKind::ControlRestart { .. } => true,
+        ActionKind::Send { .. }
+        | ActionKind::Ping { .. }
+        | ActionKind::Flow { .. }
+        | ActionKind::Partition { .. }
+        | ActionKind::Heal
+        | ActionKind::SetKnob { .. }
+        | ActionKind::ControlPartition { .. }
+        | ActionKind::Idle { .. } => false,
+    }
 }
 fn evaluate(
     scenario: &Scenario,
@@ -158,12 +215,14 @@ fn evaluate(
     probes: &Probes,
 ) -> Report {
     let counter = |node: Option<usize>, name: &str| net.counter(node.map(NodeId), name);
+    let mut stats = net.stats().iter();
+    stats.extend(net.control_stats().iter());
     let outcomes = Outcomes {
         pings: net.pings(),
         streams: net.streams(),
         flows: net.flows(),
         counter: &counter,
-        stats: net.stats().iter(),
+        stats,
         violations: net.violations(),
         violation_count: net.stats().violations,
         steps: net.stats().steps,

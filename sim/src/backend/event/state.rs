@@ -14,10 +14,10 @@ use super::error_log::ErrorCounter;
 use super::queue::{Scheduled, SimEvent};
 use crate::trace::{Category, Keep, Trace};
 use crate::world::address::{endpoint, tailnet_ip4, tailnet_ip6};
-use crate::world::netmap::{NetmapNode, netmap_for};
+use crate::world::control::{ControlClient, ControlHost, KEEPALIVE, control_key};
 use crate::world::records::{FlowRecord, PingRecord, Stats, StreamRecord, Violation};
 use crate::world::spec::{NetworkSpec, NodeId, NodeSpec, node_knobs};
-use crate::world::{KEY_STREAM, NETWORK_STREAM, rng_stream};
+use crate::world::{CONTROL_SEED_STREAM, KEY_STREAM, NETWORK_STREAM, rng_stream};
 
 /// Events processed within one virtual millisecond before the harness declares a livelock.
 const MAX_EVENTS_PER_INSTANT: u64 = 1_000_000;
@@ -35,6 +35,7 @@ pub struct TailnetBuilder {
     nodes: Vec<NodeSpec>,
     keep_trace: Keep,
     max_steps: u64,
+    policy: Option<wgmesh_control::Policy>,
 }
 
 impl TailnetBuilder {
@@ -110,7 +111,15 @@ impl TailnetBuilder {
         self
     }
 
-    /// Creates the nodes and queues their first netmap for time zero.
+    /// The coordination server's policy (default: every node may reach
+    /// every node).
+    pub fn policy(mut self, policy: wgmesh_control::Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Creates the nodes; each starts and joins the coordination server at
+    /// time zero.
     pub fn build(self) -> Tailnet {
         Tailnet::new(self)
     }
@@ -125,6 +134,7 @@ impl Default for TailnetBuilder {
             nodes: Vec::new(),
             keep_trace: Keep::Nothing,
             max_steps: DEFAULT_MAX_STEPS,
+            policy: None,
         }
     }
 }
@@ -138,7 +148,6 @@ pub(super) struct Node {
     pub(super) ip4: Ipv4Addr,
     pub(super) ip6: Ipv6Addr,
     pub(super) endpoint: SocketAddr,
-    pub(super) reported_endpoint: SocketAddr,
     pub(super) address_generation: u8,
     pub(super) allowed_ips: Vec<IpNet>,
     pub(super) knobs: Knobs,
@@ -149,6 +158,8 @@ pub(super) struct Node {
     pub(super) subnet_peers: Vec<NodePublicKey>,
     pub(super) activity: Vec<Option<Duration>>,
     pub(super) outstanding_pings: usize,
+    pub(super) client: ControlClient,
+    pub(super) client_timer_at: Option<Duration>,
 }
 
 /// A whole tailnet on the event backend. See the module docs.
@@ -166,6 +177,10 @@ pub struct Tailnet {
     pub(super) subnet_owner: Vec<(IpNet, usize)>,
     pub(super) network: NetworkSpec,
     pub(super) partitions: BTreeSet<(usize, usize)>,
+    pub(super) control: ControlHost,
+    pub(super) control_auth_key: String,
+    pub(super) control_cut: BTreeSet<usize>,
+    pub(super) keepalives: BTreeMap<wgmesh_control::NodeKey, u16>,
     pub(super) key_rng: ChaCha20Rng,
     pub(super) net_rng: ChaCha20Rng,
     pub(super) trace: Trace,
@@ -210,7 +225,15 @@ impl Tailnet {
             by_name.insert(spec.name.clone(), i);
             by_key.insert(private_key.public_key(), i);
             addr_book.insert(endpoint, i);
+            let client = ControlClient::new(
+                control_key(&private_key.public_key()),
+                spec.name.clone(),
+                spec.subnets.clone(),
+                ip4,
+            );
             nodes.push(Node {
+                client,
+                client_timer_at: None,
                 public_key: private_key.public_key(),
                 disco_public: disco_private.public_key(),
                 private_key,
@@ -218,7 +241,6 @@ impl Tailnet {
                 ip4,
                 ip6,
                 endpoint,
-                reported_endpoint: endpoint,
                 address_generation: 0,
                 allowed_ips,
                 knobs,
@@ -232,7 +254,30 @@ impl Tailnet {
                 spec,
             });
         }
+        let keys: Vec<NodePublicKey> = nodes.iter().map(|n: &Node| n.public_key).collect();
+        let keepalives = nodes
+            .iter()
+            .filter_map(|n: &Node| {
+                n.spec
+                    .persistent_keepalive_secs
+                    .map(|k| (control_key(&n.public_key), k))
+            })
+            .collect();
+        let control_seed = {
+            use rand_core::RngCore;
+            rng_stream(b.seed, CONTROL_SEED_STREAM).next_u64()
+        };
+        let control = ControlHost::new(
+            control_seed,
+            b.policy.unwrap_or_else(wgmesh_control::Policy::allow_all),
+            &keys,
+        );
+        let control_auth_key = control.auth_key().to_string();
         let mut net = Tailnet {
+            control,
+            control_auth_key,
+            control_cut: BTreeSet::new(),
+            keepalives,
             seed: b.seed,
             base: Instant::now(),
             now: Duration::ZERO,
@@ -282,11 +327,10 @@ impl Tailnet {
             for i in 0..n {
                 net.start_engine(i);
             }
-            let netmap_nodes = net.netmap_nodes();
             for i in 0..n {
-                let reconfig = Box::new(netmap_for(i, &netmap_nodes, net.nodes[i].knobs.clone()));
-                net.push(Duration::ZERO, SimEvent::Control { node: i, reconfig });
+                net.client_start(i);
             }
+            net.push(KEEPALIVE, SimEvent::ControlKeepalive);
         });
         net
     }
@@ -484,27 +528,6 @@ impl Tailnet {
             .map(|(_, i)| *i)
     }
 
-    /// What control knows about every node, for building netmaps.
-    pub(super) fn netmap_nodes(&self) -> Vec<NetmapNode> {
-        self.nodes
-            .iter()
-            .map(|n| NetmapNode {
-                name: n.spec.name.clone(),
-                public_key: n.public_key,
-                disco_key: n.disco_public,
-                allowed_ips: n.allowed_ips.clone(),
-                subnets: n
-                    .allowed_ips
-                    .iter()
-                    .filter(|net| net.prefix_len() != net.max_prefix_len())
-                    .copied()
-                    .collect(),
-                endpoint: n.reported_endpoint,
-                persistent_keepalive_secs: n.spec.persistent_keepalive_secs,
-            })
-            .collect()
-    }
-
     pub(super) fn is_own_address(&self, i: usize, ip: IpAddr) -> bool {
         let n = &self.nodes[i];
         ip == IpAddr::V4(n.ip4)
@@ -567,7 +590,16 @@ impl Tailnet {
     fn step(&mut self, event: SimEvent) {
         match event {
             SimEvent::Arrival { dst, from, data } => self.arrival(dst, from, data),
-            SimEvent::Control { node, reconfig } => self.deliver_control(node, reconfig),
+            SimEvent::ToControl { node, message } => self.control_arrival(node, *message),
+            SimEvent::FromControl {
+                node,
+                incarnation,
+                message,
+            } => self.client_message(node, incarnation, *message),
+            SimEvent::ClientTimer { node, incarnation } => self.client_timer(node, incarnation),
+            SimEvent::ControlUp { epoch } => self.control_up(epoch),
+            SimEvent::ControlKeepalive => self.control_keepalive(),
+            SimEvent::Reapply { node, incarnation } => self.reapply_local(node, incarnation),
             SimEvent::Timer { node, incarnation } => {
                 let n = &mut self.nodes[node];
                 if n.incarnation != incarnation || n.timer_at != Some(self.now) {

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use wgmesh_adapters::driver::{
-    Clock, DatagramSocket, DriverHandle, EffectSink, MemTun, MemTunOs, TokioClock, run_driver,
+    Clock, Control as DriverControl, DatagramSocket, DriverHandle, EffectSink, MemTun, MemTunOs,
+    TokioClock, run_driver,
 };
 use wgmesh_core::{
     DiscoPrivateKey, Effect, Engine, EngineConfig, Event, PING_TIMEOUT, PingOutcome, TestingKnobs,
@@ -20,6 +21,7 @@ use super::shared::{Cmd, SharedRef, lock};
 use crate::evaluate::peer_state;
 use crate::trace::Category;
 use crate::world::address::{WG_PORT, tailnet_source};
+use crate::world::control::Apply;
 use crate::world::records::Violation;
 use crate::world::render::{Rendering, effect_detail, event_line, ping_result_detail};
 use crate::world::spec::NodeSpec;
@@ -77,13 +79,11 @@ impl EffectSink for TraceSink {
         s.log(Some(self.node), Category::Effect, "effect", detail);
         if let Effect::ReDiscoverEndpoints { .. } = effect {
             // The node reports where it can be reached now; control passes
-            // it on to everyone after its delay.
+            // it on to its peers.
             if let Some(port) = s.pending_move[self.node].take() {
                 s.ports[self.node] = port;
-                let at = s.now + s.control_delay;
-                for j in 0..s.names.len() {
-                    s.netmaps_due.push((at, j));
-                }
+                let endpoint = SocketAddr::new(s.addresses[self.node], port);
+                s.client_endpoint(self.node, endpoint);
             }
         }
     }
@@ -106,19 +106,6 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
             disable_disco_key_flush: spec.disable_disco_key_flush,
         };
         let engine_seed = s.seed ^ ((i as u64) << 32) ^ s.incarnation[i];
-        // A (re)started node announces its disco key: control
-        // sends everyone the netmap (at once for the first start).
-        let delay = if s.incarnation[i] > 1 {
-            s.control_delay
-        } else {
-            Duration::ZERO
-        };
-        let at = s.now + delay;
-        for j in 0..s.names.len() {
-            if s.incarnation[i] > 1 || j == i {
-                s.netmaps_due.push((at, j));
-            }
-        }
         let detail = format!("disco {}", s.disco[i].public_key().short());
         s.log(Some(i), Category::Action, "node-up", detail);
         (config, engine_seed, s.ports[i], s.next_ports[i].clone())
@@ -138,7 +125,14 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
         sink,
     );
     let (tx, rx) = mpsc::unbounded_channel();
-    lock(&shared).cmds[i] = Some(tx);
+    {
+        // A (re)started node joins control with its new disco key and the
+        // endpoint it listens on.
+        let mut s = lock(&shared);
+        s.cmds[i] = Some(tx);
+        let endpoint = SocketAddr::new(s.addresses[i], port);
+        s.client_start(i, endpoint);
+    }
     tokio::task::spawn_local(events(i, handle.subscribe_events(), shared.clone()));
     tokio::task::spawn_local(agent(i, handle, os, rx, shared.clone()));
     let _ = run.await;
@@ -180,13 +174,36 @@ async fn run_cmd(
     shared: SharedRef,
 ) {
     match cmd {
-        Cmd::Reconfig(r) => {
+        Cmd::Apply(Apply::Reconfig(r)) => {
             let result = handle.reconfig(*r).await;
             let detail = match result {
                 Ok(outcome) => format!("{outcome:?}").chars().take(60).collect(),
                 Err(e) => format!("refused: {e}"),
             };
             lock(&shared).log(Some(i), Category::Control, "reconfig", detail);
+        }
+        Cmd::Apply(Apply::Filter(filter)) => {
+            let rules = filter.rules.len();
+            let detail = match handle.send(DriverControl::SetPacketFilter(filter)).await {
+                Ok(()) => format!("{rules} accept rules"),
+                Err(e) => format!("refused: {e}"),
+            };
+            lock(&shared).log(Some(i), Category::Control, "filter", detail);
+        }
+        Cmd::Apply(Apply::Delta(delta)) => {
+            // Clients on this backend are built with `deltas_as_reconfig`,
+            // so none sends a delta; one that did is a harness bug, shown.
+            let node = lock(&shared).names[i].clone();
+            let mut s = lock(&shared);
+            let now = s.now;
+            s.violations.push(Violation {
+                at: now,
+                node,
+                message: format!(
+                    "peer delta ({} upserts) on the turmoil backend, which applies whole reconfigs",
+                    delta.upsert.len()
+                ),
+            });
         }
         Cmd::Ping {
             index,

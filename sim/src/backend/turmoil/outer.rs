@@ -1,13 +1,13 @@
 //! The turmoil backend's outer loop, one step at a time: restarts through
 //! `Sim::bounce`, scenario actions (those on the simulation itself directly,
-//! those on a node as commands to its agent), `peer` probes, and netmaps
-//! when control's delay is over.
+//! those on a node as commands to its agent), and `peer` probes; the
+//! coordination server's messages run in `control`.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::shared::{Cmd, SharedRef, lock, netmap, send};
+use super::shared::{Cmd, SharedRef, lock, send};
 use crate::evaluate::Labels;
 use crate::scenario::{Action, ActionKind, ExpectKind, Scenario};
 use crate::trace::Category;
@@ -26,7 +26,7 @@ pub(super) struct Outer<'a> {
     /// Where labelled actions ended up in the records.
     pub(super) labels: Labels,
     /// Every node's turmoil address, by index.
-    addresses: Vec<IpAddr>,
+    pub(super) addresses: Vec<IpAddr>,
     /// The pairs a `partition` action cut (by host name), until `heal`.
     partitions: Vec<(String, String)>,
     /// Hosts to bounce (restart) at the next step.
@@ -149,8 +149,13 @@ impl<'a> Outer<'a> {
                 );
             }
             ActionKind::Restart { node, .. } => {
-                lock(&self.shared).log(Some(*node), Category::Action, "restart", String::new());
+                let mut s = lock(&self.shared);
+                s.log(Some(*node), Category::Action, "restart", String::new());
+                s.client_killed(*node);
+                drop(s);
                 send(&self.shared, *node, Cmd::Close);
+                // Nothing more reaches the old incarnation's agent.
+                lock(&self.shared).cmds[*node] = None;
                 self.bounces.push(self.scenario.nodes[*node].name.clone());
             }
             ActionKind::Partition { a, b } => {
@@ -170,7 +175,9 @@ impl<'a> Outer<'a> {
                 for (x, y) in self.partitions.drain(..) {
                     self.sim.repair(x.as_str(), y.as_str());
                 }
-                lock(&self.shared).log(None, Category::Action, "heal", String::new());
+                let mut s = lock(&self.shared);
+                s.control.cut.clear();
+                s.log(None, Category::Action, "heal", String::new());
             }
             ActionKind::Idle { note } => {
                 lock(&self.shared).log(None, Category::Action, "idle", note.clone())
@@ -202,6 +209,11 @@ impl<'a> Outer<'a> {
                     }
                 }
                 let mut s = lock(&self.shared);
+                if up {
+                    s.control.down.remove(&i);
+                } else {
+                    s.control.down.insert(i);
+                }
                 if *link == LinkKind::Major {
                     let port = s.ports[i] + 1;
                     s.next_ports[i].store(port, Ordering::Relaxed);
@@ -253,34 +265,35 @@ impl<'a> Outer<'a> {
             }
             ActionKind::SetKnob { node, knob, value } => {
                 let mut s = lock(&self.shared);
-                for (j, k) in s.knobs.iter_mut().enumerate() {
-                    if node.is_none_or(|x| x == j) {
-                        set_knob(k, knob, *value);
-                    }
-                }
-                let at = now + s.control_delay;
                 for j in 0..self.scenario.nodes.len() {
-                    s.netmaps_due.push((at, j));
+                    if node.is_none_or(|x| x == j) {
+                        set_knob(&mut s.control.local[j].knobs, knob, *value);
+                        s.client_reapply_later(j);
+                    }
                 }
                 s.log(None, Category::Action, "set-knobs", knob.clone());
             }
+            ActionKind::SetPolicy { policy } => {
+                let mut s = lock(&self.shared);
+                s.log(None, Category::Action, "set-policy", String::new());
+                match wgmesh_control::Policy::parse(policy, "policy") {
+                    Ok(policy) => s.control_set_policy(policy),
+                    // Checked when the scenario was loaded.
+                    Err(e) => s.log(None, Category::Action, "policy-refused", e.to_string()),
+                }
+            }
+            ActionKind::ControlRestart { downtime } => {
+                let mut s = lock(&self.shared);
+                s.log(None, Category::Action, "control-restart", String::new());
+                s.control_down(*downtime);
+            }
+            ActionKind::ControlPartition { nodes } => {
+                let mut s = lock(&self.shared);
+                s.control.cut.extend(nodes.iter().copied());
+                s.log(None, Category::Action, "control-partition", String::new());
+            }
             // Refused before the run starts (see `run`).
             ActionKind::SetAllowedIps { .. } => {}
-        }
-    }
-
-    /// Sends every netmap whose control delay is over by `now`.
-    pub(super) fn deliver_netmaps(&self, now: Duration) {
-        let due: Vec<usize> = {
-            let mut s = lock(&self.shared);
-            let (due, later): (Vec<_>, Vec<_>) =
-                s.netmaps_due.iter().partition(|(at, _)| *at <= now);
-            s.netmaps_due = later;
-            due.into_iter().map(|(_, j)| j).collect()
-        };
-        for j in due {
-            let reconfig = netmap(j, &lock(&self.shared), &self.addresses);
-            send(&self.shared, j, Cmd::Reconfig(Box::new(reconfig)));
         }
     }
 }

@@ -1,9 +1,9 @@
 //! The turmoil backend's shared state: what the outer loop and every host
 //! read and write (all on one thread, behind one mutex), the commands the
-//! loop sends a node's agent, and the netmap control builds from that state.
+//! loop sends a node's agent, and the coordination server with its clients.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,19 +11,18 @@ use std::time::Duration;
 use ipnet::IpNet;
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
-use wgmesh_core::{
-    DiscoPrivateKey, Knobs, LinkChange, NodePrivateKey, NodePublicKey, PingKind, Reconfig,
-};
+use wgmesh_core::{DiscoPrivateKey, LinkChange, NodePrivateKey, NodePublicKey, PingKind};
 
+use super::control::ControlPlane;
 use crate::evaluate::Probes;
 use crate::trace::{Category, Trace};
 use crate::world::address::{tailnet_ip4, tailnet_ip6};
-use crate::world::netmap::{NetmapNode, netmap_for};
+use crate::world::control::Apply;
 use crate::world::records::{FlowRecord, PingRecord, StreamRecord, Violation};
 
 /// What the outer loop asks a node's agent to do.
 pub(super) enum Cmd {
-    Reconfig(Box<Reconfig>),
+    Apply(Apply),
     Ping {
         index: usize,
         ip: IpAddr,
@@ -54,7 +53,6 @@ pub(super) struct Shared {
     pub(super) incarnation: Vec<u64>,
     pub(super) key_rng: ChaCha20Rng,
     pub(super) cmds: Vec<Option<mpsc::UnboundedSender<Cmd>>>,
-    pub(super) netmaps_due: Vec<(Duration, usize)>,
     pub(super) trace: Trace,
     pub(super) pings: Vec<PingRecord>,
     pub(super) streams: Vec<StreamRecord>,
@@ -62,11 +60,11 @@ pub(super) struct Shared {
     pub(super) counters: Vec<Vec<(&'static str, u64)>>,
     pub(super) violations: Vec<Violation>,
     pub(super) seed: u64,
-    pub(super) control_delay: Duration,
+    pub(super) control: ControlPlane,
+    pub(super) addresses: Vec<IpAddr>,
     pub(super) ports: Vec<u16>,
     pub(super) next_ports: Vec<Arc<AtomicU16>>,
     pub(super) pending_move: Vec<Option<u16>>,
-    pub(super) knobs: Vec<Knobs>,
     pub(super) subnets: Vec<Vec<IpNet>>,
     pub(super) flows: Vec<FlowRecord>,
     pub(super) flow_inboxes: BTreeMap<(usize, u16), mpsc::UnboundedSender<Vec<u8>>>,
@@ -109,30 +107,4 @@ pub(super) fn send(shared: &SharedRef, node: usize, cmd: Cmd) {
 
 pub(super) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The netmap control sends node `i`, from what it knows now: every
-/// node's keys, subnets and reported endpoint (`addresses` with the node's
-/// current port).
-pub(super) fn netmap(i: usize, s: &Shared, addresses: &[IpAddr]) -> Reconfig {
-    let nodes: Vec<NetmapNode> = (0..s.names.len())
-        .map(|j| {
-            let mut allowed_ips = vec![
-                IpNet::from(IpAddr::V4(tailnet_ip4(j))),
-                IpNet::from(IpAddr::V6(tailnet_ip6(j))),
-            ];
-            allowed_ips.extend(s.subnets[j].iter().copied());
-            NetmapNode {
-                name: s.names[j].clone(),
-                public_key: s.keys[j].public_key(),
-                disco_key: s.disco[j].public_key(),
-                allowed_ips,
-                subnets: s.subnets[j].clone(),
-                endpoint: SocketAddr::new(addresses[j], s.ports[j]),
-                // Nodes with keepalives are refused up front (see `run`).
-                persistent_keepalive_secs: None,
-            }
-        })
-        .collect();
-    netmap_for(i, &nodes, s.knobs[i].clone())
 }
