@@ -55,8 +55,10 @@ explore CASES="200" SEED="1":
 
 # wgmeshd (batched and plain), boringtun-cli, wireguard-go and the bare veth
 # in two network namespaces, iperf3 TCP, 3 interleaved runs each; installs
-# what it lacks; knobs in bench/throughput/run.sh. Last line: wgmesh's median
-# and its ratio to boringtun-cli.
+# what it lacks; knobs in bench/throughput/run.sh. Also the current upstream
+# wireguard-go (../shared/bench-tools/wireguard-go when present) and a 4-flow
+# (-P 4) run of wgmesh and of it. Last line: wgmesh's median, its ratios to
+# boringtun-cli and the current wireguard-go, and the same with 4 flows.
 # Userspace WireGuard throughput side by side (root).
 bench-throughput:
     cargo build --release --locked -p wgmesh-adapters --bins

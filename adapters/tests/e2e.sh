@@ -1022,6 +1022,31 @@ check "IPv4 and IPv6 TCP at the same time, fast -> fast and fast -> plain, sha25
     tcp_transfers "$NS_X $NS_Y 100.64.0.12" "$NS_X $NS_Y fd7a:115c:a1e0::12" \
     "$NS_X $NS_P 100.64.0.13" "$NS_P $NS_X fd7a:115c:a1e0::11"
 
+# Fair queueing (issue 17): a ping from X to Y while four TCP transfers run
+# X -> Y over the batched path is not stuck behind their bursts. Bounded
+# loosely so a busy machine cannot make it flake: the median loaded RTT
+# stays under 20 x the idle one plus 20 ms (the real figure, about 2 x idle
+# or better on an idle machine, comes from the throughput rig's -P 4 line).
+ping_during_four_flows() {
+    local idle load pinger status=0
+    idle=$(in_ns "$NS_X" ping -c 10 -i 0.1 -W 1 100.64.0.12 | grep -o 'time=[0-9.]*' | cut -d= -f2 | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    [ -n "$idle" ] || { echo "no idle ping"; return 1; }
+    (sleep 0.5; in_ns "$NS_X" ping -c 20 -i 0.1 -W 2 100.64.0.12 >"$TMP/fp-ping-load" 2>&1 || true) &
+    pinger=$!
+    PIDS+=("$pinger")
+    tcp_transfers "$NS_X $NS_Y 100.64.0.12" "$NS_X $NS_Y 100.64.0.12" \
+        "$NS_X $NS_Y 100.64.0.12" "$NS_X $NS_Y 100.64.0.12" || status=1
+    wait "$pinger" 2>/dev/null || true
+    load=$(grep -o 'time=[0-9.]*' "$TMP/fp-ping-load" | cut -d= -f2 | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    [ -n "$load" ] || { echo "no ping answered during the transfer"; return 1; }
+    echo "     (ping X -> Y: idle $idle ms, during 4 flows $load ms median)" >&3
+    awk -v i="$idle" -v l="$load" 'BEGIN {exit !(l <= 20 * i + 20)}' \
+        || { echo "loaded RTT $load ms vs idle $idle ms"; status=1; }
+    return "$status"
+}
+check "fair queue: a ping during four TCP transfers X -> Y is answered without waiting behind them" \
+    ping_during_four_flows
+
 # UDP datagrams of many sizes, each size a burst (what GSO and GRO batch):
 # 1 byte, the largest that fits the tunnel MTU and one more (the kernel
 # fragments it), fragmented datagrams up to 30000 bytes, and UDP_SEGMENT

@@ -10,14 +10,24 @@
 #   wgmesh-plain  wgmeshd <-> wgmeshd, one packet per system call (the default)
 #   boringtun     boringtun-cli <-> boringtun-cli, 1 thread
 #   wg-go-debian  Debian's wireguard-go <-> itself
-#   wg-go:<path>  any other wireguard-go on PATH or in $BENCH_WG_GO (":"-separated)
+#   wg-go-current the reference build of upstream wireguard-go (TUN offloads,
+#                 UDP GSO/GRO), /work/shared/bench-tools/wireguard-go or
+#                 ../shared/bench-tools/wireguard-go next to the repository,
+#                 when present
+#   wg-go:<name>  any other wireguard-go on PATH or in $BENCH_WG_GO (":"-separated
+#                 absolute or relative paths; <name> is the file's base name)
 #   veth          the bare veth pair, no tunnel
+#   <impl>-P4     the same daemons with 4 parallel iperf3 flows (-P 4), for
+#                 every implementation in $BENCH_P4 (default "wgmesh
+#                 wg-go-current"): the loaded RTT of a sparse ping next to
+#                 bulk flows
 #
 # Per implementation: median Gbit/s, retransmits, the daemons' CPU share
 # (utime+stime from /proc/<pid>/stat over the transfer, % of one core, side A
 # = sender / side B = receiver), ratio to boringtun-cli, and ping RTT over the
-# tunnel idle and during the transfer. Last line:
-#   wgmesh median X Gbit/s, Y x boringtun-cli
+# tunnel idle and during the transfer, and each daemon's CPU per Gbit/s
+# (cores per Gbit/s received). Last line:
+#   wgmesh median X Gbit/s, Y x boringtun-cli, Z x wg-go-current; -P 4: ...
 #
 # Needs root. Installs what it lacks with apt-get --no-install-recommends and
 # boringtun-cli with cargo into $BENCH_CACHE. Deletes both namespaces and
@@ -35,12 +45,14 @@
 # the logs, iperf3 JSON and pings in the temporary directory), BENCH_PERF=1
 # (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer),
 # BENCH_IPERF_ARGS (more iperf3 client options, e.g. "-C cubic" or "-P 2"),
+# BENCH_P4 (implementations measured again with -P 4, "" for none),
 # BENCH_TRACE=1 (tcpdump the loaded pings on both TUN devices and print where
 # they spend their time: sender to receiver, the receiver's turnaround, and
 # back; installs tcpdump).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 WGMESHD_ENV=${WGMESHD_ENV-WGMESH_FASTPATH=1}
 RUNS=${BENCH_RUNS:-3}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
@@ -133,16 +145,42 @@ declare -A WG_GO_BIN
 DEBIAN_WG_GO=$(realpath /usr/bin/wireguard-go 2>/dev/null || true)
 if [ -n "$DEBIAN_WG_GO" ]; then IMPLS+=(wg-go-debian); WG_GO_BIN[wg-go-debian]=$DEBIAN_WG_GO; fi
 declare -A seen=([$DEBIAN_WG_GO]=1)
-IFS=: read -r -a extra_go <<<"${BENCH_WG_GO:-}"
-while IFS= read -r candidate; do extra_go+=("$candidate"); done < <(which -a wireguard-go 2>/dev/null || true)
-for candidate in "${extra_go[@]}"; do
-    [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+# The reference build of the current upstream wireguard-go (see
+# /work/shared/bench-tools/README.md), next to the repository or at its
+# usual place on the development machine.
+for candidate in "$REPO/../shared/bench-tools/wireguard-go" /work/shared/bench-tools/wireguard-go; do
+    [ -x "$candidate" ] || continue
     real=$(realpath "$candidate")
     [ -z "${seen[$real]:-}" ] || continue
     seen[$real]=1
-    name="wg-go:$candidate"
+    IMPLS+=(wg-go-current); WG_GO_BIN[wg-go-current]=$real
+    break
+done
+IFS=: read -r -a extra_go <<<"${BENCH_WG_GO:-}"
+while IFS= read -r candidate; do extra_go+=("$candidate"); done < <(which -a wireguard-go 2>/dev/null || true)
+for candidate in "${extra_go[@]}"; do
+    [ -n "$candidate" ] || continue
+    [ -x "$candidate" ] || { note "BENCH_WG_GO: $candidate is not an executable; skipped"; continue; }
+    real=$(realpath "$candidate")
+    [ -z "${seen[$real]:-}" ] || continue
+    seen[$real]=1
+    # Named by the file's base name (a path would not fit the table); a
+    # second binary of the same base name gets a number.
+    name="wg-go:$(basename "$candidate")"
+    n=2; base=$name
+    while [ -n "${WG_GO_BIN[$name]:-}" ]; do name="$base#$n"; n=$((n + 1)); done
     IMPLS+=("$name"); WG_GO_BIN[$name]=$real
 done
+# Every implementation in BENCH_P4 is measured a second time with 4 flows.
+declare -A BASE_OF FLOWS
+for impl in "${IMPLS[@]}"; do
+    for want in ${BENCH_P4-wgmesh wg-go-current}; do
+        [ "$impl" = "$want" ] || continue
+        IMPLS+=("$impl-P4"); BASE_OF["$impl-P4"]=$impl; FLOWS["$impl-P4"]=4
+    done
+done
+# A file name for an implementation's logs and results.
+file_tag() { local t=${1//[:\/#]/_}; echo "$t"; }
 IMPLS+=(veth)
 if [ -n "${BENCH_ONLY:-}" ]; then
     kept=()
@@ -178,9 +216,9 @@ in_ns() { ip netns exec "$@"; }
 # start_daemon impl side(a|b): starts one daemon, leaves its pid in LAST_PID.
 # (Not in a $(...) subshell: the pid must land in PIDS of this shell.)
 start_daemon() {
-    local impl=$1 side=$2 ns iface pin log
+    local impl=${BASE_OF[$1]:-$1} side=$2 ns iface pin log
     if [ "$side" = a ]; then ns=$NS_A; iface=$IF_A; pin=$CPU_A; else ns=$NS_B; iface=$IF_B; pin=$CPU_B; fi
-    log="$TMP/$impl-$side.log"; log=${log//:/_}; log=${log//\/_/_}
+    log="$TMP/$(file_tag "$1")-$side.log"
     rm -f "/var/run/wireguard/$iface.sock"
     case $impl in
         wgmesh*)
@@ -303,7 +341,8 @@ RESULTS=$TMP/results.tsv
 
 # measure impl round: one transfer; appends a line to $RESULTS.
 measure() {
-    local impl=$1 round=$2 tag=${1//[:\/]/_}
+    local impl=$1 round=$2 tag
+    tag=$(file_tag "$1")
     local pre="$TMP/$tag-$round"
     # Idle RTT first (10 pings, 0.1 s apart).
     in_ns "$NS_A" ping -c 10 -i 0.1 -W 1 "$TARGET" >"$pre.ping-idle" 2>&1 || true
@@ -342,7 +381,7 @@ measure() {
             perf_pids+=($!); PIDS+=($!)
         done
     fi
-    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J ${BENCH_IPERF_ARGS:-} \
+    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J -P "${FLOWS[$impl]:-1}" ${BENCH_IPERF_ARGS:-} \
         >"$pre.json" 2>"$pre.client-err" || true
     t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
     wait "$pinger" 2>/dev/null || true
@@ -385,7 +424,7 @@ for round in $(seq "$RUNS"); do
         else
             printf '%s\t%s\t0\t-1\t-\t-\t-\t-\n' "$impl" "$round" >>"$RESULTS"
             for side in a b; do
-                f="$TMP/${impl//[:\/]/_}-$side.log"
+                f="$TMP/$(file_tag "$impl")-$side.log"
                 [ -s "$f" ] && { note "--- $impl $side log"; tail -5 "$f" >&2; }
             done
         fi
@@ -410,6 +449,10 @@ def med(values):
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
+def per_gbit(cpu, gbps):
+    """Cores per Gbit/s received, from a CPU share in % of one core."""
+    return float(cpu) / 100 / gbps if cpu not in ("-", "") and gbps > 0 else "-"
+
 summary = {}
 for impl in impls:
     r = rows.get(impl, [])
@@ -420,25 +463,47 @@ for impl in impls:
         retr=med([x[1] for x in ok]),
         cpu_a=med([x[2] for x in ok]),
         cpu_b=med([x[3] for x in ok]),
+        cpu_a_per_gbit=med([per_gbit(x[2], x[0]) for x in ok]),
+        cpu_b_per_gbit=med([per_gbit(x[3], x[0]) for x in ok]),
         idle=med([x[4] for x in ok]),
         load=med([x[5] for x in ok]),
     )
+
+def reference(impl):
+    """The current wireguard-go's result with as many flows as impl."""
+    return summary.get("wg-go-current-P4" if impl.endswith("-P4") else "wg-go-current", {}).get("gbps")
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
 base = summary.get("boringtun", {}).get("gbps")
+head = "%-26s %8s  %-17s %7s %6s %6s %7s %7s %7s %7s %9s %9s %6s"
 print()
-print("%-26s %8s  %-17s %7s %6s %6s %8s %9s %9s %6s" % (
-    "implementation", "Gbit/s", "runs", "retr", "cpuA%", "cpuB%", "x btun", "rtt idle", "rtt load", "load/idle"))
+print(head % (
+    "implementation", "Gbit/s", "runs", "retr", "cpuA%", "cpuB%", "A c/Gb", "B c/Gb",
+    "x btun", "x wg-go", "rtt idle", "rtt load", "load/idle"))
 for impl in impls:
     s = summary[impl]
-    ratio = s["gbps"] / base if base and s["gbps"] is not None else None
-    lr = s["load"] / s["idle"] if s["load"] is not None and s["idle"] else None
-    print("%-26s %8s  %-17s %7s %6s %6s %8s %9s %9s %6s" % (
+    lr = ratio(s["load"], s["idle"])
+    print(head % (
         impl, fmt(s["gbps"], ".2f"), s["runs"], fmt(s["retr"], ".0f"),
-        fmt(s["cpu_a"], ".0f"), fmt(s["cpu_b"], ".0f"), fmt(ratio, ".2f"),
+        fmt(s["cpu_a"], ".0f"), fmt(s["cpu_b"], ".0f"),
+        fmt(s["cpu_a_per_gbit"], ".3f"), fmt(s["cpu_b_per_gbit"], ".3f"),
+        fmt(ratio(s["gbps"], base), ".2f"), fmt(ratio(s["gbps"], reference(impl)), ".2f"),
         fmt(s["idle"], ".3f"), fmt(s["load"], ".3f"), fmt(lr, ".1f")))
 print("(Gbit/s: median of the runs, received; retr: median TCP retransmits per run; cpu: the")
-print(" daemon's utime+stime over the transfer, % of one core, A sends, B receives; rtt: median")
-print(" ping RTT in ms over the tunnel, idle and during the transfer; one-way is about half)")
-w = summary.get("wgmesh", {}).get("gbps")
-if w is not None:
-    print("wgmesh median %.2f Gbit/s, %s x boringtun-cli" % (w, "%.2f" % (w / base) if base else "n/a"))
+print(" daemon's utime+stime over the transfer, % of one core, A sends, B receives; c/Gb: cores")
+print(" per Gbit/s received; x btun / x wg-go: Gbit/s over boringtun-cli's / the current")
+print(" wireguard-go's with as many flows; rtt: median ping RTT in ms over the tunnel, idle and")
+print(" during the transfer, one-way is about half; -P4: 4 iperf3 flows)")
+w = summary.get("wgmesh", {})
+if w.get("gbps") is not None:
+    line = "wgmesh median %.2f Gbit/s, %s x boringtun-cli, %s x wg-go-current" % (
+        w["gbps"], fmt(ratio(w["gbps"], base), ".2f"), fmt(ratio(w["gbps"], reference("wgmesh")), ".2f"))
+    p4 = summary.get("wgmesh-P4", {})
+    if p4.get("gbps") is not None:
+        line += "; -P 4: %.2f Gbit/s, %s x wg-go-current, loaded RTT %s x idle" % (
+            p4["gbps"], fmt(ratio(p4["gbps"], reference("wgmesh-P4")), ".2f"),
+            fmt(ratio(p4["load"], p4["idle"]), ".1f"))
+    print(line)
 PY

@@ -37,8 +37,17 @@
 //! TUN's transmit queue length), `WGMESH_FASTPATH_THREADS=1` (a writer
 //! thread per device; off by default: on the 2-core bench machine it gained
 //! no throughput and cost CPU and idle latency), `WGMESH_FASTPATH_SOCKBUF=N`
-//! (UDP socket buffer bytes).
+//! (UDP socket buffer bytes), `WGMESH_FASTPATH_FQ=N` (TUN reads held in
+//! the fair queue, `fq.rs`; 0: none, every read served in order).
+//!
+//! Fair queueing: the TUN is read ahead into per-flow queues served by
+//! deficit round robin ([`fq`]), so a sparse flow's packet is encrypted
+//! next instead of after every bulk packet already in the TUN's ring. Each
+//! daemon does this for the packets it sends, so both directions of a
+//! tunnel get it; the other queue on the way, the receiver's UDP socket,
+//! holds encrypted datagrams whose flows cannot be told apart.
 
+mod fq;
 mod options;
 mod outbox;
 mod tun;
@@ -62,8 +71,9 @@ use crate::udp::PlainUdp;
 pub enum DataTun {
     /// One packet per system call ([`PlainTun`]).
     Plain(PlainTun),
-    /// The batched device ([`FastTun`]).
-    Fast(FastTun),
+    /// The batched device ([`FastTun`]), boxed: its read buffers and fair
+    /// queue are large and the enum is moved around at start-up.
+    Fast(Box<FastTun>),
 }
 
 impl DataTun {
@@ -74,7 +84,7 @@ impl DataTun {
             match FastTun::open(name, mtu, options) {
                 Ok(tun) => {
                     tracing::info!(?options, "batched data plane");
-                    return Ok(Self::Fast(tun));
+                    return Ok(Self::Fast(Box::new(tun)));
                 }
                 // A kernel without IFF_VNET_HDR or TUNSETOFFLOAD support
                 // still gets batched UDP, and failing that a plain tunnel.
@@ -82,7 +92,7 @@ impl DataTun {
                     tracing::warn!(error = %e, "TUN offloads unavailable; batching without them");
                     options.tun_offload = false;
                     match FastTun::open(name, mtu, options) {
-                        Ok(tun) => return Ok(Self::Fast(tun)),
+                        Ok(tun) => return Ok(Self::Fast(Box::new(tun))),
                         Err(e) => {
                             tracing::warn!(error = %e, "batched TUN unavailable; using the plain data plane")
                         }

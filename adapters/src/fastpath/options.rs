@@ -8,6 +8,12 @@
 /// queued behind a whole `recvmmsg` batch waited up to a millisecond).
 pub(crate) const TUN_FLUSH_PACKETS: usize = 48;
 
+/// TUN reads held in the fair queue by default (each one packet or one
+/// offloaded burst of up to 64 KB of one flow): about 5 ms of a 6 Gbit/s
+/// transfer, CoDel's target, so the queue does not fill (and the TUN ring
+/// behind it stays empty) while CoDel keeps bulk flows near that delay.
+pub(crate) const FAIR_QUEUE_READS: usize = 64;
+
 /// Batches in flight per writer thread (TUN and UDP alike).
 pub(crate) const WRITER_DEPTH: usize = 4;
 
@@ -43,6 +49,10 @@ pub struct FastPathOptions {
     /// `WGMESH_FASTPATH_SOCKBUF`: bytes of UDP socket buffer per direction
     /// (default [`crate::udp::SOCKET_BUFFER_BYTES`]).
     pub socket_buffer: Option<usize>,
+    /// `WGMESH_FASTPATH_FQ`: TUN reads held ahead in the per-flow fair
+    /// queue (default [`FAIR_QUEUE_READS`], at most 256; 0: no fair
+    /// queueing, reads are served one at a time in order).
+    pub fair_queue_reads: usize,
 }
 
 impl FastPathOptions {
@@ -67,6 +77,10 @@ impl FastPathOptions {
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .filter(|&n: &usize| n >= 4096),
+            fair_queue_reads: std::env::var("WGMESH_FASTPATH_FQ")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(FAIR_QUEUE_READS, |n: usize| n.min(256)),
         }
     }
 }

@@ -6,10 +6,12 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::debug;
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use super::fq::FairQueue;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
 use super::tun_write::{MAX_IP_PACKET, TunWriter};
@@ -22,12 +24,69 @@ pub struct FastTun {
     name: String,
     /// One raw read: virtio header and a packet of up to 64 KB.
     raw: Vec<u8>,
-    /// The segments of the last read.
+    /// Where the next read lands (always ready, so a read future dropped
+    /// by the loop's `select!` loses nothing).
+    incoming: TunRead,
+    /// The read whose segments are being handed out.
+    current: TunRead,
+    /// Reads read ahead of `current`, per flow ([`FairQueue`]); `None`
+    /// without fair queueing (`WGMESH_FASTPATH_FQ=0`): one read at a time,
+    /// in order.
+    queue: Option<Box<FairQueue<TunRead>>>,
+    /// Reads with nothing in them, for reuse.
+    spare: Vec<TunRead>,
+    /// Packets and reads dropped by the fair queue (CoDel, or a full
+    /// queue).
+    dropped: u64,
+    /// A read error met while reading ahead, for the next `try_recv` or
+    /// `recv` to return.
+    read_error: Option<io::Error>,
+    idle: IdleCheck,
+}
+
+/// The segments of one TUN read (one packet, or one offloaded TCP/UDP
+/// burst of a single flow cut into MTU-sized packets).
+struct TunRead {
     segments: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     count: usize,
     next: usize,
-    idle: IdleCheck,
+}
+
+impl TunRead {
+    fn new() -> Self {
+        Self {
+            // Zeroed lazily by the allocator; only the touched pages cost.
+            segments: (0..IDEAL_BATCH_SIZE)
+                .map(|_| vec![0; MAX_IP_PACKET])
+                .collect(),
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            count: 0,
+            next: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.count = 0;
+        self.next = 0;
+    }
+
+    /// Bytes of IP packets in the read.
+    fn bytes(&self) -> usize {
+        self.sizes[..self.count].iter().sum()
+    }
+
+    /// Copies the next segment into `buf`.
+    fn pop_into(&mut self, buf: &mut [u8]) -> Option<usize> {
+        if self.next >= self.count {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        let len = self.sizes[index].min(buf.len());
+        buf[..len].copy_from_slice(&self.segments[index][..len]);
+        Some(len)
+    }
 }
 
 impl std::fmt::Debug for FastTun {
@@ -35,6 +94,7 @@ impl std::fmt::Debug for FastTun {
         f.debug_struct("FastTun")
             .field("name", &self.name)
             .field("options", &self.options)
+            .field("dropped", &self.dropped)
             .finish_non_exhaustive()
     }
 }
@@ -63,18 +123,19 @@ impl FastTun {
             tun_writer,
             options.tun_flush_packets.clamp(1, IDEAL_BATCH_SIZE),
         ));
+        let queue = (options.fair_queue_reads > 0)
+            .then(|| Box::new(FairQueue::new(options.fair_queue_reads, FQ_QUANTUM_BYTES)));
         Ok(Self {
             shared,
             options,
             name,
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_IP_PACKET],
-            // Zeroed lazily by the allocator; only the touched pages cost.
-            segments: (0..IDEAL_BATCH_SIZE)
-                .map(|_| vec![0; MAX_IP_PACKET])
-                .collect(),
-            sizes: vec![0; IDEAL_BATCH_SIZE],
-            count: 0,
-            next: 0,
+            incoming: TunRead::new(),
+            current: TunRead::new(),
+            queue,
+            spare: Vec::new(),
+            dropped: 0,
+            read_error: None,
             idle: IdleCheck::default(),
         })
     }
@@ -85,15 +146,47 @@ impl FastTun {
     }
 }
 
+/// Bytes a flow sends per round of the fair queue: one offloaded read (up
+/// to 64 KB) per turn, while a flow's first packet after a pause goes
+/// ahead of every backlog.
+const FQ_QUANTUM_BYTES: usize = 65536;
+
 impl FastTun {
-    /// Takes the result of one read: its segments become the batch, a
+    /// Takes the result of one read into `incoming`: its segments become
+    /// the next read to serve (queued by flow when fair queueing is on), a
     /// packet the splitter refused is dropped (as a NIC drops a bad frame),
     /// a real error is passed on.
     fn take_read(&mut self, result: io::Result<usize>) -> io::Result<()> {
         match result {
             Ok(count) => {
-                self.count = count;
-                self.next = 0;
+                let fresh = self.spare.pop().unwrap_or_else(TunRead::new);
+                let mut read = std::mem::replace(&mut self.incoming, fresh);
+                read.count = count;
+                read.next = 0;
+                match self.queue.as_mut() {
+                    Some(queue) if count > 0 => {
+                        let bucket = queue.bucket_of(&read.segments[0][..read.sizes[0]]);
+                        let bytes = read.bytes();
+                        if let Some(mut old) = queue.push(bucket, read, bytes, Instant::now()) {
+                            self.dropped += 1;
+                            debug!(
+                                dropped = self.dropped,
+                                "fair queue full: a bulk flow's read dropped"
+                            );
+                            old.clear();
+                            self.spare.push(old);
+                        }
+                    }
+                    Some(_) => {
+                        read.clear();
+                        self.spare.push(read);
+                    }
+                    None => {
+                        let mut used = std::mem::replace(&mut self.current, read);
+                        used.clear();
+                        self.spare.push(used);
+                    }
+                }
                 Ok(())
             }
             // A bad virtio header or odd GSO.
@@ -109,6 +202,53 @@ impl FastTun {
             Err(e) => Err(e),
         }
     }
+
+    /// Reads what the TUN ring holds into the fair queue, until the ring
+    /// is empty or the queue full. Reading is cheap next to encrypting, so
+    /// a sparse flow's packet reaches the queue, and goes ahead of the bulk
+    /// flows, instead of waiting in the ring behind all of them.
+    ///
+    /// Done at the end of each read (once per offloaded burst, not per
+    /// packet); a ring found empty is left to readiness for the
+    /// [`IdleCheck`] interval.
+    fn read_ahead(&mut self) -> io::Result<()> {
+        while self.queue.as_ref().is_some_and(|q| !q.is_full()) {
+            let incoming = &mut self.incoming;
+            let raw = &mut self.raw;
+            let device: &tun_rs::DeviceImpl = &self.shared.tun;
+            let Some(result) = self.idle.check(|| {
+                device.recv_multiple(raw, &mut incoming.segments, &mut incoming.sizes, 0)
+            }) else {
+                break;
+            };
+            self.take_read(result)?;
+        }
+        Ok(())
+    }
+
+    /// Moves on to the next read from the fair queue, if there is one.
+    fn next_read(&mut self) -> bool {
+        let Some(queue) = self.queue.as_mut() else {
+            return false;
+        };
+        let Some(served) = queue.pop(Instant::now()) else {
+            return false;
+        };
+        let mut used = std::mem::replace(&mut self.current, served.item);
+        used.clear();
+        self.spare.push(used);
+        if served.drop_one {
+            // CoDel: this flow's packets have waited too long for too long;
+            // one of them is dropped so its TCP backs off.
+            self.current.next = 1;
+            self.dropped += 1;
+            debug!(
+                dropped = self.dropped,
+                "fair queue: a packet dropped (CoDel)"
+            );
+        }
+        true
+    }
 }
 
 impl TunDevice for FastTun {
@@ -117,29 +257,49 @@ impl TunDevice for FastTun {
             if let Some(len) = self.recv_buffered(buf) {
                 return Ok(len);
             }
-            // The last read is used up: wait for readiness, then read.
-            // Readiness-based: dropping this future loses nothing.
+            if let Some(e) = self.read_error.take() {
+                return Err(e);
+            }
+            // Everything read is used up: wait for readiness, then read.
+            // Readiness-based, into `incoming`: dropping this future loses
+            // nothing.
             let result = self
                 .shared
                 .tun
-                .recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
+                .recv_multiple(
+                    &mut self.raw,
+                    &mut self.incoming.segments,
+                    &mut self.incoming.sizes,
+                    0,
+                )
                 .await;
             self.take_read(result)?;
         }
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        if let Some(e) = self.read_error.take() {
+            return Some(Err(e));
+        }
         loop {
             if let Some(len) = self.recv_buffered(buf) {
                 return Some(Ok(len));
             }
+            if let Some(e) = self.read_error.take() {
+                return Some(Err(e));
+            }
+            if self.queue.is_some() {
+                // `recv_buffered` read the ring ahead and found nothing.
+                return None;
+            }
             // The last read is used up. A real non-blocking read, not
             // tokio's remembered readiness (see `IdleCheck`); `None` when
             // nothing is ready: the burst has ended.
-            let shared = &self.shared;
+            let incoming = &mut self.incoming;
+            let raw = &mut self.raw;
+            let device: &tun_rs::DeviceImpl = &self.shared.tun;
             let result = self.idle.check(|| {
-                let device: &tun_rs::DeviceImpl = &shared.tun;
-                device.recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
+                device.recv_multiple(raw, &mut incoming.segments, &mut incoming.sizes, 0)
             })?;
             if let Err(e) = self.take_read(result) {
                 return Some(Err(e));
@@ -157,13 +317,22 @@ impl TunDevice for FastTun {
     }
 
     fn recv_buffered(&mut self, buf: &mut [u8]) -> Option<usize> {
-        if self.next >= self.count {
-            return None;
+        loop {
+            if let Some(len) = self.current.pop_into(buf) {
+                return Some(len);
+            }
+            // At the end of a read, with fair queueing: what the ring holds
+            // now joins the queue (non-blocking reads, see `read_ahead`),
+            // so the next read served is chosen among all of it. A real
+            // error is kept for the next `try_recv`/`recv`.
+            if self.queue.is_some() && self.read_error.is_none() {
+                if let Err(e) = self.read_ahead() {
+                    self.read_error = Some(e);
+                }
+            }
+            if !self.next_read() {
+                return None;
+            }
         }
-        let index = self.next;
-        self.next += 1;
-        let len = self.sizes[index].min(buf.len());
-        buf[..len].copy_from_slice(&self.segments[index][..len]);
-        Some(len)
     }
 }

@@ -414,6 +414,7 @@ mod tests {
             writer_threads: false,
             tun_flush_packets: super::super::options::TUN_FLUSH_PACKETS,
             socket_buffer: None,
+            fair_queue_reads: super::super::options::FAIR_QUEUE_READS,
         }
     }
 
