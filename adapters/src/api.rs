@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
-use wgmesh_core::{PingKind, PingOutcome, PingResult, Status};
+use wgmesh_core::{HealthSeverity, PingKind, PingOutcome, PingResult, Status};
 
 use crate::driver::{DriverHandle, RequestError};
 use crate::localsock::{self, CallerRights, ConnectionLimit, ReadLineError, SocketAccess};
@@ -103,6 +103,9 @@ pub struct StatusView {
     /// The control client's state (absent for a node without control).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlView>,
+    /// What failed in the OS (routes, DNS, socket, TUN, ...), if anything.
+    #[serde(default)]
+    pub health: HealthView,
 }
 
 /// The control client's state in a [`StatusView`].
@@ -127,6 +130,35 @@ pub struct ControlView {
     pub streams_opened: u64,
     /// The last failure, if the last attempt failed.
     pub last_error: Option<String>,
+}
+
+/// The health section of a [`StatusView`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthView {
+    /// "ok", "warning" or "error": the worst current problem's severity.
+    pub state: String,
+    /// Every current problem, sorted by subsystem.
+    pub problems: Vec<HealthProblemView>,
+}
+
+/// One current problem in a [`HealthView`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthProblemView {
+    /// "router", "dns", "socket", "tun", "bird" or "exit-node".
+    pub subsystem: String,
+    /// "warning" or "error".
+    pub severity: String,
+    /// What failed, as the OS said it.
+    pub reason: String,
+    /// When it was first reported, as Unix seconds.
+    pub since_unix: Option<u64>,
+    /// How long ago that was, in seconds.
+    pub since_secs_ago: f64,
+}
+
+/// The name of a health state: the worst severity, or "ok".
+pub fn health_state_name(severity: Option<HealthSeverity>) -> &'static str {
+    severity.map_or("ok", HealthSeverity::as_str)
 }
 
 /// One peer in a [`StatusView`].
@@ -217,6 +249,23 @@ impl StatusView {
                 .iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
+            health: HealthView {
+                state: health_state_name(status.health_severity()).to_owned(),
+                problems: status
+                    .health
+                    .iter()
+                    .map(|h| HealthProblemView {
+                        subsystem: h.subsystem.as_str().to_owned(),
+                        severity: h.problem.severity.as_str().to_owned(),
+                        reason: h.problem.reason.clone(),
+                        since_unix: wall
+                            .checked_sub(h.since_ago)
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs()),
+                        since_secs_ago: h.since_ago.as_secs_f64(),
+                    })
+                    .collect(),
+            },
         }
     }
 }
@@ -315,6 +364,32 @@ pub fn metrics_text(interface: &str, status: &Status) -> String {
     out.push_str(&format!(
         "# TYPE wgmesh_peers_configured gauge\nwgmesh_peers_configured{{interface=\"{interface}\"}} {configured}\n"
     ));
+    // Health: the overall state as a number (0 ok, 1 warning, 2 error),
+    // then one series per current problem, valued 1, with the time it began.
+    let state = match status.health_severity() {
+        None => 0,
+        Some(HealthSeverity::Warning) => 1,
+        Some(HealthSeverity::Error) => 2,
+    };
+    out.push_str(&format!(
+        "# TYPE wgmesh_health_state gauge\nwgmesh_health_state{{interface=\"{interface}\"}} {state}\n"
+    ));
+    out.push_str("# TYPE wgmesh_health_problem gauge\n");
+    for h in &status.health {
+        out.push_str(&format!(
+            "wgmesh_health_problem{{interface=\"{interface}\",subsystem=\"{}\",severity=\"{}\"}} 1\n",
+            h.subsystem.as_str(),
+            h.problem.severity.as_str()
+        ));
+    }
+    out.push_str("# TYPE wgmesh_health_problem_seconds gauge\n");
+    for h in &status.health {
+        out.push_str(&format!(
+            "wgmesh_health_problem_seconds{{interface=\"{interface}\",subsystem=\"{}\"}} {}\n",
+            h.subsystem.as_str(),
+            h.since_ago.as_secs()
+        ));
+    }
     out.push_str("# TYPE wgmesh_peer_rx_bytes counter\n");
     for p in &status.peers {
         out.push_str(&format!(
@@ -956,6 +1031,82 @@ mod tests {
             text.contains("wgmesh_peers_configured_total{interface=\"wg0\"} 3\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn health_problems_are_in_the_status_view_and_the_metrics() {
+        use wgmesh_core::{HealthIssue, HealthProblem, HealthSubsystem};
+        let healthy = Status::default();
+        let view = StatusView::from_status("wg0", &healthy);
+        assert_eq!(view.health.state, "ok");
+        assert!(view.health.problems.is_empty());
+        let text = metrics_text("wg0", &healthy);
+        assert!(text.contains("wgmesh_health_state{interface=\"wg0\"} 0\n"));
+        assert!(!text.contains("wgmesh_health_problem{"));
+
+        let status = Status {
+            health: vec![
+                HealthIssue {
+                    subsystem: HealthSubsystem::Router,
+                    problem: HealthProblem {
+                        severity: HealthSeverity::Error,
+                        reason: "add route 10.9.0.0/24: File exists".into(),
+                    },
+                    since_ago: Duration::from_secs(42),
+                },
+                HealthIssue {
+                    subsystem: HealthSubsystem::Bird,
+                    problem: HealthProblem {
+                        severity: HealthSeverity::Warning,
+                        reason: "connection refused".into(),
+                    },
+                    since_ago: Duration::from_secs(3),
+                },
+            ],
+            ..Status::default()
+        };
+        let view = StatusView::from_status("wg0", &status);
+        assert_eq!(view.health.state, "error");
+        let problems: Vec<(&str, &str, &str)> = view
+            .health
+            .problems
+            .iter()
+            .map(|p| (p.subsystem.as_str(), p.severity.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            problems,
+            vec![
+                ("router", "error", "add route 10.9.0.0/24: File exists"),
+                ("bird", "warning", "connection refused"),
+            ]
+        );
+        assert_eq!(view.health.problems[0].since_secs_ago, 42.0);
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let since = view.health.problems[0].since_unix.unwrap();
+        assert!((now_unix - 43..=now_unix - 41).contains(&since), "{since}");
+        // The JSON of `wgmesh status --json` carries the section.
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["health"]["state"], "error");
+        assert_eq!(json["health"]["problems"][1]["subsystem"], "bird");
+
+        let text = metrics_text("wg0", &status);
+        assert_valid_exposition(&text);
+        assert!(
+            text.contains("wgmesh_health_state{interface=\"wg0\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "wgmesh_health_problem{interface=\"wg0\",subsystem=\"router\",severity=\"error\"} 1\n"
+        ));
+        assert!(text.contains(
+            "wgmesh_health_problem{interface=\"wg0\",subsystem=\"bird\",severity=\"warning\"} 1\n"
+        ));
+        assert!(text.contains(
+            "wgmesh_health_problem_seconds{interface=\"wg0\",subsystem=\"router\"} 42\n"
+        ));
     }
 
     #[test]

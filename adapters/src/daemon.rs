@@ -350,8 +350,10 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let engine_disco_key = engine.disco_key();
     info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
 
+    // The effects wait in the channel until the OS manager runs; it starts
+    // once the driver's handle exists, so that it can report how each
+    // effect fared back to the engine's health.
     let (effects_tx, effects_rx) = mpsc::unbounded_channel();
-    let os_task = tokio::spawn(os.run(effects_rx));
     let (handle, bound, mut driver_exit) = spawn_driver_thread(
         engine,
         interface.clone(),
@@ -361,6 +363,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         options.data_plane_nice,
     )
     .await?;
+    os.report_health_to(handle.health_reporter());
+    let os_task = tokio::spawn(os.run(effects_rx));
 
     // The listen port actually bound goes into the config the engine sees,
     // so status and UAPI show it.

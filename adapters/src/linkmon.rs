@@ -2,19 +2,27 @@
 //! engine's [`LinkChange`] input.
 //!
 //! As in the reference, a change of an interface (other than our own tunnel)
-//! or of the default route is *major*; an address change is *minor*. Events
-//! arriving together are folded into one change after a short quiet period,
-//! the strongest kind winning, so a burst of netlink messages costs one
-//! rebind rather than dozens.
+//! or of the default route is *major*; so is a change of the addresses of an
+//! interface that carries a default route (the node's source address for
+//! its peers changed: the reference's netmon compares the default
+//! interface's addresses before and after). Other address changes are
+//! *minor*. Events arriving together are folded into one change after a
+//! short quiet period, the strongest kind winning, so a burst of netlink
+//! messages costs one rebind rather than dozens. The default interfaces'
+//! addresses are compared as sets, so a message that only refreshes an
+//! address's lifetimes (IPv6 router advertisements) changes nothing.
 
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
-use rtnetlink::{Handle, MulticastGroup};
+use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 use wgmesh_core::LinkChange;
@@ -64,6 +72,62 @@ pub fn classify(message: &RouteNetlinkMessage, own_index: u32) -> Strength {
         }
         _ => Strength::Ignore,
     }
+}
+
+/// The interfaces that carry a default route of the main table (other
+/// than the tunnel) and their addresses: what the node's traffic to its
+/// peers leaves from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DefaultRouteState {
+    /// Interface indices with a default route.
+    pub interfaces: BTreeSet<u32>,
+    /// The addresses of those interfaces, with their index.
+    pub addresses: BTreeSet<(u32, IpAddr)>,
+}
+
+/// Whether a folded burst of events is a major change: a major event, or
+/// any change of the default interfaces or their addresses between the
+/// state before the burst and after it.
+pub fn is_major_change(
+    strength: Strength,
+    before: &DefaultRouteState,
+    after: &DefaultRouteState,
+) -> bool {
+    strength == Strength::Major || before != after
+}
+
+/// Reads the default interfaces and their addresses from the kernel.
+async fn default_route_state(handle: &Handle, own_index: u32) -> DefaultRouteState {
+    let mut state = DefaultRouteState::default();
+    let dumps = [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ];
+    for query in dumps {
+        let mut routes = handle.route().get(query).execute();
+        while let Ok(Some(route)) = routes.try_next().await {
+            if let Some(index) = route_oif(&route).filter(|&i| i != own_index) {
+                if is_default_route(&route) {
+                    state.interfaces.insert(index);
+                }
+            }
+        }
+    }
+    for &index in &state.interfaces {
+        let mut addresses = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Ok(Some(message)) = addresses.try_next().await {
+            for attribute in &message.attributes {
+                if let AddressAttribute::Address(ip) = attribute {
+                    state.addresses.insert((index, *ip));
+                }
+            }
+        }
+    }
+    state
 }
 
 fn is_default_route(route: &RouteMessage) -> bool {
@@ -130,7 +194,8 @@ pub fn spawn(interface: String, driver: DriverHandle) -> std::io::Result<JoinHan
     tokio::spawn(connection);
     Ok(tokio::spawn(async move {
         let own_index = index_of(&handle, &interface).await.unwrap_or(0);
-        info!(%interface, own_index, "link monitor started");
+        let mut defaults = default_route_state(&handle, own_index).await;
+        info!(%interface, own_index, default_interfaces = ?defaults.interfaces, "link monitor started");
         loop {
             let Some((message, _)) = messages.next().await else {
                 return;
@@ -154,9 +219,15 @@ pub fn spawn(interface: String, driver: DriverHandle) -> std::io::Result<JoinHan
                     strength = strength.max(classify(m, own_index));
                 }
             }
+            let after = default_route_state(&handle, own_index).await;
+            let major = is_major_change(strength, &defaults, &after);
+            if major && strength != Strength::Major {
+                info!(before = ?defaults.addresses, after = ?after.addresses, "the default interface's addresses changed: a major change");
+            }
+            defaults = after;
             let change = LinkChange {
                 any_link_up: any_link_up(&handle, own_index).await,
-                major: strength == Strength::Major,
+                major,
             };
             if driver.link_change(change).await.is_err() {
                 return;
@@ -208,5 +279,34 @@ mod tests {
             classify(&RouteNetlinkMessage::DelRoute(route), 7),
             Strength::Ignore
         );
+    }
+
+    #[test]
+    fn an_address_change_on_a_default_interface_is_major() {
+        let ip = |t: &str| -> IpAddr { t.parse().unwrap() };
+        let before = DefaultRouteState {
+            interfaces: [2].into(),
+            addresses: [(2, ip("10.77.0.1"))].into(),
+        };
+        // An address event that changed nothing (a lifetime refresh), or
+        // one on another interface: minor.
+        assert!(!is_major_change(Strength::Minor, &before, &before.clone()));
+        // A new address on the default interface: major.
+        let mut after = before.clone();
+        after.addresses.insert((2, ip("10.77.0.41")));
+        assert!(is_major_change(Strength::Minor, &before, &after));
+        // The old one removed: major.
+        let after = DefaultRouteState {
+            interfaces: [2].into(),
+            addresses: [(2, ip("10.77.0.41"))].into(),
+        };
+        assert!(is_major_change(Strength::Minor, &before, &after));
+        // The default route moved to another interface: major.
+        let after = DefaultRouteState {
+            interfaces: [3].into(),
+            addresses: [(3, ip("192.0.2.7"))].into(),
+        };
+        assert!(is_major_change(Strength::Minor, &before, &after));
+        assert!(is_major_change(Strength::Major, &before, &before));
     }
 }

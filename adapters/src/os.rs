@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use wgmesh_core::{Effect, RouterConfig};
+use wgmesh_core::{Effect, HealthReport, HealthSeverity, HealthSubsystem, RouterConfig};
 
 use crate::bird::BirdClient;
 use crate::dns::DnsManager;
+use crate::driver::HealthReporter;
 use crate::router::{Applied, NetlinkRouter};
 
 /// What the state file records: enough to undo a crashed run's changes.
@@ -79,6 +80,9 @@ pub struct OsManager {
     /// own endpoints yet (no STUN, no interface list given to the engine),
     /// so each one is counted and logged, not run.
     rediscover_requests: u64,
+    /// Where the outcome of each effect goes (the engine's health), once
+    /// the driver runs.
+    health: Option<HealthReporter>,
 }
 
 /// `config` with a host route through the tunnel for every resolver in
@@ -130,7 +134,31 @@ impl OsManager {
             dns_via_tunnel: false,
             network_up: None,
             rediscover_requests: 0,
+            health: None,
         }
+    }
+
+    /// Reports the outcome of every effect from now on to the engine
+    /// through `health` (its status then shows what failed and since when).
+    pub fn report_health_to(&mut self, health: HealthReporter) {
+        self.health = Some(health);
+    }
+
+    /// Reports one outcome; an `Err` is a problem of `severity`.
+    async fn report(
+        &self,
+        subsystem: HealthSubsystem,
+        severity: HealthSeverity,
+        outcome: Result<(), String>,
+    ) {
+        let Some(health) = &self.health else {
+            return;
+        };
+        let report = match outcome {
+            Ok(()) => HealthReport::ok(subsystem),
+            Err(reason) => HealthReport::failed(subsystem, severity, reason),
+        };
+        health.report(report).await;
     }
 
     /// Whether any link is up, as the engine last said (`None`: not yet).
@@ -172,27 +200,39 @@ impl OsManager {
         match effect {
             Effect::ApplyRouter(config) => {
                 self.router_config = Some(config);
-                self.apply_router().await;
+                self.apply_router_and_report().await;
                 if let Some((protocol, enabled)) = self.bird_pending.take() {
                     self.set_bird(protocol, enabled).await;
                 }
                 self.save_state();
             }
             Effect::ApplyDns(config) => {
-                if let Err(e) = self.dns.apply(&config).await {
+                let outcome = self.dns.apply(&config).await.map_err(|e| {
                     warn!(error = %e, "DNS config failed");
-                }
+                    e.to_string()
+                });
+                self.report(HealthSubsystem::Dns, HealthSeverity::Error, outcome)
+                    .await;
                 if config.nameservers != self.nameservers {
                     self.nameservers = config.nameservers.clone();
                     if self.dns_via_tunnel {
-                        self.apply_router().await;
+                        self.apply_router_and_report().await;
                     }
                 }
                 self.save_state();
             }
             Effect::FlushDnsCaches => {
-                if let Err(e) = self.dns.flush().await {
+                // Only a failure is reported: a flush that works says
+                // nothing about whether the DNS config is in place.
+                let flushed = self.dns.flush().await;
+                if flushed.is_ok() {
+                    info!(backend = ?self.dns.backend(), "DNS caches flushed");
+                }
+                if let Err(e) = flushed {
                     warn!(error = %e, "DNS cache flush failed");
+                    let reason = format!("cache flush: {e}");
+                    self.report(HealthSubsystem::Dns, HealthSeverity::Warning, Err(reason))
+                        .await;
                 }
             }
             Effect::SetBirdProtocol { protocol, enabled } => self.set_bird(protocol, enabled).await,
@@ -204,7 +244,7 @@ impl OsManager {
                 );
                 if via_tunnel != self.dns_via_tunnel {
                     self.dns_via_tunnel = via_tunnel;
-                    self.apply_router().await;
+                    self.apply_router_and_report().await;
                     self.save_state();
                 }
             }
@@ -239,26 +279,39 @@ impl OsManager {
         }
     }
 
-    /// Applies the engine's router config plus the resolver routes.
-    async fn apply_router(&mut self) {
-        let Some(wanted) = &self.router_config else {
-            return;
-        };
+    /// Applies the router config and reports the outcome to the engine.
+    async fn apply_router_and_report(&mut self) {
+        if let Some(outcome) = self.apply_router().await {
+            self.report(HealthSubsystem::Router, HealthSeverity::Error, outcome)
+                .await;
+        }
+    }
+
+    /// Applies the engine's router config plus the resolver routes; `None`
+    /// when there was nothing to apply (no config yet, routes unmanaged).
+    async fn apply_router(&mut self) -> Option<Result<(), String>> {
+        let wanted = self.router_config.as_ref()?;
         let config = with_resolver_routes(wanted, &self.nameservers, self.dns_via_tunnel);
         let Some(router) = &mut self.router else {
             debug!(routes = config.routes.len(), "routes are not managed");
-            return;
+            return None;
         };
-        match router.apply(&config).await {
-            Ok(()) => info!(
-                addresses = config.local_addrs.len(),
-                routes = config.routes.len(),
-                resolver_routes = config.routes.len() - wanted.routes.len(),
-                mtu = config.mtu,
-                "router config applied"
-            ),
-            Err(e) => warn!(error = %e, "router config failed"),
-        }
+        Some(match router.apply(&config).await {
+            Ok(()) => {
+                info!(
+                    addresses = config.local_addrs.len(),
+                    routes = config.routes.len(),
+                    resolver_routes = config.routes.len() - wanted.routes.len(),
+                    mtu = config.mtu,
+                    "router config applied"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "router config failed");
+                Err(e.to_string())
+            }
+        })
     }
 
     async fn set_bird(&mut self, protocol: String, enabled: bool) {
@@ -266,13 +319,25 @@ impl OsManager {
             debug!(%protocol, enabled, "no BIRD socket configured");
             return;
         };
-        match bird.set_protocol(&protocol, enabled).await {
-            Ok(reply) => info!(%protocol, enabled, %reply, "BIRD protocol switched"),
+        let outcome = match bird.set_protocol(&protocol, enabled).await {
+            Ok(reply) => {
+                info!(%protocol, enabled, %reply, "BIRD protocol switched");
+                Ok(())
+            }
             Err(e) => {
                 warn!(%protocol, enabled, error = %e, "BIRD switch failed; will retry on the next reconfig");
+                let reason = format!(
+                    "switch {protocol} {}: {e}; retried on the next router change",
+                    if enabled { "on" } else { "off" }
+                );
                 self.bird_pending = Some((protocol, enabled));
+                Err(reason)
             }
-        }
+        };
+        // The switch is retried, and routes through the tunnel work
+        // without it: a warning.
+        self.report(HealthSubsystem::Bird, HealthSeverity::Warning, outcome)
+            .await;
     }
 
     fn save_state(&self) {
@@ -371,6 +436,77 @@ mod tests {
         })
         .await;
         assert_eq!(os.rediscover_requests(), 2);
+    }
+
+    /// The health reports an OS manager sends, read from the control
+    /// channel of a driver handle with no loop behind it.
+    fn health_reports(
+        control: &mut tokio::sync::mpsc::Receiver<crate::driver::Control>,
+    ) -> Vec<HealthReport> {
+        let mut reports = Vec::new();
+        while let Ok(message) = control.try_recv() {
+            if let crate::driver::Control::Health(report) = message {
+                reports.push(report);
+            }
+        }
+        reports
+    }
+
+    #[tokio::test]
+    async fn failed_dns_and_bird_effects_are_reported_to_the_engine_and_cleared_when_they_work() {
+        let dir = tempfile::tempdir().unwrap();
+        // The resolv.conf is in a directory that does not exist: every
+        // write of it fails, as on a read-only file system.
+        let dns = DnsManager::new(
+            DnsBackend::File,
+            "wgtest0",
+            dir.path().join("missing/resolv.conf"),
+            dir.path().join("resolv.bak"),
+        );
+        let bird = BirdClient::new(dir.path().join("no-bird.ctl"));
+        let mut os = OsManager::new(
+            "wgtest0",
+            None,
+            dns,
+            Some(bird),
+            dir.path().join("wgtest0.state"),
+        );
+        let (handle, mut control) = crate::driver::DriverHandle::detached(16);
+        os.report_health_to(handle.health_reporter());
+        let dns_config = wgmesh_core::DnsConfig {
+            nameservers: vec!["100.100.100.100".parse().unwrap()],
+            search_domains: vec![],
+        };
+        os.apply(Effect::ApplyDns(dns_config.clone())).await;
+        os.apply(Effect::SetBirdProtocol {
+            protocol: "tailnet".into(),
+            enabled: true,
+        })
+        .await;
+        let reports = health_reports(&mut control);
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert_eq!(reports[0].subsystem, HealthSubsystem::Dns);
+        let problem = reports[0].problem.as_ref().expect("a DNS problem");
+        assert_eq!(problem.severity, HealthSeverity::Error);
+        assert!(problem.reason.contains("resolv.conf"), "{}", problem.reason);
+        assert_eq!(reports[1].subsystem, HealthSubsystem::Bird);
+        assert_eq!(
+            reports[1].problem.as_ref().map(|p| p.severity),
+            Some(HealthSeverity::Warning)
+        );
+
+        // The directory appears: the next DNS config works and says so.
+        std::fs::create_dir(dir.path().join("missing")).unwrap();
+        std::fs::write(
+            dir.path().join("missing/resolv.conf"),
+            "nameserver 192.0.2.1\n",
+        )
+        .unwrap();
+        os.apply(Effect::ApplyDns(dns_config)).await;
+        assert_eq!(
+            health_reports(&mut control),
+            vec![HealthReport::ok(HealthSubsystem::Dns)]
+        );
     }
 
     #[tokio::test]

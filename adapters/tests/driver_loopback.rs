@@ -218,3 +218,59 @@ async fn a_random_client_port_moves_the_socket_and_status_shows_it() {
         .unwrap();
     assert_eq!(exit, DriverExit::Closed);
 }
+
+/// Issue 15 (health): a listen-port change the kernel refuses (the port is
+/// taken) keeps the old socket and shows in the engine's status as a socket
+/// warning; the next change that works clears it.
+#[tokio::test]
+async fn a_refused_listen_port_is_a_socket_warning_until_a_rebind_works() {
+    use wgmesh_core::{HealthSeverity, HealthSubsystem};
+    let mut a = node(3, Ipv4Addr::new(100, 64, 0, 3));
+    let b = node(4, Ipv4Addr::new(100, 64, 0, 4));
+    let first_port = a.id.addr.port();
+    let (running, handle, _os) = start_driver(&mut a, 3, None);
+    let mut reconfig = named_reconfig_for(&a, &b);
+    if let Some(wg) = reconfig.wireguard.as_mut() {
+        wg.listen_port = first_port;
+    }
+    let _ = handle.reconfig(reconfig.clone()).await.unwrap();
+    assert!(handle.status().await.unwrap().health.is_empty());
+
+    // Another process holds the port asked for, on both address families
+    // the socket binds.
+    let squatter = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    if let Some(wg) = reconfig.wireguard.as_mut() {
+        wg.listen_port = taken;
+    }
+    let _ = handle.reconfig(reconfig.clone()).await.unwrap();
+    let status = handle.status().await.unwrap();
+    assert_eq!(status.listen_port, first_port, "the old socket is kept");
+    assert_eq!(status.health.len(), 1, "{:?}", status.health);
+    let issue = &status.health[0];
+    assert_eq!(issue.subsystem, HealthSubsystem::Socket);
+    assert_eq!(issue.problem.severity, HealthSeverity::Warning);
+    assert!(
+        issue.problem.reason.contains(&format!("port {taken}")),
+        "{}",
+        issue.problem.reason
+    );
+    assert_eq!(status.health_severity(), Some(HealthSeverity::Warning));
+
+    // A random port works: the warning goes.
+    if let Some(wg) = reconfig.wireguard.as_mut() {
+        wg.listen_port = 0;
+    }
+    let _ = handle.reconfig(reconfig).await.unwrap();
+    let status = handle.status().await.unwrap();
+    assert!(status.health.is_empty(), "{:?}", status.health);
+    drop(squatter);
+
+    handle.close().await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, DriverExit::Closed);
+}

@@ -39,6 +39,11 @@ pub enum Input<'a> {
     SetPacketFilter(crate::filter::PacketFilter),
     /// Turn the plaintext capture hook on or off.
     SetCapture(bool),
+    /// How an OS subsystem fared when the adapters last acted on it (an
+    /// effect applied, a device read or written): a problem is kept in the
+    /// status's health section, with the time it was first reported, until
+    /// a report without a problem clears it.
+    Health(HealthReport),
     /// Shut the engine down: in order, pending pings time out, peers are
     /// removed, the router and DNS config are withdrawn. Idempotent.
     Close,
@@ -51,6 +56,116 @@ pub struct LinkChange {
     pub any_link_up: bool,
     /// A major change (interface or default route changed): rebind and re-discover.
     pub major: bool,
+}
+
+/// An OS subsystem the adapters act on for the engine; each has at most
+/// one current problem in the status's health section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HealthSubsystem {
+    /// Addresses, routes and MTU on the tunnel interface
+    /// ([`Effect::ApplyRouter`]).
+    Router,
+    /// The system resolver's configuration ([`Effect::ApplyDns`],
+    /// [`Effect::FlushDnsCaches`]).
+    Dns,
+    /// The UDP socket ([`Effect::Rebind`], [`Effect::SetListenPort`],
+    /// [`Effect::SetPathMtuDiscovery`], sends).
+    Socket,
+    /// The TUN device (reads and writes).
+    Tun,
+    /// The BIRD routing daemon ([`Effect::SetBirdProtocol`]).
+    Bird,
+    /// Policy routing and forwarding for an exit node.
+    ExitNode,
+}
+
+impl HealthSubsystem {
+    /// Lowercase name, as status and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthSubsystem::Router => "router",
+            HealthSubsystem::Dns => "dns",
+            HealthSubsystem::Socket => "socket",
+            HealthSubsystem::Tun => "tun",
+            HealthSubsystem::Bird => "bird",
+            HealthSubsystem::ExitNode => "exit-node",
+        }
+    }
+}
+
+/// How bad a health problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HealthSeverity {
+    /// Something works less well than asked (a retry is pending, a
+    /// best-effort step failed); traffic still flows.
+    Warning,
+    /// Something the node needs is not in place.
+    Error,
+}
+
+impl HealthSeverity {
+    /// Lowercase name, as status and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthSeverity::Warning => "warning",
+            HealthSeverity::Error => "error",
+        }
+    }
+}
+
+/// A problem in one subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthProblem {
+    /// How bad it is.
+    pub severity: HealthSeverity,
+    /// What failed, as the OS said it (for people, not for parsing).
+    pub reason: String,
+}
+
+/// What the adapters report about one subsystem ([`Input::Health`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthReport {
+    /// The subsystem.
+    pub subsystem: HealthSubsystem,
+    /// Its problem; `None` says it works again.
+    pub problem: Option<HealthProblem>,
+}
+
+impl HealthReport {
+    /// The subsystem works.
+    pub fn ok(subsystem: HealthSubsystem) -> Self {
+        Self {
+            subsystem,
+            problem: None,
+        }
+    }
+
+    /// The subsystem failed with `severity` for `reason`.
+    pub fn failed(
+        subsystem: HealthSubsystem,
+        severity: HealthSeverity,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            subsystem,
+            problem: Some(HealthProblem {
+                severity,
+                reason: reason.into(),
+            }),
+        }
+    }
+}
+
+/// A current problem in a status snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthIssue {
+    /// The subsystem.
+    pub subsystem: HealthSubsystem,
+    /// Its problem, as last reported.
+    pub problem: HealthProblem,
+    /// How long ago the problem was first reported (a report with another
+    /// severity or reason starts it again).
+    pub since_ago: Duration,
 }
 
 /// Which kind of ping.
@@ -398,6 +513,16 @@ pub struct Status {
     pub full_config_peers: usize,
     /// The counters.
     pub counters: crate::counters::Counters,
+    /// Every subsystem with a current problem, sorted by subsystem; empty
+    /// when everything is healthy.
+    pub health: Vec<HealthIssue>,
+}
+
+impl Status {
+    /// The worst current problem's severity; `None` when healthy.
+    pub fn health_severity(&self) -> Option<HealthSeverity> {
+        self.health.iter().map(|h| h.problem.severity).max()
+    }
 }
 
 /// One peer in a status snapshot.

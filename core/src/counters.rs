@@ -139,6 +139,9 @@ counters! {
     link_changes_minor,
     /// Link changes that left no link up.
     link_changes_down,
+    /// Health problems reported by the adapters (a repeat of the current
+    /// problem of a subsystem is not counted again).
+    health_problems_reported,
     /// Status answers produced.
     status_answers,
     /// Status requests folded into an answer already pending.

@@ -412,6 +412,21 @@ fn link_changes_emit_the_reference_effects() {
     )
     .unwrap();
     let effects: Vec<Effect> = net.nodes[0].effects.drain(..).map(|(_, e)| e).collect();
+    // Every link went down: what the resolver cached is stale.
+    assert_eq!(
+        effects,
+        vec![Effect::SetNetworkUp(false), Effect::FlushDnsCaches]
+    );
+    // Still down: nothing more to flush.
+    net.input(
+        0,
+        Input::LinkChange(LinkChange {
+            any_link_up: false,
+            major: true,
+        }),
+    )
+    .unwrap();
+    let effects: Vec<Effect> = net.nodes[0].effects.drain(..).map(|(_, e)| e).collect();
     assert_eq!(effects, vec![Effect::SetNetworkUp(false)]);
     let c = net.nodes[0].engine.counters();
     assert_eq!(
@@ -420,8 +435,68 @@ fn link_changes_emit_the_reference_effects() {
             c.link_changes_minor,
             c.link_changes_down
         ),
-        (1, 1, 1)
+        (1, 1, 2)
     );
+}
+
+#[test]
+fn health_reports_are_kept_with_their_first_time_until_cleared() {
+    let mut net = Net::new(2, Duration::from_millis(5), |_, _| {});
+    net.configure_all(Knobs::default());
+    let status = |net: &mut Net| {
+        net.input(0, Input::StatusRequest).unwrap();
+        net.nodes[0].statuses.pop().expect("a status answer").1
+    };
+    assert!(status(&mut net).health.is_empty());
+    assert_eq!(status(&mut net).health_severity(), None);
+
+    let dns_failed = HealthReport::failed(
+        HealthSubsystem::Dns,
+        HealthSeverity::Error,
+        "/etc/resolv.conf: Read-only file system",
+    );
+    net.input(0, Input::Health(dns_failed.clone())).unwrap();
+    net.run_for(Duration::from_secs(3));
+    // The same problem again keeps its first time.
+    net.input(0, Input::Health(dns_failed.clone())).unwrap();
+    net.input(
+        0,
+        Input::Health(HealthReport::failed(
+            HealthSubsystem::Bird,
+            HealthSeverity::Warning,
+            "connection refused",
+        )),
+    )
+    .unwrap();
+    net.run_for(Duration::from_secs(2));
+    let s = status(&mut net);
+    assert_eq!(s.health_severity(), Some(HealthSeverity::Error));
+    let found: Vec<(HealthSubsystem, HealthSeverity, u64)> = s
+        .health
+        .iter()
+        .map(|h| (h.subsystem, h.problem.severity, h.since_ago.as_secs()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (HealthSubsystem::Dns, HealthSeverity::Error, 5),
+            (HealthSubsystem::Bird, HealthSeverity::Warning, 2),
+        ]
+    );
+    assert_eq!(
+        s.health[0].problem.reason,
+        "/etc/resolv.conf: Read-only file system"
+    );
+    assert_eq!(s.counters.health_problems_reported, 2);
+
+    net.input(0, Input::Health(HealthReport::ok(HealthSubsystem::Dns)))
+        .unwrap();
+    let s = status(&mut net);
+    assert_eq!(s.health.len(), 1);
+    assert_eq!(s.health_severity(), Some(HealthSeverity::Warning));
+    net.input(0, Input::Health(HealthReport::ok(HealthSubsystem::Bird)))
+        .unwrap();
+    assert!(status(&mut net).health.is_empty());
 }
 
 #[test]

@@ -268,6 +268,7 @@ fn render_status(status: &StatusView) -> String {
                 .unwrap_or_default()
         ));
     }
+    out.push_str(&render_health(&status.health));
     for p in &status.peers {
         let state = if p.configured {
             "active"
@@ -287,6 +288,22 @@ fn render_status(status: &StatusView) -> String {
             handshake,
             p.rx_bytes,
             p.tx_bytes
+        ));
+    }
+    out
+}
+
+/// The health section: one line, then one per current problem.
+fn render_health(health: &api::HealthView) -> String {
+    let mut out = format!("health: {}\n", health.state);
+    for p in &health.problems {
+        let since = match p.since_unix {
+            Some(unix) => format!("since unix time {unix} ({:.0}s ago)", p.since_secs_ago),
+            None => format!("for {:.0}s", p.since_secs_ago),
+        };
+        out.push_str(&format!(
+            "  {} {}: {} {since}\n",
+            p.subsystem, p.severity, p.reason
         ));
     }
     out

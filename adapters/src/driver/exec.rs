@@ -8,8 +8,8 @@ use std::time::Instant;
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, trace, warn};
 use wgmesh_core::{
-    CapturedPacket, Effect, Engine, Event, Input, InputOutcome, PingId, PingRequest, PingResult,
-    ReconfigOutcome, Status,
+    CapturedPacket, Effect, Engine, Event, HealthReport, HealthSeverity, HealthSubsystem, Input,
+    InputOutcome, PingId, PingRequest, PingResult, ReconfigOutcome, Status,
 };
 
 use super::handle::Control;
@@ -44,6 +44,9 @@ pub(super) struct Executor {
     pub(super) tun_errors: u32,
     /// I/O errors in a row on the socket.
     pub(super) socket_errors: u32,
+    /// Whether the TUN's queued writes were failing at the last look
+    /// ([`TunDevice::take_write_outcome`]).
+    tun_writes_failing: bool,
 }
 
 impl Executor {
@@ -62,6 +65,7 @@ impl Executor {
             flows: None,
             tun_errors: 0,
             socket_errors: 0,
+            tun_writes_failing: false,
         }
     }
 
@@ -150,6 +154,9 @@ impl Executor {
                 );
                 let _ = engine.handle_input(now, Input::LinkChange(change));
             }
+            Control::Health(report) => {
+                let _ = engine.handle_input(now, Input::Health(report));
+            }
             Control::SetPacketFilter(filter) => {
                 let _ = engine.handle_input(now, Input::SetPacketFilter(filter));
             }
@@ -193,10 +200,93 @@ impl Executor {
         None
     }
 
+    /// A TUN read or write failed: the first failure of a run is reported
+    /// to the engine's health (later ones of the same run are only counted,
+    /// so a failing device costs one report, not one per packet).
+    pub(super) fn tun_failed(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        what: &str,
+        error: &io::Error,
+    ) {
+        self.tun_errors += 1;
+        if self.tun_errors == 1 {
+            let report = HealthReport::failed(
+                HealthSubsystem::Tun,
+                HealthSeverity::Error,
+                format!("{what}: {error}"),
+            );
+            let _ = engine.handle_input(now, Input::Health(report));
+        }
+    }
+
+    /// A TUN read or write succeeded: a failing run ends and its health
+    /// problem is cleared.
+    pub(super) fn tun_recovered(&mut self, engine: &mut Engine, now: Instant) {
+        if self.tun_errors != 0 {
+            self.tun_errors = 0;
+            let _ = engine.handle_input(now, Input::Health(HealthReport::ok(HealthSubsystem::Tun)));
+        }
+    }
+
+    /// Turns the outcome of the TUN's queued writes into the engine's health
+    /// when it changes (failing or working again). Queued writes do not
+    /// count towards [`MAX_CONSECUTIVE_IO_ERRORS`]: a TUN that is down
+    /// while peers send is a state to show, not a reason to stop.
+    pub(super) fn tun_write_outcome(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        outcome: Result<(), String>,
+    ) {
+        let report = match outcome {
+            Ok(()) if self.tun_writes_failing => HealthReport::ok(HealthSubsystem::Tun),
+            Err(reason) if !self.tun_writes_failing => {
+                warn!(%reason, "TUN writes failing");
+                HealthReport::failed(HealthSubsystem::Tun, HealthSeverity::Error, reason)
+            }
+            Ok(()) | Err(_) => return,
+        };
+        self.tun_writes_failing = report.problem.is_some();
+        let _ = engine.handle_input(now, Input::Health(report));
+    }
+
+    /// A socket receive failed (see [`Executor::tun_failed`]).
+    pub(super) fn socket_failed(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        what: &str,
+        error: &io::Error,
+    ) {
+        self.socket_errors += 1;
+        if self.socket_errors == 1 {
+            let report = HealthReport::failed(
+                HealthSubsystem::Socket,
+                HealthSeverity::Error,
+                format!("{what}: {error}"),
+            );
+            let _ = engine.handle_input(now, Input::Health(report));
+        }
+    }
+
+    /// A socket receive succeeded (see [`Executor::tun_recovered`]).
+    pub(super) fn socket_recovered(&mut self, engine: &mut Engine, now: Instant) {
+        if self.socket_errors != 0 {
+            self.socket_errors = 0;
+            let _ = engine.handle_input(
+                now,
+                Input::Health(HealthReport::ok(HealthSubsystem::Socket)),
+            );
+        }
+    }
+
     /// Executes every pending output of the engine.
     pub(super) async fn drain<T: TunDevice, S: DatagramSocket, E: EffectSink>(
         &mut self,
         engine: &mut Engine,
+        now: Instant,
         tun: &mut T,
         socket: &mut S,
         sink: &mut E,
@@ -215,13 +305,13 @@ impl Executor {
                     trace!(len = packet.len(), "TUN packet out");
                     match tun.send(&packet).await {
                         Ok(()) => {
-                            self.tun_errors = 0;
+                            self.tun_recovered(engine, now);
                             if let Some(flows) = self.flows.as_mut() {
                                 flows.add(false, &packet);
                             }
                         }
                         Err(e) => {
-                            self.tun_errors += 1;
+                            self.tun_failed(engine, now, "TUN write", &e);
                             debug!(error = %e, "TUN write failed");
                             if self.tun_errors >= MAX_CONSECUTIVE_IO_ERRORS {
                                 return Err(DriverError::Tun(e));
@@ -231,7 +321,9 @@ impl Executor {
                     engine.recycle(packet);
                 }
                 Output::Effect(effect) => {
-                    self.socket_effect(socket, &effect).await;
+                    if let Some(report) = self.socket_effect(socket, &effect).await {
+                        let _ = engine.handle_input(now, Input::Health(report));
+                    }
                     sink.apply(effect);
                 }
                 Output::Event(event) => {
@@ -266,25 +358,34 @@ impl Executor {
 
     /// The effects that concern the socket the loop owns; the others are
     /// the OS manager's (every effect goes on to the sink after this).
-    async fn socket_effect<S: DatagramSocket>(&mut self, socket: &mut S, effect: &Effect) {
-        match effect {
+    /// Returns how the socket fared, for the engine's health.
+    async fn socket_effect<S: DatagramSocket>(
+        &mut self,
+        socket: &mut S,
+        effect: &Effect,
+    ) -> Option<HealthReport> {
+        let outcome = match effect {
             // A link change: the socket is bound to the wildcard address, so
             // it keeps working on the new links; keeping it (same port)
             // leaves no gap in which another process could take the port.
             Effect::Rebind => {
                 let current = socket.local_addr().map(|a| a.port()).unwrap_or(0);
-                rebind(socket, current).await;
+                rebind(socket, current).await
             }
             // 0 asks for a random port (`listen_port = 0` over UAPI, or
             // `randomize_client_port`).
             Effect::SetListenPort(port) => rebind(socket, *port).await,
             Effect::SetPathMtuDiscovery(on) => match socket.set_path_mtu_discovery(*on) {
-                Ok(()) => info!(
-                    path_mtu_discovery = on,
-                    "path-MTU discovery set on the socket"
-                ),
+                Ok(()) => {
+                    info!(
+                        path_mtu_discovery = on,
+                        "path-MTU discovery set on the socket"
+                    );
+                    Ok(())
+                }
                 Err(e) => {
-                    warn!(path_mtu_discovery = on, error = %e, "could not set path-MTU discovery")
+                    warn!(path_mtu_discovery = on, error = %e, "could not set path-MTU discovery");
+                    Err(format!("path-MTU discovery {on}: {e}"))
                 }
             },
             Effect::ApplyRouter(_)
@@ -293,12 +394,23 @@ impl Executor {
             | Effect::ReDiscoverEndpoints { .. }
             | Effect::SetNetworkUp(_)
             | Effect::SetBirdProtocol { .. }
-            | Effect::SetDnsViaTunnel(_) => {}
+            | Effect::SetDnsViaTunnel(_) => return None,
             // `Effect` is `#[non_exhaustive]` in core, so the compiler
             // demands this arm; every variant core has today is named
             // above, and one added later is reported here, not dropped.
-            other => warn!(effect = ?other, "effect unknown to the driver"),
-        }
+            other => {
+                warn!(effect = ?other, "effect unknown to the driver");
+                return None;
+            }
+        };
+        // The old socket is kept when a change fails, so traffic still
+        // flows: a warning, not an error.
+        Some(match outcome {
+            Ok(()) => HealthReport::ok(HealthSubsystem::Socket),
+            Err(reason) => {
+                HealthReport::failed(HealthSubsystem::Socket, HealthSeverity::Warning, reason)
+            }
+        })
     }
 
     /// Sets the firewall mark of the socket (UAPI `fwmark=`).
@@ -310,8 +422,9 @@ impl Executor {
 }
 
 /// Moves the socket to `port` (0: random), logging the outcome; a failure
-/// keeps the old socket (see [`DatagramSocket::rebind`]).
-async fn rebind<S: DatagramSocket>(socket: &mut S, port: u16) {
+/// keeps the old socket (see [`DatagramSocket::rebind`]) and is returned as
+/// a reason for the engine's health.
+async fn rebind<S: DatagramSocket>(socket: &mut S, port: u16) -> Result<(), String> {
     let before = socket.local_addr().map(|a| a.port()).unwrap_or(0);
     match socket.rebind(port).await {
         Ok(()) => {
@@ -324,9 +437,13 @@ async fn rebind<S: DatagramSocket>(socket: &mut S, port: u16) {
                     before, bound, "socket moved to a new port"
                 );
             }
+            Ok(())
         }
         Err(e) => {
-            warn!(requested = port, kept = before, error = %e, "rebind failed; keeping the old socket")
+            warn!(requested = port, kept = before, error = %e, "rebind failed; keeping the old socket");
+            Err(format!(
+                "rebind to port {port} failed (kept port {before}): {e}"
+            ))
         }
     }
 }

@@ -5,7 +5,8 @@ use std::net::IpAddr;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use wgmesh_core::{
-    CapturedPacket, Engine, Event, InputError, LinkChange, PacketFilter, PeerDelta, PingKind,
+    CapturedPacket, Engine, Event, HealthReport, InputError, LinkChange, PacketFilter, PeerDelta,
+    PingKind,
     PingResult, Reconfig, ReconfigOutcome, Status,
 };
 
@@ -47,6 +48,9 @@ pub enum Control {
     },
     /// The link monitor saw a change.
     LinkChange(LinkChange),
+    /// How an OS subsystem fared (the OS manager applying an effect): kept
+    /// in the engine's status.
+    Health(HealthReport),
     /// Replace the inbound packet filter.
     SetPacketFilter(PacketFilter),
     /// Turn the plaintext capture hook on or off; packets go to
@@ -99,6 +103,7 @@ impl std::fmt::Debug for Control {
             Control::Ping { ip, kind, size, .. } => write!(f, "Ping({ip}, {kind:?}, {size})"),
             Control::Status { .. } => f.write_str("Status"),
             Control::LinkChange(change) => write!(f, "LinkChange({change:?})"),
+            Control::Health(report) => write!(f, "Health({report:?})"),
             Control::SetPacketFilter(_) => f.write_str("SetPacketFilter"),
             Control::SetCapture(on) => write!(f, "SetCapture({on})"),
             Control::SetFlowLog(on) => write!(f, "SetFlowLog({on})"),
@@ -211,6 +216,14 @@ impl DriverHandle {
         self.send(Control::LinkChange(change)).await
     }
 
+    /// A reporter of health that does not keep the loop alive (see
+    /// [`HealthReporter`]).
+    pub fn health_reporter(&self) -> HealthReporter {
+        HealthReporter {
+            control: self.control.downgrade(),
+        }
+    }
+
     /// Closes the engine and waits until its last outputs were executed.
     pub async fn close(&self) -> Result<(), RequestError> {
         let (reply, rx) = oneshot::channel();
@@ -247,5 +260,23 @@ impl DriverHandle {
     /// [`Control::SetCapture`]).
     pub fn subscribe_capture(&self) -> broadcast::Receiver<CapturedPacket> {
         self.capture.subscribe()
+    }
+}
+
+/// Sends [`Control::Health`] reports to the loop without keeping it alive:
+/// the OS manager holds one, and the loop still ends when every
+/// [`DriverHandle`] is dropped (the OS manager in turn ends when the loop
+/// drops its effect sink).
+#[derive(Debug, Clone)]
+pub struct HealthReporter {
+    control: mpsc::WeakSender<Control>,
+}
+
+impl HealthReporter {
+    /// Reports; does nothing once the loop has ended.
+    pub async fn report(&self, report: HealthReport) {
+        if let Some(control) = self.control.upgrade() {
+            let _ = control.send(Control::Health(report)).await;
+        }
     }
 }

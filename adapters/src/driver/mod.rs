@@ -50,7 +50,7 @@ pub mod ports;
 pub mod run;
 
 pub use exec::DriverError;
-pub use handle::{Control, DriverHandle, RequestError};
+pub use handle::{Control, DriverHandle, HealthReporter, RequestError};
 pub use mem::{MemTun, MemTunOs};
 pub use ports::{Clock, DatagramSocket, EffectSink, LogEffects, TokioClock, TunDevice};
 pub use run::{Driver, DriverExit, DriverOptions, run_driver};

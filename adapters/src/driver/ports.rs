@@ -50,6 +50,16 @@ pub trait TunDevice: Send + 'static {
     /// a ping or an ACK behind a bulk transfer in the other direction.
     /// Devices that write every packet at once keep this default.
     fn flush(&mut self) {}
+    /// How the writes that finished out of the loop's sight (queued by
+    /// [`TunDevice::send`], written by a flush or a writer thread) went
+    /// since the last call: `Some(Err(reason))` when any failed (the last
+    /// reason), `Some(Ok(()))` when some succeeded and none failed, `None`
+    /// when none finished. The loop turns a change into the engine's
+    /// health. Devices whose `send` returns each write's result keep this
+    /// default.
+    fn take_write_outcome(&mut self) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// A UDP socket. `recv_from` must be cancel-safe, like [`TunDevice::recv`].

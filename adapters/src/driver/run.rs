@@ -191,7 +191,7 @@ where
                     engine.handle_timeout(now);
                 }
                 Step::Datagram(Ok(first)) => {
-                    exec.socket_errors = 0;
+                    exec.socket_recovered(&mut engine, now);
                     // This datagram and the rest of the socket's in-memory
                     // batch, up to a bound so the TUN side, timers and
                     // control messages wait at most one short burst.
@@ -203,7 +203,7 @@ where
                             data: &udp_buf[..len],
                         };
                         let _ = engine.handle_input(now, input);
-                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                        exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                             .await?;
                         if taken == MAX_BURST {
                             break;
@@ -215,14 +215,14 @@ where
                     }
                 }
                 Step::Datagram(Err(e)) => {
-                    exec.socket_errors += 1;
+                    exec.socket_failed(&mut engine, now, "UDP receive", &e);
                     debug!(error = %e, "UDP receive failed");
                     if exec.socket_errors >= MAX_CONSECUTIVE_IO_ERRORS {
                         return Err(DriverError::Socket(e));
                     }
                 }
                 Step::Tun(Ok(first)) => {
-                    exec.tun_errors = 0;
+                    exec.tun_recovered(&mut engine, now);
                     // This packet and the rest of the TUN's in-memory batch
                     // (the segments of one offloaded read), bounded as for
                     // datagrams.
@@ -234,7 +234,7 @@ where
                             flows.add(true, packet);
                         }
                         let _ = engine.handle_input(now, Input::TunPacket(packet));
-                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                        exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                             .await?;
                         if taken == MAX_BURST {
                             break;
@@ -246,7 +246,7 @@ where
                     }
                 }
                 Step::Tun(Err(e)) => {
-                    exec.tun_errors += 1;
+                    exec.tun_failed(&mut engine, now, "TUN read", &e);
                     debug!(error = %e, "TUN read failed");
                     if exec.tun_errors >= MAX_CONSECUTIVE_IO_ERRORS {
                         return Err(DriverError::Tun(e));
@@ -255,20 +255,23 @@ where
                 Step::Control(None) => {
                     info!("every driver handle dropped; closing the engine");
                     let _ = engine.handle_input(now, Input::Close);
-                    exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                    exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                         .await?;
                     return Ok(DriverExit::HandlesDropped);
                 }
                 Step::Control(Some(control)) => {
                     if let Some(reply) = exec.control(&mut engine, &mut socket, now, control) {
-                        exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                        exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                             .await?;
                         let _ = reply.send(());
                         return Ok(DriverExit::Closed);
                     }
                 }
             }
-            exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+            if let Some(outcome) = tun.take_write_outcome() {
+                exec.tun_write_outcome(&mut engine, now, outcome);
+            }
+            exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                 .await?;
         }
     }

@@ -150,6 +150,13 @@ impl TunDevice for DataTun {
             Self::Fast(tun) => tun.flush(),
         }
     }
+
+    fn take_write_outcome(&mut self) -> Option<Result<(), String>> {
+        match self {
+            Self::Plain(tun) => tun.take_write_outcome(),
+            Self::Fast(tun) => tun.take_write_outcome(),
+        }
+    }
 }
 
 /// The daemon's UDP socket: the plain one or the batched one (which shares

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
-use super::tun_write::{MAX_IP_PACKET, TunBatch, TunWriter, write_tun};
+use super::tun_write::{MAX_IP_PACKET, TunBatch, TunWriter, WriteOutcome, write_tun};
 use super::udp_send::SendQueue;
 
 /// What a [`FastTun`](super::FastTun) and its [`FastUdp`](super::FastUdp)
 /// share: the TUN (written by the TUN queue's flush) and the queued output.
 pub(crate) struct Shared {
     pub(crate) tun: Arc<tun_rs::AsyncDevice>,
+    /// How the TUN writes went, wherever they ran.
+    pub(crate) write_outcome: Arc<WriteOutcome>,
     out: Mutex<Outbox>,
     /// Packets queued for the TUN before a flush is forced
     /// ([`TUN_FLUSH_PACKETS`](super::options::TUN_FLUSH_PACKETS) unless `WGMESH_FASTPATH_TUN_BATCH` says).
@@ -40,10 +42,12 @@ impl Shared {
     pub(crate) fn new(
         tun: Arc<tun_rs::AsyncDevice>,
         tun_writer: Option<TunWriter>,
+        write_outcome: Arc<WriteOutcome>,
         tun_flush_packets: usize,
     ) -> Self {
         Self {
             tun,
+            write_outcome,
             out: Mutex::new(Outbox {
                 tun: TunBatch {
                     bufs: Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE),
@@ -96,7 +100,10 @@ impl Shared {
                 );
                 out.tun = writer.submit(full);
             }
-            None => write_tun(&self.tun, &mut out.gro, &mut out.tun),
+            None => {
+                let out = &mut *out;
+                write_tun(&self.tun, &self.write_outcome, &mut out.gro, &mut out.tun)
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use super::fq::FairQueue;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
-use super::tun_write::{MAX_IP_PACKET, TunWriter};
+use super::tun_write::{MAX_IP_PACKET, TunWriter, WriteOutcome};
 use crate::driver::ports::TunDevice;
 
 /// A TUN device that reads and writes in batches (see the module docs).
@@ -113,14 +113,16 @@ impl FastTun {
         }
         let tun = Arc::new(builder.build_async()?);
         let name = tun.name()?;
+        let write_outcome = Arc::new(WriteOutcome::default());
         let tun_writer = if options.writer_threads {
-            Some(TunWriter::spawn(tun.clone())?)
+            Some(TunWriter::spawn(tun.clone(), write_outcome.clone())?)
         } else {
             None
         };
         let shared = Arc::new(Shared::new(
             tun,
             tun_writer,
+            write_outcome,
             options.tun_flush_packets.clamp(1, IDEAL_BATCH_SIZE),
         ));
         let queue = (options.fair_queue_reads > 0)
@@ -314,6 +316,10 @@ impl TunDevice for FastTun {
 
     fn flush(&mut self) {
         self.shared.flush_tun_queue();
+    }
+
+    fn take_write_outcome(&mut self) -> Option<Result<(), String>> {
+        self.shared.write_outcome.take()
     }
 
     fn recv_buffered(&mut self, buf: &mut [u8]) -> Option<usize> {

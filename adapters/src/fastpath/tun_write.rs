@@ -12,8 +12,9 @@
 //! behind, the loop waits for it (backpressure instead of an unbounded
 //! queue).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use tracing::{debug, warn};
@@ -30,6 +31,51 @@ pub(crate) struct TunBatch {
     pub(crate) len: usize,
 }
 
+/// How the TUN writes went since the loop last asked
+/// ([`crate::driver::TunDevice::take_write_outcome`]): written by whoever
+/// writes (the loop's thread or the writer thread), taken by the loop.
+/// A success costs one atomic store; only a failure takes the lock.
+#[derive(Debug, Default)]
+pub(crate) struct WriteOutcome {
+    /// [`NOTHING`], [`SUCCEEDED`] or [`FAILED`].
+    state: AtomicU8,
+    /// The last failure's reason.
+    last_error: Mutex<Option<String>>,
+}
+
+const NOTHING: u8 = 0;
+const SUCCEEDED: u8 = 1;
+const FAILED: u8 = 2;
+
+impl WriteOutcome {
+    fn succeeded(&self) {
+        // A failure since the last take is not overwritten by a success.
+        let _ =
+            self.state
+                .compare_exchange(NOTHING, SUCCEEDED, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn failed(&self, error: &std::io::Error) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(format!("TUN write: {error}"));
+        self.state.store(FAILED, Ordering::Release);
+    }
+
+    /// What happened since the last take.
+    pub(crate) fn take(&self) -> Option<Result<(), String>> {
+        match self.state.swap(NOTHING, Ordering::Acquire) {
+            SUCCEEDED => Some(Ok(())),
+            FAILED => Some(Err(self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| "TUN write failed".to_owned()))),
+            _ => None,
+        }
+    }
+}
+
 /// The loop's end of the TUN writer thread.
 pub(crate) struct TunWriter {
     tx: SyncSender<TunBatch>,
@@ -38,7 +84,10 @@ pub(crate) struct TunWriter {
 
 impl TunWriter {
     /// Starts the thread; it ends when this end is dropped.
-    pub(crate) fn spawn(device: Arc<tun_rs::AsyncDevice>) -> std::io::Result<Self> {
+    pub(crate) fn spawn(
+        device: Arc<tun_rs::AsyncDevice>,
+        outcome: Arc<WriteOutcome>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<TunBatch>(WRITER_DEPTH);
         let (back_tx, back) = sync_channel::<TunBatch>(WRITER_DEPTH + 2);
         thread::Builder::new()
@@ -46,7 +95,7 @@ impl TunWriter {
             .spawn(move || {
                 let mut gro = GROTable::new();
                 while let Ok(mut batch) = rx.recv() {
-                    write_tun(&device, &mut gro, &mut batch);
+                    write_tun(&device, &outcome, &mut gro, &mut batch);
                     let _ = back_tx.try_send(batch);
                 }
             })?;
@@ -71,13 +120,42 @@ impl TunWriter {
 
 /// Writes a batch with GRO coalescing (synchronous; TUN writes do not
 /// block, a full device queue drops as the kernel does).
-pub(crate) fn write_tun(device: &tun_rs::AsyncDevice, gro: &mut GROTable, batch: &mut TunBatch) {
+pub(crate) fn write_tun(
+    device: &tun_rs::AsyncDevice,
+    outcome: &WriteOutcome,
+    gro: &mut GROTable,
+    batch: &mut TunBatch,
+) {
     if batch.len > 0 {
         let device: &tun_rs::DeviceImpl = device;
-        if let Err(e) = device.send_multiple(gro, &mut batch.bufs[..batch.len], VIRTIO_NET_HDR_LEN)
-        {
-            debug!(error = %e, "TUN batch write failed");
+        match device.send_multiple(gro, &mut batch.bufs[..batch.len], VIRTIO_NET_HDR_LEN) {
+            Ok(_) => outcome.succeeded(),
+            Err(e) => {
+                debug!(error = %e, "TUN batch write failed");
+                outcome.failed(&e);
+            }
         }
     }
     batch.len = 0;
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_since_the_last_take_wins_over_later_successes() {
+        let outcome = WriteOutcome::default();
+        assert_eq!(outcome.take(), None, "nothing written");
+        outcome.succeeded();
+        assert_eq!(outcome.take(), Some(Ok(())));
+        assert_eq!(outcome.take(), None, "taken");
+        outcome.failed(&std::io::Error::from_raw_os_error(libc::EIO));
+        outcome.succeeded();
+        let taken = outcome.take().expect("an outcome");
+        let reason = taken.expect_err("the failure is kept");
+        assert!(reason.starts_with("TUN write: "), "{reason}");
+        outcome.succeeded();
+        assert_eq!(outcome.take(), Some(Ok(())), "working again");
+    }
 }

@@ -19,7 +19,13 @@ impl Engine {
         self.network_up = change.any_link_up;
         if !change.any_link_up {
             self.counters.link_changes_down += 1;
-            info!("all links down; pausing disco");
+            // What the OS resolver cached was learnt over links that are
+            // gone (the reference flushes on the same transition).
+            if was_up {
+                info!("all links down; pausing disco and flushing DNS caches");
+                self.outputs
+                    .push_back(Output::Effect(Effect::FlushDnsCaches));
+            }
             return;
         }
         if !was_up && !change.major {
@@ -53,6 +59,33 @@ impl Engine {
                 .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
                     reason: "link-change-minor",
                 }));
+        }
+    }
+
+    /// Keeps the reported problem of a subsystem, or clears it. A report
+    /// repeating the current problem keeps its first time, so status says
+    /// since when the subsystem has been failing.
+    pub(super) fn record_health(&mut self, now: Instant, report: HealthReport) {
+        let subsystem = report.subsystem;
+        match report.problem {
+            None => {
+                if self.health.remove(&subsystem).is_some() {
+                    info!(subsystem = subsystem.as_str(), "health problem cleared");
+                }
+            }
+            Some(problem) => {
+                if self.health.get(&subsystem).map(|(p, _)| p) == Some(&problem) {
+                    return;
+                }
+                self.counters.health_problems_reported += 1;
+                info!(
+                    subsystem = subsystem.as_str(),
+                    severity = problem.severity.as_str(),
+                    reason = %problem.reason,
+                    "health problem"
+                );
+                self.health.insert(subsystem, (problem, now));
+            }
         }
     }
 
@@ -93,6 +126,15 @@ impl Engine {
             configured_peers: self.configured_count,
             full_config_peers: self.peers.len(),
             counters: self.counters.clone(),
+            health: self
+                .health
+                .iter()
+                .map(|(&subsystem, (problem, since))| HealthIssue {
+                    subsystem,
+                    problem: problem.clone(),
+                    since_ago: self.now.saturating_duration_since(*since),
+                })
+                .collect(),
         }
     }
 

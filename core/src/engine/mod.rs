@@ -136,6 +136,9 @@ pub struct Engine {
     /// message is sent then.
     network_up: bool,
     closed: bool,
+    /// The current problem of every subsystem the adapters reported one
+    /// for ([`Input::Health`]), with when it was first reported.
+    health: BTreeMap<HealthSubsystem, (HealthProblem, Instant)>,
 
     timers: TimerQueue,
     outputs: VecDeque<Output>,
@@ -190,6 +193,7 @@ impl Engine {
             capture: false,
             network_up: true,
             closed: false,
+            health: BTreeMap::new(),
             timers: TimerQueue::default(),
             outputs: VecDeque::new(),
             buffers: Buffers::new(),
@@ -335,7 +339,8 @@ impl Engine {
                 | Input::Ping(_)
                 | Input::StatusRequest
                 | Input::SetPacketFilter(_)
-                | Input::SetCapture(_) => return Err(InputError::Closed),
+                | Input::SetCapture(_)
+                | Input::Health(_) => return Err(InputError::Closed),
             }
         }
         match input {
@@ -363,6 +368,7 @@ impl Engine {
             }
             Input::SetPacketFilter(filter) => self.filter = filter,
             Input::SetCapture(on) => self.capture = on,
+            Input::Health(report) => self.record_health(now, report),
             Input::Close => self.close(),
         }
         Ok(InputOutcome::Done)
