@@ -111,6 +111,9 @@ pub struct ConfigFile {
     /// The optional flow log.
     #[serde(default)]
     pub flowlog: FlowLogSection,
+    /// `[exit_node]`.
+    #[serde(default)]
+    pub exit_node: ExitNodeSection,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
@@ -296,6 +299,31 @@ pub struct FlowLogSection {
     pub path: Option<PathBuf>,
     /// Seconds between writes (default 10).
     pub interval_secs: Option<u64>,
+}
+
+/// `[exit_node]`: send everything outside the tailnet through a peer, or
+/// be the peer others send it through.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitNodeSection {
+    /// The name of the `[[peer]]` used as exit node: `0.0.0.0/0` and `::/0`
+    /// join its AllowedIPs, and the default routes go through the tunnel
+    /// in a table of their own behind policy rules, while the tunnel's own
+    /// datagrams (marked) keep the main table.
+    pub peer: Option<String>,
+    /// Offer this node as an exit node: `0.0.0.0/0` and `::/0` join the
+    /// advertised routes, and while they are advertised the kernel forwards
+    /// and nftables masquerades what comes in through the tunnel.
+    #[serde(default)]
+    pub advertise: bool,
+}
+
+/// The default routes an exit node carries.
+pub fn default_routes() -> [IpNet; 2] {
+    [
+        IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
 }
 
 /// One `[[peer]]`. Its `Debug` output redacts the pre-shared key, which is
@@ -517,6 +545,21 @@ impl DaemonConfig {
             }
         }
         self.check_magicdns()?;
+        if let Some(exit) = &self.file.exit_node.peer {
+            if !self.file.peers.iter().any(|p| &p.name == exit) {
+                return Err((
+                    None,
+                    format!("exit_node.peer: no [[peer]] is named {exit:?}"),
+                ));
+            }
+            if self.file.exit_node.advertise {
+                return Err((
+                    None,
+                    "exit_node: a node cannot use an exit node and be one (peer and advertise)"
+                        .into(),
+                ));
+            }
+        }
         let disco = DiscoPrivateKey::from_bytes([7; 32]);
         let mut engine = Engine::new(
             EngineConfig::new(self.private_key.clone(), disco),
@@ -695,14 +738,34 @@ impl DaemonConfig {
                 public_key: *p.public_key.get_ref(),
                 disco_key: p.disco_key,
                 name: p.name.clone(),
-                allowed_ips: p.allowed_ips.clone(),
+                allowed_ips: {
+                    let mut allowed = p.allowed_ips.clone();
+                    if self.file.exit_node.peer.as_ref() == Some(&p.name) {
+                        for route in default_routes() {
+                            if !allowed.contains(&route) {
+                                allowed.push(route);
+                            }
+                        }
+                    }
+                    allowed
+                },
                 endpoints: p.endpoints.clone(),
                 persistent_keepalive_secs: p.persistent_keepalive,
                 preshared_key: p.preshared_key,
             })
             .collect();
         let routes = match &i.routes {
-            Some(routes) => routes.clone(),
+            Some(routes) => {
+                let mut routes = routes.clone();
+                if self.file.exit_node.peer.is_some() {
+                    for route in default_routes() {
+                        if !routes.contains(&route) {
+                            routes.push(route);
+                        }
+                    }
+                }
+                routes
+            }
             None => {
                 let mut all: Vec<IpNet> = peers
                     .iter()
@@ -722,7 +785,17 @@ impl DaemonConfig {
             router: Some(RouterConfig {
                 local_addrs: i.addresses.clone(),
                 routes,
-                advertised_routes: i.advertised_routes.clone(),
+                advertised_routes: {
+                    let mut advertised = i.advertised_routes.clone();
+                    if self.file.exit_node.advertise {
+                        for route in default_routes() {
+                            if !advertised.contains(&route) {
+                                advertised.push(route);
+                            }
+                        }
+                    }
+                    advertised
+                },
                 mtu: *i.mtu.get_ref(),
             }),
             dns: Some(self.dns_config()),

@@ -34,6 +34,7 @@ pub mod daemon;
 pub mod desired;
 pub mod dns;
 pub mod driver;
+pub mod exitnode;
 pub mod fastpath;
 pub mod flowlog;
 pub mod linkmon;

@@ -338,6 +338,16 @@ tcp_one_way() { # from-ns to-ns to-addr port
     wait "$server" || return 1
     [ "$(cut -d' ' -f1 "$TMP/got")" = "$(sha256sum <"$TMP/blob" | cut -d' ' -f1)" ] || return 1
 }
+stop_namespace_processes() { # ns: TERM, then KILL, every process of this suite's namespace
+    # (boringtun-cli leaves a child behind the PID it was started as).
+    local ns=$1 pids
+    pids=$(ip netns pids "$ns")
+    [ -n "$pids" ] || return 0
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 50); do [ -z "$(ip netns pids "$ns")" ] && return 0; sleep 0.1; done
+    kill -KILL $(ip netns pids "$ns") 2>/dev/null || true
+    for _ in $(seq 50); do [ -z "$(ip netns pids "$ns")" ] && return 0; sleep 0.1; done
+}
 interop_with() { # command running interface wgd15G in the foreground
     local pid
     rm -f /var/run/wireguard/wgd15G.sock
@@ -345,6 +355,7 @@ interop_with() { # command running interface wgd15G in the foreground
     pid=$!
     PIDS+=("$pid")
     for _ in $(seq 100); do [ -S /var/run/wireguard/wgd15G.sock ] && break; sleep 0.1; done
+    [ -S /var/run/wireguard/wgd15G.sock ] || { echo "no UAPI socket"; cat "$TMP/interop.log"; return 1; }
     echo "$KEY_C" >"$TMP/key-c"
     in_c wg set wgd15G private-key "$TMP/key-c" listen-port 51820 \
         peer "$PUB_A" endpoint 10.78.0.1:51820 allowed-ips 100.64.1.1/32 || return 1
@@ -358,8 +369,7 @@ interop_with() { # command running interface wgd15G in the foreground
     tcp_one_way "$NS_A" "$NS_C" 100.64.1.3 5301 || { echo "A to C failed"; return 1; }
     tcp_one_way "$NS_C" "$NS_A" 100.64.1.1 5302 || { echo "C to A failed"; return 1; }
     api a status | grep -E "node-g .* handshake [0-9]+s ago" >/dev/null || return 1
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    stop_namespace_processes "$NS_C"
     for _ in $(seq 50); do in_c ip link show wgd15G >/dev/null 2>&1 || break; sleep 0.1; done
     # A still holds a session with the process that just ended; the next
     # check's handshake from C replaces it.
@@ -391,6 +401,126 @@ else
     else
         skip "interop with boringtun-cli" "not installed; set BORINGTUN_CLI"
     fi
+fi
+
+# --- Exit node ----------------------------------------------------------------
+# C becomes a wgmeshd that advertises itself as exit node, with a second
+# link to wgm-d15-net (203.0.113.0/24), a namespace standing for the
+# internet that only C reaches. A is reloaded with `[exit_node] peer =
+# "node-g"` (C's key): what A sends outside the tailnet leaves through C,
+# masqueraded behind C's 203.0.113.1, and the tunnel keeps working.
+ip netns add "$NS_NET"
+ip -n "$NS_NET" link set lo up
+ip link add veth-cn netns "$NS_C" type veth peer name veth-nc netns "$NS_NET"
+ip -n "$NS_C" addr add 203.0.113.1/24 dev veth-cn
+ip -n "$NS_C" link set veth-cn up
+ip -n "$NS_NET" addr add 203.0.113.2/24 dev veth-nc
+ip -n "$NS_NET" link set veth-nc up
+cat >"$TMP/c.toml" <<CONF
+[interface]
+name = "wgd15C"
+private_key = "$KEY_C"
+listen_port = 51820
+addresses = ["100.64.1.3/32"]
+mtu = 1280
+
+[dns]
+mode = "off"
+
+[exit_node]
+advertise = true
+
+[[peer]]
+name = "node-a"
+public_key = "$PUB_A"
+endpoints = ["10.78.0.1:51820"]
+allowed_ips = ["100.64.1.1/32"]
+CONF
+cp "$TMP/a.toml" "$TMP/a-plain.toml"
+printf '\n[exit_node]\npeer = "node-g"\n' >>"$TMP/a.toml"
+
+have_nft() { command -v nft >/dev/null; }
+udp_source_seen_by_net() { # prints the source address a datagram from A reaches the "internet" with
+    rm -f "$TMP/udp-src"
+    ip netns exec "$NS_NET" timeout 10 /usr/bin/python3 -c "
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('203.0.113.2', 7000)); s.settimeout(8)
+open(sys.argv[2], 'w').write('ready')
+data, addr = s.recvfrom(100); open(sys.argv[1], 'w').write(addr[0])" "$TMP/udp-src" "$TMP/udp-ready" &
+    local server=$!
+    for _ in $(seq 100); do [ -e "$TMP/udp-ready" ] && break; sleep 0.05; done
+    rm -f "$TMP/udp-ready"
+    for _ in $(seq 5); do
+        in_a /usr/bin/python3 -c "
+import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('203.0.113.2', 7000))" 2>/dev/null || true
+        [ -s "$TMP/udp-src" ] && break
+        sleep 0.3
+    done
+    wait "$server" 2>/dev/null || true
+    cat "$TMP/udp-src" 2>/dev/null
+}
+
+exit_node_routes_the_internet() {
+    start "$NS_C" c || return 1
+    # Without an exit node the "internet" is unreachable from A.
+    if in_a ping -c 1 -W 1 203.0.113.2 >/dev/null 2>&1; then echo "reachable before"; return 1; fi
+    in_c sysctl -n net.ipv4.ip_forward | grep 1 >/dev/null || return 1
+    in_c nft list table inet wgmesh-wgd15C | grep "masquerade" >/dev/null || return 1
+    api c status | grep "^health: ok$" >/dev/null || { api c status; return 1; }
+    api a reload || return 1
+    # C speaks first, so A drops the session of the wireguard-go it replaced.
+    in_c ping -c 2 -i 0.2 -W 2 100.64.1.1 || return 1
+    wait_for 30 in_a ping -c 1 -W 1 203.0.113.2 || return 1
+    in_a ping -c 3 -i 0.2 -W 2 203.0.113.2 || return 1
+    [ "$(udp_source_seen_by_net)" = 203.0.113.1 ] || { echo "not masqueraded behind the exit node"; return 1; }
+    api a status | tee "$TMP/status-a"
+    grep "^exit node: node-g" "$TMP/status-a" >/dev/null || return 1
+    grep "^health: ok$" "$TMP/status-a" >/dev/null || return 1
+    # The policy routing: marked datagrams keep the main table, the rest
+    # goes to table 52, whose default route is the tunnel.
+    in_a ip rule show | tee "$TMP/rules"
+    grep -E "^5210:.*fwmark 0x80000/0xff0000 lookup main" "$TMP/rules" >/dev/null || return 1
+    grep -E "^5230:.*lookup main suppress_prefixlength 0" "$TMP/rules" >/dev/null || return 1
+    grep -E "^5270:.*lookup 52" "$TMP/rules" >/dev/null || return 1
+    in_a ip route show table 52 | grep "default dev wgd15A" >/dev/null || return 1
+    in_a ip -6 route show table 52 | grep "default dev wgd15A" >/dev/null || return 1
+    in_a wg show wgd15A fwmark | grep 0x80000 >/dev/null || return 1
+    # The tunnel itself keeps working: B through the tunnel, and C's
+    # handshake endpoint through the main table.
+    in_a ping -c 2 -i 0.2 -W 2 100.64.1.2 || return 1
+    in_a ping -c 2 -i 0.2 -W 2 100.64.1.3 || return 1
+    in_a ip route get 10.78.0.3 mark 0x80000 | grep "dev veth-a" >/dev/null || return 1
+}
+exit_node_torn_down() {
+    # A stops using the exit node: rules, table and mark go.
+    cp "$TMP/a-plain.toml" "$TMP/a.toml" || return 1
+    api a reload || return 1
+    wait_for 30 sh -c "! ip netns exec '$NS_A' ip rule show | grep -q 'lookup 52'" || return 1
+    [ -z "$(in_a ip route show table 52 2>/dev/null)" ] || return 1
+    [ -z "$(in_a ip -6 route show table 52 2>/dev/null)" ] || return 1
+    ! api a status | grep "^exit node" >/dev/null || return 1
+    in_a wg show wgd15A fwmark | grep -v 0x80000 >/dev/null || return 1
+    if in_a ping -c 1 -W 1 203.0.113.2 >/dev/null 2>&1; then echo "still routed"; return 1; fi
+    in_a ping -c 2 -i 0.2 -W 2 100.64.1.3 || return 1
+    # C stops: its nftables table goes and forwarding is off again.
+    kill -TERM "${PID[c]}" || return 1
+    for _ in $(seq 100); do kill -0 "${PID[c]}" 2>/dev/null || break; sleep 0.1; done
+    if in_c nft list table inet wgmesh-wgd15C >/dev/null 2>&1; then echo "nft table left"; return 1; fi
+    [ "$(in_c sysctl -n net.ipv4.ip_forward)" = 0 ] || return 1
+    [ "$(in_c sysctl -n net.ipv6.conf.all.forwarding)" = 0 ] || return 1
+    # A with the exit node again, then stopped: nothing of it is left.
+    printf '\n[exit_node]\npeer = "node-g"\n' >>"$TMP/a.toml"
+    api a reload || return 1
+    in_a ip rule show | grep "lookup 52" >/dev/null || return 1
+    kill -TERM "${PID[a]}" || return 1
+    for _ in $(seq 100); do kill -0 "${PID[a]}" 2>/dev/null || break; sleep 0.1; done
+    if in_a ip rule show | grep -E "lookup 52|0x80000" >/dev/null; then in_a ip rule show; return 1; fi
+}
+if have_nft; then
+    check "exit node: traffic outside the tailnet leaves through the exit node, masqueraded; the tunnel keeps working; status shows it" exit_node_routes_the_internet
+    check "exit node: rules, table 52, the socket mark, the nft table and forwarding are undone on reload and on exit" exit_node_torn_down
+else
+    skip "exit node" "nft (Debian package nftables) not installed"
 fi
 
 if [ "$FAILED" != 0 ]; then
