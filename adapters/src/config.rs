@@ -318,12 +318,19 @@ pub struct ExitNodeSection {
     pub advertise: bool,
 }
 
-/// The default routes an exit node carries.
-pub fn default_routes() -> [IpNet; 2] {
-    [
-        IpNet::V4(ipnet::Ipv4Net::default()),
-        IpNet::V6(ipnet::Ipv6Net::default()),
-    ]
+/// The default routes an exit node carries for a node with `addresses`:
+/// `0.0.0.0/0` when it has an IPv4 address, `::/0` when it has an IPv6 one
+/// (a family the node has no address of cannot be routed through the
+/// tunnel, and the engine refuses such routes).
+pub fn default_routes(addresses: &[IpNet]) -> Vec<IpNet> {
+    let mut routes = Vec::new();
+    if addresses.iter().any(|a| matches!(a, IpNet::V4(_))) {
+        routes.push(IpNet::V4(ipnet::Ipv4Net::default()));
+    }
+    if addresses.iter().any(|a| matches!(a, IpNet::V6(_))) {
+        routes.push(IpNet::V6(ipnet::Ipv6Net::default()));
+    }
+    routes
 }
 
 /// One `[[peer]]`. Its `Debug` output redacts the pre-shared key, which is
@@ -741,7 +748,7 @@ impl DaemonConfig {
                 allowed_ips: {
                     let mut allowed = p.allowed_ips.clone();
                     if self.file.exit_node.peer.as_ref() == Some(&p.name) {
-                        for route in default_routes() {
+                        for route in default_routes(&i.addresses) {
                             if !allowed.contains(&route) {
                                 allowed.push(route);
                             }
@@ -758,7 +765,7 @@ impl DaemonConfig {
             Some(routes) => {
                 let mut routes = routes.clone();
                 if self.file.exit_node.peer.is_some() {
-                    for route in default_routes() {
+                    for route in default_routes(&i.addresses) {
                         if !routes.contains(&route) {
                             routes.push(route);
                         }
@@ -788,7 +795,7 @@ impl DaemonConfig {
                 advertised_routes: {
                     let mut advertised = i.advertised_routes.clone();
                     if self.file.exit_node.advertise {
-                        for route in default_routes() {
+                        for route in default_routes(&i.addresses) {
                             if !advertised.contains(&route) {
                                 advertised.push(route);
                             }
@@ -982,6 +989,51 @@ allowed_ips = ["100.64.0.2/32"]
         assert_eq!(router.mtu, 1280);
         assert_eq!(config.interface_name("x"), "wgm0");
         assert_eq!(config.file.dns.mode, DnsMode::Off);
+    }
+
+    #[test]
+    fn an_exit_node_peer_gets_the_default_routes_of_the_node_s_families() {
+        let text = format!("{}\n[exit_node]\npeer = \"b\"\n", good());
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        let r = config.reconfig();
+        let net = |t: &str| t.parse::<IpNet>().unwrap();
+        // An IPv4-only node: 0.0.0.0/0 only.
+        assert_eq!(
+            r.wireguard.unwrap().peers[0].allowed_ips,
+            vec![net("100.64.0.2/32"), net("0.0.0.0/0")]
+        );
+        assert_eq!(
+            r.router.unwrap().routes,
+            vec![net("0.0.0.0/0"), net("100.64.0.2/32")]
+        );
+        let dual = text.replace(
+            r#"addresses = ["100.64.0.1/32"]"#,
+            r#"addresses = ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]"#,
+        );
+        let r = DaemonConfig::parse(Path::new("x.toml"), &dual)
+            .unwrap()
+            .reconfig();
+        assert_eq!(
+            r.wireguard.unwrap().peers[0].allowed_ips,
+            vec![net("100.64.0.2/32"), net("0.0.0.0/0"), net("::/0")]
+        );
+
+        let advertise = format!("{}\n[exit_node]\nadvertise = true\n", good());
+        let r = DaemonConfig::parse(Path::new("x.toml"), &advertise)
+            .unwrap()
+            .reconfig();
+        assert_eq!(r.router.unwrap().advertised_routes, vec![net("0.0.0.0/0")]);
+
+        let (_, msg) = err(&format!("{}\n[exit_node]\npeer = \"nobody\"\n", good()));
+        assert_eq!(msg, "exit_node.peer: no [[peer]] is named \"nobody\"");
+        let (_, msg) = err(&format!(
+            "{}\n[exit_node]\npeer = \"b\"\nadvertise = true\n",
+            good()
+        ));
+        assert!(
+            msg.starts_with("exit_node: a node cannot use an exit node and be one"),
+            "{msg}"
+        );
     }
 
     #[test]
