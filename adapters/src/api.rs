@@ -106,6 +106,10 @@ pub struct StatusView {
     /// What failed in the OS (routes, DNS, socket, TUN, ...), if anything.
     #[serde(default)]
     pub health: HealthView,
+    /// The peer everything outside the tailnet goes through (the one whose
+    /// AllowedIPs hold a default route), by name (its key when unnamed).
+    #[serde(default)]
+    pub exit_node: Option<String>,
 }
 
 /// The control client's state in a [`StatusView`].
@@ -236,7 +240,19 @@ impl StatusView {
                 persistent_keepalive: p.persistent_keepalive_secs,
             })
             .collect();
+        let exit_node = status
+            .peers
+            .iter()
+            .find(|p| p.allowed_ips.iter().any(|net| net.prefix_len() == 0))
+            .map(|p| {
+                if p.name.is_empty() {
+                    p.node_key.to_string()
+                } else {
+                    p.name.clone()
+                }
+            });
         Self {
+            exit_node,
             interface: interface.to_owned(),
             node_key: status.node_key.to_string(),
             disco_key: status.disco_key.to_string(),
@@ -1107,6 +1123,27 @@ mod tests {
         assert!(text.contains(
             "wgmesh_health_problem_seconds{interface=\"wg0\",subsystem=\"router\"} 42\n"
         ));
+    }
+
+    #[test]
+    fn the_status_names_the_peer_holding_a_default_route_as_exit_node() {
+        let peer = |seed: u8, name: &str, ips: &[&str]| wgmesh_core::PeerStatus {
+            node_key: wgmesh_core::NodePrivateKey::from_bytes([seed; 32]).public_key(),
+            name: name.into(),
+            allowed_ips: ips.iter().map(|t| t.parse().unwrap()).collect(),
+            ..Default::default()
+        };
+        let mut status = Status {
+            peers: vec![
+                peer(2, "node-b", &["100.64.0.2/32", "10.9.0.0/16"]),
+                peer(3, "node-g", &["100.64.0.3/32", "0.0.0.0/0", "::/0"]),
+            ],
+            ..Status::default()
+        };
+        let view = StatusView::from_status("wg0", &status);
+        assert_eq!(view.exit_node.as_deref(), Some("node-g"));
+        status.peers.pop();
+        assert_eq!(StatusView::from_status("wg0", &status).exit_node, None);
     }
 
     #[test]

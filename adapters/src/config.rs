@@ -111,6 +111,9 @@ pub struct ConfigFile {
     /// The optional flow log.
     #[serde(default)]
     pub flowlog: FlowLogSection,
+    /// `[exit_node]`.
+    #[serde(default)]
+    pub exit_node: ExitNodeSection,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
@@ -300,6 +303,38 @@ pub struct FlowLogSection {
     pub path: Option<PathBuf>,
     /// Seconds between writes (default 10).
     pub interval_secs: Option<u64>,
+}
+
+/// `[exit_node]`: send everything outside the tailnet through a peer, or
+/// be the peer others send it through.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitNodeSection {
+    /// The name of the `[[peer]]` used as exit node: `0.0.0.0/0` and `::/0`
+    /// join its AllowedIPs, and the default routes go through the tunnel
+    /// in a table of their own behind policy rules, while the tunnel's own
+    /// datagrams (marked) keep the main table.
+    pub peer: Option<String>,
+    /// Offer this node as an exit node: `0.0.0.0/0` and `::/0` join the
+    /// advertised routes, and while they are advertised the kernel forwards
+    /// and nftables masquerades what comes in through the tunnel.
+    #[serde(default)]
+    pub advertise: bool,
+}
+
+/// The default routes an exit node carries for a node with `addresses`:
+/// `0.0.0.0/0` when it has an IPv4 address, `::/0` when it has an IPv6 one
+/// (a family the node has no address of cannot be routed through the
+/// tunnel, and the engine refuses such routes).
+pub fn default_routes(addresses: &[IpNet]) -> Vec<IpNet> {
+    let mut routes = Vec::new();
+    if addresses.iter().any(|a| matches!(a, IpNet::V4(_))) {
+        routes.push(IpNet::V4(ipnet::Ipv4Net::default()));
+    }
+    if addresses.iter().any(|a| matches!(a, IpNet::V6(_))) {
+        routes.push(IpNet::V6(ipnet::Ipv6Net::default()));
+    }
+    routes
 }
 
 /// One `[[peer]]`. Its `Debug` output redacts the pre-shared key, which is
@@ -608,6 +643,21 @@ impl DaemonConfig {
             }
         }
         self.check_magicdns()?;
+        if let Some(exit) = &self.file.exit_node.peer {
+            if !self.file.peers.iter().any(|p| &p.name == exit) {
+                return Err((
+                    None,
+                    format!("exit_node.peer: no [[peer]] is named {exit:?}"),
+                ));
+            }
+            if self.file.exit_node.advertise {
+                return Err((
+                    None,
+                    "exit_node: a node cannot use an exit node and be one (peer and advertise)"
+                        .into(),
+                ));
+            }
+        }
         let disco = DiscoPrivateKey::from_bytes([7; 32]);
         let mut engine = Engine::new(
             EngineConfig::new(self.private_key.clone(), disco),
@@ -788,14 +838,34 @@ impl DaemonConfig {
                 public_key: *p.public_key.get_ref(),
                 disco_key: p.disco_key,
                 name: p.name.clone(),
-                allowed_ips: p.allowed_ips.clone(),
+                allowed_ips: {
+                    let mut allowed = p.allowed_ips.clone();
+                    if self.file.exit_node.peer.as_ref() == Some(&p.name) {
+                        for route in default_routes(&i.addresses) {
+                            if !allowed.contains(&route) {
+                                allowed.push(route);
+                            }
+                        }
+                    }
+                    allowed
+                },
                 endpoints: p.endpoints.clone(),
                 persistent_keepalive_secs: p.persistent_keepalive,
                 preshared_key: p.preshared_key,
             })
             .collect();
         let routes = match &i.routes {
-            Some(routes) => routes.clone(),
+            Some(routes) => {
+                let mut routes = routes.clone();
+                if self.file.exit_node.peer.is_some() {
+                    for route in default_routes(&i.addresses) {
+                        if !routes.contains(&route) {
+                            routes.push(route);
+                        }
+                    }
+                }
+                routes
+            }
             None => {
                 let mut all: Vec<IpNet> = peers
                     .iter()
@@ -815,7 +885,17 @@ impl DaemonConfig {
             router: Some(RouterConfig {
                 local_addrs: i.addresses.clone(),
                 routes,
-                advertised_routes: i.advertised_routes.clone(),
+                advertised_routes: {
+                    let mut advertised = i.advertised_routes.clone();
+                    if self.file.exit_node.advertise {
+                        for route in default_routes(&i.addresses) {
+                            if !advertised.contains(&route) {
+                                advertised.push(route);
+                            }
+                        }
+                    }
+                    advertised
+                },
                 mtu: *i.mtu.get_ref(),
             }),
             dns: Some(self.dns_config()),
@@ -1079,6 +1159,51 @@ hostname = "node-a"
         assert_eq!(router.mtu, 1280);
         assert_eq!(config.interface_name("x"), "wgm0");
         assert_eq!(config.file.dns.mode, DnsMode::Off);
+    }
+
+    #[test]
+    fn an_exit_node_peer_gets_the_default_routes_of_the_node_s_families() {
+        let text = format!("{}\n[exit_node]\npeer = \"b\"\n", good());
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        let r = config.reconfig();
+        let net = |t: &str| t.parse::<IpNet>().unwrap();
+        // An IPv4-only node: 0.0.0.0/0 only.
+        assert_eq!(
+            r.wireguard.unwrap().peers[0].allowed_ips,
+            vec![net("100.64.0.2/32"), net("0.0.0.0/0")]
+        );
+        assert_eq!(
+            r.router.unwrap().routes,
+            vec![net("0.0.0.0/0"), net("100.64.0.2/32")]
+        );
+        let dual = text.replace(
+            r#"addresses = ["100.64.0.1/32"]"#,
+            r#"addresses = ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]"#,
+        );
+        let r = DaemonConfig::parse(Path::new("x.toml"), &dual)
+            .unwrap()
+            .reconfig();
+        assert_eq!(
+            r.wireguard.unwrap().peers[0].allowed_ips,
+            vec![net("100.64.0.2/32"), net("0.0.0.0/0"), net("::/0")]
+        );
+
+        let advertise = format!("{}\n[exit_node]\nadvertise = true\n", good());
+        let r = DaemonConfig::parse(Path::new("x.toml"), &advertise)
+            .unwrap()
+            .reconfig();
+        assert_eq!(r.router.unwrap().advertised_routes, vec![net("0.0.0.0/0")]);
+
+        let (_, msg) = err(&format!("{}\n[exit_node]\npeer = \"nobody\"\n", good()));
+        assert_eq!(msg, "exit_node.peer: no [[peer]] is named \"nobody\"");
+        let (_, msg) = err(&format!(
+            "{}\n[exit_node]\npeer = \"b\"\nadvertise = true\n",
+            good()
+        ));
+        assert!(
+            msg.starts_with("exit_node: a node cannot use an exit node and be one"),
+            "{msg}"
+        );
     }
 
     #[test]

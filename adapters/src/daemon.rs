@@ -374,6 +374,18 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             wg.listen_port = bound.port();
         }
     }
+    // An exit node in use: the socket is marked before the default routes
+    // go in, so that its datagrams never take them.
+    let fwmark = crate::exitnode::socket_mark_for(&reconfig, 0);
+    if fwmark != 0 {
+        match handle.set_fwmark(fwmark).await {
+            Ok(Ok(())) => info!(fwmark, "socket marked to bypass the exit node's routes"),
+            Ok(Err(e)) => {
+                warn!(fwmark, error = %e, "could not mark the socket; its datagrams may loop into the tunnel")
+            }
+            Err(_) => return Err(DaemonError::DriverStopped),
+        }
+    }
     let _ = handle
         .reconfig(reconfig.clone())
         .await
@@ -406,7 +418,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         Desired {
             private_key,
             reconfig,
-            fwmark: 0,
+            fwmark,
         },
     ));
 
@@ -752,6 +764,7 @@ async fn reload(
                     wg.listen_port = running_port;
                 }
             }
+            d.fwmark = crate::exitnode::socket_mark_for(&reconfig, d.fwmark);
             d.reconfig = reconfig;
             Ok(())
         })

@@ -35,6 +35,7 @@ pub mod daemon;
 pub mod desired;
 pub mod dns;
 pub mod driver;
+pub mod exitnode;
 pub mod fastpath;
 pub mod flowlog;
 pub mod linkmon;

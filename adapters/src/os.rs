@@ -18,6 +18,7 @@ use wgmesh_core::{Effect, HealthReport, HealthSeverity, HealthSubsystem, RouterC
 use crate::bird::BirdClient;
 use crate::dns::DnsManager;
 use crate::driver::HealthReporter;
+use crate::exitnode::{ExitNodeApplied, ExitNodeServer};
 use crate::router::{Applied, NetlinkRouter};
 
 /// What the state file records: enough to undo a crashed run's changes.
@@ -29,6 +30,9 @@ pub struct StateFile {
     pub router: Applied,
     /// Whether it had rewritten resolv.conf.
     pub dns_active: bool,
+    /// What the exit-node side had switched on.
+    #[serde(default)]
+    pub exit_node: ExitNodeApplied,
 }
 
 impl StateFile {
@@ -83,6 +87,9 @@ pub struct OsManager {
     /// Where the outcome of each effect goes (the engine's health), once
     /// the driver runs.
     health: Option<HealthReporter>,
+    /// Forwarding and masquerade while this node advertises a default
+    /// route (only when routes are managed: it changes the whole system).
+    exit_node: Option<ExitNodeServer>,
 }
 
 /// `config` with a host route through the tunnel for every resolver in
@@ -122,6 +129,7 @@ impl OsManager {
         bird: Option<BirdClient>,
         state_path: PathBuf,
     ) -> Self {
+        let exit_node = router.as_ref().map(|_| ExitNodeServer::new(interface));
         Self {
             interface: interface.to_owned(),
             router,
@@ -135,6 +143,7 @@ impl OsManager {
             network_up: None,
             rediscover_requests: 0,
             health: None,
+            exit_node,
         }
     }
 
@@ -178,6 +187,12 @@ impl OsManager {
             if let Some(router) = &mut self.router {
                 router.clean_up_previous(&previous.router).await;
             }
+            if let Some(exit_node) = &mut self.exit_node {
+                exit_node.adopt(&previous.exit_node);
+                if let Err(e) = exit_node.stop().await {
+                    warn!(error = %e, "could not undo the previous run's exit-node changes");
+                }
+            }
         }
         if let Err(e) = self.dns.recover() {
             warn!(error = %e, "could not restore DNS after a previous run");
@@ -199,8 +214,10 @@ impl OsManager {
     pub async fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::ApplyRouter(config) => {
+                let advertise_exit = config.advertised_routes.iter().any(|r| r.prefix_len() == 0);
                 self.router_config = Some(config);
                 self.apply_router_and_report().await;
+                self.set_exit_node(advertise_exit).await;
                 if let Some((protocol, enabled)) = self.bird_pending.take() {
                     self.set_bird(protocol, enabled).await;
                 }
@@ -279,6 +296,23 @@ impl OsManager {
         }
     }
 
+    /// Switches forwarding and masquerade on while this node advertises a
+    /// default route, off otherwise, and reports the outcome.
+    async fn set_exit_node(&mut self, advertise: bool) {
+        let Some(exit_node) = &mut self.exit_node else {
+            return;
+        };
+        if advertise == exit_node.is_on() {
+            return;
+        }
+        let outcome = exit_node.set(advertise).await.map_err(|e| {
+            warn!(advertise, error = %e, "exit node switch failed");
+            e.to_string()
+        });
+        self.report(HealthSubsystem::ExitNode, HealthSeverity::Error, outcome)
+            .await;
+    }
+
     /// Applies the router config and reports the outcome to the engine.
     async fn apply_router_and_report(&mut self) {
         if let Some(outcome) = self.apply_router().await {
@@ -349,6 +383,11 @@ impl OsManager {
                 .map(|r| r.applied().clone())
                 .unwrap_or_default(),
             dns_active: self.dns.is_active(),
+            exit_node: self
+                .exit_node
+                .as_ref()
+                .map(|e| e.applied().clone())
+                .unwrap_or_default(),
         };
         if let Err(e) = state.write(&self.state_path) {
             warn!(path = %self.state_path.display(), error = %e, "could not write the state file");
@@ -363,6 +402,11 @@ impl OsManager {
         }
         if let Err(e) = self.dns.shutdown().await {
             warn!(error = %e, "could not restore DNS");
+        }
+        if let Some(exit_node) = &mut self.exit_node {
+            if let Err(e) = exit_node.stop().await {
+                warn!(error = %e, "could not switch the exit node off");
+            }
         }
         let _ = std::fs::remove_file(&self.state_path);
         info!(interface = %self.interface, "OS changes withdrawn");

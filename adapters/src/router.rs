@@ -12,7 +12,9 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use tracing::{debug, info, warn};
 use wgmesh_core::RouterConfig;
@@ -42,10 +44,82 @@ pub enum RouterError {
 pub struct Applied {
     /// Addresses added.
     pub addresses: BTreeSet<IpNet>,
-    /// Routes added.
+    /// Routes added to the main table.
     pub routes: BTreeSet<IpNet>,
     /// The MTU set (0: untouched).
     pub mtu: u16,
+    /// Default routes through the tunnel (an exit node's `0.0.0.0/0` and
+    /// `::/0`), added to [`EXIT_ROUTE_TABLE`] with the policy rules of
+    /// their address family (see [`exit_rules`]).
+    #[serde(default)]
+    pub exit_routes: BTreeSet<IpNet>,
+}
+
+/// The routing table that holds the default routes through an exit node.
+/// Tailscale uses the same number on Linux; two daemons that both route
+/// everything through a tunnel cannot share a host anyway.
+pub const EXIT_ROUTE_TABLE: u32 = 52;
+
+/// The firewall mark the tunnel's own UDP socket carries while an exit
+/// node is in use (`SO_MARK`), and the mask the bypass rule compares it
+/// under: the encrypted datagrams must leave through the main table, not
+/// back into the tunnel they carry. The values are Tailscale's, so a
+/// firewall rule written for one fits the other.
+pub const BYPASS_FWMARK: u32 = 0x80000;
+/// See [`BYPASS_FWMARK`].
+pub const BYPASS_FWMARK_MASK: u32 = 0xff0000;
+
+/// The priorities of the three policy rules, in the order the kernel
+/// consults them (lower first).
+const RULE_PRIORITY_BYPASS: u32 = 5210;
+const RULE_PRIORITY_MAIN_SPECIFIC: u32 = 5230;
+const RULE_PRIORITY_EXIT: u32 = 5270;
+const MAIN_TABLE: u32 = 254;
+
+/// The policy rules of one address family while its default route goes
+/// through the tunnel:
+///
+/// 1. packets carrying [`BYPASS_FWMARK`] (the tunnel's own datagrams) look
+///    up the main table, where the real default route is;
+/// 2. every packet looks up the main table for anything more specific than
+///    a default route (`suppress_prefixlength 0`): the LAN, the tailnet's
+///    own routes and host routes keep working;
+/// 3. everything else looks up [`EXIT_ROUTE_TABLE`]: the default route
+///    through the tunnel.
+pub fn exit_rules(family: AddressFamily) -> Vec<RuleMessage> {
+    let rule = |priority: u32, table: u32, extra: Vec<RuleAttribute>| {
+        let mut message = RuleMessage::default();
+        message.header.family = family;
+        message.header.action = RuleAction::ToTable;
+        message.header.table = 0;
+        message.attributes.push(RuleAttribute::Priority(priority));
+        message.attributes.push(RuleAttribute::Table(table));
+        message.attributes.extend(extra);
+        message
+    };
+    vec![
+        rule(
+            RULE_PRIORITY_BYPASS,
+            MAIN_TABLE,
+            vec![
+                RuleAttribute::FwMark(BYPASS_FWMARK),
+                RuleAttribute::FwMask(BYPASS_FWMARK_MASK),
+            ],
+        ),
+        rule(
+            RULE_PRIORITY_MAIN_SPECIFIC,
+            MAIN_TABLE,
+            vec![RuleAttribute::SuppressPrefixLen(0)],
+        ),
+        rule(RULE_PRIORITY_EXIT, EXIT_ROUTE_TABLE, vec![]),
+    ]
+}
+
+fn family_of(net: &IpNet) -> AddressFamily {
+    match net {
+        IpNet::V4(_) => AddressFamily::Inet,
+        IpNet::V6(_) => AddressFamily::Inet6,
+    }
 }
 
 /// Applies router configs to one interface.
@@ -61,6 +135,24 @@ pub fn connect() -> Result<Handle, RouterError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(RouterError::Socket)?;
     tokio::spawn(connection);
     Ok(handle)
+}
+
+/// Deletes the policy rules of `family` (see [`exit_rules`]); rules that are
+/// already gone are not an error.
+async fn del_exit_rules(handle: &Handle, family: AddressFamily) -> Result<(), RouterError> {
+    for rule in exit_rules(family) {
+        match handle.rule().del(rule.clone()).execute().await {
+            Ok(()) => {}
+            Err(e) if is_missing(&e) => {}
+            Err(source) => {
+                return Err(RouterError::Netlink {
+                    what: format!("remove policy rule {:?}", rule.attributes),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_exists(e: &rtnetlink::Error) -> bool {
@@ -121,7 +213,13 @@ impl NetlinkRouter {
     pub async fn apply(&mut self, config: &RouterConfig) -> Result<(), RouterError> {
         let index = self.index().await?;
         let want_addrs: BTreeSet<IpNet> = config.local_addrs.iter().copied().collect();
-        let want_routes: BTreeSet<IpNet> = config.routes.iter().map(IpNet::trunc).collect();
+        // Default routes (an exit node's) go to a table of their own behind
+        // policy rules; everything else to the main table.
+        let (want_exit, want_routes): (BTreeSet<IpNet>, BTreeSet<IpNet>) = config
+            .routes
+            .iter()
+            .map(IpNet::trunc)
+            .partition(|r| r.prefix_len() == 0);
 
         if config.mtu != 0 && config.mtu != self.applied.mtu {
             let msg = LinkUnspec::new_with_index(index)
@@ -181,11 +279,95 @@ impl NetlinkRouter {
             self.add_route(index, *route).await?;
             self.applied.routes.insert(*route);
         }
+        let stale_exit: Vec<IpNet> = self
+            .applied
+            .exit_routes
+            .difference(&want_exit)
+            .copied()
+            .collect();
+        for route in stale_exit {
+            self.del_exit_route(index, route).await?;
+            self.applied.exit_routes.remove(&route);
+        }
+        for route in want_exit.difference(&self.applied.exit_routes.clone()) {
+            self.add_exit_route(index, *route).await?;
+            self.applied.exit_routes.insert(*route);
+        }
+        Ok(())
+    }
+
+    /// Routes everything of `route`'s family through the tunnel: the rules
+    /// first (they only point at the table), then the default route in
+    /// [`EXIT_ROUTE_TABLE`].
+    async fn add_exit_route(&self, index: u32, route: IpNet) -> Result<(), RouterError> {
+        for rule in exit_rules(family_of(&route)) {
+            let mut request = self.handle.rule().add();
+            *request.message_mut() = rule.clone();
+            match request.execute().await {
+                Ok(()) => {}
+                Err(e) if is_exists(&e) => {}
+                Err(source) => {
+                    return Err(RouterError::Netlink {
+                        what: format!("add policy rule {:?}", rule.attributes),
+                        source,
+                    });
+                }
+            }
+        }
+        let message = Self::route_message(index, route).map(|mut m| {
+            m.header.table = 0;
+            m.attributes
+                .push(rtnetlink::packet_route::route::RouteAttribute::Table(
+                    EXIT_ROUTE_TABLE,
+                ));
+            m
+        })?;
+        match self.handle.route().add(message).execute().await {
+            Ok(()) => {}
+            Err(e) if is_exists(&e) => {}
+            Err(source) => {
+                return Err(RouterError::Netlink {
+                    what: format!("add route {route} to table {EXIT_ROUTE_TABLE}"),
+                    source,
+                });
+            }
+        }
+        info!(interface = %self.interface, %route, table = EXIT_ROUTE_TABLE, "exit route and policy rules added");
+        Ok(())
+    }
+
+    /// Undoes [`NetlinkRouter::add_exit_route`]: the rules, then the route
+    /// (a route of a deleted interface is already gone).
+    async fn del_exit_route(&self, index: u32, route: IpNet) -> Result<(), RouterError> {
+        del_exit_rules(&self.handle, family_of(&route)).await?;
+        let message = Self::route_message(index, route).map(|mut m| {
+            m.header.table = 0;
+            m.attributes
+                .push(rtnetlink::packet_route::route::RouteAttribute::Table(
+                    EXIT_ROUTE_TABLE,
+                ));
+            m
+        })?;
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => {}
+            Err(e) if is_missing(&e) => {}
+            Err(source) => {
+                return Err(RouterError::Netlink {
+                    what: format!("remove route {route} from table {EXIT_ROUTE_TABLE}"),
+                    source,
+                });
+            }
+        }
+        info!(interface = %self.interface, %route, "exit route and policy rules removed");
         Ok(())
     }
 
     /// Removes everything this router added.
     pub async fn clear(&mut self) -> Result<(), RouterError> {
+        // The rules are not the interface's: they outlive it.
+        for route in self.applied.exit_routes.clone() {
+            del_exit_rules(&self.handle, family_of(&route)).await?;
+        }
         let index = match self.index().await {
             Ok(index) => index,
             Err(RouterError::NoInterface(_)) => {
@@ -195,6 +377,9 @@ impl NetlinkRouter {
             }
             Err(e) => return Err(e),
         };
+        for route in std::mem::take(&mut self.applied.exit_routes) {
+            self.del_exit_route(index, route).await?;
+        }
         for route in std::mem::take(&mut self.applied.routes) {
             self.del_route(index, route).await?;
         }
@@ -212,6 +397,9 @@ impl NetlinkRouter {
             .addresses
             .extend(previous.addresses.iter().copied());
         self.applied.routes.extend(previous.routes.iter().copied());
+        self.applied
+            .exit_routes
+            .extend(previous.exit_routes.iter().copied());
         if let Err(e) = self.clear().await {
             warn!(error = %e, "could not clean up after the previous run");
         }
@@ -323,5 +511,44 @@ impl NetlinkRouter {
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_rules_bypass_marked_packets_keep_specific_routes_then_send_the_rest_to_the_exit_table()
+    {
+        let rules = exit_rules(AddressFamily::Inet6);
+        let summary: Vec<(u32, u32, bool, bool)> = rules
+            .iter()
+            .map(|r| {
+                assert_eq!(r.header.family, AddressFamily::Inet6);
+                assert_eq!(r.header.action, RuleAction::ToTable);
+                let priority = r.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                });
+                let table = r.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Table(t) => Some(*t),
+                    _ => None,
+                });
+                let marked = r.attributes.contains(&RuleAttribute::FwMark(BYPASS_FWMARK))
+                    && r.attributes
+                        .contains(&RuleAttribute::FwMask(BYPASS_FWMARK_MASK));
+                let suppress = r.attributes.contains(&RuleAttribute::SuppressPrefixLen(0));
+                (priority.unwrap(), table.unwrap(), marked, suppress)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (5210, MAIN_TABLE, true, false),
+                (5230, MAIN_TABLE, false, true),
+                (5270, EXIT_ROUTE_TABLE, false, false),
+            ]
+        );
     }
 }

@@ -269,6 +269,11 @@ fn render_status(status: &StatusView) -> String {
         ));
     }
     out.push_str(&render_health(&status.health));
+    if let Some(exit) = &status.exit_node {
+        out.push_str(&format!(
+            "exit node: {exit} (everything outside the tailnet goes through it)\n"
+        ));
+    }
     for p in &status.peers {
         let state = if p.configured {
             "active"
