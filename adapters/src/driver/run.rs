@@ -225,24 +225,24 @@ where
                     exec.tun_errors = 0;
                     // This packet and the rest of the TUN's in-memory batch
                     // (the segments of one offloaded read), bounded as for
-                    // datagrams.
-                    let mut len = first;
-                    for taken in 1..=MAX_BURST {
-                        trace!(len, "TUN packet in");
-                        let packet = &tun_buf[..len];
-                        if let Some(flows) = exec.flows.as_mut() {
-                            flows.add(true, packet);
+                    // datagrams. The rest are handed over where the
+                    // device holds them when it lends its buffers (no copy
+                    // into `tun_buf`).
+                    tun_packet_in(&mut engine, &mut exec, now, &tun_buf[..first]);
+                    exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                        .await?;
+                    for _ in 1..MAX_BURST {
+                        let lent = tun.with_buffered(&mut |packet| {
+                            tun_packet_in(&mut engine, &mut exec, now, packet);
+                        });
+                        if !lent {
+                            let Some(len) = tun.recv_buffered(&mut tun_buf) else {
+                                break;
+                            };
+                            tun_packet_in(&mut engine, &mut exec, now, &tun_buf[..len]);
                         }
-                        let _ = engine.handle_input(now, Input::TunPacket(packet));
                         exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
                             .await?;
-                        if taken == MAX_BURST {
-                            break;
-                        }
-                        let Some(more) = tun.recv_buffered(&mut tun_buf) else {
-                            break;
-                        };
-                        len = more;
                     }
                 }
                 Step::Tun(Err(e)) => {
@@ -345,6 +345,15 @@ fn ready_without_waiting<T: TunDevice, S: DatagramSocket>(
         tun.flush();
     }
     None
+}
+
+/// One packet read from the TUN into the engine (and the flow log).
+fn tun_packet_in(engine: &mut Engine, exec: &mut Executor, now: Instant, packet: &[u8]) {
+    trace!(len = packet.len(), "TUN packet in");
+    if let Some(flows) = exec.flows.as_mut() {
+        flows.add(true, packet);
+    }
+    let _ = engine.handle_input(now, Input::TunPacket(packet));
 }
 
 /// The pending sleep of the loop.

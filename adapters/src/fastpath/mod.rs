@@ -137,6 +137,13 @@ impl TunDevice for DataTun {
         }
     }
 
+    fn with_buffered(&mut self, handle: &mut dyn FnMut(&[u8])) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Fast(tun) => tun.with_buffered(handle),
+        }
+    }
+
     fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         match self {
             Self::Plain(tun) => tun.try_recv(buf),
