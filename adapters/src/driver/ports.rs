@@ -77,6 +77,13 @@ pub trait DatagramSocket: Send + 'static {
     fn recv_buffered_from(&mut self, _buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         None
     }
+    /// Like [`DatagramSocket::recv_buffered_from`], without the copy, as
+    /// [`TunDevice::with_buffered`]: hands the next datagram of the
+    /// in-memory batch and its source to `handle` where it lies. `false`:
+    /// none, or the socket does not lend its buffers (the default).
+    fn with_buffered_from(&mut self, _handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        false
+    }
     /// The next datagram without waiting, like [`TunDevice::try_recv`]; when
     /// it finds nothing the loop flushes the TUN's queue
     /// ([`TunDevice::flush`]).

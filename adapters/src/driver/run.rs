@@ -195,23 +195,24 @@ where
                     // This datagram and the rest of the socket's in-memory
                     // batch, up to a bound so the TUN side, timers and
                     // control messages wait at most one short burst.
-                    let (mut len, mut from) = first;
-                    for taken in 1..=MAX_BURST {
-                        trace!(%from, len, "datagram in");
-                        let input = Input::Datagram {
-                            from,
-                            data: &udp_buf[..len],
-                        };
-                        let _ = engine.handle_input(now, input);
+                    // The rest are handed over where the socket holds them
+                    // when it lends its buffers (no copy into `udp_buf`).
+                    let (len, from) = first;
+                    datagram_in(&mut engine, now, from, &udp_buf[..len]);
+                    exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
+                        .await?;
+                    for _ in 1..MAX_BURST {
+                        let lent = socket.with_buffered_from(&mut |data, from| {
+                            datagram_in(&mut engine, now, from, data);
+                        });
+                        if !lent {
+                            let Some((len, from)) = socket.recv_buffered_from(&mut udp_buf) else {
+                                break;
+                            };
+                            datagram_in(&mut engine, now, from, &udp_buf[..len]);
+                        }
                         exec.drain(&mut engine, &mut tun, &mut socket, &mut sink)
                             .await?;
-                        if taken == MAX_BURST {
-                            break;
-                        }
-                        let Some(more) = socket.recv_buffered_from(&mut udp_buf) else {
-                            break;
-                        };
-                        (len, from) = more;
                     }
                 }
                 Step::Datagram(Err(e)) => {
@@ -345,6 +346,12 @@ fn ready_without_waiting<T: TunDevice, S: DatagramSocket>(
         tun.flush();
     }
     None
+}
+
+/// One datagram from the socket into the engine.
+fn datagram_in(engine: &mut Engine, now: Instant, from: SocketAddr, data: &[u8]) {
+    trace!(%from, len = data.len(), "datagram in");
+    let _ = engine.handle_input(now, Input::Datagram { from, data });
 }
 
 /// One packet read from the TUN into the engine (and the flow log).

@@ -202,6 +202,13 @@ impl DatagramSocket for DataUdp {
         }
     }
 
+    fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Fast(s) => s.with_buffered_from(handle),
+        }
+    }
+
     fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
         match self {
             Self::Plain(s) => s.try_recv_from(buf),
