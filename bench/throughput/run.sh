@@ -41,7 +41,8 @@
 # binaries), BENCH_CACHE (default ~/.cache/wgmesh-bench), WGMESHD_ENV
 # (environment of the "wgmesh" daemons, default "WGMESH_FASTPATH=1"),
 # BENCH_WGMESH_VARIANTS (more wgmeshd runs as "name=ENV;name=ENV", e.g.
-# "no-gso=WGMESH_FASTPATH=1 WGMESH_FASTPATH_GSO=0"), BENCH_KEEP_LOGS=1 (keep
+# "no-gso=WGMESH_FASTPATH=1 WGMESH_FASTPATH_GSO=0"; WGMESHD=PATH in a
+# variant's environment runs another wgmeshd binary), BENCH_KEEP_LOGS=1 (keep
 # the logs, iperf3 JSON and pings in the temporary directory), BENCH_PERF=1
 # (with BENCH_KEEP_LOGS=1: `perf record -g` of each daemon during the transfer),
 # BENCH_IPERF_ARGS (more iperf3 client options, e.g. "-C cubic" or "-P 2"),
@@ -223,8 +224,14 @@ start_daemon() {
     case $impl in
         wgmesh*)
             mkdir -p "$TMP/state-$side"
+            # A variant may name another binary (WGMESHD=PATH in its
+            # environment): before/after comparisons in one run.
+            local bin=$WGMESHD kv
+            for kv in ${WGMESH_ENV[$impl]}; do
+                case $kv in WGMESHD=*) bin=$(realpath "${kv#WGMESHD=}") ;; esac
+            done
             # shellcheck disable=SC2086
-            ip netns exec "$ns" env RUST_LOG=warn ${WGMESH_ENV[$impl]} $pin "$WGMESHD" --foreground \
+            ip netns exec "$ns" env RUST_LOG=warn ${WGMESH_ENV[$impl]} $pin "$bin" --foreground \
                 --interface "$iface" --state-dir "$TMP/state-$side" \
                 --resolv-conf "$TMP/resolv-$side" >"$log" 2>&1 &
             ;;

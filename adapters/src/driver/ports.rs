@@ -32,6 +32,13 @@ pub trait TunDevice: Send + 'static {
     fn recv_buffered(&mut self, _buf: &mut [u8]) -> Option<usize> {
         None
     }
+    /// Like [`TunDevice::recv_buffered`], without the copy: hands the next
+    /// packet of the in-memory batch to `handle` where it lies. `false`:
+    /// the device has none, or does not lend its buffers (the default);
+    /// the loop then asks [`TunDevice::recv_buffered`].
+    fn with_buffered(&mut self, _handle: &mut dyn FnMut(&[u8])) -> bool {
+        false
+    }
     /// The next packet without waiting: from the in-memory batch, or else
     /// what one non-blocking read returns. `None`: nothing is ready now, or
     /// the device cannot tell without waiting. Before it waits, the loop
@@ -79,6 +86,13 @@ pub trait DatagramSocket: Send + 'static {
     /// [`TunDevice::recv_buffered`].
     fn recv_buffered_from(&mut self, _buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         None
+    }
+    /// Like [`DatagramSocket::recv_buffered_from`], without the copy, as
+    /// [`TunDevice::with_buffered`]: hands the next datagram of the
+    /// in-memory batch and its source to `handle` where it lies. `false`:
+    /// none, or the socket does not lend its buffers (the default).
+    fn with_buffered_from(&mut self, _handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        false
     }
     /// The next datagram without waiting, like [`TunDevice::try_recv`]; when
     /// it finds nothing the loop flushes the TUN's queue

@@ -195,23 +195,24 @@ where
                     // This datagram and the rest of the socket's in-memory
                     // batch, up to a bound so the TUN side, timers and
                     // control messages wait at most one short burst.
-                    let (mut len, mut from) = first;
-                    for taken in 1..=MAX_BURST {
-                        trace!(%from, len, "datagram in");
-                        let input = Input::Datagram {
-                            from,
-                            data: &udp_buf[..len],
-                        };
-                        let _ = engine.handle_input(now, input);
+                    // The rest are handed over where the socket holds them
+                    // when it lends its buffers (no copy into `udp_buf`).
+                    let (len, from) = first;
+                    datagram_in(&mut engine, now, from, &udp_buf[..len]);
+                    exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
+                        .await?;
+                    for _ in 1..MAX_BURST {
+                        let lent = socket.with_buffered_from(&mut |data, from| {
+                            datagram_in(&mut engine, now, from, data);
+                        });
+                        if !lent {
+                            let Some((len, from)) = socket.recv_buffered_from(&mut udp_buf) else {
+                                break;
+                            };
+                            datagram_in(&mut engine, now, from, &udp_buf[..len]);
+                        }
                         exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                             .await?;
-                        if taken == MAX_BURST {
-                            break;
-                        }
-                        let Some(more) = socket.recv_buffered_from(&mut udp_buf) else {
-                            break;
-                        };
-                        (len, from) = more;
                     }
                 }
                 Step::Datagram(Err(e)) => {
@@ -225,24 +226,24 @@ where
                     exec.tun_recovered(&mut engine, now);
                     // This packet and the rest of the TUN's in-memory batch
                     // (the segments of one offloaded read), bounded as for
-                    // datagrams.
-                    let mut len = first;
-                    for taken in 1..=MAX_BURST {
-                        trace!(len, "TUN packet in");
-                        let packet = &tun_buf[..len];
-                        if let Some(flows) = exec.flows.as_mut() {
-                            flows.add(true, packet);
+                    // datagrams. The rest are handed over where the
+                    // device holds them when it lends its buffers (no copy
+                    // into `tun_buf`).
+                    tun_packet_in(&mut engine, &mut exec, now, &tun_buf[..first]);
+                    exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
+                        .await?;
+                    for _ in 1..MAX_BURST {
+                        let lent = tun.with_buffered(&mut |packet| {
+                            tun_packet_in(&mut engine, &mut exec, now, packet);
+                        });
+                        if !lent {
+                            let Some(len) = tun.recv_buffered(&mut tun_buf) else {
+                                break;
+                            };
+                            tun_packet_in(&mut engine, &mut exec, now, &tun_buf[..len]);
                         }
-                        let _ = engine.handle_input(now, Input::TunPacket(packet));
                         exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                             .await?;
-                        if taken == MAX_BURST {
-                            break;
-                        }
-                        let Some(more) = tun.recv_buffered(&mut tun_buf) else {
-                            break;
-                        };
-                        len = more;
                     }
                 }
                 Step::Tun(Err(e)) => {
@@ -348,6 +349,21 @@ fn ready_without_waiting<T: TunDevice, S: DatagramSocket>(
         tun.flush();
     }
     None
+}
+
+/// One datagram from the socket into the engine.
+fn datagram_in(engine: &mut Engine, now: Instant, from: SocketAddr, data: &[u8]) {
+    trace!(%from, len = data.len(), "datagram in");
+    let _ = engine.handle_input(now, Input::Datagram { from, data });
+}
+
+/// One packet read from the TUN into the engine (and the flow log).
+fn tun_packet_in(engine: &mut Engine, exec: &mut Executor, now: Instant, packet: &[u8]) {
+    trace!(len = packet.len(), "TUN packet in");
+    if let Some(flows) = exec.flows.as_mut() {
+        flows.add(true, packet);
+    }
+    let _ = engine.handle_input(now, Input::TunPacket(packet));
 }
 
 /// The pending sleep of the loop.

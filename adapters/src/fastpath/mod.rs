@@ -137,6 +137,13 @@ impl TunDevice for DataTun {
         }
     }
 
+    fn with_buffered(&mut self, handle: &mut dyn FnMut(&[u8])) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Fast(tun) => tun.with_buffered(handle),
+        }
+    }
+
     fn try_recv(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         match self {
             Self::Plain(tun) => tun.try_recv(buf),
@@ -199,6 +206,13 @@ impl DatagramSocket for DataUdp {
         match self {
             Self::Plain(_) => None,
             Self::Fast(s) => s.recv_buffered_from(buf),
+        }
+    }
+
+    fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Fast(s) => s.with_buffered_from(handle),
         }
     }
 

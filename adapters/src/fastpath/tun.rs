@@ -38,6 +38,11 @@ pub struct FastTun {
     /// Packets and reads dropped by the fair queue (CoDel, or a full
     /// queue).
     dropped: u64,
+    /// Room per packet of a read: the MTU's worth (so the packets of one
+    /// read lie close together in memory, and a queue of reads stays small
+    /// enough for the caches), or 64 KB once a read did not fit (the MTU
+    /// was raised under us).
+    segment_room: usize,
     /// A read error met while reading ahead, for the next `try_recv` or
     /// `recv` to return.
     read_error: Option<io::Error>,
@@ -54,15 +59,22 @@ struct TunRead {
 }
 
 impl TunRead {
-    fn new() -> Self {
+    /// A read with room for `room` bytes per packet.
+    fn new(room: usize) -> Self {
         Self {
-            // Zeroed lazily by the allocator; only the touched pages cost.
-            segments: (0..IDEAL_BATCH_SIZE)
-                .map(|_| vec![0; MAX_IP_PACKET])
-                .collect(),
+            segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; room]).collect(),
             sizes: vec![0; IDEAL_BATCH_SIZE],
             count: 0,
             next: 0,
+        }
+    }
+
+    /// Makes room for `room` bytes per packet.
+    fn fit(&mut self, room: usize) {
+        for segment in &mut self.segments {
+            if segment.len() < room {
+                segment.resize(room, 0);
+            }
         }
     }
 
@@ -74,6 +86,11 @@ impl TunRead {
     /// Bytes of IP packets in the read.
     fn bytes(&self) -> usize {
         self.sizes[..self.count].iter().sum()
+    }
+
+    /// Whether segments are left to hand out.
+    fn has_more(&self) -> bool {
+        self.next < self.count
     }
 
     /// Copies the next segment into `buf`.
@@ -132,8 +149,9 @@ impl FastTun {
             options,
             name,
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_IP_PACKET],
-            incoming: TunRead::new(),
-            current: TunRead::new(),
+            incoming: TunRead::new(segment_room(mtu)),
+            current: TunRead::new(segment_room(mtu)),
+            segment_room: segment_room(mtu),
             queue,
             spare: Vec::new(),
             dropped: 0,
@@ -146,6 +164,12 @@ impl FastTun {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// Room per packet of a TUN read for a device of `mtu`: a packet (or an
+/// offloaded segment) is at most the MTU; the rest is slack.
+fn segment_room(mtu: u16) -> usize {
+    usize::from(mtu).max(1500) + 256
 }
 
 /// Bytes a flow sends per round of the fair queue: one offloaded read (up
@@ -161,7 +185,9 @@ impl FastTun {
     fn take_read(&mut self, result: io::Result<usize>) -> io::Result<()> {
         match result {
             Ok(count) => {
-                let fresh = self.spare.pop().unwrap_or_else(TunRead::new);
+                let room = self.segment_room;
+                let mut fresh = self.spare.pop().unwrap_or_else(|| TunRead::new(room));
+                fresh.fit(room);
                 let mut read = std::mem::replace(&mut self.incoming, fresh);
                 read.count = count;
                 read.next = 0;
@@ -199,6 +225,16 @@ impl FastTun {
                 ) && e.raw_os_error().is_none() =>
             {
                 debug!(error = %e, "TUN packet dropped");
+                if self.segment_room < MAX_IP_PACKET {
+                    // Perhaps a packet larger than the room per packet:
+                    // from now on every read has room for the largest.
+                    tracing::info!(
+                        error = %e,
+                        "a TUN read did not fit (MTU raised?); read buffers grown to 64 KB per packet"
+                    );
+                    self.segment_room = MAX_IP_PACKET;
+                    self.incoming.fit(MAX_IP_PACKET);
+                }
                 Ok(())
             }
             Err(e) => Err(e),
@@ -322,10 +358,35 @@ impl TunDevice for FastTun {
         self.shared.write_outcome.take()
     }
 
+    fn with_buffered(&mut self, handle: &mut dyn FnMut(&[u8])) -> bool {
+        if !self.current.has_more() && !self.advance() {
+            return false;
+        }
+        let index = self.current.next;
+        self.current.next += 1;
+        handle(&self.current.segments[index][..self.current.sizes[index]]);
+        true
+    }
+
     fn recv_buffered(&mut self, buf: &mut [u8]) -> Option<usize> {
         loop {
             if let Some(len) = self.current.pop_into(buf) {
                 return Some(len);
+            }
+            if !self.advance() {
+                return None;
+            }
+        }
+    }
+}
+
+impl FastTun {
+    /// Moves on from a used-up read to the next one (see `recv_buffered`);
+    /// `false` when there is none.
+    fn advance(&mut self) -> bool {
+        loop {
+            if self.current.has_more() {
+                return true;
             }
             // At the end of a read, with fair queueing: what the ring holds
             // now joins the queue (non-blocking reads, see `read_ahead`),
@@ -337,7 +398,7 @@ impl TunDevice for FastTun {
                 }
             }
             if !self.next_read() {
-                return None;
+                return false;
             }
         }
     }

@@ -202,6 +202,16 @@ impl RecvBatch {
         Some((len, self.from[msg]))
     }
 
+    /// Hands the next datagram and its source to `handle` where it lies;
+    /// `false` when the batch is used up.
+    fn lend(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        let Some((msg, start, end)) = self.next_datagram() else {
+            return false;
+        };
+        handle(&self.bufs[msg][start..end], self.from[msg]);
+        true
+    }
+
     /// The next queued datagram: (message, start, end).
     fn next_datagram(&mut self) -> Option<(usize, usize, usize)> {
         while self.msg < self.count {
@@ -352,6 +362,10 @@ impl DatagramSocket for FastUdp {
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         self.batch.pop_into(buf)
+    }
+
+    fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        self.batch.lend(handle)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -548,6 +562,34 @@ mod tests {
         let back = receive(&a, 1).await;
         assert_eq!(back[0].0, datagram(9, 60));
         assert!(back[0].1.is_ipv4(), "{}", back[0].1);
+    }
+
+    #[test]
+    fn lent_datagrams_are_the_ones_a_copy_would_give() {
+        let from = SocketAddr::from(([192, 0, 2, 1], 7));
+        let fill = |batch: &mut RecvBatch| {
+            batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
+            batch.lens[0] = 2500;
+            batch.seg[0] = 1000;
+            batch.bufs[1][..40].copy_from_slice(&datagram(2, 40));
+            batch.lens[1] = 40;
+            batch.seg[1] = 0;
+            batch.from = [from; RECV_BATCH];
+            batch.count = 2;
+        };
+        let mut copied = RecvBatch::new();
+        fill(&mut copied);
+        let mut buf = [0u8; 2048];
+        let mut want = Vec::new();
+        while let Some((len, f)) = copied.pop_into(&mut buf) {
+            want.push((buf[..len].to_vec(), f));
+        }
+        let mut lent = RecvBatch::new();
+        fill(&mut lent);
+        let mut got = Vec::new();
+        while lent.lend(&mut |data, f| got.push((data.to_vec(), f))) {}
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 4);
     }
 
     #[test]
