@@ -170,10 +170,13 @@ pub async fn start(config: ServeConfig) -> Result<RunningServer, ServeError> {
         driver: commands_tx.clone(),
         closed: closed_tx,
         server_key: server_key.clone(),
-        replay: Mutex::new(ReplayGuard::new(
-            wgmesh_control::wire::MAX_CLOCK_SKEW,
-            config.limits.max_requests_per_node_per_window,
-        )),
+        replay: Mutex::new(
+            ReplayGuard::new(
+                wgmesh_control::wire::MAX_CLOCK_SKEW,
+                config.limits.max_requests_per_node_per_window,
+            )
+            .with_max_total(config.limits.max_requests_per_window),
+        ),
         metrics: metrics.clone(),
         limits: config.limits,
     });

@@ -180,7 +180,11 @@ pub struct TestNode {
 
 impl TestNode {
     pub fn new(seed: u8, server: ServerKey, addr: SocketAddr) -> Self {
-        let key = PrivateKey::from_bytes([seed; 32]);
+        Self::with_key([seed; 32], server, addr)
+    }
+
+    pub fn with_key(secret: [u8; 32], server: ServerKey, addr: SocketAddr) -> Self {
+        let key = PrivateKey::from_bytes(secret);
         let channel = Channel::for_node(&key, &server);
         Self {
             key,
@@ -248,17 +252,25 @@ impl TestNode {
     }
 
     pub async fn open_stream(&self, disco: u8) -> Result<MapStream, Refused> {
+        self.open_stream_with([disco; 32], false).await
+    }
+
+    pub async fn open_stream_disco(&self, disco: [u8; 32]) -> Result<MapStream, Refused> {
         self.open_stream_with(disco, false).await
     }
 
     /// A stream over a connection with a 4 KiB receive window.
     pub async fn open_stream_small_window(&self, disco: u8) -> Result<MapStream, Refused> {
-        self.open_stream_with(disco, true).await
+        self.open_stream_with([disco; 32], true).await
     }
 
-    async fn open_stream_with(&self, disco: u8, small_window: bool) -> Result<MapStream, Refused> {
+    async fn open_stream_with(
+        &self,
+        disco: [u8; 32],
+        small_window: bool,
+    ) -> Result<MapStream, Refused> {
         let body = RequestBody::Map(MapStreamBody {
-            disco_key: DiscoKey([disco; 32]),
+            disco_key: DiscoKey(disco),
             endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
         });
         let (bytes, nonce) = self.seal(&body);
