@@ -64,6 +64,12 @@ struct Counters {
 }
 
 fn main() {
+    // `cargo test --all-targets` also runs benchmark binaries, without
+    // `--bench`: a load run is not a test, so do nothing there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmark skipped: run it with `cargo bench` (just bench-control-server)");
+        return;
+    }
     let nodes = (arg("--nodes", 200) as usize).clamp(2, MAX_NODES);
     let seconds = arg("--seconds", 10).clamp(1, MAX_SECONDS);
     let runtime = tokio::runtime::Builder::new_multi_thread()
