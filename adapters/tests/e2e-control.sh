@@ -96,7 +96,9 @@ POLICY
 
 start_server() { # name db listen [admin socket]
     local name=$1 db=$2 listen=$3 admin=${4:-$TMP/admin.sock}
-    in_ns "$NS_S" env RUST_LOG="${E2E_LOG:-info}" "$CONTROL" --admin-socket "$admin" serve \
+    # `ip netns exec` directly, not a shell function: $! must be the
+    # server's own PID, so that kill -9 kills it.
+    ip netns exec "$NS_S" env RUST_LOG="${E2E_LOG:-info}" "$CONTROL" --admin-socket "$admin" serve \
         --listen "$listen" --db "$db" --policy "$TMP/policy.toml" \
         --key-file "$TMP/server.key" --tailnet-name ctl.e2e --keepalive-secs 5 \
         >>"$TMP/$name.log" 2>&1 &
@@ -139,7 +141,7 @@ CONF
 start_node() { # n
     local n=$1 ns="wgm-ctl-$1"
     mkdir -p "$TMP/state-$n"
-    in_ns "$ns" env RUST_LOG="${E2E_LOG:-info}" "$WGMESHD" --foreground --config "$TMP/$n.toml" \
+    ip netns exec "$ns" env RUST_LOG="${E2E_LOG:-info}" "$WGMESHD" --foreground --config "$TMP/$n.toml" \
         --state-dir "$TMP/state-$n" --no-uapi >>"$TMP/$n.log" 2>&1 &
     PIDS+=($!)
     PID[$n]=$!
@@ -254,7 +256,7 @@ check "kill -9 and restart of C: A reaches it again in under 1 s, no config edit
 server_restart_keeps_traffic() {
     # Pings every 0.1 s through the outage: the data plane does not need
     # the server.
-    in_ns "$NS_A" ping -c 40 -i 0.1 -W 1 "$ADDR_B" >"$TMP/ping-outage" 2>&1 &
+    ip netns exec "$NS_A" ping -c 40 -i 0.1 -W 1 "$ADDR_B" >"$TMP/ping-outage" 2>&1 &
     local ping=$!
     sleep 0.5
     kill -KILL "${PID[server]}" || return 1
@@ -290,7 +292,7 @@ POLICY
     "$CONTROL" "${ADMIN[@]}" policy reload || return 1
     sleep 1
     # A listener on C port 22 and 2222 (python, bounded).
-    in_ns "$NS_C" timeout 20 python3 -c '
+    ip netns exec "$NS_C" timeout 20 python3 -c '
 import socket, threading
 def serve(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -330,6 +332,9 @@ replicas_on_postgres() {
     PG_DIR=$(mktemp -d /tmp/wgmesh-e2e-pg.XXXXXX)
     chown postgres "$PG_DIR" || return 1
     su postgres -c "$PG_BIN/initdb -D '$PG_DIR/data' -A trust -U postgres" >"$TMP/pg-init.log" 2>&1 || { cat "$TMP/pg-init.log"; return 1; }
+    # The replicas connect from the bridge network, with no password (a
+    # throwaway cluster in a namespace of its own).
+    echo "host all all 10.78.0.0/24 trust" >>"$PG_DIR/data/pg_hba.conf" || return 1
     # The cluster listens inside the server's namespace, on its bridge address.
     in_ns "$NS_S" su postgres -c "$PG_BIN/pg_ctl -D '$PG_DIR/data' -l '$PG_DIR/log' -w -t 30 \
         -o \"-c listen_addresses=10.78.0.10 -c port=5433 -c unix_socket_directories='$PG_DIR'\" start" >/dev/null || { cat "$PG_DIR/log"; return 1; }
@@ -354,7 +359,7 @@ replicas_on_postgres() {
     ping_until "$NS_A" "$ADDR_C" 25 || { echo "A->C across replicas"; return 1; }
     ping_until "$NS_C" "$ADDR_B" 25 || { echo "C->B across replicas"; return 1; }
     # Replica 1 dies; traffic goes on and A and B move to replica 2.
-    in_ns "$NS_A" ping -c 30 -i 0.1 -W 1 "$ADDR_B" >"$TMP/ping-failover" 2>&1 &
+    ip netns exec "$NS_A" ping -c 30 -i 0.1 -W 1 "$ADDR_B" >"$TMP/ping-failover" 2>&1 &
     local ping=$!
     kill -KILL "${PID[r1]}"; wait "${PID[r1]}" 2>/dev/null || true
     wait "$ping" || true
