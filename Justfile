@@ -29,6 +29,16 @@ bench-lazy:
 bench-control NODES="10000":
     cargo bench -p wgmesh-control --bench control --locked -- --nodes {{NODES}}
 
+# The coordination server's replica tests on a throwaway PostgreSQL cluster
+# (root; 127.0.0.1:54329; deleted afterwards).
+test-postgres:
+    bash control-server/tests/pg.sh
+
+# Loopback load test of one wgmesh-control server: N streaming nodes, pushes
+# per second, CPU and bytes per node restart. Bounded in nodes and time.
+bench-control-server NODES="200" SECONDS="10":
+    cargo bench -p wgmesh-control-server --bench load --locked -- --nodes {{NODES}} --seconds {{SECONDS}}
+
 # End-to-end tests of wgmeshd in network namespaces (root, iproute2). Builds
 # release binaries; the script deletes every namespace it creates.
 e2e:

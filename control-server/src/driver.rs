@@ -262,56 +262,72 @@ impl Driver {
     }
 
     /// Drains the state machine's outputs: stores the records in one
-    /// transaction, then sends the map messages. Returns the store's
-    /// failure, if any.
+    /// transaction, then sends the map messages in order. A stream found
+    /// gone or too slow on the way is taken offline after every message of
+    /// this round went out (so no later delta overtakes an earlier full
+    /// netmap), and the outputs of that go out in the next round. Returns
+    /// the store's failure, if any.
     async fn drain(&mut self) -> Option<crate::store::StoreError> {
-        let mut records = Vec::new();
-        let mut sends = Vec::new();
-        while let Some(output) = self.control.poll_output() {
-            match output {
-                Output::Map {
-                    node_key,
-                    stream,
-                    response,
-                } => sends.push((node_key, stream, StreamMsg::Map(response))),
-                Output::CloseStream {
-                    node_key,
-                    stream,
-                    reason,
-                } => {
-                    let reason = match reason {
-                        CloseReason::Replaced => "replaced",
-                        CloseReason::KeyExpired => "key_expired",
-                        CloseReason::Deleted => "deleted",
-                    };
-                    sends.push((node_key, stream, StreamMsg::Close(reason)));
-                }
-                Output::StoreNode(node) => records.push(Record::Node(node)),
-                Output::ForgetNode(key) => records.push(Record::ForgetNode(key)),
-                Output::StoreAuthKey(key) => records.push(Record::AuthKey(key)),
-                other => tracing::error!(?other, "control output this server does not know"),
-            }
-        }
-        let failure = if records.is_empty() {
-            None
-        } else {
-            match self.store.write(&records).await {
-                Ok(()) => {
-                    self.metrics.store_writes.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-                Err(error) => {
-                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%error, "store write failed; reloading the tailnet from the store");
-                    Some(error)
+        let mut failure = None;
+        loop {
+            let mut records = Vec::new();
+            let mut sends = Vec::new();
+            while let Some(output) = self.control.poll_output() {
+                match output {
+                    Output::Map {
+                        node_key,
+                        stream,
+                        response,
+                    } => sends.push((node_key, stream, StreamMsg::Map(response))),
+                    Output::CloseStream {
+                        node_key,
+                        stream,
+                        reason,
+                    } => {
+                        let reason = match reason {
+                            CloseReason::Replaced => "replaced",
+                            CloseReason::KeyExpired => "key_expired",
+                            CloseReason::Deleted => "deleted",
+                        };
+                        sends.push((node_key, stream, StreamMsg::Close(reason)));
+                    }
+                    Output::StoreNode(node) => records.push(Record::Node(node)),
+                    Output::ForgetNode(key) => records.push(Record::ForgetNode(key)),
+                    Output::StoreAuthKey(key) => records.push(Record::AuthKey(key)),
+                    other => tracing::error!(?other, "control output this server does not know"),
                 }
             }
-        };
-        for (node_key, stream, message) in sends {
-            self.send(node_key, stream, message).await;
-        }
-        if failure.is_some() {
-            self.reload().await;
+            if !records.is_empty() {
+                match self.store.write(&records).await {
+                    Ok(()) => {
+                        self.metrics.store_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "store write failed; reloading the tailnet from the store");
+                        failure.get_or_insert(error);
+                    }
+                }
+            }
+            let mut gone = Vec::new();
+            for (node_key, stream, message) in sends {
+                if let Some(dead) = self.send(node_key, stream, message) {
+                    gone.push(dead);
+                }
+            }
+            if failure.is_some() {
+                self.reload().await;
+                break;
+            }
+            if gone.is_empty() {
+                break;
+            }
+            for (node_key, stream) in gone {
+                let input = Input::Disconnect { node_key, stream };
+                if let Err(error) = self.control.handle_input(now(), input) {
+                    tracing::debug!(%error, "disconnect of a dropped stream");
+                }
+            }
         }
         self.metrics
             .set_control(self.control.counters(), self.control.nodes().len());
@@ -336,7 +352,6 @@ impl Driver {
                 for (_, sink) in std::mem::take(&mut self.sinks) {
                     let _ = sink.tx.try_send(StreamMsg::Close("shutdown"));
                 }
-                self.metrics.streams_open.store(0, Ordering::Relaxed);
             }
             Err(error) => {
                 tracing::error!(%error, "stored state does not restore; keeping the state in memory")
@@ -344,18 +359,25 @@ impl Driver {
         }
     }
 
-    async fn send(&mut self, node_key: NodeKey, stream: StreamId, message: StreamMsg) {
-        let Some(sink) = self.sinks.get(&node_key) else {
-            return;
-        };
+    /// Queues `message` on the node's stream. Returns the stream when it
+    /// must be taken offline (its body is gone, or it reads too slowly).
+    fn send(
+        &mut self,
+        node_key: NodeKey,
+        stream: StreamId,
+        message: StreamMsg,
+    ) -> Option<(NodeKey, StreamId)> {
+        let sink = self.sinks.get(&node_key)?;
         if sink.stream != stream {
-            return;
+            return None;
         }
         let closing = matches!(message, StreamMsg::Close(_));
         match sink.tx.try_send(message) {
-            Ok(()) if !closing => {}
             Ok(()) => {
-                self.sinks.remove(&node_key);
+                if closing {
+                    self.sinks.remove(&node_key);
+                }
+                None
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // The node reads slower than its netmap changes: its stream
@@ -366,29 +388,13 @@ impl Driver {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(node = %node_key.short(), "stream dropped: node reads too slowly");
                 self.sinks.remove(&node_key);
-                if !closing {
-                    self.offline(node_key, stream).await;
-                }
+                (!closing).then_some((node_key, stream))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.sinks.remove(&node_key);
-                if !closing {
-                    self.offline(node_key, stream).await;
-                }
+                (!closing).then_some((node_key, stream))
             }
         }
-    }
-
-    /// Tells control a stream is gone. Its own outputs are drained by the
-    /// caller's loop (through `Box::pin` to allow the recursion).
-    async fn offline(&mut self, node_key: NodeKey, stream: StreamId) {
-        let result = self
-            .control
-            .handle_input(now(), Input::Disconnect { node_key, stream });
-        if let Err(error) = result {
-            tracing::debug!(%error, "disconnect of a dropped stream");
-        }
-        Box::pin(self.drain()).await;
     }
 
     async fn stream_closed(&mut self, closed: StreamClosed) {
@@ -399,7 +405,14 @@ impl Driver {
         {
             self.sinks.remove(&closed.node_key);
         }
-        self.offline(closed.node_key, closed.stream).await;
+        let input = Input::Disconnect {
+            node_key: closed.node_key,
+            stream: closed.stream,
+        };
+        if let Err(error) = self.control.handle_input(now(), input) {
+            tracing::debug!(%error, "disconnect of a closed stream");
+        }
+        self.drain().await;
     }
 
     /// Feeds one input and stores its records; a store failure turns the

@@ -35,6 +35,14 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// Requests one node may send within the replay window.
     pub max_requests_per_node_per_window: usize,
+    /// Requests of all nodes the replay guard remembers (about 150 bytes
+    /// each); past it requests get 503 until the window moves on.
+    pub max_requests_per_window: usize,
+    /// The kernel send buffer of each connection (`SO_SNDBUF`); `None`
+    /// leaves the kernel's autotuning, which lets one unread stream hold
+    /// megabytes. With it, what an unread stream holds is bounded by this,
+    /// hyper's write buffer and `stream_buffer_messages`.
+    pub socket_send_buffer_bytes: Option<usize>,
 }
 
 impl Default for Limits {
@@ -44,6 +52,8 @@ impl Default for Limits {
             stream_buffer_messages: 64,
             keepalive_interval: wire::KEEPALIVE_INTERVAL,
             max_requests_per_node_per_window: 1024,
+            max_requests_per_window: 1_000_000,
+            socket_send_buffer_bytes: Some(256 * 1024),
         }
     }
 }

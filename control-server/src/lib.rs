@@ -170,15 +170,32 @@ pub async fn start(config: ServeConfig) -> Result<RunningServer, ServeError> {
         driver: commands_tx.clone(),
         closed: closed_tx,
         server_key: server_key.clone(),
-        replay: Mutex::new(ReplayGuard::new(
-            wgmesh_control::wire::MAX_CLOCK_SKEW,
-            config.limits.max_requests_per_node_per_window,
-        )),
+        replay: Mutex::new(
+            ReplayGuard::new(
+                wgmesh_control::wire::MAX_CLOCK_SKEW,
+                config.limits.max_requests_per_node_per_window,
+            )
+            .with_max_total(config.limits.max_requests_per_window),
+        ),
         metrics: metrics.clone(),
         limits: config.limits,
     });
     let mut stop = shutdown_rx;
+    let send_buffer = config.limits.socket_send_buffer_bytes;
     let http = tokio::spawn(async move {
+        use axum::serve::ListenerExt as _;
+        // Frames are small and latency matters (a delta is a node restart
+        // being announced): no Nagle delay.
+        let listener = listener.tap_io(move |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY not set");
+            }
+            if let Some(bytes) = send_buffer {
+                if let Err(error) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes) {
+                    tracing::debug!(%error, "SO_SNDBUF not set");
+                }
+            }
+        });
         axum::serve(listener, http::router(state))
             .with_graceful_shutdown(async move {
                 let _ = stop.changed().await;

@@ -101,7 +101,7 @@
 //! | 413 | `wire.too_large` |
 //! | 422 | other refusals by control (bad hostname, routes, too many endpoints, bad disco key) |
 //! | 429 | `auth.too_many_requests` (one node sent too many requests in the replay window) |
-//! | 503 | `server.busy` (too many streams), `server.unavailable` |
+//! | 503 | `server.busy` (too many streams, or too many recent requests to remember), `server.unavailable`, `server.store_failed` |
 //!
 //! [`http_status`] gives the status of every control refusal.
 
@@ -937,6 +937,9 @@ pub enum ReplayError {
     /// The node sent more requests in the window than the guard keeps.
     #[error("more than {0} requests from this node within the window")]
     TooManyRequests(usize),
+    /// The guard holds its most requests (from all nodes) already.
+    #[error("the server remembers {0} recent requests already; try again later")]
+    Full(usize),
 }
 
 impl ReplayError {
@@ -947,6 +950,7 @@ impl ReplayError {
             ReplayError::Stale { .. } => "auth.stale",
             ReplayError::FromFuture { .. } => "auth.from_future",
             ReplayError::TooManyRequests(_) => "auth.too_many_requests",
+            ReplayError::Full(_) => "server.busy",
         }
     }
 
@@ -957,6 +961,7 @@ impl ReplayError {
                 401
             }
             ReplayError::TooManyRequests(_) => 429,
+            ReplayError::Full(_) => 503,
         }
     }
 }
@@ -976,6 +981,7 @@ impl ReplayError {
 pub struct ReplayGuard {
     window_ms: u64,
     max_per_node: usize,
+    max_total: usize,
     seen: BTreeSet<(NodeKey, [u8; NONCE_LEN])>,
     by_time: BTreeSet<(Timestamp, NodeKey, [u8; NONCE_LEN])>,
     per_node: BTreeMap<NodeKey, usize>,
@@ -988,10 +994,20 @@ impl ReplayGuard {
         Self {
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
             max_per_node,
+            max_total: usize::MAX,
             seen: BTreeSet::new(),
             by_time: BTreeSet::new(),
             per_node: BTreeMap::new(),
         }
+    }
+
+    /// Caps the requests it remembers from all nodes together: anyone can
+    /// make key pairs and seal valid requests, so without a cap a flood of
+    /// fresh keys would grow it without bound. Past the cap requests are
+    /// refused ([`ReplayError::Full`]) until old ones leave the window.
+    pub fn with_max_total(mut self, max_total: usize) -> Self {
+        self.max_total = max_total;
+        self
     }
 
     /// How many requests it remembers.
@@ -1031,6 +1047,9 @@ impl ReplayGuard {
         }
         if self.seen.contains(&(node_key, nonce)) {
             return Err(ReplayError::Replayed);
+        }
+        if self.seen.len() >= self.max_total {
+            return Err(ReplayError::Full(self.max_total));
         }
         let count = self.per_node.entry(node_key).or_default();
         if *count >= self.max_per_node {

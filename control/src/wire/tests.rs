@@ -387,6 +387,16 @@ fn the_replay_guard_accepts_once_and_refuses_replays_and_stale_requests() {
     ));
     assert!(guard.is_empty());
     guard.check(later, node, [4; 24], later).unwrap();
+
+    // A cap on all nodes together: fresh keys cannot grow it without bound.
+    let mut capped = ReplayGuard::new(Duration::from_secs(120), 10).with_max_total(2);
+    capped.check(NOW, NodeKey([1; 32]), [1; 24], NOW).unwrap();
+    capped.check(NOW, NodeKey([2; 32]), [1; 24], NOW).unwrap();
+    let full = capped
+        .check(NOW, NodeKey([3; 32]), [1; 24], NOW)
+        .unwrap_err();
+    assert_eq!(full, ReplayError::Full(2));
+    assert_eq!((full.http_status(), full.kind()), (503, "server.busy"));
 }
 
 #[test]
