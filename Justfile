@@ -42,7 +42,7 @@ bench-control-server NODES="200" SECONDS="10":
 # End-to-end tests of wgmeshd in network namespaces (root, iproute2). Builds
 # release binaries; the script deletes every namespace it creates.
 e2e:
-    cargo build --release --locked -p wgmesh-adapters --bins
+    cargo build --release --locked -p wgmesh-adapters -p wgmesh-control-server --bins
     command -v boringtun-cli >/dev/null || [ -x "$HOME/.cache/wgmesh-bench/boringtun/bin/boringtun-cli" ] || timeout 600 cargo install boringtun-cli --locked --root "$HOME/.cache/wgmesh-bench/boringtun" >/dev/null 2>&1 || echo "boringtun-cli could not be installed; its interop test is skipped"
     bash adapters/tests/e2e-suites.sh target/release
 

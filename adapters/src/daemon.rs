@@ -441,6 +441,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
                 listen_port: running.wireguard.as_ref().map_or(0, |w| w.listen_port),
                 mtu: running.router.as_ref().map_or(0, |r| r.mtu),
                 knobs: running.knobs.clone(),
+                magicdns: magicdns.is_some(),
             };
             info!(urls = ?settings.urls.iter().map(|u| u.text.as_str()).collect::<Vec<_>>(), "joining the tailnet through control");
             let client = crate::control_client::task::ControlClient {

@@ -29,6 +29,10 @@ pub struct LocalSettings {
     pub mtu: u16,
     /// The behaviour switches.
     pub knobs: Knobs,
+    /// Whether this node runs the MagicDNS resolver. Without it, control's
+    /// nameserver 100.100.100.100 (MagicDNS) is left out of the system's
+    /// DNS settings: nothing would answer there.
+    pub magicdns: bool,
 }
 
 /// The MagicDNS names a netmap gives: the tailnet domain and this node's
@@ -125,7 +129,13 @@ pub fn reconfig_from_netmap(netmap: &Netmap, local: &LocalSettings) -> Reconfig 
             mtu: local.mtu,
         }),
         dns: Some(DnsConfig {
-            nameservers: netmap.dns.nameservers.clone(),
+            nameservers: netmap
+                .dns
+                .nameservers
+                .iter()
+                .filter(|ip| local.magicdns || !is_magicdns_address(**ip))
+                .copied()
+                .collect(),
             search_domains: netmap.dns.search_domains.clone(),
         }),
         knobs: local.knobs.clone(),
@@ -148,6 +158,12 @@ fn routes_for_own_families(netmap: &Netmap) -> Vec<IpNet> {
             IpNet::V6(_) => has_v6,
         })
         .collect()
+}
+
+/// Whether `ip` is one of the MagicDNS resolver's addresses.
+fn is_magicdns_address(ip: std::net::IpAddr) -> bool {
+    ip == std::net::IpAddr::V4(crate::magicdns::QUAD100_V4)
+        || ip == std::net::IpAddr::V6(crate::magicdns::QUAD100_V6)
 }
 
 /// What one applied delta asks of the node.

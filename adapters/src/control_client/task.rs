@@ -135,6 +135,11 @@ impl ControlClient {
 
     /// Runs until the daemon aborts the task.
     pub async fn run(self) {
+        if self.settings.urls.is_empty() {
+            // The config and the flags refuse an empty list; never divide by it.
+            warn!("no control server URL; the control client does not run");
+            return;
+        }
         let channel = NodeChannel::new(&self.node_key, &self.settings.server_key);
         let mut registered = self.registered_before();
         let mut netmap: Option<Netmap> = None;

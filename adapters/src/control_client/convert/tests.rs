@@ -62,7 +62,23 @@ fn local() -> LocalSettings {
         listen_port: 41641,
         mtu: 1280,
         knobs: Knobs::default(),
+        magicdns: true,
     }
+}
+
+#[test]
+fn without_magicdns_the_system_is_not_pointed_at_it() {
+    let map = netmap(vec![peer(1)]);
+    let with = reconfig_from_netmap(&map, &local());
+    assert_eq!(with.dns.unwrap().nameservers.len(), 1);
+    let without = reconfig_from_netmap(
+        &map,
+        &LocalSettings {
+            magicdns: false,
+            ..local()
+        },
+    );
+    assert!(without.dns.unwrap().nameservers.is_empty());
 }
 
 fn engine() -> Engine {
