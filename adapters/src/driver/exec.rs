@@ -279,7 +279,8 @@ impl Executor {
             | Effect::ReDiscoverEndpoints { .. }
             | Effect::SetNetworkUp(_)
             | Effect::SetBirdProtocol { .. }
-            | Effect::SetDnsViaTunnel(_) => {}
+            | Effect::SetDnsViaTunnel(_)
+            | Effect::EndpointsChanged(_) => {}
             // `Effect` is `#[non_exhaustive]` in core, so the compiler
             // demands this arm; every variant core has today is named
             // above, and one added later is reported here, not dropped.

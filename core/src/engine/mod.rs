@@ -3,7 +3,9 @@
 mod buffers;
 mod control;
 mod disco;
+mod endpoints;
 mod inbound;
+mod nat;
 mod opens;
 mod outbound;
 mod peers;
@@ -30,6 +32,7 @@ use crate::keys::{DiscoPublicKey, NodePublicKey};
 use crate::routing::SharedPrefixTable;
 use buffers::Buffers;
 use disco::DiscoState;
+use endpoints::EndpointDiscovery;
 use peers::PeerTable;
 use pending::{PendingOpens, PendingPings};
 use reconfig::RunningConfig;
@@ -124,6 +127,7 @@ pub struct Engine {
     /// The disco and pending-open deadlines currently in the timer queue.
     disco_timer_at: Option<Instant>,
     opens_timer_at: Option<Instant>,
+    stun_timer_at: Option<Instant>,
 
     applied: RunningConfig,
     trimming: bool,
@@ -141,6 +145,10 @@ pub struct Engine {
     pings: PendingPings,
     opens: PendingOpens,
     disco: DiscoState,
+    /// This node's own endpoints: local ones and the STUN-reflexive one.
+    endpoints: EndpointDiscovery,
+    /// The NAT settings in force (peers' relayed addresses).
+    nat: nat::NatState,
 
     status_pending: bool,
     last_status_push: Option<Instant>,
@@ -180,6 +188,7 @@ impl Engine {
             staged_bytes_total: 0,
             disco_timer_at: None,
             opens_timer_at: None,
+            stun_timer_at: None,
             trimming: config.trim_override.unwrap_or(true),
             applied: RunningConfig::default(),
             filter: PacketFilter::allow_all(),
@@ -192,6 +201,8 @@ impl Engine {
             pings: PendingPings::default(),
             opens: PendingOpens::default(),
             disco,
+            endpoints: EndpointDiscovery::new(now),
+            nat: nat::NatState::default(),
             status_pending: false,
             last_status_push: None,
             counters: Counters::default(),
@@ -330,7 +341,9 @@ impl Engine {
                 | Input::Ping(_)
                 | Input::StatusRequest
                 | Input::SetPacketFilter(_)
-                | Input::SetCapture(_) => return Err(InputError::Closed),
+                | Input::SetCapture(_)
+                | Input::SetNat(_)
+                | Input::SetLocalEndpoints(_) => return Err(InputError::Closed),
             }
         }
         match input {
@@ -358,6 +371,8 @@ impl Engine {
             }
             Input::SetPacketFilter(filter) => self.filter = filter,
             Input::SetCapture(on) => self.capture = on,
+            Input::SetNat(config) => self.set_nat(now, config)?,
+            Input::SetLocalEndpoints(local) => self.set_local_endpoints(&local)?,
             Input::Close => self.close(),
         }
         Ok(InputOutcome::Done)
@@ -393,6 +408,10 @@ impl Engine {
                     let actions = self.disco.on_timer(now, &mut self.rng);
                     self.run_disco_actions(now, actions);
                 }
+                TimerKey::Engine(EngineTimer::Stun) => {
+                    self.stun_timer_at = None;
+                    self.stun_timer(now);
+                }
             }
         }
     }
@@ -420,7 +439,9 @@ impl Engine {
     ) -> Result<ReconfigOutcome, ReconfigError> {
         match self.handle_input(now, Input::Reconfig(Box::new(reconfig.clone()))) {
             Ok(InputOutcome::Reconfig(outcome)) => Ok(outcome),
-            Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+            // Like `Done`, a NAT refusal never answers a reconfig: only
+            // `SetNat` and `SetLocalEndpoints` are refused with it.
+            Ok(InputOutcome::Done) | Err(InputError::Nat(_)) => Ok(ReconfigOutcome::NoChanges),
             Err(InputError::Reconfig(e)) => Err(e),
             Err(InputError::Closed) => Err(ReconfigError::EngineClosed),
         }
@@ -439,7 +460,9 @@ impl Engine {
             Ok(InputOutcome::Reconfig(ReconfigOutcome::Applied(changes))) => {
                 Ok(changes.peers_changed)
             }
-            Ok(InputOutcome::Reconfig(ReconfigOutcome::NoChanges) | InputOutcome::Done) => Ok(0),
+            // A NAT refusal never answers a peer delta (see `reconfig`).
+            Ok(InputOutcome::Reconfig(ReconfigOutcome::NoChanges) | InputOutcome::Done)
+            | Err(InputError::Nat(_)) => Ok(0),
             Err(InputError::Reconfig(e)) => Err(e),
             Err(InputError::Closed) => Err(ReconfigError::EngineClosed),
         }
@@ -485,6 +508,7 @@ impl Engine {
             },
             TimerKey::Engine(EngineTimer::PendingOpens) => TimeoutReason::PendingOpens,
             TimerKey::Engine(EngineTimer::Disco) => TimeoutReason::Disco,
+            TimerKey::Engine(EngineTimer::Stun) => TimeoutReason::EndpointDiscovery,
         })
     }
 
@@ -502,6 +526,7 @@ impl Engine {
             TimerKey::Ping(id) => self.pings.deadline_of(id) == Some(at),
             TimerKey::Engine(EngineTimer::PendingOpens) => self.opens_timer_at == Some(at),
             TimerKey::Engine(EngineTimer::Disco) => self.disco_timer_at == Some(at),
+            TimerKey::Engine(EngineTimer::Stun) => self.stun_timer_at == Some(at),
         }
     }
 
