@@ -236,6 +236,8 @@ struct PeerDisco {
     relay: Option<SocketAddr>,
     /// When we last sent the peer a call-me-maybe.
     last_call_me_maybe: Option<Instant>,
+    /// When we last answered its ping with a ping of our own (hole punching).
+    last_punch: Option<Instant>,
     best: Option<(SocketAddr, Duration)>,
     best_pong_at: Option<Instant>,
     last_heartbeat: Option<Instant>,
@@ -256,6 +258,7 @@ impl PeerDisco {
             candidates: BTreeMap::new(),
             relay: None,
             last_call_me_maybe: None,
+            last_punch: None,
             best: None,
             best_pong_at: None,
             last_heartbeat: None,
@@ -367,11 +370,15 @@ impl PeerDisco {
     }
 
     /// The next instant this peer's disco state needs attention. Only
-    /// instants after `now` count: what was due has been done by the caller.
-    fn compute_next(&self, now: Instant) -> Option<Instant> {
+    /// instants after `now` count when the caller is the timer (what was
+    /// due has been done); any other caller (a message, a reconfig) counts
+    /// an instant equal to `now` too, because the timer due at this very
+    /// instant may not have run yet: dropping it would skip, say, a
+    /// heartbeat due when a datagram arrived at the same instant.
+    fn compute_next(&self, now: Instant, include_now: bool) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| {
-            if t > now {
+            if t > now || (include_now && t == now) {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };

@@ -74,13 +74,19 @@ impl DiscoState {
     }
 
     fn reschedule(&mut self, now: Instant, slot: PeerSlot) {
+        self.reschedule_from(now, slot, true);
+    }
+
+    /// Re-arms the peer's deadline; `include_now` is false only for the
+    /// timer itself (see `PeerDisco::compute_next`).
+    fn reschedule_from(&mut self, now: Instant, slot: PeerSlot, include_now: bool) {
         let Some(peer) = self.peers.get_mut(&slot) else {
             return;
         };
         if let Some(old) = peer.next_at.take() {
             self.schedule.remove(&(old, slot));
         }
-        peer.next_at = peer.compute_next(now);
+        peer.next_at = peer.compute_next(now, include_now);
         if let Some(at) = peer.next_at {
             self.schedule.insert((at, slot));
         }
@@ -431,13 +437,19 @@ impl DiscoState {
                 });
                 // Hole punching: the peer pings us from `from` because it
                 // wants a direct path; our own ping there now goes out
-                // while its NAT expects an answer from us.
+                // while its NAT expects an answer from us (an earlier one
+                // of ours may have been dropped by that NAT before the
+                // peer's ping opened it). At most one per
+                // DISCO_FULL_PING_MIN_INTERVAL.
                 let punch = peer.relay.is_some()
                     && !peer.is_relay(from)
                     && !peer.direct_trusted(now)
                     && peer.candidates.contains_key(&from)
-                    && !peer.pending.values().any(|p| p.dst == from);
+                    && peer.last_punch.is_none_or(|t| {
+                        now.saturating_duration_since(t) >= DISCO_FULL_PING_MIN_INTERVAL
+                    });
                 if punch {
+                    peer.last_punch = Some(now);
                     let mut tx_id = [0u8; 12];
                     rng.fill_bytes(&mut tx_id);
                     Self::send_ping(peer, slot, now, from, tx_id, &mut out);
@@ -652,7 +664,7 @@ impl DiscoState {
                     }
                 }
             }
-            self.reschedule(now, slot);
+            self.reschedule_from(now, slot, false);
         }
         out
     }
