@@ -111,6 +111,9 @@ pub struct ConfigFile {
     /// The optional flow log.
     #[serde(default)]
     pub flowlog: FlowLogSection,
+    /// NAT traversal (until the control server pushes these settings).
+    #[serde(default)]
+    pub nat: NatSection,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
@@ -296,6 +299,28 @@ pub struct FlowLogSection {
     pub path: Option<PathBuf>,
     /// Seconds between writes (default 10).
     pub interval_secs: Option<u64>,
+}
+
+/// `[nat]`: endpoint discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// STUN servers asked for this node's reflexive address, on the
+    /// WireGuard socket (at most `wgmesh_core::MAX_STUN_SERVERS`).
+    #[serde(default = "no_stun_servers")]
+    pub stun_servers: Spanned<Vec<SocketAddr>>,
+}
+
+impl Default for NatSection {
+    fn default() -> Self {
+        Self {
+            stun_servers: no_stun_servers(),
+        }
+    }
+}
+
+fn no_stun_servers() -> Spanned<Vec<SocketAddr>> {
+    Spanned::new(0..0, Vec::new())
 }
 
 /// One `[[peer]]`. Its `Debug` output redacts the pre-shared key, which is
@@ -517,6 +542,9 @@ impl DaemonConfig {
             }
         }
         self.check_magicdns()?;
+        if let Err(e) = self.nat_config().validate() {
+            return Err((Some(self.file.nat.stun_servers.span()), format!("nat: {e}")));
+        }
         let disco = DiscoPrivateKey::from_bytes([7; 32]);
         let mut engine = Engine::new(
             EngineConfig::new(self.private_key.clone(), disco),
@@ -682,6 +710,14 @@ impl DaemonConfig {
     /// The interface name: the file's, else `fallback`.
     pub fn interface_name<'a>(&'a self, fallback: &'a str) -> &'a str {
         self.file.interface.name.as_deref().unwrap_or(fallback)
+    }
+
+    /// The NAT settings the engine gets ([`wgmesh_core::Input::SetNat`]).
+    pub fn nat_config(&self) -> wgmesh_core::NatConfig {
+        wgmesh_core::NatConfig {
+            stun_servers: self.file.nat.stun_servers.get_ref().clone(),
+            peer_relays: Vec::new(),
+        }
     }
 
     /// The full desired state for the engine.
@@ -1093,6 +1129,29 @@ allowed_ips = ["100.64.0.2/32"]
         let (line, msg) = err(&text);
         assert_eq!(line, 10, "{msg}");
         assert!(msg.contains("[magicdns] is not enabled"), "{msg}");
+    }
+
+    #[test]
+    fn stun_servers_become_nat_settings_and_bad_ones_are_refused_at_their_line() {
+        let text = good().replace(
+            "[dns]",
+            "[nat]\nstun_servers = [\"198.51.100.1:3478\"]\n\n[dns]",
+        );
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        assert_eq!(
+            config.nat_config().stun_servers,
+            vec!["198.51.100.1:3478".parse::<SocketAddr>().unwrap()]
+        );
+        let text = good().replace("[dns]", "[nat]\nstun_servers = [\"0.0.0.0:3478\"]\n\n[dns]");
+        let (line, msg) = err(&text);
+        assert_eq!(line, 9, "{msg}");
+        assert!(
+            msg.contains("nat: STUN server 0.0.0.0:3478 is not a usable address"),
+            "{msg}"
+        );
+        let text = good().replace("[dns]", "[nat]\nstun = 1\n\n[dns]");
+        let (_, msg) = err(&text);
+        assert!(msg.contains("unknown field `stun`"), "{msg}");
     }
 
     /// Writes `text` to `path` with mode 0600.

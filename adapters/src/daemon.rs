@@ -235,6 +235,23 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             RequestError::Refused(e) => DaemonError::Refused(e),
             RequestError::Stopped => DaemonError::DriverStopped,
         })?;
+    // NAT traversal: the STUN servers, then this host's local endpoints
+    // (the engine reports both with the reflexive address it finds).
+    if let Some(config) = &config {
+        handle
+            .set_nat(config.nat_config())
+            .await
+            .map_err(|e| match e {
+                RequestError::Refused(e) => DaemonError::Refused(e),
+                RequestError::Stopped => DaemonError::DriverStopped,
+            })?;
+    }
+    if crate::nat::report_local_endpoints(&handle, &interface)
+        .await
+        .is_err()
+    {
+        return Err(DaemonError::DriverStopped);
+    }
     let magicdns = match &magicdns_section {
         Some(section) => {
             let netlink = if options.manage_routes {
@@ -573,6 +590,11 @@ async fn reload(
             ChangeError::Engine(e) => format!("{}: {e}", path.display()),
             ChangeError::Fwmark(e) => format!("{}: {e}", path.display()),
         })?;
+    // The NAT settings were checked with the file; the engine checks them
+    // again and keeps the old ones if it refuses.
+    if let Err(e) = desired.driver().set_nat(config.nat_config()).await {
+        return Err(format!("{}: NAT settings: {e}", path.display()));
+    }
     if let Some(magicdns) = magicdns {
         let applied = desired.snapshot().await;
         magicdns.update(&config.file.magicdns, &applied.reconfig);

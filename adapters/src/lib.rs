@@ -40,6 +40,7 @@ pub mod linkmon;
 pub mod localsock;
 pub mod logging;
 pub mod magicdns;
+pub mod nat;
 pub mod os;
 pub mod router;
 pub mod tun;

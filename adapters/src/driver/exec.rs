@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, trace, warn};
 use wgmesh_core::{
-    CapturedPacket, Effect, Engine, Event, Input, InputOutcome, PingId, PingRequest, PingResult,
-    ReconfigOutcome, Status,
+    CapturedPacket, Effect, Engine, Event, Input, InputOutcome, NatConfig, PingId, PingRequest,
+    PingResult, ReconfigOutcome, Status,
 };
 
 use super::handle::Control;
@@ -44,6 +45,10 @@ pub(super) struct Executor {
     pub(super) tun_errors: u32,
     /// I/O errors in a row on the socket.
     pub(super) socket_errors: u32,
+    /// The NAT settings and local endpoints the engine last accepted, given
+    /// again to an engine that replaces it.
+    nat: Option<NatConfig>,
+    local_endpoints: Option<Vec<SocketAddr>>,
 }
 
 impl Executor {
@@ -62,6 +67,8 @@ impl Executor {
             flows: None,
             tun_errors: 0,
             socket_errors: 0,
+            nat: None,
+            local_endpoints: None,
         }
     }
 
@@ -136,6 +143,26 @@ impl Executor {
                 );
                 let _ = engine.handle_input(now, Input::LinkChange(change));
             }
+            Control::SetNat { config, reply } => {
+                let result = engine
+                    .handle_input(now, Input::SetNat(config.clone()))
+                    .map(|_| ());
+                match &result {
+                    Ok(()) => self.nat = Some(config),
+                    Err(e) => warn!(error = %e, "NAT settings refused"),
+                }
+                let _ = reply.send(result);
+            }
+            Control::SetLocalEndpoints { endpoints, reply } => {
+                let result = engine
+                    .handle_input(now, Input::SetLocalEndpoints(endpoints.clone()))
+                    .map(|_| ());
+                match &result {
+                    Ok(()) => self.local_endpoints = Some(endpoints),
+                    Err(e) => warn!(error = %e, "local endpoints refused"),
+                }
+                let _ = reply.send(result);
+            }
             Control::SetPacketFilter(filter) => {
                 let _ = engine.handle_input(now, Input::SetPacketFilter(filter));
             }
@@ -169,6 +196,13 @@ impl Executor {
                     Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
                     Err(e) => Err(e),
                 };
+                // The old engine accepted these, so the new one does too.
+                if let Some(config) = self.nat.clone() {
+                    let _ = engine.handle_input(now, Input::SetNat(config));
+                }
+                if let Some(endpoints) = self.local_endpoints.clone() {
+                    let _ = engine.handle_input(now, Input::SetLocalEndpoints(endpoints));
+                }
                 let _ = reply.send(result);
             }
             Control::Close { reply } => {
