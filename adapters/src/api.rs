@@ -99,6 +99,9 @@ pub struct StatusView {
     /// This node's own endpoints, each as "address (local|stun)".
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// This node's relayed address (its TURN allocation), if it holds one.
+    #[serde(default)]
+    pub relay: Option<String>,
     /// Every peer, sorted by key.
     pub peers: Vec<PeerView>,
     /// Every engine counter.
@@ -195,6 +198,7 @@ impl StatusView {
                 .iter()
                 .map(|e| format!("{} ({})", e.addr, e.kind.as_str()))
                 .collect(),
+            relay: status.relay.map(|r| r.to_string()),
             peers,
             counters: status
                 .counters

@@ -83,6 +83,9 @@ pub enum DaemonError {
     /// The config file is bad.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The relay settings could not be used (the secret file, ...).
+    #[error("{0}")]
+    Relay(String),
     /// The TUN device could not be opened.
     #[error("TUN device {name}: {source}")]
     Tun {
@@ -207,6 +210,19 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
 
     let engine = new_engine(private_key.clone(), disco_key, &interface);
     info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
+    // The relay (TURN) sits under the engine, in the driver's socket.
+    let relay_at_start = config
+        .as_ref()
+        .and_then(|c| c.file.relay.as_ref().map(|r| r.get_ref().clone()));
+    let relay = match &config {
+        Some(config) => {
+            let node_name = engine.node_key().to_string().replace(':', "-");
+            config
+                .relay_settings(&node_name)
+                .map_err(DaemonError::Relay)?
+        }
+        None => None,
+    };
 
     let (effects_tx, effects_rx) = mpsc::unbounded_channel();
     let os_task = tokio::spawn(os.run(effects_rx));
@@ -217,6 +233,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         listen_port,
         effects_tx,
         options.data_plane_nice,
+        relay,
     )
     .await?;
 
@@ -369,13 +386,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = hup.recv() => {
-                match reload(&options, &desired, magicdns.as_ref()).await {
+                match reload(&options, &desired, magicdns.as_ref(), relay_at_start.as_ref()).await {
                     Ok(message) => info!(%message, "reloaded on SIGHUP"),
                     Err(message) => error!(%message, "reload refused; the running config stays"),
                 }
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = reload(&options, &desired, magicdns.as_ref()).await;
+                let outcome = reload(&options, &desired, magicdns.as_ref(), relay_at_start.as_ref()).await;
                 if let Err(message) = &outcome {
                     error!(%message, "reload refused; the running config stays");
                 }
@@ -450,6 +467,7 @@ async fn spawn_driver_thread(
     listen_port: u16,
     effects: mpsc::UnboundedSender<wgmesh_core::Effect>,
     nice: Option<i32>,
+    relay: Option<crate::relay::RelaySettings>,
 ) -> Result<(DriverHandle, Option<SocketAddr>, DriverExitReceiver), DaemonError> {
     type Ready = Result<(DriverHandle, Option<SocketAddr>), DaemonError>;
     let (ready_tx, ready_rx) = oneshot::channel::<Ready>();
@@ -501,6 +519,7 @@ async fn spawn_driver_thread(
                         return;
                     }
                 };
+                let socket = crate::relay::RelaySocket::new(socket, relay);
                 let bound = crate::driver::DatagramSocket::local_addr(&socket).ok();
                 info!(interface = %tun.name(), ?bound, "devices ready");
                 let (driver, handle) = Driver::new(
@@ -543,6 +562,12 @@ enum ReloadRefused {
         /// The config file.
         path: String,
     },
+    /// `[relay]` changed: the allocation is made at start.
+    #[error("{path}: [relay] changed; restart wgmeshd to use another relay")]
+    RelayChanged {
+        /// The config file.
+        path: String,
+    },
     /// `magicdns.enable` changed: the resolver starts and stops with the daemon.
     #[error("{path}: magicdns.enable changed; restart wgmeshd to start or stop MagicDNS")]
     MagicDnsToggled {
@@ -557,6 +582,7 @@ async fn reload(
     options: &DaemonOptions,
     desired: &DesiredState,
     magicdns: Option<&crate::magicdns::MagicDns>,
+    relay_at_start: Option<&crate::config::RelaySection>,
 ) -> Result<String, String> {
     let Some(path) = &options.config else {
         return Err("wgmeshd was started without a config file; nothing to reload".into());
@@ -566,6 +592,11 @@ async fn reload(
         .change(|d| {
             if config.private_key != d.private_key {
                 return Err(ReloadRefused::KeyChanged {
+                    path: path.display().to_string(),
+                });
+            }
+            if config.file.relay.as_ref().map(|r| r.get_ref()) != relay_at_start {
+                return Err(ReloadRefused::RelayChanged {
                     path: path.display().to_string(),
                 });
             }

@@ -42,6 +42,7 @@ pub mod logging;
 pub mod magicdns;
 pub mod nat;
 pub mod os;
+pub mod relay;
 pub mod router;
 pub mod tun;
 pub mod uapi;

@@ -505,8 +505,13 @@ pub struct Status {
     pub endpoints: Vec<Endpoint>,
     /// Every peer of the full config, sorted by key.
     pub peers: Vec<PeerStatus>,
-    /// Relays in use (always 0: wgmesh has no relays yet).
+    /// Relays in use: 1 while this node holds a relay allocation (see
+    /// `relay`), else 0.
     pub relay_count: usize,
+    /// This node's relayed address (its TURN allocation). The engine holds
+    /// no allocation itself (the adapters' socket does, under it), so it
+    /// leaves this `None` and the adapters fill it in.
+    pub relay: Option<SocketAddr>,
     /// Peers currently handed to WireGuard.
     pub configured_peers: usize,
     /// Peers in the full config (configured or trimmed).

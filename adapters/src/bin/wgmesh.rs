@@ -249,6 +249,9 @@ fn render_status(status: &StatusView) -> String {
     if !status.endpoints.is_empty() {
         out.push_str(&format!("  endpoints {}\n", status.endpoints.join(", ")));
     }
+    if let Some(relay) = &status.relay {
+        out.push_str(&format!("  relay {relay}\n"));
+    }
     for p in &status.peers {
         let state = if p.configured {
             "active"

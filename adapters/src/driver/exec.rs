@@ -148,7 +148,12 @@ impl Executor {
                     .handle_input(now, Input::SetNat(config.clone()))
                     .map(|_| ());
                 match &result {
-                    Ok(()) => self.nat = Some(config),
+                    Ok(()) => {
+                        let relays: Vec<SocketAddr> =
+                            config.peer_relays.iter().map(|r| r.addr).collect();
+                        socket.set_relay_peers(&relays);
+                        self.nat = Some(config);
+                    }
                     Err(e) => warn!(error = %e, "NAT settings refused"),
                 }
                 let _ = reply.send(result);
@@ -271,6 +276,9 @@ impl Executor {
                     if let Ok(bound) = socket.local_addr() {
                         status.listen_port = bound.port();
                     }
+                    // The relay allocation is the socket's, not the engine's.
+                    status.relay = socket.relayed_addr();
+                    status.relay_count = usize::from(status.relay.is_some());
                     for waiter in self.status_waiters.drain(..) {
                         let _ = waiter.send(status.clone());
                     }

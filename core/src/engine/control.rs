@@ -97,6 +97,7 @@ impl Engine {
             endpoints: self.endpoints.endpoints().to_vec(),
             peers,
             relay_count: 0,
+            relay: None,
             configured_peers: self.configured_count,
             full_config_peers: self.peers.len(),
             counters: self.counters.clone(),
