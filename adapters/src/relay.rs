@@ -381,6 +381,18 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
         };
         loop {
             Self::flush_outbox(inner, relay).await?;
+            // What the inner socket already holds first: a batched socket
+            // hands out the rest of a batch only here, and the loop's own
+            // drain of it runs only after this returns a datagram, so TURN
+            // signalling in a batch would otherwise wait for unrelated
+            // traffic.
+            if let Some((n, from)) = inner.recv_buffered_from(buf) {
+                match relay.receive(&buf[..n], from, Instant::now()) {
+                    Received::Pass => return Ok((n, from)),
+                    Received::Consumed => continue,
+                    Received::Peer(data, peer) => return Ok(copy_out(buf, &data, peer)),
+                }
+            }
             let wake = relay
                 .wake
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
