@@ -365,10 +365,17 @@ impl<S: DatagramSocket> RelaySocket<S> {
     }
 
     async fn flush_outbox(inner: &mut S, relay: &mut Relay) -> io::Result<()> {
+        if relay.outbox.is_empty() {
+            return Ok(());
+        }
         while let Some(message) = relay.outbox.front() {
             inner.send_to(message, relay.settings.server).await?;
             relay.outbox.pop_front();
         }
+        // A batched socket only queues in `send_to`; the loop flushes it
+        // after a burst of traffic, and TURN signalling (allocations,
+        // channel bindings, refreshes) must not wait for traffic.
+        inner.flush();
         Ok(())
     }
 }
@@ -419,11 +426,13 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
         let Some(relay) = relay.as_mut().filter(|r| r.peers.contains(&dst)) else {
             return inner.send_to(data, dst).await;
         };
+        // Signalling waiting in the outbox goes first; the datagram itself
+        // is queued like any other and flushed with its burst.
+        Self::flush_outbox(inner, relay).await?;
         match relay.wrap(data, dst, Instant::now()) {
-            Some(message) => relay.outbox.push_back(message),
-            None => return Ok(()),
+            Some(message) => inner.send_to(&message, relay.settings.server).await,
+            None => Ok(()),
         }
-        Self::flush_outbox(inner, relay).await
     }
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {

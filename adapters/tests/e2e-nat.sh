@@ -306,6 +306,44 @@ show_path() { # n peer-out: the peer's line in status shows the direct address
 }
 check "wgmesh status shows the direct address" show_path a "$(field b stun)"
 
+# Cutting the direct path (router A drops what goes to router B) moves the
+# traffic to the relay within the trust timeout; healing it moves it back.
+failover() {
+    local b_out path lost t0 t1
+    b_out=$(field b stun)
+    ip netns exec "$NS_RA" nft add table ip wgmcut || return 1
+    ip netns exec "$NS_RA" nft "add chain ip wgmcut cut { type filter hook forward priority 0; policy accept; }" || return 1
+    ip netns exec "$NS_RA" nft add rule ip wgmcut cut ip daddr 198.51.100.3 drop || return 1
+    t0=$(date +%s.%N)
+    # One ping every 200 ms for 15 s while the path moves.
+    ip netns exec "$NS_A" ping -c 75 -i 0.2 -W 1 100.64.0.2 >"$TMP/failover-ping" 2>&1 &
+    local pinger=$!
+    for _ in $(seq 300); do
+        path=$(field a path || true)
+        case "$path" in relay*) break ;; esac
+        sleep 0.05
+    done
+    t1=$(date +%s.%N)
+    wait "$pinger" || true
+    lost=$(grep -o "[0-9]*% packet loss" "$TMP/failover-ping" || echo "?")
+    case "$path" in relay*) ;; *) echo "A's path is '$path' after the cut, not the relay"; return 1 ;; esac
+    echo "direct path cut: relay after $(python3 -c "print(f'{$t1 - $t0:.2f}')") s, $lost of 75 pings (200 ms apart)" >&3
+    ip netns exec "$NS_RA" nft delete table ip wgmcut || return 1
+    t0=$(date +%s.%N)
+    ip netns exec "$NS_A" ping -c 100 -i 0.2 -W 1 100.64.0.2 >/dev/null 2>&1 &
+    pinger=$!
+    for _ in $(seq 400); do
+        path=$(field a path || true)
+        [ "$path" = "$b_out" ] && break
+        sleep 0.05
+    done
+    t1=$(date +%s.%N)
+    kill "$pinger" 2>/dev/null; wait "$pinger" 2>/dev/null || true
+    [ "$path" = "$b_out" ] || { echo "A's path is '$path' after healing, not $b_out"; return 1; }
+    echo "direct path back $(python3 -c "print(f'{$t1 - $t0:.2f}')") s after healing" >&3
+}
+check "a cut direct path moves to the relay and back when healed" failover
+
 # 4. A symmetric NAT at B: a new mapping per destination. B restarts on
 # another port (new conntrack entries, so the new NAT applies to them).
 nat "$NS_RB" "fully-random"
