@@ -325,9 +325,9 @@ failover() {
     done
     t1=$(date +%s.%N)
     wait "$pinger" || true
-    lost=$(grep -o "[0-9]*% packet loss" "$TMP/failover-ping" || echo "?")
+    lost=$(grep -o "[0-9.]*% packet loss" "$TMP/failover-ping" || echo "?")
     case "$path" in relay*) ;; *) echo "A's path is '$path' after the cut, not the relay"; return 1 ;; esac
-    echo "direct path cut: relay after $(python3 -c "print(f'{$t1 - $t0:.2f}')") s, $lost of 75 pings (200 ms apart)" >&3
+    echo "direct path cut: relay after $(python3 -c "print(f'{$t1 - $t0:.2f}')") s; $lost over 75 pings 200 ms apart" >&3
     ip netns exec "$NS_RA" nft delete table ip wgmcut || return 1
     t0=$(date +%s.%N)
     ip netns exec "$NS_A" ping -c 100 -i 0.2 -W 1 100.64.0.2 >/dev/null 2>&1 &
@@ -366,6 +366,13 @@ relay_path() {
         sleep 0.05
     done
     case "$path" in relay*) ;; *) echo "A's path to B is '$path', not the relay"; api a status; return 1 ;; esac
+    # B restarted with the same keys, so A's old session needs a handshake
+    # retry first: traffic flows within 15 s.
+    local ok=0
+    for _ in $(seq 15); do
+        if ip netns exec "$NS_A" ping -c 1 -W 1 100.64.0.2 >/dev/null 2>&1; then ok=1; break; fi
+    done
+    [ "$ok" = 1 ] || { echo "no ping answered over the relay"; return 1; }
     ip netns exec "$NS_A" ping -c 3 -i 0.2 -W 2 100.64.0.2 || return 1
     api a status | grep -q "relay" || return 1
     api b status | grep -q "relay" || return 1
