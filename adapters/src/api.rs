@@ -96,6 +96,12 @@ pub struct StatusView {
     pub listen_port: u16,
     /// This node's tunnel addresses.
     pub local_addrs: Vec<String>,
+    /// This node's own endpoints, each as "address (local|stun)".
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// This node's relayed address (its TURN allocation), if it holds one.
+    #[serde(default)]
+    pub relay: Option<String>,
     /// Every peer, sorted by key.
     pub peers: Vec<PeerView>,
     /// Every engine counter.
@@ -180,6 +186,9 @@ pub struct PeerView {
     pub configured: bool,
     /// Current endpoint.
     pub endpoint: Option<String>,
+    /// True when that endpoint is the peer's relay (no direct path answers).
+    #[serde(default)]
+    pub via_relay: bool,
     /// Last handshake as Unix seconds.
     pub last_handshake_unix: Option<u64>,
     /// Seconds since the last handshake.
@@ -229,6 +238,7 @@ impl StatusView {
                 allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
                 configured: p.configured,
                 endpoint: p.endpoint.map(|e| e.to_string()),
+                via_relay: p.via_relay,
                 last_handshake_unix: p
                     .last_handshake_ago
                     .and_then(|ago| wall.checked_sub(ago))
@@ -258,6 +268,12 @@ impl StatusView {
             disco_key: status.disco_key.to_string(),
             listen_port: status.listen_port,
             local_addrs: status.local_addrs.iter().map(ToString::to_string).collect(),
+            endpoints: status
+                .endpoints
+                .iter()
+                .map(|e| format!("{} ({})", e.addr, e.kind.as_str()))
+                .collect(),
+            relay: status.relay.map(|r| r.to_string()),
             peers,
             control: None,
             counters: status

@@ -114,6 +114,12 @@ pub struct ConfigFile {
     /// `[exit_node]`.
     #[serde(default)]
     pub exit_node: ExitNodeSection,
+    /// NAT traversal (until the control server pushes these settings).
+    #[serde(default)]
+    pub nat: NatSection,
+    /// The TURN relay this node holds an allocation on.
+    #[serde(default)]
+    pub relay: Option<Spanned<RelaySection>>,
     /// The peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
@@ -337,6 +343,67 @@ pub fn default_routes(addresses: &[IpNet]) -> Vec<IpNet> {
     routes
 }
 
+/// `[nat]`: endpoint discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// STUN servers asked for this node's reflexive address, on the
+    /// WireGuard socket (at most `wgmesh_core::MAX_STUN_SERVERS`).
+    #[serde(default = "no_stun_servers")]
+    pub stun_servers: Spanned<Vec<SocketAddr>>,
+}
+
+impl Default for NatSection {
+    fn default() -> Self {
+        Self {
+            stun_servers: no_stun_servers(),
+        }
+    }
+}
+
+/// `[relay]`: a TURN server and the secret shared with it (TURN REST-API
+/// credentials, as coturn's `use-auth-secret`).
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// The TURN server (UDP).
+    pub turn_server: SocketAddr,
+    /// The shared secret, inline (the file must then be private).
+    #[serde(default, deserialize_with = "opt_secret")]
+    pub shared_secret: Option<zeroize::Zeroizing<String>>,
+    /// The shared secret, in a private file of its own.
+    pub shared_secret_file: Option<PathBuf>,
+    /// How long each set of credentials is valid (default one day).
+    pub credential_ttl_secs: Option<u64>,
+}
+
+impl std::fmt::Debug for RelaySection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelaySection")
+            .field("turn_server", &self.turn_server)
+            .field(
+                "shared_secret",
+                &self.shared_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("shared_secret_file", &self.shared_secret_file)
+            .field("credential_ttl_secs", &self.credential_ttl_secs)
+            .finish()
+    }
+}
+
+fn opt_secret<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<zeroize::Zeroizing<String>>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(zeroize::Zeroizing::new))
+}
+
+/// Credentials live one day unless `credential_ttl_secs` says otherwise.
+const DEFAULT_CREDENTIAL_TTL_SECS: u64 = 24 * 3600;
+
+fn no_stun_servers() -> Spanned<Vec<SocketAddr>> {
+    Spanned::new(0..0, Vec::new())
+}
+
 /// One `[[peer]]`. Its `Debug` output redacts the pre-shared key, which is
 /// zeroized on drop.
 #[derive(Clone, Deserialize)]
@@ -354,6 +421,9 @@ pub struct PeerSection {
     /// Candidate UDP endpoints.
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
+    /// The peer's relayed address (its TURN allocation): a candidate path
+    /// used while no direct one answers. Needs a `[relay]` of our own.
+    pub relay_endpoint: Option<Spanned<SocketAddr>>,
     /// Addresses and subnets routed to the peer.
     #[serde(default)]
     pub allowed_ips: Vec<IpNet>,
@@ -463,6 +533,11 @@ impl DaemonConfig {
         std::io::Read::read_to_string(&mut file, &mut text).map_err(read_err)?;
         let config = Self::parse(path, &text)?;
         let holds_key = config.file.interface.private_key.is_some()
+            || config
+                .file
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.get_ref().shared_secret.is_some())
             || config.file.peers.iter().any(|p| p.preshared_key.is_some());
         if holds_key {
             check_secret_file(&meta).map_err(|problem| ConfigError::Invalid {
@@ -658,6 +733,10 @@ impl DaemonConfig {
                 ));
             }
         }
+        if let Err(e) = self.nat_config().validate() {
+            return Err((Some(self.file.nat.stun_servers.span()), format!("nat: {e}")));
+        }
+        self.check_relay()?;
         let disco = DiscoPrivateKey::from_bytes([7; 32]);
         let mut engine = Engine::new(
             EngineConfig::new(self.private_key.clone(), disco),
@@ -825,6 +904,98 @@ impl DaemonConfig {
     /// The interface name: the file's, else `fallback`.
     pub fn interface_name<'a>(&'a self, fallback: &'a str) -> &'a str {
         self.file.interface.name.as_deref().unwrap_or(fallback)
+    }
+
+    /// The NAT settings the engine gets ([`wgmesh_core::Input::SetNat`]).
+    pub fn nat_config(&self) -> wgmesh_core::NatConfig {
+        wgmesh_core::NatConfig {
+            stun_servers: self.file.nat.stun_servers.get_ref().clone(),
+            peer_relays: self
+                .file
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    p.relay_endpoint
+                        .as_ref()
+                        .map(|addr| wgmesh_core::PeerRelay {
+                            peer: *p.public_key.get_ref(),
+                            addr: *addr.get_ref(),
+                        })
+                })
+                .collect(),
+        }
+    }
+
+    /// The relay settings, with the secret read, for a node named
+    /// `node_name`; `None` without a `[relay]`.
+    pub fn relay_settings(
+        &self,
+        node_name: &str,
+    ) -> Result<Option<crate::relay::RelaySettings>, String> {
+        let Some(section) = &self.file.relay else {
+            return Ok(None);
+        };
+        let section = section.get_ref();
+        let secret = match (&section.shared_secret, &section.shared_secret_file) {
+            (Some(secret), None) => secret.clone(),
+            (None, Some(path)) => {
+                let text = read_secret_file(path)
+                    .map_err(|e| format!("relay.shared_secret_file: {}: {e}", path.display()))?;
+                zeroize::Zeroizing::new(text.trim().to_owned())
+            }
+            (Some(_), Some(_)) => {
+                return Err("relay: give shared_secret or shared_secret_file, not both".to_owned());
+            }
+            (None, None) => {
+                return Err("relay: shared_secret (or shared_secret_file) is missing".to_owned());
+            }
+        };
+        if secret.is_empty() {
+            return Err("relay: the shared secret is empty".to_owned());
+        }
+        Ok(Some(crate::relay::RelaySettings {
+            server: section.turn_server,
+            shared_secret: secret,
+            credential_ttl: std::time::Duration::from_secs(
+                section
+                    .credential_ttl_secs
+                    .unwrap_or(DEFAULT_CREDENTIAL_TTL_SECS),
+            ),
+            node_name: node_name.to_owned(),
+        }))
+    }
+
+    fn check_relay(&self) -> Result<(), (Option<Range<usize>>, String)> {
+        if let Some(section) = &self.file.relay {
+            let span = Some(section.span());
+            let relay = section.get_ref();
+            let server = relay.turn_server;
+            if server.port() == 0 || server.ip().is_unspecified() || server.ip().is_multicast() {
+                return Err((
+                    span,
+                    format!(
+                        "relay.turn_server: {} is not a usable address",
+                        relay.turn_server
+                    ),
+                ));
+            }
+            if relay.credential_ttl_secs == Some(0) {
+                return Err((span, "relay.credential_ttl_secs: must be above 0".into()));
+            }
+            self.relay_settings("check")
+                .map_err(|message| (span, message))?;
+        }
+        for peer in &self.file.peers {
+            if let Some(relay) = &peer.relay_endpoint {
+                if self.file.relay.is_none() {
+                    return Err((
+                        Some(relay.span()),
+                        "peer.relay_endpoint: a peer's relay needs a [relay] section of our own (turn_server, shared_secret)".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The full desired state for the engine.
@@ -1388,6 +1559,66 @@ hostname = "node-a"
         let (line, msg) = err(&text);
         assert_eq!(line, 10, "{msg}");
         assert!(msg.contains("[magicdns] is not enabled"), "{msg}");
+    }
+
+    #[test]
+    fn stun_servers_become_nat_settings_and_bad_ones_are_refused_at_their_line() {
+        let text = good().replace(
+            "[dns]",
+            "[nat]\nstun_servers = [\"198.51.100.1:3478\"]\n\n[dns]",
+        );
+        let config = DaemonConfig::parse(Path::new("x.toml"), &text).unwrap();
+        assert_eq!(
+            config.nat_config().stun_servers,
+            vec!["198.51.100.1:3478".parse::<SocketAddr>().unwrap()]
+        );
+        let text = good().replace("[dns]", "[nat]\nstun_servers = [\"0.0.0.0:3478\"]\n\n[dns]");
+        let (line, msg) = err(&text);
+        assert_eq!(line, 9, "{msg}");
+        assert!(
+            msg.contains("nat: STUN server 0.0.0.0:3478 is not a usable address"),
+            "{msg}"
+        );
+        let text = good().replace("[dns]", "[nat]\nstun = 1\n\n[dns]");
+        let (_, msg) = err(&text);
+        assert!(msg.contains("unknown field `stun`"), "{msg}");
+    }
+
+    #[test]
+    fn a_peer_relay_needs_our_own_relay_and_the_relay_needs_a_secret() {
+        let text = good().replace(
+            "allowed_ips = [\"100.64.0.2/32\"]",
+            "allowed_ips = [\"100.64.0.2/32\"]\nrelay_endpoint = \"198.51.100.1:49152\"",
+        );
+        let (_, msg) = err(&text);
+        assert!(
+            msg.contains("a peer's relay needs a [relay] section"),
+            "{msg}"
+        );
+        let with_relay = |relay: &str| text.replace("[dns]", &format!("[relay]\n{relay}\n\n[dns]"));
+        let (_, msg) = err(&with_relay("turn_server = \"198.51.100.1:3478\""));
+        assert!(
+            msg.contains("shared_secret (or shared_secret_file) is missing"),
+            "{msg}"
+        );
+        let (_, msg) = err(&with_relay(
+            "turn_server = \"0.0.0.0:3478\"\nshared_secret = \"s\"",
+        ));
+        assert!(msg.contains("relay.turn_server: 0.0.0.0:3478"), "{msg}");
+        let config = DaemonConfig::parse(
+            Path::new("x.toml"),
+            &with_relay("turn_server = \"198.51.100.1:3478\"\nshared_secret = \"s\""),
+        )
+        .unwrap();
+        let nat = config.nat_config();
+        assert_eq!(nat.peer_relays.len(), 1);
+        assert_eq!(
+            nat.peer_relays[0].addr,
+            "198.51.100.1:49152".parse().unwrap()
+        );
+        let relay = config.relay_settings("n").unwrap().unwrap();
+        assert_eq!(relay.server, "198.51.100.1:3478".parse().unwrap());
+        assert_eq!(relay.credential_ttl.as_secs(), 24 * 3600);
     }
 
     /// Writes `text` to `path` with mode 0600.

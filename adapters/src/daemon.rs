@@ -210,6 +210,9 @@ pub enum DaemonError {
     /// The config file is bad.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The relay settings could not be used (the secret file, ...).
+    #[error("{0}")]
+    Relay(String),
     /// The TUN device could not be opened.
     #[error("TUN device {name}: {source}")]
     Tun {
@@ -349,6 +352,19 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let engine = new_engine(private_key.clone(), disco_key, &interface);
     let engine_disco_key = engine.disco_key();
     info!(node_key = %engine.node_key(), disco_key = %engine.disco_key(), "engine created");
+    // The relay (TURN) sits under the engine, in the driver's socket.
+    let relay_at_start = config
+        .as_ref()
+        .and_then(|c| c.file.relay.as_ref().map(|r| r.get_ref().clone()));
+    let relay = match &config {
+        Some(config) => {
+            let node_name = engine.node_key().to_string().replace(':', "-");
+            config
+                .relay_settings(&node_name)
+                .map_err(DaemonError::Relay)?
+        }
+        None => None,
+    };
 
     // The effects wait in the channel until the OS manager runs; it starts
     // once the driver's handle exists, so that it can report how each
@@ -361,6 +377,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         listen_port,
         effects_tx,
         options.data_plane_nice,
+        relay,
     )
     .await?;
     os.report_health_to(handle.health_reporter());
@@ -393,6 +410,23 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             RequestError::Refused(e) => DaemonError::Refused(e),
             RequestError::Stopped => DaemonError::DriverStopped,
         })?;
+    // NAT traversal: the STUN servers, then this host's local endpoints
+    // (the engine reports both with the reflexive address it finds).
+    if let Some(config) = &config {
+        handle
+            .set_nat(config.nat_config())
+            .await
+            .map_err(|e| match e {
+                RequestError::Refused(e) => DaemonError::Refused(e),
+                RequestError::Stopped => DaemonError::DriverStopped,
+            })?;
+    }
+    if crate::nat::report_local_endpoints(&handle, &interface)
+        .await
+        .is_err()
+    {
+        return Err(DaemonError::DriverStopped);
+    }
     let magicdns = match &magicdns_section {
         Some(section) => {
             let netlink = if options.manage_routes {
@@ -539,13 +573,13 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()); }
             _ = hup.recv() => {
-                match reload(&options, &desired, magicdns.as_deref(), control_status.is_some()).await {
+                match reload(&options, &desired, magicdns.as_deref(), control_status.is_some(), relay_at_start.as_ref()).await {
                     Ok(message) => info!(%message, "reloaded on SIGHUP"),
                     Err(message) => error!(%message, "reload refused; the running config stays"),
                 }
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = reload(&options, &desired, magicdns.as_deref(), control_status.is_some()).await;
+                let outcome = reload(&options, &desired, magicdns.as_deref(), control_status.is_some(), relay_at_start.as_ref()).await;
                 if let Err(message) = &outcome {
                     error!(%message, "reload refused; the running config stays");
                 }
@@ -626,6 +660,7 @@ async fn spawn_driver_thread(
     listen_port: u16,
     effects: mpsc::UnboundedSender<wgmesh_core::Effect>,
     nice: Option<i32>,
+    relay: Option<crate::relay::RelaySettings>,
 ) -> Result<(DriverHandle, Option<SocketAddr>, DriverExitReceiver), DaemonError> {
     type Ready = Result<(DriverHandle, Option<SocketAddr>), DaemonError>;
     let (ready_tx, ready_rx) = oneshot::channel::<Ready>();
@@ -677,6 +712,7 @@ async fn spawn_driver_thread(
                         return;
                     }
                 };
+                let socket = crate::relay::RelaySocket::new(socket, relay);
                 let bound = crate::driver::DatagramSocket::local_addr(&socket).ok();
                 info!(interface = %tun.name(), ?bound, "devices ready");
                 let (driver, handle) = Driver::new(
@@ -719,6 +755,12 @@ enum ReloadRefused {
         /// The config file.
         path: String,
     },
+    /// `[relay]` changed: the allocation is made at start.
+    #[error("{path}: [relay] changed; restart wgmeshd to use another relay")]
+    RelayChanged {
+        /// The config file.
+        path: String,
+    },
     /// `magicdns.enable` changed: the resolver starts and stops with the daemon.
     #[error("{path}: magicdns.enable changed; restart wgmeshd to start or stop MagicDNS")]
     MagicDnsToggled {
@@ -734,6 +776,7 @@ async fn reload(
     desired: &DesiredState,
     magicdns: Option<&crate::magicdns::MagicDns>,
     control_mode: bool,
+    relay_at_start: Option<&crate::config::RelaySection>,
 ) -> Result<String, String> {
     if control_mode {
         return Err(
@@ -750,6 +793,11 @@ async fn reload(
         .change(|d| {
             if config.private_key != d.private_key {
                 return Err(ReloadRefused::KeyChanged {
+                    path: path.display().to_string(),
+                });
+            }
+            if config.file.relay.as_ref().map(|r| r.get_ref()) != relay_at_start {
+                return Err(ReloadRefused::RelayChanged {
                     path: path.display().to_string(),
                 });
             }
@@ -775,6 +823,11 @@ async fn reload(
             ChangeError::Engine(e) => format!("{}: {e}", path.display()),
             ChangeError::Fwmark(e) => format!("{}: {e}", path.display()),
         })?;
+    // The NAT settings were checked with the file; the engine checks them
+    // again and keeps the old ones if it refuses.
+    if let Err(e) = desired.driver().set_nat(config.nat_config()).await {
+        return Err(format!("{}: NAT settings: {e}", path.display()));
+    }
     if let Some(magicdns) = magicdns {
         let applied = desired.snapshot().await;
         magicdns.update(&config.file.magicdns, &applied.reconfig);

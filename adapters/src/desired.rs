@@ -112,6 +112,11 @@ impl DesiredState {
         }
     }
 
+    /// The driver this state feeds.
+    pub fn driver(&self) -> &DriverHandle {
+        &self.driver
+    }
+
     /// A copy of the state the engine last accepted.
     pub async fn snapshot(&self) -> Desired {
         self.state.lock().await.clone()

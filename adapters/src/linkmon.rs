@@ -229,6 +229,14 @@ pub fn spawn(interface: String, driver: DriverHandle) -> std::io::Result<JoinHan
                 any_link_up: any_link_up(&handle, own_index).await,
                 major,
             };
+            // The local endpoints first, so the re-discovery the link
+            // change starts offers the new ones.
+            if crate::nat::report_local_endpoints(&driver, &interface)
+                .await
+                .is_err()
+            {
+                return;
+            }
             if driver.link_change(change).await.is_err() {
                 return;
             }

@@ -282,6 +282,15 @@ impl OsManager {
                     "endpoint re-discovery asked for; wgmeshd has no local endpoint discovery to re-run (counted)"
                 );
             }
+            Effect::EndpointsChanged(endpoints) => {
+                info!(
+                    endpoints = ?endpoints
+                        .iter()
+                        .map(|e| format!("{} ({})", e.addr, e.kind.as_str()))
+                        .collect::<Vec<_>>(),
+                    "own endpoints changed (shown by status)"
+                );
+            }
             // The driver loop acts on these (the socket is its own); they
             // reach this task only to be logged.
             Effect::Rebind => debug!("socket rebind (done by the driver)"),

@@ -44,9 +44,113 @@ pub enum Input<'a> {
     /// status's health section, with the time it was first reported, until
     /// a report without a problem clears it.
     Health(HealthReport),
+    /// Replace the NAT traversal settings (STUN servers, peers' relayed
+    /// addresses). Refused with [`InputError::Nat`] when malformed; the
+    /// previous settings then stay.
+    SetNat(NatConfig),
+    /// The node's own local endpoints (every local address with the bound
+    /// port), as the adapters see them; the engine adds the STUN-reflexive
+    /// ones and reports the whole set with [`Effect::EndpointsChanged`].
+    SetLocalEndpoints(Vec<SocketAddr>),
     /// Shut the engine down: in order, pending pings time out, peers are
     /// removed, the router and DNS config are withdrawn. Idempotent.
     Close,
+}
+
+/// NAT traversal settings: until the control server pushes them, the
+/// daemon takes them from its config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatConfig {
+    /// STUN servers asked for this node's reflexive address, on the
+    /// WireGuard socket itself (at most [`crate::MAX_STUN_SERVERS`]).
+    pub stun_servers: Vec<SocketAddr>,
+    /// Peers' relayed addresses (their TURN allocations). Each is a
+    /// candidate path to its peer, measured by disco pings like any other
+    /// but used only while no direct path answers; a call-me-maybe to a
+    /// peer with no direct path goes there.
+    pub peer_relays: Vec<PeerRelay>,
+}
+
+/// A peer's relayed address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRelay {
+    /// The peer.
+    pub peer: NodePublicKey,
+    /// Where datagrams to it through the relay go.
+    pub addr: SocketAddr,
+}
+
+/// Why NAT settings or local endpoints were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatConfigError {
+    /// More STUN servers than the engine keeps.
+    #[error("{count} STUN servers given, at most {max} are allowed")]
+    TooManyStunServers {
+        /// How many were given.
+        count: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A STUN server address no datagram can reach (unspecified,
+    /// multicast, broadcast or port 0).
+    #[error("STUN server {0} is not a usable address")]
+    BadStunServer(SocketAddr),
+    /// The same STUN server listed twice.
+    #[error("STUN server {0} is listed twice")]
+    DuplicateStunServer(SocketAddr),
+    /// A relayed address no datagram can reach.
+    #[error("relay address {addr} of peer {peer:?} is not a usable address")]
+    BadRelay {
+        /// The peer.
+        peer: NodePublicKey,
+        /// Its relayed address.
+        addr: SocketAddr,
+    },
+    /// Two relayed addresses for one peer.
+    #[error("peer {0:?} has two relay addresses")]
+    DuplicateRelayPeer(NodePublicKey),
+    /// More local endpoints than the engine keeps.
+    #[error("{count} local endpoints given, at most {max} are allowed")]
+    TooManyLocalEndpoints {
+        /// How many were given.
+        count: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A local endpoint no peer could reach (unspecified, multicast or
+    /// port 0).
+    #[error("local endpoint {0} is not a usable address")]
+    BadLocalEndpoint(SocketAddr),
+}
+
+/// One of this node's own endpoints: an address peers may reach it at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// The address and port.
+    pub addr: SocketAddr,
+    /// How it was learnt.
+    pub kind: EndpointKind,
+}
+
+/// How an endpoint of this node was learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EndpointKind {
+    /// A local address of the node with the bound port.
+    Local,
+    /// The reflexive address a STUN server saw our datagrams come from (the
+    /// outside of our NAT).
+    Stun,
+}
+
+impl EndpointKind {
+    /// Lowercase name, for logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointKind::Local => "local",
+            EndpointKind::Stun => "stun",
+        }
+    }
 }
 
 /// What the link monitor saw.
@@ -324,6 +428,10 @@ pub enum Effect {
     /// OS should attach the DNS config to the tunnel interface (the
     /// reference's "DNS link" choice).
     SetDnsViaTunnel(bool),
+    /// This node's endpoints changed (local ones, or the STUN-reflexive
+    /// one): the full new set, locals first. The daemon reports it to the
+    /// control server, which pushes it to the peers.
+    EndpointsChanged(Vec<Endpoint>),
 }
 
 /// Why a peer was handed to WireGuard again.
@@ -487,6 +595,10 @@ pub enum InputError {
     /// The reconfig was invalid; the previous state keeps running.
     #[error("reconfig refused: {0}")]
     Reconfig(#[from] crate::config::ReconfigError),
+    /// The NAT settings or local endpoints were malformed; the previous
+    /// ones stay.
+    #[error("NAT settings refused: {0}")]
+    Nat(#[from] NatConfigError),
     /// The engine is closed and takes no more input.
     #[error("engine is closed")]
     Closed,
@@ -503,10 +615,18 @@ pub struct Status {
     pub listen_port: u16,
     /// This node's addresses.
     pub local_addrs: Vec<IpNet>,
+    /// This node's endpoints (local and STUN-reflexive), as last reported
+    /// with [`Effect::EndpointsChanged`].
+    pub endpoints: Vec<Endpoint>,
     /// Every peer of the full config, sorted by key.
     pub peers: Vec<PeerStatus>,
-    /// Relays in use (always 0: wgmesh has no relays yet).
+    /// Relays in use: 1 while this node holds a relay allocation (see
+    /// `relay`), else 0.
     pub relay_count: usize,
+    /// This node's relayed address (its TURN allocation). The engine holds
+    /// no allocation itself (the adapters' socket does, under it), so it
+    /// leaves this `None` and the adapters fill it in.
+    pub relay: Option<SocketAddr>,
     /// Peers currently handed to WireGuard.
     pub configured_peers: usize,
     /// Peers in the full config (configured or trimmed).
@@ -540,6 +660,9 @@ pub struct PeerStatus {
     pub configured: bool,
     /// The endpoint WireGuard sends to.
     pub endpoint: Option<SocketAddr>,
+    /// True when that endpoint is the peer's relayed address (no direct
+    /// path answers).
+    pub via_relay: bool,
     /// Time since the last completed handshake.
     pub last_handshake_ago: Option<Duration>,
     /// Plaintext bytes received.

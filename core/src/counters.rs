@@ -182,4 +182,34 @@ counters! {
     connections_failed,
     /// Packets reflected back to the OS because they were addressed to this node.
     packets_reflected,
+    /// Disco call-me-maybe messages sent (to a peer with no direct path).
+    disco_call_me_maybe_sent,
+    /// Call-me-maybe messages not sent because the peer has no relay path
+    /// to carry them.
+    disco_call_me_maybe_no_relay,
+    /// STUN binding requests sent (first transmissions).
+    stun_requests_sent,
+    /// STUN binding requests sent again (no answer yet).
+    stun_retransmits,
+    /// STUN binding requests that got no answer at all.
+    stun_timeouts,
+    /// STUN success responses accepted.
+    stun_responses,
+    /// STUN error responses from a server.
+    stun_error_responses,
+    /// Two STUN servers saw us at different reflexive addresses in one
+    /// round: the NAT maps per destination (endpoint-dependent mapping), so
+    /// direct paths are unlikely.
+    stun_mapping_varies,
+    /// Drop: a datagram that looked like STUN but did not parse, or a
+    /// success response without a usable XOR-MAPPED-ADDRESS.
+    drop_stun_malformed,
+    /// Drop: a STUN response whose transaction id matches no request in
+    /// flight (late, duplicated or forged).
+    drop_stun_unknown_transaction,
+    /// Drop: a STUN response with a known transaction id from an address
+    /// other than the server it was sent to (forged).
+    drop_stun_wrong_source,
+    /// Drop: a STUN request or indication (this node serves no STUN).
+    drop_stun_not_response,
 }

@@ -41,6 +41,10 @@ pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
 pub const DISCO_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// An active peer's candidates are all re-pinged this often.
 pub const UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
+/// While a peer's traffic rides its relay, its direct candidates are all
+/// re-pinged this often, so traffic moves back soon after a direct path
+/// returns (each such ping also sends a call-me-maybe over the relay).
+pub const RELAY_UPGRADE_INTERVAL: Duration = Duration::from_secs(10);
 /// Candidates kept per peer, configured and learned together. Configured
 /// endpoints beyond it are ignored; a learned one beyond it evicts the
 /// learned candidate that proved itself least (see `engine::disco`).
@@ -56,6 +60,27 @@ pub const DISCO_FULL_PING_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// attacker cannot push a captured one out; it opens again only after the
 /// peer itself sent this many newer ones (minutes of heartbeats).
 pub const DISCO_REPLAY_WINDOW: usize = 128;
+
+// --- Endpoint discovery (STUN) ------------------------------------------------
+
+/// The reflexive address is asked for again this often (and at once after a
+/// link change): often enough that a NAT that moved our mapping is noticed
+/// within minutes, rarely enough to cost nothing.
+pub const STUN_REFRESH_INTERVAL: Duration = Duration::from_secs(180);
+/// The first retransmission of a STUN request waits this long (RFC 8489's
+/// RTO); each next one twice as long, up to [`STUN_MAX_RTO`].
+pub const STUN_INITIAL_RTO: Duration = Duration::from_millis(500);
+/// The longest wait between two transmissions of one STUN request.
+pub const STUN_MAX_RTO: Duration = Duration::from_secs(2);
+/// Transmissions of one STUN request, the first included. Fewer than RFC
+/// 8489's seven: a server that answers none of four is not worth 40 s.
+pub const STUN_TRANSMISSIONS: u32 = 4;
+/// After the last transmission a STUN request waits this long for an answer.
+pub const STUN_FINAL_WAIT: Duration = Duration::from_secs(2);
+/// STUN servers kept.
+pub const MAX_STUN_SERVERS: usize = 8;
+/// Local endpoints kept.
+pub const MAX_LOCAL_ENDPOINTS: usize = 16;
 
 // --- WireGuard (the whitepaper's timers) ---------------
 

@@ -274,11 +274,24 @@ fn render_status(status: &StatusView) -> String {
             "exit node: {exit} (everything outside the tailnet goes through it)\n"
         ));
     }
+    if !status.endpoints.is_empty() {
+        out.push_str(&format!("  endpoints {}\n", status.endpoints.join(", ")));
+    }
+    if let Some(relay) = &status.relay {
+        out.push_str(&format!("  relay {relay}\n"));
+    }
     for p in &status.peers {
         let state = if p.configured {
             "active"
         } else {
             "idle (trimmed)"
+        };
+        // The path: the direct address, or "relay" when only the
+        // peer's relay answers.
+        let path = match (&p.endpoint, p.via_relay) {
+            (Some(endpoint), true) => format!("relay {endpoint}"),
+            (Some(endpoint), false) => endpoint.clone(),
+            (None, _) => "-".into(),
         };
         let handshake = match p.last_handshake_secs_ago {
             Some(s) => format!("handshake {s:.0}s ago"),
@@ -289,7 +302,7 @@ fn render_status(status: &StatusView) -> String {
             if p.name.is_empty() { "-" } else { &p.name },
             p.allowed_ips.join(","),
             state,
-            p.endpoint.as_deref().unwrap_or("-"),
+            path,
             handshake,
             p.rx_bytes,
             p.tx_bytes

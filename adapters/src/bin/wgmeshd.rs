@@ -119,8 +119,24 @@ fn main() -> ExitCode {
     // Lines other users can cause (an unanswered SYN, a refused caller) must
     // not flood the log: each place in the code gets a budget per window.
     let rate_limit = RateLimit::default();
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The STUN and TURN crates log every transaction at INFO from their
+    // own spans: warnings only, unless RUST_LOG names them.
+    let named = std::env::var("RUST_LOG").unwrap_or_default();
+    for noisy in [
+        "turn_client_proto",
+        "turn_types",
+        "stun_proto",
+        "stun_types",
+    ] {
+        if !named.contains(noisy) {
+            if let Ok(directive) = format!("{noisy}=warn").parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     tracing_subscriber::registry()
-        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)

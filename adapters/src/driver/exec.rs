@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, trace, warn};
 use wgmesh_core::{
     CapturedPacket, Effect, Engine, Event, HealthReport, HealthSeverity, HealthSubsystem, Input,
-    InputOutcome, PingId, PingRequest, PingResult, ReconfigOutcome, Status,
+    InputOutcome, NatConfig, PingId, PingRequest, PingResult, ReconfigOutcome, Status,
 };
 
 use super::handle::Control;
@@ -47,6 +48,10 @@ pub(super) struct Executor {
     /// Whether the TUN's queued writes were failing at the last look
     /// ([`TunDevice::take_write_outcome`]).
     tun_writes_failing: bool,
+    /// The NAT settings and local endpoints the engine last accepted, given
+    /// again to an engine that replaces it.
+    nat: Option<NatConfig>,
+    local_endpoints: Option<Vec<SocketAddr>>,
 }
 
 impl Executor {
@@ -66,6 +71,8 @@ impl Executor {
             tun_errors: 0,
             socket_errors: 0,
             tun_writes_failing: false,
+            nat: None,
+            local_endpoints: None,
         }
     }
 
@@ -157,6 +164,31 @@ impl Executor {
             Control::Health(report) => {
                 let _ = engine.handle_input(now, Input::Health(report));
             }
+            Control::SetNat { config, reply } => {
+                let result = engine
+                    .handle_input(now, Input::SetNat(config.clone()))
+                    .map(|_| ());
+                match &result {
+                    Ok(()) => {
+                        let relays: Vec<SocketAddr> =
+                            config.peer_relays.iter().map(|r| r.addr).collect();
+                        socket.set_relay_peers(&relays);
+                        self.nat = Some(config);
+                    }
+                    Err(e) => warn!(error = %e, "NAT settings refused"),
+                }
+                let _ = reply.send(result);
+            }
+            Control::SetLocalEndpoints { endpoints, reply } => {
+                let result = engine
+                    .handle_input(now, Input::SetLocalEndpoints(endpoints.clone()))
+                    .map(|_| ());
+                match &result {
+                    Ok(()) => self.local_endpoints = Some(endpoints),
+                    Err(e) => warn!(error = %e, "local endpoints refused"),
+                }
+                let _ = reply.send(result);
+            }
             Control::SetPacketFilter(filter) => {
                 let _ = engine.handle_input(now, Input::SetPacketFilter(filter));
             }
@@ -190,6 +222,13 @@ impl Executor {
                     Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
                     Err(e) => Err(e),
                 };
+                // The old engine accepted these, so the new one does too.
+                if let Some(config) = self.nat.clone() {
+                    let _ = engine.handle_input(now, Input::SetNat(config));
+                }
+                if let Some(endpoints) = self.local_endpoints.clone() {
+                    let _ = engine.handle_input(now, Input::SetLocalEndpoints(endpoints));
+                }
                 let _ = reply.send(result);
             }
             Control::Close { reply } => {
@@ -343,6 +382,9 @@ impl Executor {
                     if let Ok(bound) = socket.local_addr() {
                         status.listen_port = bound.port();
                     }
+                    // The relay allocation is the socket's, not the engine's.
+                    status.relay = socket.relayed_addr();
+                    status.relay_count = usize::from(status.relay.is_some());
                     for waiter in self.status_waiters.drain(..) {
                         let _ = waiter.send(status.clone());
                     }
@@ -394,7 +436,8 @@ impl Executor {
             | Effect::ReDiscoverEndpoints { .. }
             | Effect::SetNetworkUp(_)
             | Effect::SetBirdProtocol { .. }
-            | Effect::SetDnsViaTunnel(_) => return None,
+            | Effect::SetDnsViaTunnel(_)
+            | Effect::EndpointsChanged(_) => return None,
             // `Effect` is `#[non_exhaustive]` in core, so the compiler
             // demands this arm; every variant core has today is named
             // above, and one added later is reported here, not dropped.

@@ -1,13 +1,12 @@
 //! The requests the driver loop takes ([`Control`]) and the cloneable
 //! [`DriverHandle`] that sends them and waits for the replies.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use wgmesh_core::{
-    CapturedPacket, Engine, Event, HealthReport, InputError, LinkChange, PacketFilter, PeerDelta,
-    PingKind,
-    PingResult, Reconfig, ReconfigOutcome, Status,
+    CapturedPacket, Engine, Event, HealthReport, InputError, LinkChange, NatConfig, PacketFilter,
+    PeerDelta, PingKind, PingResult, Reconfig, ReconfigOutcome, Status,
 };
 
 use crate::flowlog::table::FlowTable;
@@ -82,6 +81,20 @@ pub enum Control {
         /// The new engine's verdict on the state.
         reply: oneshot::Sender<Result<ReconfigOutcome, InputError>>,
     },
+    /// Replace the NAT settings (STUN servers, peers' relayed addresses).
+    SetNat {
+        /// The settings.
+        config: NatConfig,
+        /// Refused when malformed; the old ones stay.
+        reply: oneshot::Sender<Result<(), InputError>>,
+    },
+    /// Replace this node's local endpoints.
+    SetLocalEndpoints {
+        /// Every local address with the bound port.
+        endpoints: Vec<SocketAddr>,
+        /// Refused when malformed; the old ones stay.
+        reply: oneshot::Sender<Result<(), InputError>>,
+    },
     /// Close the engine (pending pings end, peers leave, routes and DNS are
     /// withdrawn through the sink) and end the loop.
     Close {
@@ -110,6 +123,10 @@ impl std::fmt::Debug for Control {
             Control::TakeFlows(_) => f.write_str("TakeFlows"),
             Control::SetFwmark { mark, .. } => write!(f, "SetFwmark({mark})"),
             Control::Replace { engine, .. } => write!(f, "Replace({:?})", engine.node_key()),
+            Control::SetNat { config, .. } => write!(f, "SetNat({config:?})"),
+            Control::SetLocalEndpoints { endpoints, .. } => {
+                write!(f, "SetLocalEndpoints({endpoints:?})")
+            }
             Control::Close { .. } => f.write_str("Close"),
         }
     }
@@ -212,6 +229,24 @@ impl DriverHandle {
     }
 
     /// Reports a link change.
+    /// Replaces the NAT settings; a malformed one is refused and changes nothing.
+    pub async fn set_nat(&self, config: NatConfig) -> Result<(), RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::SetNat { config, reply }).await?;
+        Ok(rx.await.map_err(|_| RequestError::Stopped)??)
+    }
+
+    /// Replaces this node's local endpoints.
+    pub async fn set_local_endpoints(
+        &self,
+        endpoints: Vec<SocketAddr>,
+    ) -> Result<(), RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::SetLocalEndpoints { endpoints, reply })
+            .await?;
+        Ok(rx.await.map_err(|_| RequestError::Stopped)??)
+    }
+
     pub async fn link_change(&self, change: LinkChange) -> Result<(), RequestError> {
         self.send(Control::LinkChange(change)).await
     }

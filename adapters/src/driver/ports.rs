@@ -133,6 +133,16 @@ pub trait DatagramSocket: Send + 'static {
             "this socket cannot carry a firewall mark",
         ))
     }
+    /// The peers' relayed addresses the engine may send to: a socket with a
+    /// relay under it carries datagrams for them through the relay
+    /// (`crate::relay::RelaySocket`). Sockets without a relay keep this
+    /// default, and the engine's NAT settings then name no relay (the
+    /// daemon refuses a peer relay without one).
+    fn set_relay_peers(&mut self, _peers: &[SocketAddr]) {}
+    /// This node's relayed address (its TURN allocation), if it holds one.
+    fn relayed_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// The monotonic clock the engine is driven on.

@@ -37,6 +37,9 @@ impl Engine {
             let actions = self.disco.ping_active_peers(self.now, &mut self.rng);
             self.run_disco_actions(self.now, actions);
         }
+        // Our own endpoints are asked for again (STUN): a major change
+        // forgets the reflexive address first.
+        self.rediscover_endpoints(self.now, change.major);
         if change.major {
             self.counters.link_changes_major += 1;
             info!("major link change");
@@ -95,16 +98,19 @@ impl Engine {
             .values()
             .map(|&slot| {
                 let p = &self.peers[slot];
+                let endpoint = self
+                    .disco
+                    .best_endpoint(slot)
+                    .or(p.wg.as_ref().and_then(|w| w.endpoint));
                 PeerStatus {
                     node_key: p.config.public_key,
                     disco_key: p.config.disco_key,
                     name: p.config.name.clone(),
                     allowed_ips: p.config.allowed_ips.clone(),
                     configured: p.wg.is_some(),
-                    endpoint: self
-                        .disco
-                        .best_endpoint(slot)
-                        .or(p.wg.as_ref().and_then(|w| w.endpoint)),
+                    endpoint,
+                    via_relay: endpoint.is_some()
+                        && endpoint == self.nat.relays.get(&p.config.public_key).copied(),
                     last_handshake_ago: p
                         .wg
                         .as_ref()
@@ -121,8 +127,10 @@ impl Engine {
             disco_key: self.disco_key,
             listen_port: self.applied.listen_port,
             local_addrs: self.applied.router.local_addrs.clone(),
+            endpoints: self.endpoints.endpoints().to_vec(),
             peers,
             relay_count: 0,
+            relay: None,
             configured_peers: self.configured_count,
             full_config_peers: self.peers.len(),
             counters: self.counters.clone(),

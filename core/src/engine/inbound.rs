@@ -25,6 +25,10 @@ impl Engine {
             self.handle_disco(now, from, data);
             return;
         }
+        if wire::stun::looks_like_stun(data) {
+            self.handle_stun(now, from, data);
+            return;
+        }
         let slot = match self.device.classify(now, from, data) {
             Arrival::Initiation { peer } => {
                 let Some(&slot) = self.by_key.get(&peer) else {
@@ -424,6 +428,8 @@ impl Engine {
         let peer = &self.peers[slot];
         self.disco
             .ensure_peer(slot, DiscoPublicKey(sender), &peer.config.endpoints);
+        let relay = self.nat.relays.get(&peer.config.public_key).copied();
+        self.disco.set_relay(now, slot, relay);
         let message = match self.disco.open(slot, data) {
             Ok(m) => m,
             Err(OpenError::Bad(_)) => {
@@ -470,7 +476,15 @@ impl Engine {
                             wire::disco::DiscoMessage::Pong { .. } => {
                                 self.counters.disco_pongs_sent += 1
                             }
-                            _ => {}
+                            wire::disco::DiscoMessage::CallMeMaybe { ref endpoints } => {
+                                self.counters.disco_call_me_maybe_sent += 1;
+                                debug!(
+                                    peer = ?self.peers[slot].config.public_key,
+                                    relay = %dst,
+                                    endpoints = endpoints.len(),
+                                    "call-me-maybe sent over the relay"
+                                );
+                            }
                         }
                         self.counters.datagrams_out += 1;
                         self.outputs
@@ -496,6 +510,10 @@ impl Engine {
                     }));
                 }
                 DiscoAction::CallMeMaybeReceived => self.counters.disco_call_me_maybe_received += 1,
+                DiscoAction::CallMeMaybeNoRelay => {
+                    self.counters.disco_call_me_maybe_no_relay += 1;
+                    trace!("call-me-maybe wanted, but the peer has no relay address");
+                }
                 DiscoAction::Bounded { what, n } => {
                     let counter = match what {
                         DiscoBound::CandidateEvicted => &mut self.counters.disco_candidates_evicted,

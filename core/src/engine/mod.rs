@@ -3,7 +3,9 @@
 mod buffers;
 mod control;
 mod disco;
+mod endpoints;
 mod inbound;
+mod nat;
 mod opens;
 mod outbound;
 mod peers;
@@ -31,6 +33,7 @@ use crate::keys::{DiscoPublicKey, NodePublicKey};
 use crate::routing::SharedPrefixTable;
 use buffers::Buffers;
 use disco::DiscoState;
+use endpoints::EndpointDiscovery;
 use peers::PeerTable;
 use pending::{PendingOpens, PendingPings};
 use reconfig::RunningConfig;
@@ -125,6 +128,7 @@ pub struct Engine {
     /// The disco and pending-open deadlines currently in the timer queue.
     disco_timer_at: Option<Instant>,
     opens_timer_at: Option<Instant>,
+    stun_timer_at: Option<Instant>,
 
     applied: RunningConfig,
     trimming: bool,
@@ -147,6 +151,10 @@ pub struct Engine {
     pings: PendingPings,
     opens: PendingOpens,
     disco: DiscoState,
+    /// This node's own endpoints: local ones and the STUN-reflexive one.
+    endpoints: EndpointDiscovery,
+    /// The NAT settings in force (peers' relayed addresses).
+    nat: nat::NatState,
 
     status_pending: bool,
     last_status_push: Option<Instant>,
@@ -186,6 +194,7 @@ impl Engine {
             staged_bytes_total: 0,
             disco_timer_at: None,
             opens_timer_at: None,
+            stun_timer_at: None,
             trimming: config.trim_override.unwrap_or(true),
             applied: RunningConfig::default(),
             filter: PacketFilter::allow_all(),
@@ -200,6 +209,8 @@ impl Engine {
             pings: PendingPings::default(),
             opens: PendingOpens::default(),
             disco,
+            endpoints: EndpointDiscovery::new(now),
+            nat: nat::NatState::default(),
             status_pending: false,
             last_status_push: None,
             counters: Counters::default(),
@@ -340,7 +351,9 @@ impl Engine {
                 | Input::StatusRequest
                 | Input::SetPacketFilter(_)
                 | Input::SetCapture(_)
-                | Input::Health(_) => return Err(InputError::Closed),
+                | Input::Health(_)
+                | Input::SetNat(_)
+                | Input::SetLocalEndpoints(_) => return Err(InputError::Closed),
             }
         }
         match input {
@@ -369,6 +382,8 @@ impl Engine {
             Input::SetPacketFilter(filter) => self.filter = filter,
             Input::SetCapture(on) => self.capture = on,
             Input::Health(report) => self.record_health(now, report),
+            Input::SetNat(config) => self.set_nat(now, config)?,
+            Input::SetLocalEndpoints(local) => self.set_local_endpoints(&local)?,
             Input::Close => self.close(),
         }
         Ok(InputOutcome::Done)
@@ -404,6 +419,10 @@ impl Engine {
                     let actions = self.disco.on_timer(now, &mut self.rng);
                     self.run_disco_actions(now, actions);
                 }
+                TimerKey::Engine(EngineTimer::Stun) => {
+                    self.stun_timer_at = None;
+                    self.stun_timer(now);
+                }
             }
         }
     }
@@ -431,7 +450,9 @@ impl Engine {
     ) -> Result<ReconfigOutcome, ReconfigError> {
         match self.handle_input(now, Input::Reconfig(Box::new(reconfig.clone()))) {
             Ok(InputOutcome::Reconfig(outcome)) => Ok(outcome),
-            Ok(InputOutcome::Done) => Ok(ReconfigOutcome::NoChanges),
+            // Like `Done`, a NAT refusal never answers a reconfig: only
+            // `SetNat` and `SetLocalEndpoints` are refused with it.
+            Ok(InputOutcome::Done) | Err(InputError::Nat(_)) => Ok(ReconfigOutcome::NoChanges),
             Err(InputError::Reconfig(e)) => Err(e),
             Err(InputError::Closed) => Err(ReconfigError::EngineClosed),
         }
@@ -450,7 +471,9 @@ impl Engine {
             Ok(InputOutcome::Reconfig(ReconfigOutcome::Applied(changes))) => {
                 Ok(changes.peers_changed)
             }
-            Ok(InputOutcome::Reconfig(ReconfigOutcome::NoChanges) | InputOutcome::Done) => Ok(0),
+            // A NAT refusal never answers a peer delta (see `reconfig`).
+            Ok(InputOutcome::Reconfig(ReconfigOutcome::NoChanges) | InputOutcome::Done)
+            | Err(InputError::Nat(_)) => Ok(0),
             Err(InputError::Reconfig(e)) => Err(e),
             Err(InputError::Closed) => Err(ReconfigError::EngineClosed),
         }
@@ -496,6 +519,7 @@ impl Engine {
             },
             TimerKey::Engine(EngineTimer::PendingOpens) => TimeoutReason::PendingOpens,
             TimerKey::Engine(EngineTimer::Disco) => TimeoutReason::Disco,
+            TimerKey::Engine(EngineTimer::Stun) => TimeoutReason::EndpointDiscovery,
         })
     }
 
@@ -513,6 +537,7 @@ impl Engine {
             TimerKey::Ping(id) => self.pings.deadline_of(id) == Some(at),
             TimerKey::Engine(EngineTimer::PendingOpens) => self.opens_timer_at == Some(at),
             TimerKey::Engine(EngineTimer::Disco) => self.disco_timer_at == Some(at),
+            TimerKey::Engine(EngineTimer::Stun) => self.stun_timer_at == Some(at),
         }
     }
 

@@ -239,12 +239,16 @@ impl Engine {
         }
     }
 
-    /// Sends a WireGuard datagram to the peer's current endpoint.
+    /// Sends a WireGuard datagram to the peer's current endpoint: the best
+    /// disco path; before any path answered, the peer's relay if it has
+    /// one (the one path that needs no NAT to be open, as the reference
+    /// sends to DERP then); else where WireGuard last heard it from.
     pub(super) fn transmit_to_peer(&mut self, slot: PeerSlot, data: Vec<u8>) {
         let peer = &self.peers[slot];
         let endpoint = self
             .disco
             .best_endpoint(slot)
+            .or_else(|| self.nat.relays.get(&peer.config.public_key).copied())
             .or(peer.wg.as_ref().and_then(|w| w.endpoint));
         match endpoint {
             Some(dst) => {

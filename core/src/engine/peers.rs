@@ -131,6 +131,8 @@ impl Engine {
         if let Some(disco_key) = peer.config.disco_key {
             self.disco
                 .ensure_peer(slot, disco_key, &peer.config.endpoints);
+            let relay = self.nat.relays.get(&key).copied();
+            self.disco.set_relay(now, slot, relay);
         }
         self.reschedule_peer(slot);
     }

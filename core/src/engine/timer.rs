@@ -36,6 +36,8 @@ pub(crate) enum EngineTimer {
     PendingOpens,
     /// Disco path maintenance (heartbeats, trust expiry).
     Disco,
+    /// Endpoint discovery (STUN retransmissions, timeouts and rounds).
+    Stun,
 }
 
 #[derive(Debug, Default)]
@@ -425,6 +427,8 @@ pub enum TimeoutReason {
     PendingOpens,
     /// Disco path maintenance (heartbeats, trust expiry).
     Disco,
+    /// Endpoint discovery: a STUN retransmission, timeout or round.
+    EndpointDiscovery,
 }
 
 #[cfg(test)]

@@ -15,10 +15,13 @@
 //!   traffic in tests and the simulator.
 //! - [`disco`]: Tailscale's path-discovery messages, sealed in a NaCl box and
 //!   carried on the WireGuard UDP socket.
+//! - [`stun`]: telling STUN (endpoint discovery) apart from the rest on the
+//!   same socket.
 
 pub mod disco;
 pub mod icmp;
 pub mod ip;
+pub mod stun;
 pub mod tcp;
 pub mod tsmp;
 pub mod udp;

@@ -18,6 +18,20 @@
 //! if no pong arrives within the ping timeout, the best path is dropped and
 //! WireGuard falls back to the last address the peer was heard from.
 //!
+//! Through NATs: a peer may have a *relayed* address (its TURN allocation,
+//! from [`crate::NatConfig`]). It is a candidate like the others, pinged and
+//! measured, with two differences: any trusted direct path is preferred to
+//! it whatever the latencies, and while it carries the traffic the direct
+//! candidates are all pinged every [`RELAY_UPGRADE_INTERVAL`] instead of
+//! every [`UPGRADE_INTERVAL`], so traffic moves back soon after a direct
+//! path returns. When the engine pings every candidate of a peer it has no
+//! trusted direct path to, it also sends the peer a call-me-maybe with this
+//! node's own endpoints over the relay (at most once per
+//! [`DISCO_FULL_PING_MIN_INTERVAL`]), so that both sides ping each other at
+//! about the same time and open their NATs for each other (hole punching);
+//! and a ping that arrives from a peer with a relay while no direct path to
+//! it is trusted is answered with a ping of our own to where it came from.
+//!
 //! What a peer (or anyone holding one of its datagrams) can make us do is
 //! bounded:
 //! - at most [`MAX_CANDIDATES`] candidates per peer. Configured endpoints
@@ -44,8 +58,8 @@ use crate::wire::disco::{DiscoError, DiscoMessage, DiscoShared, NONCE_LEN};
 
 use crate::limits::{
     DISCO_FULL_PING_MIN_INTERVAL, DISCO_PING_TIMEOUT, DISCO_REPLAY_WINDOW, HEARTBEAT_INTERVAL,
-    MAX_DISCO_CANDIDATES as MAX_CANDIDATES, SESSION_ACTIVE_TIMEOUT, TRUST_UDP_ADDR_DURATION,
-    UPGRADE_INTERVAL,
+    MAX_DISCO_CANDIDATES as MAX_CANDIDATES, RELAY_UPGRADE_INTERVAL, SESSION_ACTIVE_TIMEOUT,
+    TRUST_UDP_ADDR_DURATION, UPGRADE_INTERVAL,
 };
 
 /// What the disco layer asks the engine to do or know.
@@ -71,6 +85,8 @@ pub(crate) enum DiscoAction {
     },
     /// A call-me-maybe arrived.
     CallMeMaybeReceived,
+    /// A call-me-maybe was wanted but the peer has no relay to carry it.
+    CallMeMaybeNoRelay,
     /// Something bounded happened `n` times (the engine counts it).
     Bounded { what: DiscoBound, n: u64 },
 }
@@ -104,6 +120,9 @@ enum Origin {
     CallMeMaybe(Instant),
     /// The source of a ping, first seen at this time.
     PingSource(Instant),
+    /// The peer's relayed address (from the NAT settings): never evicted,
+    /// only new NAT settings remove it.
+    Relay,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +146,7 @@ impl Candidate {
     /// `None` for configured ones, which are never evicted.
     fn eviction_rank(&self) -> Option<(bool, Instant)> {
         let learned_at = match self.origin {
-            Origin::Configured => return None,
+            Origin::Configured | Origin::Relay => return None,
             Origin::CallMeMaybe(at) | Origin::PingSource(at) => at,
         };
         Some(match self.last_pong {
@@ -213,6 +232,12 @@ struct PeerDisco {
     disco_key: DiscoPublicKey,
     shared: Option<Box<DiscoShared>>,
     candidates: BTreeMap<SocketAddr, Candidate>,
+    /// The peer's relayed address, also among the candidates.
+    relay: Option<SocketAddr>,
+    /// When we last sent the peer a call-me-maybe.
+    last_call_me_maybe: Option<Instant>,
+    /// When we last answered its ping with a ping of our own (hole punching).
+    last_punch: Option<Instant>,
     best: Option<(SocketAddr, Duration)>,
     best_pong_at: Option<Instant>,
     last_heartbeat: Option<Instant>,
@@ -231,6 +256,9 @@ impl PeerDisco {
             disco_key,
             shared: None,
             candidates: BTreeMap::new(),
+            relay: None,
+            last_call_me_maybe: None,
+            last_punch: None,
             best: None,
             best_pong_at: None,
             last_heartbeat: None,
@@ -264,10 +292,9 @@ impl PeerDisco {
     fn admit(&mut self, addr: SocketAddr, origin: Origin, keep: &[SocketAddr]) -> Admitted {
         if let Some(existing) = self.candidates.get_mut(&addr) {
             match (existing.origin, origin) {
-                (Origin::Configured, _) => {}
-                (_, Origin::Configured) | (Origin::PingSource(_), Origin::CallMeMaybe(_)) => {
-                    existing.origin = origin
-                }
+                (Origin::Configured | Origin::Relay, _) => {}
+                (_, Origin::Configured | Origin::Relay)
+                | (Origin::PingSource(_), Origin::CallMeMaybe(_)) => existing.origin = origin,
                 (Origin::CallMeMaybe(_), Origin::CallMeMaybe(_) | Origin::PingSource(_))
                 | (Origin::PingSource(_), Origin::PingSource(_)) => {}
             }
@@ -324,12 +351,34 @@ impl PeerDisco {
                 .is_some_and(|t| now < t + TRUST_UDP_ADDR_DURATION)
     }
 
+    fn is_relay(&self, addr: SocketAddr) -> bool {
+        self.relay == Some(addr)
+    }
+
+    /// Whether the best path is a direct one that is still trusted.
+    fn direct_trusted(&self, now: Instant) -> bool {
+        self.best_trusted(now) && self.best.is_some_and(|(addr, _)| !self.is_relay(addr))
+    }
+
+    /// How long after the last ping of every candidate the next is due
+    /// while the peer is active: sooner while the relay carries the traffic.
+    fn upgrade_interval(&self) -> Duration {
+        match self.best {
+            Some((addr, _)) if self.is_relay(addr) => RELAY_UPGRADE_INTERVAL,
+            Some(_) | None => UPGRADE_INTERVAL,
+        }
+    }
+
     /// The next instant this peer's disco state needs attention. Only
-    /// instants after `now` count: what was due has been done by the caller.
-    fn compute_next(&self, now: Instant) -> Option<Instant> {
+    /// instants after `now` count when the caller is the timer (what was
+    /// due has been done); any other caller (a message, a reconfig) counts
+    /// an instant equal to `now` too, because the timer due at this very
+    /// instant may not have run yet: dropping it would skip, say, a
+    /// heartbeat due when a datagram arrived at the same instant.
+    fn compute_next(&self, now: Instant, include_now: bool) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| {
-            if t > now {
+            if t > now || (include_now && t == now) {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };
@@ -349,7 +398,7 @@ impl PeerDisco {
                 }
             }
             if let Some(full) = self.last_full_ping {
-                consider(full + UPGRADE_INTERVAL);
+                consider(full + self.upgrade_interval());
             }
             if let Some(active) = self.last_active {
                 // Wake once more when the peer stops counting as active.

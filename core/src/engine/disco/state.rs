@@ -7,6 +7,8 @@ use super::*;
 /// heard from. Peers with no entry fall back to WireGuard's own endpoint.
 pub(crate) struct DiscoState {
     secret: [u8; 32],
+    /// This node's own endpoints, offered in the call-me-maybes we send.
+    own_endpoints: Vec<SocketAddr>,
     peers: BTreeMap<PeerSlot, PeerDisco>,
     /// Kept apart from `peers`, whose entry goes when the peer is trimmed:
     /// a trim must not reopen the window for a captured datagram. It goes
@@ -19,10 +21,51 @@ impl DiscoState {
     pub(crate) fn new(secret: [u8; 32]) -> Self {
         Self {
             secret,
+            own_endpoints: Vec::new(),
             peers: BTreeMap::new(),
             replay: BTreeMap::new(),
             schedule: BTreeSet::new(),
         }
+    }
+
+    /// This node's own endpoints changed: later call-me-maybes offer these.
+    pub(crate) fn set_own_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
+        self.own_endpoints = endpoints;
+    }
+
+    /// Sets the peer's relayed address (`None`: it has none); a previous
+    /// one stops being a candidate. A peer with no disco state yet gets it
+    /// when it has (see [`DiscoState::ensure_peer`], whose callers set the
+    /// relay right after).
+    pub(crate) fn set_relay(&mut self, now: Instant, slot: PeerSlot, relay: Option<SocketAddr>) {
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return;
+        };
+        if peer.relay == relay {
+            return;
+        }
+        if let Some(old) = peer.relay.take() {
+            if peer
+                .candidates
+                .get(&old)
+                .is_some_and(|c| c.origin == Origin::Relay)
+            {
+                peer.forget_candidate(old);
+            }
+            if peer.best.is_some_and(|(addr, _)| addr == old) {
+                peer.best = None;
+                peer.best_pong_at = None;
+            }
+        }
+        if let Some(addr) = relay {
+            match peer.admit(addr, Origin::Relay, &[]) {
+                Admitted::Yes | Admitted::Evicting => peer.relay = Some(addr),
+                // Sixteen configured endpoints leave no room: the relay is
+                // not a candidate (and no call-me-maybe can be sent).
+                Admitted::Full => {}
+            }
+        }
+        self.reschedule(now, slot);
     }
 
     /// The earliest disco deadline.
@@ -31,13 +74,19 @@ impl DiscoState {
     }
 
     fn reschedule(&mut self, now: Instant, slot: PeerSlot) {
+        self.reschedule_from(now, slot, true);
+    }
+
+    /// Re-arms the peer's deadline; `include_now` is false only for the
+    /// timer itself (see `PeerDisco::compute_next`).
+    fn reschedule_from(&mut self, now: Instant, slot: PeerSlot, include_now: bool) {
         let Some(peer) = self.peers.get_mut(&slot) else {
             return;
         };
         if let Some(old) = peer.next_at.take() {
             self.schedule.remove(&(old, slot));
         }
-        peer.next_at = peer.compute_next(now);
+        peer.next_at = peer.compute_next(now, include_now);
         if let Some(at) = peer.next_at {
             self.schedule.insert((at, slot));
         }
@@ -85,12 +134,15 @@ impl DiscoState {
         if peer.disco_key != key {
             *peer = PeerDisco::new(key);
         }
-        peer.candidates.retain(|addr, _| endpoints.contains(addr));
-        peer.pending.retain(|_, p| endpoints.contains(&p.dst));
+        let relay = peer.relay;
+        peer.candidates
+            .retain(|addr, _| endpoints.contains(addr) || Some(*addr) == relay);
+        peer.pending
+            .retain(|_, p| endpoints.contains(&p.dst) || Some(p.dst) == relay);
         peer.set_candidates(endpoints);
         if peer
             .best
-            .is_some_and(|(addr, _)| !endpoints.contains(&addr))
+            .is_some_and(|(addr, _)| !endpoints.contains(&addr) && Some(addr) != relay)
         {
             peer.best = None;
             peer.best_pong_at = None;
@@ -100,7 +152,7 @@ impl DiscoState {
                 latency: None,
             });
             if peer.is_active(now) {
-                Self::full_ping(peer, slot, now, rng, &mut out);
+                Self::full_ping(peer, slot, now, rng, &mut out, Some(&self.own_endpoints));
             }
         }
         self.reschedule(now, slot);
@@ -220,13 +272,37 @@ impl DiscoState {
         });
     }
 
+    /// Pings every candidate. `call` is our endpoint list when a
+    /// call-me-maybe may go with it (not when this answers one): it goes
+    /// over the relay to a peer we have no trusted direct path to, at most
+    /// once per [`DISCO_FULL_PING_MIN_INTERVAL`], and only once we know
+    /// endpoints to offer.
     fn full_ping(
         peer: &mut PeerDisco,
         slot: PeerSlot,
         now: Instant,
         rng: &mut impl RngCore,
         out: &mut Vec<DiscoAction>,
+        call: Option<&[SocketAddr]>,
     ) {
+        if let Some(own) = call.filter(|own| !own.is_empty()) {
+            let due = peer
+                .last_call_me_maybe
+                .is_none_or(|t| now.saturating_duration_since(t) >= DISCO_FULL_PING_MIN_INTERVAL);
+            if due && !peer.direct_trusted(now) {
+                peer.last_call_me_maybe = Some(now);
+                match peer.relay {
+                    Some(relay) => out.push(DiscoAction::Send {
+                        slot,
+                        dst: relay,
+                        message: DiscoMessage::CallMeMaybe {
+                            endpoints: own.to_vec(),
+                        },
+                    }),
+                    None => out.push(DiscoAction::CallMeMaybeNoRelay),
+                }
+            }
+        }
         peer.last_full_ping = Some(now);
         peer.full_ping_due = None;
         let targets: Vec<SocketAddr> = peer.candidates.keys().copied().collect();
@@ -253,7 +329,7 @@ impl DiscoState {
             .last_full_ping
             .is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_TIMEOUT);
         if !peer.best_trusted(now) && !recently_full {
-            Self::full_ping(peer, slot, now, rng, &mut out);
+            Self::full_ping(peer, slot, now, rng, &mut out, Some(&self.own_endpoints));
         }
         self.reschedule(now, slot);
         out
@@ -302,7 +378,7 @@ impl DiscoState {
                 continue;
             };
             if peer.is_active(now) {
-                Self::full_ping(peer, slot, now, rng, &mut out);
+                Self::full_ping(peer, slot, now, rng, &mut out, Some(&self.own_endpoints));
             }
             self.reschedule(now, slot);
         }
@@ -317,7 +393,7 @@ impl DiscoState {
             let peer = self.peers.get_mut(&slot).expect("listed above");
             peer.best_pong_at = None;
             if peer.is_active(now) {
-                Self::full_ping(peer, slot, now, rng, &mut out);
+                Self::full_ping(peer, slot, now, rng, &mut out, Some(&self.own_endpoints));
             }
             self.reschedule(now, slot);
         }
@@ -359,6 +435,25 @@ impl DiscoState {
                     dst: from,
                     message: DiscoMessage::Pong { tx_id, src: from },
                 });
+                // Hole punching: the peer pings us from `from` because it
+                // wants a direct path; our own ping there now goes out
+                // while its NAT expects an answer from us (an earlier one
+                // of ours may have been dropped by that NAT before the
+                // peer's ping opened it). At most one per
+                // DISCO_FULL_PING_MIN_INTERVAL.
+                let punch = peer.relay.is_some()
+                    && !peer.is_relay(from)
+                    && !peer.direct_trusted(now)
+                    && peer.candidates.contains_key(&from)
+                    && peer.last_punch.is_none_or(|t| {
+                        now.saturating_duration_since(t) >= DISCO_FULL_PING_MIN_INTERVAL
+                    });
+                if punch {
+                    peer.last_punch = Some(now);
+                    let mut tx_id = [0u8; 12];
+                    rng.fill_bytes(&mut tx_id);
+                    Self::send_ping(peer, slot, now, from, tx_id, &mut out);
+                }
             }
             DiscoMessage::Pong { tx_id, .. } => {
                 if let Some(sent) = peer.pending.remove(&tx_id) {
@@ -370,6 +465,7 @@ impl DiscoState {
                             candidate.last_pong = Some(now);
                             candidate.latency = Some(latency);
                         }
+                        let from_relay = peer.is_relay(from);
                         let switch = match peer.best {
                             None => true,
                             Some((addr, _)) if addr == from => {
@@ -377,11 +473,19 @@ impl DiscoState {
                                 peer.best_pong_at = Some(now);
                                 false
                             }
-                            Some((_, best_latency)) => {
-                                // More than 1% better, or the best path is no longer trusted.
-                                latency.as_nanos() * 100 < best_latency.as_nanos() * 99
-                                    || !peer.best_trusted(now)
-                            }
+                            Some((addr, best_latency)) => match (from_relay, peer.is_relay(addr)) {
+                                // Any working direct path beats the relay.
+                                (false, true) => true,
+                                // The relay only replaces a direct path
+                                // that is no longer trusted.
+                                (true, false) => !peer.best_trusted(now),
+                                // More than 1% better, or the best path is
+                                // no longer trusted.
+                                (false, false) | (true, true) => {
+                                    latency.as_nanos() * 100 < best_latency.as_nanos() * 99
+                                        || !peer.best_trusted(now)
+                                }
+                            },
                         };
                         if switch {
                             peer.best = Some((from, latency));
@@ -476,7 +580,7 @@ impl DiscoState {
                     n: 1,
                 });
             }
-            Some(_) | None => Self::full_ping(peer, slot, now, rng, out),
+            Some(_) | None => Self::full_ping(peer, slot, now, rng, out, None),
         }
     }
 
@@ -514,7 +618,8 @@ impl DiscoState {
             }
             if best_failed && !peer.best_trusted(now) {
                 // The best path stopped answering: use the best other candidate
-                // that answered within the trust window, or none.
+                // that answered within the trust window (a direct one before
+                // the relay), or none.
                 let fallback = peer
                     .candidates
                     .iter()
@@ -524,7 +629,7 @@ impl DiscoState {
                                 .is_some_and(|t| now < t + TRUST_UDP_ADDR_DURATION)
                     })
                     .filter_map(|(addr, c)| c.latency.map(|l| (*addr, l)))
-                    .min_by_key(|(_, l)| *l);
+                    .min_by_key(|(addr, l)| (peer.is_relay(*addr), *l));
                 peer.best = fallback;
                 peer.best_pong_at = fallback
                     .and_then(|(addr, _)| peer.candidates.get(&addr).and_then(|c| c.last_pong));
@@ -536,16 +641,17 @@ impl DiscoState {
             }
             if peer.full_ping_due.is_some_and(|due| due <= now) {
                 // A call-me-maybe's deferred ping (it also made the peer active).
-                Self::full_ping(peer, slot, now, rng, &mut out);
+                Self::full_ping(peer, slot, now, rng, &mut out, None);
             } else if peer.is_active(now) {
                 let recently_full = peer
                     .last_full_ping
                     .is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_TIMEOUT);
+                let upgrade_interval = peer.upgrade_interval();
                 let upgrade_due = peer
                     .last_full_ping
-                    .is_none_or(|t| now.saturating_duration_since(t) >= UPGRADE_INTERVAL);
+                    .is_none_or(|t| now.saturating_duration_since(t) >= upgrade_interval);
                 if (!peer.best_trusted(now) && !recently_full) || upgrade_due {
-                    Self::full_ping(peer, slot, now, rng, &mut out);
+                    Self::full_ping(peer, slot, now, rng, &mut out, Some(&self.own_endpoints));
                 } else if let Some((best, _)) = peer.best {
                     if peer
                         .last_heartbeat
@@ -558,7 +664,7 @@ impl DiscoState {
                     }
                 }
             }
-            self.reschedule(now, slot);
+            self.reschedule_from(now, slot, false);
         }
         out
     }
