@@ -107,6 +107,7 @@ pub(super) struct RawAction {
     pub(super) allowed_ips: Option<Vec<Spanned<String>>>,
     pub(super) label: Option<Spanned<String>>,
     pub(super) note: Option<Spanned<String>>,
+    pub(super) one_way: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,4 +140,5 @@ pub(super) struct RawExpect {
     pub(super) min: Option<u64>,
     pub(super) max: Option<u64>,
     pub(super) equals: Option<u64>,
+    pub(super) scope: Option<Spanned<String>>,
 }
