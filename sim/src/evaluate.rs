@@ -11,7 +11,7 @@ use std::time::Duration;
 use wgmesh_core::PingOutcome;
 
 use crate::report::{Check, Report};
-use crate::scenario::{ExpectKind, Scenario};
+use crate::scenario::{CounterScope, ExpectKind, Scenario};
 use crate::trace::{Trace, fmt_time};
 use crate::world::{FlowRecord, FlowState, PingRecord, StreamRecord, Violation};
 
@@ -73,12 +73,17 @@ fn bounds_text(min: Option<u64>, max: Option<u64>, equals: Option<u64>) -> Strin
     }
     parts.join(", ")
 }
+/// An engine counter by node (or all) and name, in a scope.
+pub(crate) type CounterFn<'a> = dyn Fn(Option<usize>, &str, CounterScope) -> Option<u64> + 'a;
+
 /// What a backend recorded, in the shape the checks read.
 pub(crate) struct Outcomes<'a> {
     pub pings: &'a [PingRecord],
     pub streams: &'a [StreamRecord],
     pub flows: &'a [FlowRecord],
-    pub counter: &'a dyn Fn(Option<usize>, &str) -> Option<u64>,
+    /// An engine counter: the current engines' (`Incarnation`) or every
+    /// engine's the node ran (`Total`); one node or all.
+    pub counter: &'a CounterFn<'a>,
     pub stats: Vec<(&'static str, u64)>,
     pub violations: &'a [Violation],
     pub violation_count: u64,
@@ -285,14 +290,22 @@ pub(crate) fn evaluate_outcomes(
                 min,
                 max,
                 equals,
+                scope,
             } => {
-                let value = (net.counter)(*node, counter).unwrap_or(0);
+                let value = (net.counter)(*node, counter, *scope).unwrap_or(0);
                 let whose = node.map_or_else(
                     || "all nodes".to_string(),
                     |n| scenario.nodes[n].name.clone(),
                 );
+                // The default scope keeps its old name (and trace hashes).
+                let name = match scope {
+                    CounterScope::Incarnation => format!("counter {counter} on {whose}"),
+                    CounterScope::Total => {
+                        format!("counter {counter} on {whose} (every incarnation)")
+                    }
+                };
                 Check {
-                    name: format!("counter {counter} on {whose}"),
+                    name,
                     passed: bound_check(value, *min, *max, *equals),
                     detail: format!("{value}; want {}", bounds_text(*min, *max, *equals)),
                 }
@@ -341,6 +354,8 @@ pub(crate) fn evaluate_outcomes(
         scenario,
         seed,
         net.streams,
+        net.flows,
+        net.pings,
     ));
     let unfinished = net.pings.iter().filter(|p| p.result.is_none()).count();
     checks.push(Check {
@@ -357,10 +372,13 @@ pub(crate) fn evaluate_outcomes(
     // Handshakes refused as replays: in the simulator these come from the
     // TAI64N caveat (see sim/README.md), the one place where the wall clock
     // can reach a run, so a run with any of them deserves a second look.
-    let stale = (net.counter)(None, "drop_wg_stale_timestamp").unwrap_or(0);
+    let stale = (net.counter)(None, "drop_wg_stale_timestamp", CounterScope::Total).unwrap_or(0);
     metrics.push(("stale_timestamp_drops".into(), stale as f64));
     metrics.push(("nodes".into(), net.nodes as f64));
     metrics.push(("trace_entries".into(), net.trace.len() as f64));
+    if let Some(kib) = peak_memory_kib() {
+        metrics.push(("peak_memory_kib".into(), kib as f64));
+    }
     Report {
         scenario: scenario.name.clone(),
         seed,
@@ -372,5 +390,36 @@ pub(crate) fn evaluate_outcomes(
         virtual_secs: scenario.duration.as_secs_f64(),
         wall_secs: 0.0,
         timeline: net.trace.entries().to_vec(),
+    }
+}
+
+/// The process's peak resident memory so far in KiB (`VmHWM` in
+/// `/proc/self/status`), or `None` where the kernel does not say. It is the
+/// peak of the whole process, so for several runs in one process (tests,
+/// `explore`) it is the largest so far, not this run's own; a run of
+/// `wgmesh-sim run` is one run per process. It never enters the trace hash.
+fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_memory_is_read_on_linux() {
+        // Holding a few MiB makes the peak at least that.
+        let held = vec![1u8; 4 << 20];
+        let kib = peak_memory_kib().expect("Linux reports VmHWM");
+        assert!(kib >= 4096, "peak {kib} KiB while holding 4 MiB");
+        drop(held);
     }
 }

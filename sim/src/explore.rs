@@ -46,13 +46,172 @@ pub struct Shape {
     pub flows: u32,
     /// Churn counts.
     pub link_changes: u32,
+    /// A set piece between `n1` and `n2` on top of the churn.
+    pub motif: Motif,
+}
+
+/// A set piece the explorer adds between the first two nodes: the timings
+/// random churn almost never hits, where the engine's liveness promises are
+/// hardest to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Motif {
+    /// Nothing beyond the churn.
+    None,
+    /// Both sides start sending to each other `offset_ms` apart (0..=50),
+    /// at `at_s`: their handshakes cross.
+    CrossingWake {
+        /// When the first side starts.
+        at_s: u32,
+        /// How much later the second side starts.
+        offset_ms: u32,
+    },
+    /// A burst of `count` datagrams of 1000 bytes, 10 us apart, below the
+    /// wake queue's bound (4096 packets and 4 MiB per peer: at most 3000
+    /// here, so none may be lost). With jitter at most 1000: the queue is
+    /// flushed at one instant, jitter can permute it freely, and boringtun's
+    /// replay window is 1024 packets
+    /// (`corpus/wake-burst-beyond-the-replay-window.toml`, a known bug).
+    Burst {
+        /// When it starts.
+        at_s: u32,
+        /// How many datagrams.
+        count: u32,
+    },
+    /// `n1` sends, then sends again after `idle_ms` of silence: 299,900,
+    /// 300,000 or 300,100 ms, either side of the 5 min idle trim.
+    TrimBoundary {
+        /// The silence between the two sends.
+        idle_ms: u32,
+    },
+    /// `n2` restarts twice, `gap_ms` apart, while `n1` streams to it: its
+    /// disco key changes and changes again before peers settled.
+    DiscoKeyTwice {
+        /// When the first restart happens.
+        at_s: u32,
+        /// The time between the two restarts.
+        gap_ms: u32,
+    },
+    /// `n1` starts sending to `n2`, and `delay_ms` later (while the
+    /// handshake is in flight) the two are partitioned for 3 s.
+    PartitionDuringHandshake {
+        /// When the traffic starts.
+        at_s: u32,
+        /// When the cut comes, after the first datagram.
+        delay_ms: u32,
+    },
+    /// `n1` talks to `n2` once, then pings it with `kind` (0 disco, 1 TSMP,
+    /// 2 ICMP) 310 s later, when `n2` has been trimmed.
+    PingTrimmed {
+        /// The ping's kind.
+        kind: u32,
+    },
+}
+
+impl Motif {
+    fn random(rng: &mut ChaCha20Rng, duration_s: u32, jitter_ms: u32) -> Motif {
+        let mut pick = |lo: u32, hi: u32| lo + rng.next_u32() % (hi - lo + 1);
+        let latest = duration_s.saturating_sub(20).max(2);
+        match pick(0, 6) {
+            0 => Motif::None,
+            1 => Motif::CrossingWake {
+                at_s: pick(2, latest),
+                offset_ms: pick(0, 50),
+            },
+            2 => Motif::Burst {
+                at_s: pick(2, latest),
+                count: pick(50, if jitter_ms > 0 { 1000 } else { 3000 }),
+            },
+            3 => Motif::TrimBoundary {
+                idle_ms: [299_900, 300_000, 300_100][pick(0, 2) as usize],
+            },
+            4 => Motif::DiscoKeyTwice {
+                at_s: pick(2, latest),
+                gap_ms: pick(100, 3000),
+            },
+            5 => Motif::PartitionDuringHandshake {
+                at_s: pick(2, latest),
+                delay_ms: pick(1, 120),
+            },
+            _ => Motif::PingTrimmed { kind: pick(0, 2) },
+        }
+    }
+
+    /// The shortest run this motif fits in.
+    fn min_duration_s(&self) -> u32 {
+        match self {
+            Motif::TrimBoundary { .. } => 330,
+            Motif::PingTrimmed { .. } => 340,
+            Motif::None
+            | Motif::CrossingWake { .. }
+            | Motif::Burst { .. }
+            | Motif::DiscoKeyTwice { .. }
+            | Motif::PartitionDuringHandshake { .. } => 0,
+        }
+    }
+
+    /// The motif's `[[action]]` entries for a run of `duration_s`.
+    fn write(&self, out: &mut String, duration_s: u32) {
+        let mut action = |at_ms: u64, body: &str| {
+            let at_ms = at_ms.min(u64::from(duration_s) * 1000);
+            let _ = writeln!(
+                out,
+                "\n[[action]]\nat_s = {}.{:03}\n{body}",
+                at_ms / 1000,
+                at_ms % 1000
+            );
+        };
+        let stream = |from: &str, to: &str, count: u32, interval_ms: &str| {
+            format!(
+                "do = \"send\"\nfrom = \"{from}\"\nto = \"{to}\"\ncount = {count}\ninterval_ms = {interval_ms}"
+            )
+        };
+        match *self {
+            Motif::None => {}
+            Motif::CrossingWake { at_s, offset_ms } => {
+                let at = u64::from(at_s) * 1000;
+                action(at, &stream("n1", "n2", 20, "5"));
+                action(at + u64::from(offset_ms), &stream("n2", "n1", 20, "5"));
+            }
+            Motif::Burst { at_s, count } => {
+                let body = format!("{}\nsize = 1000", stream("n1", "n2", count, "0.01"));
+                action(u64::from(at_s) * 1000, &body);
+            }
+            Motif::TrimBoundary { idle_ms } => {
+                action(1000, &stream("n1", "n2", 1, "100"));
+                action(1000 + u64::from(idle_ms), &stream("n1", "n2", 5, "100"));
+            }
+            Motif::DiscoKeyTwice { at_s, gap_ms } => {
+                let at = u64::from(at_s) * 1000;
+                action(at.saturating_sub(1000), &stream("n1", "n2", 100, "100"));
+                action(at, "do = \"restart\"\nnode = \"n2\"");
+                action(at + u64::from(gap_ms), "do = \"restart\"\nnode = \"n2\"");
+            }
+            Motif::PartitionDuringHandshake { at_s, delay_ms } => {
+                let at = u64::from(at_s) * 1000;
+                action(at, &stream("n1", "n2", 60, "100"));
+                action(
+                    at + u64::from(delay_ms),
+                    "do = \"partition\"\na = [\"n1\"]\nb = [\"n2\"]",
+                );
+                action(at + u64::from(delay_ms) + 3000, "do = \"heal\"");
+            }
+            Motif::PingTrimmed { kind } => {
+                let kind = ["disco", "tsmp", "icmp"][kind.min(2) as usize];
+                action(1000, &stream("n1", "n2", 1, "100"));
+                action(
+                    311_000,
+                    &format!("do = \"ping\"\nfrom = \"n1\"\nto = \"n2\"\nkind = \"{kind}\""),
+                );
+            }
+        }
+    }
 }
 
 impl Shape {
     /// A random shape drawn from `rng`.
     pub fn random(rng: &mut ChaCha20Rng) -> Shape {
         let mut pick = |lo: u32, hi: u32| lo + rng.next_u32() % (hi - lo + 1);
-        Shape {
+        let mut shape = Shape {
             nodes: pick(2, 6),
             duration_s: pick(60, 900),
             latency_ms: pick(1, 60),
@@ -65,7 +224,11 @@ impl Shape {
             pings: pick(0, 12),
             flows: pick(0, 6),
             link_changes: pick(0, 3),
-        }
+            motif: Motif::None,
+        };
+        shape.motif = Motif::random(rng, shape.duration_s, shape.jitter_ms);
+        shape.duration_s = shape.duration_s.max(shape.motif.min_duration_s());
+        shape
     }
 
     /// The scenario text for this shape.
@@ -91,6 +254,7 @@ impl Shape {
                 let _ = writeln!(out, "trim = false");
             }
         }
+        self.motif.write(&mut out, self.duration_s);
         let end = self.duration_s.saturating_sub(15).max(1);
         let _ = writeln!(
             out,
@@ -135,9 +299,16 @@ impl Shape {
                 push(t);
             }
         }
-        if self.duration_s > 60 {
+        if self.motif != Motif::None {
             push(Shape {
-                duration_s: (self.duration_s / 2).max(60),
+                motif: Motif::None,
+                ..*self
+            });
+        }
+        let shortest = self.motif.min_duration_s().max(60);
+        if self.duration_s > shortest {
+            push(Shape {
+                duration_s: (self.duration_s / 2).max(shortest),
                 ..*self
             });
         }
@@ -328,6 +499,10 @@ mod tests {
             pings: 12,
             flows: 6,
             link_changes: 3,
+            motif: Motif::Burst {
+                at_s: 30,
+                count: 100,
+            },
         };
         // A made-up failure that needs a restart and three nodes.
         let small = shrink_with(big, 500, |s| s.restarts >= 1 && s.nodes >= 3);

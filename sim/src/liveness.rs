@@ -18,7 +18,8 @@
 //!
 //! **The default bound** for a datagram is one handshake round trip plus one
 //! way, each of the three trips with its full jitter: `3 x (latency +
-//! jitter)`. When the receiver was itself sending to the sender within one
+//! jitter)`. When the receiver was itself sending to the sender (a stream's
+//! datagram, a flow's opening, a TSMP or ICMP ping) within one
 //! round trip of the send, before or after (a crossing wake: both sides initiate, and WireGuard's
 //! rules make one side's packets wait for the other's session to be
 //! confirmed) the bound is one round trip more. That holds for whichever
@@ -32,7 +33,9 @@ use std::time::Duration;
 use crate::report::Check;
 use crate::scenario::{ActionKind, Scenario};
 use crate::world::address::{tailnet_ip4, tailnet_ip6};
-use crate::world::{LinkKind, StreamRecord};
+use wgmesh_core::PingKind;
+
+use crate::world::{FlowRecord, LinkKind, NodeId, PingRecord, StreamRecord};
 
 /// How long after a fault the tailnet is given to recover before its
 /// datagrams are judged again.
@@ -129,10 +132,18 @@ fn node_of(scenario: &Scenario, ip: IpAddr) -> Option<usize> {
 }
 
 /// One liveness check per stream to a node, in stream order.
+///
+/// `flows` and `pings` count as traffic the other way for the crossing
+/// allowance: a flow's opening or a TSMP or ICMP ping from the receiver
+/// needs a session as much as a stream does (found by explore: a flow
+/// opened 61 ms after a stream the other way made the stream's first
+/// datagram wait for the crossing, and the oracle called it late).
 pub(crate) fn liveness_checks(
     scenario: &Scenario,
     seed: u64,
     streams: &[StreamRecord],
+    flows: &[FlowRecord],
+    pings: &[PingRecord],
 ) -> Vec<Check> {
     let Some(spans) = impaired_spans(scenario, seed) else {
         return Vec::new();
@@ -149,11 +160,28 @@ pub(crate) fn liveness_checks(
         };
         let sender = stream.from.0;
         let name = stream.label.clone().unwrap_or_else(|| format!("#{index}"));
-        // Sends of the receiver to the sender, for the crossing allowance.
+        // Sends of the receiver to the sender, for the crossing allowance:
+        // its streams' datagrams, its flows' openings and its pings that
+        // travel inside the tunnel (a disco ping needs no session).
+        let towards_sender = |from: NodeId, dst: IpAddr| {
+            from.0 == receiver && node_of(scenario, dst) == Some(sender)
+        };
         let reverse_sends: Vec<Duration> = streams
             .iter()
-            .filter(|s| s.from.0 == receiver && node_of(scenario, s.dst) == Some(sender))
+            .filter(|s| towards_sender(s.from, s.dst))
             .flat_map(|s| s.sent.iter().copied())
+            .chain(
+                flows
+                    .iter()
+                    .filter(|f| towards_sender(f.from, f.dst.ip()))
+                    .map(|f| f.started),
+            )
+            .chain(
+                pings
+                    .iter()
+                    .filter(|p| p.kind != PingKind::Disco && towards_sender(p.from, p.ip))
+                    .map(|p| p.started),
+            )
             .collect();
         let (mut judged, mut late, mut lost) = (0u64, 0u64, 0u64);
         let mut first_lost: Option<Duration> = None;

@@ -5,12 +5,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wgmesh_sim::report::Report;
 use wgmesh_sim::runner::{RunOptions, run};
 use wgmesh_sim::scenario::{Backend, Scenario};
-use wgmesh_sim::timeline;
+use wgmesh_sim::timeline::{self, Window};
 use wgmesh_sim::trace::Keep;
 
 #[derive(Parser)]
@@ -43,9 +44,18 @@ enum Command {
         /// Overrides the file's seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Overrides the file's backend (event or turmoil).
+        #[arg(long)]
+        backend: Option<String>,
         /// Also draw the run as an SVG swimlane picture into this file.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// The picture starts at this virtual second (default: 0).
+        #[arg(long, requires = "svg")]
+        from: Option<f64>,
+        /// The picture ends at this virtual second (default: the run's end).
+        #[arg(long, requires = "svg")]
+        to: Option<f64>,
     },
     /// Measure virtual seconds per wall second on the reference scenarios.
     Speed {
@@ -81,14 +91,23 @@ fn execute(scenario: &Scenario, options: RunOptions) -> Result<Report, ExitCode>
     })
 }
 
-fn cmd_run(file: PathBuf, seed: Option<u64>, backend: Option<String>, json: bool) -> ExitCode {
-    let backend = match backend.as_deref().map(|b| (b, Backend::parse(b))) {
-        None => None,
-        Some((_, Some(b))) => Some(b),
+/// The backend named on the command line, if any; an unknown name is an
+/// error (exit 2).
+fn parse_backend(backend: Option<String>) -> Result<Option<Backend>, ExitCode> {
+    match backend.as_deref().map(|b| (b, Backend::parse(b))) {
+        None => Ok(None),
+        Some((_, Some(b))) => Ok(Some(b)),
         Some((b, None)) => {
             eprintln!("error: unknown backend {b:?} (event or turmoil)");
-            return ExitCode::from(2);
+            Err(ExitCode::from(2))
         }
+    }
+}
+
+fn cmd_run(file: PathBuf, seed: Option<u64>, backend: Option<String>, json: bool) -> ExitCode {
+    let backend = match parse_backend(backend) {
+        Ok(b) => b,
+        Err(code) => return code,
     };
     let scenario = match load(&file) {
         Ok(s) => s,
@@ -151,10 +170,58 @@ fn cmd_run(file: PathBuf, seed: Option<u64>, backend: Option<String>, json: bool
     }
 }
 
-fn cmd_replay(file: PathBuf, seed: Option<u64>, svg: Option<PathBuf>) -> ExitCode {
+/// The picture's window from `--from`/`--to` (seconds), checked against
+/// the run's length.
+fn window(from: Option<f64>, to: Option<f64>, duration: Duration) -> Result<Window, String> {
+    let secs = |v: f64, what: &str| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!(
+                "--{what} must be a number of seconds >= 0, not {v}"
+            ))
+        }
+    };
+    let from = from.map_or(Ok(Duration::ZERO), |v| secs(v, "from"))?;
+    let to = to.map_or(Ok(duration), |v| secs(v, "to"))?;
+    if from >= to {
+        return Err(format!(
+            "--from ({}s) must be before --to ({}s)",
+            from.as_secs_f64(),
+            to.as_secs_f64()
+        ));
+    }
+    if from > duration {
+        return Err(format!(
+            "--from ({}s) is after the run's end ({}s)",
+            from.as_secs_f64(),
+            duration.as_secs_f64()
+        ));
+    }
+    Ok(Window { from, to })
+}
+
+fn cmd_replay(
+    file: PathBuf,
+    seed: Option<u64>,
+    backend: Option<String>,
+    svg: Option<PathBuf>,
+    (from, to): (Option<f64>, Option<f64>),
+) -> ExitCode {
+    let backend = match parse_backend(backend) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
     let scenario = match load(&file) {
         Ok(s) => s,
         Err(code) => return code,
+    };
+    let window = match window(from, to, scenario.duration) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     let seed = seed.unwrap_or(scenario.seed);
     println!("seed: {seed}");
@@ -167,7 +234,7 @@ fn cmd_replay(file: PathBuf, seed: Option<u64>, svg: Option<PathBuf>) -> ExitCod
         &scenario,
         RunOptions {
             seed: Some(seed),
-            backend: None,
+            backend,
             keep,
         },
     ) {
@@ -180,7 +247,7 @@ fn cmd_replay(file: PathBuf, seed: Option<u64>, svg: Option<PathBuf>) -> ExitCod
     print!("{}", report.checks_text());
     println!("trace hash: {}", report.trace_hash);
     if let Some(path) = svg {
-        let picture = timeline::svg(&report.timeline, &names, scenario.duration);
+        let picture = timeline::svg(&report.timeline, &names, window);
         if let Err(e) = std::fs::write(&path, picture) {
             eprintln!("error: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
@@ -275,7 +342,14 @@ fn main() -> ExitCode {
             backend,
             json,
         } => cmd_run(file, seed, backend, json),
-        Command::Replay { file, seed, svg } => cmd_replay(file, seed, svg),
+        Command::Replay {
+            file,
+            seed,
+            backend,
+            svg,
+            from,
+            to,
+        } => cmd_replay(file, seed, backend, svg, (from, to)),
         Command::Explore {
             cases,
             seed,

@@ -86,16 +86,90 @@ fn escape(s: &str) -> String {
 /// The most datagram arrows drawn; later ones are left out (and counted).
 const MAX_ARROWS: usize = 3000;
 
-/// Draws the trace as an SVG swimlane picture. `entries` should be the full
-/// trace (packets included) for arrows to appear.
-pub fn svg(entries: &[TraceEntry], nodes: &[String], duration: Duration) -> String {
+/// A time to the millisecond, as the picture prints it (`20.200s`).
+fn fmt_ms_time(at: Duration) -> String {
+    format!("{}.{:03}s", at.as_secs(), at.subsec_millis())
+}
+
+/// The part of a run a picture shows: `from..=to` in virtual time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The first instant drawn.
+    pub from: Duration,
+    /// The last instant drawn.
+    pub to: Duration,
+}
+
+impl Window {
+    /// The whole run.
+    pub fn whole(duration: Duration) -> Self {
+        Self {
+            from: Duration::ZERO,
+            to: duration,
+        }
+    }
+
+    fn contains(&self, at: Duration) -> bool {
+        self.from <= at && at <= self.to
+    }
+}
+
+/// How a datagram ended, as the picture draws it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// It arrived and went to the engine: a solid arrow.
+    Delivered,
+    /// It reached the node while the node was down: a dashed red arrow.
+    DroppedAtReceiver,
+    /// The network lost it (loss, partition, link down): a short red stub
+    /// ending in a cross.
+    LostOnTheWay,
+}
+
+/// The legend's items, each line short enough to fit the picture.
+const LEGEND: &[(&str, &str)] = &[
+    ("#8899aa", "solid arrow: datagram delivered (green: disco)"),
+    (
+        "#d00000",
+        "dashed red arrow: reached a node that was down; red stub with x: lost on the way (loss, partition, link down)",
+    ),
+    (
+        "#e07000",
+        "triangle: peer left WireGuard (orange: idle trim, grey: other)",
+    ),
+    ("#7b2cbf", "square: session flushed"),
+    (
+        "#1d4ed8",
+        "dot: peer configured (teal), handshake (blue), pong or flow done (green)",
+    ),
+    (
+        "#b45309",
+        "bar: restart or node up (black), link change or partition (brown)",
+    ),
+    (
+        "#d00000",
+        "x: ping timeout or failed flow; ring: broken invariant",
+    ),
+];
+
+/// Draws the trace as an SVG swimlane picture of `window`. `entries` should
+/// be the full trace (packets included) for arrows to appear.
+pub fn svg(entries: &[TraceEntry], nodes: &[String], window: Window) -> String {
     let left = 120.0;
     let width = 1400.0;
     let lane = 56.0;
     let top = 40.0;
-    let height = top + lane * nodes.len() as f64 + 40.0;
-    let span = duration.as_secs_f64().max(1e-3);
-    let x = |at: Duration| left + (width - left - 20.0) * at.as_secs_f64() / span;
+    let legend_top = top + lane * nodes.len() as f64 + 24.0;
+    let height = legend_top + 16.0 * (LEGEND.len() as f64 + 1.0) + 8.0;
+    let span = window
+        .to
+        .saturating_sub(window.from)
+        .as_secs_f64()
+        .max(1e-3);
+    let x = |at: Duration| {
+        let t = at.clamp(window.from, window.to.max(window.from)) - window.from;
+        left + (width - left - 20.0) * t.as_secs_f64() / span
+    };
     let lane_of: BTreeMap<&str, usize> = nodes
         .iter()
         .enumerate()
@@ -123,82 +197,148 @@ pub fn svg(entries: &[TraceEntry], nodes: &[String], duration: Duration) -> Stri
             name = escape(name)
         );
     }
-    // The time axis: ten ticks.
+    // The time axis: ten ticks, to the millisecond.
     for k in 0..=10 {
-        let t = Duration::from_secs_f64(span * f64::from(k) / 10.0);
+        let t = window.from + Duration::from_secs_f64(span * f64::from(k) / 10.0);
         let _ = writeln!(
             out,
             r##"<text x="{:.1}" y="20" fill="#666">{}</text>"##,
             x(t) - 20.0,
-            fmt_time(t)
+            fmt_ms_time(t)
         );
     }
-    // Datagrams: pair each send with the next arrival of the same kind and size.
+    // Datagrams: pair each send with the next arrival (or drop at the
+    // receiver) of the same kind and size; a send the network lost ends in
+    // a stub.
     let mut in_flight: BTreeMap<(usize, usize, String), VecDeque<Duration>> = BTreeMap::new();
-    let mut arrows = 0usize;
+    let mut drawn = 0usize;
     let mut skipped = 0usize;
+    let mut counts = [0usize; 3];
     for e in entries {
         let Some(&me) = lane_of.get(e.node.as_str()) else {
             continue;
         };
         let mut words = e.detail.split_whitespace();
-        match e.kind {
-            "tx" => {
-                let (Some("->"), Some(to), Some(kind), Some(size)) =
-                    (words.next(), words.next(), words.next(), words.next())
+        let (Some(arrow), Some(other), Some(kind), Some(size)) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        let Some(&peer) = lane_of.get(other) else {
+            continue;
+        };
+        let label = format!("{kind} {size}");
+        let (sent, src, dst, fate) = match (e.kind, arrow) {
+            ("tx", "->") => {
+                in_flight
+                    .entry((me, peer, label))
+                    .or_default()
+                    .push_back(e.at);
+                continue;
+            }
+            ("tx-drop", "->") => (e.at, me, peer, Fate::LostOnTheWay),
+            ("rx" | "rx-drop", "<-") => {
+                let Some(sent) = in_flight
+                    .get_mut(&(peer, me, label.clone()))
+                    .and_then(VecDeque::pop_front)
                 else {
                     continue;
                 };
-                if let Some(&dst) = lane_of.get(to) {
-                    in_flight
-                        .entry((me, dst, format!("{kind} {size}")))
-                        .or_default()
-                        .push_back(e.at);
-                }
-            }
-            "rx" => {
-                let (Some("<-"), Some(from), Some(kind), Some(size)) =
-                    (words.next(), words.next(), words.next(), words.next())
-                else {
-                    continue;
+                let fate = if e.kind == "rx" {
+                    Fate::Delivered
+                } else {
+                    Fate::DroppedAtReceiver
                 };
-                let Some(&src) = lane_of.get(from) else {
-                    continue;
-                };
-                let label = format!("{kind} {size}");
-                let sent = in_flight
-                    .get_mut(&(src, me, label.clone()))
-                    .and_then(VecDeque::pop_front);
-                if let Some(sent) = sent {
-                    if arrows >= MAX_ARROWS {
-                        skipped += 1;
-                        continue;
-                    }
-                    arrows += 1;
-                    let color = if kind == "disco" {
-                        "#88aa88"
-                    } else {
-                        "#8899aa"
-                    };
-                    let _ = writeln!(
-                        out,
-                        r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{color}" stroke-width="0.8" marker-end="url(#arrow)"><title>{} {} -&gt; {} {}</title></line>"#,
-                        x(sent),
-                        y(src),
-                        x(e.at),
-                        y(me),
-                        fmt_time(sent),
-                        escape(&nodes[src]),
-                        escape(&nodes[me]),
-                        escape(&label)
-                    );
-                }
+                (sent, peer, me, fate)
             }
-            _ => {}
+            _ => continue,
+        };
+        if !window.contains(sent) && !window.contains(e.at) {
+            continue;
+        }
+        if drawn >= MAX_ARROWS {
+            skipped += 1;
+            continue;
+        }
+        drawn += 1;
+        let title = format!(
+            "{} {} -&gt; {} {}",
+            fmt_time(sent),
+            escape(&nodes[src]),
+            escape(&nodes[dst]),
+            escape(&label)
+        );
+        match fate {
+            Fate::Delivered => {
+                counts[0] += 1;
+                let color = if kind == "disco" {
+                    "#88aa88"
+                } else {
+                    "#8899aa"
+                };
+                let _ = writeln!(
+                    out,
+                    r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{color}" stroke-width="0.8" marker-end="url(#arrow)"><title>{title}</title></line>"#,
+                    x(sent),
+                    y(src),
+                    x(e.at),
+                    y(dst),
+                );
+            }
+            Fate::DroppedAtReceiver => {
+                counts[1] += 1;
+                let _ = writeln!(
+                    out,
+                    r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d00000" stroke-width="0.8" stroke-dasharray="4,3"><title>{title} (dropped: receiver down)</title></line>"##,
+                    x(sent),
+                    y(src),
+                    x(e.at),
+                    y(dst),
+                );
+            }
+            Fate::LostOnTheWay => {
+                counts[2] += 1;
+                // A quarter of the way towards the destination lane.
+                let (x0, y0) = (x(sent), y(src));
+                let y1 = y0 + (y(dst) - y0) / 4.0;
+                let _ = writeln!(
+                    out,
+                    r##"<path d="M{x0:.1},{y0:.1} L{x0:.1},{y1:.1} m-3,-3 l6,6 m0,-6 l-6,6" stroke="#d00000" stroke-width="1" fill="none"><title>{title} (lost: {})</title></path>"##,
+                    escape(e.detail.split_whitespace().nth(4).unwrap_or("lost"))
+                );
+            }
+        }
+    }
+    // Sends that never arrived anywhere (turmoil drops datagrams to a host
+    // that is down without a trace) are stubs too.
+    for ((src, dst, label), left_over) in &in_flight {
+        for &sent in left_over {
+            if !window.contains(sent) {
+                continue;
+            }
+            if drawn >= MAX_ARROWS {
+                skipped += 1;
+                continue;
+            }
+            drawn += 1;
+            counts[2] += 1;
+            let (x0, y0) = (x(sent), y(*src));
+            let y1 = y0 + (y(*dst) - y0) / 4.0;
+            let _ = writeln!(
+                out,
+                r##"<path d="M{x0:.1},{y0:.1} L{x0:.1},{y1:.1} m-3,-3 l6,6 m0,-6 l-6,6" stroke="#d00000" stroke-width="1" fill="none"><title>{} {} -&gt; {} {} (never arrived)</title></path>"##,
+                fmt_time(sent),
+                escape(&nodes[*src]),
+                escape(&nodes[*dst]),
+                escape(label)
+            );
         }
     }
     // Marks for the notable entries.
-    for e in entries.iter().filter(|e| e.category.is_notable()) {
+    for e in entries
+        .iter()
+        .filter(|e| e.category.is_notable() && window.contains(e.at))
+    {
         let lane_y = lane_of.get(e.node.as_str()).map_or(top - 12.0, |&i| y(i));
         let (shape, color) = match (e.category, e.kind) {
             (Category::Violation, _) => ("big", "#d00000"),
@@ -259,11 +399,27 @@ pub fn svg(entries: &[TraceEntry], nodes: &[String], duration: Duration) -> Stri
             ),
         };
     }
+    // The legend: one short line per item, then the counts, all inside the
+    // picture's width.
     let _ = writeln!(
         out,
-        r##"<text x="{left}" y="{:.1}" fill="#666">arrows: datagrams ({arrows} drawn, {skipped} left out); triangles: peers leaving WireGuard (orange: idle trim); squares: session flushes; dots: configured/handshake/pong; x: timeouts; bars: restarts and link changes; hover for details</text>"##,
-        height - 12.0
+        r##"<text x="8" y="{:.1}" fill="#333">{} to {}: {} datagrams delivered, {} dropped at a receiver that was down, {} lost on the way ({skipped} more left out); hover for details</text>"##,
+        legend_top,
+        fmt_ms_time(window.from),
+        fmt_ms_time(window.to),
+        counts[0],
+        counts[1],
+        counts[2],
     );
+    for (k, (color, text)) in LEGEND.iter().enumerate() {
+        let ly = legend_top + 16.0 * (k as f64 + 1.0);
+        let _ = writeln!(
+            out,
+            r##"<rect x="8" y="{:.1}" width="10" height="10" fill="{color}"/><text x="24" y="{ly:.1}" fill="#666">{}</text>"##,
+            ly - 9.0,
+            escape(text)
+        );
+    }
     out.push_str("</svg>\n");
     out
 }
@@ -302,11 +458,61 @@ mod tests {
             ),
         ];
         let nodes = vec!["a".to_string(), "b".to_string()];
-        let picture = svg(&entries, &nodes, Duration::from_secs(400));
+        let picture = svg(&entries, &nodes, Window::whole(Duration::from_secs(400)));
         assert!(picture.starts_with("<svg"));
         assert_eq!(picture.matches("marker-end").count(), 1);
         assert!(picture.contains("#e07000"));
-        assert!(picture.contains("1 drawn"));
+        assert!(picture.contains("1 datagrams delivered, 0 dropped"));
+    }
+
+    #[test]
+    fn svg_draws_drops_apart_from_deliveries() {
+        let entries = vec![
+            entry(0, "a", Category::Packet, "tx", "-> b data 96B"),
+            entry(10, "b", Category::Packet, "rx", "<- a data 96B"),
+            entry(20, "a", Category::Packet, "tx", "-> b data 96B"),
+            entry(30, "b", Category::Packet, "rx-drop", "<- a data 96B down"),
+            entry(
+                40,
+                "a",
+                Category::Packet,
+                "tx-drop",
+                "-> b data 96B partition",
+            ),
+            entry(50, "a", Category::Packet, "tx", "-> b data 96B"),
+        ];
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let picture = svg(&entries, &nodes, Window::whole(Duration::from_secs(1)));
+        assert_eq!(picture.matches("marker-end").count(), 1);
+        assert_eq!(picture.matches("stroke-dasharray").count(), 1);
+        assert!(picture.contains("(lost: partition)"));
+        assert!(picture.contains("(never arrived)"));
+        assert!(
+            picture
+                .contains("1 datagrams delivered, 1 dropped at a receiver that was down, 2 lost")
+        );
+    }
+
+    #[test]
+    fn svg_window_keeps_what_falls_inside_and_prints_milliseconds() {
+        let entries = vec![
+            entry(0, "a", Category::Packet, "tx", "-> b data 96B"),
+            entry(10, "b", Category::Packet, "rx", "<- a data 96B"),
+            entry(20_000, "a", Category::Packet, "tx", "-> b data 96B"),
+            entry(20_050, "b", Category::Packet, "rx", "<- a data 96B"),
+            entry(20_060, "b", Category::Engine, "handshake", "a via x"),
+            entry(30_000, "b", Category::Engine, "handshake", "a via x"),
+        ];
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let window = Window {
+            from: Duration::from_secs(20),
+            to: Duration::from_millis(20_250),
+        };
+        let picture = svg(&entries, &nodes, window);
+        assert_eq!(picture.matches("marker-end").count(), 1);
+        assert_eq!(picture.matches("handshake a via x").count(), 1);
+        assert!(picture.contains(">20.025s<"), "ticks every 25 ms");
+        assert!(picture.contains("20.000s to 20.250s"));
     }
 
     #[test]

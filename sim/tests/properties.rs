@@ -3,21 +3,36 @@
 //! explorer, which also shrinks and records failures.
 
 use proptest::prelude::*;
-use wgmesh_sim::explore::Shape;
+use wgmesh_sim::explore::{Motif, Shape};
 use wgmesh_sim::runner::{RunOptions, run};
 use wgmesh_sim::scenario::Scenario;
 use wgmesh_sim::trace::Keep;
 
+/// The explorer's set pieces, early enough for the shortest run (60 s).
+fn motif() -> impl Strategy<Value = Motif> {
+    prop_oneof![
+        Just(Motif::None),
+        (2u32..=40, 0u32..=50)
+            .prop_map(|(at_s, offset_ms)| Motif::CrossingWake { at_s, offset_ms }),
+        // At most 1000: jitter may permute a flushed burst, and boringtun's
+        // replay window is 1024 (see corpus/wake-burst-beyond-the-replay-window.toml).
+        (2u32..=40, 50u32..=1000).prop_map(|(at_s, count)| Motif::Burst { at_s, count }),
+        (2u32..=40, 100u32..=3000).prop_map(|(at_s, gap_ms)| Motif::DiscoKeyTwice { at_s, gap_ms }),
+        (2u32..=40, 1u32..=120)
+            .prop_map(|(at_s, delay_ms)| Motif::PartitionDuringHandshake { at_s, delay_ms }),
+    ]
+}
+
 fn shape() -> impl Strategy<Value = Shape> {
     (
         (2u32..=5, 60u32..=400, 1u32..=50, 0u32..=10, 0u32..=30),
-        (any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>(), motif()),
         (0u32..=3, 0u32..=10, 0u32..=8, 0u32..=4, 0u32..=2),
     )
         .prop_map(
             |(
                 (nodes, duration_s, latency_ms, jitter_ms, loss_permille),
-                (subnet_router, one_untrimmed),
+                (subnet_router, one_untrimmed, motif),
                 (restarts, streams, pings, flows, link_changes),
             )| Shape {
                 nodes,
@@ -32,6 +47,7 @@ fn shape() -> impl Strategy<Value = Shape> {
                 pings,
                 flows,
                 link_changes,
+                motif,
             },
         )
 }

@@ -5,9 +5,12 @@
 //! The outer loop steps the simulation one tick (1 ms) at a time. Before each
 //! tick it applies what is due: scenario actions that act on the simulation
 //! itself (partitions, restarts through `Sim::bounce`) directly, and the ones
-//! that act on a node (traffic, pings, netmaps, probes) as commands to an
-//! agent task inside that node's host, which talks to the driver through its
-//! `DriverHandle` and plays the node's operating system on the TUN.
+//! that act on a node (pings, netmaps, probes, each stream datagram and
+//! flow segment) as commands to an agent task inside that node's host,
+//! which talks to the driver through its `DriverHandle` and plays the
+//! node's operating system on the TUN. Streams and flow timers live in the
+//! loop, not in a host, so they outlive a restart of their sender, as on the
+//! event backend.
 //!
 //! The host side lives in `host` (the socket, the effect sink, one engine
 //! incarnation behind `run_driver`, the agent and the event logger) and `os`
@@ -18,9 +21,9 @@
 //! engine call on this backend wraps that host's future.
 //!
 //! This backend supports every action but `set_allowed_ips`, every check,
-//! latency, the control delay and subnets. Nodes with fake ICMP or
-//! keepalives, loss, jitter and random churn are refused up front rather
-//! than simulated differently. Its invariant checks are the ones visible
+//! latency, the control delay, subnets and random churn. Nodes with fake
+//! ICMP or keepalives, loss and jitter are refused up front rather than
+//! simulated differently. Its invariant checks are the ones visible
 //! from outside the driver: every ping ends exactly once within 10 s.
 
 mod control;
@@ -29,7 +32,7 @@ mod os;
 mod outer;
 mod shared;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -42,7 +45,7 @@ use self::outer::Outer;
 use self::shared::{Cmd, Shared, SharedRef, lock, send};
 use crate::evaluate::{Outcomes, RunError, evaluate_outcomes};
 use crate::report::Report;
-use crate::scenario::{ActionKind, Scenario};
+use crate::scenario::{ActionKind, CounterScope, Scenario};
 use crate::trace::{Keep, Trace};
 use crate::world::address::WG_PORT;
 use crate::world::address::tailnet_ip4;
@@ -60,9 +63,6 @@ fn unsupported(what: &str) -> RunError {
 
 /// Runs a scenario on the turmoil backend.
 pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunError> {
-    if scenario.churn.is_some() {
-        return Err(unsupported("[churn]"));
-    }
     if scenario.network.loss > 0.0 || !scenario.network.jitter.is_zero() {
         return Err(unsupported("loss or jitter"));
     }
@@ -144,12 +144,15 @@ fn control_plane(scenario: &Scenario, seed: u64, keys: &[NodePrivateKey]) -> Con
 fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     let n = scenario.nodes.len();
     let mut key_rng = rng_stream(seed, KEY_STREAM);
-    let keys: Vec<NodePrivateKey> = (0..n)
-        .map(|_| NodePrivateKey::generate(&mut key_rng))
-        .collect();
-    let disco: Vec<DiscoPrivateKey> = (0..n)
-        .map(|_| DiscoPrivateKey::generate(&mut key_rng))
-        .collect();
+    // Node key then disco key, node by node, as on the event backend: the
+    // same seed gives every node the same keys on both (a crossing's
+    // tie-break follows the keys).
+    let (keys, disco): (Vec<NodePrivateKey>, Vec<DiscoPrivateKey>) = (0..n)
+        .map(|_| {
+            let key = NodePrivateKey::generate(&mut key_rng);
+            (key, DiscoPrivateKey::generate(&mut key_rng))
+        })
+        .unzip();
     let control = control_plane(scenario, seed, &keys);
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         now: Duration::ZERO,
@@ -157,6 +160,11 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         keys,
         disco,
         incarnation: vec![0; n],
+        up_at: vec![Duration::ZERO; n],
+        addresses: Vec::new(),
+        cut: BTreeSet::new(),
+        one_way_cuts: BTreeSet::new(),
+        link_down: BTreeSet::new(),
         key_rng,
         cmds: (0..n).map(|_| None).collect(),
         trace: Trace::keeping(keep),
@@ -164,10 +172,10 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         streams: Vec::new(),
         probes: BTreeMap::new(),
         counters: vec![Vec::new(); n],
+        earlier_counters: vec![Vec::new(); n],
         violations: Vec::new(),
         seed,
         control,
-        addresses: Vec::new(),
         ports: vec![WG_PORT; n],
         next_ports: (0..n).map(|_| Arc::new(AtomicU16::new(0))).collect(),
         pending_move: vec![None; n],
@@ -177,7 +185,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             .map(|spec| spec.subnets.clone())
             .collect(),
         flows: Vec::new(),
-        flow_inboxes: BTreeMap::new(),
+        flow_timers: Vec::new(),
     }));
 
     let mut sim = turmoil::Builder::new()
@@ -207,7 +215,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
     loop {
         let now = outer.sim.elapsed();
         lock(&outer.shared).now = now;
-        outer.bounce_restarted();
+        outer.bounce_restarted(now);
         while next < points.len() && points[next].0 <= now {
             let (_, order, index) = points[next];
             next += 1;
@@ -218,6 +226,8 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             }
         }
         lock(&outer.shared).control_tick();
+        outer.collect_flow_timers();
+        outer.stream_ticks(now);
         if now >= scenario.duration {
             if finishing == 0 {
                 for i in 0..n {
@@ -241,19 +251,24 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
 
     let s = lock(&outer.shared);
     let counters = s.counters.clone();
-    let counter = move |node: Option<usize>, name: &str| -> Option<u64> {
+    let earlier = s.earlier_counters.clone();
+    let counter = move |node: Option<usize>, name: &str, scope: CounterScope| -> Option<u64> {
         let mut total = None;
         for (i, list) in counters.iter().enumerate() {
             if node.is_some_and(|n| n != i) {
                 continue;
             }
-            if let Some((_, v)) = list.iter().find(|(k, _)| *k == name) {
+            let closed: &[(&str, u64)] = match scope {
+                CounterScope::Incarnation => &[],
+                CounterScope::Total => &earlier[i],
+            };
+            for (_, v) in list.iter().chain(closed).filter(|(k, _)| *k == name) {
                 total = Some(total.unwrap_or(0) + v);
             }
         }
         total
     };
-    let sum = |name: &str| counter(None, name).unwrap_or(0);
+    let sum = |name: &str| counter(None, name, CounterScope::Incarnation).unwrap_or(0);
     let mut stats = vec![
         ("pings", s.pings.len() as u64),
         ("handshakes", sum("handshakes_completed")),

@@ -14,12 +14,14 @@ use super::raw::RawAction;
 use crate::world::LinkKind;
 
 /// One `[[action]]` entry, which must fall inside the run (`0..=duration_s`).
+/// A `ping` with `count` becomes that many pings `interval_ms` apart,
+/// labelled `label#1`, `label#2`, ...; every other entry is one action.
 pub(super) fn action(
     ctx: &Ctx<'_>,
     names: &NodeNames,
     sa: &Spanned<RawAction>,
     duration_s: f64,
-) -> Result<Action, ScenarioError> {
+) -> Result<Vec<Action>, ScenarioError> {
     let line = ctx.line_of(sa.span().start);
     let a = sa.get_ref();
     let at_s = *a.at_s.get_ref();
@@ -65,12 +67,61 @@ pub(super) fn action(
         "control_partition" => control_partition(&entry)?,
         _ => idle(&entry),
     };
-    Ok(Action {
+    let label = a.label.as_ref().map(|l| l.get_ref().clone());
+    if what == "ping" {
+        match (&a.count, &a.interval_ms) {
+            (Some(_), _) => return periodic_pings(&entry, kind, at_s, duration_s, label, line),
+            (None, Some(i)) => {
+                return Err(ctx.at(i, "interval_ms", "a ping's interval_ms needs a count"));
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(vec![Action {
         at: secs(at_s),
         kind,
-        label: a.label.as_ref().map(|l| l.get_ref().clone()),
+        label,
         line,
-    })
+    }])
+}
+
+/// A `ping` with `count` (1..=10000) and `interval_ms` (default 1000, at
+/// least 1): `count` pings, the last of which must start inside the run.
+fn periodic_pings(
+    e: &Entry<'_>,
+    kind: ActionKind,
+    at_s: f64,
+    duration_s: f64,
+    label: Option<String>,
+    line: usize,
+) -> Result<Vec<Action>, ScenarioError> {
+    let count = e.a.count.as_ref().map_or(1, |c| *c.get_ref());
+    if !(1..=10_000).contains(&count) {
+        let c = e.a.count.as_ref().expect("count is present");
+        return Err(e.ctx.at(c, "count", "must be between 1 and 10000"));
+    }
+    let interval_ms = e.a.interval_ms.as_ref().map_or(1000.0, |i| *i.get_ref());
+    if !(1.0..=3_600_000.0).contains(&interval_ms) {
+        let i = e.a.interval_ms.as_ref().expect("a bad interval is present");
+        return Err(e.ctx.at(i, "interval_ms", "must be between 1 and 3600000"));
+    }
+    let last_s = at_s + interval_ms * (count - 1) as f64 / 1000.0;
+    if last_s > duration_s {
+        let c = e.a.count.as_ref().expect("count is present");
+        return Err(e.ctx.at(
+            c,
+            "count",
+            format!("the last ping would start at {last_s}s, after the run ends ({duration_s}s)"),
+        ));
+    }
+    Ok((0..count)
+        .map(|k| Action {
+            at: secs(at_s) + millis(interval_ms) * k as u32,
+            kind: kind.clone(),
+            label: label.as_ref().map(|l| format!("{l}#{}", k + 1)),
+            line,
+        })
+        .collect())
 }
 
 /// The fields action `what` uses; `None` for an unknown action.
@@ -86,7 +137,17 @@ fn allowed_fields(what: &str) -> Option<&'static [&'static str]> {
             "size",
             "label",
         ],
-        "ping" => &["from", "to", "ip", "family", "kind", "size", "label"],
+        "ping" => &[
+            "from",
+            "to",
+            "ip",
+            "family",
+            "kind",
+            "size",
+            "count",
+            "interval_ms",
+            "label",
+        ],
         "flow" => &[
             "from",
             "to",
@@ -97,7 +158,7 @@ fn allowed_fields(what: &str) -> Option<&'static [&'static str]> {
             "label",
         ],
         "restart" => &["node", "downtime_s", "label"],
-        "partition" => &["a", "b", "label"],
+        "partition" => &["a", "b", "one_way", "label"],
         "heal" => &["label"],
         "link_change" => &["node", "link", "label"],
         "set_knob" => &["node", "knob", "value", "label"],
@@ -119,7 +180,7 @@ fn refuse_foreign_fields(
     allowed: &[&str],
 ) -> Result<(), ScenarioError> {
     let a = sa.get_ref();
-    let present: [(&str, Option<usize>); 21] = [
+    let present: [(&str, Option<usize>); 22] = [
         ("from", a.from.as_ref().map(|s| s.span().start)),
         ("to", a.to.as_ref().map(|s| s.span().start)),
         ("node", a.node.as_ref().map(|s| s.span().start)),
@@ -150,6 +211,7 @@ fn refuse_foreign_fields(
         ("note", a.note.as_ref().map(|s| s.span().start)),
         ("nodes", a.nodes.as_ref().map(|_| sa.span().start)),
         ("policy", a.policy.as_ref().map(|s| s.span().start)),
+        ("one_way", a.one_way.as_ref().map(|s| s.span().start)),
     ];
     for (field, offset) in present {
         if let Some(offset) = offset {
@@ -310,6 +372,7 @@ fn partition(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
     Ok(ActionKind::Partition {
         a: group(&e.a.a, "a")?,
         b: group(&e.a.b, "b")?,
+        one_way: e.a.one_way.as_ref().is_some_and(|v| *v.get_ref()),
     })
 }
 

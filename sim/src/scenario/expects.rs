@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use toml::Spanned;
 
 use super::ctx::{Ctx, NodeNames, millis, resolve_node, secs};
-use super::model::{Expect, ExpectKind, ScenarioError};
+use super::model::{CounterScope, Expect, ExpectKind, ScenarioError};
 use super::raw::RawExpect;
 
 /// The kind of action (`ping`, `send`, `flow` or `other`) each label names.
@@ -25,6 +25,13 @@ pub(super) fn expect(
     let line = ctx.line_of(se.span().start);
     let e = se.get_ref();
     let check = e.check.get_ref().as_str();
+    if let (Some(scope), false) = (&e.scope, check == "counter") {
+        return Err(ctx.at(
+            scope,
+            "scope",
+            format!("is only used by check \"counter\", not {check:?}"),
+        ));
+    }
     let label_of = |want: &str| -> Result<Option<String>, ScenarioError> {
         let Some(label) = &e.label else {
             return Err(ctx.err(
@@ -211,12 +218,27 @@ fn counter_check(
             format!("unknown engine counter {:?}", counter.get_ref()),
         ));
     }
+    let scope = match &e.scope {
+        None => CounterScope::Incarnation,
+        Some(s) => match s.get_ref().as_str() {
+            "incarnation" => CounterScope::Incarnation,
+            "total" => CounterScope::Total,
+            other => {
+                return Err(ctx.at(
+                    s,
+                    "scope",
+                    format!("unknown scope {other:?} (incarnation or total)"),
+                ));
+            }
+        },
+    };
     Ok(ExpectKind::Counter {
         counter: counter.get_ref().clone(),
         node: e.node.as_ref().map(|n| node_ref(n, "node")).transpose()?,
         min: e.min,
         max: e.max,
         equals: e.equals,
+        scope,
     })
 }
 

@@ -27,8 +27,8 @@ use std::time::Duration;
 
 pub use self::churn::expand_churn;
 pub use self::model::{
-    Action, ActionKind, Backend, Churn, Expect, ExpectKind, NodeIndex, Scenario, ScenarioError,
-    Target,
+    Action, ActionKind, Backend, Churn, CounterScope, Expect, ExpectKind, NodeIndex, Scenario,
+    ScenarioError, Target,
 };
 
 impl Scenario {
@@ -146,10 +146,94 @@ outcome = "pong"
 
     #[test]
     fn a_field_foreign_to_the_action_is_refused() {
-        let bad = GOOD.replace("kind = \"tsmp\"", "kind = \"tsmp\"\ncount = 3");
+        let bad = GOOD.replace("kind = \"tsmp\"", "kind = \"tsmp\"\ndowntime_s = 3");
         let e = Scenario::parse("bad.toml", &bad).unwrap_err();
         assert_eq!(e.line, Some(14));
+        assert_eq!(e.field.as_deref(), Some("downtime_s"));
+    }
+
+    #[test]
+    fn a_counter_scope_parses_and_is_refused_elsewhere() {
+        let counter = "\n[[expect]]\ncheck = \"counter\"\ncounter = \"handshakes_completed\"\nscope = \"total\"\nmin = 1\n";
+        let s = Scenario::parse("good.toml", &format!("{GOOD}{counter}")).unwrap();
+        assert!(matches!(
+            s.expects[1].kind,
+            ExpectKind::Counter {
+                scope: CounterScope::Total,
+                ..
+            }
+        ));
+        let bad = format!("{GOOD}{}", counter.replace("\"total\"", "\"forever\""));
+        let e = Scenario::parse("bad.toml", &bad).unwrap_err();
+        assert_eq!(e.line, Some(23));
+        assert_eq!(e.field.as_deref(), Some("scope"));
+        assert!(e.message.contains("incarnation or total"), "{e}");
+        let elsewhere = GOOD.replace(
+            "outcome = \"pong\"",
+            "outcome = \"pong\"\nscope = \"total\"",
+        );
+        let e = Scenario::parse("bad.toml", &elsewhere).unwrap_err();
+        assert_eq!(e.line, Some(19));
+        assert_eq!(e.field.as_deref(), Some("scope"));
+    }
+
+    #[test]
+    fn a_periodic_ping_becomes_numbered_pings() {
+        let good = GOOD
+            .replace(
+                "kind = \"tsmp\"",
+                "kind = \"tsmp\"\ncount = 3\ninterval_ms = 500",
+            )
+            .replace("label = \"p\"\noutcome", "label = \"p#3\"\noutcome");
+        let s = Scenario::parse("good.toml", &good).unwrap();
+        let starts: Vec<(u128, Option<&str>)> = s
+            .actions
+            .iter()
+            .map(|a| (a.at.as_millis(), a.label.as_deref()))
+            .collect();
+        assert_eq!(
+            starts,
+            vec![
+                (1000, Some("p#1")),
+                (1500, Some("p#2")),
+                (2000, Some("p#3"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_periodic_ping_past_the_end_or_without_count_is_refused() {
+        let long = GOOD.replace("kind = \"tsmp\"", "kind = \"tsmp\"\ncount = 30");
+        let e = Scenario::parse("bad.toml", &long).unwrap_err();
+        assert_eq!(e.line, Some(14));
         assert_eq!(e.field.as_deref(), Some("count"));
+        assert!(e.message.contains("after the run ends"), "{e}");
+        let lone = GOOD.replace("kind = \"tsmp\"", "kind = \"tsmp\"\ninterval_ms = 30");
+        let e = Scenario::parse("bad.toml", &lone).unwrap_err();
+        assert_eq!(e.line, Some(14));
+        assert_eq!(e.field.as_deref(), Some("interval_ms"));
+        assert!(e.message.contains("needs a count"), "{e}");
+    }
+
+    #[test]
+    fn a_one_way_partition_parses_and_a_bad_flag_names_its_line() {
+        let text = "name = \"t\"\nduration_s = 10\n[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\n[[action]]\nat_s = 1\ndo = \"partition\"\na = [\"a\"]\nb = [\"b\"]\none_way = true\n";
+        let s = Scenario::parse("good.toml", text).unwrap();
+        assert!(matches!(
+            s.actions[0].kind,
+            ActionKind::Partition { one_way: true, .. }
+        ));
+        let bad = text.replace("one_way = true", "one_way = \"yes\"");
+        let e = Scenario::parse("bad.toml", &bad).unwrap_err();
+        assert_eq!(e.line, Some(12));
+        assert_eq!(e.field.as_deref(), Some("one_way"));
+        let foreign = text.replace(
+            "do = \"partition\"\na = [\"a\"]\nb = [\"b\"]",
+            "do = \"heal\"",
+        );
+        let e = Scenario::parse("bad.toml", &foreign).unwrap_err();
+        assert_eq!(e.line, Some(10));
+        assert_eq!(e.field.as_deref(), Some("one_way"));
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub enum ActionKind {
         a: Vec<NodeIndex>,
         /// The other side.
         b: Vec<NodeIndex>,
+        /// Only datagrams from `a` to `b` are cut; `b` still reaches `a`.
+        one_way: bool,
     },
     /// Every partition healed.
     Heal,
@@ -285,6 +287,10 @@ pub enum ExpectKind {
         max: Option<u64>,
         /// Exact value.
         equals: Option<u64>,
+        /// Whether the count runs over every incarnation of the node (a
+        /// restart starts the engine's counters from zero) or only the
+        /// current one.
+        scope: CounterScope,
     },
     /// A harness statistic at the end (see `Stats::iter`).
     Stat {
@@ -362,4 +368,23 @@ pub struct Churn {
     pub flows: u32,
     /// Minor and major link changes.
     pub link_changes: u32,
+}
+
+/// Which engines a `counter` check adds up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterScope {
+    /// The engine running at the end (a restart starts it from zero).
+    Incarnation,
+    /// Every engine the node ran, the closed ones included.
+    Total,
+}
+
+impl CounterScope {
+    /// The name used in files and check names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CounterScope::Incarnation => "incarnation",
+            CounterScope::Total => "total",
+        }
+    }
 }

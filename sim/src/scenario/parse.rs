@@ -64,11 +64,10 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
         None => None,
     };
     let (nodes, names) = nodes(ctx, &raw)?;
-    let actions = raw
-        .actions
-        .iter()
-        .map(|sa| action(ctx, &names, sa, duration_s))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut actions = Vec::new();
+    for sa in &raw.actions {
+        actions.extend(action(ctx, &names, sa, duration_s)?);
+    }
     let churn = churn(ctx, raw.churn.as_ref(), duration_s)?;
     let labels = action_labels(&actions);
     let expects = raw

@@ -118,6 +118,7 @@ pub(super) struct RawAction {
     pub(super) note: Option<Spanned<String>>,
     pub(super) nodes: Option<Vec<Spanned<String>>>,
     pub(super) policy: Option<Spanned<String>>,
+    pub(super) one_way: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,4 +151,5 @@ pub(super) struct RawExpect {
     pub(super) min: Option<u64>,
     pub(super) max: Option<u64>,
     pub(super) equals: Option<u64>,
+    pub(super) scope: Option<Spanned<String>>,
 }

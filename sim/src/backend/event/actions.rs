@@ -165,8 +165,11 @@ impl Tailnet {
             net.client_killed(i);
             net.feed(i, Input::Close);
             // Pings still open on the closed engine ended in `Close`; whatever
-            // the old incarnation left is not this engine's any more.
-            net.nodes[i].engine = None;
+            // the old incarnation left is not this engine's any more, but its
+            // counters still count towards the node's total.
+            if let Some(engine) = net.nodes[i].engine.take() {
+                add_counters(&mut net.nodes[i].earlier_counters, engine.counters().iter());
+            }
             net.nodes[i].incarnation += 1;
             net.nodes[i].timer_at = None;
             let incarnation = net.nodes[i].incarnation;
@@ -222,10 +225,31 @@ impl Tailnet {
         self.log(None, Category::Action, "partition", detail);
     }
 
-    /// Removes every partition (between nodes, and between nodes and the
-    /// coordination server).
+    /// Cuts every path from a node of `a` to a node of `b`, one way: `b`
+    /// still reaches `a`.
+    pub fn partition_one_way(&mut self, a: &[NodeId], b: &[NodeId]) {
+        for x in a {
+            for y in b {
+                if x != y {
+                    self.one_way_cuts.insert((x.0, y.0));
+                }
+            }
+        }
+        let names = |ids: &[NodeId]| {
+            ids.iter()
+                .map(|i| self.name(*i))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let detail = format!("{} -> {} one way", names(a), names(b));
+        self.log(None, Category::Action, "partition", detail);
+    }
+
+    /// Removes every partition, two-way and one-way, and every cut between
+    /// nodes and the coordination server.
     pub fn heal(&mut self) {
         self.partitions.clear();
+        self.one_way_cuts.clear();
         self.control_cut.clear();
         self.log(None, Category::Action, "heal", String::new());
     }
@@ -383,5 +407,18 @@ impl Tailnet {
     /// Records a note in the trace (for scenario probes and checks).
     pub fn note(&mut self, node: Option<NodeId>, kind: &'static str, detail: String) {
         self.log(node.map(|n| n.0), Category::Action, kind, detail);
+    }
+}
+
+/// Adds one engine's counters into a node's running totals.
+pub(super) fn add_counters(
+    totals: &mut Vec<(&'static str, u64)>,
+    counters: impl Iterator<Item = (&'static str, u64)>,
+) {
+    for (name, value) in counters {
+        match totals.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, total)) => *total += value,
+            None => totals.push((name, value)),
+        }
     }
 }

@@ -29,7 +29,9 @@ impl Tailnet {
             self.stats.dropped_link_down += 1;
             Some("link-down")
         } else if let Some(j) = to {
-            if self.partitions.contains(&(i.min(j), i.max(j))) {
+            if self.partitions.contains(&(i.min(j), i.max(j)))
+                || self.one_way_cuts.contains(&(i, j))
+            {
                 self.stats.dropped_partition += 1;
                 Some("partition")
             } else if self.network.loss > 0.0 && unit(&mut self.net_rng) < self.network.loss {

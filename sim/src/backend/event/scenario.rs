@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::state::Tailnet;
 use crate::evaluate::{Labels, Outcomes, Probes, evaluate_outcomes, peer_state};
 use crate::report::{Check, Report};
-use crate::scenario::{Action, ActionKind, ExpectKind, Scenario};
+use crate::scenario::{Action, ActionKind, CounterScope, ExpectKind, Scenario};
 use crate::trace::Keep;
 use crate::world::NodeId;
 use crate::world::spec::set_knob;
@@ -75,10 +75,14 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
             }
         }
         ActionKind::Restart { node, downtime } => net.restart(NodeId(*node), *downtime),
-        ActionKind::Partition { a, b } => {
+        ActionKind::Partition { a, b, one_way } => {
             let a: Vec<NodeId> = a.iter().map(|&i| NodeId(i)).collect();
             let b: Vec<NodeId> = b.iter().map(|&i| NodeId(i)).collect();
-            net.partition(&a, &b);
+            if *one_way {
+                net.partition_one_way(&a, &b);
+            } else {
+                net.partition(&a, &b);
+            }
         }
         ActionKind::Heal => net.heal(),
         ActionKind::LinkChange { node, link } => net.link_change(NodeId(*node), *link),
@@ -214,7 +218,9 @@ fn evaluate(
     labels: &Labels,
     probes: &Probes,
 ) -> Report {
-    let counter = |node: Option<usize>, name: &str| net.counter(node.map(NodeId), name);
+    let counter = |node: Option<usize>, name: &str, scope: CounterScope| {
+        net.counter_in(node.map(NodeId), name, scope)
+    };
     let mut stats = net.stats().iter();
     stats.extend(net.control_stats().iter());
     let outcomes = Outcomes {

@@ -12,6 +12,7 @@ use wgmesh_core::{DiscoPrivateKey, DiscoPublicKey, Engine, Knobs, NodePrivateKey
 
 use super::error_log::ErrorCounter;
 use super::queue::{Scheduled, SimEvent};
+use crate::scenario::CounterScope;
 use crate::trace::{Category, Keep, Trace};
 use crate::world::address::{endpoint, tailnet_ip4, tailnet_ip6};
 use crate::world::control::{ControlClient, ControlHost, KEEPALIVE, control_key};
@@ -160,6 +161,9 @@ pub(super) struct Node {
     pub(super) outstanding_pings: usize,
     pub(super) client: ControlClient,
     pub(super) client_timer_at: Option<Duration>,
+    /// The counters of the node's closed engines, added up (a restart
+    /// starts the new engine's from zero).
+    pub(super) earlier_counters: Vec<(&'static str, u64)>,
 }
 
 /// A whole tailnet on the event backend. See the module docs.
@@ -181,6 +185,9 @@ pub struct Tailnet {
     pub(super) control_auth_key: String,
     pub(super) control_cut: BTreeSet<usize>,
     pub(super) keepalives: BTreeMap<wgmesh_control::NodeKey, u16>,
+    /// One-way cuts: (from, to) pairs whose datagrams from `from` to `to`
+    /// are lost, while the other direction travels.
+    pub(super) one_way_cuts: BTreeSet<(usize, usize)>,
     pub(super) key_rng: ChaCha20Rng,
     pub(super) net_rng: ChaCha20Rng,
     pub(super) trace: Trace,
@@ -251,6 +258,7 @@ impl Tailnet {
                 subnet_peers: Vec::new(),
                 activity: vec![None; n],
                 outstanding_pings: 0,
+                earlier_counters: Vec::new(),
                 spec,
             });
         }
@@ -291,6 +299,7 @@ impl Tailnet {
             subnet_owner: Vec::new(),
             network: b.network,
             partitions: BTreeSet::new(),
+            one_way_cuts: BTreeSet::new(),
             key_rng,
             net_rng: rng_stream(b.seed, NETWORK_STREAM),
             trace: Trace::keeping(b.keep_trace),
@@ -439,10 +448,21 @@ impl Tailnet {
     /// The sum of one engine counter (see `wgmesh_core::Counters::iter`) over
     /// the running engines, or for one node.
     pub fn counter(&self, node: Option<NodeId>, name: &str) -> Option<u64> {
+        self.counter_in(node, name, CounterScope::Incarnation)
+    }
+
+    /// [`Tailnet::counter`] over the running engines only
+    /// (`Incarnation`) or over every engine each node ran (`Total`).
+    pub fn counter_in(&self, node: Option<NodeId>, name: &str, scope: CounterScope) -> Option<u64> {
         let mut total = None;
         for (i, n) in self.nodes.iter().enumerate() {
             if node.is_some_and(|id| id.0 != i) {
                 continue;
+            }
+            if scope == CounterScope::Total {
+                if let Some((_, v)) = n.earlier_counters.iter().find(|(k, _)| *k == name) {
+                    total = Some(total.unwrap_or(0) + v);
+                }
             }
             if let Some(engine) = &n.engine {
                 for (k, v) in engine.counters().iter() {

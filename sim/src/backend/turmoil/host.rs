@@ -16,30 +16,60 @@ use wgmesh_core::{
     DiscoPrivateKey, Effect, Engine, EngineConfig, Event, PING_TIMEOUT, PingOutcome, TestingKnobs,
 };
 
-use super::os::{flow, os_receive};
+use super::os::os_receive;
 use super::shared::{Cmd, SharedRef, lock};
 use crate::evaluate::peer_state;
 use crate::trace::Category;
-use crate::world::address::{WG_PORT, tailnet_source};
+use crate::world::address::WG_PORT;
 use crate::world::control::Apply;
 use crate::world::records::Violation;
-use crate::world::render::{Rendering, effect_detail, event_line, ping_result_detail};
+use crate::world::render::{
+    Rendering, datagram_kind, effect_detail, event_line, ping_result_detail,
+};
 use crate::world::spec::NodeSpec;
-use crate::world::traffic::stream_datagram;
 
-/// A turmoil UDP socket behind the driver's socket trait.
+/// A turmoil UDP socket behind the driver's socket trait. It writes every
+/// datagram into the trace as the event backend does (`tx`, `rx`, and
+/// `tx-drop` for one sent into a cut), so `replay --svg` draws both backends.
 struct TurmoilSocket {
     socket: turmoil::net::UdpSocket,
     /// Set by a major link change: the port the next rebind moves to (0: none).
     next_port: Arc<AtomicU16>,
+    /// The node this socket belongs to.
+    node: usize,
+    shared: SharedRef,
 }
 
 impl DatagramSocket for TurmoilSocket {
     async fn recv_from(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        self.socket.recv_from(buf).await
+        let (len, from) = self.socket.recv_from(buf).await?;
+        let mut s = lock(&self.shared);
+        let detail = format!(
+            "<- {} {} {len}B",
+            s.node_name_at(from),
+            datagram_kind(&buf[..len])
+        );
+        s.log(Some(self.node), Category::Packet, "rx", detail);
+        Ok((len, from))
     }
 
     async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> std::io::Result<()> {
+        {
+            let mut s = lock(&self.shared);
+            let to = s.node_name_at(dst);
+            let kind = datagram_kind(data);
+            let size = data.len();
+            match s.cut_reason(self.node, dst) {
+                Some(why) => {
+                    let detail = format!("-> {to} {kind} {size}B {why}");
+                    s.log(Some(self.node), Category::Packet, "tx-drop", detail);
+                }
+                None => {
+                    let detail = format!("-> {to} {kind} {size}B");
+                    s.log(Some(self.node), Category::Packet, "tx", detail);
+                }
+            }
+        }
         self.socket.send_to(data, dst).await.map(|_| ())
     }
 
@@ -47,15 +77,19 @@ impl DatagramSocket for TurmoilSocket {
         self.socket.local_addr()
     }
 
-    async fn rebind(&mut self, port: u16) -> std::io::Result<()> {
+    async fn rebind(&mut self, requested: u16) -> std::io::Result<()> {
         // Turmoil hosts keep their address, so a major link change moves the
         // node to a new port instead: the rebind it triggers binds there.
+        // Without a pending move the node stays where the simulated network
+        // has it: every netmap asks for the same listen port (`WG_PORT`), and
+        // a node that moved while it was down came back on its new port,
+        // which a rebind to the configured port must not undo.
         let moved = self.next_port.load(Ordering::Relaxed);
-        let port = match (moved, port) {
-            (0, 0) => WG_PORT,
-            (0, p) => p,
-            (m, _) => m,
+        let port = match moved {
+            0 => lock(&self.shared).ports[self.node],
+            m => m,
         };
+        debug_assert!(requested == 0 || requested == WG_PORT);
         if self.socket.local_addr()?.port() == port {
             return Ok(());
         }
@@ -108,6 +142,12 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
         let engine_seed = s.seed ^ ((i as u64) << 32) ^ s.incarnation[i];
         let detail = format!("disco {}", s.disco[i].public_key().short());
         s.log(Some(i), Category::Action, "node-up", detail);
+        // A major link change while the node was down moved it: the new
+        // incarnation binds where it now is (no rebind will come).
+        if let Some(port) = s.pending_move[i].take() {
+            s.ports[i] = port;
+            s.next_ports[i].store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         (config, engine_seed, s.ports[i], s.next_ports[i].clone())
     };
     let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
@@ -120,7 +160,12 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
     let (run, handle) = run_driver(
         engine,
         tun,
-        TurmoilSocket { socket, next_port },
+        TurmoilSocket {
+            socket,
+            next_port,
+            node: i,
+            shared: shared.clone(),
+        },
         TokioClock,
         sink,
     );
@@ -238,28 +283,8 @@ async fn run_cmd(
                 });
             }
         }
-        Cmd::Stream { index } => {
-            let (count, interval, size, dst) = {
-                let s = lock(&shared);
-                let r = &s.streams[index];
-                (r.remaining, r.interval, r.size, r.dst)
-            };
-            let src = tailnet_source(i, dst);
-            for seq in 0..count {
-                {
-                    let mut s = lock(&shared);
-                    let now = s.now;
-                    let r = &mut s.streams[index];
-                    r.sent.push(now);
-                    r.delivered.push(None);
-                    r.remaining -= 1;
-                }
-                let mut packet = Vec::new();
-                if stream_datagram(src, dst, index, seq, size, &mut packet) {
-                    let _ = to_engine.send(packet).await;
-                }
-                tokio::time::sleep(interval).await;
-            }
+        Cmd::Datagram(packet) => {
+            let _ = to_engine.send(packet).await;
         }
         Cmd::Probe { expect, peer } => {
             let configured = match handle.status().await {
@@ -282,12 +307,25 @@ async fn run_cmd(
             }
         }
         Cmd::Close => {
+            // The closed engine's counters still count towards the node's
+            // total; read them just before the close (nothing else reaches
+            // the engine in between: the outer loop sends no more commands).
+            let before = handle.status().await;
             let _ = handle.close().await;
+            if let Ok(status) = before {
+                let mut s = lock(&shared);
+                let totals = &mut s.earlier_counters[i];
+                for (name, value) in status.counters.iter() {
+                    match totals.iter_mut().find(|(k, _)| *k == name) {
+                        Some((_, total)) => *total += value,
+                        None => totals.push((name, value)),
+                    }
+                }
+            }
         }
         Cmd::Link(change) => {
             let _ = handle.link_change(change).await;
         }
-        Cmd::Flow { index } => flow(i, index, to_engine, shared).await,
     }
 }
 

@@ -11,8 +11,9 @@ use super::shared::{SharedRef, lock};
 use crate::trace::Category;
 use crate::world::address::{FLOW_PORT, SINK_PORT};
 use crate::world::records::FlowState;
+use crate::world::render::ms;
 use crate::world::traffic::{
-    FLOW_INITIAL_RTO, FLOW_MAX_ATTEMPTS, answers_stage, flow_segment, server_answer, stream_tag,
+    FLOW_INITIAL_RTO, answers_stage, flow_segment, server_answer, stream_tag,
 };
 
 pub(super) async fn os_receive(
@@ -51,9 +52,9 @@ pub(super) async fn os_receive(
                 }
                 return;
             }
-            let inbox = lock(shared).flow_inboxes.get(&(i, dst.port())).cloned();
-            if let Some(inbox) = inbox {
-                let _ = inbox.send(packet.to_vec());
+            let next = flow_answer(i, src, dst, &seg, shared);
+            if let Some(segment) = next {
+                let _ = to_engine.send(segment).await;
             }
         }
         wire::ip::PROTO_ICMP | wire::ip::PROTO_ICMPV6 => {
@@ -71,70 +72,53 @@ pub(super) async fn os_receive(
     }
 }
 
-/// The client side of flow `index`: the opening, then the request, each
-/// retransmitted after 1, 2, 4, 8 and 16 s, as on the event backend.
-pub(super) async fn flow(
+/// The client side of a flow: an answer to node `i`'s flow from `src` to
+/// `dst` (seen from the client: `dst` is its own address) moves the flow on,
+/// as on the event backend. Returns the request to send when the opening
+/// was answered.
+fn flow_answer(
     i: usize,
-    index: usize,
-    to_engine: mpsc::Sender<Vec<u8>>,
-    shared: SharedRef,
-) {
-    let (src, dst, request_size, response_size) = {
-        let s = lock(&shared);
-        let f = &s.flows[index];
-        (f.src, f.dst, f.request_size, f.response_size)
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    lock(&shared).flow_inboxes.insert((i, src.port()), tx);
-    for stage in [FlowState::Opening, FlowState::Requesting] {
-        let Some(out) = flow_segment(stage, src, dst, request_size, response_size) else {
-            return;
-        };
-        let mut answered = false;
-        for attempt in 0..FLOW_MAX_ATTEMPTS {
-            if attempt > 0 {
-                lock(&shared).flows[index].retransmits += 1;
-            }
-            let _ = to_engine.send(out.clone()).await;
-            let wait = FLOW_INITIAL_RTO * (1 << attempt);
-            let deadline = tokio::time::Instant::now() + wait;
-            while let Ok(Some(packet)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                let Ok(h) = wire::IpHeader::parse(&packet) else {
-                    continue;
-                };
-                let Some(seg) = wire::tcp::parse_segment(&h, &packet) else {
-                    continue;
-                };
-                if answers_stage(stage, &seg) {
-                    answered = true;
-                    break;
-                }
-            }
-            if answered {
-                break;
-            }
+    src: SocketAddr,
+    dst: SocketAddr,
+    seg: &wire::tcp::TcpSegment<'_>,
+    shared: &SharedRef,
+) -> Option<Vec<u8>> {
+    let mut s = lock(shared);
+    let now = s.now;
+    let index = s
+        .flows
+        .iter()
+        .position(|f| f.from.0 == i && f.src == dst && f.dst == src)?;
+    let flow = &mut s.flows[index];
+    if !answers_stage(flow.state, seg) {
+        return None;
+    }
+    match flow.state {
+        FlowState::Opening => {
+            flow.state = FlowState::Requesting;
+            flow.attempt = 0;
+            let request = flow_segment(
+                flow.state,
+                flow.src,
+                flow.dst,
+                flow.request_size,
+                flow.response_size,
+            );
+            s.flow_timers.push((now + FLOW_INITIAL_RTO, index, 0));
+            request
         }
-        let mut s = lock(&shared);
-        let now = s.now;
-        let f = &mut s.flows[index];
-        if !answered {
-            f.state = FlowState::Failed;
-            f.finished = Some(now);
-            let detail = format!("flow #{index} to {dst} failed");
-            s.log(Some(i), Category::Traffic, "flow-failed", detail);
-            return;
-        }
-        if stage == FlowState::Requesting {
-            f.state = FlowState::Done;
-            f.finished = Some(now);
+        FlowState::Requesting => {
+            flow.state = FlowState::Done;
+            flow.finished = Some(now);
             let detail = format!(
-                "flow #{index} to {dst} done in {}ms ({} retransmits)",
-                (now - f.started).as_millis(),
-                f.retransmits
+                "flow #{index} to {} done in {} ({} retransmits)",
+                flow.dst,
+                ms(now - flow.started),
+                flow.retransmits
             );
             s.log(Some(i), Category::Traffic, "flow-done", detail);
-        } else {
-            f.state = FlowState::Requesting;
+            None
         }
+        FlowState::Done | FlowState::Failed => None,
     }
 }

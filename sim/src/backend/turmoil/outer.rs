@@ -7,13 +7,16 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use wgmesh_core::PingOutcome;
+
 use super::shared::{Cmd, SharedRef, lock, send};
 use crate::evaluate::Labels;
 use crate::scenario::{Action, ActionKind, ExpectKind, Scenario};
 use crate::trace::Category;
 use crate::world::address::{FLOW_PORT, tailnet_source};
-use crate::world::records::{FlowRecord, PingRecord, StreamRecord};
+use crate::world::records::{FlowRecord, FlowState, PingRecord, StreamRecord};
 use crate::world::spec::{LinkKind, NodeId, set_knob};
+use crate::world::traffic::{FLOW_INITIAL_RTO, FLOW_MAX_ATTEMPTS, flow_segment, stream_datagram};
 
 /// What the outer loop keeps between steps.
 pub(super) struct Outer<'a> {
@@ -29,8 +32,17 @@ pub(super) struct Outer<'a> {
     pub(super) addresses: Vec<IpAddr>,
     /// The pairs a `partition` action cut (by host name), until `heal`.
     partitions: Vec<(String, String)>,
-    /// Hosts to bounce (restart) at the next step.
-    bounces: Vec<String>,
+    /// The (from, to) pairs a one-way `partition` cut, until `heal`.
+    one_way_partitions: Vec<(String, String)>,
+    /// Restarted nodes to bring back up (`Sim::bounce`) once their
+    /// downtime is over: (when, when it was restarted, node).
+    bounces: Vec<(Duration, Duration, usize)>,
+    /// Streams with datagrams still to send: (when the next is due, stream).
+    /// The outer loop sends them, as the event backend's queue does, so a
+    /// stream goes on (its datagrams lost) while its sender is down.
+    streams_due: Vec<(Duration, usize)>,
+    /// Flow retransmission timers: (when, flow, the attempt it ends).
+    flow_timers: Vec<(Duration, usize, u32)>,
     /// Nodes whose link is down (cut from everyone).
     down: Vec<usize>,
 }
@@ -38,11 +50,12 @@ pub(super) struct Outer<'a> {
 impl<'a> Outer<'a> {
     /// The loop's state for `sim`, whose hosts are already registered.
     pub(super) fn new(scenario: &'a Scenario, sim: turmoil::Sim<'a>, shared: SharedRef) -> Self {
-        let addresses = scenario
+        let addresses: Vec<IpAddr> = scenario
             .nodes
             .iter()
             .map(|s| sim.lookup(s.name.as_str()))
             .collect();
+        lock(&shared).addresses = addresses.clone();
         Self {
             scenario,
             sim,
@@ -50,16 +63,116 @@ impl<'a> Outer<'a> {
             labels: Labels::default(),
             addresses,
             partitions: Vec::new(),
+            one_way_partitions: Vec::new(),
             bounces: Vec::new(),
+            streams_due: Vec::new(),
+            flow_timers: Vec::new(),
             down: Vec::new(),
         }
     }
 
-    /// Restarts the hosts whose engines were closed in the previous step.
-    pub(super) fn bounce_restarted(&mut self) {
-        for name in self.bounces.drain(..) {
-            self.sim.bounce(name.as_str());
+    /// Brings up the restarted nodes whose downtime is over by `now`. The
+    /// old engine's `Close` needs one step to run, so a restart without
+    /// downtime brings the host up one tick (1 ms) later; control still
+    /// counts the node as up from the restart's instant plus its downtime
+    /// (`Shared::up_at`), as on the event backend.
+    pub(super) fn bounce_restarted(&mut self, now: Duration) {
+        let (due, later): (Vec<_>, Vec<_>) = self
+            .bounces
+            .iter()
+            .partition(|(at, restarted, _)| *at <= now && *restarted < now);
+        self.bounces = later;
+        for (at, _, i) in due {
+            lock(&self.shared).up_at[i] = at;
+            self.sim.bounce(self.scenario.nodes[i].name.as_str());
         }
+    }
+
+    /// Sends the stream datagrams and fires the flow timers due by `now`.
+    pub(super) fn stream_ticks(&mut self, now: Duration) {
+        while let Some(k) = self.streams_due.iter().position(|(at, _)| *at <= now) {
+            let (_, index) = self.streams_due.remove(k);
+            self.stream_tick(index, now);
+        }
+        while let Some(k) = self.flow_timers.iter().position(|(at, ..)| *at <= now) {
+            let (_, index, attempt) = self.flow_timers.remove(k);
+            self.flow_timer(index, attempt, now);
+        }
+    }
+
+    /// Sends the next datagram of stream `index` (lost when its sender is
+    /// down) and schedules the one after.
+    fn stream_tick(&mut self, index: usize, now: Duration) {
+        let mut s = lock(&self.shared);
+        let record = &mut s.streams[index];
+        if record.remaining == 0 {
+            return;
+        }
+        record.remaining -= 1;
+        let seq = record.sent.len() as u64;
+        record.sent.push(now);
+        record.delivered.push(None);
+        let (from, dst, size) = (record.from.0, record.dst, record.size);
+        if record.remaining > 0 {
+            self.streams_due.push((now + record.interval, index));
+        }
+        drop(s);
+        let mut packet = Vec::new();
+        if stream_datagram(
+            tailnet_source(from, dst),
+            dst,
+            index,
+            seq,
+            size,
+            &mut packet,
+        ) {
+            send(&self.shared, from, Cmd::Datagram(packet));
+        }
+    }
+
+    /// Flow `index`'s timer for `attempt`: a retransmission, or the end
+    /// after the last attempt, as on the event backend.
+    fn flow_timer(&mut self, index: usize, attempt: u32, now: Duration) {
+        let mut s = lock(&self.shared);
+        let flow = &mut s.flows[index];
+        if flow.attempt != attempt || matches!(flow.state, FlowState::Done | FlowState::Failed) {
+            return;
+        }
+        let from = flow.from.0;
+        if attempt + 1 >= FLOW_MAX_ATTEMPTS {
+            flow.state = FlowState::Failed;
+            flow.finished = Some(now);
+            let detail = format!(
+                "flow #{index} to {} failed after {} attempts",
+                flow.dst,
+                attempt + 1
+            );
+            s.log(Some(from), Category::Traffic, "flow-failed", detail);
+            return;
+        }
+        flow.attempt += 1;
+        flow.retransmits += 1;
+        let next = flow.attempt;
+        self.flow_timers
+            .push((now + FLOW_INITIAL_RTO * (1 << next), index, next));
+        let segment = flow_segment(
+            flow.state,
+            flow.src,
+            flow.dst,
+            flow.request_size,
+            flow.response_size,
+        );
+        drop(s);
+        if let Some(segment) = segment {
+            send(&self.shared, from, Cmd::Datagram(segment));
+        }
+    }
+
+    /// Takes the flow timers the hosts started (a flow that moved to its
+    /// request) into the loop's list.
+    pub(super) fn collect_flow_timers(&mut self) {
+        let started = std::mem::take(&mut lock(&self.shared).flow_timers);
+        self.flow_timers.extend(started);
     }
 
     /// Asks a node about a peer for the `peer` expectation `index`.
@@ -108,7 +221,8 @@ impl<'a> Outer<'a> {
                 if let Some(l) = &action.label {
                     self.labels.streams.insert(l.clone(), index);
                 }
-                send(&self.shared, *from, Cmd::Stream { index });
+                // The first datagram leaves now, as on the event backend.
+                self.stream_tick(index, now);
             }
             ActionKind::Ping {
                 from,
@@ -133,10 +247,24 @@ impl<'a> Outer<'a> {
                     "ping",
                     format!("#{index} {} {ip}", kind.as_str()),
                 );
-                drop(s);
                 if let Some(l) = &action.label {
                     self.labels.pings.insert(l.clone(), index);
                 }
+                if s.cmds[*from].is_none() {
+                    // The node is down (restarting): the ping fails at once,
+                    // as on the event backend.
+                    let record = &mut s.pings[index];
+                    record.results = 1;
+                    record.result = Some((
+                        now,
+                        PingOutcome::Error {
+                            message: "node is restarting".into(),
+                            is_local_ip: false,
+                        },
+                    ));
+                    return;
+                }
+                drop(s);
                 send(
                     &self.shared,
                     *from,
@@ -148,30 +276,46 @@ impl<'a> Outer<'a> {
                     },
                 );
             }
-            ActionKind::Restart { node, .. } => {
+            ActionKind::Restart { node, downtime } => {
                 let mut s = lock(&self.shared);
                 s.log(Some(*node), Category::Action, "restart", String::new());
                 s.client_killed(*node);
                 drop(s);
                 send(&self.shared, *node, Cmd::Close);
-                // Nothing more reaches the old incarnation's agent.
+                // Until it is back, commands to the node are lost (the old
+                // agent would hand them to a closed driver).
                 lock(&self.shared).cmds[*node] = None;
-                self.bounces.push(self.scenario.nodes[*node].name.clone());
+                self.bounces.push((now + *downtime, now, *node));
             }
-            ActionKind::Partition { a, b } => {
-                for x in a {
-                    for y in b {
+            ActionKind::Partition { a, b, one_way } => {
+                for &i in a {
+                    for &j in b {
+                        if i == j {
+                            continue;
+                        }
                         let (x, y) = (
-                            self.scenario.nodes[*x].name.clone(),
-                            self.scenario.nodes[*y].name.clone(),
+                            self.scenario.nodes[i].name.clone(),
+                            self.scenario.nodes[j].name.clone(),
                         );
-                        self.sim.partition(x.as_str(), y.as_str());
-                        self.partitions.push((x, y));
+                        if *one_way {
+                            lock(&self.shared).one_way_cuts.insert((i, j));
+                            self.sim.partition_oneway(x.as_str(), y.as_str());
+                            self.one_way_partitions.push((x, y));
+                        } else {
+                            lock(&self.shared).cut.insert((i.min(j), i.max(j)));
+                            self.sim.partition(x.as_str(), y.as_str());
+                            self.partitions.push((x, y));
+                        }
                     }
                 }
                 lock(&self.shared).log(None, Category::Action, "partition", String::new());
             }
             ActionKind::Heal => {
+                lock(&self.shared).cut.clear();
+                lock(&self.shared).one_way_cuts.clear();
+                for (x, y) in self.one_way_partitions.drain(..) {
+                    self.sim.repair_oneway(x.as_str(), y.as_str());
+                }
                 for (x, y) in self.partitions.drain(..) {
                     self.sim.repair(x.as_str(), y.as_str());
                 }
@@ -211,8 +355,10 @@ impl<'a> Outer<'a> {
                 let mut s = lock(&self.shared);
                 if up {
                     s.control.down.remove(&i);
+                    s.link_down.remove(&i);
                 } else {
                     s.control.down.insert(i);
+                    s.link_down.insert(i);
                 }
                 if *link == LinkKind::Major {
                     let port = s.ports[i] + 1;
@@ -257,11 +403,18 @@ impl<'a> Outer<'a> {
                     "flow",
                     format!("flow #{index} -> {dst}:{FLOW_PORT}"),
                 );
+                let segment = {
+                    let f = &s.flows[index];
+                    flow_segment(f.state, f.src, f.dst, f.request_size, f.response_size)
+                };
                 drop(s);
                 if let Some(l) = &action.label {
                     self.labels.flows.insert(l.clone(), index);
                 }
-                send(&self.shared, *from, Cmd::Flow { index });
+                self.flow_timers.push((now + FLOW_INITIAL_RTO, index, 0));
+                if let Some(segment) = segment {
+                    send(&self.shared, *from, Cmd::Datagram(segment));
+                }
             }
             ActionKind::SetKnob { node, knob, value } => {
                 let mut s = lock(&self.shared);

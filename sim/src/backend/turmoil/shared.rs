@@ -2,8 +2,8 @@
 //! read and write (all on one thread, behind one mutex), the commands the
 //! loop sends a node's agent, and the coordination server with its clients.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU16;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,9 +29,9 @@ pub(super) enum Cmd {
         kind: PingKind,
         size: usize,
     },
-    Stream {
-        index: usize,
-    },
+    /// One datagram of a stream, built by the outer loop, for the OS to
+    /// hand to the engine.
+    Datagram(Vec<u8>),
     Probe {
         expect: usize,
         peer: NodePublicKey,
@@ -39,9 +39,6 @@ pub(super) enum Cmd {
     Counters,
     Close,
     Link(LinkChange),
-    Flow {
-        index: usize,
-    },
 }
 
 /// State shared by the outer loop and every host (all on one thread).
@@ -51,6 +48,17 @@ pub(super) struct Shared {
     pub(super) keys: Vec<NodePrivateKey>,
     pub(super) disco: Vec<DiscoPrivateKey>,
     pub(super) incarnation: Vec<u64>,
+    /// When each node's current incarnation came up (or will come up after
+    /// a restart's downtime): control learns its new disco key from then.
+    pub(super) up_at: Vec<Duration>,
+    /// Every node's turmoil address, by index.
+    pub(super) addresses: Vec<IpAddr>,
+    /// Pairs of nodes (lower index first) a partition cuts.
+    pub(super) cut: BTreeSet<(usize, usize)>,
+    /// (from, to) pairs a one-way partition cuts.
+    pub(super) one_way_cuts: BTreeSet<(usize, usize)>,
+    /// Nodes whose link is down.
+    pub(super) link_down: BTreeSet<usize>,
     pub(super) key_rng: ChaCha20Rng,
     pub(super) cmds: Vec<Option<mpsc::UnboundedSender<Cmd>>>,
     pub(super) trace: Trace,
@@ -58,16 +66,19 @@ pub(super) struct Shared {
     pub(super) streams: Vec<StreamRecord>,
     pub(super) probes: Probes,
     pub(super) counters: Vec<Vec<(&'static str, u64)>>,
+    /// The counters of each node's closed engines, added up.
+    pub(super) earlier_counters: Vec<Vec<(&'static str, u64)>>,
     pub(super) violations: Vec<Violation>,
     pub(super) seed: u64,
     pub(super) control: ControlPlane,
-    pub(super) addresses: Vec<IpAddr>,
     pub(super) ports: Vec<u16>,
     pub(super) next_ports: Vec<Arc<AtomicU16>>,
     pub(super) pending_move: Vec<Option<u16>>,
     pub(super) subnets: Vec<Vec<IpNet>>,
     pub(super) flows: Vec<FlowRecord>,
-    pub(super) flow_inboxes: BTreeMap<(usize, u16), mpsc::UnboundedSender<Vec<u8>>>,
+    /// Flow timers the hosts started (a flow that moved on to its request),
+    /// for the outer loop to take.
+    pub(super) flow_timers: Vec<(Duration, usize, u32)>,
 }
 
 impl Shared {
@@ -86,6 +97,28 @@ impl Shared {
     ) {
         let name = node.map_or("-", |i| self.names[i].as_str()).to_string();
         self.trace.record(self.now, &name, category, kind, detail);
+    }
+
+    /// The name of the node at `addr` (any port), or the address itself.
+    pub(super) fn node_name_at(&self, addr: SocketAddr) -> String {
+        self.addresses
+            .iter()
+            .position(|a| *a == addr.ip())
+            .map_or_else(|| addr.to_string(), |j| self.names[j].clone())
+    }
+
+    /// Why a datagram from node `i` to `dst` is lost on the way (turmoil
+    /// drops it silently), as the event backend names it; `None` when it
+    /// travels.
+    pub(super) fn cut_reason(&self, i: usize, dst: SocketAddr) -> Option<&'static str> {
+        let j = self.addresses.iter().position(|a| *a == dst.ip())?;
+        if self.link_down.contains(&i) || self.link_down.contains(&j) {
+            Some("link-down")
+        } else if self.cut.contains(&(i.min(j), i.max(j))) || self.one_way_cuts.contains(&(i, j)) {
+            Some("partition")
+        } else {
+            None
+        }
     }
 
     pub(super) fn peer_name(&self, key: &NodePublicKey) -> String {

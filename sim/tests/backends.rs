@@ -1,0 +1,156 @@
+//! The two backends agree: every committed file (scenario or corpus entry)
+//! that lists both backends gives, on each of several seeds, the same
+//! checks with the same outcomes on both, and every time a check reports
+//! (recovery, longest delay, ping latency) within 10 ms of the other
+//! backend's. Counts (sent, delivered, lost, handshakes) must be equal.
+//!
+//! Seeds: 1 by default (`tests/scenarios.rs` already runs each file on both
+//! backends at its own seed, and the turmoil backend is slow in a debug
+//! build); `WGMESH_SIM_BACKEND_SEEDS=5` runs seeds 1 to 5, as the
+//! comparison in `sim/README.md` reports.
+
+use std::path::{Path, PathBuf};
+
+use wgmesh_sim::report::Report;
+use wgmesh_sim::runner::{RunOptions, run};
+use wgmesh_sim::scenario::{Backend, Scenario};
+use wgmesh_sim::trace::Keep;
+
+/// How far apart two backends' times may be. Both run the same engines on
+/// the same latencies; the turmoil backend advances in 1 ms ticks, so a
+/// difference is one tick per hop at most, far below this.
+const TOLERANCE_MS: f64 = 10.0;
+
+fn both_backend_files() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    for dir in [root.join("scenarios"), root.join("../corpus")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_none_or(|x| x != "toml") {
+                continue;
+            }
+            let scenario = Scenario::from_file(&path).expect("committed files parse");
+            if scenario.backends.contains(&Backend::Event)
+                && scenario.backends.contains(&Backend::Turmoil)
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The numbers in a check's detail, each with whether it is a time in ms.
+fn figures(detail: &str) -> Vec<(f64, bool)> {
+    let mut out = Vec::new();
+    for word in detail.split(|c: char| c.is_whitespace() || c == ',' || c == ';' || c == '(') {
+        let (digits, is_ms) = match word.strip_suffix("ms") {
+            Some(d) => (d, true),
+            None => (word, false),
+        };
+        if let Ok(v) = digits.parse::<f64>() {
+            out.push((v, is_ms));
+        }
+    }
+    out
+}
+
+/// What differs between two reports of one file and seed, beyond the
+/// tolerance.
+fn differences(event: &Report, turmoil: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    let names = |r: &Report| r.checks.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    if names(event) != names(turmoil) {
+        out.push(format!(
+            "different checks: {:?} vs {:?}",
+            names(event),
+            names(turmoil)
+        ));
+        return out;
+    }
+    for (e, t) in event.checks.iter().zip(&turmoil.checks) {
+        if e.passed != t.passed {
+            out.push(format!(
+                "{}: passed {} on event, {} on turmoil ({} | {})",
+                e.name, e.passed, t.passed, e.detail, t.detail
+            ));
+            continue;
+        }
+        // The invariants check counts steps, which the backends define
+        // differently (queue entries against 1 ms ticks).
+        if e.name == "invariants" {
+            continue;
+        }
+        let (fe, ft) = (figures(&e.detail), figures(&t.detail));
+        let same = fe.len() == ft.len()
+            && fe.iter().zip(&ft).all(|((a, a_ms), (b, b_ms))| {
+                a_ms == b_ms
+                    && if *a_ms {
+                        (a - b).abs() <= TOLERANCE_MS
+                    } else {
+                        a == b
+                    }
+            });
+        if !same {
+            out.push(format!("{}: {} | {}", e.name, e.detail, t.detail));
+        }
+    }
+    out
+}
+
+fn run_on(scenario: &Scenario, seed: u64, backend: Backend) -> Report {
+    run(
+        scenario,
+        RunOptions {
+            seed: Some(seed),
+            backend: Some(backend),
+            keep: Keep::Nothing,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{} on {}: {e}", scenario.name, backend.as_str()))
+}
+
+#[test]
+fn both_backends_agree_on_every_file_that_lists_both() {
+    let files = both_backend_files();
+    assert!(
+        files.len() >= 9,
+        "expected the both-backend files: {files:?}"
+    );
+    let extra: u64 = std::env::var("WGMESH_SIM_BACKEND_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 5);
+    let mut problems = Vec::new();
+    for path in &files {
+        let scenario = Scenario::from_file(path).expect("parses");
+        for seed in 1..=extra {
+            let event = run_on(&scenario, seed, Backend::Event);
+            let turmoil = run_on(&scenario, seed, Backend::Turmoil);
+            for d in differences(&event, &turmoil) {
+                problems.push(format!("{} seed {seed}: {d}", path.display()));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn figures_reads_times_and_counts() {
+    let f = figures("sent 36 delivered 36 lost 0; longest delay 220.000ms, want <= 250.000ms");
+    assert_eq!(
+        f,
+        vec![
+            (36.0, false),
+            (36.0, false),
+            (0.0, false),
+            (220.0, true),
+            (250.0, true)
+        ]
+    );
+}
