@@ -302,3 +302,68 @@ fn a_packet_sent_at_the_edge_of_the_session_lifetime_is_not_lost() {
     let delay = delivered_once(&net, 1, b"at the edge", sent_at);
     assert!(delay <= one_way * 3, "{delay:?}");
 }
+
+/// A restarted node whose netmap lands a moment after its peers learned its
+/// new disco key: a peer's initiation reaches it while the peer is not yet
+/// in its config. It must be answered when the config arrives, not after
+/// the initiator's REKEY_TIMEOUT (5 s) retry. Seen end to end: a kill -9
+/// restart under a coordination server took 5.03 s to recover when the
+/// restarted node applied its netmap a few ms after the peer's delta.
+#[test]
+fn an_initiation_that_arrives_before_its_peer_is_configured_is_answered_on_reconfig() {
+    let one_way = Duration::from_millis(20);
+    let mut net = Net::new(2, one_way, |_, _| {});
+    net.configure_all(Knobs::default());
+    let ip1 = net.nodes[1].ip4;
+    net.send_udp(0, ip1, b"before");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.delivered(1, b"before").len(), 1);
+
+    // Node 1 crashes and comes back empty; node 0 learns its new disco key
+    // at once and sends.
+    net.restart(1, 77);
+    let rc = net.reconfig_for(0, Knobs::default());
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    let sent_at = net.now;
+    net.send_udp(0, ip1, b"after restart");
+    // The initiation arrives (one way) before node 1 has any peer.
+    net.run_for(one_way + Duration::from_millis(10));
+    assert_eq!(net.nodes[1].engine.counters().drop_wg_unknown_peer, 1);
+    let rc = net.reconfig_for(1, Knobs::default());
+    net.input(1, Input::Reconfig(Box::new(rc))).unwrap();
+    net.run_for(Duration::from_secs(6));
+
+    let delay = delivered_once(&net, 1, b"after restart", sent_at);
+    // Arrival, the 10 ms until the config, then one handshake round trip
+    // plus one way: far below the 5 s retry.
+    assert!(
+        delay <= one_way * 5 + Duration::from_millis(10),
+        "recovered after {delay:?}"
+    );
+    assert_eq!(net.nodes[1].engine.counters().held_initiations_answered, 1);
+    assert_eq!(initiations(&net, 0), 2, "one before, one after the restart");
+}
+
+/// Initiations from keys that never join are held only briefly and in a
+/// bounded number: a stranger's flood costs a fixed amount of memory.
+#[test]
+fn initiations_from_strangers_are_held_in_a_bounded_set() {
+    let one_way = Duration::from_millis(20);
+    let mut net = Net::new(20, one_way, |_, _| {});
+    // Only node 0 is configured, with no peers: nineteen strangers.
+    let me = &net.nodes[0];
+    let rc = wgmesh_core::test_support::node_reconfig(me.ip4, me.ip6, vec![], Knobs::default());
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    for i in 1..20 {
+        let rc = net.reconfig_for(i, Knobs::default());
+        net.input(i, Input::Reconfig(Box::new(rc))).unwrap();
+        let ip0 = net.nodes[0].ip4;
+        net.send_udp(i, ip0, b"hello");
+    }
+    net.run_for(Duration::from_secs(1));
+    let c = net.nodes[0].engine.counters();
+    assert_eq!(c.drop_wg_unknown_peer, 19);
+    // 16 are held; the 3 oldest were evicted for newer ones.
+    assert_eq!(c.held_initiations_evicted, 3);
+    assert!(net.delivered(0, b"hello").is_empty());
+}
