@@ -314,14 +314,7 @@ impl NetlinkRouter {
                 }
             }
         }
-        let message = Self::route_message(index, route).map(|mut m| {
-            m.header.table = 0;
-            m.attributes
-                .push(rtnetlink::packet_route::route::RouteAttribute::Table(
-                    EXIT_ROUTE_TABLE,
-                ));
-            m
-        })?;
+        let message = Self::exit_route_message(index, route)?;
         match self.handle.route().add(message).execute().await {
             Ok(()) => {}
             Err(e) if is_exists(&e) => {}
@@ -336,18 +329,28 @@ impl NetlinkRouter {
         Ok(())
     }
 
-    /// Undoes [`NetlinkRouter::add_exit_route`]: the rules, then the route
-    /// (a route of a deleted interface is already gone).
-    async fn del_exit_route(&self, index: u32, route: IpNet) -> Result<(), RouterError> {
-        del_exit_rules(&self.handle, family_of(&route)).await?;
-        let message = Self::route_message(index, route).map(|mut m| {
+    /// The message for `route` through the tunnel in the exit-node table
+    /// (the header's table field only holds tables below 256, so the table
+    /// goes in an attribute).
+    fn exit_route_message(
+        index: u32,
+        route: IpNet,
+    ) -> Result<rtnetlink::packet_route::route::RouteMessage, RouterError> {
+        Self::route_message(index, route).map(|mut m| {
             m.header.table = 0;
             m.attributes
                 .push(rtnetlink::packet_route::route::RouteAttribute::Table(
                     EXIT_ROUTE_TABLE,
                 ));
             m
-        })?;
+        })
+    }
+
+    /// Undoes [`NetlinkRouter::add_exit_route`]: the rules, then the route
+    /// (a route of a deleted interface is already gone).
+    async fn del_exit_route(&self, index: u32, route: IpNet) -> Result<(), RouterError> {
+        del_exit_rules(&self.handle, family_of(&route)).await?;
+        let message = Self::exit_route_message(index, route)?;
         match self.handle.route().del(message).execute().await {
             Ok(()) => {}
             Err(e) if is_missing(&e) => {}

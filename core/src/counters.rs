@@ -55,12 +55,6 @@ counters! {
     drop_wg_unknown_index,
     /// Drop: a handshake initiation from a key that is not in the full config.
     drop_wg_unknown_peer,
-    /// A held initiation from a then-unknown key answered once a config
-    /// change added the key (see `limits::UNKNOWN_INITIATION_HOLD`).
-    held_initiations_answered,
-    /// A held initiation from an unknown key dropped for a newer one from
-    /// another key (the hold is bounded).
-    held_initiations_evicted,
     /// Drop: a handshake message whose MAC1 did not verify.
     drop_wg_bad_mac,
     /// Drop: a data packet that failed to decrypt.

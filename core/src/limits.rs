@@ -117,13 +117,3 @@ pub(crate) const POOLED_BUFFER_MAX_CAPACITY: usize = 16 * 1024;
 /// How soon after our initiation a peer's initiation counts as crossing it,
 /// while no handshake round trip to that peer has been measured.
 pub const CROSSING_WINDOW_UNKNOWN_RTT: Duration = Duration::from_secs(1);
-
-/// How long an initiation from a key not in the config is kept in case the
-/// key is added (a restarted peer's netmap arriving a moment late): less
-/// than REKEY_TIMEOUT, after which the initiator has given up on it and
-/// sends a new one anyway.
-pub(crate) const UNKNOWN_INITIATION_HOLD: Duration = Duration::from_secs(4);
-
-/// At most this many such initiations are kept (one per key, oldest
-/// dropped first): 148 bytes each.
-pub(crate) const UNKNOWN_INITIATIONS_HELD: usize = 16;

@@ -41,6 +41,9 @@ pub const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// The file in the state directory that says the node key is registered
 /// with the server whose key it holds.
 pub const REGISTERED_MARKER: &str = "registered";
+/// The file in the state directory that holds the last netmap applied, so
+/// that a restarted node knows its peers before it reaches the server.
+pub const NETMAP_CACHE: &str = "netmap.json";
 
 /// The control state `wgmesh status` shows.
 #[derive(Debug, Clone, Default)]
@@ -141,6 +144,21 @@ impl ControlClient {
             return;
         }
         let channel = NodeChannel::new(&self.node_key, &self.settings.server_key);
+        // A restarted node runs its last netmap at once: its peers then know
+        // it (by node key) before they learn its new disco key from the
+        // server, so their first initiation is answered rather than dropped
+        // and retried 5 s later. The server's full netmap replaces it.
+        if let Some(cached) = self.read_cached_netmap() {
+            match self.apply_full(&cached).await {
+                Ok(()) => info!(
+                    peers = cached.peers.len(),
+                    "last netmap applied until the server answers"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "the cached netmap was refused; waiting for the server")
+                }
+            }
+        }
         let mut registered = self.registered_before();
         let mut netmap: Option<Netmap> = None;
         let mut url_index = 0usize;
@@ -238,7 +256,7 @@ impl ControlClient {
         netmap: &mut Option<Netmap>,
         delivered: &mut bool,
     ) -> Result<(), StreamEnd> {
-        let mut endpoints = self.local_endpoints();
+        let mut endpoints = self.endpoints().await;
         let body = RequestBody::Map(MapStreamBody {
             disco_key: DiscoKey(self.disco_key.0),
             endpoints: endpoints.clone(),
@@ -261,7 +279,7 @@ impl ControlClient {
                 biased;
                 chunk = tokio::time::timeout(STREAM_DEAD_AFTER, open.body.frame()) => chunk,
                 _ = check.tick() => {
-                    let now = self.local_endpoints();
+                    let now = self.endpoints().await;
                     if now != endpoints {
                         endpoints = now;
                         self.report_endpoints(channel, url, &endpoints).await;
@@ -333,26 +351,13 @@ impl ControlClient {
         match response.body {
             MapBody::Full(full) => {
                 let full = *full;
-                // The filter first: it must never be looser than the peers.
-                self.handle
-                    .set_packet_filter(convert::packet_filter(&full.packet_filter))
-                    .await
-                    .map_err(|e| StreamEnd::Refused(e.to_string()))?;
-                let reconfig = convert::reconfig_from_netmap(&full, &self.local);
-                let outcome = self
-                    .desired
-                    .change(|d| {
-                        d.reconfig = reconfig;
-                        Ok::<(), std::convert::Infallible>(())
-                    })
-                    .await;
-                if let Err(e) = outcome {
+                if let Err(e) = self.apply_full(&full).await {
                     *netmap = None;
-                    return Err(StreamEnd::Refused(e.to_string()));
+                    return Err(e);
                 }
                 info!(seq, peers = full.peers.len(), "netmap applied");
-                self.update_dns(&full).await;
                 let peers = full.peers.len();
+                self.write_cached_netmap(&full);
                 *netmap = Some(full);
                 self.note_applied(seq, peers);
             }
@@ -396,6 +401,7 @@ impl ControlClient {
                     return Err(StreamEnd::Refused(e));
                 }
                 debug!(seq, "netmap delta applied");
+                self.write_cached_netmap(current);
                 let peers = current.peers.len();
                 if plan.dns_changed {
                     let snapshot = current.clone();
@@ -405,6 +411,41 @@ impl ControlClient {
             }
         }
         Ok(())
+    }
+
+    /// Runs a whole netmap: the packet filter first (it must never be
+    /// looser than the peers), then the peers and routes, then DNS.
+    async fn apply_full(&self, full: &Netmap) -> Result<(), StreamEnd> {
+        self.handle
+            .set_packet_filter(convert::packet_filter(&full.packet_filter))
+            .await
+            .map_err(|e| StreamEnd::Refused(e.to_string()))?;
+        let reconfig = convert::reconfig_from_netmap(full, &self.local);
+        // What the engine changed is in its status; only a refusal matters.
+        let _outcome = self
+            .desired
+            .change(|d| {
+                d.reconfig = reconfig;
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .await
+            .map_err(|e| StreamEnd::Refused(e.to_string()))?;
+        self.update_dns(full).await;
+        Ok(())
+    }
+
+    /// The last netmap this node applied (see [`read_cached_netmap`]).
+    fn read_cached_netmap(&self) -> Option<Netmap> {
+        let own = wgmesh_control::NodeKey(*self.node_key.public_key().as_bytes());
+        read_cached_netmap(&self.settings.state_dir, own)
+    }
+
+    /// Records the netmap now applied. A failure is logged: the cache only
+    /// speeds up the next start.
+    fn write_cached_netmap(&self, netmap: &Netmap) {
+        if let Err(e) = write_cached_netmap(&self.settings.state_dir, netmap) {
+            warn!(dir = %self.settings.state_dir.display(), error = %e, "cannot record the netmap; the next start waits for the server");
+        }
     }
 
     fn note_applied(&self, seq: u64, peers: usize) {
@@ -452,6 +493,25 @@ impl ControlClient {
     /// is up (not loopback, link-local or tailnet), with the listen port.
     fn local_endpoints(&self) -> Vec<SocketAddr> {
         local_endpoints(&self.interface, self.local.listen_port)
+    }
+
+    /// What this node reports to control: its local endpoints, and the
+    /// reflexive addresses the engine learnt from STUN (the outside of its
+    /// NAT, the address peers behind other NATs must use), sorted.
+    async fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut out = self.local_endpoints();
+        if let Ok(status) = self.handle.status().await {
+            out.extend(
+                status
+                    .endpoints
+                    .iter()
+                    .filter(|e| matches!(e.kind, wgmesh_core::EndpointKind::Stun))
+                    .map(|e| e.addr),
+            );
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -518,6 +578,43 @@ pub fn jittered(base: Duration) -> Duration {
     base.mul_f64(factor)
 }
 
+/// The last netmap applied by the node `own`, from `state_dir`; anything
+/// else (absent, unreadable, another node's) is none, and the server's
+/// netmap is awaited as before.
+pub fn read_cached_netmap(
+    state_dir: &std::path::Path,
+    own: wgmesh_control::NodeKey,
+) -> Option<Netmap> {
+    let path = state_dir.join(NETMAP_CACHE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let netmap: Netmap = match serde_json::from_str(&text) {
+        Ok(netmap) => netmap,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cached netmap unreadable; ignored");
+            return None;
+        }
+    };
+    (netmap.self_node.node_key == own).then_some(netmap)
+}
+
+/// Writes `netmap` to `state_dir` privately (0600), whole then renamed, so
+/// a crash leaves the previous one.
+pub fn write_cached_netmap(state_dir: &std::path::Path, netmap: &Netmap) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join(NETMAP_CACHE);
+    let temp = state_dir.join(format!("{NETMAP_CACHE}.tmp"));
+    let text = serde_json::to_vec(netmap).map_err(std::io::Error::other)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)?;
+    file.write_all(&text)?;
+    std::fs::rename(&temp, &path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,5 +651,87 @@ mod tests {
             assert!(!e.ip().is_loopback());
             assert_eq!(e.port(), 41641);
         }
+    }
+
+    /// A netmap as the server sends it, from the real control crate.
+    fn netmap_of(node: u8) -> Netmap {
+        use wgmesh_control::*;
+        let now = Timestamp::from_unix_secs(1_700_000_000);
+        let mut control =
+            Control::new(ControlConfig::new("t.example"), Policy::allow_all(), now, 1);
+        let Ok(InputOutcome::AuthKeyCreated(auth)) = control.handle_input(
+            now,
+            Input::Admin(AdminCommand::CreateAuthKey {
+                user: "u@example.com".into(),
+                reusable: true,
+                expiry: None,
+                tags: vec![],
+            }),
+        ) else {
+            panic!("auth key");
+        };
+        for byte in [node, node + 1] {
+            control
+                .handle_input(
+                    now,
+                    Input::Register(RegisterRequest {
+                        node_key: NodeKey([byte; 32]),
+                        auth_key: auth.key.clone(),
+                        hostname: format!("n{byte}"),
+                        advertised_routes: vec![],
+                        requested_ipv4: None,
+                    }),
+                )
+                .unwrap();
+        }
+        control
+            .handle_input(
+                now,
+                Input::MapRequest(MapRequest {
+                    node_key: NodeKey([node; 32]),
+                    disco_key: DiscoKey([node; 32]),
+                    endpoints: vec![],
+                }),
+            )
+            .unwrap();
+        while let Some(out) = control.poll_output() {
+            if let Output::Map {
+                node_key, response, ..
+            } = out
+            {
+                if node_key == NodeKey([node; 32]) {
+                    if let MapBody::Full(full) = response.body {
+                        return *full;
+                    }
+                }
+            }
+        }
+        panic!("no full netmap");
+    }
+
+    #[test]
+    fn the_cached_netmap_is_private_and_only_read_back_by_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = wgmesh_control::NodeKey([5; 32]);
+        assert!(
+            read_cached_netmap(dir.path(), own).is_none(),
+            "nothing cached yet"
+        );
+        let netmap = netmap_of(5);
+        assert_eq!(netmap.peers.len(), 1);
+        write_cached_netmap(dir.path(), &netmap).unwrap();
+        let mode = std::fs::metadata(dir.path().join(NETMAP_CACHE))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert_eq!(read_cached_netmap(dir.path(), own), Some(netmap));
+        // Another node's cache (a state directory reused with a new key)
+        // and a damaged file are ignored, not applied.
+        assert!(read_cached_netmap(dir.path(), wgmesh_control::NodeKey([6; 32])).is_none());
+        std::fs::write(dir.path().join(NETMAP_CACHE), b"{not json").unwrap();
+        assert!(read_cached_netmap(dir.path(), own).is_none());
     }
 }

@@ -1,6 +1,5 @@
 //! Inbound: a datagram from the network, through WireGuard (or disco), to the TUN.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -15,19 +14,13 @@ use super::timer::{EngineTimer, TimerKey};
 use super::wg::{Arrival, ArrivalDrop, Decapsulated, MIN_BUFFER, Reply, WgError};
 use crate::api::*;
 use crate::filter::FilterAction;
-use crate::keys::{DiscoPublicKey, NodePublicKey};
+use crate::keys::DiscoPublicKey;
 use crate::limits::*;
 use crate::wire;
 
 impl Engine {
     pub(super) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         self.counters.datagrams_in += 1;
-        self.process_datagram(now, from, data);
-    }
-
-    /// A datagram already counted in `datagrams_in` (a held initiation
-    /// answered later is not counted twice).
-    fn process_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         if wire::disco::looks_like_disco(data) {
             self.handle_disco(now, from, data);
             return;
@@ -40,11 +33,7 @@ impl Engine {
             Arrival::Initiation { peer } => {
                 let Some(&slot) = self.by_key.get(&peer) else {
                     self.counters.drop_wg_unknown_peer += 1;
-                    debug!(
-                        ?peer,
-                        "handshake from a key not in the config (held briefly)"
-                    );
-                    self.hold_initiation(now, peer, from, data);
+                    debug!(?peer, "handshake from a key not in the config");
                     return;
                 };
                 if self.peers[slot].wg.is_none() {
@@ -548,71 +537,6 @@ impl Engine {
                 self.disco_timer_at = Some(at);
                 self.timers.push(at, TimerKey::Engine(EngineTimer::Disco));
             }
-        }
-    }
-}
-
-/// A handshake initiation from a key the config did not hold when it
-/// arrived (see `Engine::held_initiations`).
-#[derive(Debug)]
-pub(super) struct HeldInitiation {
-    peer: NodePublicKey,
-    from: SocketAddr,
-    received_at: Instant,
-    data: Vec<u8>,
-}
-
-impl Engine {
-    /// Keeps an initiation from an unknown key for a moment. Bounded in
-    /// count and age, so a flood of initiations from strangers costs a
-    /// fixed few hundred bytes and never more work than one replay each.
-    fn hold_initiation(
-        &mut self,
-        now: Instant,
-        peer: NodePublicKey,
-        from: SocketAddr,
-        data: &[u8],
-    ) {
-        self.expire_held_initiations(now);
-        // One per key: a retry replaces the older attempt.
-        self.held_initiations.retain(|h| h.peer != peer);
-        if self.held_initiations.len() >= UNKNOWN_INITIATIONS_HELD {
-            self.held_initiations.pop_front();
-            self.counters.held_initiations_evicted += 1;
-        }
-        self.held_initiations.push_back(HeldInitiation {
-            peer,
-            from,
-            received_at: now,
-            data: data.to_vec(),
-        });
-    }
-
-    fn expire_held_initiations(&mut self, now: Instant) {
-        while self.held_initiations.front().is_some_and(|h| {
-            now.saturating_duration_since(h.received_at) >= UNKNOWN_INITIATION_HOLD
-        }) {
-            self.held_initiations.pop_front();
-        }
-    }
-
-    /// After the config changed: answers every held initiation whose key
-    /// is now a peer, as if it had just arrived (the initiator still waits
-    /// for that answer until its own retry, REKEY_TIMEOUT after sending).
-    pub(super) fn answer_held_initiations(&mut self, now: Instant) {
-        self.expire_held_initiations(now);
-        if self.held_initiations.is_empty() {
-            return;
-        }
-        let (known, unknown): (VecDeque<HeldInitiation>, VecDeque<HeldInitiation>) = self
-            .held_initiations
-            .drain(..)
-            .partition(|h| self.by_key.contains_key(&h.peer));
-        self.held_initiations = unknown;
-        for held in known {
-            self.counters.held_initiations_answered += 1;
-            debug!(peer = ?held.peer, from = %held.from, "answering an initiation that arrived before its peer was configured");
-            self.process_datagram(now, held.from, &held.data);
         }
     }
 }

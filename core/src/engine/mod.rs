@@ -34,7 +34,6 @@ use crate::routing::SharedPrefixTable;
 use buffers::Buffers;
 use disco::DiscoState;
 use endpoints::EndpointDiscovery;
-use inbound::HeldInitiation;
 use peers::PeerTable;
 use pending::{PendingOpens, PendingPings};
 use reconfig::RunningConfig;
@@ -147,13 +146,6 @@ pub struct Engine {
 
     timers: TimerQueue,
     outputs: VecDeque<Output>,
-    /// Handshake initiations from keys not (yet) in the config, kept for
-    /// `limits::UNKNOWN_INITIATION_HOLD` so that a peer added just after
-    /// its initiation arrived (a restarted node whose netmap lands a moment
-    /// after its peers learned its new disco key) is answered at once
-    /// instead of after the initiator's 5 s retry. Oldest first, bounded by
-    /// `limits::UNKNOWN_INITIATIONS_HELD`.
-    held_initiations: VecDeque<HeldInitiation>,
     buffers: Buffers,
 
     pings: PendingPings,
@@ -213,7 +205,6 @@ impl Engine {
             health: BTreeMap::new(),
             timers: TimerQueue::default(),
             outputs: VecDeque::new(),
-            held_initiations: VecDeque::new(),
             buffers: Buffers::new(),
             pings: PendingPings::default(),
             opens: PendingOpens::default(),
@@ -369,20 +360,14 @@ impl Engine {
             Input::TunPacket(packet) => self.handle_tun_packet(now, packet),
             Input::Datagram { from, data } => self.handle_datagram(now, from, data),
             Input::Reconfig(reconfig) => {
-                let outcome = self.apply_reconfig(now, &reconfig);
-                if outcome.is_ok() {
-                    self.answer_held_initiations(now);
-                }
-                return outcome
+                return self
+                    .apply_reconfig(now, &reconfig)
                     .map(InputOutcome::Reconfig)
                     .map_err(InputError::from);
             }
             Input::PeerDelta(delta) => {
-                let outcome = self.apply_delta(now, delta);
-                if outcome.is_ok() {
-                    self.answer_held_initiations(now);
-                }
-                return outcome
+                return self
+                    .apply_delta(now, delta)
                     .map(InputOutcome::Reconfig)
                     .map_err(InputError::from);
             }
