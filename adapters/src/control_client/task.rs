@@ -41,7 +41,8 @@ pub const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// The file in the state directory that says the node key is registered
 /// with the server whose key it holds.
 pub const REGISTERED_MARKER: &str = "registered";
-/// The file in the state directory that holds the last netmap applied, so
+/// The file in the state directory that holds the last netmap applied (each
+/// full netmap at once, deltas on the next endpoint check), so
 /// that a restarted node knows its peers before it reaches the server.
 pub const NETMAP_CACHE: &str = "netmap.json";
 
@@ -274,11 +275,22 @@ impl ControlClient {
         let mut check = tokio::time::interval(ENDPOINT_CHECK_INTERVAL);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         check.tick().await;
+        // Deltas applied since the netmap cache was written: it is brought
+        // up to date on the check tick, not once per delta, so a busy
+        // tailnet's pushes don't each rewrite the whole netmap (a crash
+        // loses at most one tick of deltas, and the server's full netmap
+        // follows at the next start anyway).
+        let mut cache_behind = false;
         loop {
             let chunk = tokio::select! {
                 biased;
                 chunk = tokio::time::timeout(STREAM_DEAD_AFTER, open.body.frame()) => chunk,
                 _ = check.tick() => {
+                    if std::mem::take(&mut cache_behind) {
+                        if let Some(current) = netmap.as_ref() {
+                            self.write_cached_netmap(current);
+                        }
+                    }
                     let now = self.endpoints().await;
                     if now != endpoints {
                         endpoints = now;
@@ -332,7 +344,9 @@ impl ControlClient {
                             )));
                         }
                         map_seq += 1;
+                        let is_delta = matches!(response.body, MapBody::Delta(_));
                         self.apply(response, netmap).await?;
+                        cache_behind |= is_delta;
                         *delivered = true;
                     }
                 }
@@ -401,7 +415,6 @@ impl ControlClient {
                     return Err(StreamEnd::Refused(e));
                 }
                 debug!(seq, "netmap delta applied");
-                self.write_cached_netmap(current);
                 let peers = current.peers.len();
                 if plan.dns_changed {
                     let snapshot = current.clone();
