@@ -21,22 +21,6 @@ use wgmesh_sim::trace::Keep;
 /// difference is one tick per hop at most, far below this.
 const TOLERANCE_MS: f64 = 10.0;
 
-/// Files whose runs differ between the backends by one stream interval,
-/// for a reason this test has not yet removed: when a control delta and a
-/// stream datagram fall due at the same instant, the event backend sends
-/// the datagram first (to the old endpoint) and the turmoil backend applies
-/// the delta first (its client's reconfig reaches the driver before the
-/// agent's send), so one more datagram is lost on the event backend (e.g.
-/// major-link-change: 320 ms against 220 ms). Both outcomes pass every
-/// check of the file on both backends (`tests/scenarios.rs` runs them); the
-/// ordering is an open item of issue 12.
-const SAME_INSTANT_CONTROL_ORDER: [&str; 4] = [
-    "major-link-change.toml",
-    "policy-change-cuts-flow.toml",
-    "control-partition-late-delta.toml",
-    "stale-best-path-after-major-link-change.toml",
-];
-
 fn both_backend_files() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
@@ -144,10 +128,6 @@ fn both_backends_agree_on_every_file_that_lists_both() {
         .clamp(1, 5);
     let mut problems = Vec::new();
     for path in &files {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if SAME_INSTANT_CONTROL_ORDER.contains(&name) {
-            continue;
-        }
         let scenario = Scenario::from_file(path).expect("parses");
         for seed in 1..=extra {
             let event = run_on(&scenario, seed, Backend::Event);

@@ -216,6 +216,13 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         let now = outer.sim.elapsed();
         lock(&outer.shared).now = now;
         outer.bounce_restarted(now);
+        // The same-instant order of both backends (`sim/README.md`): what
+        // the network delivered and the engines' timers (inside the last
+        // step), then the control plane, then stream datagrams and flow
+        // timers, then the scenario's actions and probes.
+        lock(&outer.shared).control_tick();
+        outer.collect_flow_timers();
+        outer.stream_ticks(now);
         while next < points.len() && points[next].0 <= now {
             let (_, order, index) = points[next];
             next += 1;
@@ -225,9 +232,6 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
                 outer.apply(&schedule[index], now);
             }
         }
-        lock(&outer.shared).control_tick();
-        outer.collect_flow_timers();
-        outer.stream_ticks(now);
         if now >= scenario.duration {
             if finishing == 0 {
                 for i in 0..n {

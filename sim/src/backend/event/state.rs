@@ -484,6 +484,7 @@ impl Tailnet {
         self.seq += 1;
         self.queue.push(Scheduled {
             at,
+            phase: event.phase(),
             seq: self.seq,
             event,
         });

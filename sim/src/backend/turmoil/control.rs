@@ -155,12 +155,24 @@ impl Shared {
     }
 
     /// Node `i`'s engine started with its current disco key at `endpoint`.
+    ///
+    /// The client starts at the instant the node came back (`up_at`: the
+    /// restart plus its downtime), not at the tick turmoil ran the host
+    /// again, which is one tick later for a restart without downtime (the
+    /// old engine's `Close` needs that step). Its first message then reaches
+    /// the server when it does on the event backend, and the server's
+    /// answers and deltas land at the same instants on both backends, where
+    /// the same-instant order (control before stream datagrams) decides
+    /// which datagram still goes the old way.
     pub(super) fn client_start(&mut self, i: usize, endpoint: SocketAddr) {
         let disco = self.disco[i].public_key();
-        let now = self.now;
+        let tick_now = self.now;
+        let started = self.up_at[i].min(tick_now);
+        self.now = started;
         let auth_key = self.control.auth_key.clone();
-        let actions = self.control.clients[i].start(now, disco, vec![endpoint], &auth_key);
+        let actions = self.control.clients[i].start(started, disco, vec![endpoint], &auth_key);
         self.client_actions(i, actions);
+        self.now = tick_now;
     }
 
     /// Node `i` was killed: the server sees its connection close.
