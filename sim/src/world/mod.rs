@@ -13,6 +13,7 @@
 
 pub mod address;
 pub mod control;
+pub mod nat;
 pub mod records;
 pub(crate) mod render;
 pub mod spec;
