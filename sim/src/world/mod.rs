@@ -13,7 +13,9 @@
 
 pub mod address;
 pub mod control;
+pub mod links;
 pub mod nat;
+pub mod servers;
 pub mod records;
 pub(crate) mod render;
 pub mod spec;
