@@ -221,14 +221,23 @@ mod tests {
         let (lost, longest, count) = runs(&mut l, n);
         let share = lost as f64 / n as f64;
         // 0.01 / 0.21 = 4.8 % of datagrams in bursts of 5 on average.
-        assert!((share - burst.bad_share()).abs() < 0.01, "lost share {share}");
+        assert!(
+            (share - burst.bad_share()).abs() < 0.01,
+            "lost share {share}"
+        );
         let mean_run = lost as f64 / count as f64;
         assert!((mean_run - 5.0).abs() < 0.5, "mean burst {mean_run}");
-        assert!(longest >= 20, "a geometric run length reaches 20 over {count} bursts");
+        assert!(
+            longest >= 20,
+            "a geometric run length reaches 20 over {count} bursts"
+        );
         // The same loss spread uniformly has far shorter runs.
         let mut uniform = links(params(10, share, None), &[]);
         let (_, uniform_longest, _) = runs(&mut uniform, n);
-        assert!(uniform_longest < longest / 2, "{uniform_longest} vs {longest}");
+        assert!(
+            uniform_longest < longest / 2,
+            "{uniform_longest} vs {longest}"
+        );
     }
 
     #[test]
@@ -247,6 +256,9 @@ mod tests {
             params: params(10, 0.0, None),
         };
         let mut l = links(params(10, 0.0, Some(burst)), &[quiet]);
-        assert!(l.cross(Hop::Node(1), Hop::Node(2)).is_some(), "the override has no bursts");
+        assert!(
+            l.cross(Hop::Node(1), Hop::Node(2)).is_some(),
+            "the override has no bursts"
+        );
     }
 }

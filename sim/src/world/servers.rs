@@ -37,9 +37,8 @@ const RELAY_PORTS: usize = (u16::MAX - RELAY_PORT_BASE) as usize;
 
 /// Node `index`'s relayed address, if the relay has one for it.
 pub fn relayed_address(index: usize) -> Option<SocketAddr> {
-    (index < RELAY_PORTS).then(|| {
-        SocketAddr::new(IpAddr::V4(RELAY_IP), RELAY_PORT_BASE + index as u16)
-    })
+    (index < RELAY_PORTS)
+        .then(|| SocketAddr::new(IpAddr::V4(RELAY_IP), RELAY_PORT_BASE + index as u16))
 }
 
 /// The node whose relayed address is `addr`, if it is one.
