@@ -52,7 +52,7 @@ struct Impaired {
 /// (the file's actions and the churn expanded for this seed); `None` when
 /// the whole run is unjudged (the network loses datagrams).
 fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
-    if scenario.network.loss > 0.0 {
+    if scenario.network.loss > 0.0 || crate::world::fabric::lossy(&scenario.network) {
         return None;
     }
     let end = scenario.duration + SETTLE;
@@ -114,6 +114,12 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
             // being reachable: a node keeps its last netmap, so a server
             // restart or a cut to it is no fault for the oracle.
             ActionKind::ControlRestart { .. } | ActionKind::ControlPartition { .. } => {}
+            // A rebinding breaks the direct path until the peers learn the
+            // new mapping (through disco or the relay), as a link change does.
+            ActionKind::NatRebind { .. } => spans.push(Impaired {
+                from: at,
+                until: at + SETTLE,
+            }),
         }
     }
     if let Some(from) = open_partition {
@@ -148,8 +154,7 @@ pub(crate) fn liveness_checks(
     let Some(spans) = impaired_spans(scenario, seed) else {
         return Vec::new();
     };
-    let net = &scenario.network;
-    let one_way = net.latency + net.jitter;
+    let one_way = crate::world::fabric::slowest_one_way(&scenario.network);
     let bound = one_way * 3;
     let crossing_bound = one_way * 5;
     let round_trip = one_way * 2;

@@ -66,6 +66,11 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
     if scenario.network.loss > 0.0 || !scenario.network.jitter.is_zero() {
         return Err(unsupported("loss or jitter"));
     }
+    if crate::world::fabric::needed(&scenario.network, &scenario.nodes) {
+        return Err(unsupported(
+            "the network model (NAT boxes, STUN, relay, [[link]], burst loss)",
+        ));
+    }
     for n in &scenario.nodes {
         if n.fake_icmp_echo || n.persistent_keepalive_secs.is_some() {
             return Err(unsupported("a node with fake ICMP or keepalives"));
@@ -85,6 +90,10 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             | ActionKind::SetPolicy { .. }
             | ActionKind::ControlRestart { .. }
             | ActionKind::ControlPartition { .. } => {}
+            // Only a node behind a NAT may rebind, and NATs are refused above.
+            ActionKind::NatRebind { .. } => {
+                return Err(unsupported("the network model's nat_rebind"));
+            }
             ActionKind::SetAllowedIps { .. } => {
                 return Err(unsupported(&format!("the action on line {}", a.line)));
             }

@@ -38,7 +38,7 @@ pub(super) fn action(
             &a.action,
             "do",
             format!(
-                "unknown action {what:?} (send, ping, flow, restart, partition, heal, link_change, set_knob, set_allowed_ips, set_policy, control_restart, control_partition, idle)"
+                "unknown action {what:?} (send, ping, flow, restart, partition, heal, link_change, set_knob, set_allowed_ips, set_policy, control_restart, control_partition, idle, nat_rebind)"
             ),
         ));
     };
@@ -65,6 +65,9 @@ pub(super) fn action(
             downtime: secs(a.downtime_s.as_ref().map_or(0.0, |d| *d.get_ref())),
         },
         "control_partition" => control_partition(&entry)?,
+        "nat_rebind" => ActionKind::NatRebind {
+            node: entry.need("node", a.node.as_ref())?,
+        },
         _ => idle(&entry),
     };
     let label = a.label.as_ref().map(|l| l.get_ref().clone());
@@ -167,6 +170,7 @@ fn allowed_fields(what: &str) -> Option<&'static [&'static str]> {
         "control_restart" => &["downtime_s", "label"],
         "control_partition" => &["nodes", "label"],
         "idle" => &["note", "label"],
+        "nat_rebind" => &["node", "label"],
         _ => return None,
     })
 }

@@ -20,6 +20,7 @@ mod churn;
 mod ctx;
 mod expects;
 mod model;
+mod net;
 mod parse;
 mod raw;
 

@@ -192,6 +192,12 @@ pub enum ActionKind {
         /// The nodes cut off.
         nodes: Vec<NodeIndex>,
     },
+    /// The node's NAT box forgets every mapping (a rebinding): its next
+    /// datagrams leave from new outside ports.
+    NatRebind {
+        /// The node behind the box.
+        node: NodeIndex,
+    },
     /// Nothing happens; a marker in the timeline for a quiet period.
     Idle {
         /// What the quiet period is for.

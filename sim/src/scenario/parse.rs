@@ -64,10 +64,13 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
         None => None,
     };
     let (nodes, names) = nodes(ctx, &raw)?;
+    let mut network = network;
+    network.links = super::net::links(ctx, &names, &network, &raw.links)?;
     let mut actions = Vec::new();
     for sa in &raw.actions {
         actions.extend(action(ctx, &names, sa, duration_s)?);
     }
+    super::net::check_nat_rebinds(ctx, &nodes, &actions)?;
     let churn = churn(ctx, raw.churn.as_ref(), duration_s)?;
     let labels = action_labels(&actions);
     let expects = raw
@@ -154,6 +157,14 @@ fn network(ctx: &Ctx<'_>, n: &RawNetwork) -> Result<NetworkSpec, ScenarioError> 
         jitter: n.jitter_ms.map_or(defaults.jitter, millis),
         loss: n.loss.unwrap_or(defaults.loss),
         control_delay: n.control_delay_ms.map_or(defaults.control_delay, millis),
+        burst: n
+            .burst
+            .as_ref()
+            .map(|b| super::net::burst(ctx, "network.burst", b))
+            .transpose()?,
+        links: Vec::new(),
+        stun: n.stun.unwrap_or(false),
+        relay: n.relay.unwrap_or(false),
     })
 }
 
@@ -211,6 +222,11 @@ fn nodes(ctx: &Ctx<'_>, raw: &RawScenario) -> Result<(Vec<NodeSpec>, NodeNames),
                 }
                 ms => ms.map(millis),
             },
+            nat: rn
+                .nat
+                .as_ref()
+                .map(|nat| super::net::nat(ctx, rn.name.get_ref(), nat))
+                .transpose()?,
         });
     }
     if let Some(count) = raw.node_count {

@@ -32,6 +32,8 @@ pub(super) struct RawScenario {
     pub(super) actions: Vec<Spanned<RawAction>>,
     #[serde(default, rename = "expect")]
     pub(super) expects: Vec<Spanned<RawExpect>>,
+    #[serde(default, rename = "link")]
+    pub(super) links: Vec<Spanned<RawLink>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +43,42 @@ pub(super) struct RawNetwork {
     pub(super) jitter_ms: Option<f64>,
     pub(super) loss: Option<f64>,
     pub(super) control_delay_ms: Option<f64>,
+    pub(super) burst: Option<Spanned<RawBurst>>,
+    pub(super) stun: Option<bool>,
+    pub(super) relay: Option<bool>,
+}
+
+/// Gilbert-Elliott burst loss (`[network] burst` or a link's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBurst {
+    pub(super) enter: f64,
+    pub(super) exit: f64,
+    pub(super) loss_bad: Option<f64>,
+}
+
+/// A node's NAT box (`nat = { ... }` on a `[[node]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNat {
+    pub(super) preset: Option<Spanned<String>>,
+    pub(super) mapping: Option<Spanned<String>>,
+    pub(super) filtering: Option<Spanned<String>>,
+    pub(super) timeout_s: Option<Spanned<f64>>,
+    pub(super) hairpin: Option<bool>,
+    pub(super) preserve_port: Option<bool>,
+}
+
+/// A `[[link]]` between two nodes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLink {
+    pub(super) a: Spanned<String>,
+    pub(super) b: Spanned<String>,
+    pub(super) latency_ms: Option<f64>,
+    pub(super) jitter_ms: Option<f64>,
+    pub(super) loss: Option<f64>,
+    pub(super) burst: Option<Spanned<RawBurst>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +110,7 @@ pub(super) struct RawNode {
     pub(super) subnets: Vec<Spanned<String>>,
     pub(super) keepalive_s: Option<u16>,
     pub(super) control_delay_ms: Option<f64>,
+    pub(super) nat: Option<Spanned<RawNat>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -616,6 +616,11 @@ pub(crate) struct ControlClient {
     registered: bool,
     disco: DiscoPublicKey,
     endpoints: Vec<SocketAddr>,
+    /// The endpoints the last map request carried: ones that changed while
+    /// it was in flight (a STUN answer right after the start) are sent as
+    /// an update once its stream opens, or the server would keep the old
+    /// ones until the next reconnect.
+    endpoints_requested: Vec<SocketAddr>,
     phase: Phase,
     deadline: Option<Duration>,
     backoff: Duration,
@@ -642,6 +647,7 @@ impl ControlClient {
             registered: false,
             disco: DiscoPublicKey([0; 32]),
             endpoints: Vec::new(),
+            endpoints_requested: Vec::new(),
             phase: Phase::Backoff,
             deadline: None,
             backoff: RETRY_FIRST,
@@ -692,6 +698,7 @@ impl ControlClient {
                 requested_ipv4: Some(self.ipv4),
             })));
         }
+        self.endpoints_requested = self.endpoints.clone();
         out.push(ClientAction::Send(ToControl::Map(MapRequest {
             node_key: self.node_key,
             disco_key: wgmesh_control::DiscoKey(*self.disco.as_bytes()),
@@ -849,11 +856,19 @@ impl ControlClient {
                     bytes.len()
                 );
                 self.netmap = Some(netmap);
-                vec![
+                let mut out = vec![
                     ClientAction::Log("netmap", line),
                     ClientAction::Apply(Apply::Filter(filter)),
                     ClientAction::Apply(Apply::Reconfig(Box::new(reconfig))),
-                ]
+                ];
+                if self.endpoints != self.endpoints_requested {
+                    self.endpoints_requested = self.endpoints.clone();
+                    out.push(ClientAction::Send(ToControl::Endpoints(EndpointUpdate {
+                        node_key: self.node_key,
+                        endpoints: self.endpoints.clone(),
+                    })));
+                }
+                out
             }
             MapBody::Delta(delta) => {
                 if !current {

@@ -13,8 +13,12 @@
 
 pub mod address;
 pub mod control;
+pub mod fabric;
+pub mod links;
+pub mod nat;
 pub mod records;
 pub(crate) mod render;
+pub mod servers;
 pub mod spec;
 pub mod traffic;
 
@@ -35,6 +39,9 @@ pub(crate) const NETWORK_STREAM: u64 = 2;
 pub(crate) const CHURN_STREAM: u64 = 3;
 /// The seed of the coordination server's own RNG (its auth-key secrets).
 pub(crate) const CONTROL_SEED_STREAM: u64 = 4;
+/// The ChaCha stream of the network model's draws ([`fabric::Fabric`]: link
+/// loss, jitter and burst states), the same on both backends.
+pub(crate) const FABRIC_STREAM: u64 = 5;
 
 /// The Unix time (seconds) the simulated wall clock starts from. The turmoil
 /// backend hands it to turmoil; the event backend does not simulate the wall

@@ -6,6 +6,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use wgmesh_core::Knobs;
 
+use super::links::{BurstLoss, LinkSpec};
+use super::nat::NatSpec;
+
 /// A node's index in the tailnet, in the order nodes were added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub usize);
@@ -34,6 +37,8 @@ pub struct NodeSpec {
     /// This node's own control delay (`None`: the network's): how long a
     /// change takes from a node through the coordination server to this one.
     pub control_delay: Option<Duration>,
+    /// The NAT box in front of this node (`None`: it is reached directly).
+    pub nat: Option<NatSpec>,
 }
 
 impl NodeSpec {
@@ -47,7 +52,7 @@ impl NodeSpec {
 }
 
 /// The virtual network's behaviour.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NetworkSpec {
     /// One-way latency of every datagram.
     pub latency: Duration,
@@ -60,6 +65,18 @@ pub struct NetworkSpec {
     /// server takes half of it (a node's own `control_delay` overrides it
     /// for the messages of that node).
     pub control_delay: Duration,
+    /// Gilbert-Elliott burst loss on every hop that no `links` entry
+    /// overrides (`loss` is then the loss outside bursts).
+    pub burst: Option<BurstLoss>,
+    /// Links between two nodes whose latency, jitter and loss replace the
+    /// network's for their direct datagrams.
+    pub links: Vec<LinkSpec>,
+    /// Whether the network has a STUN server (every node's engine is told
+    /// about it and learns its reflexive address from it).
+    pub stun: bool,
+    /// Whether the network has a relay (every node has a relayed address,
+    /// which its peers' engines get as its `peer_relays` entry).
+    pub relay: bool,
 }
 
 impl Default for NetworkSpec {
@@ -69,6 +86,10 @@ impl Default for NetworkSpec {
             jitter: Duration::ZERO,
             loss: 0.0,
             control_delay: Duration::from_millis(200),
+            burst: None,
+            links: Vec::new(),
+            stun: false,
+            relay: false,
         }
     }
 }

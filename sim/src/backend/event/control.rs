@@ -131,7 +131,7 @@ impl Tailnet {
     /// disco key and the node's endpoint.
     pub(super) fn client_start(&mut self, i: usize) {
         let disco = self.nodes[i].disco_public;
-        let endpoints = vec![self.nodes[i].endpoint];
+        let endpoints = self.own_endpoints(i);
         let now = self.now;
         let actions = self.nodes[i]
             .client
@@ -195,7 +195,7 @@ impl Tailnet {
     }
 
     /// Carries out what node `i`'s client asked for, then re-arms its timer.
-    fn client_actions(&mut self, i: usize, actions: Vec<ClientAction>) {
+    pub(super) fn client_actions(&mut self, i: usize, actions: Vec<ClientAction>) {
         for action in actions {
             match action {
                 ClientAction::Send(message) => self.send_to_control(i, message),

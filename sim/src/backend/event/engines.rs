@@ -82,6 +82,7 @@ impl Tailnet {
         let now = self.instant();
         self.nodes[i].engine = Some(Engine::new(config, now, seed));
         self.drain(i);
+        self.fabric_engine_started(i);
     }
 
     /// Feeds one input to node `i` and drains its outputs.
@@ -180,6 +181,9 @@ impl Tailnet {
     fn effect(&mut self, i: usize, e: Effect) {
         let detail = effect_detail(&e, Rendering::Full);
         self.log(Some(i), Category::Effect, "effect", detail);
+        if self.fabric_effect(i, &e) {
+            return;
+        }
         if let Effect::ReDiscoverEndpoints { .. } = e {
             // The node tells control where it can be reached now; control
             // passes it on to its peers.

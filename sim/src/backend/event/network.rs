@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
-use wgmesh_core::Input;
+use wgmesh_core::{Effect, Input};
 
 use super::queue::SimEvent;
 use super::state::Tailnet;
 use crate::trace::Category;
-use crate::world::datagram_kind;
+use crate::world::fabric::{self, Fabric, Routed};
+use crate::world::servers::{STUN_SERVER, relayed_node};
+use crate::world::spec::{NetworkSpec, NodeId, NodeSpec};
+use crate::world::{FABRIC_STREAM, datagram_kind, rng_stream};
 
 /// A uniform float in `[0, 1)` from 53 random bits.
 fn unit(rng: &mut ChaCha20Rng) -> f64 {
@@ -21,6 +24,10 @@ fn unit(rng: &mut ChaCha20Rng) -> f64 {
 impl Tailnet {
     pub(super) fn transmit(&mut self, i: usize, dst: SocketAddr, data: Vec<u8>) {
         self.stats.datagrams_sent += 1;
+        if self.fabric.is_some() {
+            self.transmit_fabric(i, dst, data);
+            return;
+        }
         let kind = datagram_kind(&data);
         let size = data.len();
         let to = self.addr_book.get(&dst).copied();
@@ -75,6 +82,10 @@ impl Tailnet {
     }
 
     pub(super) fn arrival(&mut self, dst: SocketAddr, from: SocketAddr, data: Vec<u8>) {
+        if self.fabric.is_some() {
+            self.arrival_fabric(dst, from, data);
+            return;
+        }
         let kind = datagram_kind(&data);
         let size = data.len();
         let from_name = self
@@ -101,6 +112,13 @@ impl Tailnet {
             );
             return;
         }
+        self.deliver(j, from, from_name, data);
+    }
+
+    /// Hands a datagram that reached node `j` to its engine.
+    fn deliver(&mut self, j: usize, from: SocketAddr, from_name: String, data: Vec<u8>) {
+        let kind = datagram_kind(&data);
+        let size = data.len();
         self.stats.datagrams_delivered += 1;
         self.log(
             Some(j),
@@ -116,5 +134,230 @@ impl Tailnet {
             self.recycle(j, data);
         }
         self.drain(j);
+    }
+}
+
+/// The network model on the event backend: the shared [`Fabric`] and what
+/// each node's engine last reported as its own endpoints.
+pub(super) struct EventFabric {
+    fabric: Fabric,
+    /// Node by node, the endpoints its engine last reported (empty until
+    /// it reports any).
+    endpoints: Vec<Vec<SocketAddr>>,
+}
+
+impl EventFabric {
+    /// The model for a run, if the scenario asks for one.
+    pub(super) fn for_run(seed: u64, network: &NetworkSpec, nodes: &[NodeSpec]) -> Option<Self> {
+        fabric::needed(network, nodes).then(|| Self {
+            fabric: Fabric::new(network, nodes, rng_stream(seed, FABRIC_STREAM)),
+            endpoints: vec![Vec::new(); nodes.len()],
+        })
+    }
+}
+
+impl Tailnet {
+    fn inside_endpoints(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.endpoint).collect()
+    }
+
+    /// The name of whoever is at `addr`, for the trace.
+    fn fabric_name(&self, addr: SocketAddr) -> String {
+        if addr == STUN_SERVER {
+            return "stun".into();
+        }
+        let inside = self.inside_endpoints();
+        let owner = self
+            .fabric
+            .as_ref()
+            .and_then(|f| f.fabric.owner_of(addr, &inside));
+        match (owner, relayed_node(addr)) {
+            (Some(j), Some(_)) => format!("relay:{}", self.nodes[j].spec.name),
+            (Some(j), None) => self.nodes[j].spec.name.clone(),
+            (None, _) => addr.to_string(),
+        }
+    }
+
+    /// The endpoints node `i` tells control about: what its engine last
+    /// reported (local and STUN-reflexive) in a run with the network
+    /// model, its one endpoint otherwise.
+    pub(super) fn own_endpoints(&self, i: usize) -> Vec<SocketAddr> {
+        match &self.fabric {
+            Some(f) if !f.endpoints[i].is_empty() => f.endpoints[i].clone(),
+            _ => vec![self.nodes[i].endpoint],
+        }
+    }
+
+    /// A new engine of node `i` learns the network model's servers and its
+    /// own local endpoint, as the daemon tells its engine at start.
+    pub(super) fn fabric_engine_started(&mut self, i: usize) {
+        let Some(f) = &mut self.fabric else {
+            return;
+        };
+        f.endpoints[i].clear();
+        let keys: Vec<_> = self.nodes.iter().map(|n| n.public_key).collect();
+        let config = f.fabric.nat_config(i, &keys);
+        let local = vec![self.nodes[i].endpoint];
+        self.feed(i, Input::SetNat(config));
+        self.feed(i, Input::SetLocalEndpoints(local));
+    }
+
+    /// Node `i`'s engine asked for `effect`: with the network model, the
+    /// endpoint effects are the model's (returns `true` when handled).
+    pub(super) fn fabric_effect(&mut self, i: usize, effect: &Effect) -> bool {
+        let Some(f) = &mut self.fabric else {
+            return false;
+        };
+        match effect {
+            Effect::ReDiscoverEndpoints { .. } => {
+                // The engine re-asks the STUN server itself; it learns its
+                // (maybe new) local endpoint here, as the daemon tells it.
+                let local = vec![self.nodes[i].endpoint];
+                self.feed(i, Input::SetLocalEndpoints(local));
+                true
+            }
+            Effect::EndpointsChanged(endpoints) => {
+                let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+                f.endpoints[i] = addrs.clone();
+                let actions = self.nodes[i].client.endpoints_changed(addrs);
+                self.client_actions(i, actions);
+                true
+            }
+            Effect::ApplyRouter(_)
+            | Effect::ApplyDns(_)
+            | Effect::FlushDnsCaches
+            | Effect::Rebind
+            | Effect::SetNetworkUp(_)
+            | Effect::SetBirdProtocol { .. }
+            | Effect::SetListenPort(_)
+            | Effect::SetPathMtuDiscovery(_)
+            | Effect::SetDnsViaTunnel(_) => false,
+            // Effects added to the (non-exhaustive) enum later are traced
+            // by the caller like every other.
+            _ => false,
+        }
+    }
+
+    /// Node `i` sends `data` to `dst` through the network model.
+    fn transmit_fabric(&mut self, i: usize, dst: SocketAddr, data: Vec<u8>) {
+        let kind = datagram_kind(&data);
+        let size = data.len();
+        let to_name = self.fabric_name(dst);
+        let routed = if !self.nodes[i].link_up {
+            Routed::Drop("link-down")
+        } else {
+            let inside = self.inside_endpoints();
+            let (partitions, one_way) = (&self.partitions, &self.one_way_cuts);
+            let cut = |a: usize, b: usize| {
+                partitions.contains(&(a.min(b), a.max(b))) || one_way.contains(&(a, b))
+            };
+            let Some(f) = self.fabric.as_mut() else {
+                return;
+            };
+            f.fabric.route(self.now, i, &inside, dst, &data, cut)
+        };
+        match routed {
+            Routed::Drop(why) => {
+                match why {
+                    "link-down" => self.stats.dropped_link_down += 1,
+                    "partition" => self.stats.dropped_partition += 1,
+                    "loss" => self.stats.dropped_loss += 1,
+                    _ => self.stats.dropped_no_route += 1,
+                }
+                self.log(
+                    Some(i),
+                    Category::Packet,
+                    "tx-drop",
+                    format!("-> {to_name} {kind} {size}B {why}"),
+                );
+                self.recycle(i, data);
+            }
+            Routed::Deliver(d) => {
+                self.log(
+                    Some(i),
+                    Category::Packet,
+                    "tx",
+                    format!("-> {to_name} {kind} {size}B"),
+                );
+                let data = match d.reply {
+                    Some(answer) => {
+                        self.recycle(i, data);
+                        answer
+                    }
+                    None => data,
+                };
+                let at = self.now + d.delay;
+                self.push(
+                    at,
+                    SimEvent::Arrival {
+                        dst: d.dst,
+                        from: d.from,
+                        data,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A datagram arrives at `dst` through the network model.
+    fn arrival_fabric(&mut self, dst: SocketAddr, from: SocketAddr, data: Vec<u8>) {
+        let kind = datagram_kind(&data);
+        let size = data.len();
+        let from_name = self.fabric_name(from);
+        let inside = self.inside_endpoints();
+        let now = self.now;
+        let Some(f) = self.fabric.as_mut() else {
+            return;
+        };
+        let Some(j) = f.fabric.owner_of(dst, &inside) else {
+            self.stats.dropped_no_route += 1;
+            self.log(
+                None,
+                Category::Packet,
+                "rx-drop",
+                format!("{from_name} -> {dst} {kind} {size}B moved"),
+            );
+            return;
+        };
+        if let Err(why) = f.fabric.arrive(now, j, inside[j], dst, from) {
+            self.stats.dropped_no_route += 1;
+            self.log(
+                Some(j),
+                Category::Packet,
+                "rx-drop",
+                format!("<- {from_name} {kind} {size}B {why}"),
+            );
+            return;
+        }
+        if !self.nodes[j].link_up || self.nodes[j].engine.is_none() {
+            self.stats.dropped_link_down += 1;
+            self.log(
+                Some(j),
+                Category::Packet,
+                "rx-drop",
+                format!("<- {from_name} {kind} {size}B down"),
+            );
+            return;
+        }
+        self.deliver(j, from, from_name, data);
+    }
+
+    /// The `nat_rebind` action: node `i`'s NAT box forgets its mappings.
+    pub(super) fn nat_rebind(&mut self, node: NodeId) {
+        let i = node.0;
+        let rebound = self.fabric.as_mut().is_some_and(|f| f.fabric.rebind(i));
+        let detail = if rebound {
+            "mappings forgotten"
+        } else {
+            "no NAT"
+        };
+        self.log(Some(i), Category::Action, "nat-rebind", detail.to_string());
+    }
+
+    /// The network model's counts (empty without one).
+    pub(super) fn fabric_counts(&self) -> Vec<(&'static str, u64)> {
+        self.fabric
+            .as_ref()
+            .map_or_else(Vec::new, |f| f.fabric.counts())
     }
 }

@@ -19,7 +19,7 @@ use crate::world::spec::set_knob;
 pub fn build_tailnet(scenario: &Scenario, seed: u64, keep: Keep) -> Tailnet {
     let mut builder = Tailnet::builder()
         .seed(seed)
-        .network(scenario.network)
+        .network(scenario.network.clone())
         .knobs(scenario.knobs.clone())
         .keep(keep);
     if let Some(text) = &scenario.policy {
@@ -103,6 +103,7 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
             net.partition_control(&nodes);
         }
         ActionKind::Idle { note } => net.note(None, "idle", note.clone()),
+        ActionKind::NatRebind { node } => net.nat_rebind(NodeId(*node)),
     }
 }
 
@@ -188,6 +189,12 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             ((total - boot) as f64 / changes as f64).round(),
         ));
     }
+    // What the network model did (NAT drops by reason, relayed datagrams,
+    // STUN answers), for scenarios that have one.
+    for (name, count) in net.fabric_counts() {
+        let name = format!("net_{}", name.replace('-', "_"));
+        report.metrics.push((name, count as f64));
+    }
     report
 }
 
@@ -208,6 +215,7 @@ fn is_control_change(kind: &ActionKind) -> bool {
         | ActionKind::Heal
         | ActionKind::SetKnob { .. }
         | ActionKind::ControlPartition { .. }
+        | ActionKind::NatRebind { .. }
         | ActionKind::Idle { .. } => false,
     }
 }

@@ -203,6 +203,9 @@ pub struct Tailnet {
     pub(super) os_depth: u32,
     pub(super) scratch: Vec<u8>,
     pub(super) max_steps: u64,
+    /// The network model, for a scenario that asks for one (NAT boxes,
+    /// servers, per-link parameters); `None` keeps the plain network.
+    pub(super) fabric: Option<super::network::EventFabric>,
 }
 
 impl Tailnet {
@@ -216,6 +219,7 @@ impl Tailnet {
         let dispatch = tracing::Dispatch::from(Arc::clone(&errors));
         let mut key_rng = rng_stream(b.seed, KEY_STREAM);
         let n = b.nodes.len();
+        let fabric = super::network::EventFabric::for_run(b.seed, &b.network, &b.nodes);
         let mut nodes = Vec::with_capacity(n);
         let mut by_name = BTreeMap::new();
         let mut by_key = BTreeMap::new();
@@ -315,6 +319,7 @@ impl Tailnet {
             os_depth: 0,
             scratch: Vec::with_capacity(2048),
             max_steps: b.max_steps,
+            fabric,
         };
         net.rebuild_owners();
         for i in 0..n {

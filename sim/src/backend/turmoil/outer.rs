@@ -446,7 +446,7 @@ impl<'a> Outer<'a> {
                 s.log(None, Category::Action, "control-partition", String::new());
             }
             // Refused before the run starts (see `run`).
-            ActionKind::SetAllowedIps { .. } => {}
+            ActionKind::SetAllowedIps { .. } | ActionKind::NatRebind { .. } => {}
         }
     }
 }
