@@ -98,6 +98,8 @@ pub enum Command {
         node_key: NodeKey,
         /// Its endpoints.
         endpoints: Vec<std::net::SocketAddr>,
+        /// Its relayed address (TURN allocation), if it holds one.
+        relay: Option<std::net::SocketAddr>,
         /// Whether they changed.
         reply: oneshot::Sender<Result<bool, Refusal>>,
     },
@@ -459,6 +461,7 @@ impl Driver {
                     node_key,
                     disco_key: body.disco_key,
                     endpoints: body.endpoints,
+                    relay: body.relay,
                 });
                 let outcome = self.control.handle_input(now(), input);
                 match outcome {
@@ -483,11 +486,13 @@ impl Driver {
             Command::Endpoints {
                 node_key,
                 endpoints,
+                relay,
                 reply,
             } => {
                 let input = Input::EndpointUpdate(EndpointUpdate {
                     node_key,
                     endpoints,
+                    relay,
                 });
                 let answer = match self.input(input).await {
                     Ok(InputOutcome::EndpointsUpdated { changed }) => Ok(changed),

@@ -243,6 +243,7 @@ async fn endpoints(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
     match ask(&state, |reply| Command::Endpoints {
         node_key,
         endpoints: body.endpoints,
+        relay: body.relay,
         reply,
     })
     .await

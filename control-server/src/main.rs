@@ -44,7 +44,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Top {
     /// Runs the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The server key.
     Key {
         #[command(subcommand)]
@@ -109,6 +109,48 @@ struct ServeArgs {
     /// Seconds between keepalive frames on an idle stream.
     #[arg(long, default_value_t = Limits::default().keepalive_interval.as_secs())]
     keepalive_secs: u64,
+    /// A STUN server every node is told to use (`IP:PORT`), repeatable.
+    #[arg(long = "stun-server")]
+    stun_servers: Vec<SocketAddr>,
+    /// The TURN relay (`IP:PORT`, UDP) nodes fall back to; needs
+    /// `--turn-secret-file`.
+    #[arg(long, requires = "turn_secret_file")]
+    turn_server: Option<SocketAddr>,
+    /// The file holding the secret shared with the TURN server (coturn's
+    /// `static-auth-secret`); only this server reads it, nodes get
+    /// time-limited credentials made from it.
+    #[arg(long, requires = "turn_server")]
+    turn_secret_file: Option<PathBuf>,
+    /// How long each node's TURN credentials are valid; fresh ones are
+    /// pushed when half of it has passed.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    turn_credential_ttl: Duration,
+}
+
+/// The NAT settings of `args`, the secret read from its file.
+fn nat_settings(args: &ServeArgs) -> Result<wgmesh_control::NatIssuer, String> {
+    let relay = match (&args.turn_server, &args.turn_secret_file) {
+        (Some(server), Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--turn-secret-file {}: {e}", path.display()))?;
+            Some(wgmesh_control::RelayIssuer {
+                server: *server,
+                shared_secret: zeroize::Zeroizing::new(text.trim().to_owned()),
+                credential_ttl: args.turn_credential_ttl,
+            })
+        }
+        (None, None) => None,
+        // clap's `requires` refuses one without the other.
+        (Some(_), None) | (None, Some(_)) => {
+            return Err("--turn-server and --turn-secret-file go together".into());
+        }
+    };
+    let nat = wgmesh_control::NatIssuer {
+        stun_servers: args.stun_servers.clone(),
+        relay,
+    };
+    nat.check().map_err(|e| format!("NAT settings: {e}"))?;
+    Ok(nat)
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,7 +254,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), String> {
     let request = match cli.command {
-        Top::Serve(args) => return serve(args, cli.admin_socket).await,
+        Top::Serve(args) => return serve(*args, cli.admin_socket).await,
         Top::Key {
             command: KeyCommand::Show { key_file },
         } => {
@@ -285,8 +327,10 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn serve(args: ServeArgs, admin_socket: PathBuf) -> Result<(), String> {
+    let nat = nat_settings(&args)?;
     let mut control = ControlConfig::new(args.tailnet_name);
     control.node_key_expiry = (!args.node_key_expiry.is_zero()).then_some(args.node_key_expiry);
+    control.nat = nat;
     let config = ServeConfig {
         listen: args.listen,
         db: args.db,

@@ -139,6 +139,11 @@ impl Metrics {
             "Peer entries in the deltas sent.",
             control.delta_peer_entries,
         );
+        counter(
+            "wgmesh_control_relay_credentials_issued_total",
+            "Sets of TURN credentials issued to nodes (netmaps and refreshes).",
+            control.relay_credentials_issued,
+        );
         let _ = writeln!(
             out,
             "# HELP wgmesh_control_streams_open Map streams open now.\n# TYPE wgmesh_control_streams_open gauge\nwgmesh_control_streams_open {}",

@@ -223,6 +223,7 @@ async fn bad_input_is_refused_with_a_status_and_a_counter_and_changes_nothing() 
         now(),
         &RequestBody::Endpoints(wire::EndpointsBody {
             endpoints: vec!["203.0.113.66:1".parse().unwrap()],
+            relay: None,
         }),
     );
     let r = refused(post(addr, wire::PATH_ENDPOINTS, forged).await).await;
@@ -531,5 +532,75 @@ async fn admin_commands_change_the_tailnet_and_a_bad_policy_is_refused() {
         }
     }
     let _ = NodeKey::default();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn nodes_get_stun_servers_and_turn_credentials_and_learn_each_others_relay() {
+    let dir = TempDir::new("nat");
+    let mut cfg = config(&dir.0, None);
+    let turn: std::net::SocketAddr = "198.51.100.1:3478".parse().unwrap();
+    cfg.control.nat = wgmesh_control::NatIssuer {
+        stun_servers: vec![turn],
+        relay: Some(wgmesh_control::RelayIssuer {
+            server: turn,
+            shared_secret: zeroize::Zeroizing::new("only-the-server-knows".into()),
+            credential_ttl: Duration::from_secs(600),
+        }),
+    };
+    let server = start(cfg).await;
+    let auth = create_auth_key(&dir.0, true, Some(3600)).await;
+    let a = TestNode::new(1, server.server_key, server.addr);
+    let b = TestNode::new(2, server.server_key, server.addr);
+    a.register(&auth, "alpha").await.unwrap();
+    b.register(&auth, "beta").await.unwrap();
+
+    let before = now();
+    let mut stream_a = a.open_stream(10).await.unwrap();
+    let first = stream_a.next_map().await;
+    let nat = &full(&first).nat;
+    assert_eq!(nat.stun_servers, vec![turn]);
+    let relay = nat.relay.as_ref().expect("credentials issued");
+    assert_eq!(relay.server, turn);
+    // The username is `expiry:node`, the expiry the TTL from now, and the
+    // password the HMAC a TURN server with the same secret computes.
+    let (expiry, node) = relay.username.split_once(':').unwrap();
+    assert_eq!(node, "alpha");
+    let expiry: u64 = expiry.parse().unwrap();
+    let issued_at = before.unix_millis() / 1000;
+    assert!(
+        (issued_at + 600..=issued_at + 602).contains(&expiry),
+        "{expiry} vs {issued_at}"
+    );
+    assert_eq!(
+        relay.password,
+        wgmesh_control::nat::rest_credentials("only-the-server-knows", "alpha", expiry).1
+    );
+    let text = serde_json::to_string(&first).unwrap();
+    assert!(!text.contains("only-the-server-knows"));
+
+    // B comes online, then reports its relayed address: A gets it as B's
+    // relay candidate.
+    let mut stream_b = b.open_stream(20).await.unwrap();
+    stream_b.next_map().await;
+    stream_a.next_map().await;
+    let relayed: std::net::SocketAddr = "198.51.100.1:49170".parse().unwrap();
+    assert!(
+        b.set_endpoints_and_relay(vec!["192.0.2.2:41641".parse().unwrap()], Some(relayed))
+            .await
+            .unwrap()
+    );
+    let change = stream_a.next_map().await;
+    assert_eq!(delta(&change).peers_changed[0].relay, Some(Some(relayed)));
+    // A bad relayed address is refused with 422 and a counter.
+    let refused = b
+        .set_endpoints_and_relay(vec![], Some("0.0.0.0:1".parse().unwrap()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status, 422);
+    assert_eq!(
+        metric(server.addr, "wgmesh_control_relay_credentials_issued_total").await,
+        2
+    );
     server.shutdown().await;
 }

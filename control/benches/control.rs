@@ -180,6 +180,7 @@ fn poll(control: &mut Control, i: usize, generation: u32) {
                 node_key: node_key(i),
                 disco_key: disco_key(i, generation),
                 endpoints: vec![endpoint(i, generation)],
+                relay: None,
             }),
         )
         .expect("map request succeeds");

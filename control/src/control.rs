@@ -15,9 +15,10 @@ use crate::errors::{
     AdminError, DisconnectError, EndpointUpdateError, InputError, MapError, RegisterError,
 };
 use crate::keys::{DiscoKey, NodeKey, Timestamp};
+use crate::nat::NatIssuer;
 use crate::netmap::{
-    DnsConfig, FilterRule, MapBody, MapResponse, Netmap, NetmapDelta, Peer, PeerChange, SelfNode,
-    TAILNET_IPV4_RANGE, TAILNET_IPV6_RANGE, WIRE_VERSION,
+    DnsConfig, FilterRule, MapBody, MapResponse, NatMap, Netmap, NetmapDelta, Peer, PeerChange,
+    SelfNode, TAILNET_IPV4_RANGE, TAILNET_IPV6_RANGE, WIRE_VERSION,
 };
 use crate::policy::{ClassKey, NodeFacts, Policy};
 
@@ -45,6 +46,9 @@ pub struct ControlConfig {
     pub max_endpoints: usize,
     /// The most subnet routes one node may advertise.
     pub max_advertised_routes: usize,
+    /// The STUN servers and TURN relay nodes are told to use (checked with
+    /// [`NatIssuer::check`] by whoever builds the config).
+    pub nat: NatIssuer,
 }
 
 impl ControlConfig {
@@ -57,6 +61,7 @@ impl ControlConfig {
             node_key_expiry: Some(Duration::from_secs(180 * 24 * 3600)),
             max_endpoints: 64,
             max_advertised_routes: 256,
+            nat: NatIssuer::default(),
         }
     }
 }
@@ -90,6 +95,9 @@ pub struct MapRequest {
     pub disco_key: DiscoKey,
     /// Its UDP endpoints, best first.
     pub endpoints: Vec<SocketAddr>,
+    /// Its relayed address (its TURN allocation), if it holds one.
+    #[serde(default)]
+    pub relay: Option<SocketAddr>,
 }
 
 /// A node reports the endpoints it has now (every local address with its
@@ -100,6 +108,9 @@ pub struct EndpointUpdate {
     pub node_key: NodeKey,
     /// Its endpoints now, best first.
     pub endpoints: Vec<SocketAddr>,
+    /// Its relayed address now (its TURN allocation), if it holds one.
+    #[serde(default)]
+    pub relay: Option<SocketAddr>,
 }
 
 /// An admin command.
@@ -289,6 +300,8 @@ pub struct Counters {
     pub deltas_sent: u64,
     /// Peer entries (added, removed or changed) in the deltas sent.
     pub delta_peer_entries: u64,
+    /// Sets of relay credentials issued (full netmaps and refreshes).
+    pub relay_credentials_issued: u64,
     /// Refused inputs by [`InputError::kind`].
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -318,6 +331,10 @@ pub struct StoredNode {
     pub disco_key: Option<DiscoKey>,
     /// Its last endpoints.
     pub endpoints: Vec<SocketAddr>,
+    /// Its last relayed address (its TURN allocation). Stored like the
+    /// endpoints so that replicas tell their nodes about it too.
+    #[serde(default)]
+    pub relay: Option<SocketAddr>,
     /// Its IPv4 tailnet address (the IPv6 one follows from it).
     pub ipv4: Ipv4Addr,
     /// The routes it advertises.
@@ -457,6 +474,11 @@ struct NodeRecord {
     stream: Option<Stream>,
     /// The policy class while the node is live (not expired).
     class: Option<usize>,
+    /// Its relayed address, as it last reported it.
+    relay: Option<SocketAddr>,
+    /// When its relay credentials are due to be issued again (while its
+    /// stream is open).
+    nat_refresh_at: Option<Timestamp>,
 }
 
 impl NodeRecord {
@@ -537,6 +559,8 @@ struct Pending {
     changed: BTreeMap<NodeId, PeerChange>,
     filter: bool,
     self_node: bool,
+    /// Fresh NAT settings (relay credentials) are due.
+    nat: bool,
 }
 
 /// The coordination server as a sans-IO state machine.
@@ -583,6 +607,8 @@ pub struct Control {
     next_auth_key_id: u64,
     classes: Classes,
     expiries: BTreeSet<(Timestamp, NodeId)>,
+    /// When each online node's relay credentials are due again.
+    nat_refreshes: BTreeSet<(Timestamp, NodeId)>,
     next_stream_id: u64,
     pending: BTreeMap<NodeId, Pending>,
     outputs: VecDeque<Output>,
@@ -609,6 +635,7 @@ impl Control {
             next_auth_key_id: 1,
             classes: Classes::default(),
             expiries: BTreeSet::new(),
+            nat_refreshes: BTreeSet::new(),
             next_stream_id: 1,
             pending: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -696,6 +723,8 @@ impl Control {
                     expired: stored.expired,
                     stream: None,
                     class: None,
+                    relay: stored.relay,
+                    nat_refresh_at: None,
                 },
             );
         }
@@ -731,6 +760,7 @@ impl Control {
             node_key: n.node_key,
             disco_key: n.disco_key,
             endpoints: n.endpoints.clone(),
+            relay: n.relay,
             ipv4: ipv4_of(n.address_index),
             advertised_routes: n.advertised_routes.clone(),
             approved_routes: n.approved_routes.clone(),
@@ -780,8 +810,9 @@ impl Control {
             Input::EndpointUpdate(EndpointUpdate {
                 node_key,
                 endpoints,
+                relay,
             }) => self
-                .endpoint_update(node_key, endpoints)
+                .endpoint_update(node_key, endpoints, relay)
                 .map_err(InputError::from),
             Input::Disconnect { node_key, stream } => {
                 self.disconnect(node_key, stream).map_err(InputError::from)
@@ -807,12 +838,20 @@ impl Control {
         self.outputs.pop_front()
     }
 
-    /// When [`Control::handle_timeout`] has work: the next key expiry.
+    /// When [`Control::handle_timeout`] has work: the next key expiry or
+    /// the next node due fresh relay credentials.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.expiries.first().map(|(at, _)| *at)
+        let expiry = self.expiries.first().map(|(at, _)| *at);
+        let refresh = self.nat_refreshes.first().map(|(at, _)| *at);
+        match (expiry, refresh) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Expires the nodes whose key expiry has passed. Early calls do nothing.
+    /// Expires the nodes whose key expiry has passed and sends fresh relay
+    /// credentials to the nodes whose are half used. Early calls do
+    /// nothing.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.now = self.now.max(now);
         while let Some(&(at, id)) = self.expiries.first() {
@@ -822,7 +861,43 @@ impl Control {
             self.expiries.pop_first();
             self.expire(id);
         }
+        while let Some(&(at, id)) = self.nat_refreshes.first() {
+            if at > self.now {
+                break;
+            }
+            self.nat_refreshes.pop_first();
+            let due = self
+                .nodes
+                .get(&id)
+                .is_some_and(|n| n.nat_refresh_at == Some(at));
+            if due {
+                if let Some(pending) = self.pending_for(id) {
+                    pending.nat = true;
+                }
+            }
+        }
         self.flush();
+    }
+
+    /// Issues node `id` its NAT settings (fresh relay credentials) and
+    /// schedules the next issue.
+    fn issue_nat(&mut self, id: NodeId) -> NatMap {
+        let Some(record) = self.nodes.get(&id) else {
+            return NatMap::default();
+        };
+        let (nat, refresh_at) = self.config.nat.issue(&record.hostname, self.now);
+        let record = self.nodes.get_mut(&id).expect("node checked above");
+        if let Some(old) = record.nat_refresh_at.take() {
+            self.nat_refreshes.remove(&(old, id));
+        }
+        record.nat_refresh_at = refresh_at;
+        if let Some(at) = refresh_at {
+            self.nat_refreshes.insert((at, id));
+        }
+        if nat.relay.is_some() {
+            self.counters.relay_credentials_issued += 1;
+        }
+        nat
     }
 
     /// The counters.
@@ -1003,6 +1078,8 @@ impl Control {
                         expired: false,
                         stream: None,
                         class: None,
+                        relay: None,
+                        nat_refresh_at: None,
                     },
                 );
                 id
@@ -1177,6 +1254,11 @@ impl Control {
                 max: self.config.max_endpoints,
             });
         }
+        if let Some(relay) = request.relay {
+            if !crate::nat::usable_server(relay) {
+                return Err(MapError::BadRelay(relay));
+            }
+        }
 
         let stream = StreamId(self.next_stream_id);
         self.next_stream_id += 1;
@@ -1194,6 +1276,10 @@ impl Control {
             record.endpoints = request.endpoints;
             change.endpoints = Some(record.endpoints.clone());
         }
+        if record.relay != request.relay {
+            record.relay = request.relay;
+            change.relay = Some(record.relay);
+        }
         let replaced = record.stream.replace(Stream {
             id: stream,
             next_seq: 0,
@@ -1207,7 +1293,7 @@ impl Control {
             None => change.online = Some(true),
         }
         self.notify_peers(id, &change);
-        if change.disco_key.is_some() || change.endpoints.is_some() {
+        if change.disco_key.is_some() || change.endpoints.is_some() || change.relay.is_some() {
             self.persist_node(id);
         }
         self.pending.insert(
@@ -1226,6 +1312,7 @@ impl Control {
         &mut self,
         node_key: NodeKey,
         endpoints: Vec<SocketAddr>,
+        relay: Option<SocketAddr>,
     ) -> Result<InputOutcome, EndpointUpdateError> {
         let id = self.live_node(&node_key).map_err(|(expired, key)| {
             if expired {
@@ -1240,16 +1327,25 @@ impl Control {
                 max: self.config.max_endpoints,
             });
         }
+        if let Some(relay) = relay {
+            if !crate::nat::usable_server(relay) {
+                return Err(EndpointUpdateError::BadRelay(relay));
+            }
+        }
         self.counters.endpoint_updates += 1;
         let record = self.nodes.get_mut(&id).expect("live node");
-        if record.endpoints == endpoints {
+        if record.endpoints == endpoints && record.relay == relay {
             return Ok(InputOutcome::EndpointsUpdated { changed: false });
         }
-        record.endpoints = endpoints;
-        let change = PeerChange {
-            endpoints: Some(record.endpoints.clone()),
-            ..PeerChange::new(node_key)
-        };
+        let mut change = PeerChange::new(node_key);
+        if record.endpoints != endpoints {
+            record.endpoints = endpoints;
+            change.endpoints = Some(record.endpoints.clone());
+        }
+        if record.relay != relay {
+            record.relay = relay;
+            change.relay = Some(relay);
+        }
         self.notify_peers(id, &change);
         self.persist_node(id);
         Ok(InputOutcome::EndpointsUpdated { changed: true })
@@ -1696,11 +1792,17 @@ impl Control {
             let node_key = record.node_key;
             let body = if p.full {
                 self.counters.full_netmaps_sent += 1;
-                MapBody::Full(Box::new(self.build_netmap(to)))
+                let mut netmap = self.build_netmap(to);
+                netmap.nat = self.issue_nat(to);
+                MapBody::Full(Box::new(netmap))
             } else {
-                let Some(delta) = self.pending_delta(to, p) else {
+                let nat_due = p.nat;
+                let Some(mut delta) = self.pending_delta(to, p) else {
                     continue;
                 };
+                if nat_due {
+                    delta.nat = Some(self.issue_nat(to));
+                }
                 if delta.is_empty() {
                     continue;
                 }
@@ -1741,6 +1843,7 @@ impl Control {
             endpoints: n.endpoints.clone(),
             online: n.stream.is_some(),
             tags: n.tags.clone(),
+            relay: n.relay,
         }
     }
 
@@ -1800,6 +1903,9 @@ impl Control {
                 nameservers: self.config.nameservers.clone(),
                 search_domains: vec![self.config.tailnet_name.clone()],
             },
+            // Issued in `flush`, which records when the credentials are due
+            // again; a netmap built only to be looked at carries none.
+            nat: NatMap::default(),
         }
     }
 }

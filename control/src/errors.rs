@@ -95,6 +95,9 @@ pub enum MapError {
         /// The limit.
         max: usize,
     },
+    /// A relayed address no peer can send to.
+    #[error("relayed address {0} is not usable (unspecified, multicast or port 0)")]
+    BadRelay(std::net::SocketAddr),
 }
 
 /// Why an endpoint update was refused.
@@ -115,6 +118,9 @@ pub enum EndpointUpdateError {
         /// The limit.
         max: usize,
     },
+    /// A relayed address no peer can send to.
+    #[error("relayed address {0} is not usable (unspecified, multicast or port 0)")]
+    BadRelay(std::net::SocketAddr),
 }
 
 /// Why a disconnect was refused.
@@ -251,11 +257,13 @@ impl InputError {
                 MapError::BadDiscoKey => "map.bad_disco_key",
                 MapError::DiscoKeyInUse(_) => "map.disco_key_in_use",
                 MapError::TooManyEndpoints { .. } => "map.too_many_endpoints",
+                MapError::BadRelay(_) => "map.bad_relay",
             },
             InputError::EndpointUpdate(e) => match e {
                 EndpointUpdateError::UnknownNode(_) => "endpoints.unknown_node",
                 EndpointUpdateError::NodeExpired(_) => "endpoints.node_expired",
                 EndpointUpdateError::TooManyEndpoints { .. } => "endpoints.too_many_endpoints",
+                EndpointUpdateError::BadRelay(_) => "endpoints.bad_relay",
             },
             InputError::Disconnect(e) => match e {
                 DisconnectError::UnknownNode(_) => "disconnect.unknown_node",

@@ -40,6 +40,7 @@
 //!         node_key: NodeKey([byte; 32]),
 //!         disco_key: DiscoKey([byte; 32]),
 //!         endpoints: vec![],
+//!         relay: None,
 //!     })).unwrap();
 //! }
 //! // The laptop got its full netmap, then a delta when the server came online.
@@ -67,7 +68,8 @@
 //! Modules: [`policy`] parses the ACL file and compiles it to packet
 //! filters; [`netmap`] holds the netmap, its deltas and their versioned JSON
 //! wire form (and how a node maps them onto its engine); [`keys`] the key
-//! and time types; [`errors`] one error enum per request kind; [`wire`] the
+//! and time types; [`nat`] the STUN servers and TURN credentials control
+//! issues; [`errors`] one error enum per request kind; [`wire`] the
 //! HTTP wire protocol between nodes and the server binary (sealed requests
 //! and response frames).
 //!
@@ -81,6 +83,7 @@
 mod control;
 pub mod errors;
 pub mod keys;
+pub mod nat;
 pub mod netmap;
 pub mod policy;
 pub mod wire;
@@ -95,8 +98,9 @@ pub use errors::{
     ReplicateError,
 };
 pub use keys::{DiscoKey, NodeKey, ServerKey, Timestamp};
+pub use nat::{NatIssuer, NatSettingsError, RelayIssuer};
 pub use netmap::{
-    AppliedDelta, DnsConfig, FilterRule, MapBody, MapResponse, Netmap, NetmapDelta, Peer,
-    PeerChange, SelfNode, WIRE_VERSION,
+    AppliedDelta, DnsConfig, FilterRule, MapBody, MapResponse, NatMap, Netmap, NetmapDelta, Peer,
+    PeerChange, RelayCredentials, SelfNode, WIRE_VERSION,
 };
 pub use policy::{Policy, PolicyError};

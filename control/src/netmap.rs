@@ -110,6 +110,59 @@ pub struct Netmap {
     pub packet_filter: Vec<FilterRule>,
     /// MagicDNS settings.
     pub dns: DnsConfig,
+    /// NAT traversal settings: STUN servers and this node's relay
+    /// credentials. Absent from the JSON when control issues none.
+    #[serde(default, skip_serializing_if = "NatMap::is_empty")]
+    pub nat: NatMap,
+}
+
+/// The NAT traversal settings control issues to one node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NatMap {
+    /// STUN servers to learn the node's reflexive address from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stun_servers: Vec<SocketAddr>,
+    /// The TURN relay and this node's time-limited credentials for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayCredentials>,
+}
+
+impl NatMap {
+    /// True when control issues no NAT settings at all.
+    pub fn is_empty(&self) -> bool {
+        let Self {
+            stun_servers,
+            relay,
+        } = self;
+        stun_servers.is_empty() && relay.is_none()
+    }
+}
+
+/// Time-limited TURN credentials in the TURN REST-API style: the username
+/// is `expiry:node` (expiry in Unix seconds) and the password
+/// base64(HMAC-SHA1(shared secret, username)). Only the server knows the
+/// secret; the TURN server checks the pair with the same secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayCredentials {
+    /// The TURN server (UDP).
+    pub server: SocketAddr,
+    /// `expiry:node`.
+    pub username: String,
+    /// base64(HMAC-SHA1(secret, username)).
+    pub password: String,
+    /// When the credentials stop working (the expiry in the username).
+    pub expires: Timestamp,
+}
+
+impl std::fmt::Debug for RelayCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayCredentials")
+            .field("server", &self.server)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("expires", &self.expires)
+            .finish()
+    }
 }
 
 /// The node's own record, as control sees it.
@@ -149,6 +202,21 @@ pub struct Peer {
     pub online: bool,
     /// Its tags.
     pub tags: Vec<String>,
+    /// Its relayed address (its TURN allocation), when it reported one: a
+    /// candidate path for when no direct one works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<SocketAddr>,
+}
+
+/// Reads a present field as `Some`, even when its value is `null`, so that
+/// `"relay": null` (the relay is gone) differs from no `relay` field
+/// (unchanged).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// The fields of one peer that changed. `None` means unchanged.
@@ -174,6 +242,13 @@ pub struct PeerChange {
     /// Its new tags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
+    /// Its new relayed address; `Some(None)`: it holds none any more.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub relay: Option<Option<SocketAddr>>,
 }
 
 impl PeerChange {
@@ -195,6 +270,7 @@ impl PeerChange {
             endpoints,
             online,
             tags,
+            relay,
         } = self;
         disco_key.is_none()
             && name.is_none()
@@ -202,6 +278,7 @@ impl PeerChange {
             && endpoints.is_none()
             && online.is_none()
             && tags.is_none()
+            && relay.is_none()
     }
 
     /// Folds a later change of the same peer into this one.
@@ -214,6 +291,7 @@ impl PeerChange {
             endpoints,
             online,
             tags,
+            relay,
         } = later;
         if disco_key.is_some() {
             self.disco_key = disco_key;
@@ -233,6 +311,9 @@ impl PeerChange {
         if tags.is_some() {
             self.tags = tags;
         }
+        if relay.is_some() {
+            self.relay = relay;
+        }
     }
 
     fn apply_to(self, peer: &mut Peer) {
@@ -244,6 +325,7 @@ impl PeerChange {
             endpoints,
             online,
             tags,
+            relay,
         } = self;
         if let Some(disco_key) = disco_key {
             peer.disco_key = Some(disco_key);
@@ -262,6 +344,9 @@ impl PeerChange {
         }
         if let Some(tags) = tags {
             peer.tags = tags;
+        }
+        if let Some(relay) = relay {
+            peer.relay = relay;
         }
     }
 }
@@ -284,6 +369,10 @@ pub struct NetmapDelta {
     /// The node's own new record, when it changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_node: Option<SelfNode>,
+    /// New NAT settings: fresh relay credentials before the old ones
+    /// expire, or new STUN servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatMap>,
 }
 
 impl NetmapDelta {
@@ -295,12 +384,14 @@ impl NetmapDelta {
             peers_changed,
             packet_filter,
             self_node,
+            nat,
         } = self;
         peers_added.is_empty()
             && peers_removed.is_empty()
             && peers_changed.is_empty()
             && packet_filter.is_none()
             && self_node.is_none()
+            && nat.is_none()
     }
 }
 
@@ -326,6 +417,8 @@ pub struct AppliedDelta {
     pub filter_changed: bool,
     /// The node's own record changed (addresses, routes, name).
     pub self_changed: bool,
+    /// The NAT settings changed (new relay credentials, STUN servers).
+    pub nat_changed: bool,
 }
 
 impl Netmap {
@@ -416,6 +509,10 @@ impl Netmap {
             self.self_node = self_node.clone();
             applied.self_changed = true;
         }
+        if let Some(nat) = &delta.nat {
+            self.nat = nat.clone();
+            applied.nat_changed = true;
+        }
         Ok(applied)
     }
 }
@@ -464,6 +561,7 @@ mod tests {
             endpoints: vec![],
             online: true,
             tags: vec![],
+            relay: None,
         }
     }
 
@@ -485,6 +583,7 @@ mod tests {
                 nameservers: vec![],
                 search_domains: vec![],
             },
+            nat: Default::default(),
         }
     }
 

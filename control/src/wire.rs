@@ -444,6 +444,9 @@ pub struct MapStreamBody {
     pub disco_key: DiscoKey,
     /// Its UDP endpoints, best first.
     pub endpoints: Vec<SocketAddr>,
+    /// Its relayed address (its TURN allocation), if it holds one yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<SocketAddr>,
 }
 
 /// The body of `POST /v1/endpoints`.
@@ -452,6 +455,9 @@ pub struct MapStreamBody {
 pub struct EndpointsBody {
     /// The node's endpoints now, best first.
     pub endpoints: Vec<SocketAddr>,
+    /// Its relayed address now, if it holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<SocketAddr>,
 }
 
 /// The body of `POST /v1/disconnect`: the node goes offline (its stream
@@ -1102,12 +1108,14 @@ pub fn http_status(error: &InputError) -> u16 {
             MapError::UnknownNode(_) => 404,
             MapError::NodeExpired(_) => 403,
             MapError::DiscoKeyInUse(_) => 409,
-            MapError::BadDiscoKey | MapError::TooManyEndpoints { .. } => 422,
+            MapError::BadDiscoKey | MapError::TooManyEndpoints { .. } | MapError::BadRelay(_) => {
+                422
+            }
         },
         InputError::EndpointUpdate(e) => match e {
             EndpointUpdateError::UnknownNode(_) => 404,
             EndpointUpdateError::NodeExpired(_) => 403,
-            EndpointUpdateError::TooManyEndpoints { .. } => 422,
+            EndpointUpdateError::TooManyEndpoints { .. } | EndpointUpdateError::BadRelay(_) => 422,
         },
         InputError::Disconnect(e) => match e {
             DisconnectError::UnknownNode(_) => 404,

@@ -261,6 +261,7 @@ impl ControlClient {
         let body = RequestBody::Map(MapStreamBody {
             disco_key: DiscoKey(self.disco_key.0),
             endpoints: endpoints.clone(),
+            relay: None,
         });
         let mut open = channel.send(url, &body).await?;
         info!(url = %url.text, endpoints = ?endpoints, "control stream open");
@@ -493,6 +494,7 @@ impl ControlClient {
     ) {
         let body = RequestBody::Endpoints(EndpointsBody {
             endpoints: endpoints.to_vec(),
+            relay: None,
         });
         match channel.request::<EndpointsReply>(url, &body).await {
             Ok(reply) => {
@@ -704,6 +706,7 @@ mod tests {
                     node_key: NodeKey([node; 32]),
                     disco_key: DiscoKey([node; 32]),
                     endpoints: vec![],
+                    relay: None,
                 }),
             )
             .unwrap();

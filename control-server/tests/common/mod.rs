@@ -245,8 +245,20 @@ impl TestNode {
     }
 
     pub async fn set_endpoints(&self, endpoints: Vec<SocketAddr>) -> Result<bool, Refused> {
+        self.set_endpoints_and_relay(endpoints, None).await
+    }
+
+    /// Reports endpoints and a relayed address (a TURN allocation).
+    pub async fn set_endpoints_and_relay(
+        &self,
+        endpoints: Vec<SocketAddr>,
+        relay: Option<SocketAddr>,
+    ) -> Result<bool, Refused> {
         let reply: wire::EndpointsReply = self
-            .request(RequestBody::Endpoints(wire::EndpointsBody { endpoints }))
+            .request(RequestBody::Endpoints(wire::EndpointsBody {
+                endpoints,
+                relay,
+            }))
             .await?;
         Ok(reply.changed)
     }
@@ -272,6 +284,7 @@ impl TestNode {
         let body = RequestBody::Map(MapStreamBody {
             disco_key: DiscoKey(disco),
             endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
+            relay: None,
         });
         let (bytes, nonce) = self.seal(&body);
         let response = if small_window {

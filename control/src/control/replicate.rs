@@ -128,6 +128,9 @@ impl Control {
         if record.endpoints != stored.endpoints {
             change.endpoints = Some(stored.endpoints.clone());
         }
+        if record.relay != stored.relay {
+            change.relay = Some(stored.relay);
+        }
         if record.hostname != stored.hostname {
             self.by_hostname.remove(&record.hostname);
             self.by_hostname.insert(stored.hostname.clone(), id);
@@ -150,6 +153,7 @@ impl Control {
         let record = self.nodes.get_mut(&id).expect("existing node");
         record.disco_key = stored.disco_key;
         record.endpoints = stored.endpoints;
+        record.relay = stored.relay;
         record.advertised_routes = stored.advertised_routes;
         record.approved_routes = stored.approved_routes;
         record.hostname = stored.hostname;
@@ -201,6 +205,8 @@ impl Control {
                 expired,
                 stream: None,
                 class: None,
+                relay: stored.relay,
+                nat_refresh_at: None,
             },
         );
         if !expired {
@@ -247,6 +253,7 @@ mod tests {
                     node_key: NodeKey([byte; 32]),
                     disco_key: DiscoKey([disco; 32]),
                     endpoints: vec![],
+                    relay: None,
                 }),
             )
             .unwrap();

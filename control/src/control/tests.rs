@@ -215,6 +215,7 @@ impl Net {
             node_key: node_key(i),
             disco_key: disco_key(i, generation),
             endpoints: vec![endpoint(i, 41641 + generation)],
+            relay: None,
         }))
     }
 
@@ -662,6 +663,7 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
             node_key: node_key(2),
             disco_key: disco_key(1, 1),
             endpoints: vec![],
+            relay: None,
         })),
         Err(InputError::Map(MapError::DiscoKeyInUse(node_key(1))))
     );
@@ -670,6 +672,7 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
             node_key: node_key(2),
             disco_key: DiscoKey::default(),
             endpoints: vec![],
+            relay: None,
         })),
         Err(InputError::Map(MapError::BadDiscoKey))
     );
@@ -677,6 +680,7 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
         net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(2),
             endpoints: vec![endpoint(2, 1); 65],
+            relay: None,
         })),
         Err(InputError::EndpointUpdate(
             EndpointUpdateError::TooManyEndpoints { count: 65, max: 64 }
@@ -700,6 +704,7 @@ fn requests_from_unknown_or_expired_nodes_are_refused() {
         net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(1),
             endpoints: vec![],
+            relay: None,
         })),
         Err(InputError::EndpointUpdate(
             EndpointUpdateError::NodeExpired(node_key(1))
@@ -814,6 +819,7 @@ fn disconnects_mark_peers_offline_and_stale_ones_change_nothing() {
         net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(1),
             endpoints: vec![endpoint(1, 41642)],
+            relay: None,
         })),
         Ok(InputOutcome::EndpointsUpdated { changed: false })
     );
@@ -833,6 +839,7 @@ fn endpoint_updates_reach_the_peers() {
         net.input(Input::EndpointUpdate(EndpointUpdate {
             node_key: node_key(2),
             endpoints: moved.clone(),
+            relay: None,
         })),
         Ok(InputOutcome::EndpointsUpdated { changed: true })
     );
@@ -1244,6 +1251,7 @@ fn run_ops(ops: &[Op]) {
                 let _ = net.input(Input::EndpointUpdate(EndpointUpdate {
                     node_key: node_key(node),
                     endpoints: vec![endpoint(node, port)],
+                    relay: None,
                 }));
             }
             Op::Policy(index) => {
@@ -1318,4 +1326,198 @@ proptest! {
     fn deltas_applied_to_the_first_netmap_equal_a_fresh_one(ops in prop::collection::vec(op(), 1..60)) {
         run_ops(&ops);
     }
+}
+
+/// A tailnet whose server issues STUN servers and TURN credentials valid
+/// for an hour, with two online nodes.
+fn nat_tailnet() -> Net {
+    let mut config = ControlConfig::new("example.ts.net");
+    config.nat = crate::nat::NatIssuer {
+        stun_servers: vec!["198.51.100.1:3478".parse().unwrap()],
+        relay: Some(crate::nat::RelayIssuer {
+            server: "198.51.100.1:3478".parse().unwrap(),
+            shared_secret: zeroize::Zeroizing::new("turn-secret".into()),
+            credential_ttl: Duration::from_secs(3600),
+        }),
+    };
+    let mut net = Net::with_config(config, Policy::allow_all());
+    let key = net.auth_key("alice@example.com", true, &[]);
+    net.register(1, &key, "one", &[]);
+    net.register(2, &key, "two", &[]);
+    net.poll(1, 1).unwrap();
+    net.poll(2, 1).unwrap();
+    net
+}
+
+#[test]
+fn every_netmap_carries_stun_servers_and_the_nodes_own_relay_credentials() {
+    let net = nat_tailnet();
+    let one = &net.received[&node_key(1)].netmap.nat;
+    let two = &net.received[&node_key(2)].netmap.nat;
+    assert_eq!(
+        one.stun_servers,
+        vec!["198.51.100.1:3478".parse::<SocketAddr>().unwrap()]
+    );
+    let expiry_secs = T0.unix_millis() / 1000 + 3600;
+    let one_relay = one.relay.as_ref().expect("credentials issued");
+    assert_eq!(one_relay.username, format!("{expiry_secs}:one"));
+    assert_eq!(
+        one_relay.password,
+        crate::nat::rest_credentials("turn-secret", "one", expiry_secs).1
+    );
+    assert_eq!(one_relay.expires, Timestamp::from_unix_secs(expiry_secs));
+    let two_relay = two.relay.as_ref().expect("credentials issued");
+    assert_eq!(two_relay.username, format!("{expiry_secs}:two"));
+    assert_ne!(one_relay.password, two_relay.password);
+    assert_eq!(net.control.counters().relay_credentials_issued, 2);
+}
+
+#[test]
+fn relay_credentials_are_reissued_half_way_through_their_ttl_by_a_delta() {
+    let mut net = nat_tailnet();
+    let first = net.received[&node_key(1)].netmap.nat.relay.clone().unwrap();
+    assert_eq!(
+        net.control.poll_timeout(),
+        Some(T0.saturating_add(Duration::from_secs(1800)))
+    );
+    let start = net.log.len();
+    net.advance(Duration::from_secs(1799));
+    assert_eq!(net.log.len(), start, "nothing is due before half the TTL");
+    net.advance(Duration::from_secs(1));
+    let refreshes: Vec<&NetmapDelta> = net
+        .messages_since(start)
+        .iter()
+        .filter_map(|(_, _, r)| match &r.body {
+            MapBody::Delta(d) => Some(&**d),
+            MapBody::Full(_) => None,
+        })
+        .collect();
+    assert_eq!(refreshes.len(), 2, "one delta per online node");
+    for delta in refreshes {
+        let nat = delta.nat.as_ref().expect("the delta carries new settings");
+        assert!(delta.peers_changed.is_empty() && delta.peers_added.is_empty());
+        assert!(nat.relay.is_some());
+    }
+    let second = net.received[&node_key(1)].netmap.nat.relay.clone().unwrap();
+    assert_eq!(
+        second.expires,
+        first.expires.saturating_add(Duration::from_secs(1800))
+    );
+    assert_ne!(second.password, first.password);
+    // An offline node gets no refresh; its next poll brings fresh ones.
+    net.input(Input::Disconnect {
+        node_key: node_key(2),
+        stream: net.received[&node_key(2)].stream,
+    })
+    .unwrap();
+    let start = net.log.len();
+    net.advance(Duration::from_secs(1800));
+    assert!(
+        net.messages_since(start)
+            .iter()
+            .all(|(to, _, _)| *to == node_key(1)),
+        "only the online node is sent new credentials"
+    );
+    net.poll(2, 2).unwrap();
+    let fresh = net.received[&node_key(2)].netmap.nat.relay.clone().unwrap();
+    assert_eq!(
+        fresh.expires,
+        Timestamp::from_unix_secs(net.now.unix_millis() / 1000 + 3600)
+    );
+}
+
+#[test]
+fn a_nodes_relayed_address_reaches_its_peers_and_its_loss_too() {
+    let mut net = nat_tailnet();
+    let relayed: SocketAddr = "198.51.100.1:49160".parse().unwrap();
+    net.input(Input::EndpointUpdate(EndpointUpdate {
+        node_key: node_key(2),
+        endpoints: vec![endpoint(2, 41642)],
+        relay: Some(relayed),
+    }))
+    .unwrap();
+    let peer = net.received[&node_key(1)]
+        .netmap
+        .peer(&node_key(2))
+        .unwrap()
+        .clone();
+    assert_eq!(peer.relay, Some(relayed));
+    assert_eq!(net.stored_nodes[&node_key(2)].relay, Some(relayed));
+    // The same report again changes nothing and sends nothing.
+    let start = net.log.len();
+    assert_eq!(
+        net.input(Input::EndpointUpdate(EndpointUpdate {
+            node_key: node_key(2),
+            endpoints: vec![endpoint(2, 41642)],
+            relay: Some(relayed),
+        })),
+        Ok(InputOutcome::EndpointsUpdated { changed: false })
+    );
+    assert_eq!(net.log.len(), start);
+    // The allocation is lost: peers hear `relay: null`, not "unchanged".
+    net.input(Input::EndpointUpdate(EndpointUpdate {
+        node_key: node_key(2),
+        endpoints: vec![endpoint(2, 41642)],
+        relay: None,
+    }))
+    .unwrap();
+    let (_, _, last) = net.log.last().unwrap();
+    let json = String::from_utf8(last.to_json()).unwrap();
+    assert!(json.contains("\"relay\":null"), "{json}");
+    assert_eq!(
+        net.received[&node_key(1)]
+            .netmap
+            .peer(&node_key(2))
+            .unwrap()
+            .relay,
+        None
+    );
+    // A stream opened with a relay reports it at once.
+    net.input(Input::MapRequest(MapRequest {
+        node_key: node_key(2),
+        disco_key: disco_key(2, 3),
+        endpoints: vec![],
+        relay: Some(relayed),
+    }))
+    .unwrap();
+    assert_eq!(
+        net.received[&node_key(1)]
+            .netmap
+            .peer(&node_key(2))
+            .unwrap()
+            .relay,
+        Some(relayed)
+    );
+    assert!(
+        net.received[&node_key(2)].netmap.nat.relay.is_some(),
+        "the reopened stream's full netmap carries credentials"
+    );
+}
+
+#[test]
+fn an_unusable_relayed_address_is_refused_and_changes_nothing() {
+    let mut net = nat_tailnet();
+    for bad in ["0.0.0.0:49160", "198.51.100.1:0", "224.0.0.1:5000"] {
+        let bad: SocketAddr = bad.parse().unwrap();
+        assert_eq!(
+            net.input(Input::EndpointUpdate(EndpointUpdate {
+                node_key: node_key(1),
+                endpoints: vec![],
+                relay: Some(bad),
+            })),
+            Err(InputError::EndpointUpdate(EndpointUpdateError::BadRelay(
+                bad
+            )))
+        );
+        assert_eq!(
+            net.input(Input::MapRequest(MapRequest {
+                node_key: node_key(1),
+                disco_key: disco_key(1, 9),
+                endpoints: vec![],
+                relay: Some(bad),
+            })),
+            Err(InputError::Map(MapError::BadRelay(bad)))
+        );
+    }
+    assert_eq!(net.control.counters().refused["endpoints.bad_relay"], 3);
 }

@@ -75,9 +75,11 @@ fn every_request_kind_round_trips() {
         RequestBody::Map(MapStreamBody {
             disco_key: DiscoKey([4; 32]),
             endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
+            relay: None,
         }),
         RequestBody::Endpoints(EndpointsBody {
             endpoints: vec!["[2001:db8::1]:41641".parse().unwrap()],
+            relay: None,
         }),
         RequestBody::Disconnect(DisconnectBody {}),
     ];

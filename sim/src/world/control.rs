@@ -703,6 +703,7 @@ impl ControlClient {
             node_key: self.node_key,
             disco_key: wgmesh_control::DiscoKey(*self.disco.as_bytes()),
             endpoints: self.endpoints.clone(),
+            relay: None,
         })));
         self.phase = Phase::Requesting;
         self.deadline = Some(now + REQUEST_TIMEOUT);
@@ -742,6 +743,7 @@ impl ControlClient {
                 vec![ClientAction::Send(ToControl::Endpoints(EndpointUpdate {
                     node_key: self.node_key,
                     endpoints,
+                    relay: None,
                 }))]
             }
             Phase::Backoff | Phase::Requesting => Vec::new(),

@@ -24,6 +24,7 @@ fn peer(byte: u8) -> Peer {
         endpoints: vec![SocketAddr::from(([10, 0, 0, byte], 41641))],
         online: true,
         tags: vec![],
+        relay: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn netmap(mut peers: Vec<Peer>) -> Netmap {
             nameservers: vec!["100.100.100.100".parse().unwrap()],
             search_domains: vec![DOMAIN.into()],
         },
+        nat: Default::default(),
     }
 }
 
