@@ -44,6 +44,7 @@ pub mod logging;
 pub mod magicdns;
 pub mod nat;
 pub mod os;
+pub mod pmtu;
 pub mod relay;
 pub mod router;
 pub mod tun;

@@ -500,6 +500,10 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
         self.inner.set_fwmark(mark)
     }
 
+    fn path_mtu(&mut self, dst: SocketAddr) -> Option<u16> {
+        self.inner.path_mtu(dst)
+    }
+
     fn set_relay_peers(&mut self, peers: &[SocketAddr]) {
         if let Some(relay) = self.relay.as_mut() {
             relay.set_peers(peers.iter().copied().collect(), Instant::now());

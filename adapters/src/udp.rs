@@ -270,6 +270,12 @@ impl DatagramSocket for PlainUdp {
         let fd = self.socket.as_raw_fd();
         self.tuning.change(fd, self.dual_stack, |t| t.fwmark = mark)
     }
+
+    fn path_mtu(&mut self, dst: SocketAddr) -> Option<u16> {
+        // Each datagram is sent at once, so the kernel refused this very
+        // one: its route cache holds the figure now.
+        crate::pmtu::kernel_path_mtu(dst.ip(), self.tuning.fwmark).ok()
+    }
 }
 
 #[cfg(test)]

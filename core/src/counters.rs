@@ -47,6 +47,17 @@ counters! {
     drop_queue_discarded,
     /// Drop: a TUN packet larger than the engine's buffers.
     drop_tun_too_large,
+    /// Drop: a datagram larger than the path MTU the kernel reported for
+    /// its destination (the socket refused it with `EMSGSIZE`). Counted by
+    /// the adapters, which own the socket; the engine leaves it at zero.
+    drop_too_big_for_path,
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" messages
+    /// written back to the TUN for packets too big for the path, so the
+    /// sender lowers its packet size. Counted by the adapters.
+    icmp_too_big_written,
+    /// Changes of a destination's path MTU as the kernel reported it
+    /// (learned or changed). Counted by the adapters.
+    path_mtu_changes,
     /// Drop: a datagram that is neither WireGuard nor disco.
     drop_datagram_unknown,
     /// Drop: a WireGuard message with the wrong size for its type.

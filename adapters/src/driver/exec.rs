@@ -14,6 +14,7 @@ use wgmesh_core::{
 };
 
 use super::handle::Control;
+use super::pmtu::PathMtuState;
 use super::ports::{DatagramSocket, EffectSink, TunDevice};
 use crate::flowlog::table::FlowTable;
 
@@ -52,6 +53,8 @@ pub(super) struct Executor {
     /// again to an engine that replaces it.
     nat: Option<NatConfig>,
     local_endpoints: Option<Vec<SocketAddr>>,
+    /// Narrow paths the socket reported, and the answers written for them.
+    pub(super) pmtu: PathMtuState,
 }
 
 impl Executor {
@@ -73,6 +76,7 @@ impl Executor {
             tun_writes_failing: false,
             nat: None,
             local_endpoints: None,
+            pmtu: PathMtuState::default(),
         }
     }
 
@@ -335,8 +339,20 @@ impl Executor {
             match output {
                 Output::Transmit(transmit) => {
                     trace!(dst = %transmit.dst, len = transmit.data.len(), "datagram out");
-                    if let Err(e) = socket.send_to(&transmit.data, transmit.dst).await {
-                        debug!(dst = %transmit.dst, error = %e, "UDP send failed");
+                    match socket.send_to(&transmit.data, transmit.dst).await {
+                        Ok(()) => {}
+                        Err(e) if crate::pmtu::is_too_big(&e) => {
+                            let path_mtu = socket.path_mtu(transmit.dst);
+                            let answer =
+                                self.pmtu
+                                    .refused(transmit.dst, transmit.data.len(), path_mtu);
+                            if let Some(answer) = answer {
+                                if let Err(e) = tun.send(answer).await {
+                                    debug!(error = %e, "ICMP too-big answer not written");
+                                }
+                            }
+                        }
+                        Err(e) => debug!(dst = %transmit.dst, error = %e, "UDP send failed"),
                     }
                     engine.recycle(transmit.data);
                 }
@@ -385,6 +401,8 @@ impl Executor {
                     // The relay allocation is the socket's, not the engine's.
                     status.relay = socket.relayed_addr();
                     status.relay_count = usize::from(status.relay.is_some());
+                    // So are the path MTUs the socket reported.
+                    self.pmtu.fill(&mut status.counters);
                     for waiter in self.status_waiters.drain(..) {
                         let _ = waiter.send(status.clone());
                     }
@@ -395,6 +413,7 @@ impl Executor {
                 other => debug!(output = ?other, "unhandled output"),
             }
         }
+        self.pmtu.forget_held();
         Ok(())
     }
 

@@ -46,6 +46,7 @@
 pub mod exec;
 pub mod handle;
 pub mod mem;
+mod pmtu;
 pub mod ports;
 pub mod run;
 

@@ -124,6 +124,13 @@ pub trait DatagramSocket: Send + 'static {
             "this socket has no path-MTU discovery option",
         ))
     }
+    /// The path MTU (bytes of the whole outer IP packet) the kernel reported
+    /// for `dst` after refusing a datagram to it as too big
+    /// ([`DatagramSocket::send_to`] failed with `EMSGSIZE`). `None`: not
+    /// known (sockets without path-MTU discovery keep this default).
+    fn path_mtu(&mut self, _dst: SocketAddr) -> Option<u16> {
+        None
+    }
     /// Sets the firewall mark (`SO_MARK`, 0: none) of every datagram sent,
     /// kept across rebinds. Sockets without marks say so with
     /// [`io::ErrorKind::Unsupported`].

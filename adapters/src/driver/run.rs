@@ -363,6 +363,7 @@ fn tun_packet_in(engine: &mut Engine, exec: &mut Executor, now: Instant, packet:
     if let Some(flows) = exec.flows.as_mut() {
         flows.add(true, packet);
     }
+    exec.pmtu.note_tun_packet(packet);
     let _ = engine.handle_input(now, Input::TunPacket(packet));
 }
 

@@ -257,4 +257,11 @@ impl DatagramSocket for DataUdp {
             Self::Fast(s) => s.set_fwmark(mark),
         }
     }
+
+    fn path_mtu(&mut self, dst: SocketAddr) -> Option<u16> {
+        match self {
+            Self::Plain(s) => s.path_mtu(dst),
+            Self::Fast(s) => s.path_mtu(dst),
+        }
+    }
 }

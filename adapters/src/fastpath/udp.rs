@@ -22,6 +22,7 @@ use super::outbox::{IdleCheck, Shared};
 use super::tun::FastTun;
 use super::udp_send::{CMSG_ROOM, SendQueue};
 use crate::driver::ports::DatagramSocket;
+use crate::pmtu::PathMtuTable;
 use crate::udp::{SOCKET_BUFFER_BYTES, SocketTuning, rebind_needs_new_socket, set_int, unmap};
 
 /// Messages per `recvmmsg`.
@@ -41,6 +42,8 @@ pub struct FastUdp {
     tuning: SocketTuning,
     batch: RecvBatch,
     idle: IdleCheck,
+    /// Path MTUs learned from refused sends, kept across rebinds.
+    pmtu: Arc<PathMtuTable>,
 }
 
 /// The datagrams of one `recvmmsg`, handed out one at a time.
@@ -156,11 +159,13 @@ impl FastUdp {
         let tuning = SocketTuning::default();
         let (socket, dual_stack) = open_any(port, options, &tuning)?;
         let socket = Arc::new(socket);
+        let pmtu = Arc::new(PathMtuTable::default());
         let queue = SendQueue::new(
             socket.clone(),
             dual_stack,
             options.udp_gso,
             options.writer_threads,
+            pmtu.clone(),
         )?;
         tun.shared.outbox().udp = Some(queue);
         Ok(Self {
@@ -171,6 +176,7 @@ impl FastUdp {
             tuning,
             batch: RecvBatch::new(),
             idle: IdleCheck::default(),
+            pmtu,
         })
     }
 }
@@ -350,10 +356,10 @@ impl DatagramSocket for FastUdp {
     }
 
     async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
-        if let Some(queue) = self.shared.outbox().udp.as_mut() {
-            queue.push(data, dst);
+        match self.shared.outbox().udp.as_mut() {
+            Some(queue) => queue.push(data, dst),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn flush(&mut self) {
@@ -387,6 +393,7 @@ impl DatagramSocket for FastUdp {
             dual_stack,
             self.options.udp_gso,
             self.options.writer_threads,
+            self.pmtu.clone(),
         )?;
         let mut out = self.shared.outbox();
         // What the old socket has queued still leaves through it.
@@ -410,7 +417,18 @@ impl DatagramSocket for FastUdp {
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
         let fd = self.socket.as_raw_fd();
-        self.tuning.change(fd, self.dual_stack, |t| t.fwmark = mark)
+        self.tuning
+            .change(fd, self.dual_stack, |t| t.fwmark = mark)?;
+        self.pmtu.set_fwmark(mark);
+        Ok(())
+    }
+
+    fn path_mtu(&mut self, dst: SocketAddr) -> Option<u16> {
+        // The send that failed may have been queued before the run that
+        // taught the table; the kernel knows either way.
+        self.pmtu
+            .get(dst.ip())
+            .or_else(|| self.pmtu.learn(dst.ip(), std::time::Instant::now()))
     }
 }
 
@@ -468,13 +486,13 @@ mod tests {
     async fn a_gso_run_arrives_as_the_datagrams_it_was_made_of() {
         let a = Arc::new(open(0, false, options()).unwrap());
         let b = open(0, false, options()).unwrap();
-        let mut queue = SendQueue::new(a.clone(), false, true, false).unwrap();
+        let mut queue = SendQueue::new(a.clone(), false, true, false, Arc::default()).unwrap();
         // Equal sizes, then a shorter last one: one run, one sendmsg.
         let sent: Vec<Vec<u8>> = (0..5)
             .map(|i| datagram(i, if i == 4 { 300 } else { 1200 }))
             .collect();
         for d in &sent {
-            queue.push(d, loopback(&b));
+            queue.push(d, loopback(&b)).unwrap();
         }
         assert_eq!(queue.queued(), 5, "one run");
         queue.flush();
@@ -492,16 +510,16 @@ mod tests {
         let a = Arc::new(open(0, false, options()).unwrap());
         let b = open(0, false, options()).unwrap();
         let c = open(0, false, options()).unwrap();
-        let mut queue = SendQueue::new(a, false, true, false).unwrap();
-        queue.push(&datagram(0, 1000), loopback(&b));
-        queue.push(&datagram(1, 500), loopback(&b));
+        let mut queue = SendQueue::new(a, false, true, false, Arc::default()).unwrap();
+        queue.push(&datagram(0, 1000), loopback(&b)).unwrap();
+        queue.push(&datagram(1, 500), loopback(&b)).unwrap();
         // After a short datagram nothing joins the run, even of equal size.
-        queue.push(&datagram(2, 500), loopback(&b));
+        queue.push(&datagram(2, 500), loopback(&b)).unwrap();
         assert_eq!(queue.queued(), 1);
         // A larger datagram and a new destination each start a new run.
-        queue.push(&datagram(3, 1400), loopback(&b));
+        queue.push(&datagram(3, 1400), loopback(&b)).unwrap();
         assert_eq!(queue.queued(), 1);
-        queue.push(&datagram(4, 1400), loopback(&c));
+        queue.push(&datagram(4, 1400), loopback(&c)).unwrap();
         assert_eq!(queue.queued(), 1);
         queue.flush();
         let at_b: Vec<Vec<u8>> = receive(&b, 4).await.into_iter().map(|(d, _)| d).collect();
@@ -530,9 +548,9 @@ mod tests {
             },
         )
         .unwrap();
-        let mut queue = SendQueue::new(a, false, false, false).unwrap();
+        let mut queue = SendQueue::new(a, false, false, false, Arc::default()).unwrap();
         for i in 0..3 {
-            queue.push(&datagram(i, 800), loopback(&b));
+            queue.push(&datagram(i, 800), loopback(&b)).unwrap();
         }
         assert_eq!(queue.queued(), 1);
         queue.flush();
@@ -547,17 +565,17 @@ mod tests {
         };
         let a = Arc::new(a);
         let b = open(0, false, options()).unwrap();
-        let mut queue = SendQueue::new(a.clone(), true, true, false).unwrap();
-        queue.push(&datagram(7, 100), loopback(&b));
-        queue.push(&datagram(8, 100), loopback(&b));
+        let mut queue = SendQueue::new(a.clone(), true, true, false, Arc::default()).unwrap();
+        queue.push(&datagram(7, 100), loopback(&b)).unwrap();
+        queue.push(&datagram(8, 100), loopback(&b)).unwrap();
         queue.flush();
         let got = receive(&b, 2).await;
         assert_eq!(got[0].0, datagram(7, 100));
         assert_eq!(got[1].0, datagram(8, 100));
         // And back: the dual-stack side sees an IPv4 source, not a mapped one.
-        let reply = SendQueue::new(Arc::new(b), false, true, true).unwrap();
+        let reply = SendQueue::new(Arc::new(b), false, true, true, Arc::default()).unwrap();
         let mut reply = reply;
-        reply.push(&datagram(9, 60), loopback(&a));
+        reply.push(&datagram(9, 60), loopback(&a)).unwrap();
         reply.flush();
         let back = receive(&a, 1).await;
         assert_eq!(back[0].0, datagram(9, 60));

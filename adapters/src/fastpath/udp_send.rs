@@ -17,7 +17,8 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use super::options::WRITER_DEPTH;
-use crate::udp::map_out;
+use crate::pmtu::{PathMtuTable, is_too_big, too_big_error};
+use crate::udp::{map_out, unmap};
 
 /// Segments per `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS` is 64
 /// on older kernels).
@@ -41,6 +42,9 @@ pub(crate) struct SendQueue {
     /// The run ended with a shorter datagram; nothing more can join it.
     closed: bool,
     dst: Option<SocketAddr>,
+    /// Path MTUs learned from refused sends (shared with the socket, which
+    /// keeps it across rebinds).
+    pmtu: Arc<PathMtuTable>,
 }
 
 impl SendQueue {
@@ -49,6 +53,7 @@ impl SendQueue {
         dual_stack: bool,
         gso: bool,
         thread: bool,
+        pmtu: Arc<PathMtuTable>,
     ) -> io::Result<Self> {
         let writer = if thread {
             Some(UdpWriter::spawn()?)
@@ -65,11 +70,18 @@ impl SendQueue {
             count: 0,
             closed: false,
             dst: None,
+            pmtu,
         })
     }
 
     /// Adds one datagram; sends the queued run first when it cannot join.
-    pub(crate) fn push(&mut self, data: &[u8], dst: SocketAddr) {
+    /// A datagram larger than the path MTU learned for `dst` is refused
+    /// with `EMSGSIZE`, as the kernel would refuse it, so the caller can
+    /// tell the inner sender at once.
+    pub(crate) fn push(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
+        if self.pmtu.too_big(dst.ip(), data.len()) {
+            return Err(too_big_error());
+        }
         let dst = map_out(self.dual_stack, dst);
         if self.count > 0
             && (!self.gso.load(Ordering::Relaxed)
@@ -92,6 +104,7 @@ impl SendQueue {
         }
         self.buf.extend_from_slice(data);
         self.count += 1;
+        Ok(())
     }
 
     /// Datagrams queued (the tests check how runs form).
@@ -122,6 +135,7 @@ impl SendQueue {
             dst: SockAddr::from(dst),
             seg,
             gso: self.gso.clone(),
+            pmtu: self.pmtu.clone(),
         };
         match &self.writer {
             Some(writer) => writer.submit(run),
@@ -202,6 +216,8 @@ pub(crate) struct UdpRun {
     pub(crate) seg: Option<usize>,
     /// Cleared by the writer when the kernel refuses GSO.
     pub(crate) gso: Arc<AtomicBool>,
+    /// Where a refused send files the kernel's path MTU.
+    pub(crate) pmtu: Arc<PathMtuTable>,
 }
 
 /// The loop's end of the UDP writer thread.
@@ -241,11 +257,16 @@ impl UdpWriter {
 }
 
 /// Sends one run, falling back to one datagram per call when the kernel
-/// refuses `UDP_SEGMENT` (and remembering that in `run.gso`).
+/// refuses `UDP_SEGMENT` (and remembering that in `run.gso`). A run the
+/// path is too narrow for (`EMSGSIZE`, or `EINVAL` for segments over the
+/// path MTU, which the one-by-one sends then show as `EMSGSIZE`) files the
+/// kernel's path MTU in `run.pmtu` and keeps GSO on: the kernel did not
+/// refuse GSO, it refused the size.
 pub(crate) fn send_run(run: &UdpRun) {
     let fd = run.socket.as_raw_fd();
     match send_segments(fd, &run.buf, &run.dst, run.seg) {
         Ok(()) => {}
+        Err(e) if is_too_big(&e) => learn_path_mtu(run, &e),
         Err(e)
             if run.seg.is_some()
                 && matches!(
@@ -253,16 +274,35 @@ pub(crate) fn send_run(run: &UdpRun) {
                     Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
                 ) =>
         {
-            if run.gso.swap(false, Ordering::Relaxed) {
-                warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
-            }
             let seg = run.seg.unwrap_or(run.buf.len()).max(1);
+            let mut too_big = None;
             for chunk in run.buf.chunks(seg) {
-                if let Err(e) = send_segments(fd, chunk, &run.dst, None) {
-                    debug!(error = %e, "UDP send failed");
+                match send_segments(fd, chunk, &run.dst, None) {
+                    Ok(()) => {}
+                    Err(e) if is_too_big(&e) => too_big = Some(e),
+                    Err(e) => debug!(error = %e, "UDP send failed"),
+                }
+            }
+            match too_big {
+                Some(e) => learn_path_mtu(run, &e),
+                None => {
+                    if run.gso.swap(false, Ordering::Relaxed) {
+                        warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                    }
                 }
             }
         }
         Err(e) => debug!(error = %e, "UDP send failed"),
     }
+}
+
+/// Files the kernel's path MTU for the destination of a run it refused as
+/// too big. The driver logs changes (once each) when it next sees a
+/// datagram refused.
+fn learn_path_mtu(run: &UdpRun, error: &io::Error) {
+    let Some(dst) = run.dst.as_socket().map(unmap) else {
+        return;
+    };
+    let path_mtu = run.pmtu.learn(dst.ip(), std::time::Instant::now());
+    debug!(%dst, ?path_mtu, len = run.buf.len(), segment = ?run.seg, error = %error, "datagrams too big for the path");
 }

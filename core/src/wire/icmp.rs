@@ -139,6 +139,93 @@ pub fn emit_echo(
     Ok(())
 }
 
+/// ICMPv4 type of a "destination unreachable" message.
+pub const ICMPV4_DEST_UNREACHABLE: u8 = 3;
+/// ICMPv4 "destination unreachable" code: fragmentation needed and the
+/// don't-fragment bit set (RFC 1191).
+pub const ICMPV4_CODE_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 type of a "packet too big" message (RFC 8201).
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// The largest IPv4 packet an ICMP error may make (RFC 1812): the quote of
+/// the offending packet is cut to fit.
+const ICMPV4_ERROR_MAX: usize = 576;
+/// The largest IPv6 packet an ICMPv6 error may make (RFC 4443: the IPv6
+/// minimum MTU).
+const ICMPV6_ERROR_MAX: usize = 1280;
+/// Type, code, checksum and the 4 bytes that carry the MTU.
+const TOO_BIG_HEADER_LEN: usize = 8;
+
+/// Clears `out` and writes the ICMP "fragmentation needed" (IPv4) or ICMPv6
+/// "packet too big" (IPv6) answer to `packet`, telling its sender that
+/// `mtu` bytes is the most that fits the path. The answer comes from the
+/// packet's destination to its source and quotes the start of the packet,
+/// so the sender's stack finds the socket (TCP lowers its MSS).
+///
+/// `None` when the packet cannot be answered: not parsable, a later
+/// fragment, or itself an ICMP error (errors are never answered with
+/// errors, RFC 1122 and RFC 4443).
+pub fn emit_too_big(packet: &[u8], mtu: u16, out: &mut Vec<u8>) -> Option<()> {
+    let header = IpHeader::parse(packet).ok()?;
+    if ip::is_later_fragment(packet) || is_icmp_error(&header, packet) {
+        return None;
+    }
+    let v4 = header.is_ipv4();
+    let (kind, code, max, mtu_field) = if v4 {
+        let [hi, lo] = mtu.to_be_bytes();
+        (
+            ICMPV4_DEST_UNREACHABLE,
+            ICMPV4_CODE_FRAG_NEEDED,
+            ICMPV4_ERROR_MAX - ip::IPV4_HEADER_LEN,
+            [0, 0, hi, lo],
+        )
+    } else {
+        (
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            ICMPV6_ERROR_MAX - ip::IPV6_HEADER_LEN,
+            u32::from(mtu).to_be_bytes(),
+        )
+    };
+    let quote = &packet[..packet
+        .len()
+        .min(header.total_len)
+        .min(max - TOO_BIG_HEADER_LEN)];
+    let protocol = if v4 { PROTO_ICMP } else { PROTO_ICMPV6 };
+    let header_len = emit_header(
+        header.dst,
+        header.src,
+        protocol,
+        TOO_BIG_HEADER_LEN + quote.len(),
+        out,
+    )
+    .ok()?;
+    out.extend_from_slice(&[kind, code, 0, 0]);
+    out.extend_from_slice(&mtu_field);
+    out.extend_from_slice(quote);
+    let pseudo = if v4 {
+        None
+    } else {
+        Some((header.dst, header.src, protocol))
+    };
+    if let Some(message) = out.get_mut(header_len..) {
+        patch_checksum(message, 2, pseudo, false);
+    }
+    Some(())
+}
+
+/// Whether `packet` carries an ICMP error message (anything but an echo,
+/// for IPv4 by type number, for IPv6 every type below 128).
+fn is_icmp_error(header: &IpHeader, packet: &[u8]) -> bool {
+    let Some(message) = icmp_message(header, packet) else {
+        return false;
+    };
+    match message.first() {
+        Some(&kind) if header.is_ipv4() => matches!(kind, 3 | 4 | 5 | 11 | 12),
+        Some(&kind) => kind < 128,
+        None => false,
+    }
+}
+
 /// The key under which the engine files a ping: the identifier and sequence
 /// bytes as they appear on the wire (each big-endian), read as one
 /// little-endian `u32`.
@@ -242,6 +329,92 @@ mod tests {
             (echo.kind, echo.ident, echo.seq, echo.payload),
             (EchoKind::Reply, 7, 9, &b"xyz"[..])
         );
+    }
+
+    #[test]
+    fn too_big_v4_quotes_the_packet_and_carries_the_mtu() {
+        let mut tcp = Vec::new();
+        let segment: Vec<u8> = (0..1400u32).map(|i| i as u8).collect();
+        ip::emit_packet(
+            v4("10.0.0.1"),
+            v4("10.0.0.2"),
+            ip::PROTO_TCP,
+            &segment,
+            &mut tcp,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        emit_too_big(&tcp, 1240, &mut out).unwrap();
+        let header = IpHeader::parse(&out).unwrap();
+        assert_eq!((header.src, header.dst), (v4("10.0.0.2"), v4("10.0.0.1")));
+        assert_eq!(header.protocol, PROTO_ICMP);
+        assert!(verify_checksum(&header, &out));
+        assert_eq!(out.len(), ICMPV4_ERROR_MAX, "the quote is cut to 576 bytes");
+        let message = &out[20..];
+        assert_eq!(
+            &message[..2],
+            &[ICMPV4_DEST_UNREACHABLE, ICMPV4_CODE_FRAG_NEEDED]
+        );
+        assert_eq!(&message[4..8], &[0, 0, 0x04, 0xd8]);
+        assert_eq!(&message[8..], &tcp[..548]);
+    }
+
+    #[test]
+    fn too_big_v6_covers_the_pseudo_header() {
+        let src: IpAddr = "fd7a:115c:a1e0::1".parse().unwrap();
+        let dst: IpAddr = "fd7a:115c:a1e0::2".parse().unwrap();
+        let mut udp = Vec::new();
+        ip::emit_packet(src, dst, ip::PROTO_UDP, &[7; 100], &mut udp).unwrap();
+        let mut out = Vec::new();
+        emit_too_big(&udp, 1280, &mut out).unwrap();
+        let header = IpHeader::parse(&out).unwrap();
+        assert_eq!((header.src, header.dst), (dst, src));
+        assert!(verify_checksum(&header, &out));
+        assert_eq!(
+            &out[40..48],
+            &[ICMPV6_PACKET_TOO_BIG, 0, out[42], out[43], 0, 0, 5, 0]
+        );
+        assert_eq!(&out[48..], &udp[..], "a short packet is quoted whole");
+    }
+
+    #[test]
+    fn errors_and_later_fragments_get_no_too_big() {
+        let mut error = Vec::new();
+        ip::emit_packet(
+            v4("10.0.0.1"),
+            v4("10.0.0.2"),
+            PROTO_ICMP,
+            &[3, 4, 0, 0, 0, 0, 5, 0],
+            &mut error,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        assert_eq!(emit_too_big(&error, 1200, &mut out), None);
+        let mut fragment = Vec::new();
+        ip::emit_packet(
+            v4("10.0.0.1"),
+            v4("10.0.0.2"),
+            ip::PROTO_UDP,
+            &[0; 64],
+            &mut fragment,
+        )
+        .unwrap();
+        fragment[7] = 8; // fragment offset 64 bytes
+        assert_eq!(emit_too_big(&fragment, 1200, &mut out), None);
+        assert_eq!(emit_too_big(&[0x45, 0, 0], 1200, &mut out), None);
+        // An echo request is answered.
+        let mut echo = Vec::new();
+        emit_echo(
+            v4("10.0.0.1"),
+            v4("10.0.0.2"),
+            EchoKind::Request,
+            1,
+            1,
+            &[0; 32],
+            &mut echo,
+        )
+        .unwrap();
+        assert_eq!(emit_too_big(&echo, 1200, &mut out), Some(()));
     }
 
     #[test]
