@@ -868,6 +868,7 @@ impl ControlClient {
                     out.push(ClientAction::Send(ToControl::Endpoints(EndpointUpdate {
                         node_key: self.node_key,
                         endpoints: self.endpoints.clone(),
+                        relay: None,
                     })));
                 }
                 out
