@@ -129,6 +129,15 @@ fn nat_pair_table() {
             let report = run_on(&scenario, Backend::Event);
             check_passed(&report);
             let outcome = pair_outcome(&report.timeline);
+            // The turmoil backend routes through the same model: the same
+            // path, found within its 1 ms ticks of the event backend's time.
+            let turmoil = run_on(&scenario, Backend::Turmoil);
+            check_passed(&turmoil);
+            let on_turmoil = pair_outcome(&turmoil.timeline);
+            assert_eq!(on_turmoil.ends_direct, outcome.ends_direct, "{a} / {b}");
+            if let (Some(e), Some(t)) = (outcome.first_direct_ms, on_turmoil.first_direct_ms) {
+                assert!((e - t).abs() <= 10.0, "{a} / {b}: {e} ms vs {t} ms");
+            }
             assert_eq!(
                 outcome.ends_direct,
                 direct_possible(a, b),
@@ -191,8 +200,30 @@ fn committed_network_scenarios_pass() {
     paths.sort();
     for path in paths {
         let scenario = Scenario::from_file(&path).expect("committed files parse");
-        for backend in scenario.backends.clone() {
-            let report = run_on(&scenario, backend);
+        // Both backends, whatever the file lists: the turmoil backend may
+        // refuse a file for a feature it lacks (keepalives), nothing else.
+        for backend in [Backend::Event, Backend::Turmoil] {
+            let options = RunOptions {
+                backend: Some(backend),
+                keep: Keep::All,
+                ..RunOptions::default()
+            };
+            let report = match run(&scenario, options) {
+                Ok(report) => report,
+                Err(e) => {
+                    let keepalives = scenario
+                        .nodes
+                        .iter()
+                        .any(|n| n.persistent_keepalive_secs.is_some());
+                    assert!(
+                        backend == Backend::Turmoil && keepalives,
+                        "{}: {e}",
+                        path.display()
+                    );
+                    eprintln!("{}: skipped on turmoil: {e}", path.display());
+                    continue;
+                }
+            };
             // A file with a known bug may fail (`tests/scenarios.rs` prints
             // a note when it passes); its own test below pins what it shows.
             if scenario.known_bug.is_none() {

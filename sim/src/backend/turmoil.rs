@@ -27,6 +27,7 @@
 //! from outside the driver: every ping ends exactly once within 10 s.
 
 mod control;
+mod fabric;
 mod host;
 mod os;
 mod outer;
@@ -63,12 +64,12 @@ fn unsupported(what: &str) -> RunError {
 
 /// Runs a scenario on the turmoil backend.
 pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunError> {
-    if scenario.network.loss > 0.0 || !scenario.network.jitter.is_zero() {
-        return Err(unsupported("loss or jitter"));
-    }
-    if crate::world::fabric::needed(&scenario.network, &scenario.nodes) {
+    // Loss and jitter are the network model's on this backend (turmoil's
+    // own draws would differ from the event backend's).
+    let modelled = crate::world::fabric::needed(&scenario.network, &scenario.nodes);
+    if !modelled && (scenario.network.loss > 0.0 || !scenario.network.jitter.is_zero()) {
         return Err(unsupported(
-            "the network model (NAT boxes, STUN, relay, [[link]], burst loss)",
+            "loss or jitter without the network model (add a [[link]] or a NAT)",
         ));
     }
     for n in &scenario.nodes {
@@ -90,10 +91,7 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             | ActionKind::SetPolicy { .. }
             | ActionKind::ControlRestart { .. }
             | ActionKind::ControlPartition { .. } => {}
-            // Only a node behind a NAT may rebind, and NATs are refused above.
-            ActionKind::NatRebind { .. } => {
-                return Err(unsupported("the network model's nat_rebind"));
-            }
+            ActionKind::NatRebind { .. } => {}
             ActionKind::SetAllowedIps { .. } => {
                 return Err(unsupported(&format!("the action on line {}", a.line)));
             }
@@ -195,6 +193,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             .collect(),
         flows: Vec::new(),
         flow_timers: Vec::new(),
+        fabric: fabric::TurmoilFabric::for_run(seed, &scenario.network, &scenario.nodes),
     }));
 
     let mut sim = turmoil::Builder::new()
@@ -227,8 +226,10 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         outer.bounce_restarted(now);
         // The same-instant order of both backends (`sim/README.md`): what
         // the network delivered and the engines' timers (inside the last
-        // step), then the control plane, then stream datagrams and flow
-        // timers, then the scenario's actions and probes.
+        // step, and the network model's datagrams due now), then the control
+        // plane, then stream datagrams and flow timers, then the scenario's
+        // actions and probes.
+        lock(&outer.shared).fabric_deliver_due(now);
         lock(&outer.shared).control_tick();
         outer.collect_flow_timers();
         outer.stream_ticks(now);
@@ -307,5 +308,11 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         trace: &s.trace,
         backend: "turmoil",
     };
-    evaluate_outcomes(scenario, seed, &outcomes, &outer.labels, &s.probes)
+    let mut report = evaluate_outcomes(scenario, seed, &outcomes, &outer.labels, &s.probes);
+    // What the network model did, named as on the event backend.
+    for (name, count) in s.fabric_counts() {
+        let name = format!("net_{}", name.replace('-', "_"));
+        report.metrics.push((name, count as f64));
+    }
+    report
 }

@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use rand_chacha::ChaCha20Rng;
 use wgmesh_core::{NatConfig, NodePublicKey, PeerRelay};
 
 use super::address::host_octets;
@@ -121,8 +120,9 @@ pub struct Fabric {
 }
 
 impl Fabric {
-    /// The fabric `network` and `nodes` describe; its draws come from `rng`.
-    pub fn new(network: &NetworkSpec, nodes: &[NodeSpec], rng: ChaCha20Rng) -> Self {
+    /// The fabric `network` and `nodes` describe; its draws come from
+    /// streams made from `seed`.
+    pub fn new(network: &NetworkSpec, nodes: &[NodeSpec], seed: u64) -> Self {
         let nats: Vec<Option<NatBox>> = nodes
             .iter()
             .enumerate()
@@ -144,7 +144,7 @@ impl Fabric {
             outside_owner,
             stun: network.stun,
             relay: network.relay,
-            links: Links::new(params, &network.links, rng),
+            links: Links::new(params, &network.links, seed),
             counts: BTreeMap::new(),
         }
     }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::RngCore;
+use rand_core::{RngCore, SeedableRng};
 
 /// Gilbert-Elliott burst loss on a link.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,8 +74,11 @@ pub enum Hop {
     Server,
 }
 
-/// The links' state: each direction's Gilbert-Elliott state, and the
-/// random stream every draw comes from.
+/// The links' state: each direction's Gilbert-Elliott state and random
+/// stream. Every direction of every hop draws from its own ChaCha stream,
+/// so a datagram's fate depends only on the datagrams before it on the same
+/// hop, not on how a backend orders datagrams sent at the same instant on
+/// other hops.
 #[derive(Debug, Clone)]
 pub struct Links {
     network: LinkParams,
@@ -83,7 +86,19 @@ pub struct Links {
     overrides: BTreeMap<(usize, usize), LinkParams>,
     /// Directions currently in the bad state.
     bad: BTreeMap<(Hop, Hop), bool>,
-    rng: ChaCha20Rng,
+    seed: u64,
+    /// Each direction's random stream, made on its first datagram.
+    rngs: BTreeMap<(Hop, Hop), ChaCha20Rng>,
+}
+
+impl Hop {
+    /// A number for the hop's end, for naming its random stream.
+    fn number(self) -> u64 {
+        match self {
+            Hop::Server => 0,
+            Hop::Node(i) => i as u64 + 1,
+        }
+    }
 }
 
 /// A uniform float in `[0, 1)` from 53 random bits.
@@ -92,8 +107,9 @@ fn unit(rng: &mut ChaCha20Rng) -> f64 {
 }
 
 impl Links {
-    /// The network's parameters, the per-pair links, and the random stream.
-    pub fn new(network: LinkParams, links: &[LinkSpec], rng: ChaCha20Rng) -> Self {
+    /// The network's parameters, the per-pair links, and the seed every
+    /// direction's random stream is made from.
+    pub fn new(network: LinkParams, links: &[LinkSpec], seed: u64) -> Self {
         let overrides = links
             .iter()
             .map(|l| ((l.a.min(l.b), l.a.max(l.b)), l.params))
@@ -102,7 +118,8 @@ impl Links {
             network,
             overrides,
             bad: BTreeMap::new(),
-            rng,
+            seed,
+            rngs: BTreeMap::new(),
         }
     }
 
@@ -122,25 +139,31 @@ impl Links {
     /// so adding a quiet link does not shift other hops' draws.
     pub fn cross(&mut self, from: Hop, to: Hop) -> Option<Duration> {
         let params = *self.params(from, to);
+        let seed = self.seed;
+        let rng = self.rngs.entry((from, to)).or_insert_with(|| {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            rng.set_stream((from.number() << 32) | to.number());
+            rng
+        });
         let loss = match params.burst {
             Some(burst) => {
                 let bad = self.bad.entry((from, to)).or_insert(false);
                 let flip = if *bad { burst.exit } else { burst.enter };
-                if flip > 0.0 && unit(&mut self.rng) < flip {
+                if flip > 0.0 && unit(rng) < flip {
                     *bad = !*bad;
                 }
                 if *bad { burst.loss_bad } else { params.loss }
             }
             None => params.loss,
         };
-        if loss > 0.0 && unit(&mut self.rng) < loss {
+        if loss > 0.0 && unit(rng) < loss {
             return None;
         }
         let jitter = if params.jitter.is_zero() {
             Duration::ZERO
         } else {
             let span = params.jitter.as_nanos() as u64 + 1;
-            Duration::from_nanos(self.rng.next_u64() % span)
+            Duration::from_nanos(rng.next_u64() % span)
         };
         Some(params.latency + jitter)
     }
@@ -149,7 +172,6 @@ impl Links {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand_core::SeedableRng;
 
     fn params(latency_ms: u64, loss: f64, burst: Option<BurstLoss>) -> LinkParams {
         LinkParams {
@@ -161,7 +183,7 @@ mod tests {
     }
 
     fn links(network: LinkParams, overrides: &[LinkSpec]) -> Links {
-        Links::new(network, overrides, ChaCha20Rng::seed_from_u64(3))
+        Links::new(network, overrides, 3)
     }
 
     #[test]

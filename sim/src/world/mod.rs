@@ -39,9 +39,15 @@ pub(crate) const NETWORK_STREAM: u64 = 2;
 pub(crate) const CHURN_STREAM: u64 = 3;
 /// The seed of the coordination server's own RNG (its auth-key secrets).
 pub(crate) const CONTROL_SEED_STREAM: u64 = 4;
-/// The ChaCha stream of the network model's draws ([`fabric::Fabric`]: link
-/// loss, jitter and burst states), the same on both backends.
+/// The ChaCha stream the network model's seed is drawn from
+/// ([`fabric::Fabric`]: each hop's loss, jitter and burst draws come from
+/// streams of that seed), the same on both backends.
 pub(crate) const FABRIC_STREAM: u64 = 5;
+
+/// The network model's seed for a run of `seed`.
+pub(crate) fn fabric_seed(seed: u64) -> u64 {
+    rand_core::RngCore::next_u64(&mut rng_stream(seed, FABRIC_STREAM))
+}
 
 /// The Unix time (seconds) the simulated wall clock starts from. The turmoil
 /// backend hands it to turmoil; the event backend does not simulate the wall

@@ -556,4 +556,103 @@ mod tests {
         );
         assert!(NatSpec::preset("open").is_none());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One step: `Some(remote)` sends from inside `host` to remote
+        /// endpoint `remote`, `None` lets remote `remote` send to the box
+        /// port the last outbound datagram used; after `gap_s` seconds.
+        #[derive(Debug, Clone)]
+        struct Step {
+            gap_s: u64,
+            host: u8,
+            remote: u8,
+            outbound: bool,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            (0u64..40, 0u8..2, 0u8..4, any::<bool>()).prop_map(|(gap_s, host, remote, outbound)| {
+                Step {
+                    gap_s,
+                    host,
+                    remote,
+                    outbound,
+                }
+            })
+        }
+
+        fn dependence() -> impl Strategy<Value = Dependence> {
+            prop_oneof![
+                Just(EndpointIndependent),
+                Just(AddressDependent),
+                Just(AddressAndPortDependent),
+            ]
+        }
+
+        /// Remote `k`: two addresses, two ports each.
+        fn remote(k: u8) -> SocketAddr {
+            SocketAddr::new(
+                IpAddr::from([198, 18, 9, 1 + (k / 2)]),
+                1000 + u16::from(k % 2),
+            )
+        }
+
+        fn inside(h: u8) -> SocketAddr {
+            SocketAddr::new(IpAddr::from([10, 0, 0, 1 + h]), 41641)
+        }
+
+        proptest! {
+            /// Whatever the traffic: an inbound datagram gets in only
+            /// through a port an outbound datagram of that inside host used
+            /// less than the timeout earlier, from a sender the filtering
+            /// admits (one the host sent to through that port); and an
+            /// endpoint-independent mapping keeps one outside port while it
+            /// is refreshed.
+            #[test]
+            fn inbound_needs_a_live_outbound_the_filter_admits(
+                mapping in dependence(),
+                filtering in dependence(),
+                steps in proptest::collection::vec(step(), 1..60),
+            ) {
+                let mut nat = NatBox::new(spec(mapping, filtering), "198.18.0.1".parse().unwrap());
+                let timeout = nat.spec().timeout;
+                // (time, inside, remote, outside port) of every outbound.
+                let mut sent: Vec<(Duration, SocketAddr, SocketAddr, u16)> = Vec::new();
+                let mut now = Duration::ZERO;
+                for s in steps {
+                    now += Duration::from_secs(s.gap_s);
+                    let (host, far) = (inside(s.host), remote(s.remote));
+                    if s.outbound {
+                        let out = nat.outbound(now, host, far).unwrap();
+                        if mapping == EndpointIndependent {
+                            let previous = sent.iter().rev().find(|e| e.1 == host);
+                            if let Some(&(at, _, _, port)) = previous {
+                                if now < at + timeout {
+                                    prop_assert_eq!(out.port(), port);
+                                }
+                            }
+                        }
+                        sent.push((now, host, far, out.port()));
+                    } else if let Some(&(_, _, _, port)) = sent.last() {
+                        if let Ok(reached) = nat.inbound(now, port, far) {
+                            let through: Vec<_> = sent
+                                .iter()
+                                .filter(|e| e.3 == port && e.1 == reached)
+                                .collect();
+                            let last_use = through.iter().map(|e| e.0).max();
+                            prop_assert!(last_use.is_some_and(|t| now < t + timeout));
+                            let admitted = through.iter().any(|e| match filtering {
+                                EndpointIndependent => true,
+                                AddressDependent => e.2.ip() == far.ip(),
+                                AddressAndPortDependent => e.2 == far,
+                            });
+                            prop_assert!(admitted);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

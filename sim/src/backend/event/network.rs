@@ -11,10 +11,11 @@ use wgmesh_core::{Effect, Input};
 use super::queue::SimEvent;
 use super::state::Tailnet;
 use crate::trace::Category;
+use crate::world::datagram_kind;
 use crate::world::fabric::{self, Fabric, Routed};
+use crate::world::fabric_seed;
 use crate::world::servers::{STUN_SERVER, relayed_node};
 use crate::world::spec::{NetworkSpec, NodeId, NodeSpec};
-use crate::world::{FABRIC_STREAM, datagram_kind, rng_stream};
 
 /// A uniform float in `[0, 1)` from 53 random bits.
 fn unit(rng: &mut ChaCha20Rng) -> f64 {
@@ -150,7 +151,7 @@ impl EventFabric {
     /// The model for a run, if the scenario asks for one.
     pub(super) fn for_run(seed: u64, network: &NetworkSpec, nodes: &[NodeSpec]) -> Option<Self> {
         fabric::needed(network, nodes).then(|| Self {
-            fabric: Fabric::new(network, nodes, rng_stream(seed, FABRIC_STREAM)),
+            fabric: Fabric::new(network, nodes, fabric_seed(seed)),
             endpoints: vec![Vec::new(); nodes.len()],
         })
     }

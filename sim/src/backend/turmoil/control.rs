@@ -140,7 +140,7 @@ impl Shared {
     }
 
     /// Carries out what node `i`'s client asked for.
-    fn client_actions(&mut self, i: usize, actions: Vec<ClientAction>) {
+    pub(super) fn client_actions(&mut self, i: usize, actions: Vec<ClientAction>) {
         for action in actions {
             match action {
                 ClientAction::Send(message) => self.send_to_control(i, message),
@@ -170,7 +170,11 @@ impl Shared {
         let started = self.up_at[i].min(tick_now);
         self.now = started;
         let auth_key = self.control.auth_key.clone();
-        let actions = self.control.clients[i].start(started, disco, vec![endpoint], &auth_key);
+        let endpoints = match self.fabric {
+            Some(_) => self.own_endpoints(i),
+            None => vec![endpoint],
+        };
+        let actions = self.control.clients[i].start(started, disco, endpoints, &auth_key);
         self.client_actions(i, actions);
         self.now = tick_now;
     }

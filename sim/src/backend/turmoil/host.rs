@@ -16,8 +16,9 @@ use wgmesh_core::{
     DiscoPrivateKey, Effect, Engine, EngineConfig, Event, PING_TIMEOUT, PingOutcome, TestingKnobs,
 };
 
+use super::fabric::Inbound;
 use super::os::os_receive;
-use super::shared::{Cmd, SharedRef, lock};
+use super::shared::{Cmd, SharedRef, lock, send};
 use crate::evaluate::peer_state;
 use crate::trace::Category;
 use crate::world::address::WG_PORT;
@@ -38,12 +39,34 @@ struct TurmoilSocket {
     /// The node this socket belongs to.
     node: usize,
     shared: SharedRef,
+    /// With the network model, what the outer loop delivers to this node
+    /// (turmoil's own network is not read then).
+    inbox: Option<mpsc::UnboundedReceiver<Inbound>>,
 }
 
 impl DatagramSocket for TurmoilSocket {
     async fn recv_from(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        let (len, from) = self.socket.recv_from(buf).await?;
+        let (len, from) = match self.inbox.as_mut() {
+            Some(inbox) => {
+                let Some((from, data)) = inbox.recv().await else {
+                    return Err(std::io::Error::other("the network model closed this inbox"));
+                };
+                let len = data.len().min(buf.len());
+                buf[..len].copy_from_slice(&data[..len]);
+                (len, from)
+            }
+            None => self.socket.recv_from(buf).await?,
+        };
         let mut s = lock(&self.shared);
+        if s.fabric.is_some() {
+            let detail = format!(
+                "<- {} {} {len}B",
+                s.fabric_name(from),
+                datagram_kind(&buf[..len])
+            );
+            s.log(Some(self.node), Category::Packet, "rx", detail);
+            return Ok((len, from));
+        }
         let detail = format!(
             "<- {} {} {len}B",
             s.node_name_at(from),
@@ -54,6 +77,10 @@ impl DatagramSocket for TurmoilSocket {
     }
 
     async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> std::io::Result<()> {
+        if self.inbox.is_some() {
+            lock(&self.shared).fabric_send(self.node, dst, data);
+            return Ok(());
+        }
         {
             let mut s = lock(&self.shared);
             let to = s.node_name_at(dst);
@@ -111,6 +138,46 @@ impl EffectSink for TraceSink {
         let detail = effect_detail(&effect, Rendering::Compact);
         let mut s = lock(&self.shared);
         s.log(Some(self.node), Category::Effect, "effect", detail);
+        if s.fabric.is_some() {
+            // With the network model the engine finds its endpoints itself
+            // (STUN) and reports them; it learns its local one from here.
+            match effect {
+                Effect::ReDiscoverEndpoints { .. } => {
+                    if let Some(port) = s.pending_move[self.node].take() {
+                        s.ports[self.node] = port;
+                    }
+                    let local = vec![SocketAddr::new(s.addresses[self.node], s.ports[self.node])];
+                    drop(s);
+                    send(
+                        &self.shared,
+                        self.node,
+                        Cmd::Nat {
+                            config: None,
+                            local,
+                        },
+                    );
+                }
+                Effect::EndpointsChanged(endpoints) => {
+                    let addrs = endpoints.iter().map(|e| e.addr).collect();
+                    s.fabric_endpoints_changed(self.node, addrs);
+                }
+                // The driver carries these out; the trace line above is all
+                // the harness does with them.
+                Effect::ApplyRouter(_)
+                | Effect::ApplyDns(_)
+                | Effect::FlushDnsCaches
+                | Effect::Rebind
+                | Effect::SetNetworkUp(_)
+                | Effect::SetBirdProtocol { .. }
+                | Effect::SetListenPort(_)
+                | Effect::SetPathMtuDiscovery(_)
+                | Effect::SetDnsViaTunnel(_) => {}
+                // `Effect` is `#[non_exhaustive]`: a variant core adds later
+                // is traced above and reaches the driver unchanged.
+                _ => {}
+            }
+            return;
+        }
         if let Effect::ReDiscoverEndpoints { .. } = effect {
             // The node reports where it can be reached now; control passes
             // it on to its peers.
@@ -151,6 +218,7 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
         (config, engine_seed, s.ports[i], s.next_ports[i].clone())
     };
     let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    let inbox = lock(&shared).fabric_socket_opened(i);
     let engine = Engine::new(config, TokioClock.now(), engine_seed);
     let (tun, os) = MemTun::pair(4096);
     let sink = TraceSink {
@@ -165,6 +233,7 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
             next_port,
             node: i,
             shared: shared.clone(),
+            inbox,
         },
         TokioClock,
         sink,
@@ -176,6 +245,16 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
         let mut s = lock(&shared);
         s.cmds[i] = Some(tx);
         let endpoint = SocketAddr::new(s.addresses[i], port);
+        if let Some(config) = s.fabric_nat_config(i) {
+            // As the event backend does right after the engine starts.
+            let nat = Cmd::Nat {
+                config: Some(config),
+                local: vec![endpoint],
+            };
+            if let Some(tx) = &s.cmds[i] {
+                let _ = tx.send(nat);
+            }
+        }
         s.client_start(i, endpoint);
     }
     tokio::task::spawn_local(events(i, handle.subscribe_events(), shared.clone()));
@@ -325,6 +404,16 @@ async fn run_cmd(
         }
         Cmd::Link(change) => {
             let _ = handle.link_change(change).await;
+        }
+        Cmd::Nat { config, local } => {
+            if let Some(config) = config
+                && let Err(e) = handle.set_nat(config).await
+            {
+                lock(&shared).log(Some(i), Category::Engine, "input-refused", e.to_string());
+            }
+            if let Err(e) = handle.set_local_endpoints(local).await {
+                lock(&shared).log(Some(i), Category::Engine, "input-refused", e.to_string());
+            }
         }
     }
 }

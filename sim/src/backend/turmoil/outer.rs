@@ -445,8 +445,9 @@ impl<'a> Outer<'a> {
                 s.control.cut.extend(nodes.iter().copied());
                 s.log(None, Category::Action, "control-partition", String::new());
             }
+            ActionKind::NatRebind { node } => lock(&self.shared).fabric_rebind(*node),
             // Refused before the run starts (see `run`).
-            ActionKind::SetAllowedIps { .. } | ActionKind::NatRebind { .. } => {}
+            ActionKind::SetAllowedIps { .. } => {}
         }
     }
 }

@@ -39,6 +39,12 @@ pub(super) enum Cmd {
     Counters,
     Close,
     Link(LinkChange),
+    /// The network model's settings for the engine: the NAT settings (at
+    /// start) and the node's local endpoints.
+    Nat {
+        config: Option<wgmesh_core::NatConfig>,
+        local: Vec<std::net::SocketAddr>,
+    },
 }
 
 /// State shared by the outer loop and every host (all on one thread).
@@ -79,6 +85,8 @@ pub(super) struct Shared {
     /// Flow timers the hosts started (a flow that moved on to its request),
     /// for the outer loop to take.
     pub(super) flow_timers: Vec<(Duration, usize, u32)>,
+    /// The network model, for a scenario that asks for one.
+    pub(super) fabric: Option<super::fabric::TurmoilFabric>,
 }
 
 impl Shared {
