@@ -186,6 +186,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
             .collect(),
         flows: Vec::new(),
         flow_timers: Vec::new(),
+        silent_service: scenario.nodes.iter().map(|s| s.silent_service).collect(),
     }));
 
     let mut sim = turmoil::Builder::new()

@@ -275,6 +275,14 @@ pub enum ExpectKind {
         /// Retransmission bounds.
         max_retransmits: Option<u32>,
     },
+    /// The cause the client's engine diagnosed for a flow whose opening
+    /// got no answer (`FailedConnection::cause`, by its snake_case name).
+    OpenFailure {
+        /// `no_peer_for_address`, `peer_trimmed_never_answered`,
+        /// `no_handshake`, `no_endpoint_reachable`, `peer_rejected` or
+        /// `no_answer_from_service`.
+        cause: String,
+    },
     /// An engine counter at the end (one node or the sum over all).
     Counter {
         /// The counter's name.

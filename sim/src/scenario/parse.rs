@@ -211,6 +211,7 @@ fn nodes(ctx: &Ctx<'_>, raw: &RawScenario) -> Result<(Vec<NodeSpec>, NodeNames),
                 }
                 ms => ms.map(millis),
             },
+            silent_service: rn.silent_service,
         });
     }
     if let Some(count) = raw.node_count {

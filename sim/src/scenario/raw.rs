@@ -72,6 +72,8 @@ pub(super) struct RawNode {
     pub(super) subnets: Vec<Spanned<String>>,
     pub(super) keepalive_s: Option<u16>,
     pub(super) control_delay_ms: Option<f64>,
+    #[serde(default)]
+    pub(super) silent_service: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,4 +154,5 @@ pub(super) struct RawExpect {
     pub(super) max: Option<u64>,
     pub(super) equals: Option<u64>,
     pub(super) scope: Option<Spanned<String>>,
+    pub(super) cause: Option<Spanned<String>>,
 }

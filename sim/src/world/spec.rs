@@ -34,6 +34,9 @@ pub struct NodeSpec {
     /// This node's own control delay (`None`: the network's): how long a
     /// change takes from a node through the coordination server to this one.
     pub control_delay: Option<Duration>,
+    /// Its OS does not answer flows (TCP port 80): a service that hangs, so
+    /// a peer's connection to it fails with the session and paths fine.
+    pub silent_service: bool,
 }
 
 impl NodeSpec {

@@ -22,7 +22,7 @@ use crate::evaluate::peer_state;
 use crate::trace::Category;
 use crate::world::address::WG_PORT;
 use crate::world::control::Apply;
-use crate::world::records::Violation;
+use crate::world::records::{Violation, note_open_failure};
 use crate::world::render::{
     Rendering, datagram_kind, effect_detail, event_line, ping_result_detail,
 };
@@ -332,6 +332,9 @@ async fn run_cmd(
 async fn events(i: usize, mut rx: tokio::sync::broadcast::Receiver<Event>, shared: SharedRef) {
     while let Ok(event) = rx.recv().await {
         let mut s = lock(&shared);
+        if let Event::ConnectionFailed(failed) = &event {
+            note_open_failure(&mut s.flows, i, failed);
+        }
         let (kind, detail) = event_line(&event, |peer| s.peer_name(peer), Rendering::Compact);
         s.log(Some(i), Category::Engine, kind, detail);
     }

@@ -75,6 +75,8 @@ pub(super) struct Shared {
     pub(super) next_ports: Vec<Arc<AtomicU16>>,
     pub(super) pending_move: Vec<Option<u16>>,
     pub(super) subnets: Vec<Vec<IpNet>>,
+    /// Nodes whose OS never answers flows (`silent_service`).
+    pub(super) silent_service: Vec<bool>,
     pub(super) flows: Vec<FlowRecord>,
     /// Flow timers the hosts started (a flow that moved on to its request),
     /// for the outer loop to take.
