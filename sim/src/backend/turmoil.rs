@@ -76,6 +76,7 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             ActionKind::Send { .. }
             | ActionKind::Ping { .. }
             | ActionKind::Restart { .. }
+            | ActionKind::RestoreDiscoKey { .. }
             | ActionKind::Partition { .. }
             | ActionKind::Heal
             | ActionKind::LinkChange { .. }
@@ -159,6 +160,8 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         names: scenario.nodes.iter().map(|s| s.name.clone()).collect(),
         keys,
         disco,
+        previous_disco: vec![None; n],
+        restore_disco: vec![false; n],
         incarnation: vec![0; n],
         up_at: vec![Duration::ZERO; n],
         addresses: Vec::new(),

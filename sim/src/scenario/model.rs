@@ -140,6 +140,15 @@ pub enum ActionKind {
         /// How long it stays down.
         downtime: Duration,
     },
+    /// A restart whose new engine gets the disco key the node had before
+    /// its current one (a node restored from a snapshot): its peers see
+    /// the disco key go back to an earlier value.
+    RestoreDiscoKey {
+        /// The node.
+        node: NodeIndex,
+        /// How long it stays down.
+        downtime: Duration,
+    },
     /// A partition between two groups.
     Partition {
         /// One side.

@@ -7,7 +7,7 @@
 use ipnet::IpNet;
 use wgmesh_core::Knobs;
 
-use super::actions::action;
+use super::actions::{action, check_restores};
 use super::ctx::{Ctx, NodeNames, millis, secs};
 use super::expects::{ActionLabels, expect};
 use super::model::{Action, ActionKind, Backend, Churn, Scenario, ScenarioError};
@@ -68,6 +68,7 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
     for sa in &raw.actions {
         actions.extend(action(ctx, &names, sa, duration_s)?);
     }
+    check_restores(ctx, &actions)?;
     let churn = churn(ctx, raw.churn.as_ref(), duration_s)?;
     let labels = action_labels(&actions);
     let expects = raw

@@ -108,6 +108,7 @@ impl Tailnet {
             "rx",
             format!("<- {from_name} {kind} {size}B"),
         );
+        let drops_before = self.receive_drops_before(j);
         let input = Input::Datagram { from, data: &data };
         if let Some(result) = self.call_engine(j, |engine, now| engine.handle_input(now, input)) {
             if let Err(e) = result {
@@ -115,6 +116,7 @@ impl Tailnet {
             }
             self.recycle(j, data);
         }
+        self.trace_receive_drop(j, drops_before, &from_name, kind, size);
         self.drain(j);
     }
 }

@@ -130,7 +130,18 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
     let (config, engine_seed, port, next_port) = {
         let mut s = lock(&shared);
         if s.incarnation[i] > 0 {
-            s.disco[i] = DiscoPrivateKey::generate(&mut s.key_rng);
+            // A restart draws a new disco key; `restore_disco_key` goes back
+            // to the one before (the event backend does the same, drawing
+            // nothing from the key stream then).
+            let restored = std::mem::take(&mut s.restore_disco[i])
+                .then(|| s.previous_disco[i].clone())
+                .flatten();
+            let disco = match restored {
+                Some(key) => key,
+                None => DiscoPrivateKey::generate(&mut s.key_rng),
+            };
+            let current = std::mem::replace(&mut s.disco[i], disco);
+            s.previous_disco[i] = Some(current);
         }
         s.incarnation[i] += 1;
         let mut config = EngineConfig::new(s.keys[i].clone(), s.disco[i].clone());

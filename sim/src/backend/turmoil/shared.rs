@@ -47,6 +47,11 @@ pub(super) struct Shared {
     pub(super) names: Vec<String>,
     pub(super) keys: Vec<NodePrivateKey>,
     pub(super) disco: Vec<DiscoPrivateKey>,
+    /// Each node's disco key before its current one, if it restarted.
+    pub(super) previous_disco: Vec<Option<DiscoPrivateKey>>,
+    /// Nodes whose next start goes back to `previous_disco`
+    /// (`restore_disco_key`) instead of drawing a new key.
+    pub(super) restore_disco: Vec<bool>,
     pub(super) incarnation: Vec<u64>,
     /// When each node's current incarnation came up (or will come up after
     /// a restart's downtime): control learns its new disco key from then.
