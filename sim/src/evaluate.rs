@@ -284,6 +284,23 @@ pub(crate) fn evaluate_outcomes(
                     }
                 }
             },
+            ExpectKind::OpenFailure { cause } => {
+                match labels.flows.get(&label).map(|&f| &net.flows[f]) {
+                    None => Check {
+                        name: format!("open failure {label}"),
+                        passed: false,
+                        detail: "the flow never started".into(),
+                    },
+                    Some(f) => Check {
+                        name: format!("open failure {label}"),
+                        passed: f.open_failure == Some(cause.as_str()),
+                        detail: format!(
+                            "diagnosed {}; want {cause}",
+                            f.open_failure.unwrap_or("nothing")
+                        ),
+                    },
+                }
+            }
             ExpectKind::Counter {
                 counter,
                 node,

@@ -67,10 +67,12 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
             | ActionKind::Ping { .. }
             | ActionKind::Flow { .. }
             | ActionKind::Idle { .. } => {}
-            ActionKind::Restart { downtime, .. } => spans.push(Impaired {
-                from: at,
-                until: at + *downtime + SETTLE,
-            }),
+            ActionKind::Restart { downtime, .. } | ActionKind::RestoreDiscoKey { downtime, .. } => {
+                spans.push(Impaired {
+                    from: at,
+                    until: at + *downtime + SETTLE,
+                })
+            }
             ActionKind::Partition { .. } => {
                 open_partition.get_or_insert(at);
             }

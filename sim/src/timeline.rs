@@ -116,11 +116,15 @@ impl Window {
 
 /// How a datagram ended, as the picture draws it.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Fate {
+enum Fate<'a> {
     /// It arrived and went to the engine: a solid arrow.
     Delivered,
     /// It reached the node while the node was down: a dashed red arrow.
     DroppedAtReceiver,
+    /// The node's engine took it and dropped it (unknown index, replay,
+    /// packet filter, ...; the trace's `rx-dropped`): an orange arrow ending
+    /// in a bar, the reason in its title.
+    DroppedByEngine(&'a str),
     /// The network lost it (loss, partition, link down): a short red stub
     /// ending in a cross.
     LostOnTheWay,
@@ -132,6 +136,10 @@ const LEGEND: &[(&str, &str)] = &[
     (
         "#d00000",
         "dashed red arrow: reached a node that was down; red stub with x: lost on the way (loss, partition, link down)",
+    ),
+    (
+        "#f59e0b",
+        "orange arrow ending in a bar: the receiving engine dropped it (hover: why)",
     ),
     (
         "#e07000",
@@ -151,6 +159,30 @@ const LEGEND: &[(&str, &str)] = &[
         "x: ping timeout or failed flow; ring: broken invariant",
     ),
 ];
+
+/// The `rx` entries whose datagram the engine then dropped, by index, with
+/// the reason: each `rx-dropped` entry names the `rx` before it on the same
+/// node with the same words (`<- peer kind size`), traced at the same
+/// instant once the engine had taken the datagram.
+fn engine_drops(entries: &[TraceEntry]) -> BTreeMap<usize, &str> {
+    let mut out = BTreeMap::new();
+    for (k, e) in entries.iter().enumerate() {
+        if e.kind != "rx-dropped" {
+            continue;
+        }
+        let Some((words, reason)) = e.detail.rsplit_once(' ') else {
+            continue;
+        };
+        let found =
+            entries[..k].iter().enumerate().rev().find(|(_, r)| {
+                r.at == e.at && r.node == e.node && r.kind == "rx" && r.detail == words
+            });
+        if let Some((index, _)) = found {
+            out.insert(index, reason);
+        }
+    }
+    out
+}
 
 /// Draws the trace as an SVG swimlane picture of `window`. `entries` should
 /// be the full trace (packets included) for arrows to appear.
@@ -213,8 +245,9 @@ pub fn svg(entries: &[TraceEntry], nodes: &[String], window: Window) -> String {
     let mut in_flight: BTreeMap<(usize, usize, String), VecDeque<Duration>> = BTreeMap::new();
     let mut drawn = 0usize;
     let mut skipped = 0usize;
-    let mut counts = [0usize; 3];
-    for e in entries {
+    let mut counts = [0usize; 4];
+    let engine_drops = engine_drops(entries);
+    for (index, e) in entries.iter().enumerate() {
         let Some(&me) = lane_of.get(e.node.as_str()) else {
             continue;
         };
@@ -244,10 +277,10 @@ pub fn svg(entries: &[TraceEntry], nodes: &[String], window: Window) -> String {
                 else {
                     continue;
                 };
-                let fate = if e.kind == "rx" {
-                    Fate::Delivered
-                } else {
-                    Fate::DroppedAtReceiver
+                let fate = match (e.kind, engine_drops.get(&index)) {
+                    ("rx", Some(reason)) => Fate::DroppedByEngine(reason),
+                    ("rx", None) => Fate::Delivered,
+                    _ => Fate::DroppedAtReceiver,
                 };
                 (sent, peer, me, fate)
             }
@@ -294,6 +327,17 @@ pub fn svg(entries: &[TraceEntry], nodes: &[String], window: Window) -> String {
                     y(src),
                     x(e.at),
                     y(dst),
+                );
+            }
+            Fate::DroppedByEngine(reason) => {
+                counts[3] += 1;
+                let (x1, y1) = (x(e.at), y(dst));
+                let _ = writeln!(
+                    out,
+                    r##"<path d="M{:.1},{:.1} L{x1:.1},{y1:.1} m-4,0 l8,0" stroke="#f59e0b" stroke-width="1.2" fill="none"><title>{title} (dropped by the engine: {})</title></path>"##,
+                    x(sent),
+                    y(src),
+                    escape(reason)
                 );
             }
             Fate::LostOnTheWay => {
@@ -403,11 +447,12 @@ pub fn svg(entries: &[TraceEntry], nodes: &[String], window: Window) -> String {
     // picture's width.
     let _ = writeln!(
         out,
-        r##"<text x="8" y="{:.1}" fill="#333">{} to {}: {} datagrams delivered, {} dropped at a receiver that was down, {} lost on the way ({skipped} more left out); hover for details</text>"##,
+        r##"<text x="8" y="{:.1}" fill="#333">{} to {}: {} datagrams delivered, {} dropped by the receiving engine, {} dropped at a receiver that was down, {} lost on the way ({skipped} more left out)</text>"##,
         legend_top,
         fmt_ms_time(window.from),
         fmt_ms_time(window.to),
         counts[0],
+        counts[3],
         counts[1],
         counts[2],
     );
@@ -487,10 +532,39 @@ mod tests {
         assert_eq!(picture.matches("stroke-dasharray").count(), 1);
         assert!(picture.contains("(lost: partition)"));
         assert!(picture.contains("(never arrived)"));
-        assert!(
+        assert!(picture.contains(
+            "1 datagrams delivered, 0 dropped by the receiving engine, 1 dropped at a receiver that was down, 2 lost"
+        ));
+    }
+
+    #[test]
+    fn svg_draws_engine_drops_apart_from_deliveries() {
+        let entries = vec![
+            entry(0, "a", Category::Packet, "tx", "-> b wg-data 128B"),
+            entry(10, "b", Category::Packet, "rx", "<- a wg-data 128B"),
+            entry(10, "b", Category::Engine, "event", "something in between"),
+            entry(
+                10,
+                "b",
+                Category::Packet,
+                "rx-dropped",
+                "<- a wg-data 128B wg_unknown_index",
+            ),
+            entry(20, "a", Category::Packet, "tx", "-> b wg-data 128B"),
+            entry(30, "b", Category::Packet, "rx", "<- a wg-data 128B"),
+        ];
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let picture = svg(&entries, &nodes, Window::whole(Duration::from_secs(1)));
+        // The second datagram was used; the first one was dropped.
+        assert_eq!(picture.matches("marker-end").count(), 1);
+        assert_eq!(
             picture
-                .contains("1 datagrams delivered, 1 dropped at a receiver that was down, 2 lost")
+                .matches("(dropped by the engine: wg_unknown_index)")
+                .count(),
+            1
         );
+        assert!(picture.contains("#f59e0b"));
+        assert!(picture.contains("1 datagrams delivered, 1 dropped by the receiving engine"));
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
             ActionKind::Send { .. }
             | ActionKind::Ping { .. }
             | ActionKind::Restart { .. }
+            | ActionKind::RestoreDiscoKey { .. }
             | ActionKind::Partition { .. }
             | ActionKind::Heal
             | ActionKind::LinkChange { .. }
@@ -166,6 +167,8 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         names: scenario.nodes.iter().map(|s| s.name.clone()).collect(),
         keys,
         disco,
+        previous_disco: vec![None; n],
+        restore_disco: vec![false; n],
         incarnation: vec![0; n],
         up_at: vec![Duration::ZERO; n],
         addresses: Vec::new(),
@@ -194,6 +197,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         flows: Vec::new(),
         flow_timers: Vec::new(),
         fabric: fabric::TurmoilFabric::for_run(seed, &scenario.network, &scenario.nodes),
+        silent_service: scenario.nodes.iter().map(|s| s.silent_service).collect(),
     }));
 
     let mut sim = turmoil::Builder::new()

@@ -38,7 +38,7 @@ pub(super) fn action(
             &a.action,
             "do",
             format!(
-                "unknown action {what:?} (send, ping, flow, restart, partition, heal, link_change, set_knob, set_allowed_ips, set_policy, control_restart, control_partition, idle, nat_rebind)"
+                "unknown action {what:?} (send, ping, flow, restart, restore_disco_key, partition, heal, link_change, set_knob, set_allowed_ips, set_policy, control_restart, control_partition, idle, nat_rebind)"
             ),
         ));
     };
@@ -55,6 +55,7 @@ pub(super) fn action(
         "ping" => ping(&entry)?,
         "flow" => flow(&entry)?,
         "restart" => restart(&entry)?,
+        "restore_disco_key" => restore_disco_key(&entry)?,
         "partition" => partition(&entry)?,
         "heal" => ActionKind::Heal,
         "link_change" => link_change(&entry)?,
@@ -160,7 +161,7 @@ fn allowed_fields(what: &str) -> Option<&'static [&'static str]> {
             "response_size",
             "label",
         ],
-        "restart" => &["node", "downtime_s", "label"],
+        "restart" | "restore_disco_key" => &["node", "downtime_s", "label"],
         "partition" => &["a", "b", "one_way", "label"],
         "heal" => &["label"],
         "link_change" => &["node", "link", "label"],
@@ -361,6 +362,56 @@ fn restart(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
         node: e.need("node", a.node.as_ref())?,
         downtime: secs(a.downtime_s.as_ref().map_or(0.0, |d| *d.get_ref())),
     })
+}
+
+/// `restore_disco_key` of a node, down for `downtime_s`: a restart back to
+/// the disco key it had before its current one. Whether it has one (an
+/// earlier restart in the file) is checked once every action is known
+/// (`check_restores`).
+fn restore_disco_key(e: &Entry<'_>) -> Result<ActionKind, ScenarioError> {
+    let a = e.a;
+    Ok(ActionKind::RestoreDiscoKey {
+        node: e.need("node", a.node.as_ref())?,
+        downtime: secs(a.downtime_s.as_ref().map_or(0.0, |d| *d.get_ref())),
+    })
+}
+
+/// A `restore_disco_key` needs an earlier disco key to go back to: an
+/// earlier `restart` or `restore_disco_key` of the same node in the file
+/// (restarts from `[churn]` are random, so they do not count).
+pub(super) fn check_restores(ctx: &Ctx<'_>, actions: &[Action]) -> Result<(), ScenarioError> {
+    let mut order: Vec<&Action> = actions.iter().collect();
+    order.sort_by_key(|a| (a.at, a.line));
+    let mut restarted: Vec<usize> = Vec::new();
+    for action in order {
+        match &action.kind {
+            ActionKind::Restart { node, .. } => restarted.push(*node),
+            ActionKind::RestoreDiscoKey { node, .. } => {
+                if !restarted.contains(node) {
+                    return Err(ScenarioError {
+                        file: ctx.file.to_string(),
+                        line: Some(action.line),
+                        field: Some("node".into()),
+                        message: "restore_disco_key needs an earlier restart of this node (a disco key to go back to)".into(),
+                    });
+                }
+            }
+            ActionKind::Send { .. }
+            | ActionKind::Ping { .. }
+            | ActionKind::Flow { .. }
+            | ActionKind::Partition { .. }
+            | ActionKind::Heal
+            | ActionKind::LinkChange { .. }
+            | ActionKind::SetKnob { .. }
+            | ActionKind::SetAllowedIps { .. }
+            | ActionKind::SetPolicy { .. }
+            | ActionKind::ControlRestart { .. }
+            | ActionKind::ControlPartition { .. }
+            | ActionKind::Idle { .. }
+            | ActionKind::NatRebind { .. } => {}
+        }
+    }
+    Ok(())
 }
 
 /// `partition` between two non-empty groups `a` and `b`.

@@ -8,6 +8,7 @@ use toml::Spanned;
 use super::ctx::{Ctx, NodeNames, millis, resolve_node, secs};
 use super::model::{CounterScope, Expect, ExpectKind, ScenarioError};
 use super::raw::RawExpect;
+use crate::world::records::FAILURE_CAUSES;
 
 /// The kind of action (`ping`, `send`, `flow` or `other`) each label names.
 pub(super) type ActionLabels = BTreeMap<String, &'static str>;
@@ -30,6 +31,13 @@ pub(super) fn expect(
             scope,
             "scope",
             format!("is only used by check \"counter\", not {check:?}"),
+        ));
+    }
+    if let (Some(cause), false) = (&e.cause, check == "open_failure") {
+        return Err(ctx.at(
+            cause,
+            "cause",
+            format!("is only used by check \"open_failure\", not {check:?}"),
         ));
     }
     let label_of = |want: &str| -> Result<Option<String>, ScenarioError> {
@@ -114,6 +122,26 @@ pub(super) fn expect(
             },
             label_of("flow")?,
         ),
+        "open_failure" => {
+            let cause = match &e.cause {
+                Some(c) if FAILURE_CAUSES.contains(&c.get_ref().as_str()) => c.get_ref().clone(),
+                Some(c) => {
+                    return Err(ctx.at(
+                        c,
+                        "cause",
+                        format!("must be one of {}", FAILURE_CAUSES.join(", ")),
+                    ));
+                }
+                None => {
+                    return Err(ctx.err(
+                        Some(se.span().start),
+                        Some("cause"),
+                        "check \"open_failure\" needs it",
+                    ));
+                }
+            };
+            (ExpectKind::OpenFailure { cause }, label_of("flow")?)
+        }
         "counter" => (counter_check(ctx, names, se)?, None),
         "stat" => (stat_check(ctx, se)?, None),
         other => {
@@ -121,7 +149,7 @@ pub(super) fn expect(
                 &e.check,
                 "check",
                 format!(
-                    "unknown check {other:?} (ping, peer, delivery, recovery, flow, counter, stat)"
+                    "unknown check {other:?} (ping, peer, delivery, recovery, flow, open_failure, counter, stat)"
                 ),
             ));
         }

@@ -179,6 +179,52 @@ outcome = "pong"
     }
 
     #[test]
+    fn a_disco_key_restore_needs_an_earlier_restart() {
+        let restore = "\n[[action]]\nat_s = 3\ndo = \"restore_disco_key\"\nnode = \"b\"\n";
+        let e = Scenario::parse("bad.toml", &format!("{GOOD}{restore}")).unwrap_err();
+        assert_eq!(e.line, Some(20));
+        assert_eq!(e.field.as_deref(), Some("node"));
+        assert!(e.message.contains("earlier restart"), "{e}");
+        let restart = "\n[[action]]\nat_s = 2\ndo = \"restart\"\nnode = \"b\"\n";
+        let s = Scenario::parse("good.toml", &format!("{GOOD}{restore}{restart}")).unwrap();
+        assert!(
+            s.actions
+                .iter()
+                .any(|a| matches!(a.kind, ActionKind::RestoreDiscoKey { node: 1, .. }))
+        );
+        let other_node = restart.replace("\"b\"", "\"a\"");
+        let e = Scenario::parse("bad.toml", &format!("{GOOD}{restore}{other_node}")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("node"));
+    }
+
+    #[test]
+    fn an_open_failure_check_needs_a_known_cause_and_a_flow() {
+        let flow = "\n[[action]]\nat_s = 2\ndo = \"flow\"\nfrom = \"a\"\nto = \"b\"\nlabel = \"f\"\n[[expect]]\ncheck = \"open_failure\"\nlabel = \"f\"\ncause = \"peer_rejected\"\n";
+        let s = Scenario::parse("good.toml", &format!("{GOOD}{flow}")).unwrap();
+        assert!(matches!(
+            &s.expects[1].kind,
+            ExpectKind::OpenFailure { cause } if cause == "peer_rejected"
+        ));
+        let unknown = format!("{GOOD}{}", flow.replace("peer_rejected", "gremlins"));
+        let e = Scenario::parse("bad.toml", &unknown).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cause"));
+        assert!(e.message.contains("no_answer_from_service"), "{e}");
+        let on_a_ping = format!(
+            "{GOOD}{}",
+            flow.replace("label = \"f\"\ncause", "label = \"p\"\ncause")
+        );
+        let e = Scenario::parse("bad.toml", &on_a_ping).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("label"));
+        assert!(e.message.contains("not a flow"), "{e}");
+        let elsewhere = GOOD.replace(
+            "outcome = \"pong\"",
+            "outcome = \"pong\"\ncause = \"no_handshake\"",
+        );
+        let e = Scenario::parse("bad.toml", &elsewhere).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cause"));
+    }
+
+    #[test]
     fn a_periodic_ping_becomes_numbered_pings() {
         let good = GOOD
             .replace(

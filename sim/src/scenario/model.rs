@@ -140,6 +140,15 @@ pub enum ActionKind {
         /// How long it stays down.
         downtime: Duration,
     },
+    /// A restart whose new engine gets the disco key the node had before
+    /// its current one (a node restored from a snapshot): its peers see
+    /// the disco key go back to an earlier value.
+    RestoreDiscoKey {
+        /// The node.
+        node: NodeIndex,
+        /// How long it stays down.
+        downtime: Duration,
+    },
     /// A partition between two groups.
     Partition {
         /// One side.
@@ -280,6 +289,14 @@ pub enum ExpectKind {
         min_retransmits: Option<u32>,
         /// Retransmission bounds.
         max_retransmits: Option<u32>,
+    },
+    /// The cause the client's engine diagnosed for a flow whose opening
+    /// got no answer (`FailedConnection::cause`, by its snake_case name).
+    OpenFailure {
+        /// `no_peer_for_address`, `peer_trimmed_never_answered`,
+        /// `no_handshake`, `no_endpoint_reachable`, `peer_rejected` or
+        /// `no_answer_from_service`.
+        cause: String,
     },
     /// An engine counter at the end (one node or the sum over all).
     Counter {

@@ -7,7 +7,7 @@
 use ipnet::IpNet;
 use wgmesh_core::Knobs;
 
-use super::actions::action;
+use super::actions::{action, check_restores};
 use super::ctx::{Ctx, NodeNames, millis, secs};
 use super::expects::{ActionLabels, expect};
 use super::model::{Action, ActionKind, Backend, Churn, Scenario, ScenarioError};
@@ -71,6 +71,7 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
         actions.extend(action(ctx, &names, sa, duration_s)?);
     }
     super::net::check_nat_rebinds(ctx, &nodes, &actions)?;
+    check_restores(ctx, &actions)?;
     let churn = churn(ctx, raw.churn.as_ref(), duration_s)?;
     let labels = action_labels(&actions);
     let expects = raw
@@ -227,6 +228,7 @@ fn nodes(ctx: &Ctx<'_>, raw: &RawScenario) -> Result<(Vec<NodeSpec>, NodeNames),
                 .as_ref()
                 .map(|nat| super::net::nat(ctx, rn.name.get_ref(), nat))
                 .transpose()?,
+            silent_service: rn.silent_service,
         });
     }
     if let Some(count) = raw.node_count {

@@ -111,6 +111,8 @@ pub(super) struct RawNode {
     pub(super) keepalive_s: Option<u16>,
     pub(super) control_delay_ms: Option<f64>,
     pub(super) nat: Option<Spanned<RawNat>>,
+    #[serde(default)]
+    pub(super) silent_service: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,4 +193,5 @@ pub(super) struct RawExpect {
     pub(super) max: Option<u64>,
     pub(super) equals: Option<u64>,
     pub(super) scope: Option<Spanned<String>>,
+    pub(super) cause: Option<Spanned<String>>,
 }

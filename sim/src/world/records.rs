@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use wgmesh_core::{PingKind, PingOutcome};
+use wgmesh_core::{FailedConnection, FailureCause, PingKind, PingOutcome};
 
 use super::address::{FLOW_PORT, FLOW_SOURCE_PORT_BASE, FLOW_SOURCE_PORTS};
 use super::spec::NodeId;
@@ -220,6 +220,44 @@ pub struct FlowRecord {
     /// Segments sent again after a timeout.
     pub retransmits: u32,
     pub(crate) attempt: u32,
+    /// The cause the client's engine diagnosed when the opening got no
+    /// answer (`Event::ConnectionFailed`), the first one if several came.
+    pub open_failure: Option<&'static str>,
+}
+
+/// The names scenario files give the engine's diagnosed causes of a
+/// failed connection, in the order of [`failure_cause_name`].
+pub const FAILURE_CAUSES: [&str; 6] = [
+    "no_peer_for_address",
+    "peer_trimmed_never_answered",
+    "no_handshake",
+    "no_endpoint_reachable",
+    "peer_rejected",
+    "no_answer_from_service",
+];
+
+/// The scenario-file name of a diagnosed cause (one of [`FAILURE_CAUSES`]).
+pub fn failure_cause_name(cause: FailureCause) -> &'static str {
+    match cause {
+        FailureCause::NoPeerForAddress => FAILURE_CAUSES[0],
+        FailureCause::PeerTrimmedNeverAnswered => FAILURE_CAUSES[1],
+        FailureCause::NoHandshake => FAILURE_CAUSES[2],
+        FailureCause::NoEndpointReachable => FAILURE_CAUSES[3],
+        FailureCause::PeerRejected => FAILURE_CAUSES[4],
+        FailureCause::NoAnswerFromService => FAILURE_CAUSES[5],
+    }
+}
+
+/// Records on the flow `failed` belongs to (by the client node and its
+/// addresses) the cause its engine diagnosed; the first one counts.
+pub fn note_open_failure(flows: &mut [FlowRecord], node: usize, failed: &FailedConnection) {
+    if let Some(flow) = flows
+        .iter_mut()
+        .find(|f| f.from.0 == node && f.src == failed.src && f.dst == failed.dst)
+    {
+        flow.open_failure
+            .get_or_insert(failure_cause_name(failed.cause));
+    }
 }
 
 impl FlowRecord {
@@ -250,6 +288,7 @@ impl FlowRecord {
             finished: None,
             retransmits: 0,
             attempt: 0,
+            open_failure: None,
         }
     }
 

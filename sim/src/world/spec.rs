@@ -39,6 +39,9 @@ pub struct NodeSpec {
     pub control_delay: Option<Duration>,
     /// The NAT box in front of this node (`None`: it is reached directly).
     pub nat: Option<NatSpec>,
+    /// Its OS does not answer flows (TCP port 80): a service that hangs, so
+    /// a peer's connection to it fails with the session and paths fine.
+    pub silent_service: bool,
 }
 
 impl NodeSpec {

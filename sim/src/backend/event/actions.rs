@@ -188,10 +188,32 @@ impl Tailnet {
         });
     }
 
+    /// Restarts a node like [`Tailnet::restart`], but its new engine gets
+    /// the disco key it had before its current one (a node restored from a
+    /// snapshot), so its peers see the disco key go back to an earlier
+    /// value. A node that never restarted has no earlier key and gets a new
+    /// one, as in a plain restart (scenario files refuse that case).
+    pub fn restore_disco_key(&mut self, id: NodeId, downtime: Duration) {
+        self.nodes[id.0].restore_disco = true;
+        self.note(
+            Some(id),
+            "restore-disco-key",
+            "the next engine goes back to the previous disco key".into(),
+        );
+        self.restart(id, downtime);
+    }
+
     pub(super) fn bring_up(&mut self, i: usize) {
-        let disco = DiscoPrivateKey::generate(&mut self.key_rng);
+        let restored = std::mem::take(&mut self.nodes[i].restore_disco)
+            .then(|| self.nodes[i].previous_disco.clone())
+            .flatten();
+        let disco = match restored {
+            Some(key) => key,
+            None => DiscoPrivateKey::generate(&mut self.key_rng),
+        };
+        let current = std::mem::replace(&mut self.nodes[i].disco_private, disco.clone());
+        self.nodes[i].previous_disco = Some(current);
         self.nodes[i].disco_public = disco.public_key();
-        self.nodes[i].disco_private = disco;
         self.start_engine(i);
         self.log(
             Some(i),

@@ -16,6 +16,7 @@ use super::queue::SimEvent;
 use super::state::Tailnet;
 use crate::trace::Category;
 use crate::world::EPOCH_SECS;
+use crate::world::records::note_open_failure;
 use crate::world::render::{Rendering, effect_detail, event_line, ms, ping_result_detail};
 
 /// Nesting depth of OS reactions (a reply to a reply ...) before the harness stops.
@@ -209,7 +210,8 @@ impl Tailnet {
             Event::PeerRemoved { .. } => {}
             Event::SessionFlushed { .. } => self.stats.flushes += 1,
             Event::HandshakeCompleted { .. } => self.stats.handshakes += 1,
-            Event::PathChanged { .. } | Event::ConnectionFailed(_) => {}
+            Event::ConnectionFailed(failed) => note_open_failure(&mut self.flows, i, failed),
+            Event::PathChanged { .. } => {}
             // Events added to the (non-exhaustive) enum later count nothing
             // until they are named here; they are still traced below.
             _ => {}

@@ -2,7 +2,8 @@
 //! virtual time.
 //!
 //! Every node is one sans-IO engine. A priority queue ordered by
-//! `(virtual time, sequence number)` holds what is due next: datagram
+//! `(virtual time, phase, sequence number)` (the same-instant order of
+//! `queue`) holds what is due next: datagram
 //! arrivals, control-plane deliveries, engine deadlines from
 //! `Engine::poll_timeout`, restarts and the harness's own traffic timers.
 //! Time jumps straight to the next entry, so idle minutes cost nothing. Every
@@ -21,7 +22,8 @@
 //! The files below follow the harness's concerns: `state` (the nodes, the
 //! records and the run loop), `queue` (what is due), `control` (netmaps),
 //! `engines` (the one door into an engine), `network` (the virtual
-//! network), `os` (each node's operating system), `invariants` (the checks
+//! network), `drops` (datagrams the engine dropped, in the trace), `os`
+//! (each node's operating system), `invariants` (the checks
 //! after every step, with `error_log` counting ERROR logs), `actions` (what
 //! a scenario does) and [`scenario`] (running a scenario file). What the turmoil backend shares
 //! with this one (addresses, netmaps, traffic, records, trace rendering)
@@ -29,6 +31,7 @@
 
 mod actions;
 mod control;
+mod drops;
 mod engines;
 mod error_log;
 mod invariants;

@@ -127,6 +127,7 @@ impl Tailnet {
             "rx",
             format!("<- {from_name} {kind} {size}B"),
         );
+        let drops_before = self.receive_drops_before(j);
         let input = Input::Datagram { from, data: &data };
         if let Some(result) = self.call_engine(j, |engine, now| engine.handle_input(now, input)) {
             if let Err(e) = result {
@@ -134,6 +135,7 @@ impl Tailnet {
             }
             self.recycle(j, data);
         }
+        self.trace_receive_drop(j, drops_before, &from_name, kind, size);
         self.drain(j);
     }
 }

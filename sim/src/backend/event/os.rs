@@ -118,6 +118,10 @@ impl Tailnet {
         let src = SocketAddr::new(h.src, seg.summary.src_port);
         let dst = SocketAddr::new(h.dst, seg.summary.dst_port);
         if dst.port() == FLOW_PORT && self.is_own_address(i, h.dst) {
+            // A silent service takes the segment and never answers.
+            if self.nodes[i].spec.silent_service {
+                return;
+            }
             if let Some(answer) = server_answer(&seg, src, dst) {
                 replies.push(answer);
             }

@@ -75,6 +75,9 @@ fn apply(net: &mut Tailnet, action: &Action, labels: &mut Labels) {
             }
         }
         ActionKind::Restart { node, downtime } => net.restart(NodeId(*node), *downtime),
+        ActionKind::RestoreDiscoKey { node, downtime } => {
+            net.restore_disco_key(NodeId(*node), *downtime)
+        }
         ActionKind::Partition { a, b, one_way } => {
             let a: Vec<NodeId> = a.iter().map(|&i| NodeId(i)).collect();
             let b: Vec<NodeId> = b.iter().map(|&i| NodeId(i)).collect();
@@ -204,6 +207,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
 fn is_control_change(kind: &ActionKind) -> bool {
     match kind {
         ActionKind::Restart { .. }
+        | ActionKind::RestoreDiscoKey { .. }
         | ActionKind::LinkChange { .. }
         | ActionKind::SetAllowedIps { .. }
         | ActionKind::SetPolicy { .. }

@@ -164,6 +164,11 @@ pub(super) struct Node {
     /// The counters of the node's closed engines, added up (a restart
     /// starts the new engine's from zero).
     pub(super) earlier_counters: Vec<(&'static str, u64)>,
+    /// The disco key the node had before its current one, if it restarted.
+    pub(super) previous_disco: Option<DiscoPrivateKey>,
+    /// The pending restart goes back to `previous_disco`
+    /// (`restore_disco_key`) instead of drawing a new key.
+    pub(super) restore_disco: bool,
 }
 
 /// A whole tailnet on the event backend. See the module docs.
@@ -263,6 +268,8 @@ impl Tailnet {
                 activity: vec![None; n],
                 outstanding_pings: 0,
                 earlier_counters: Vec::new(),
+                previous_disco: None,
+                restore_disco: false,
                 spec,
             });
         }

@@ -23,7 +23,7 @@ use crate::evaluate::peer_state;
 use crate::trace::Category;
 use crate::world::address::WG_PORT;
 use crate::world::control::Apply;
-use crate::world::records::Violation;
+use crate::world::records::{Violation, note_open_failure};
 use crate::world::render::{
     Rendering, datagram_kind, effect_detail, event_line, ping_result_detail,
 };
@@ -197,7 +197,18 @@ pub(super) async fn node_host(i: usize, spec: NodeSpec, shared: SharedRef) -> tu
     let (config, engine_seed, port, next_port) = {
         let mut s = lock(&shared);
         if s.incarnation[i] > 0 {
-            s.disco[i] = DiscoPrivateKey::generate(&mut s.key_rng);
+            // A restart draws a new disco key; `restore_disco_key` goes back
+            // to the one before (the event backend does the same, drawing
+            // nothing from the key stream then).
+            let restored = std::mem::take(&mut s.restore_disco[i])
+                .then(|| s.previous_disco[i].clone())
+                .flatten();
+            let disco = match restored {
+                Some(key) => key,
+                None => DiscoPrivateKey::generate(&mut s.key_rng),
+            };
+            let current = std::mem::replace(&mut s.disco[i], disco);
+            s.previous_disco[i] = Some(current);
         }
         s.incarnation[i] += 1;
         let mut config = EngineConfig::new(s.keys[i].clone(), s.disco[i].clone());
@@ -421,6 +432,9 @@ async fn run_cmd(
 async fn events(i: usize, mut rx: tokio::sync::broadcast::Receiver<Event>, shared: SharedRef) {
     while let Ok(event) = rx.recv().await {
         let mut s = lock(&shared);
+        if let Event::ConnectionFailed(failed) = &event {
+            note_open_failure(&mut s.flows, i, failed);
+        }
         let (kind, detail) = event_line(&event, |peer| s.peer_name(peer), Rendering::Compact);
         s.log(Some(i), Category::Engine, kind, detail);
     }

@@ -47,6 +47,10 @@ pub(super) async fn os_receive(
             let src = SocketAddr::new(h.src, seg.summary.src_port);
             let dst = SocketAddr::new(h.dst, seg.summary.dst_port);
             if dst.port() == FLOW_PORT && lock(shared).is_ours(i, h.dst) {
+                // A silent service takes the segment and never answers.
+                if lock(shared).silent_service[i] {
+                    return;
+                }
                 if let Some(reply) = server_answer(&seg, src, dst) {
                     let _ = to_engine.send(reply).await;
                 }

@@ -190,6 +190,20 @@ impl<'a> Outer<'a> {
         }
     }
 
+    /// Restarts `node` at `now`: its engine closes, and `Sim::bounce`
+    /// brings it back after `downtime`.
+    fn restart(&mut self, node: usize, downtime: Duration, now: Duration) {
+        let mut s = lock(&self.shared);
+        s.log(Some(node), Category::Action, "restart", String::new());
+        s.client_killed(node);
+        drop(s);
+        send(&self.shared, node, Cmd::Close);
+        // Until it is back, commands to the node are lost (the old agent
+        // would hand them to a closed driver).
+        lock(&self.shared).cmds[node] = None;
+        self.bounces.push((now + downtime, now, node));
+    }
+
     /// Applies one scenario action at `now`.
     pub(super) fn apply(&mut self, action: &Action, now: Duration) {
         match &action.kind {
@@ -276,16 +290,18 @@ impl<'a> Outer<'a> {
                     },
                 );
             }
-            ActionKind::Restart { node, downtime } => {
+            ActionKind::Restart { node, downtime } => self.restart(*node, *downtime, now),
+            ActionKind::RestoreDiscoKey { node, downtime } => {
                 let mut s = lock(&self.shared);
-                s.log(Some(*node), Category::Action, "restart", String::new());
-                s.client_killed(*node);
+                s.restore_disco[*node] = true;
+                s.log(
+                    Some(*node),
+                    Category::Action,
+                    "restore-disco-key",
+                    "the next engine goes back to the previous disco key".into(),
+                );
                 drop(s);
-                send(&self.shared, *node, Cmd::Close);
-                // Until it is back, commands to the node are lost (the old
-                // agent would hand them to a closed driver).
-                lock(&self.shared).cmds[*node] = None;
-                self.bounces.push((now + *downtime, now, *node));
+                self.restart(*node, *downtime, now);
             }
             ActionKind::Partition { a, b, one_way } => {
                 for &i in a {

@@ -53,6 +53,11 @@ pub(super) struct Shared {
     pub(super) names: Vec<String>,
     pub(super) keys: Vec<NodePrivateKey>,
     pub(super) disco: Vec<DiscoPrivateKey>,
+    /// Each node's disco key before its current one, if it restarted.
+    pub(super) previous_disco: Vec<Option<DiscoPrivateKey>>,
+    /// Nodes whose next start goes back to `previous_disco`
+    /// (`restore_disco_key`) instead of drawing a new key.
+    pub(super) restore_disco: Vec<bool>,
     pub(super) incarnation: Vec<u64>,
     /// When each node's current incarnation came up (or will come up after
     /// a restart's downtime): control learns its new disco key from then.
@@ -81,6 +86,8 @@ pub(super) struct Shared {
     pub(super) next_ports: Vec<Arc<AtomicU16>>,
     pub(super) pending_move: Vec<Option<u16>>,
     pub(super) subnets: Vec<Vec<IpNet>>,
+    /// Nodes whose OS never answers flows (`silent_service`).
+    pub(super) silent_service: Vec<bool>,
     pub(super) flows: Vec<FlowRecord>,
     /// Flow timers the hosts started (a flow that moved on to its request),
     /// for the outer loop to take.
