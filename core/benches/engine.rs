@@ -143,6 +143,46 @@ fn engine_encrypt(p: &mut Engines, pkt: &[u8]) -> (f64, f64) {
     (ns, (allocations() - allocs) as f64 / PACKETS as f64)
 }
 
+/// Packets per burst in the burst measurement: the daemon's driver hands
+/// the TUN's packets over in bursts of up to 16.
+const BURST: usize = 16;
+
+/// Engine: TUN packets -> datagrams in bursts of [`BURST`]
+/// (`Engine::handle_tun_burst`), ns per packet and allocations per packet.
+fn engine_encrypt_burst(p: &mut Engines, pkt: &[u8]) -> (f64, f64) {
+    let mut now = p.now;
+    let allocs = allocations();
+    let mut sent = 0usize;
+    let start = Instant::now();
+    for _ in 0..PACKETS / BURST {
+        now += Duration::from_micros(BURST as u64);
+        let mut left = BURST;
+        p.a.handle_tun_burst(now, &mut |handle| {
+            if left == 0 {
+                return false;
+            }
+            left -= 1;
+            handle(pkt);
+            true
+        });
+        while let Some(out) = p.a.poll_output() {
+            if let Output::Transmit(t) = out {
+                sent += usize::from(t.data.first() == Some(&4));
+                black_box(&t.data);
+                p.a.recycle(t.data);
+            }
+        }
+    }
+    let packets = PACKETS / BURST * BURST;
+    let ns = start.elapsed().as_nanos() as f64 / packets as f64;
+    assert_eq!(
+        sent, packets,
+        "every packet became exactly one data datagram"
+    );
+    p.now = now;
+    (ns, (allocations() - allocs) as f64 / packets as f64)
+}
+
 /// Engine: datagram -> TUN packet.
 fn engine_decrypt(p: &mut Engines, datagrams: &[Vec<u8>]) -> (f64, f64) {
     let mut now = p.now;
@@ -366,6 +406,8 @@ fn main() {
     let mut enc_ratio = Vec::new();
     let mut dec_ratio = Vec::new();
     let mut eng_enc = Vec::new();
+    let mut eng_burst = Vec::new();
+    let mut burst_ratio = Vec::new();
     let mut eng_dec = Vec::new();
     let mut bare_enc = Vec::new();
     let mut bare_dec = Vec::new();
@@ -376,6 +418,8 @@ fn main() {
         let (ns, al) = engine_encrypt(&mut e, &pkt);
         eng_enc.push(ns);
         allocs.0 = al;
+        let (ns, _) = engine_encrypt_burst(&mut e, &pkt);
+        eng_burst.push(ns);
         let dgrams = make_datagrams(&mut e, &pkt);
         let (ns, al) = engine_decrypt(&mut e, &dgrams);
         eng_dec.push(ns);
@@ -387,6 +431,7 @@ fn main() {
         let b_dec = bare_decrypt(&mut bare, &bd, &mut buf);
         bare_dec.push(b_dec);
         enc_ratio.push(eng_enc.last().unwrap() / b_enc);
+        burst_ratio.push(eng_burst.last().unwrap() / b_enc);
         dec_ratio.push(eng_dec.last().unwrap() / b_dec);
     }
     let (e_enc, e_dec, b_enc, b_dec) = (
@@ -399,6 +444,11 @@ fn main() {
     println!(
         "  TUN -> datagram: engine {e_enc:.0} ns, bare boringtun {b_enc:.0} ns, ratio {:.3}",
         median(enc_ratio.clone())
+    );
+    println!(
+        "  TUN -> datagram, bursts of {BURST}: engine {:.0} ns, ratio {:.3}",
+        median(eng_burst),
+        median(burst_ratio)
     );
     println!(
         "  datagram -> TUN: engine {e_dec:.0} ns, bare boringtun {b_dec:.0} ns, ratio {:.3}",

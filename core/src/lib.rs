@@ -82,7 +82,7 @@ pub use config::{
     TestingKnobs, ValidReconfig, WgConfig,
 };
 pub use counters::Counters;
-pub use engine::{Engine, PeerForIpError, PeerTimer, TimeoutReason};
+pub use engine::{Engine, PeerForIpError, PeerTimer, TimeoutReason, TunBurstSource};
 pub use filter::PacketFilter;
 pub use keys::{DiscoPrivateKey, DiscoPublicKey, NodePrivateKey, NodePublicKey};
 pub use limits::{

@@ -226,6 +226,26 @@ impl Net {
         r
     }
 
+    /// Feeds `packets` to node `i` as one TUN burst
+    /// ([`Engine::handle_tun_burst`]) and drains its outputs into the
+    /// network. Returns how many packets the engine took.
+    pub fn tun_burst(&mut self, i: usize, packets: &[Vec<u8>]) -> usize {
+        self.enter_wall_clock();
+        let now = self.now;
+        let mut rest = packets.iter();
+        let taken = self.nodes[i]
+            .engine
+            .handle_tun_burst(now, &mut |handle| match rest.next() {
+                Some(packet) => {
+                    handle(packet);
+                    true
+                }
+                None => false,
+            });
+        self.drain(i);
+        taken
+    }
+
     /// Sends a UDP packet from node `from` to `dst` through its TUN.
     pub fn send_udp(&mut self, from: usize, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
         let src = if dst.is_ipv4() {

@@ -55,6 +55,12 @@ impl PathMtuState {
         }
     }
 
+    /// Whether any path narrower than its link is known: TUN packets must
+    /// then be drained one at a time (see [`PathMtuState::note_tun_packet`]).
+    pub(super) fn narrow_path_known(&self) -> bool {
+        self.floor.is_some()
+    }
+
     /// The engine's output for the last TUN packet has been drained.
     pub(super) fn forget_held(&mut self) {
         self.held_valid = false;

@@ -229,10 +229,24 @@ where
                     // datagrams. The rest are handed over where the
                     // device holds them when it lends its buffers (no copy
                     // into `tun_buf`).
-                    tun_packet_in(&mut engine, &mut exec, now, &tun_buf[..first]);
+                    //
+                    // While no narrow path is known, the packets go to the
+                    // engine as one burst (one timer update per peer, one
+                    // route lookup per run of a destination) and the
+                    // datagrams are drained once. Once one is, each packet
+                    // is drained before the next, so a datagram the socket
+                    // refuses as too big is traced to its packet (see
+                    // `pmtu.rs`).
+                    let mut handed = 1;
+                    if exec.pmtu.narrow_path_known() {
+                        tun_packet_in(&mut engine, &mut exec, now, &tun_buf[..first]);
+                    } else {
+                        handed =
+                            tun_burst_in(&mut engine, &mut exec, &mut tun, now, &tun_buf[..first]);
+                    }
                     exec.drain(&mut engine, now, &mut tun, &mut socket, &mut sink)
                         .await?;
-                    for _ in 1..MAX_BURST {
+                    for _ in handed..MAX_BURST {
                         let lent = tun.with_buffered(&mut |packet| {
                             tun_packet_in(&mut engine, &mut exec, now, packet);
                         });
@@ -365,6 +379,39 @@ fn tun_packet_in(engine: &mut Engine, exec: &mut Executor, now: Instant, packet:
     }
     exec.pmtu.note_tun_packet(packet);
     let _ = engine.handle_input(now, Input::TunPacket(packet));
+}
+
+/// The packet read from the TUN and the rest of the device's in-memory
+/// batch it lends, up to [`MAX_BURST`] packets, into the engine as one
+/// burst ([`Engine::handle_tun_burst`]), and into the flow log. Returns how
+/// many packets were handed over.
+fn tun_burst_in<T: TunDevice>(
+    engine: &mut Engine,
+    exec: &mut Executor,
+    tun: &mut T,
+    now: Instant,
+    first: &[u8],
+) -> usize {
+    let flows = &mut exec.flows;
+    let mut first = Some(first);
+    let mut handed = 0;
+    engine.handle_tun_burst(now, &mut |handle| {
+        let mut take = |packet: &[u8]| {
+            trace!(len = packet.len(), "TUN packet in");
+            if let Some(flows) = flows.as_mut() {
+                flows.add(true, packet);
+            }
+            handle(packet);
+        };
+        if let Some(packet) = first.take() {
+            take(packet);
+        } else if handed >= MAX_BURST || !tun.with_buffered(&mut take) {
+            return false;
+        }
+        handed += 1;
+        true
+    });
+    handed
 }
 
 /// The pending sleep of the loop.

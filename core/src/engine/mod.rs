@@ -45,6 +45,11 @@ pub use timer::{PeerTimer, TimeoutReason};
 
 pub use pings::PeerForIpError;
 
+/// Where [`Engine::handle_tun_burst`] takes its packets from: called until
+/// it returns `false`, each call hands at most one packet to the function
+/// it is given.
+pub type TunBurstSource<'a> = dyn FnMut(&mut dyn FnMut(&[u8])) -> bool + 'a;
+
 /// One tailnet node: WireGuard sessions, lazy peers, pings, routes and DNS,
 /// as a deterministic state machine with no I/O.
 ///
@@ -147,6 +152,9 @@ pub struct Engine {
     timers: TimerQueue,
     outputs: VecDeque<Output>,
     buffers: Buffers,
+    /// The bookkeeping of the TUN burst being handled (kept between bursts
+    /// for its allocation); see [`Engine::handle_tun_burst`].
+    burst: outbound::TunBurst,
 
     pings: PendingPings,
     opens: PendingOpens,
@@ -206,6 +214,7 @@ impl Engine {
             timers: TimerQueue::default(),
             outputs: VecDeque::new(),
             buffers: Buffers::new(),
+            burst: outbound::TunBurst::default(),
             pings: PendingPings::default(),
             opens: PendingOpens::default(),
             disco,
@@ -387,6 +396,38 @@ impl Engine {
             Input::Close => self.close(),
         }
         Ok(InputOutcome::Done)
+    }
+
+    /// Feeds a burst of packets read from the TUN at one instant: the same
+    /// as one [`Input::TunPacket`] per packet, in order, with the per-packet
+    /// bookkeeping done once per burst per peer instead (the peer lookup
+    /// is remembered while the destination stays the same; send activity,
+    /// WireGuard's timer refresh and the rescheduling of the peer's timer
+    /// happen for the first packet to each peer and once at the end).
+    ///
+    /// `next` is called until it returns `false`; each call hands at most
+    /// one packet to the function it is given (a device lends its buffers
+    /// that way, without copying them into a list). Returns how many
+    /// packets were handed in. Drain [`Engine::poll_output`] afterwards.
+    pub fn handle_tun_burst(&mut self, now: Instant, next: &mut TunBurstSource<'_>) -> usize {
+        let _span = self.span.clone().entered();
+        self.advance(now);
+        let mut burst = std::mem::take(&mut self.burst);
+        burst.clear();
+        let mut count = 0;
+        while next(&mut |packet: &[u8]| {
+            count += 1;
+            if self.closed {
+                self.counters.drop_closed += 1;
+            } else {
+                self.handle_tun_packet_in_burst(now, packet, &mut burst);
+            }
+        }) {}
+        for &slot in &burst.touched {
+            self.reschedule_peer(slot);
+        }
+        self.burst = burst;
+        count
     }
 
     /// Runs every timer due at `now`. Idempotent; early calls do nothing.

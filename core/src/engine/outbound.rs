@@ -13,8 +13,44 @@ use crate::api::*;
 use crate::limits::*;
 use crate::wire;
 
+/// What one burst of TUN packets ([`Engine::handle_tun_burst`]) has done
+/// so far: the peers it sent to (their timers are refreshed once, at the
+/// first packet, and rescheduled once, at the end) and the last route
+/// looked up.
+#[derive(Debug, Default)]
+pub(crate) struct TunBurst {
+    /// Peers sent to in this burst, in the order first sent to.
+    pub(super) touched: Vec<PeerSlot>,
+    /// The last destination looked up and its peer.
+    last_route: Option<(IpAddr, Option<PeerSlot>)>,
+}
+
+impl TunBurst {
+    /// Ready for a new burst (the list keeps its allocation).
+    pub(super) fn clear(&mut self) {
+        self.touched.clear();
+        self.last_route = None;
+    }
+}
+
 impl Engine {
     pub(super) fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.tun_packet(now, packet, None);
+    }
+
+    /// One packet of a burst (see [`Engine::handle_tun_burst`]).
+    pub(super) fn handle_tun_packet_in_burst(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        burst: &mut TunBurst,
+    ) {
+        self.tun_packet(now, packet, Some(burst));
+    }
+
+    /// One packet from the TUN, alone (`burst` is `None`: every step for
+    /// this packet) or as part of a burst.
+    fn tun_packet(&mut self, now: Instant, packet: &[u8], mut burst: Option<&mut TunBurst>) {
         self.counters.tun_packets_in += 1;
         let header = match wire::ip::IpHeader::parse(packet) {
             Ok(h) => h,
@@ -41,7 +77,20 @@ impl Engine {
             self.outputs.push_back(Output::TunWrite(buf));
             return;
         }
-        let route = self.routes.lookup(header.dst).map(|(_, slot)| slot);
+        // Within a burst the routes cannot change, so a run of packets to
+        // one destination is looked up once.
+        let route = match burst.as_deref_mut() {
+            Some(TunBurst {
+                last_route: Some((dst, slot)),
+                ..
+            }) if *dst == header.dst => *slot,
+            Some(burst) => {
+                let slot = self.routes.lookup(header.dst).map(|(_, slot)| slot);
+                burst.last_route = Some((header.dst, slot));
+                slot
+            }
+            None => self.routes.lookup(header.dst).map(|(_, slot)| slot),
+        };
         if header.protocol == wire::ip::PROTO_TCP {
             if let Some(tcp) = wire::tcp::parse(&header, packet) {
                 if tcp.is_syn_only() {
@@ -61,8 +110,28 @@ impl Engine {
         };
         self.conntrack.note_outbound(now, &header, packet);
         self.sync_conntrack_counters();
-        self.note_send_activity(now, slot, header.dst);
-        self.send_to_peer(now, slot, packet);
+        match burst {
+            None => {
+                self.note_send_activity(now, slot, header.dst);
+                self.send_to_peer(now, slot, packet);
+            }
+            Some(burst) => {
+                // The first packet to a peer in the burst does what a lone
+                // packet does; the next ones, at the same instant, would
+                // find nothing more to record (activity is recorded with a
+                // granularity, timers refreshed at the same instant have
+                // nothing new to do), except that a peer removed from
+                // WireGuard meanwhile is woken again.
+                let first = !burst.touched.contains(&slot);
+                if first || self.peers[slot].wg.is_none() {
+                    self.note_send_activity(now, slot, header.dst);
+                }
+                if first {
+                    burst.touched.push(slot);
+                }
+                self.send_to_peer_unscheduled(now, slot, packet, first);
+            }
+        }
     }
 
     /// Copies the connection-tracking table's counters into the engine's.
@@ -113,9 +182,27 @@ impl Engine {
     /// stages it until a session exists. The caller has made sure the peer
     /// is in WireGuard (woken if needed).
     pub(super) fn send_to_peer(&mut self, now: Instant, slot: PeerSlot, packet: &[u8]) {
-        self.refresh_peer_timers(now, slot);
+        if self.send_to_peer_unscheduled(now, slot, packet, true) {
+            self.reschedule_peer(slot);
+        }
+    }
+
+    /// [`Engine::send_to_peer`] without rescheduling the peer's timer (a
+    /// burst does that once at its end), refreshing WireGuard's timers
+    /// first only when `refresh` says. Returns false when the peer is not
+    /// in WireGuard (nothing was done).
+    fn send_to_peer_unscheduled(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        packet: &[u8],
+        refresh: bool,
+    ) -> bool {
+        if refresh {
+            self.refresh_peer_timers(now, slot);
+        }
         let Some(wg) = self.peers[slot].wg.as_mut() else {
-            return;
+            return false;
         };
         wg.timers.on_outbound_packet();
         if wg.staged.is_empty() && Self::can_send_data(wg, now) {
@@ -125,7 +212,7 @@ impl Engine {
             self.start_handshake_if_allowed(now, slot);
             self.drain_staged(now, slot);
         }
-        self.reschedule_peer(slot);
+        true
     }
 
     /// Encrypts one packet on the current session and transmits it.

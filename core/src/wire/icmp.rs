@@ -522,5 +522,39 @@ mod tests {
             let mut out = Vec::new();
             let _ = echo_reply_for(&bytes, &mut out);
         }
+
+        /// Any bytes: no panic; an answer, when there is one, is a valid
+        /// ICMP message back to the packet's source quoting its start.
+        #[test]
+        fn too_big_answers_are_well_formed(
+            raw in proptest::collection::vec(any::<u8>(), 0..1600),
+            well_formed in any::<bool>(),
+            v6 in any::<bool>(),
+            protocol in prop_oneof![Just(PROTO_ICMP), Just(PROTO_ICMPV6), Just(ip::PROTO_TCP), any::<u8>()],
+            mtu in any::<u16>(),
+        ) {
+            // Half the cases are real packets (with the random bytes as
+            // their payload), so answers are made and checked.
+            let mut bytes = raw.clone();
+            if well_formed {
+                let (src, dst) = if v6 {
+                    (IpAddr::V6(Ipv6Addr::LOCALHOST), "fd7a:115c:a1e0::2".parse().unwrap())
+                } else {
+                    (IpAddr::V4(Ipv4Addr::LOCALHOST), v4("100.64.0.2"))
+                };
+                ip::emit_packet(src, dst, protocol, &raw, &mut bytes).unwrap();
+            }
+            let mut out = Vec::new();
+            if emit_too_big(&bytes, mtu, &mut out).is_some() {
+                let asked = IpHeader::parse(&bytes).unwrap();
+                let answer = IpHeader::parse(&out).unwrap();
+                prop_assert_eq!((answer.src, answer.dst), (asked.dst, asked.src));
+                prop_assert!(verify_checksum(&answer, &out));
+                let limit = if answer.is_ipv4() { ICMPV4_ERROR_MAX } else { ICMPV6_ERROR_MAX };
+                prop_assert!(out.len() <= limit);
+                let quote = &out[answer.header_len + TOO_BIG_HEADER_LEN..];
+                prop_assert_eq!(quote, &bytes[..quote.len()]);
+            }
+        }
     }
 }
