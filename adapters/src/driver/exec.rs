@@ -179,6 +179,9 @@ impl Executor {
                 }
                 let _ = reply.send(result);
             }
+            Control::SetRelay { settings, reply } => {
+                let _ = reply.send(socket.set_relay(settings));
+            }
             Control::SetLocalEndpoints { endpoints, reply } => {
                 let result = engine
                     .handle_input(now, Input::SetLocalEndpoints(endpoints.clone()))
