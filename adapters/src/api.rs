@@ -218,6 +218,10 @@ pub struct PingView {
     pub node_ip: Option<String>,
     /// The UDP path (disco).
     pub endpoint: Option<String>,
+    /// True when that path is the peer's relayed address (its TURN
+    /// allocation), not a direct one.
+    #[serde(default)]
+    pub via_relay: bool,
     /// The PeerAPI port (TSMP).
     pub peerapi_port: Option<u16>,
     /// The error message.
@@ -342,6 +346,7 @@ impl PingView {
                 let name = self.node_name.as_deref().unwrap_or("?");
                 let ip = self.node_ip.as_deref().unwrap_or(&self.ip);
                 let via = match (self.kind.as_str(), &self.endpoint, self.peerapi_port) {
+                    ("disco", Some(endpoint), _) if self.via_relay => format!("relay {endpoint}"),
                     ("disco", Some(endpoint), _) => endpoint.clone(),
                     ("tsmp", _, Some(port)) => format!("TSMP (peerapi port {port})"),
                     (kind, _, _) => kind.to_uppercase(),
@@ -560,7 +565,23 @@ impl ApiContext {
                 };
                 match self.handle.ping(ip, kind, size).await {
                     Ok(result) => {
-                        let view = PingView::from_result(&result);
+                        let mut view = PingView::from_result(&result);
+                        // A pong over a peer's relayed address answered
+                        // through the relay, not directly.
+                        if let (
+                            PingOutcome::Pong {
+                                endpoint: Some(endpoint),
+                                node_key,
+                                ..
+                            },
+                            Ok(Some(nat)),
+                        ) = (&result.outcome, self.handle.nat_settings().await)
+                        {
+                            view.via_relay = nat
+                                .peer_relays
+                                .iter()
+                                .any(|r| r.peer == *node_key && r.addr == *endpoint);
+                        }
                         ApiResponse {
                             ok: view.outcome == "pong",
                             error: view.error.clone(),
@@ -1268,8 +1289,17 @@ mod tests {
         );
         let timeout = PingView {
             outcome: "timeout".into(),
-            ..view
+            ..view.clone()
         };
+        let relayed = PingView {
+            endpoint: Some("198.51.100.1:49170".into()),
+            via_relay: true,
+            ..view.clone()
+        };
+        assert_eq!(
+            relayed.line(),
+            "pong from b (100.64.0.2) via relay 198.51.100.1:49170 in 1.50ms"
+        );
         assert_eq!(
             timeout.line(),
             "timeout waiting for disco pong from 100.64.0.2"

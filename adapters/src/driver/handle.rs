@@ -88,6 +88,11 @@ pub enum Control {
         /// Refused when malformed; the old ones stay.
         reply: oneshot::Sender<Result<(), InputError>>,
     },
+    /// The NAT settings the engine last accepted.
+    NatSettings {
+        /// `None` before any were set.
+        reply: oneshot::Sender<Option<NatConfig>>,
+    },
     /// Start, change or stop the socket's TURN relay.
     SetRelay {
         /// The server and credentials; `None` stops the relay.
@@ -132,6 +137,7 @@ impl std::fmt::Debug for Control {
             Control::Replace { engine, .. } => write!(f, "Replace({:?})", engine.node_key()),
             Control::SetNat { config, .. } => write!(f, "SetNat({config:?})"),
             Control::SetRelay { settings, .. } => write!(f, "SetRelay({settings:?})"),
+            Control::NatSettings { .. } => write!(f, "NatSettings"),
             Control::SetLocalEndpoints { endpoints, .. } => {
                 write!(f, "SetLocalEndpoints({endpoints:?})")
             }
@@ -242,6 +248,13 @@ impl DriverHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Control::SetNat { config, reply }).await?;
         Ok(rx.await.map_err(|_| RequestError::Stopped)??)
+    }
+
+    /// The NAT settings the engine last accepted (`None` before any).
+    pub async fn nat_settings(&self) -> Result<Option<NatConfig>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::NatSettings { reply }).await?;
+        rx.await.map_err(|_| RequestError::Stopped)
     }
 
     /// Starts, changes (new server, fresh credentials) or stops (`None`)
