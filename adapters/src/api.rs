@@ -189,6 +189,10 @@ pub struct PeerView {
     /// True when that endpoint is the peer's relay (no direct path answers).
     #[serde(default)]
     pub via_relay: bool,
+    /// The peer's relayed address (its TURN allocation), when this node
+    /// knows one: the fallback path while no direct one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// Last handshake as Unix seconds.
     pub last_handshake_unix: Option<u64>,
     /// Seconds since the last handshake.
@@ -243,6 +247,7 @@ impl StatusView {
                 configured: p.configured,
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 via_relay: p.via_relay,
+                relay: None,
                 last_handshake_unix: p
                     .last_handshake_ago
                     .and_then(|ago| wall.checked_sub(ago))
@@ -541,14 +546,28 @@ impl ApiContext {
     pub async fn answer(&self, request: ApiRequest) -> ApiResponse {
         match request {
             ApiRequest::Status => match self.handle.status().await {
-                Ok(status) => ApiResponse {
-                    ok: true,
-                    status: Some(StatusView {
+                Ok(status) => {
+                    let mut view = StatusView {
                         control: self.control_view(),
                         ..StatusView::from_status(&self.interface, &status)
-                    }),
-                    ..ApiResponse::default()
-                },
+                    };
+                    // Each peer's relay candidate, from the NAT settings the
+                    // engine holds (control's push or the static config).
+                    if let Ok(Some(nat)) = self.handle.nat_settings().await {
+                        for (peer, status) in view.peers.iter_mut().zip(&status.peers) {
+                            peer.relay = nat
+                                .peer_relays
+                                .iter()
+                                .find(|r| r.peer == status.node_key)
+                                .map(|r| r.addr.to_string());
+                        }
+                    }
+                    ApiResponse {
+                        ok: true,
+                        status: Some(view),
+                        ..ApiResponse::default()
+                    }
+                }
                 Err(e) => ApiResponse::error(e.to_string()),
             },
             ApiRequest::Metrics => match self.metrics().await {
