@@ -149,12 +149,21 @@ simple-log
 log-file=$TMP/turnserver.log
 pidfile=$TMP/turnserver.pid
 CONF
-ip netns exec "$NS_INET" turnserver -c "$TMP/turnserver.conf" >"$TMP/turnserver.out" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 50); do
-    ip netns exec "$NS_INET" ss -Hlnu "sport = :3478" 2>/dev/null | grep -q "$SERVER" && break
-    sleep 0.1
-done
+start_turn() { # config
+    ip netns exec "$NS_INET" turnserver -c "$1" >>"$TMP/turnserver.out" 2>&1 &
+    PIDS+=($!)
+    TURN_PID=$!
+    for _ in $(seq 50); do
+        ip netns exec "$NS_INET" ss -Hlnu "sport = :3478" 2>/dev/null | grep -q "$SERVER" && return 0
+        sleep 0.1
+    done
+}
+stop_turn() {
+    kill -TERM "$TURN_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$TURN_PID" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$TURN_PID" 2>/dev/null || true
+}
+start_turn "$TMP/turnserver.conf"
 
 
 # The control server issues the NAT settings: STUN on coturn, TURN on
@@ -470,6 +479,34 @@ tcp_over_relay() {
     transfer "$NS_A" "$NS_B" "$ADDR_B" "symmetric NAT, relay A->B"
 }
 check "symmetric NAT: TCP transfer over the relay arrives intact (sha256)" tcp_over_relay
+
+# 6. Credentials the TURN server rejects: coturn restarts with another
+# secret, so control's credentials fail with 401. B (restarted) counts and
+# logs the rejection and reopens its map stream for fresh credentials; once
+# coturn has the right secret again, B holds an allocation again with no
+# restart or config change.
+sed "s/^static-auth-secret=.*/static-auth-secret=not-the-control-servers/" "$TMP/turnserver.conf" >"$TMP/turnserver-wrong.conf"
+rejected_then_refetched() {
+    stop_turn
+    start_turn "$TMP/turnserver-wrong.conf" || return 1
+    stop b
+    start "$NS_B" b || return 1
+    for _ in $(seq 300); do
+        grep -q "reopening the stream for fresh ones" "$TMP/b.log" && break
+        sleep 0.1
+    done
+    grep -E "TURN allocation refused.*credentials rejected" "$TMP/b.log" | tail -1 || { echo "no rejection logged"; return 1; }
+    grep "reopening the stream for fresh ones" "$TMP/b.log" | tail -1 || { echo "no re-fetch"; return 1; }
+    [ -z "$(field b relay)" ] || { echo "B holds an allocation coturn should refuse"; return 1; }
+    stop_turn
+    start_turn "$TMP/turnserver.conf" || return 1
+    local t0 t1 rb
+    t0=$(date +%s.%N)
+    rb=$(wait_field b relay 400) || { echo "B holds no allocation after coturn got the right secret back"; return 1; }
+    t1=$(date +%s.%N)
+    echo "credentials rejected, re-fetched; allocation $rb $(python3 -c "print(f'{$t1 - $t0:.1f}')") s after coturn got the right secret back" >&3
+}
+check "credentials the TURN server rejects (401) are counted, logged and fetched again from control" rejected_then_refetched
 
 echo "$PASSED passed, $FAILED failed, $SKIPPED skipped"
 if [ "$FAILED" -gt 0 ]; then

@@ -440,8 +440,7 @@ impl ControlClient {
                     return Err(StreamEnd::Refused(e));
                 }
                 if touches_nat {
-                    let snapshot = current.clone();
-                    self.apply_nat(&snapshot).await;
+                    self.apply_nat(current).await;
                 }
                 debug!(seq, "netmap delta applied");
                 let peers = current.peers.len();
