@@ -242,6 +242,10 @@ struct Relay {
     /// The credentials in use expire soon and no newer ones arrived (logged
     /// once per set).
     waiting_for_credentials: bool,
+    /// 401/441 answers during the current allocation attempt: the first is
+    /// the server's challenge (realm and nonce), a second one rejects the
+    /// credentials.
+    unauthorized_answers: u32,
     monitor: Arc<RelayMonitor>,
 }
 
@@ -269,6 +273,7 @@ impl Relay {
             counters: RelayCounters::default(),
             last_error: None,
             waiting_for_credentials: false,
+            unauthorized_answers: 0,
             monitor,
         };
         relay.pump(now);
@@ -305,6 +310,7 @@ impl Relay {
         self.retry_at = None;
         self.last_error = None;
         self.waiting_for_credentials = false;
+        self.unauthorized_answers = 0;
         self.pump(now);
     }
 
@@ -493,7 +499,25 @@ impl Relay {
                 _ => {}
             }
             debug!(server = %from, code, reason, "TURN error answer");
+            let unauthorized =
+                code == ErrorCode::UNAUTHORIZED || code == ErrorCode::WRONG_CREDENTIALS;
             self.last_error = Some((code, reason));
+            if unauthorized && self.relayed.is_none() && self.retry_at.is_none() {
+                self.unauthorized_answers += 1;
+                // `turn-client-proto` does not act on an error answer
+                // without message integrity (coturn sends those to a user
+                // it cannot check) and keeps retransmitting; a second 401
+                // after the challenge is the server's verdict on the
+                // credentials, so the attempt ends here.
+                if self.unauthorized_answers >= 2 {
+                    self.counters.allocation_failures += 1;
+                    let reason = self.failure_reason();
+                    warn!(server = %self.settings.server, code, reason, retry_secs = RELAY_RETRY.as_secs(), "TURN allocation refused");
+                    self.retry_at = Some(now + RELAY_RETRY);
+                    self.wake = self.retry_at;
+                    return Received::Consumed;
+                }
+            }
         }
         let at = self.turn_time(now);
         let transmit = Transmit::new(data, TransportType::Udp, from, self.local);
@@ -862,5 +886,40 @@ mod tests {
                 .credentials
                 .newer_than(SystemTime::now() + Duration::from_secs(60))
         );
+    }
+
+    #[test]
+    fn a_second_401_after_the_challenge_ends_the_attempt_as_rejected_credentials() {
+        let monitor = Arc::new(RelayMonitor::default());
+        let now = Instant::now();
+        let settings = issued(Duration::from_secs(3600));
+        let server = settings.server;
+        let mut relay = Relay::new(
+            settings,
+            "127.0.0.1:41641".parse().unwrap(),
+            now,
+            Arc::clone(&monitor),
+        );
+        let answer = error_response(401, "Unauthorized");
+        let _ = relay.receive(&answer, server, now);
+        assert_eq!(
+            monitor.credentials_rejected(),
+            0,
+            "the first 401 is the challenge"
+        );
+        assert!(relay.retry_at.is_none());
+        let _ = relay.receive(&answer, server, now);
+        assert_eq!(monitor.credentials_rejected(), 1);
+        assert_eq!(relay.counters.allocation_failures, 1);
+        assert_eq!(relay.retry_at, Some(now + RELAY_RETRY));
+        // More of the same while waiting to retry count nothing more.
+        let _ = relay.receive(&answer, server, now);
+        assert_eq!(monitor.credentials_rejected(), 1);
+        // An answer from anyone else is not the server's.
+        let stranger: SocketAddr = "127.0.0.9:3478".parse().unwrap();
+        assert!(matches!(
+            relay.receive(&answer, stranger, now),
+            Received::Pass
+        ));
     }
 }

@@ -491,7 +491,9 @@ rejected_then_refetched() {
     start_turn "$TMP/turnserver-wrong.conf" || return 1
     stop b
     start "$NS_B" b || return 1
-    for _ in $(seq 300); do
+    # The second 401 (after the challenge) ends the attempt at once; the
+    # control client sees it on its next 10 s check. Bounded at 70 s.
+    for _ in $(seq 700); do
         grep -q "reopening the stream for fresh ones" "$TMP/b.log" && break
         sleep 0.1
     done
