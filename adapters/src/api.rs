@@ -189,6 +189,10 @@ pub struct PeerView {
     /// True when that endpoint is the peer's relay (no direct path answers).
     #[serde(default)]
     pub via_relay: bool,
+    /// The peer's relayed address (its TURN allocation), when this node
+    /// knows one: the fallback path while no direct one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// Last handshake as Unix seconds.
     pub last_handshake_unix: Option<u64>,
     /// Seconds since the last handshake.
@@ -218,6 +222,10 @@ pub struct PingView {
     pub node_ip: Option<String>,
     /// The UDP path (disco).
     pub endpoint: Option<String>,
+    /// True when that path is the peer's relayed address (its TURN
+    /// allocation), not a direct one.
+    #[serde(default)]
+    pub via_relay: bool,
     /// The PeerAPI port (TSMP).
     pub peerapi_port: Option<u16>,
     /// The error message.
@@ -239,6 +247,7 @@ impl StatusView {
                 configured: p.configured,
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 via_relay: p.via_relay,
+                relay: None,
                 last_handshake_unix: p
                     .last_handshake_ago
                     .and_then(|ago| wall.checked_sub(ago))
@@ -342,6 +351,7 @@ impl PingView {
                 let name = self.node_name.as_deref().unwrap_or("?");
                 let ip = self.node_ip.as_deref().unwrap_or(&self.ip);
                 let via = match (self.kind.as_str(), &self.endpoint, self.peerapi_port) {
+                    ("disco", Some(endpoint), _) if self.via_relay => format!("relay {endpoint}"),
                     ("disco", Some(endpoint), _) => endpoint.clone(),
                     ("tsmp", _, Some(port)) => format!("TSMP (peerapi port {port})"),
                     (kind, _, _) => kind.to_uppercase(),
@@ -536,14 +546,28 @@ impl ApiContext {
     pub async fn answer(&self, request: ApiRequest) -> ApiResponse {
         match request {
             ApiRequest::Status => match self.handle.status().await {
-                Ok(status) => ApiResponse {
-                    ok: true,
-                    status: Some(StatusView {
+                Ok(status) => {
+                    let mut view = StatusView {
                         control: self.control_view(),
                         ..StatusView::from_status(&self.interface, &status)
-                    }),
-                    ..ApiResponse::default()
-                },
+                    };
+                    // Each peer's relay candidate, from the NAT settings the
+                    // engine holds (control's push or the static config).
+                    if let Ok(Some(nat)) = self.handle.nat_settings().await {
+                        for (peer, status) in view.peers.iter_mut().zip(&status.peers) {
+                            peer.relay = nat
+                                .peer_relays
+                                .iter()
+                                .find(|r| r.peer == status.node_key)
+                                .map(|r| r.addr.to_string());
+                        }
+                    }
+                    ApiResponse {
+                        ok: true,
+                        status: Some(view),
+                        ..ApiResponse::default()
+                    }
+                }
                 Err(e) => ApiResponse::error(e.to_string()),
             },
             ApiRequest::Metrics => match self.metrics().await {
@@ -560,7 +584,23 @@ impl ApiContext {
                 };
                 match self.handle.ping(ip, kind, size).await {
                     Ok(result) => {
-                        let view = PingView::from_result(&result);
+                        let mut view = PingView::from_result(&result);
+                        // A pong over a peer's relayed address answered
+                        // through the relay, not directly.
+                        if let (
+                            PingOutcome::Pong {
+                                endpoint: Some(endpoint),
+                                node_key,
+                                ..
+                            },
+                            Ok(Some(nat)),
+                        ) = (&result.outcome, self.handle.nat_settings().await)
+                        {
+                            view.via_relay = nat
+                                .peer_relays
+                                .iter()
+                                .any(|r| r.peer == *node_key && r.addr == *endpoint);
+                        }
                         ApiResponse {
                             ok: view.outcome == "pong",
                             error: view.error.clone(),
@@ -1268,8 +1308,17 @@ mod tests {
         );
         let timeout = PingView {
             outcome: "timeout".into(),
-            ..view
+            ..view.clone()
         };
+        let relayed = PingView {
+            endpoint: Some("198.51.100.1:49170".into()),
+            via_relay: true,
+            ..view.clone()
+        };
+        assert_eq!(
+            relayed.line(),
+            "pong from b (100.64.0.2) via relay 198.51.100.1:49170 in 1.50ms"
+        );
         assert_eq!(
             timeout.line(),
             "timeout waiting for disco pong from 100.64.0.2"

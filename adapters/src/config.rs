@@ -687,6 +687,28 @@ impl DaemonConfig {
                 "interface.routes: with [control] the routes come from the control server".into(),
             ));
         }
+        // Refused rather than an override: control's relay credentials are
+        // only worth anything with the secret the server holds, the peers
+        // learn this node's relayed address from control alone, and two
+        // sources of STUN servers would leave it unclear which one a node
+        // reports. One source of NAT settings, the server's.
+        if !file.nat.stun_servers.get_ref().is_empty() {
+            return Err((
+                Some(file.nat.stun_servers.span()),
+                "nat.stun_servers: with [control] the STUN servers come from the control server \
+                 (wgmesh-control serve --stun-server)"
+                    .into(),
+            ));
+        }
+        if let Some(relay) = &file.relay {
+            return Err((
+                Some(relay.span()),
+                "relay: with [control] the TURN relay and its credentials come from the control \
+                 server (wgmesh-control serve --turn-server, --turn-secret-file); the shared \
+                 secret stays there"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -955,13 +977,15 @@ impl DaemonConfig {
         }
         Ok(Some(crate::relay::RelaySettings {
             server: section.turn_server,
-            shared_secret: secret,
-            credential_ttl: std::time::Duration::from_secs(
-                section
-                    .credential_ttl_secs
-                    .unwrap_or(DEFAULT_CREDENTIAL_TTL_SECS),
-            ),
-            node_name: node_name.to_owned(),
+            credentials: crate::relay::RelayCredentialSource::SharedSecret {
+                shared_secret: secret,
+                credential_ttl: std::time::Duration::from_secs(
+                    section
+                        .credential_ttl_secs
+                        .unwrap_or(DEFAULT_CREDENTIAL_TTL_SECS),
+                ),
+                node_name: node_name.to_owned(),
+            },
         }))
     }
 
@@ -1304,6 +1328,20 @@ hostname = "node-a"
             message.contains("control server assigns the addresses"),
             "{message}"
         );
+        // NAT settings come from control too: a node's own are refused.
+        let (_, message) = err(&format!(
+            "[nat]\nstun_servers = [\"198.51.100.1:3478\"]\n{}",
+            control_section(dir.path())
+        ));
+        assert!(
+            message.contains("nat.stun_servers: with [control]"),
+            "{message}"
+        );
+        let (_, message) = err(&format!(
+            "[relay]\nturn_server = \"198.51.100.1:3478\"\nshared_secret = \"s\"\n{}",
+            control_section(dir.path())
+        ));
+        assert!(message.contains("relay: with [control]"), "{message}");
         let bad_url = control_section(dir.path()).replace("http://127.0.0.1:8080", "https://x");
         let (_, message) = err(&bad_url);
         assert!(message.starts_with("control.url:"), "{message}");
@@ -1618,7 +1656,12 @@ hostname = "node-a"
         );
         let relay = config.relay_settings("n").unwrap().unwrap();
         assert_eq!(relay.server, "198.51.100.1:3478".parse().unwrap());
-        assert_eq!(relay.credential_ttl.as_secs(), 24 * 3600);
+        let crate::relay::RelayCredentialSource::SharedSecret { credential_ttl, .. } =
+            relay.credentials
+        else {
+            panic!("a [relay] section makes its own credentials");
+        };
+        assert_eq!(credential_ttl.as_secs(), 24 * 3600);
     }
 
     /// Writes `text` to `path` with mode 0600.

@@ -366,6 +366,10 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         None => None,
     };
 
+    // What the relay does (credentials rejected, ...), seen by the control
+    // client while the driver thread owns the socket.
+    let relay_monitor = Arc::new(crate::relay::RelayMonitor::default());
+
     // The effects wait in the channel until the OS manager runs; it starts
     // once the driver's handle exists, so that it can report how each
     // effect fared back to the engine's health.
@@ -377,7 +381,10 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         listen_port,
         effects_tx,
         options.data_plane_nice,
-        relay,
+        RelayStart {
+            settings: relay,
+            monitor: Arc::clone(&relay_monitor),
+        },
     )
     .await?;
     os.report_health_to(handle.health_reporter());
@@ -488,6 +495,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
                 interface: interface.clone(),
                 magicdns: magicdns.clone().zip(magicdns_section.clone()),
                 status: status.clone(),
+                relay_monitor: Arc::clone(&relay_monitor),
+                nat_applied: Default::default(),
             };
             Some(tokio::spawn(client.run()))
         }
@@ -645,6 +654,15 @@ fn api_socket_path(
         .unwrap_or_else(|| api::default_socket(&options.state_dir, interface))
 }
 
+/// The relay the driver's socket starts with.
+struct RelayStart {
+    /// A node-local `[relay]`'s settings; `None` with no relay yet (a node
+    /// joined to control gets its settings later).
+    settings: Option<crate::relay::RelaySettings>,
+    /// What the relay reports to the rest of the daemon.
+    monitor: Arc<crate::relay::RelayMonitor>,
+}
+
 /// What the driver thread reports when its loop ends.
 type DriverExitReceiver = oneshot::Receiver<Result<DriverExit, DriverError>>;
 
@@ -660,7 +678,7 @@ async fn spawn_driver_thread(
     listen_port: u16,
     effects: mpsc::UnboundedSender<wgmesh_core::Effect>,
     nice: Option<i32>,
-    relay: Option<crate::relay::RelaySettings>,
+    relay: RelayStart,
 ) -> Result<(DriverHandle, Option<SocketAddr>, DriverExitReceiver), DaemonError> {
     type Ready = Result<(DriverHandle, Option<SocketAddr>), DaemonError>;
     let (ready_tx, ready_rx) = oneshot::channel::<Ready>();
@@ -712,7 +730,7 @@ async fn spawn_driver_thread(
                         return;
                     }
                 };
-                let socket = crate::relay::RelaySocket::new(socket, relay);
+                let socket = crate::relay::RelaySocket::new(socket, relay.settings, relay.monitor);
                 let bound = crate::driver::DatagramSocket::local_addr(&socket).ok();
                 info!(interface = %tun.name(), ?bound, "devices ready");
                 let (driver, handle) = Driver::new(

@@ -201,11 +201,69 @@ impl OsManager {
     }
 
     /// Applies effects until the channel closes, then withdraws everything.
+    /// While routes are managed it also watches the tunnel interface: when
+    /// it comes back up after being set down, the kernel has dropped its
+    /// routes, and they are put back.
     pub async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Effect>) {
-        while let Some(effect) = effects.recv().await {
-            self.apply(effect).await;
+        // Watched from the first router config on: that one brings the
+        // tunnel up, which is not the tunnel coming back.
+        let mut tunnel_link = None;
+        let mut watch_started = false;
+        loop {
+            if !watch_started && self.router.is_some() && self.router_config.is_some() {
+                watch_started = true;
+                tunnel_link = match crate::router::watch_tunnel_link(&self.interface) {
+                    Ok(watch) => Some(watch),
+                    Err(e) => {
+                        warn!(interface = %self.interface, error = %e, "cannot watch the tunnel's link state; routes are not restored after it goes down and up");
+                        None
+                    }
+                };
+            }
+            let link_event = async {
+                match tunnel_link.as_mut() {
+                    Some(watch) => watch.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                effect = effects.recv() => {
+                    let Some(effect) = effect else { break };
+                    self.apply(effect).await;
+                }
+                event = link_event => match event {
+                    Some(true) => self.tunnel_came_up().await,
+                    Some(false) => info!(interface = %self.interface, "tunnel interface set down; its routes return when it comes up"),
+                    None => tunnel_link = None,
+                },
+            }
         }
         self.shutdown().await;
+    }
+
+    /// The tunnel is up again after being down: its routes, addresses and
+    /// exit-node routes go back in, and the outcome is reported.
+    async fn tunnel_came_up(&mut self) {
+        let Some(wanted) = self.router_config.as_ref() else {
+            return;
+        };
+        let config = with_resolver_routes(wanted, &self.nameservers, self.dns_via_tunnel);
+        let Some(router) = &mut self.router else {
+            return;
+        };
+        let outcome = match router.reassert(&config).await {
+            Ok(()) => {
+                info!(interface = %self.interface, routes = config.routes.len(), addresses = config.local_addrs.len(), "tunnel interface up again: routes restored");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(interface = %self.interface, error = %e, "tunnel interface up again but its routes could not be restored");
+                Err(e.to_string())
+            }
+        };
+        self.report(HealthSubsystem::Router, HealthSeverity::Error, outcome)
+            .await;
+        self.save_state();
     }
 
     /// Applies one effect. Every variant core has is named: `Effect` is

@@ -14,21 +14,29 @@
 //! The TURN protocol is `turn-client-proto`'s, sans-IO, driven by the
 //! daemon's clock: allocation with long-term credentials in the TURN
 //! REST-API style ([`rest_credentials`]), refreshes, permissions and one
-//! channel per peer. Failures are counted and logged; a failed or lost
-//! allocation is tried again after [`RELAY_RETRY`], and the direct paths
-//! keep working meanwhile.
+//! channel per peer. The credentials come from one of two places
+//! ([`RelayCredentialSource`]): made here from a secret in the node's own
+//! `[relay]` section, or issued by the control server (which alone knows
+//! the secret) and handed in with [`RelaySocket`]'s `set_relay` as they are
+//! renewed. Failures are counted and logged; a failed or lost allocation is
+//! tried again after [`RELAY_RETRY`], and the direct paths keep working
+//! meanwhile. A TURN server that rejects the credentials (401 or 441) is
+//! counted in [`RelayMonitor`], which the control client watches to fetch
+//! fresh ones.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use tracing::{debug, info, warn};
 use turn_client_proto::api::{TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet};
 use turn_client_proto::prelude::DelayedTransmitBuild;
 use turn_client_proto::stun::agent::Transmit;
+use turn_client_proto::stun::types::attribute::ErrorCode;
+use turn_client_proto::stun::types::message::{Message, MessageClass};
 use turn_client_proto::types::TurnCredentials;
 use turn_client_proto::types::stun::TransportType;
 use turn_client_proto::udp::TurnClientUdp;
@@ -42,39 +50,141 @@ pub const RELAY_RETRY: Duration = Duration::from_secs(10);
 const CREDENTIAL_MARGIN: Duration = Duration::from_secs(60);
 
 /// What the daemon needs to hold an allocation.
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelaySettings {
     /// The TURN server (UDP).
     pub server: SocketAddr,
-    /// The secret shared with the server (coturn's `static-auth-secret`).
-    pub shared_secret: zeroize::Zeroizing<String>,
-    /// How long each set of credentials is valid.
-    pub credential_ttl: Duration,
-    /// This node's name in the username (`expiry:name`).
-    pub node_name: String,
+    /// Where the credentials come from.
+    pub credentials: RelayCredentialSource,
 }
 
-impl std::fmt::Debug for RelaySettings {
+/// Where a node's TURN credentials come from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RelayCredentialSource {
+    /// The node's own `[relay]` section holds the shared secret and makes
+    /// fresh credentials whenever it needs them.
+    SharedSecret {
+        /// The secret shared with the server (coturn's `static-auth-secret`).
+        shared_secret: zeroize::Zeroizing<String>,
+        /// How long each set of credentials is valid.
+        credential_ttl: Duration,
+        /// This node's name in the username (`expiry:name`).
+        node_name: String,
+    },
+    /// The control server issued them; it sends fresh ones before these
+    /// expire.
+    Issued {
+        /// `expiry:node`.
+        username: String,
+        /// base64(HMAC-SHA1(secret, username)).
+        password: zeroize::Zeroizing<String>,
+        /// When the TURN server stops accepting them.
+        expires: SystemTime,
+    },
+}
+
+impl std::fmt::Debug for RelayCredentialSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelaySettings")
-            .field("server", &self.server)
-            .field("shared_secret", &"<redacted>")
-            .field("credential_ttl", &self.credential_ttl)
-            .field("node_name", &self.node_name)
-            .finish()
+        match self {
+            RelayCredentialSource::SharedSecret {
+                shared_secret: _,
+                credential_ttl,
+                node_name,
+            } => f
+                .debug_struct("SharedSecret")
+                .field("shared_secret", &"<redacted>")
+                .field("credential_ttl", credential_ttl)
+                .field("node_name", node_name)
+                .finish(),
+            RelayCredentialSource::Issued {
+                username,
+                password: _,
+                expires,
+            } => f
+                .debug_struct("Issued")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .field("expires", expires)
+                .finish(),
+        }
+    }
+}
+
+impl RelayCredentialSource {
+    /// The credentials to allocate with now, and when they expire.
+    fn current(&self) -> (String, zeroize::Zeroizing<String>, SystemTime) {
+        match self {
+            RelayCredentialSource::SharedSecret {
+                shared_secret,
+                credential_ttl,
+                node_name,
+            } => {
+                let expires = SystemTime::now() + *credential_ttl;
+                let expiry = expires
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let (username, password) = rest_credentials(shared_secret, node_name, expiry);
+                (username, zeroize::Zeroizing::new(password), expires)
+            }
+            RelayCredentialSource::Issued {
+                username,
+                password,
+                expires,
+            } => (username.clone(), password.clone(), *expires),
+        }
+    }
+
+    /// Whether allocating again would use credentials that outlive the
+    /// ones expiring at `expires` (a node-made set always does).
+    fn newer_than(&self, expires: SystemTime) -> bool {
+        match self {
+            RelayCredentialSource::SharedSecret { .. } => true,
+            RelayCredentialSource::Issued { expires: next, .. } => *next > expires,
+        }
     }
 }
 
 /// TURN REST-API style credentials: the username is `expiry:node` (expiry
-/// in Unix seconds), the password base64(HMAC-SHA1(secret, username)). A
-/// server holding the same secret checks them without a user database.
-pub fn rest_credentials(secret: &str, node: &str, expiry_unix_secs: u64) -> (String, String) {
-    let username = format!("{expiry_unix_secs}:{node}");
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes a key of any length");
-    mac.update(username.as_bytes());
-    let password = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    (username, password)
+/// in Unix seconds), the password base64(HMAC-SHA1(secret, username)). The
+/// control server issues them the same way.
+pub use wgmesh_control::nat::rest_credentials;
+
+/// What the relay reports to the rest of the daemon while the driver owns
+/// the socket: shared, lock-free.
+#[derive(Debug, Default)]
+pub struct RelayMonitor {
+    /// Allocations the TURN server refused or closed because of the
+    /// credentials (401 Unauthorized, 441 Wrong Credentials): expired,
+    /// malformed or not made with its secret. The control client fetches
+    /// fresh ones when this grows.
+    pub credentials_rejected: AtomicU64,
+    /// 438 Stale Nonce answers (the TURN client retries with the new nonce).
+    pub stale_nonces: AtomicU64,
+    /// 486 Allocation Quota Reached answers.
+    pub quota_refusals: AtomicU64,
+}
+
+impl RelayMonitor {
+    /// How many times credentials were rejected so far.
+    pub fn credentials_rejected(&self) -> u64 {
+        self.credentials_rejected.load(Ordering::Relaxed)
+    }
+}
+
+/// The STUN error code a TURN server answered with, if `data` is a STUN
+/// error response.
+fn error_code(data: &[u8]) -> Option<(u16, String)> {
+    // Channel data starts with 0b01; STUN messages with 0b00. Checking
+    // first keeps relayed traffic from being parsed as STUN.
+    if data.first().is_none_or(|b| b & 0xc0 != 0) {
+        return None;
+    }
+    let message = Message::from_bytes(data).ok()?;
+    if !message.has_class(MessageClass::Error) {
+        return None;
+    }
+    let code = message.attribute::<ErrorCode>().ok()?;
+    Some((code.code(), code.reason().to_owned()))
 }
 
 /// What the relay did, for logs and status.
@@ -93,6 +203,8 @@ pub struct RelayCounters {
     pub received: u64,
     /// Datagrams for a peer's relay dropped: no allocation or permission yet.
     pub dropped: u64,
+    /// Allocations refused or lost because of the credentials (401, 441).
+    pub credentials_rejected: u64,
 }
 
 /// What a datagram from the network was.
@@ -124,10 +236,26 @@ struct Relay {
     /// When to try again after a failure.
     retry_at: Option<Instant>,
     counters: RelayCounters,
+    /// The last error code the server answered with, to say why an
+    /// allocation failed.
+    last_error: Option<(u16, String)>,
+    /// The credentials in use expire soon and no newer ones arrived (logged
+    /// once per set).
+    waiting_for_credentials: bool,
+    /// 401/441 answers during the current allocation attempt: the first is
+    /// the server's challenge (realm and nonce), a second one rejects the
+    /// credentials.
+    unauthorized_answers: u32,
+    monitor: Arc<RelayMonitor>,
 }
 
 impl Relay {
-    fn new(settings: RelaySettings, local: SocketAddr, now: Instant) -> Self {
+    fn new(
+        settings: RelaySettings,
+        local: SocketAddr,
+        now: Instant,
+        monitor: Arc<RelayMonitor>,
+    ) -> Self {
         let epoch = now;
         let (client, expires) = Self::allocate(&settings, local);
         let mut relay = Self {
@@ -143,18 +271,17 @@ impl Relay {
             wake: None,
             retry_at: None,
             counters: RelayCounters::default(),
+            last_error: None,
+            waiting_for_credentials: false,
+            unauthorized_answers: 0,
+            monitor,
         };
         relay.pump(now);
         relay
     }
 
     fn allocate(settings: &RelaySettings, local: SocketAddr) -> (TurnClientUdp, SystemTime) {
-        let expires = SystemTime::now() + settings.credential_ttl;
-        let expiry = expires
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let (username, password) =
-            rest_credentials(&settings.shared_secret, &settings.node_name, expiry);
+        let (username, password, expires) = settings.credentials.current();
         let config = TurnConfig::new(TurnCredentials::new(&username, &password));
         info!(server = %settings.server, %username, "TURN allocation requested");
         (
@@ -181,7 +308,47 @@ impl Relay {
         self.bound.clear();
         self.relayed = None;
         self.retry_at = None;
+        self.last_error = None;
+        self.waiting_for_credentials = false;
+        self.unauthorized_answers = 0;
         self.pump(now);
+    }
+
+    /// New settings: another server, or fresh credentials. A healthy
+    /// allocation is kept (its refreshes carry the old credentials until
+    /// they near their expiry, and the new ones are used then); a failed or
+    /// pending one starts over with them at once, as does a new server.
+    fn update(&mut self, settings: RelaySettings, now: Instant) {
+        if settings == self.settings {
+            return;
+        }
+        let server_changed = settings.server != self.settings.server;
+        self.settings = settings;
+        if server_changed {
+            self.reallocate(now, "the relay server changed");
+        } else if self.relayed.is_none() || self.waiting_for_credentials {
+            self.reallocate(now, "fresh credentials");
+        } else {
+            debug!("fresh relay credentials kept for the next renewal");
+            self.pump(now);
+        }
+    }
+
+    /// Why the last allocation failed, counted, for the log line.
+    fn failure_reason(&mut self) -> &'static str {
+        match self.last_error.as_ref().map(|(code, _)| *code) {
+            Some(ErrorCode::UNAUTHORIZED) | Some(ErrorCode::WRONG_CREDENTIALS) => {
+                self.counters.credentials_rejected += 1;
+                self.monitor
+                    .credentials_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                "credentials rejected (expired, malformed or not made with the server's secret)"
+            }
+            Some(ErrorCode::ALLOCATION_QUOTA_REACHED) => "allocation quota reached",
+            Some(ErrorCode::STALE_NONCE) => "stale nonce, again after the retries",
+            Some(_) => "refused",
+            None => "no answer",
+        }
     }
 
     /// Runs the client: its timers, its messages for the server, its events.
@@ -192,8 +359,14 @@ impl Relay {
         }
         let renew_at = self.expires.checked_sub(CREDENTIAL_MARGIN);
         if renew_at.is_some_and(|t| SystemTime::now() >= t) {
-            self.reallocate(now, "credentials about to expire");
-            return;
+            if self.settings.credentials.newer_than(self.expires) {
+                self.reallocate(now, "credentials about to expire");
+                return;
+            }
+            if !self.waiting_for_credentials {
+                self.waiting_for_credentials = true;
+                warn!(server = %self.settings.server, "relay credentials expire within a minute and no fresh ones arrived from control; the allocation lasts until then");
+            }
         }
         let at = self.turn_time(now);
         // Each pass sends a message or ends; bounded all the same.
@@ -212,7 +385,9 @@ impl Relay {
                 TurnPollRet::Closed => {
                     if self.retry_at.is_none() {
                         self.counters.allocation_failures += 1;
-                        warn!(server = %self.settings.server, retry_secs = RELAY_RETRY.as_secs(), "TURN allocation closed; the relay path is down until it is made again");
+                        let reason = self.failure_reason();
+                        let code = self.last_error.as_ref().map(|(code, _)| *code);
+                        warn!(server = %self.settings.server, ?code, reason, retry_secs = RELAY_RETRY.as_secs(), "TURN allocation closed; the relay path is down until it is made again");
                         self.retry_at = Some(now + RELAY_RETRY);
                         self.relayed = None;
                     }
@@ -241,7 +416,9 @@ impl Relay {
             }
             TurnEvent::AllocationCreateFailed(family) => {
                 self.counters.allocation_failures += 1;
-                warn!(server = %self.settings.server, ?family, retry_secs = RELAY_RETRY.as_secs(), "TURN allocation refused (bad credentials, quota, ...)");
+                let reason = self.failure_reason();
+                let code = self.last_error.as_ref().map(|(code, _)| *code);
+                warn!(server = %self.settings.server, ?family, ?code, reason, retry_secs = RELAY_RETRY.as_secs(), "TURN allocation refused");
                 self.retry_at = Some(self.std_time(at) + RELAY_RETRY);
             }
             TurnEvent::PermissionCreated(_, peer) => debug!(%peer, "TURN permission created"),
@@ -311,6 +488,37 @@ impl Relay {
         if from != self.settings.server {
             return Received::Pass;
         }
+        if let Some((code, reason)) = error_code(data) {
+            match code {
+                ErrorCode::STALE_NONCE => {
+                    self.monitor.stale_nonces.fetch_add(1, Ordering::Relaxed);
+                }
+                ErrorCode::ALLOCATION_QUOTA_REACHED => {
+                    self.monitor.quota_refusals.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            debug!(server = %from, code, reason, "TURN error answer");
+            let unauthorized =
+                code == ErrorCode::UNAUTHORIZED || code == ErrorCode::WRONG_CREDENTIALS;
+            self.last_error = Some((code, reason));
+            if unauthorized && self.relayed.is_none() && self.retry_at.is_none() {
+                self.unauthorized_answers += 1;
+                // `turn-client-proto` does not act on an error answer
+                // without message integrity (coturn sends those to a user
+                // it cannot check) and keeps retransmitting; a second 401
+                // after the challenge is the server's verdict on the
+                // credentials, so the attempt ends here.
+                if self.unauthorized_answers >= 2 {
+                    self.counters.allocation_failures += 1;
+                    let reason = self.failure_reason();
+                    warn!(server = %self.settings.server, code, reason, retry_secs = RELAY_RETRY.as_secs(), "TURN allocation refused");
+                    self.retry_at = Some(now + RELAY_RETRY);
+                    self.wake = self.retry_at;
+                    return Received::Consumed;
+                }
+            }
+        }
         let at = self.turn_time(now);
         let transmit = Transmit::new(data, TransportType::Udp, from, self.local);
         let received = match self.client.recv(transmit, at) {
@@ -344,6 +552,10 @@ impl Relay {
 pub struct RelaySocket<S> {
     inner: S,
     relay: Option<Relay>,
+    monitor: Arc<RelayMonitor>,
+    /// The peers' relayed addresses, kept for a relay that starts later
+    /// (control's relay settings can arrive after its peers').
+    relay_peers: BTreeSet<SocketAddr>,
 }
 
 fn copy_out(buf: &mut [u8], data: &[u8], from: SocketAddr) -> (usize, SocketAddr) {
@@ -354,14 +566,28 @@ fn copy_out(buf: &mut [u8], data: &[u8], from: SocketAddr) -> (usize, SocketAddr
 
 impl<S: DatagramSocket> RelaySocket<S> {
     /// Wraps `inner`; with `settings`, an allocation is requested at once.
-    pub fn new(inner: S, settings: Option<RelaySettings>) -> Self {
-        let relay = settings.map(|settings| {
-            let local = inner
-                .local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-            Relay::new(settings, local, Instant::now())
-        });
-        Self { inner, relay }
+    /// `monitor` is how the rest of the daemon sees what the relay does.
+    pub fn new(inner: S, settings: Option<RelaySettings>, monitor: Arc<RelayMonitor>) -> Self {
+        let mut socket = Self {
+            inner,
+            relay: None,
+            monitor,
+            relay_peers: BTreeSet::new(),
+        };
+        if let Some(settings) = settings {
+            socket.start_relay(settings);
+        }
+        socket
+    }
+
+    fn start_relay(&mut self, settings: RelaySettings) {
+        let local = self
+            .inner
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut relay = Relay::new(settings, local, Instant::now(), Arc::clone(&self.monitor));
+        relay.set_peers(self.relay_peers.clone(), Instant::now());
+        self.relay = Some(relay);
     }
 
     async fn flush_outbox(inner: &mut S, relay: &mut Relay) -> io::Result<()> {
@@ -382,7 +608,7 @@ impl<S: DatagramSocket> RelaySocket<S> {
 
 impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let Self { inner, relay } = self;
+        let Self { inner, relay, .. } = self;
         let Some(relay) = relay.as_mut() else {
             return inner.recv_from(buf).await;
         };
@@ -422,7 +648,7 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
     }
 
     async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
-        let Self { inner, relay } = self;
+        let Self { inner, relay, .. } = self;
         let Some(relay) = relay.as_mut().filter(|r| r.peers.contains(&dst)) else {
             return inner.send_to(data, dst).await;
         };
@@ -436,7 +662,7 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
     }
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        let Self { inner, relay } = self;
+        let Self { inner, relay, .. } = self;
         let Some(relay) = relay.as_mut() else {
             return inner.recv_buffered_from(buf);
         };
@@ -451,7 +677,7 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
     }
 
     fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
-        let Self { inner, relay } = self;
+        let Self { inner, relay, .. } = self;
         let Some(relay) = relay.as_mut() else {
             return inner.try_recv_from(buf);
         };
@@ -505,13 +731,30 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
     }
 
     fn set_relay_peers(&mut self, peers: &[SocketAddr]) {
+        self.relay_peers = peers.iter().copied().collect();
         if let Some(relay) = self.relay.as_mut() {
-            relay.set_peers(peers.iter().copied().collect(), Instant::now());
+            relay.set_peers(self.relay_peers.clone(), Instant::now());
         }
     }
 
     fn relayed_addr(&self) -> Option<SocketAddr> {
         self.relay.as_ref().and_then(|r| r.relayed)
+    }
+
+    fn set_relay(&mut self, settings: Option<RelaySettings>) -> io::Result<()> {
+        match (self.relay.as_mut(), settings) {
+            (Some(relay), Some(settings)) => relay.update(settings, Instant::now()),
+            (None, Some(settings)) => {
+                info!(server = %settings.server, "relay settings received; allocating");
+                self.start_relay(settings);
+            }
+            (Some(relay), None) => {
+                info!(server = %relay.settings.server, "relay withdrawn; the allocation is left to expire");
+                self.relay = None;
+            }
+            (None, None) => {}
+        }
+        Ok(())
     }
 }
 
@@ -526,7 +769,161 @@ mod tests {
         let (username, password) = rest_credentials("secret", "node0", 1_700_000_000);
         assert_eq!(username, "1700000000:node0");
         assert_eq!(password, "a2ienbOuyt8FL2mqYxXO7aEtpv4=");
-        let (_, other) = rest_credentials("secret2", "node0", 1_700_000_000);
-        assert_ne!(password, other);
+    }
+
+    /// An Allocate error response (RFC 8656) with `code` and `reason`,
+    /// written byte by byte from RFC 8489's layout.
+    fn error_response(code: u16, reason: &str) -> Vec<u8> {
+        let mut reason = reason.as_bytes().to_vec();
+        while reason.len() % 4 != 0 {
+            reason.push(b' ');
+        }
+        let attr_len = 4 + reason.len();
+        let mut out = Vec::new();
+        out.extend_from_slice(&0x0113u16.to_be_bytes()); // Allocate error response
+        out.extend_from_slice(&u16::try_from(4 + attr_len).unwrap().to_be_bytes());
+        out.extend_from_slice(&0x2112_a442u32.to_be_bytes());
+        out.extend_from_slice(&[7; 12]);
+        out.extend_from_slice(&0x0009u16.to_be_bytes()); // ERROR-CODE
+        out.extend_from_slice(&u16::try_from(attr_len).unwrap().to_be_bytes());
+        out.extend_from_slice(&[
+            0,
+            0,
+            u8::try_from(code / 100).unwrap(),
+            u8::try_from(code % 100).unwrap(),
+        ]);
+        out.extend_from_slice(&reason);
+        out
+    }
+
+    #[test]
+    fn error_answers_are_read_and_channel_data_is_not_parsed_as_stun() {
+        assert_eq!(
+            error_code(&error_response(401, "Unauthorized")).map(|(c, _)| c),
+            Some(401)
+        );
+        assert_eq!(
+            error_code(&error_response(438, "Stale Nonce")).map(|(c, _)| c),
+            Some(438)
+        );
+        // Channel data (first two bits 01) and garbage are not errors.
+        assert_eq!(error_code(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4]), None);
+        assert_eq!(error_code(&[0x01]), None);
+        assert_eq!(error_code(&[]), None);
+    }
+
+    fn issued(expires_in: Duration) -> RelaySettings {
+        RelaySettings {
+            server: "127.0.0.1:3478".parse().unwrap(),
+            credentials: RelayCredentialSource::Issued {
+                username: "1:n".into(),
+                password: zeroize::Zeroizing::new("pw".into()),
+                expires: SystemTime::now() + expires_in,
+            },
+        }
+    }
+
+    #[test]
+    fn a_rejected_allocation_is_counted_for_the_control_client_and_fresh_credentials_start_over() {
+        let monitor = Arc::new(RelayMonitor::default());
+        let now = Instant::now();
+        let mut relay = Relay::new(
+            issued(Duration::from_secs(3600)),
+            "127.0.0.1:41641".parse().unwrap(),
+            now,
+            Arc::clone(&monitor),
+        );
+        assert!(!relay.outbox.is_empty(), "the Allocate request is queued");
+        // The server answered 401 to the authenticated request.
+        relay.last_error = Some((401, "Unauthorized".into()));
+        assert_eq!(
+            relay.failure_reason(),
+            "credentials rejected (expired, malformed or not made with the server's secret)"
+        );
+        assert_eq!(monitor.credentials_rejected(), 1);
+        assert_eq!(relay.counters.credentials_rejected, 1);
+        relay.last_error = Some((486, "Allocation Quota Reached".into()));
+        assert_eq!(relay.failure_reason(), "allocation quota reached");
+        assert_eq!(
+            monitor.credentials_rejected(),
+            1,
+            "only credential errors count there"
+        );
+        // Fresh credentials with no allocation held: allocate with them now.
+        let fresh = issued(Duration::from_secs(7200));
+        let RelayCredentialSource::Issued { expires, .. } = fresh.credentials.clone() else {
+            unreachable!()
+        };
+        relay.outbox.clear();
+        relay.update(fresh.clone(), now);
+        assert_eq!(relay.expires, expires);
+        assert!(!relay.outbox.is_empty(), "a new Allocate request is queued");
+        // The same settings again change nothing.
+        relay.outbox.clear();
+        relay.update(fresh, now);
+        assert!(relay.outbox.is_empty());
+    }
+
+    #[test]
+    fn credentials_near_expiry_without_newer_ones_wait_instead_of_reallocating_in_a_loop() {
+        let monitor = Arc::new(RelayMonitor::default());
+        let now = Instant::now();
+        let settings = issued(Duration::from_secs(30));
+        let mut relay = Relay::new(settings, "127.0.0.1:41641".parse().unwrap(), now, monitor);
+        let expires = relay.expires;
+        relay.pump(now);
+        relay.pump(now);
+        assert!(relay.waiting_for_credentials);
+        assert_eq!(
+            relay.expires, expires,
+            "no new allocation with the same credentials"
+        );
+        // A node-made set is always newer: it renews.
+        let own = RelayCredentialSource::SharedSecret {
+            shared_secret: zeroize::Zeroizing::new("s".into()),
+            credential_ttl: Duration::from_secs(3600),
+            node_name: "n".into(),
+        };
+        assert!(own.newer_than(SystemTime::now() + Duration::from_secs(60)));
+        assert!(
+            !issued(Duration::from_secs(30))
+                .credentials
+                .newer_than(SystemTime::now() + Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn a_second_401_after_the_challenge_ends_the_attempt_as_rejected_credentials() {
+        let monitor = Arc::new(RelayMonitor::default());
+        let now = Instant::now();
+        let settings = issued(Duration::from_secs(3600));
+        let server = settings.server;
+        let mut relay = Relay::new(
+            settings,
+            "127.0.0.1:41641".parse().unwrap(),
+            now,
+            Arc::clone(&monitor),
+        );
+        let answer = error_response(401, "Unauthorized");
+        let _ = relay.receive(&answer, server, now);
+        assert_eq!(
+            monitor.credentials_rejected(),
+            0,
+            "the first 401 is the challenge"
+        );
+        assert!(relay.retry_at.is_none());
+        let _ = relay.receive(&answer, server, now);
+        assert_eq!(monitor.credentials_rejected(), 1);
+        assert_eq!(relay.counters.allocation_failures, 1);
+        assert_eq!(relay.retry_at, Some(now + RELAY_RETRY));
+        // More of the same while waiting to retry count nothing more.
+        let _ = relay.receive(&answer, server, now);
+        assert_eq!(monitor.credentials_rejected(), 1);
+        // An answer from anyone else is not the server's.
+        let stranger: SocketAddr = "127.0.0.9:3478".parse().unwrap();
+        assert!(matches!(
+            relay.receive(&answer, stranger, now),
+            Received::Pass
+        ));
     }
 }

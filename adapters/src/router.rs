@@ -296,6 +296,18 @@ impl NetlinkRouter {
         Ok(())
     }
 
+    /// Puts all of `config` in place again whatever the record says. When
+    /// the tunnel interface goes down the kernel drops every route through
+    /// it (the exit table's too) and its IPv6 addresses, while the record
+    /// still lists them, so a diff would add nothing back. Adding what is
+    /// still there is harmless (`EEXIST` counts as done).
+    pub async fn reassert(&mut self, config: &RouterConfig) -> Result<(), RouterError> {
+        self.applied.addresses.clear();
+        self.applied.routes.clear();
+        self.applied.exit_routes.clear();
+        self.apply(config).await
+    }
+
     /// Routes everything of `route`'s family through the tunnel: the rules
     /// first (they only point at the table), then the default route in
     /// [`EXIT_ROUTE_TABLE`].
@@ -515,6 +527,66 @@ impl NetlinkRouter {
             }),
         }
     }
+}
+
+/// Watches the tunnel interface's administrative state (`IFF_UP`): the
+/// receiver gets `true` each time it comes up after being down, `false`
+/// each time it goes down. Whoever applies routes then puts them back
+/// ([`NetlinkRouter::reassert`]). The watch ends when the receiver is
+/// dropped (at the next link event).
+pub fn watch_tunnel_link(
+    interface: &str,
+) -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<bool>> {
+    use futures::StreamExt;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+
+    let (connection, handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])?;
+    let connection = tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let interface = interface.to_owned();
+    tokio::spawn(async move {
+        // The state now, so that the daemon's own first "up" is not taken
+        // for the tunnel coming back.
+        let mut was_up = match handle
+            .link()
+            .get()
+            .match_name(interface.clone())
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(Some(link)) => Some(link.header.flags.contains(LinkFlags::Up)),
+            Ok(None) | Err(_) => None,
+        };
+        debug!(%interface, ?was_up, "watching the tunnel's link state");
+        while let Some((message, _)) = messages.next().await {
+            let rtnetlink::packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(
+                link,
+            )) = &message.payload
+            else {
+                continue;
+            };
+            let is_ours = link
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::IfName(name) if *name == interface));
+            if !is_ours {
+                continue;
+            }
+            let up = link.header.flags.contains(LinkFlags::Up);
+            // An unknown state (the tunnel was not there at the start) is
+            // only learnt; a change is reported.
+            let changed = was_up.is_some_and(|before| before != up);
+            was_up = Some(up);
+            if changed && tx.send(up).is_err() {
+                break;
+            }
+        }
+        connection.abort();
+    });
+    Ok(rx)
 }
 
 #[cfg(test)]

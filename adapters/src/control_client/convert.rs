@@ -11,13 +11,17 @@
 //! or a peer's subnet routes) asks for a full reconfig instead, because the
 //! route set is a property of the whole netmap.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use ipnet::IpNet;
-use wgmesh_control::{AppliedDelta, Netmap, NetmapDelta, Peer};
+use wgmesh_control::{AppliedDelta, NatMap, Netmap, NetmapDelta, Peer};
 use wgmesh_core::filter::{FilterAction, FilterRule, PacketFilter};
 use wgmesh_core::{
-    DiscoPublicKey, DnsConfig, Knobs, NodePublicKey, PeerConfig, PeerDelta, Reconfig, RouterConfig,
-    WgConfig,
+    DiscoPublicKey, DnsConfig, Knobs, NatConfig, NodePublicKey, PeerConfig, PeerDelta, PeerRelay,
+    Reconfig, RouterConfig, WgConfig,
 };
+
+use crate::relay::{RelayCredentialSource, RelaySettings};
 
 /// What the node decides for itself, not control: the parts of the reconfig
 /// that come from the local config file or flags.
@@ -250,6 +254,52 @@ pub fn apply_delta(
         peers,
         filter,
         dns_changed,
+    })
+}
+
+/// The engine's NAT settings for a netmap: control's STUN servers and
+/// every peer's relayed address as a candidate path to it.
+pub fn nat_config(netmap: &Netmap) -> NatConfig {
+    NatConfig {
+        stun_servers: netmap.nat.stun_servers.clone(),
+        peer_relays: netmap
+            .peers
+            .iter()
+            .filter_map(|p| {
+                p.relay.map(|addr| PeerRelay {
+                    peer: node_public_key(&p.node_key),
+                    addr,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// Whether a delta can change [`nat_config`]: new NAT settings, a peer's
+/// relayed address, or a peer that comes or goes with one.
+pub fn delta_touches_nat(delta: &NetmapDelta) -> bool {
+    delta.nat.is_some()
+        || !delta.peers_removed.is_empty()
+        || delta.peers_added.iter().any(|p| p.relay.is_some())
+        || delta.peers_changed.iter().any(|c| c.relay.is_some())
+}
+
+/// The relay settings for control's credentials; `None` when control
+/// issues no relay, or when the credentials have already expired at `now`
+/// (a cached netmap's), since the TURN server would only reject them.
+pub fn relay_settings(nat: &NatMap, now: SystemTime) -> Option<RelaySettings> {
+    let relay = nat.relay.as_ref()?;
+    let expires = UNIX_EPOCH + Duration::from_millis(relay.expires.unix_millis());
+    if expires <= now {
+        return None;
+    }
+    Some(RelaySettings {
+        server: relay.server,
+        credentials: RelayCredentialSource::Issued {
+            username: relay.username.clone(),
+            password: zeroize::Zeroizing::new(relay.password.clone()),
+            expires,
+        },
     })
 }
 

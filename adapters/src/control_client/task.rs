@@ -94,6 +94,10 @@ enum StreamEnd {
     /// The engine refused what the netmap asks.
     #[error("the engine refused the netmap: {0}")]
     Refused(String),
+    /// The TURN server rejected control's relay credentials: the stream is
+    /// reopened, and its full netmap carries fresh ones.
+    #[error("the TURN server rejected the relay credentials; fetching fresh ones")]
+    CredentialsRejected,
 }
 
 /// Everything the task needs from the daemon.
@@ -116,6 +120,18 @@ pub struct ControlClient {
     pub magicdns: Option<(Arc<crate::magicdns::MagicDns>, MagicDnsSection)>,
     /// Shared with the API.
     pub status: SharedControlStatus,
+    /// What the relay under the socket reports (credentials rejected).
+    pub relay_monitor: Arc<crate::relay::RelayMonitor>,
+    /// The NAT settings last given to the engine and the socket.
+    pub nat_applied: tokio::sync::Mutex<NatApplied>,
+}
+
+/// The NAT settings a control client last applied, so that only changes
+/// reach the engine and the socket.
+#[derive(Debug, Default)]
+pub struct NatApplied {
+    engine: Option<wgmesh_core::NatConfig>,
+    relay: Option<crate::relay::RelaySettings>,
 }
 
 impl ControlClient {
@@ -260,11 +276,12 @@ impl ControlClient {
         let mut endpoints = self.endpoints().await;
         let body = RequestBody::Map(MapStreamBody {
             disco_key: DiscoKey(self.disco_key.0),
-            endpoints: endpoints.clone(),
-            relay: None,
+            endpoints: endpoints.endpoints.clone(),
+            relay: endpoints.relay,
         });
         let mut open = channel.send(url, &body).await?;
-        info!(url = %url.text, endpoints = ?endpoints, "control stream open");
+        info!(url = %url.text, endpoints = ?endpoints.endpoints, relay = ?endpoints.relay, "control stream open");
+        let mut rejections_seen = self.relay_monitor.credentials_rejected();
         self.set_status(|s| {
             s.connected = true;
             s.streams_opened += 1;
@@ -292,6 +309,12 @@ impl ControlClient {
                             self.write_cached_netmap(current);
                         }
                     }
+                    let rejections = self.relay_monitor.credentials_rejected();
+                    if rejections > rejections_seen && netmap.as_ref().is_some_and(|n| n.nat.relay.is_some()) {
+                        warn!(rejections, "the TURN server rejected control's relay credentials; reopening the stream for fresh ones");
+                        return Err(StreamEnd::CredentialsRejected);
+                    }
+                    rejections_seen = rejections;
                     let now = self.endpoints().await;
                     if now != endpoints {
                         endpoints = now;
@@ -380,6 +403,7 @@ impl ControlClient {
                 let Some(current) = netmap.as_mut() else {
                     return Err(StreamEnd::Protocol("a delta before any netmap".into()));
                 };
+                let touches_nat = convert::delta_touches_nat(&delta);
                 let plan: DeltaPlan = match convert::apply_delta(current, &delta, &self.local) {
                     Ok(plan) => plan,
                     Err(e) => {
@@ -415,6 +439,9 @@ impl ControlClient {
                     *netmap = None;
                     return Err(StreamEnd::Refused(e));
                 }
+                if touches_nat {
+                    self.apply_nat(current).await;
+                }
                 debug!(seq, "netmap delta applied");
                 let peers = current.peers.len();
                 if plan.dns_changed {
@@ -444,8 +471,45 @@ impl ControlClient {
             })
             .await
             .map_err(|e| StreamEnd::Refused(e.to_string()))?;
+        self.apply_nat(full).await;
         self.update_dns(full).await;
         Ok(())
+    }
+
+    /// Gives the engine control's STUN servers and the peers' relays, and
+    /// the socket this node's relay credentials, when they changed. A
+    /// refusal is logged and the previous settings stay: the rest of the
+    /// netmap still applies, and the next change tries again.
+    async fn apply_nat(&self, netmap: &Netmap) {
+        let engine = convert::nat_config(netmap);
+        let relay = convert::relay_settings(&netmap.nat, std::time::SystemTime::now());
+        let mut applied = self.nat_applied.lock().await;
+        if applied.engine.as_ref() != Some(&engine) {
+            match self.handle.set_nat(engine.clone()).await {
+                Ok(()) => {
+                    info!(stun_servers = ?engine.stun_servers, peer_relays = engine.peer_relays.len(), "NAT settings from control applied");
+                    applied.engine = Some(engine);
+                }
+                Err(e) => {
+                    warn!(error = %e, "the engine refused control's NAT settings; the previous ones stay")
+                }
+            }
+        }
+        if applied.relay != relay {
+            match self.handle.set_relay(relay.clone()).await {
+                Ok(Ok(())) => {
+                    match &relay {
+                        Some(r) => {
+                            info!(server = %r.server, credentials = ?r.credentials, "relay credentials from control applied")
+                        }
+                        None => info!("control issues no relay (or only expired credentials)"),
+                    }
+                    applied.relay = relay;
+                }
+                Ok(Err(e)) => warn!(error = %e, "the socket refused the relay settings"),
+                Err(e) => warn!(error = %e, "the relay settings could not reach the driver"),
+            }
+        }
     }
 
     /// The last netmap this node applied (see [`read_cached_netmap`]).
@@ -490,15 +554,15 @@ impl ControlClient {
         &self,
         channel: &NodeChannel,
         url: &ControlUrl,
-        endpoints: &[SocketAddr],
+        endpoints: &Reported,
     ) {
         let body = RequestBody::Endpoints(EndpointsBody {
-            endpoints: endpoints.to_vec(),
-            relay: None,
+            endpoints: endpoints.endpoints.clone(),
+            relay: endpoints.relay,
         });
         match channel.request::<EndpointsReply>(url, &body).await {
             Ok(reply) => {
-                info!(endpoints = ?endpoints, changed = reply.changed, "endpoints reported")
+                info!(endpoints = ?endpoints.endpoints, relay = ?endpoints.relay, changed = reply.changed, "endpoints reported")
             }
             Err(e) => warn!(error = %e, "could not report endpoints; the next stream carries them"),
         }
@@ -512,9 +576,11 @@ impl ControlClient {
 
     /// What this node reports to control: its local endpoints, and the
     /// reflexive addresses the engine learnt from STUN (the outside of its
-    /// NAT, the address peers behind other NATs must use), sorted.
-    async fn endpoints(&self) -> Vec<SocketAddr> {
+    /// NAT, the address peers behind other NATs must use), sorted; and its
+    /// relayed address (its TURN allocation), if it holds one.
+    async fn endpoints(&self) -> Reported {
         let mut out = self.local_endpoints();
+        let mut relay = None;
         if let Ok(status) = self.handle.status().await {
             out.extend(
                 status
@@ -523,11 +589,22 @@ impl ControlClient {
                     .filter(|e| matches!(e.kind, wgmesh_core::EndpointKind::Stun))
                     .map(|e| e.addr),
             );
+            relay = status.relay;
         }
         out.sort();
         out.dedup();
-        out
+        Reported {
+            endpoints: out,
+            relay,
+        }
     }
+}
+
+/// What a node reports to control about where it can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reported {
+    endpoints: Vec<SocketAddr>,
+    relay: Option<SocketAddr>,
 }
 
 /// See [`ControlClient::local_endpoints`].

@@ -183,6 +183,12 @@ impl Executor {
                 }
                 let _ = reply.send(result);
             }
+            Control::NatSettings { reply } => {
+                let _ = reply.send(self.nat.clone());
+            }
+            Control::SetRelay { settings, reply } => {
+                let _ = reply.send(socket.set_relay(settings));
+            }
             Control::SetLocalEndpoints { endpoints, reply } => {
                 let result = engine
                     .handle_input(now, Input::SetLocalEndpoints(endpoints.clone()))
@@ -218,6 +224,10 @@ impl Executor {
                 reply,
             } => {
                 info!(old = ?engine.node_key(), new = ?fresh.node_key(), "engine replaced");
+                let mut fresh = fresh;
+                // The OS's problems outlive the key: the new engine reports
+                // them, with their first time, until they are cleared.
+                fresh.carry_health_from(engine);
                 *engine = *fresh;
                 self.pings.clear();
                 self.status_waiters.clear();

@@ -88,6 +88,18 @@ pub enum Control {
         /// Refused when malformed; the old ones stay.
         reply: oneshot::Sender<Result<(), InputError>>,
     },
+    /// The NAT settings the engine last accepted.
+    NatSettings {
+        /// `None` before any were set.
+        reply: oneshot::Sender<Option<NatConfig>>,
+    },
+    /// Start, change or stop the socket's TURN relay.
+    SetRelay {
+        /// The server and credentials; `None` stops the relay.
+        settings: Option<crate::relay::RelaySettings>,
+        /// The socket's verdict.
+        reply: oneshot::Sender<std::io::Result<()>>,
+    },
     /// Replace this node's local endpoints.
     SetLocalEndpoints {
         /// Every local address with the bound port.
@@ -124,6 +136,8 @@ impl std::fmt::Debug for Control {
             Control::SetFwmark { mark, .. } => write!(f, "SetFwmark({mark})"),
             Control::Replace { engine, .. } => write!(f, "Replace({:?})", engine.node_key()),
             Control::SetNat { config, .. } => write!(f, "SetNat({config:?})"),
+            Control::SetRelay { settings, .. } => write!(f, "SetRelay({settings:?})"),
+            Control::NatSettings { .. } => write!(f, "NatSettings"),
             Control::SetLocalEndpoints { endpoints, .. } => {
                 write!(f, "SetLocalEndpoints({endpoints:?})")
             }
@@ -234,6 +248,25 @@ impl DriverHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Control::SetNat { config, reply }).await?;
         Ok(rx.await.map_err(|_| RequestError::Stopped)??)
+    }
+
+    /// The NAT settings the engine last accepted (`None` before any).
+    pub async fn nat_settings(&self) -> Result<Option<NatConfig>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::NatSettings { reply }).await?;
+        rx.await.map_err(|_| RequestError::Stopped)
+    }
+
+    /// Starts, changes (new server, fresh credentials) or stops (`None`)
+    /// the TURN relay under the socket. The outer error: the driver
+    /// stopped; the inner one: the socket refused.
+    pub async fn set_relay(
+        &self,
+        settings: Option<crate::relay::RelaySettings>,
+    ) -> Result<std::io::Result<()>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Control::SetRelay { settings, reply }).await?;
+        rx.await.map_err(|_| RequestError::Stopped)
     }
 
     /// Replaces this node's local endpoints.

@@ -150,6 +150,15 @@ pub trait DatagramSocket: Send + 'static {
     fn relayed_addr(&self) -> Option<SocketAddr> {
         None
     }
+    /// Starts, changes (new server, fresh credentials) or stops (`None`)
+    /// the relay under this socket. Sockets that cannot hold one say so
+    /// with [`io::ErrorKind::Unsupported`].
+    fn set_relay(&mut self, _settings: Option<crate::relay::RelaySettings>) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket cannot hold a TURN relay",
+        ))
+    }
 }
 
 /// The monotonic clock the engine is driven on.

@@ -564,4 +564,107 @@ mod tests {
         assert!(before_wait[last_read..].contains(&"udp flush"), "{log:?}");
         assert!(before_wait[last_read..].contains(&"tun flush"), "{log:?}");
     }
+
+    /// A TUN that never has a packet.
+    struct IdleTun;
+
+    impl TunDevice for IdleTun {
+        async fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+            std::future::pending().await
+        }
+
+        async fn send(&mut self, _packet: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn try_recv(&mut self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
+            None
+        }
+
+        fn flush(&mut self) {}
+    }
+
+    fn engine_with_key(byte: u8) -> Engine {
+        Engine::new(
+            EngineConfig::new(
+                NodePrivateKey::from_bytes([byte; 32]),
+                DiscoPrivateKey::from_bytes([byte.wrapping_add(1); 32]),
+            ),
+            TokioClock.now(),
+            1,
+        )
+    }
+
+    /// A key change replaces the engine; the OS's problems the old one
+    /// knew stay in status, with when they were first reported.
+    #[tokio::test]
+    async fn health_problems_survive_the_engine_replaced_after_a_key_change() {
+        use wgmesh_core::{HealthReport, HealthSeverity, HealthSubsystem, ReconfigOutcome};
+        let socket = QuietSocket {
+            log: Log::default(),
+        };
+        let (run, handle) = run_driver(engine_with_key(1), IdleTun, socket, TokioClock, LogEffects);
+        let running = tokio::spawn(run);
+        handle
+            .health_reporter()
+            .report(HealthReport::failed(
+                HealthSubsystem::Router,
+                HealthSeverity::Error,
+                "route 10.1.0.0/16: the kernel refused it",
+            ))
+            .await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let before = handle.status().await.unwrap();
+        assert_eq!(before.health.len(), 1);
+
+        let (reply, answered) = oneshot::channel();
+        handle
+            .send(Control::Replace {
+                engine: Box::new(engine_with_key(9)),
+                reconfig: Box::new(wgmesh_core::Reconfig {
+                    wireguard: Some(wgmesh_core::WgConfig::default()),
+                    router: Some(wgmesh_core::RouterConfig::default()),
+                    dns: Some(wgmesh_core::DnsConfig::default()),
+                    ..wgmesh_core::Reconfig::default()
+                }),
+                reply,
+            })
+            .await
+            .unwrap();
+        let outcome: Result<ReconfigOutcome, _> = answered.await.unwrap();
+        assert!(outcome.is_ok(), "{outcome:?}");
+        let after = handle.status().await.unwrap();
+        assert_eq!(
+            after.node_key,
+            NodePrivateKey::from_bytes([9; 32]).public_key()
+        );
+        // (The test socket adds its own warning: it has no PMTU option.)
+        let issue = after
+            .health
+            .iter()
+            .find(|h| h.subsystem == HealthSubsystem::Router)
+            .expect("the problem was carried over");
+        assert_eq!(issue.problem.severity, HealthSeverity::Error);
+        assert!(
+            issue.since_ago >= Duration::from_millis(100),
+            "the first report's time is kept: {:?}",
+            issue.since_ago
+        );
+        // Cleared on the new engine like any problem.
+        handle
+            .health_reporter()
+            .report(HealthReport::ok(HealthSubsystem::Router))
+            .await;
+        assert!(
+            handle
+                .status()
+                .await
+                .unwrap()
+                .health
+                .iter()
+                .all(|h| h.subsystem != HealthSubsystem::Router)
+        );
+        drop(handle);
+        let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+    }
 }

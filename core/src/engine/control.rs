@@ -65,6 +65,15 @@ impl Engine {
         }
     }
 
+    /// Takes over `previous`'s current health problems, each with when it
+    /// was first reported. The daemon replaces its engine when the private
+    /// key changes, and the OS's problems (a route the kernel refuses, a
+    /// read-only resolv.conf) do not go away with the key: without this the
+    /// new engine would show a healthy node until each fails again.
+    pub fn carry_health_from(&mut self, previous: &Engine) {
+        self.health = previous.health.clone();
+    }
+
     /// Keeps the reported problem of a subsystem, or clears it. A report
     /// repeating the current problem keeps its first time, so status says
     /// since when the subsystem has been failing.

@@ -320,3 +320,83 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn control_nat_settings_become_the_engines_and_the_sockets() {
+    let relayed = SocketAddr::from(([198, 51, 100, 1], 49170));
+    let mut with_relay = peer(2);
+    with_relay.relay = Some(relayed);
+    let mut map = netmap(vec![peer(1), with_relay]);
+    map.nat = NatMap {
+        stun_servers: vec![SocketAddr::from(([198, 51, 100, 1], 3478))],
+        relay: Some(wgmesh_control::RelayCredentials {
+            server: SocketAddr::from(([198, 51, 100, 1], 3478)),
+            username: "1700003600:me".into(),
+            password: "pw".into(),
+            expires: wgmesh_control::Timestamp::from_unix_secs(1_700_003_600),
+        }),
+    };
+    let nat = nat_config(&map);
+    assert_eq!(nat.stun_servers, map.nat.stun_servers);
+    assert_eq!(
+        nat.peer_relays,
+        vec![PeerRelay {
+            peer: node_public_key(&peer(2).node_key),
+            addr: relayed,
+        }]
+    );
+    // The engine takes them as they are.
+    let mut engine = engine();
+    #[allow(clippy::disallowed_methods)]
+    let now = Instant::now();
+    let _outcome = engine
+        .reconfig(now, &reconfig_from_netmap(&map, &LocalSettings::default()))
+        .unwrap();
+    engine
+        .handle_input(now, wgmesh_core::Input::SetNat(nat))
+        .unwrap();
+
+    let before = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let settings = relay_settings(&map.nat, before).expect("valid credentials");
+    assert_eq!(settings.server, SocketAddr::from(([198, 51, 100, 1], 3478)));
+    match settings.credentials {
+        RelayCredentialSource::Issued {
+            username, expires, ..
+        } => {
+            assert_eq!(username, "1700003600:me");
+            assert_eq!(expires, UNIX_EPOCH + Duration::from_secs(1_700_003_600));
+        }
+        RelayCredentialSource::SharedSecret { .. } => panic!("control's credentials are issued"),
+    }
+    // Expired ones (a cached netmap's) are not used; no relay, no settings.
+    let after = UNIX_EPOCH + Duration::from_secs(1_700_003_600);
+    assert!(relay_settings(&map.nat, after).is_none());
+    assert!(relay_settings(&NatMap::default(), before).is_none());
+}
+
+#[test]
+fn only_deltas_that_name_relays_or_nat_settings_touch_the_nat_config() {
+    let mut change = PeerChange::new(peer(1).node_key);
+    change.online = Some(false);
+    let quiet = NetmapDelta {
+        peers_changed: vec![change.clone()],
+        ..NetmapDelta::default()
+    };
+    assert!(!delta_touches_nat(&quiet));
+    change.relay = Some(None);
+    let relay_gone = NetmapDelta {
+        peers_changed: vec![change],
+        ..NetmapDelta::default()
+    };
+    assert!(delta_touches_nat(&relay_gone));
+    let new_nat = NetmapDelta {
+        nat: Some(NatMap::default()),
+        ..NetmapDelta::default()
+    };
+    assert!(delta_touches_nat(&new_nat));
+    let removed = NetmapDelta {
+        peers_removed: vec![peer(1).node_key],
+        ..NetmapDelta::default()
+    };
+    assert!(delta_touches_nat(&removed));
+}
