@@ -30,6 +30,9 @@ counters! {
     datagrams_in,
     /// Datagrams handed out for sending.
     datagrams_out,
+    /// Datagrams also sent over the peer's relay because the best path was
+    /// a direct one whose trust had lapsed (counted in `datagrams_out` too).
+    sent_via_relay_too,
     /// Drop: a TUN packet too short for its IP header.
     drop_tun_truncated,
     /// Drop: a TUN packet with an IP version other than 4 or 6.

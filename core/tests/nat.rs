@@ -642,3 +642,26 @@ fn traffic_moves_to_the_relay_when_the_direct_path_dies_and_back_when_it_returns
         assert_eq!(w.delivered(1, format!("healed-{k}.").as_bytes()).len(), 1);
     }
 }
+
+#[test]
+fn a_wake_after_the_direct_path_lapsed_unseen_goes_over_the_relay_too() {
+    let mut w = World::new([Mapping::EndpointIndependent; 2]);
+    w.start();
+    w.run_for(Duration::from_secs(1));
+    traffic(&mut w, Duration::from_secs(5), b"warm");
+    assert_eq!(w.peer_status(0).endpoint, Some(w.public(1)));
+    assert_eq!(w.nodes[0].engine.counters().sent_via_relay_too, 0);
+
+    // Idle past the disco heartbeats and the trust window (the session
+    // itself is still valid), then the direct path dies without anyone
+    // seeing it, as a NAT mapping that lapsed during the idle period does.
+    w.run_for(Duration::from_secs(90));
+    w.direct_cut = true;
+    w.send_udp(0, 1, b"wake");
+    w.run_for(Duration::from_millis(500));
+    // The direct path was untrusted, so the datagram went over the relay as
+    // well (as the reference sends to its best address and DERP then), and
+    // arrived although the direct copy was lost.
+    assert_eq!(w.delivered(1, b"wake").len(), 1);
+    assert!(w.nodes[0].engine.counters().sent_via_relay_too >= 1);
+}

@@ -229,7 +229,7 @@ impl Engine {
                 wg.timers.on_data_sent(now);
                 peer.tx_bytes += packet.len() as u64;
                 buf.truncate(len);
-                self.transmit_to_peer(slot, buf);
+                self.transmit_to_peer(now, slot, buf);
             }
             Encapsulated::Initiation { len } => {
                 // The session went away between the check and the call
@@ -239,7 +239,7 @@ impl Engine {
                 wg.timers.on_initiation_sent(now);
                 self.counters.handshake_initiations_sent += 1;
                 buf.truncate(len);
-                self.transmit_to_peer(slot, buf);
+                self.transmit_to_peer(now, slot, buf);
             }
             Encapsulated::Queued => self.buffers.recycle(buf),
             Encapsulated::Error(e) => {
@@ -319,7 +319,7 @@ impl Engine {
                 wg.timers.on_initiation_sent(now);
                 self.counters.handshake_initiations_sent += 1;
                 let buf = self.buffers.copy_of_wg_scratch(len);
-                self.transmit_to_peer(slot, buf);
+                self.transmit_to_peer(now, slot, buf);
             }
             Initiated::InProgress => {}
             Initiated::Error(e) => self.count_wg_error(e),
@@ -330,13 +330,33 @@ impl Engine {
     /// disco path; before any path answered, the peer's relay if it has
     /// one (the one path that needs no NAT to be open, as the reference
     /// sends to DERP then); else where WireGuard last heard it from.
-    pub(super) fn transmit_to_peer(&mut self, slot: PeerSlot, data: Vec<u8>) {
+    ///
+    /// While the best path is a direct one whose trust has lapsed, a copy
+    /// also goes over the peer's relay, as the reference sends to both its
+    /// best address and DERP then: the direct path may have died unseen (a
+    /// NAT mapping that expired during an idle period), and the first
+    /// packets of a wake must not be lost on it while disco finds out.
+    pub(super) fn transmit_to_peer(&mut self, now: Instant, slot: PeerSlot, data: Vec<u8>) {
         let peer = &self.peers[slot];
+        let relay = self.nat.relays.get(&peer.config.public_key).copied();
         let endpoint = self
             .disco
             .best_endpoint(slot)
-            .or_else(|| self.nat.relays.get(&peer.config.public_key).copied())
+            .or(relay)
             .or(peer.wg.as_ref().and_then(|w| w.endpoint));
+        if let Some(relay) = relay
+            && endpoint != Some(relay)
+            && self.disco.best_is_untrusted_direct(slot, now)
+        {
+            let mut copy = self.buffers.empty();
+            copy.extend_from_slice(&data);
+            self.counters.datagrams_out += 1;
+            self.counters.sent_via_relay_too += 1;
+            self.outputs.push_back(Output::Transmit(Transmit {
+                dst: relay,
+                data: copy,
+            }));
+        }
         match endpoint {
             Some(dst) => {
                 self.counters.datagrams_out += 1;

@@ -255,13 +255,13 @@ impl Engine {
                 wg.timers.on_initiation_sent(now);
                 self.counters.handshake_initiations_sent += 1;
                 let buf = self.buffers.copy_of_wg_scratch(len);
-                self.transmit_to_peer(slot, buf);
+                self.transmit_to_peer(now, slot, buf);
             }
             TimerAction::SendKeepalive { len } => {
                 wg.timers.on_keepalive_sent(now);
                 self.counters.keepalives_sent += 1;
                 let buf = self.buffers.copy_of_wg_scratch(len);
-                self.transmit_to_peer(slot, buf);
+                self.transmit_to_peer(now, slot, buf);
             }
             TimerAction::Expired => {
                 if wg.timers.on_expired() {

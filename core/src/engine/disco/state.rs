@@ -186,6 +186,15 @@ impl DiscoState {
             .and_then(|p| p.best.map(|(addr, _)| addr))
     }
 
+    /// Whether the peer's best path is a direct one whose trust has lapsed
+    /// (no pong within the trust window): the path may be dead, for example
+    /// a NAT mapping that expired while the peer was idle.
+    pub(crate) fn best_is_untrusted_direct(&self, slot: PeerSlot, now: Instant) -> bool {
+        self.peers.get(&slot).is_some_and(|p| {
+            p.best.is_some_and(|(addr, _)| !p.is_relay(addr)) && !p.best_trusted(now)
+        })
+    }
+
     /// Whether the peer has any disco candidates at all.
     pub(crate) fn has_candidates(&self, slot: PeerSlot) -> bool {
         self.peers
