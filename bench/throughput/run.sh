@@ -185,8 +185,15 @@ file_tag() { local t=${1//[:\/#]/_}; echo "$t"; }
 IMPLS+=(veth)
 if [ -n "${BENCH_ONLY:-}" ]; then
     kept=()
+    # An implementation named in BENCH_ONLY keeps its 4-flow row too (when
+    # BENCH_P4 asks for one), so a short run still prints the -P 4 figures.
     for impl in "${IMPLS[@]}"; do
-        for want in $BENCH_ONLY; do [ "$impl" = "$want" ] && kept+=("$impl"); done
+        for want in $BENCH_ONLY; do
+            if [ "$impl" = "$want" ] || [ "${BASE_OF[$impl]:-}" = "$want" ]; then
+                kept+=("$impl")
+                break
+            fi
+        done
     done
     IMPLS=("${kept[@]}")
 fi

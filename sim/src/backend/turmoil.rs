@@ -55,6 +55,15 @@ use crate::world::spec::node_knobs;
 use crate::world::{CONTROL_SEED_STREAM, EPOCH_SECS, KEY_STREAM, rng_stream};
 use rand_core::RngCore;
 
+/// How many datagrams a node's socket holds before turmoil drops more: the
+/// daemon asks the kernel for `SOCKET_BUFFER_BYTES` of receive buffer, and a
+/// full-sized datagram costs about 2 KiB of it. Turmoil's default (64) is a
+/// socket far smaller than the daemon's: a hub whose 60 peers answer its
+/// handshakes at one instant (a response and a disco message each) lost the
+/// answers beyond the 64th and retried 5 s later, which the event backend
+/// (no receive limit) and a real node do not.
+const SOCKET_RECEIVE_DATAGRAMS: usize = wgmesh_adapters::udp::SOCKET_BUFFER_BYTES / 2048;
+
 fn unsupported(what: &str) -> RunError {
     RunError::BackendUnavailable(
         "turmoil",
@@ -207,6 +216,7 @@ fn simulate(scenario: &Scenario, seed: u64, keep: Keep) -> Report {
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(scenario.network.latency)
         .max_message_latency(scenario.network.latency)
+        .udp_capacity(SOCKET_RECEIVE_DATAGRAMS)
         .build();
 
     for (i, spec) in scenario.nodes.iter().enumerate() {
