@@ -82,8 +82,8 @@ pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunErro
         ));
     }
     for n in &scenario.nodes {
-        if n.fake_icmp_echo || n.persistent_keepalive_secs.is_some() {
-            return Err(unsupported("a node with fake ICMP or keepalives"));
+        if n.fake_icmp_echo {
+            return Err(unsupported("a node with fake ICMP"));
         }
     }
     for a in &scenario.actions {
@@ -126,7 +126,17 @@ fn control_plane(scenario: &Scenario, seed: u64, keys: &[NodePrivateKey]) -> Con
         .unwrap_or_else(wgmesh_control::Policy::allow_all);
     let control_seed = rng_stream(seed, CONTROL_SEED_STREAM).next_u64();
     let host = ControlHost::new(control_seed, policy, &public);
-    let keepalives: BTreeMap<_, u16> = BTreeMap::new();
+    // The persistent keepalive each node's peers configure for it, as the
+    // event backend's control plane sends it.
+    let keepalives: BTreeMap<_, u16> = scenario
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, spec)| {
+            spec.persistent_keepalive_secs
+                .map(|secs| (control_key(&public[i]), secs))
+        })
+        .collect();
     let clients = scenario
         .nodes
         .iter()
@@ -150,7 +160,6 @@ fn control_plane(scenario: &Scenario, seed: u64, keys: &[NodePrivateKey]) -> Con
         .iter()
         .map(|spec| LocalSettings {
             knobs: node_knobs(spec, &scenario.knobs),
-            // Nodes with keepalives are refused up front (see `run`).
             keepalives: keepalives.clone(),
             deltas_as_reconfig: true,
         })
