@@ -338,15 +338,21 @@ impl Engine {
     /// packets of a wake must not be lost on it while disco finds out.
     pub(super) fn transmit_to_peer(&mut self, now: Instant, slot: PeerSlot, data: Vec<u8>) {
         let peer = &self.peers[slot];
-        let relay = self.nat.relays.get(&peer.config.public_key).copied();
-        let endpoint = self
-            .disco
-            .best_endpoint(slot)
-            .or(relay)
-            .or(peer.wg.as_ref().and_then(|w| w.endpoint));
-        if let Some(relay) = relay
+        let (best, best_untrusted_direct) = match self.disco.best_path(slot, now) {
+            Some((addr, untrusted_direct)) => (Some(addr), untrusted_direct),
+            None => (None, false),
+        };
+        // The relay is looked up only when it can be used: no best path yet,
+        // or a best path that may be dead.
+        let relay = if best.is_none() || best_untrusted_direct {
+            self.nat.relays.get(&peer.config.public_key).copied()
+        } else {
+            None
+        };
+        let endpoint = best.or(relay).or(peer.wg.as_ref().and_then(|w| w.endpoint));
+        if best_untrusted_direct
+            && let Some(relay) = relay
             && endpoint != Some(relay)
-            && self.disco.best_is_untrusted_direct(slot, now)
         {
             let mut copy = self.buffers.empty();
             copy.extend_from_slice(&data);

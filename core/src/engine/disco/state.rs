@@ -186,13 +186,14 @@ impl DiscoState {
             .and_then(|p| p.best.map(|(addr, _)| addr))
     }
 
-    /// Whether the peer's best path is a direct one whose trust has lapsed
-    /// (no pong within the trust window): the path may be dead, for example
-    /// a NAT mapping that expired while the peer was idle.
-    pub(crate) fn best_is_untrusted_direct(&self, slot: PeerSlot, now: Instant) -> bool {
-        self.peers.get(&slot).is_some_and(|p| {
-            p.best.is_some_and(|(addr, _)| !p.is_relay(addr)) && !p.best_trusted(now)
-        })
+    /// The best trusted-or-last-known path to the peer, and whether it is a
+    /// direct one whose trust has lapsed (no pong within the trust window):
+    /// such a path may be dead, for example a NAT mapping that expired while
+    /// the peer was idle. One lookup, for the send path.
+    pub(crate) fn best_path(&self, slot: PeerSlot, now: Instant) -> Option<(SocketAddr, bool)> {
+        let peer = self.peers.get(&slot)?;
+        let (addr, _) = peer.best?;
+        Some((addr, !peer.is_relay(addr) && !peer.best_trusted(now)))
     }
 
     /// Whether the peer has any disco candidates at all.

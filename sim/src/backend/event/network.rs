@@ -103,6 +103,20 @@ impl Tailnet {
             );
             return;
         };
+        self.deliver_if_up(j, from, from_name, kind, size, data);
+    }
+
+    /// Hands a datagram that reached node `j` to its engine, or drops it
+    /// (counted and traced) while the node's link is down or it restarts.
+    fn deliver_if_up(
+        &mut self,
+        j: usize,
+        from: SocketAddr,
+        from_name: String,
+        kind: &str,
+        size: usize,
+        data: Vec<u8>,
+    ) {
         if !self.nodes[j].link_up || self.nodes[j].engine.is_none() {
             self.stats.dropped_link_down += 1;
             self.log(
@@ -332,17 +346,7 @@ impl Tailnet {
             );
             return;
         }
-        if !self.nodes[j].link_up || self.nodes[j].engine.is_none() {
-            self.stats.dropped_link_down += 1;
-            self.log(
-                Some(j),
-                Category::Packet,
-                "rx-drop",
-                format!("<- {from_name} {kind} {size}B down"),
-            );
-            return;
-        }
-        self.deliver(j, from, from_name, data);
+        self.deliver_if_up(j, from, from_name, kind, size, data);
     }
 
     /// The `nat_rebind` action: node `i`'s NAT box forgets its mappings.
