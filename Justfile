@@ -94,3 +94,9 @@ demo:
 # wall time, peak heap per node and the churn and traffic figures.
 soak:
     cargo test --release --locked -p wgmesh-sim --test soak -- --ignored --nocapture --exact soak_200_nodes_24_virtual_hours
+
+# The committed files too slow on the turmoil backend for every `cargo test`
+# (see SLOW_ON_TURMOIL in sim/tests/common/mod.rs), run there too: every
+# file on every backend it lists, and both backends compared at seeds 1-5.
+sim-slow:
+    WGMESH_SIM_SLOW=1 cargo test --release --locked -p wgmesh-sim --test scenarios --test backends -- --nocapture

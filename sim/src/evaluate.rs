@@ -367,12 +367,19 @@ pub(crate) fn evaluate_outcomes(
             )
         },
     });
+    let queue_refusals = |node: usize| {
+        ["drop_queue_overflow", "drop_queue_budget_exceeded"]
+            .iter()
+            .map(|name| (net.counter)(Some(node), name, CounterScope::Total).unwrap_or(0))
+            .sum()
+    };
     checks.extend(crate::liveness::liveness_checks(
         scenario,
         seed,
         net.streams,
         net.flows,
         net.pings,
+        &queue_refusals,
     ));
     let unfinished = net.pings.iter().filter(|p| p.result.is_none()).count();
     checks.push(Check {
@@ -386,9 +393,9 @@ pub(crate) fn evaluate_outcomes(
         .iter()
         .map(|(k, v)| (k.to_string(), *v as f64))
         .collect();
-    // Handshakes refused as replays: in the simulator these come from the
-    // TAI64N caveat (see sim/README.md), the one place where the wall clock
-    // can reach a run, so a run with any of them deserves a second look.
+    // Handshakes refused as replays. With the simulated wall clock (see
+    // sim/README.md) only a replayed or reordered initiation causes one, so
+    // a run with any of them deserves a second look.
     let stale = (net.counter)(None, "drop_wg_stale_timestamp", CounterScope::Total).unwrap_or(0);
     metrics.push(("stale_timestamp_drops".into(), stale as f64));
     metrics.push(("nodes".into(), net.nodes as f64));

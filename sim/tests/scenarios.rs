@@ -1,7 +1,11 @@
 //! Every scenario in `sim/scenarios/` and every corpus entry in `corpus/`
 //! runs here, on each backend it lists: a new file is a new case. A file
 //! with `known_bug` may fail; when it passes the suite prints a note that
-//! the bug looks fixed and the marker should go.
+//! the bug looks fixed and the marker should go. A backend that refuses a
+//! file it lists is a failure. The turmoil runs of the files in
+//! [`common::SLOW_ON_TURMOIL`] need `WGMESH_SIM_SLOW=1`.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +35,10 @@ fn check_file(path: &Path) -> Vec<String> {
     };
     let mut problems = Vec::new();
     for backend in &scenario.backends {
+        if *backend == Backend::Turmoil && common::skip_on_turmoil(path) {
+            eprintln!("{}: turmoil run left to WGMESH_SIM_SLOW=1", path.display());
+            continue;
+        }
         let report = match run(
             &scenario,
             RunOptions {
@@ -40,12 +48,8 @@ fn check_file(path: &Path) -> Vec<String> {
             },
         ) {
             Ok(r) => r,
-            Err(e) if *backend == Backend::Turmoil => {
-                eprintln!("{}: skipping turmoil: {e}", path.display());
-                continue;
-            }
             Err(e) => {
-                problems.push(format!("{}: {e}", path.display()));
+                problems.push(format!("{} on {}: {e}", path.display(), backend.as_str()));
                 continue;
             }
         };

@@ -21,9 +21,10 @@
 //! engine call on this backend wraps that host's future.
 //!
 //! This backend supports every action but `set_allowed_ips`, every check,
-//! latency, the control delay, subnets and random churn. Nodes with fake
-//! ICMP or keepalives, loss and jitter are refused up front rather than
-//! simulated differently. Its invariant checks are the ones visible
+//! latency, random loss and jitter (drawn by the network model, the same
+//! draws as the event backend's), the control delay, subnets and random
+//! churn. Nodes with fake ICMP are refused up front rather than simulated
+//! differently. Its invariant checks are the ones visible
 //! from outside the driver: every ping ends exactly once within 10 s.
 
 mod control;
@@ -73,14 +74,6 @@ fn unsupported(what: &str) -> RunError {
 
 /// Runs a scenario on the turmoil backend.
 pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunError> {
-    // Loss and jitter are the network model's on this backend (turmoil's
-    // own draws would differ from the event backend's).
-    let modelled = crate::world::fabric::needed(&scenario.network, &scenario.nodes);
-    if !modelled && (scenario.network.loss > 0.0 || !scenario.network.jitter.is_zero()) {
-        return Err(unsupported(
-            "loss or jitter without the network model (add a [[link]] or a NAT)",
-        ));
-    }
     for n in &scenario.nodes {
         if n.fake_icmp_echo {
             return Err(unsupported("a node with fake ICMP"));

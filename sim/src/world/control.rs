@@ -126,6 +126,13 @@ pub(crate) enum FromControl {
         /// The stream.
         stream: StreamId,
     },
+    /// The request was carried out (an endpoint update: the client sends
+    /// it again until it hears this, as an HTTP client retries a request
+    /// whose answer never came).
+    Accepted {
+        /// Which request.
+        request: &'static str,
+    },
     /// The request was refused (the server is down, or said no).
     Refused {
         /// Which request.
@@ -142,6 +149,7 @@ impl FromControl {
             FromControl::Map { bytes, .. } => ("map", bytes.len()),
             FromControl::KeepAlive { .. } => ("keepalive", 0),
             FromControl::Closed { .. } => ("closed", 0),
+            FromControl::Accepted { .. } => ("accepted", 0),
             FromControl::Refused { .. } => ("refused", 0),
         }
     }
@@ -345,6 +353,14 @@ impl ControlHost {
                 format!("{kind} refused: {e}")
             }
         };
+        if kind == "endpoint-update" && result.is_ok() {
+            out.push((
+                from,
+                FromControl::Accepted {
+                    request: "endpoint-update",
+                },
+            ));
+        }
         if let Err(e) = &result {
             if !matches!(kind, "disconnect" | "endpoint-update") {
                 out.push((
@@ -623,6 +639,11 @@ pub(crate) struct ControlClient {
     endpoints_requested: Vec<SocketAddr>,
     phase: Phase,
     deadline: Option<Duration>,
+    /// When an endpoint update sent on the stream is sent again unless the
+    /// server accepted it by then: without it, one lost update left peers
+    /// with the old endpoint for good (`sim/tests/soak.rs`: three pairs
+    /// never answered after a node moved).
+    endpoints_unconfirmed: Option<Duration>,
     backoff: Duration,
     netmap: Option<Netmap>,
     next_seq: u64,
@@ -650,6 +671,7 @@ impl ControlClient {
             endpoints_requested: Vec::new(),
             phase: Phase::Backoff,
             deadline: None,
+            endpoints_unconfirmed: None,
             backoff: RETRY_FIRST,
             netmap: None,
             next_seq: 0,
@@ -659,7 +681,21 @@ impl ControlClient {
 
     /// When [`ControlClient::on_timer`] has work.
     pub(crate) fn deadline(&self) -> Option<Duration> {
-        self.deadline
+        match (self.deadline, self.endpoints_unconfirmed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The endpoint update of the open stream's connection, which is sent
+    /// again at `now` plus [`REQUEST_TIMEOUT`] unless accepted by then.
+    fn endpoint_update(&mut self, now: Duration) -> ClientAction {
+        self.endpoints_unconfirmed = Some(now + REQUEST_TIMEOUT);
+        ClientAction::Send(ToControl::Endpoints(EndpointUpdate {
+            node_key: self.node_key,
+            endpoints: self.endpoints.clone(),
+            relay: None,
+        }))
     }
 
     /// The open stream, when there is one.
@@ -699,6 +735,8 @@ impl ControlClient {
             })));
         }
         self.endpoints_requested = self.endpoints.clone();
+        // The map request carries the endpoints.
+        self.endpoints_unconfirmed = None;
         out.push(ClientAction::Send(ToControl::Map(MapRequest {
             node_key: self.node_key,
             disco_key: wgmesh_control::DiscoKey(*self.disco.as_bytes()),
@@ -721,9 +759,26 @@ impl ControlClient {
 
     /// The deadline passed.
     pub(crate) fn on_timer(&mut self, now: Duration, auth_key: &str) -> Vec<ClientAction> {
-        if self.deadline.is_none_or(|d| d > now) {
-            return Vec::new();
+        let mut out = Vec::new();
+        if self.endpoints_unconfirmed.is_some_and(|d| d <= now) {
+            self.endpoints_unconfirmed = None;
+            if matches!(self.phase, Phase::Streaming { .. }) {
+                out.push(ClientAction::Log(
+                    "control-retry",
+                    "endpoint update unanswered; sending it again".into(),
+                ));
+                out.push(self.endpoint_update(now));
+            }
         }
+        if self.deadline.is_none_or(|d| d > now) {
+            return out;
+        }
+        out.extend(self.on_deadline(now, auth_key));
+        out
+    }
+
+    /// The connection's own deadline passed.
+    fn on_deadline(&mut self, now: Duration, auth_key: &str) -> Vec<ClientAction> {
         match self.phase {
             Phase::Backoff => self.connect(now, auth_key),
             Phase::Requesting => self.back_off(now, "map request unanswered".into()),
@@ -733,19 +788,17 @@ impl ControlClient {
 
     /// The node's endpoints changed: it tells the server (on its stream's
     /// connection, or with its next map request).
-    pub(crate) fn endpoints_changed(&mut self, endpoints: Vec<SocketAddr>) -> Vec<ClientAction> {
+    pub(crate) fn endpoints_changed(
+        &mut self,
+        now: Duration,
+        endpoints: Vec<SocketAddr>,
+    ) -> Vec<ClientAction> {
         if endpoints == self.endpoints {
             return Vec::new();
         }
-        self.endpoints = endpoints.clone();
+        self.endpoints = endpoints;
         match self.phase {
-            Phase::Streaming { .. } => {
-                vec![ClientAction::Send(ToControl::Endpoints(EndpointUpdate {
-                    node_key: self.node_key,
-                    endpoints,
-                    relay: None,
-                }))]
-            }
+            Phase::Streaming { .. } => vec![self.endpoint_update(now)],
             Phase::Backoff | Phase::Requesting => Vec::new(),
         }
     }
@@ -793,6 +846,12 @@ impl ControlClient {
                 }
                 self.backoff = RETRY_FIRST;
                 self.back_off(now, "map stream closed by the server".into())
+            }
+            FromControl::Accepted { request } => {
+                if request == "endpoint-update" {
+                    self.endpoints_unconfirmed = None;
+                }
+                Vec::new()
             }
             FromControl::Refused { request, reason } => {
                 if request == "map-request" || request == "register" {
@@ -865,11 +924,7 @@ impl ControlClient {
                 ];
                 if self.endpoints != self.endpoints_requested {
                     self.endpoints_requested = self.endpoints.clone();
-                    out.push(ClientAction::Send(ToControl::Endpoints(EndpointUpdate {
-                        node_key: self.node_key,
-                        endpoints: self.endpoints.clone(),
-                        relay: None,
-                    })));
+                    out.push(self.endpoint_update(now));
                 }
                 out
             }

@@ -36,15 +36,25 @@ pub fn outside_ip(index: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, hi, lo))
 }
 
-/// Whether `network` and `nodes` ask for anything only the fabric models
-/// (otherwise a backend keeps its plain shared-latency network, so older
-/// scenarios' traces do not change).
-pub fn needed(network: &NetworkSpec, nodes: &[NodeSpec]) -> bool {
+/// Whether `network` and `nodes` ask for what only the full model has: NAT
+/// boxes, the servers or per-link settings. Engines then learn their
+/// endpoints from the model (their local one, and what STUN reflects), as
+/// the daemon's do. Otherwise a node keeps its one endpoint, so older
+/// scenarios' traces do not change.
+pub fn models_endpoints(network: &NetworkSpec, nodes: &[NodeSpec]) -> bool {
     network.stun
         || network.relay
         || network.burst.is_some()
         || !network.links.is_empty()
         || nodes.iter().any(|n| n.nat.is_some())
+}
+
+/// Whether datagrams go through the fabric at all: with the full model, and
+/// whenever the network loses or delays datagrams at random. Each direction
+/// of each hop then draws from its own stream, so both backends lose and
+/// delay the same datagrams however they order what is sent at one instant.
+pub fn routes(network: &NetworkSpec, nodes: &[NodeSpec]) -> bool {
+    models_endpoints(network, nodes) || network.loss > 0.0 || !network.jitter.is_zero()
 }
 
 /// Whether `network` loses datagrams anywhere (a link's loss, or bursts),
@@ -190,6 +200,18 @@ impl Fabric {
     fn drop(&mut self, why: &'static str) -> Routed {
         self.count(why);
         Routed::Drop(why)
+    }
+
+    /// Whether a message between node `i` and the coordination server is
+    /// lost to the network's loss (`toward_server` gives its direction).
+    /// Each node's two directions draw from streams of their own.
+    pub fn control_lost(&mut self, i: usize, toward_server: bool) -> bool {
+        let (from, to) = if toward_server {
+            (Hop::Node(i), Hop::Control)
+        } else {
+            (Hop::Control, Hop::Node(i))
+        };
+        self.links.cross(from, to).is_none()
     }
 
     /// Node `i`'s box forgets its mappings (a rebinding: new outside ports

@@ -72,6 +72,10 @@ pub enum Hop {
     Node(usize),
     /// The STUN server or the relay.
     Server,
+    /// The coordination server: its messages are lost like datagrams (the
+    /// network's loss, never a link's latency: they take the node's control
+    /// delay).
+    Control,
 }
 
 /// The links' state: each direction's Gilbert-Elliott state and random
@@ -97,6 +101,7 @@ impl Hop {
         match self {
             Hop::Server => 0,
             Hop::Node(i) => i as u64 + 1,
+            Hop::Control => u64::from(u32::MAX),
         }
     }
 }

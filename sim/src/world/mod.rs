@@ -33,8 +33,9 @@ pub use traffic::{FLOW_INITIAL_RTO, FLOW_MAX_ATTEMPTS};
 
 /// The ChaCha stream node and disco keys come from, on both backends.
 pub(crate) const KEY_STREAM: u64 = 1;
-/// The ChaCha stream of the event backend's network (loss and jitter).
-pub(crate) const NETWORK_STREAM: u64 = 2;
+// Stream 2 was the event backend's own network draws (loss and jitter);
+// they are the fabric's now, the same on both backends, and the number is
+// not reused so that no other stream's draws shift.
 /// The ChaCha stream random churn is expanded from.
 pub(crate) const CHURN_STREAM: u64 = 3;
 /// The seed of the coordination server's own RNG (its auth-key secrets).
@@ -49,10 +50,10 @@ pub(crate) fn fabric_seed(seed: u64) -> u64 {
     rand_core::RngCore::next_u64(&mut rng_stream(seed, FABRIC_STREAM))
 }
 
-/// The Unix time (seconds) the simulated wall clock starts from. The turmoil
-/// backend hands it to turmoil; the event backend does not simulate the wall
-/// clock yet, so boringtun's handshake timestamps there read the real one
-/// (see the TAI64N caveat in `sim/README.md`).
+/// The Unix time (seconds) the simulated wall clock starts from, on both
+/// backends: the turmoil backend hands it to turmoil, the event backend
+/// scopes `wgmesh_vclock` to it plus virtual time around every engine call
+/// (boringtun's TAI64N handshake stamps; see `sim/README.md`).
 pub(crate) const EPOCH_SECS: u64 = 1_700_000_000;
 
 /// ChaCha20 seeded with `seed`, on `stream`: each use of randomness draws

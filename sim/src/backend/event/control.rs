@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use rand_core::RngCore;
 use wgmesh_control::Policy;
 use wgmesh_core::{Input, InputOutcome, NodePublicKey, ReconfigOutcome};
 
@@ -18,11 +17,6 @@ use crate::trace::Category;
 use crate::world::control::{
     Apply, ClientAction, FromControl, KEEPALIVE, LocalSettings, Outgoing, ToControl, control_key,
 };
-
-/// A uniform float in `[0, 1)` from 53 random bits.
-fn unit(rng: &mut impl RngCore) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
 
 impl Tailnet {
     /// The one-way latency between node `i` and the server.
@@ -34,13 +28,14 @@ impl Tailnet {
             / 2
     }
 
-    /// Why a message between node `i` and the server is lost now, if it is.
-    fn control_path_drop(&mut self, i: usize) -> Option<&'static str> {
+    /// Why a message between node `i` and the server (toward the server
+    /// when `toward_server`) is lost now, if it is.
+    fn control_path_drop(&mut self, i: usize, toward_server: bool) -> Option<&'static str> {
         if !self.nodes[i].link_up {
             Some("link-down")
         } else if self.control_cut.contains(&i) {
             Some("partition")
-        } else if self.network.loss > 0.0 && unit(&mut self.net_rng) < self.network.loss {
+        } else if self.control_lost(i, toward_server) {
             Some("loss")
         } else {
             None
@@ -59,7 +54,7 @@ impl Tailnet {
     /// Node `i` sends `message` to the server.
     fn send_to_control(&mut self, i: usize, message: ToControl) {
         let kind = message.kind();
-        if let Some(why) = self.control_path_drop(i) {
+        if let Some(why) = self.control_path_drop(i, true) {
             self.stats.control_lost += 1;
             self.log(
                 Some(i),
@@ -89,7 +84,7 @@ impl Tailnet {
     fn send_from_control(&mut self, outgoing: Vec<Outgoing>) {
         for (j, message) in outgoing {
             let (kind, size) = message.describe();
-            if let Some(why) = self.control_path_drop(j) {
+            if let Some(why) = self.control_path_drop(j, false) {
                 self.stats.control_lost += 1;
                 self.log(
                     Some(j),
@@ -154,7 +149,8 @@ impl Tailnet {
     /// Node `i` re-discovered its endpoints: its client reports them.
     pub(super) fn client_endpoints(&mut self, i: usize) {
         let endpoints = vec![self.nodes[i].endpoint];
-        let actions = self.nodes[i].client.endpoints_changed(endpoints);
+        let now = self.now;
+        let actions = self.nodes[i].client.endpoints_changed(now, endpoints);
         self.client_actions(i, actions);
     }
 

@@ -1,11 +1,9 @@
-//! The virtual network on the event backend: latency, jitter, loss,
-//! partitions and links that are down, decided when a datagram is sent.
+//! The virtual network on the event backend: latency, partitions and links
+//! that are down, decided when a datagram is sent; random loss, jitter and
+//! everything else the network model ([`fabric`]) draws.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use rand_chacha::ChaCha20Rng;
-use rand_core::RngCore;
 use wgmesh_core::{Effect, Input};
 
 use super::queue::SimEvent;
@@ -16,11 +14,6 @@ use crate::world::fabric::{self, Fabric, Routed};
 use crate::world::fabric_seed;
 use crate::world::servers::{STUN_SERVER, relayed_node};
 use crate::world::spec::{NetworkSpec, NodeId, NodeSpec};
-
-/// A uniform float in `[0, 1)` from 53 random bits.
-fn unit(rng: &mut ChaCha20Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
 
 impl Tailnet {
     pub(super) fn transmit(&mut self, i: usize, dst: SocketAddr, data: Vec<u8>) {
@@ -42,9 +35,6 @@ impl Tailnet {
             {
                 self.stats.dropped_partition += 1;
                 Some("partition")
-            } else if self.network.loss > 0.0 && unit(&mut self.net_rng) < self.network.loss {
-                self.stats.dropped_loss += 1;
-                Some("loss")
             } else {
                 None
             }
@@ -63,13 +53,9 @@ impl Tailnet {
                 self.recycle(i, data);
             }
             None => {
-                let jitter = if self.network.jitter.is_zero() {
-                    Duration::ZERO
-                } else {
-                    let span = self.network.jitter.as_nanos() as u64 + 1;
-                    Duration::from_nanos(self.net_rng.next_u64() % span)
-                };
-                let at = self.now + self.network.latency + jitter;
+                // Random loss and jitter are the fabric's (see
+                // `fabric::routes`): this network only delays.
+                let at = self.now + self.network.latency;
                 self.log(
                     Some(i),
                     Category::Packet,
@@ -158,6 +144,10 @@ impl Tailnet {
 /// each node's engine last reported as its own endpoints.
 pub(super) struct EventFabric {
     fabric: Fabric,
+    /// Whether engines learn their endpoints from the model (see
+    /// [`fabric::models_endpoints`]); without it the fabric only draws the
+    /// network's loss and jitter.
+    models_endpoints: bool,
     /// Node by node, the endpoints its engine last reported (empty until
     /// it reports any).
     endpoints: Vec<Vec<SocketAddr>>,
@@ -166,8 +156,9 @@ pub(super) struct EventFabric {
 impl EventFabric {
     /// The model for a run, if the scenario asks for one.
     pub(super) fn for_run(seed: u64, network: &NetworkSpec, nodes: &[NodeSpec]) -> Option<Self> {
-        fabric::needed(network, nodes).then(|| Self {
+        fabric::routes(network, nodes).then(|| Self {
             fabric: Fabric::new(network, nodes, fabric_seed(seed)),
+            models_endpoints: fabric::models_endpoints(network, nodes),
             endpoints: vec![Vec::new(); nodes.len()],
         })
     }
@@ -200,7 +191,7 @@ impl Tailnet {
     /// model, its one endpoint otherwise.
     pub(super) fn own_endpoints(&self, i: usize) -> Vec<SocketAddr> {
         match &self.fabric {
-            Some(f) if !f.endpoints[i].is_empty() => f.endpoints[i].clone(),
+            Some(f) if f.models_endpoints && !f.endpoints[i].is_empty() => f.endpoints[i].clone(),
             _ => vec![self.nodes[i].endpoint],
         }
     }
@@ -208,7 +199,7 @@ impl Tailnet {
     /// A new engine of node `i` learns the network model's servers and its
     /// own local endpoint, as the daemon tells its engine at start.
     pub(super) fn fabric_engine_started(&mut self, i: usize) {
-        let Some(f) = &mut self.fabric else {
+        let Some(f) = self.fabric.as_mut().filter(|f| f.models_endpoints) else {
             return;
         };
         f.endpoints[i].clear();
@@ -222,7 +213,7 @@ impl Tailnet {
     /// Node `i`'s engine asked for `effect`: with the network model, the
     /// endpoint effects are the model's (returns `true` when handled).
     pub(super) fn fabric_effect(&mut self, i: usize, effect: &Effect) -> bool {
-        let Some(f) = &mut self.fabric else {
+        let Some(f) = self.fabric.as_mut().filter(|f| f.models_endpoints) else {
             return false;
         };
         match effect {
@@ -236,7 +227,8 @@ impl Tailnet {
             Effect::EndpointsChanged(endpoints) => {
                 let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
                 f.endpoints[i] = addrs.clone();
-                let actions = self.nodes[i].client.endpoints_changed(addrs);
+                let now = self.now;
+                let actions = self.nodes[i].client.endpoints_changed(now, addrs);
                 self.client_actions(i, actions);
                 true
             }
@@ -253,6 +245,15 @@ impl Tailnet {
             // by the caller like every other.
             _ => false,
         }
+    }
+
+    /// Whether a message between node `i` and the coordination server is
+    /// lost to the network's random loss (never without the fabric: a
+    /// network that loses datagrams always has one).
+    pub(super) fn control_lost(&mut self, i: usize, toward_server: bool) -> bool {
+        self.fabric
+            .as_mut()
+            .is_some_and(|f| f.fabric.control_lost(i, toward_server))
     }
 
     /// Node `i` sends `data` to `dst` through the network model.

@@ -18,7 +18,7 @@ use crate::world::address::{endpoint, tailnet_ip4, tailnet_ip6};
 use crate::world::control::{ControlClient, ControlHost, KEEPALIVE, control_key};
 use crate::world::records::{FlowRecord, PingRecord, Stats, StreamRecord, Violation};
 use crate::world::spec::{NetworkSpec, NodeId, NodeSpec, node_knobs};
-use crate::world::{CONTROL_SEED_STREAM, KEY_STREAM, NETWORK_STREAM, rng_stream};
+use crate::world::{CONTROL_SEED_STREAM, KEY_STREAM, rng_stream};
 
 /// Events processed within one virtual millisecond before the harness declares a livelock.
 const MAX_EVENTS_PER_INSTANT: u64 = 1_000_000;
@@ -194,7 +194,6 @@ pub struct Tailnet {
     /// are lost, while the other direction travels.
     pub(super) one_way_cuts: BTreeSet<(usize, usize)>,
     pub(super) key_rng: ChaCha20Rng,
-    pub(super) net_rng: ChaCha20Rng,
     pub(super) trace: Trace,
     pub(super) pings: Vec<PingRecord>,
     pub(super) outstanding: BTreeSet<(Duration, usize)>,
@@ -209,7 +208,8 @@ pub struct Tailnet {
     pub(super) scratch: Vec<u8>,
     pub(super) max_steps: u64,
     /// The network model, for a scenario that asks for one (NAT boxes,
-    /// servers, per-link parameters); `None` keeps the plain network.
+    /// servers, per-link parameters, random loss or jitter); `None` keeps
+    /// the plain network, which only delays.
     pub(super) fabric: Option<super::network::EventFabric>,
 }
 
@@ -312,7 +312,6 @@ impl Tailnet {
             partitions: BTreeSet::new(),
             one_way_cuts: BTreeSet::new(),
             key_rng,
-            net_rng: rng_stream(b.seed, NETWORK_STREAM),
             trace: Trace::keeping(b.keep_trace),
             pings: Vec::new(),
             outstanding: BTreeSet::new(),

@@ -3,7 +3,8 @@
 //! hosts, in the outer loop, with their messages on a queue of their own that
 //! the loop drains every tick. A message takes the node's control latency
 //! (half its control delay) and is lost to a node whose link is down or
-//! that is cut from the server; turmoil runs refuse random loss up front.
+//! that is cut from the server, or to the network's random loss (drawn by
+//! the network model, as on the event backend).
 //!
 //! The production driver takes whole reconfigs (it has no peer-delta
 //! request yet), so on this backend a client applies every change of its
@@ -96,10 +97,22 @@ impl ControlPlane {
 }
 
 impl Shared {
+    /// Why a message between node `i` and the server (toward the server
+    /// when `toward_server`) is lost now, if it is: the same reasons in the
+    /// same order as on the event backend, so the loss draws line up.
+    fn control_path_drop(&mut self, i: usize, toward_server: bool) -> Option<&'static str> {
+        self.control.blocked(i).or_else(|| {
+            self.fabric
+                .as_mut()
+                .is_some_and(|f| f.control_lost(i, toward_server))
+                .then_some("loss")
+        })
+    }
+
     /// Node `i` sends `message` to the server.
     fn send_to_control(&mut self, i: usize, message: ToControl) {
         let kind = message.kind();
-        if let Some(why) = self.control.blocked(i) {
+        if let Some(why) = self.control_path_drop(i, true) {
             self.log(
                 Some(i),
                 Category::Control,
@@ -117,7 +130,7 @@ impl Shared {
     fn send_from_control(&mut self, outgoing: Vec<Outgoing>) {
         for (j, message) in outgoing {
             let (kind, size) = message.describe();
-            if let Some(why) = self.control.blocked(j) {
+            if let Some(why) = self.control_path_drop(j, false) {
                 self.log(
                     Some(j),
                     Category::Control,
@@ -170,9 +183,10 @@ impl Shared {
         let started = self.up_at[i].min(tick_now);
         self.now = started;
         let auth_key = self.control.auth_key.clone();
-        let endpoints = match self.fabric {
-            Some(_) => self.own_endpoints(i),
-            None => vec![endpoint],
+        let endpoints = if self.models_endpoints() {
+            self.own_endpoints(i)
+        } else {
+            vec![endpoint]
         };
         let actions = self.control.clients[i].start(started, disco, endpoints, &auth_key);
         self.client_actions(i, actions);
@@ -192,7 +206,7 @@ impl Shared {
 
     /// Node `i` moved to `endpoint`: its client reports it.
     pub(super) fn client_endpoint(&mut self, i: usize, endpoint: SocketAddr) {
-        let actions = self.control.clients[i].endpoints_changed(vec![endpoint]);
+        let actions = self.control.clients[i].endpoints_changed(self.now, vec![endpoint]);
         self.client_actions(i, actions);
     }
 

@@ -35,6 +35,10 @@ struct InFlight {
 /// The network model's state on this backend.
 pub(super) struct TurmoilFabric {
     fabric: Fabric,
+    /// Whether engines learn their endpoints from the model (see
+    /// [`fabric::models_endpoints`]); without it the fabric only draws the
+    /// network's loss and jitter.
+    models_endpoints: bool,
     /// Datagrams on their way, by (due time, sequence).
     in_flight: BTreeMap<(Duration, u64), InFlight>,
     seq: u64,
@@ -47,8 +51,9 @@ pub(super) struct TurmoilFabric {
 impl TurmoilFabric {
     /// The model for a run, if the scenario asks for one.
     pub(super) fn for_run(seed: u64, network: &NetworkSpec, nodes: &[NodeSpec]) -> Option<Self> {
-        fabric::needed(network, nodes).then(|| Self {
+        fabric::routes(network, nodes).then(|| Self {
             fabric: Fabric::new(network, nodes, fabric_seed(seed)),
+            models_endpoints: fabric::models_endpoints(network, nodes),
             in_flight: BTreeMap::new(),
             seq: 0,
             inboxes: vec![None; nodes.len()],
@@ -57,7 +62,21 @@ impl TurmoilFabric {
     }
 }
 
+impl TurmoilFabric {
+    /// Whether a message between node `i` and the coordination server is
+    /// lost to the network's loss.
+    pub(super) fn control_lost(&mut self, i: usize, toward_server: bool) -> bool {
+        self.fabric.control_lost(i, toward_server)
+    }
+}
+
 impl Shared {
+    /// Whether engines learn their endpoints from the network model (with
+    /// NAT boxes, servers or per-link settings), as a daemon's do.
+    pub(super) fn models_endpoints(&self) -> bool {
+        self.fabric.as_ref().is_some_and(|f| f.models_endpoints)
+    }
+
     /// Every node's current endpoint (its turmoil address and port).
     fn inside_endpoints(&self) -> Vec<SocketAddr> {
         self.addresses
@@ -100,7 +119,7 @@ impl Shared {
     /// The NAT settings node `i`'s engine gets (the STUN server, the peers'
     /// relayed addresses), when the run has a network model.
     pub(super) fn fabric_nat_config(&self, i: usize) -> Option<wgmesh_core::NatConfig> {
-        let f = self.fabric.as_ref()?;
+        let f = self.fabric.as_ref().filter(|f| f.models_endpoints)?;
         let keys: Vec<_> = self.keys.iter().map(|k| k.public_key()).collect();
         Some(f.fabric.nat_config(i, &keys))
     }
@@ -110,7 +129,7 @@ impl Shared {
     pub(super) fn own_endpoints(&self, i: usize) -> Vec<SocketAddr> {
         let endpoint = SocketAddr::new(self.addresses[i], self.ports[i]);
         match &self.fabric {
-            Some(f) if !f.endpoints[i].is_empty() => f.endpoints[i].clone(),
+            Some(f) if f.models_endpoints && !f.endpoints[i].is_empty() => f.endpoints[i].clone(),
             _ => vec![endpoint],
         }
     }
@@ -120,7 +139,7 @@ impl Shared {
         if let Some(f) = self.fabric.as_mut() {
             f.endpoints[i] = endpoints.clone();
         }
-        let actions = self.control.clients[i].endpoints_changed(endpoints);
+        let actions = self.control.clients[i].endpoints_changed(self.now, endpoints);
         self.client_actions(i, actions);
     }
 

@@ -138,7 +138,7 @@ impl EffectSink for TraceSink {
         let detail = effect_detail(&effect, Rendering::Compact);
         let mut s = lock(&self.shared);
         s.log(Some(self.node), Category::Effect, "effect", detail);
-        if s.fabric.is_some() {
+        if s.models_endpoints() {
             // With the network model the engine finds its endpoints itself
             // (STUN) and reports them; it learns its local one from here.
             match effect {

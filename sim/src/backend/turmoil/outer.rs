@@ -90,9 +90,18 @@ impl<'a> Outer<'a> {
 
     /// Sends the stream datagrams and fires the flow timers due by `now`.
     pub(super) fn stream_ticks(&mut self, now: Duration) {
-        while let Some(k) = self.streams_due.iter().position(|(at, _)| *at <= now) {
-            let (_, index) = self.streams_due.remove(k);
-            self.stream_tick(index, now);
+        // Earliest first, so two streams interleave as they do on the event
+        // backend; a stream faster than the tick sends every datagram due
+        // by now, not one per tick.
+        while let Some((k, _)) = self
+            .streams_due
+            .iter()
+            .enumerate()
+            .filter(|(_, (at, _))| *at <= now)
+            .min_by_key(|(_, (at, index))| (*at, *index))
+        {
+            let (at, index) = self.streams_due.remove(k);
+            self.stream_tick(index, at, now);
         }
         while let Some(k) = self.flow_timers.iter().position(|(at, ..)| *at <= now) {
             let (_, index, attempt) = self.flow_timers.remove(k);
@@ -100,9 +109,12 @@ impl<'a> Outer<'a> {
         }
     }
 
-    /// Sends the next datagram of stream `index` (lost when its sender is
-    /// down) and schedules the one after.
-    fn stream_tick(&mut self, index: usize, now: Duration) {
+    /// Sends the next datagram of stream `index`, which was due at `due`
+    /// (lost when its sender is down), and schedules the one after. The
+    /// datagram enters the TUN at this tick (`now`), and the next one is
+    /// due one interval after this one was, so a stream keeps its rate
+    /// whatever the interval's remainder against the 1 ms tick.
+    fn stream_tick(&mut self, index: usize, due: Duration, now: Duration) {
         let mut s = lock(&self.shared);
         let record = &mut s.streams[index];
         if record.remaining == 0 {
@@ -114,7 +126,7 @@ impl<'a> Outer<'a> {
         record.delivered.push(None);
         let (from, dst, size) = (record.from.0, record.dst, record.size);
         if record.remaining > 0 {
-            self.streams_due.push((now + record.interval, index));
+            self.streams_due.push((due + record.interval, index));
         }
         drop(s);
         let mut packet = Vec::new();
@@ -235,8 +247,10 @@ impl<'a> Outer<'a> {
                 if let Some(l) = &action.label {
                     self.labels.streams.insert(l.clone(), index);
                 }
-                // The first datagram leaves now, as on the event backend.
-                self.stream_tick(index, now);
+                // The first datagram leaves now, as on the event backend;
+                // the rest keep the action's own schedule (`action.at`,
+                // which may fall between two ticks).
+                self.stream_tick(index, action.at.min(now), now);
             }
             ActionKind::Ping {
                 from,
