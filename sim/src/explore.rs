@@ -87,12 +87,17 @@ pub enum Motif {
         idle_ms: u32,
     },
     /// `n2` restarts twice, `gap_ms` apart, while `n1` streams to it: its
-    /// disco key changes and changes again before peers settled.
+    /// disco key changes and changes again before peers settled, to a new
+    /// key, or back to the one before the first restart when `back`
+    /// (`restore_disco_key`: peers that kept the old key must not take the
+    /// returning one for a replay).
     DiscoKeyTwice {
         /// When the first restart happens.
         at_s: u32,
         /// The time between the two restarts.
         gap_ms: u32,
+        /// Whether the second restart brings the first key back.
+        back: bool,
     },
     /// `n1` starts sending to `n2`, and `delay_ms` later (while the
     /// handshake is in flight) the two are partitioned for 3 s.
@@ -130,6 +135,7 @@ impl Motif {
             4 => Motif::DiscoKeyTwice {
                 at_s: pick(2, latest),
                 gap_ms: pick(100, 3000),
+                back: pick(0, 1) == 1,
             },
             5 => Motif::PartitionDuringHandshake {
                 at_s: pick(2, latest),
@@ -183,11 +189,16 @@ impl Motif {
                 action(1000, &stream("n1", "n2", 1, "100"));
                 action(1000 + u64::from(idle_ms), &stream("n1", "n2", 5, "100"));
             }
-            Motif::DiscoKeyTwice { at_s, gap_ms } => {
+            Motif::DiscoKeyTwice { at_s, gap_ms, back } => {
                 let at = u64::from(at_s) * 1000;
                 action(at.saturating_sub(1000), &stream("n1", "n2", 100, "100"));
                 action(at, "do = \"restart\"\nnode = \"n2\"");
-                action(at + u64::from(gap_ms), "do = \"restart\"\nnode = \"n2\"");
+                let second = if back {
+                    "do = \"restore_disco_key\"\nnode = \"n2\""
+                } else {
+                    "do = \"restart\"\nnode = \"n2\""
+                };
+                action(at + u64::from(gap_ms), second);
             }
             Motif::PartitionDuringHandshake { at_s, delay_ms } => {
                 let at = u64::from(at_s) * 1000;
