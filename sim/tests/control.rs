@@ -389,3 +389,62 @@ name = "gamma"
     assert_eq!(gamma_at, Some(restart + Duration::from_millis(200)));
     assert_eq!(alpha_at, Some(restart + Duration::from_millis(1100)));
 }
+
+/// An endpoint update that never reaches the server is sent again. Beta
+/// moves (a major link change) while it is cut from the server, so its
+/// update is lost; after the heal its client sends it again once 5 s pass
+/// without the server's answer, and alpha, which only ever sends to beta,
+/// learns the new endpoint from control and reaches beta there. Before the
+/// retry, one lost update left alpha sending to the old address for good
+/// (three pairs of `sim/tests/soak.rs`'s short soak never answered).
+#[test]
+fn a_lost_endpoint_update_is_sent_again() {
+    let mut net = Tailnet::builder()
+        .seed(73)
+        .latency(Duration::from_millis(20))
+        .control_delay(Duration::from_millis(200))
+        .node("alpha")
+        .node("beta")
+        .keep_trace(true)
+        .build();
+    let (alpha, beta) = (net.id("alpha").unwrap(), net.id("beta").unwrap());
+    net.run_for(Duration::from_secs(1));
+    net.partition_control(&[beta]);
+    net.run_until(Duration::from_secs(2));
+    net.link_change(beta, wgmesh_sim::LinkKind::Major);
+    net.run_until(Duration::from_secs(3));
+    let moved = Duration::from_secs(2);
+    let lost = find(
+        net.trace().entries(),
+        "beta",
+        "to-control-drop",
+        "endpoint-update partition",
+        moved,
+    );
+    assert!(lost.is_some(), "beta's update was lost to the cut");
+    net.heal();
+    net.run_until(Duration::from_secs(20));
+    let retry = find(
+        net.trace().entries(),
+        "beta",
+        "control-retry",
+        "endpoint update unanswered",
+        moved,
+    )
+    .expect("beta sent its update again");
+    assert!(
+        retry.at <= moved + Duration::from_secs(6),
+        "sent again at {:?}; want 5 s after the first try",
+        retry.at
+    );
+    let ip = net.ip4(beta);
+    let stream = net.send_stream(alpha, ip, 20, Duration::from_millis(100), 64, None);
+    net.run_until(Duration::from_secs(30));
+    let record = &net.streams()[stream];
+    assert!(
+        record.delivered.iter().all(Option::is_some),
+        "alpha reached beta at its new endpoint: {:?}",
+        record.delivered
+    );
+    assert!(net.violations().is_empty(), "{:?}", net.violations());
+}
