@@ -23,8 +23,8 @@
 //! This backend supports every action but `set_allowed_ips`, every check,
 //! latency, random loss and jitter (drawn by the network model, the same
 //! draws as the event backend's), the control delay, subnets and random
-//! churn. Nodes with fake ICMP are refused up front rather than simulated
-//! differently. Its invariant checks are the ones visible
+//! churn, and nodes whose engine answers ICMP echo itself
+//! (`fake_icmp_echo`). Its invariant checks are the ones visible
 //! from outside the driver: every ping ends exactly once within 10 s.
 
 mod control;
@@ -74,11 +74,6 @@ fn unsupported(what: &str) -> RunError {
 
 /// Runs a scenario on the turmoil backend.
 pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunError> {
-    for n in &scenario.nodes {
-        if n.fake_icmp_echo {
-            return Err(unsupported("a node with fake ICMP"));
-        }
-    }
     for a in &scenario.actions {
         match &a.kind {
             ActionKind::Send { .. }

@@ -19,8 +19,8 @@ use wgmesh_core::{Effect, Event, NodePublicKey, PingKind, PingOutcome, RemoveRea
 pub(crate) enum Rendering {
     /// The event backend's: every field it knows, latencies in milliseconds.
     Full,
-    /// The turmoil backend's: fewer fields, latencies in microseconds, the
-    /// `Debug` form of anything else cut to 60 characters.
+    /// The turmoil backend's: fewer fields, the `Debug` form of anything
+    /// else cut to 60 characters.
     Compact,
 }
 
@@ -158,16 +158,14 @@ pub(crate) fn ping_result_detail(
 ) -> String {
     let kind = kind.as_str();
     match outcome {
+        // Both backends write the latency in milliseconds, to the
+        // microsecond, so two timelines read alike.
         PingOutcome::Pong {
             latency, node_name, ..
         } => match rendering {
-            Rendering::Full => format!(
+            Rendering::Full | Rendering::Compact => format!(
                 "#{id} {kind} {ip} pong from {node_name} in {}",
                 ms(*latency)
-            ),
-            Rendering::Compact => format!(
-                "#{id} {kind} {ip} pong from {node_name} in {}us",
-                latency.as_micros()
             ),
         },
         PingOutcome::Timeout => format!("#{id} {kind} {ip} timeout"),
