@@ -20,7 +20,7 @@
 //! `host::node_host` (through the production driver), so a hook around every
 //! engine call on this backend wraps that host's future.
 //!
-//! This backend supports every action but `set_allowed_ips`, every check,
+//! This backend supports every action, every check,
 //! latency, random loss and jitter (drawn by the network model, the same
 //! draws as the event backend's), the control delay, subnets and random
 //! churn, and nodes whose engine answers ICMP echo itself
@@ -47,7 +47,7 @@ use self::outer::Outer;
 use self::shared::{Cmd, Shared, SharedRef, lock, send};
 use crate::evaluate::{Outcomes, RunError, evaluate_outcomes};
 use crate::report::Report;
-use crate::scenario::{ActionKind, CounterScope, Scenario};
+use crate::scenario::{CounterScope, Scenario};
 use crate::trace::{Keep, Trace};
 use crate::world::address::WG_PORT;
 use crate::world::address::tailnet_ip4;
@@ -65,36 +65,8 @@ use rand_core::RngCore;
 /// (no receive limit) and a real node do not.
 const SOCKET_RECEIVE_DATAGRAMS: usize = wgmesh_adapters::udp::SOCKET_BUFFER_BYTES / 2048;
 
-fn unsupported(what: &str) -> RunError {
-    RunError::BackendUnavailable(
-        "turmoil",
-        format!("{what} is not supported on the turmoil backend"),
-    )
-}
-
 /// Runs a scenario on the turmoil backend.
 pub fn run(scenario: &Scenario, seed: u64, keep: Keep) -> Result<Report, RunError> {
-    for a in &scenario.actions {
-        match &a.kind {
-            ActionKind::Send { .. }
-            | ActionKind::Ping { .. }
-            | ActionKind::Restart { .. }
-            | ActionKind::RestoreDiscoKey { .. }
-            | ActionKind::Partition { .. }
-            | ActionKind::Heal
-            | ActionKind::LinkChange { .. }
-            | ActionKind::SetKnob { .. }
-            | ActionKind::Flow { .. }
-            | ActionKind::Idle { .. }
-            | ActionKind::SetPolicy { .. }
-            | ActionKind::ControlRestart { .. }
-            | ActionKind::ControlPartition { .. } => {}
-            ActionKind::NatRebind { .. } => {}
-            ActionKind::SetAllowedIps { .. } => {
-                return Err(unsupported(&format!("the action on line {}", a.line)));
-            }
-        }
-    }
     let wall = Instant::now();
     let report = simulate(scenario, seed, keep);
     Ok(Report {

@@ -12,13 +12,15 @@
 //! a peer delta would.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use wgmesh_control::Policy;
 
 use super::shared::{Cmd, Shared};
 use crate::trace::Category;
+use crate::world::address::{tailnet_ip4, tailnet_ip6};
 use crate::world::control::{
     ClientAction, ControlClient, ControlHost, FromControl, KEEPALIVE, LocalSettings, Outgoing,
     ToControl, control_key,
@@ -222,6 +224,35 @@ impl Shared {
         let now = self.now;
         let (outgoing, line) = self.control.host.set_policy(now, policy);
         self.log(None, Category::Control, "policy", line);
+        self.send_from_control(outgoing);
+    }
+
+    /// The `set_allowed_ips` action, as on the event backend: node `i` keeps
+    /// its own addresses, and the admin approves the other listed prefixes
+    /// as its routes at the server, which pushes the change to its peers (a
+    /// prefix the node does not advertise is refused, and the trace says
+    /// so). Its OS then answers for those prefixes.
+    pub(super) fn control_set_allowed_ips(&mut self, i: usize, allowed_ips: &[IpNet]) {
+        let detail = allowed_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let own = [
+            IpNet::from(IpAddr::V4(tailnet_ip4(i))),
+            IpNet::from(IpAddr::V6(tailnet_ip6(i))),
+        ];
+        let routes: Vec<IpNet> = allowed_ips
+            .iter()
+            .filter(|n| !own.contains(n))
+            .copied()
+            .collect();
+        self.subnets[i] = routes.clone();
+        self.log(Some(i), Category::Action, "set-allowed-ips", detail);
+        let key = control_key(&self.keys[i].public_key());
+        let now = self.now;
+        let (outgoing, line) = self.control.host.approve_routes(now, key, routes);
+        self.log(Some(i), Category::Control, "approve-routes", line);
         self.send_from_control(outgoing);
     }
 

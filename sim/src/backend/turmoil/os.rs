@@ -34,6 +34,15 @@ pub(super) async fn os_receive(
                 if let Some((stream, seq)) = stream_tag(udp.payload) {
                     let mut s = lock(shared);
                     let now = s.now;
+                    // Only the node that owns the stream's destination (its
+                    // address or a subnet it routes now) takes it, as on
+                    // the event backend.
+                    let Some(dst) = s.streams.get(stream).map(|r| r.dst) else {
+                        return;
+                    };
+                    if !s.is_ours(i, dst) {
+                        return;
+                    }
                     if let Some(record) = s.streams.get_mut(stream) {
                         record.note_arrival(seq, now);
                     }

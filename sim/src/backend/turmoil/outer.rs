@@ -476,8 +476,9 @@ impl<'a> Outer<'a> {
                 s.log(None, Category::Action, "control-partition", String::new());
             }
             ActionKind::NatRebind { node } => lock(&self.shared).fabric_rebind(*node),
-            // Refused before the run starts (see `run`).
-            ActionKind::SetAllowedIps { .. } => {}
+            ActionKind::SetAllowedIps { node, allowed_ips } => {
+                lock(&self.shared).control_set_allowed_ips(*node, allowed_ips);
+            }
         }
     }
 }
