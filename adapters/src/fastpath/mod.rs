@@ -50,6 +50,7 @@
 mod fq;
 mod options;
 mod outbox;
+mod rx_aqm;
 mod tun;
 mod tun_write;
 mod udp;
