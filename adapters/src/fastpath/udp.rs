@@ -6,7 +6,6 @@
 //! shares with its [`FastTun`] through the [`super::outbox`]; the driver
 //! loop flushes it ([`DatagramSocket::flush`]).
 
-use std::collections::VecDeque;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -27,20 +26,8 @@ use crate::driver::ports::DatagramSocket;
 use crate::pmtu::PathMtuTable;
 use crate::udp::{SOCKET_BUFFER_BYTES, SocketTuning, rebind_needs_new_socket, set_int, unmap};
 
-/// Messages per `recvmmsg` at most.
+/// Messages per `recvmmsg`.
 const RECV_BATCH: usize = 16;
-/// Messages held at most (read and not yet handed out entirely).
-const RECV_SLOTS: usize = 32;
-/// Datagrams held at most while small ones are served first: a datagram
-/// served ahead of others of its peer's session must stay within the
-/// receiver's replay window (boringtun's: 1,024 counters), so that the ones
-/// it passed are still accepted.
-const READ_AHEAD_DATAGRAMS: usize = 512;
-/// Datagrams of a GRO run at most (the kernel's `UDP_GRO_CNT_MAX`).
-const MAX_GRO_SEGMENTS: usize = 64;
-/// Datagrams of at most this many bytes (a ping, an ACK, a DNS query, a
-/// keystroke, WireGuard's own messages) are served before larger ones.
-const SMALL_DATAGRAM: usize = 256;
 /// Room per received message: a GRO run of up to 64 KB.
 const RECV_BUFFER: usize = 65536;
 /// Room for a received message's control messages: the GRO segment size
@@ -59,57 +46,27 @@ pub struct FastUdp {
     tuning: SocketTuning,
     batch: RecvBatch,
     idle: IdleCheck,
-    /// A receive error met while reading ahead, for the next `recv_from`
-    /// or `try_recv_from` to return.
-    read_error: Option<io::Error>,
     /// Path MTUs learned from refused sends, kept across rebinds.
     pmtu: Arc<PathMtuTable>,
 }
 
-/// Received datagrams, handed out one at a time: small ones first when
-/// `small_first` is set, otherwise in the order they arrived.
-///
-/// The socket is first in, first out: a ping's datagram waits behind every
-/// bulk datagram that arrived before it, and each of those is decrypted
-/// before it. With `small_first`, the socket is read ahead (at the end of
-/// each message handed out, up to [`READ_AHEAD_DATAGRAMS`]) and messages
-/// of small datagrams ([`SMALL_DATAGRAM`]) are handed out before the rest,
-/// as is the short last datagram of a GRO run (where a sender's GSO put a
-/// ping behind a bulk flow's datagrams). Order is kept among the small ones
-/// and among the rest, so a bulk flow is not reordered (unless its own
-/// last segment of a burst is that small).
+/// The datagrams of one `recvmmsg`, handed out one at a time.
 struct RecvBatch {
     bufs: Vec<Vec<u8>>,
-    /// Per message slot: source, when the kernel received it
-    /// (`SO_TIMESTAMPNS`, time since the Unix epoch) if it said, and the
-    /// pieces of it not yet handed out entirely.
-    from: [SocketAddr; RECV_SLOTS],
-    stamp: [Option<Duration>; RECV_SLOTS],
-    pieces: [u8; RECV_SLOTS],
-    /// Slots free for the next `recvmmsg`.
-    free: Vec<usize>,
-    /// Pieces of messages to hand out: small ones first.
-    small: VecDeque<Piece>,
-    large: VecDeque<Piece>,
-    /// The piece being handed out and the offset of its next datagram.
-    current: Option<Piece>,
-    offset: usize,
-    /// Datagrams read and not yet handed out.
-    held: usize,
-    small_first: bool,
-    /// The arrival time of the message whose piece began with the datagram
-    /// handed out last, until [`FastUdp::note_arrival`] takes it.
+    /// Per received message: length, segment size (0: one datagram), source.
+    lens: [usize; RECV_BATCH],
+    seg: [usize; RECV_BATCH],
+    from: [SocketAddr; RECV_BATCH],
+    /// Per received message: when the kernel received it (`SO_TIMESTAMPNS`,
+    /// time since the Unix epoch), if it said.
+    stamp: [Option<Duration>; RECV_BATCH],
+    /// The arrival time of the message whose first datagram was handed out
+    /// last, until [`FastUdp::note_arrival`] takes it.
     arrived: Option<Duration>,
-}
-
-/// A run of datagrams of one size (the last may be shorter) in a message
-/// slot: bytes `start..end`, cut every `seg` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Piece {
-    slot: usize,
-    start: usize,
-    end: usize,
-    seg: usize,
+    count: usize,
+    /// The next message and the offset of its next segment.
+    msg: usize,
+    offset: usize,
 }
 
 impl std::fmt::Debug for FastUdp {
@@ -242,33 +199,18 @@ impl FastUdp {
             options,
             dual_stack,
             tuning,
-            batch: RecvBatch::new(options.rx_small_first),
+            batch: RecvBatch::new(),
             idle: IdleCheck::default(),
-            read_error: None,
             pmtu,
         })
     }
 }
 
 impl FastUdp {
-    /// Between two pieces, with small datagrams first: what the socket
-    /// holds now joins the batch (non-blocking, bounded, at most once per
-    /// [`IdleCheck`] interval while the socket is found empty), so a small
-    /// datagram that arrived meanwhile is the next one handed out.
-    fn read_ahead(&mut self) {
-        if self.read_error.is_some() || !self.batch.wants_read_ahead() {
-            return;
-        }
-        let fd = self.socket.as_raw_fd();
-        let batch = &mut self.batch;
-        if let Some(Err(e)) = self.idle.check(|| batch.fill(fd)) {
-            self.read_error = Some(e);
-        }
-    }
-
     /// When a datagram handed out began a message (one datagram or a GRO
     /// run), tells the receive side's CoDel how long the message waited
-    /// in the socket. One clock reading per message.
+    /// in the socket (and the kernel's receive queue before it). One clock
+    /// reading per message, only while timestamps are on.
     fn note_arrival(&mut self) {
         let Some(arrived) = self.batch.arrived.take() else {
             return;
@@ -286,165 +228,94 @@ impl FastUdp {
 }
 
 impl RecvBatch {
-    fn new(small_first: bool) -> Self {
+    fn new() -> Self {
         Self {
-            bufs: (0..RECV_SLOTS).map(|_| vec![0; RECV_BUFFER]).collect(),
-            from: [SocketAddr::from(([0, 0, 0, 0], 0)); RECV_SLOTS],
-            stamp: [None; RECV_SLOTS],
-            pieces: [0; RECV_SLOTS],
-            free: (0..RECV_SLOTS).rev().collect(),
-            small: VecDeque::with_capacity(RECV_SLOTS),
-            large: VecDeque::with_capacity(RECV_SLOTS),
-            current: None,
-            offset: 0,
-            held: 0,
-            small_first,
+            bufs: (0..RECV_BATCH).map(|_| vec![0; RECV_BUFFER]).collect(),
+            lens: [0; RECV_BATCH],
+            seg: [0; RECV_BATCH],
+            from: [SocketAddr::from(([0, 0, 0, 0], 0)); RECV_BATCH],
+            stamp: [None; RECV_BATCH],
             arrived: None,
+            count: 0,
+            msg: 0,
+            offset: 0,
         }
     }
 
-    /// Messages the next `recvmmsg` may take: as many as there are free
-    /// slots (at most [`RECV_BATCH`]) and, while small datagrams are served
-    /// first, as keep the datagrams held within [`READ_AHEAD_DATAGRAMS`]
-    /// (each message may be a GRO run of up to [`MAX_GRO_SEGMENTS`]).
-    fn read_budget(&self) -> usize {
-        let slots = self.free.len().min(RECV_BATCH);
-        if !self.small_first {
-            return slots;
-        }
-        let room = READ_AHEAD_DATAGRAMS.saturating_sub(self.held) / MAX_GRO_SEGMENTS;
-        slots.min(room)
-    }
-
-    /// Whether reading ahead now could change what is handed out next:
-    /// small datagrams first, something held, and between two pieces.
-    fn wants_read_ahead(&self) -> bool {
-        self.small_first
-            && self.held > 0
-            && self.current.is_none_or(|p| self.offset >= p.end)
-            && self.read_budget() > 0
-    }
-
-    /// Queues a received message of `len` bytes in `slot`, a GRO run of
-    /// `seg`-byte datagrams (0: one datagram): with `small_first`, a
-    /// message of small datagrams to the small queue, a run's short last
-    /// datagram too, the rest in order.
-    fn take_message(
-        &mut self,
-        slot: usize,
-        len: usize,
-        seg: usize,
-        from: SocketAddr,
-        stamp: Option<Duration>,
-    ) {
-        if len == 0 {
-            // An empty datagram: nothing to hand out.
-            self.free.push(slot);
-            return;
-        }
-        let seg = if seg == 0 || seg > len { len } else { seg };
-        self.from[slot] = from;
-        self.stamp[slot] = stamp;
-        self.held += len.div_ceil(seg);
-        let whole = Piece {
-            slot,
-            start: 0,
-            end: len,
-            seg,
-        };
-        let tail = len % seg;
-        if !self.small_first {
-            self.pieces[slot] = 1;
-            self.large.push_back(whole);
-        } else if seg <= SMALL_DATAGRAM {
-            self.pieces[slot] = 1;
-            self.small.push_back(whole);
-        } else if tail != 0 && tail <= SMALL_DATAGRAM {
-            self.pieces[slot] = 2;
-            self.large.push_back(Piece {
-                end: len - tail,
-                ..whole
-            });
-            self.small.push_back(Piece {
-                start: len - tail,
-                seg: tail,
-                ..whole
-            });
-        } else {
-            self.pieces[slot] = 1;
-            self.large.push_back(whole);
-        }
+    fn clear(&mut self) {
+        self.arrived = None;
+        self.count = 0;
+        self.msg = 0;
+        self.offset = 0;
     }
 
     /// Copies the next datagram into `buf`; returns its length and source.
     fn pop_into(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        let (slot, start, end) = self.next_datagram()?;
+        let (msg, start, end) = self.next_datagram()?;
         let len = (end - start).min(buf.len());
-        buf[..len].copy_from_slice(&self.bufs[slot][start..start + len]);
-        Some((len, self.from[slot]))
+        buf[..len].copy_from_slice(&self.bufs[msg][start..start + len]);
+        Some((len, self.from[msg]))
     }
 
     /// Hands the next datagram and its source to `handle` where it lies;
-    /// `false` when nothing is held.
+    /// `false` when the batch is used up.
     fn lend(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
-        let Some((slot, start, end)) = self.next_datagram() else {
+        let Some((msg, start, end)) = self.next_datagram() else {
             return false;
         };
-        handle(&self.bufs[slot][start..end], self.from[slot]);
+        handle(&self.bufs[msg][start..end], self.from[msg]);
         true
     }
 
-    /// The next datagram to hand out: (slot, start, end). A piece's slot is
-    /// freed only here, once the piece is used up, so the datagram handed
-    /// out last stays where it is until the next call.
+    /// The next queued datagram: (message, start, end).
     fn next_datagram(&mut self) -> Option<(usize, usize, usize)> {
-        loop {
-            if let Some(piece) = self.current {
-                let start = self.offset;
-                if start < piece.end {
-                    if start == piece.start {
-                        self.arrived = self.stamp[piece.slot];
-                    }
-                    let end = (start + piece.seg).min(piece.end);
-                    self.offset = end;
-                    self.held -= 1;
-                    return Some((piece.slot, start, end));
-                }
-                self.current = None;
-                self.pieces[piece.slot] -= 1;
-                if self.pieces[piece.slot] == 0 {
-                    self.free.push(piece.slot);
-                }
+        while self.msg < self.count {
+            let (msg, start, len) = (self.msg, self.offset, self.lens[self.msg]);
+            if start >= len {
+                self.msg += 1;
+                self.offset = 0;
+                continue;
             }
-            let piece = self.small.pop_front().or_else(|| self.large.pop_front())?;
-            self.offset = piece.start;
-            self.current = Some(piece);
+            let seg = if self.seg[msg] == 0 {
+                len
+            } else {
+                self.seg[msg]
+            };
+            let end = (start + seg).min(len);
+            if start == 0 {
+                self.arrived = self.stamp[msg];
+            }
+            self.offset = end;
+            if end >= len {
+                self.msg += 1;
+                self.offset = 0;
+            }
+            return Some((msg, start, end));
         }
+        None
     }
 
-    /// One `recvmmsg` on `fd` into free slots, as many messages as
-    /// [`RecvBatch::read_budget`] allows. Returns the number of messages
-    /// kept (truncated ones and unknown families are dropped); `WouldBlock`
-    /// when nothing was ready.
+    /// One `recvmmsg` on `fd`; replaces the batch. Returns the number of
+    /// messages kept (truncated ones and unknown families are dropped).
     fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
-        let want = self.read_budget();
-        if want == 0 {
-            return Ok(0);
-        }
-        let slots: [usize; RECV_BATCH] = std::array::from_fn(|i| {
-            let n = self.free.len();
-            if i < want { self.free[n - 1 - i] } else { 0 }
-        });
+        self.clear();
+        let Self {
+            bufs,
+            lens,
+            seg,
+            from,
+            stamp,
+            ..
+        } = self;
         // SAFETY: these are plain C structs; all-zero is a valid value.
         let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { zeroed() };
         let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { zeroed() };
         let mut controls = [[0u64; RECV_CMSG_ROOM / 8]; RECV_BATCH];
         // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { zeroed() };
-        for i in 0..want {
-            let buf = &mut self.bufs[slots[i]];
-            iovs[i].iov_base = buf.as_mut_ptr() as *mut libc::c_void;
-            iovs[i].iov_len = buf.len();
+        for i in 0..RECV_BATCH {
+            iovs[i].iov_base = bufs[i].as_mut_ptr() as *mut libc::c_void;
+            iovs[i].iov_len = bufs[i].len();
             let h = &mut hdrs[i].msg_hdr;
             h.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -459,7 +330,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 fd,
                 hdrs.as_mut_ptr(),
-                want as libc::c_uint,
+                RECV_BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -468,18 +339,13 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        // The slots used leave the free list (they were taken from its end).
-        let remaining = self.free.len() - n;
-        self.free.truncate(remaining);
         let mut kept = 0;
         for i in 0..n {
             let h = &hdrs[i].msg_hdr;
             if h.msg_flags & libc::MSG_TRUNC != 0 {
-                self.free.push(slots[i]);
                 continue;
             }
             let Some(addr) = sockaddr_to_std(&names[i]) else {
-                self.free.push(slots[i]);
                 continue;
             };
             let mut gso = 0usize;
@@ -505,15 +371,16 @@ impl RecvBatch {
                     cmsg = libc::CMSG_NXTHDR(h, cmsg);
                 }
             }
-            self.take_message(
-                slots[i],
-                hdrs[i].msg_len as usize,
-                gso,
-                unmap(addr),
-                arrived,
-            );
+            if kept != i {
+                bufs.swap(kept, i);
+            }
+            lens[kept] = hdrs[i].msg_len as usize;
+            seg[kept] = gso;
+            stamp[kept] = arrived;
+            from[kept] = unmap(addr);
             kept += 1;
         }
+        self.count = kept;
         Ok(kept)
     }
 }
@@ -521,13 +388,9 @@ impl RecvBatch {
 impl DatagramSocket for FastUdp {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            self.read_ahead();
             if let Some(datagram) = self.batch.pop_into(buf) {
                 self.note_arrival();
                 return Ok(datagram);
-            }
-            if let Some(e) = self.read_error.take() {
-                return Err(e);
             }
             // The batch is used up: wait for readiness, then receive.
             // Readiness-based: dropping this future loses nothing.
@@ -542,13 +405,9 @@ impl DatagramSocket for FastUdp {
 
     fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
         loop {
-            self.read_ahead();
             if let Some(datagram) = self.batch.pop_into(buf) {
                 self.note_arrival();
                 return Some(Ok(datagram));
-            }
-            if let Some(e) = self.read_error.take() {
-                return Some(Err(e));
             }
             // The batch is used up. A real `recvmmsg`, not tokio's
             // remembered readiness (see `IdleCheck`); `None` when nothing
@@ -574,14 +433,12 @@ impl DatagramSocket for FastUdp {
     }
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        self.read_ahead();
         let datagram = self.batch.pop_into(buf);
         self.note_arrival();
         datagram
     }
 
     fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
-        self.read_ahead();
         let lent = self.batch.lend(handle);
         self.note_arrival();
         lent
@@ -662,7 +519,6 @@ mod tests {
             fair_queue_reads: super::super::options::FAIR_QUEUE_READS,
             rx_codel_us: None,
             rx_stats: false,
-            rx_small_first: true,
         }
     }
 
@@ -673,7 +529,7 @@ mod tests {
 
     /// Receives until `want` datagrams arrived (or two seconds passed).
     async fn receive(socket: &UdpSocket, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
-        let mut batch = RecvBatch::new(false);
+        let mut batch = RecvBatch::new();
         let mut got = Vec::new();
         let fd = socket.as_raw_fd();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -798,172 +654,88 @@ mod tests {
         assert!(back[0].1.is_ipv4(), "{}", back[0].1);
     }
 
-    /// Queues `data` as one received message (a GRO run of `seg`-byte
-    /// datagrams, 0: one datagram) as `fill` does.
-    fn add(batch: &mut RecvBatch, data: &[u8], seg: usize) {
-        let from = SocketAddr::from(([192, 0, 2, 1], 7));
-        let slot = batch.free.pop().expect("a free slot");
-        batch.bufs[slot][..data.len()].copy_from_slice(data);
-        batch.take_message(slot, data.len(), seg, from, None);
-    }
-
-    fn sizes(batch: &mut RecvBatch) -> Vec<usize> {
-        let mut buf = [0u8; 2048];
-        std::iter::from_fn(|| batch.pop_into(&mut buf).map(|(len, _)| len)).collect()
-    }
-
     #[test]
     fn lent_datagrams_are_the_ones_a_copy_would_give() {
-        for small_first in [false, true] {
-            let fill = |batch: &mut RecvBatch| {
-                add(batch, &datagram(1, 2500), 1000);
-                add(batch, &datagram(2, 40), 0);
-                add(batch, &datagram(3, 2100), 1000);
-            };
-            let mut copied = RecvBatch::new(small_first);
-            fill(&mut copied);
-            let mut buf = [0u8; 2048];
-            let mut want = Vec::new();
-            while let Some((len, f)) = copied.pop_into(&mut buf) {
-                want.push((buf[..len].to_vec(), f));
-            }
-            let mut lent = RecvBatch::new(small_first);
-            fill(&mut lent);
-            let mut got = Vec::new();
-            while lent.lend(&mut |data, f| got.push((data.to_vec(), f))) {}
-            assert_eq!(got, want);
-            assert_eq!(got.len(), 7);
-        }
-    }
-
-    #[test]
-    fn a_batch_splits_coalesced_messages_at_their_segment_size() {
-        let mut batch = RecvBatch::new(false);
-        add(&mut batch, &datagram(1, 2500), 1000);
-        add(&mut batch, &datagram(2, 40), 0);
-        assert_eq!(sizes(&mut batch), vec![1000, 1000, 500, 40]);
-        assert!(batch.next_datagram().is_none());
-        assert_eq!(batch.held, 0);
-        assert_eq!(batch.free.len(), RECV_SLOTS, "every slot free again");
-    }
-
-    #[test]
-    fn small_datagrams_go_first_and_bulk_keeps_its_order() {
-        let mut batch = RecvBatch::new(true);
-        // A bulk run whose short last datagram is a ping (GSO put it
-        // there), a lone ACK-sized datagram, a run of small ones, a lone
-        // large one, and a run whose last datagram is large enough to be
-        // the bulk flow's own.
-        add(&mut batch, &datagram(1, 2116), 1000);
-        add(&mut batch, &datagram(2, 60), 0);
-        add(&mut batch, &datagram(3, 252), 84);
-        add(&mut batch, &datagram(4, 1400), 0);
-        add(&mut batch, &datagram(5, 2500), 1000);
-        assert_eq!(batch.held, 3 + 1 + 3 + 1 + 3);
+        let from = SocketAddr::from(([192, 0, 2, 1], 7));
+        let fill = |batch: &mut RecvBatch| {
+            batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
+            batch.lens[0] = 2500;
+            batch.seg[0] = 1000;
+            batch.bufs[1][..40].copy_from_slice(&datagram(2, 40));
+            batch.lens[1] = 40;
+            batch.seg[1] = 0;
+            batch.from = [from; RECV_BATCH];
+            batch.count = 2;
+        };
+        let mut copied = RecvBatch::new();
+        fill(&mut copied);
         let mut buf = [0u8; 2048];
+        let mut want = Vec::new();
+        while let Some((len, f)) = copied.pop_into(&mut buf) {
+            want.push((buf[..len].to_vec(), f));
+        }
+        let mut lent = RecvBatch::new();
+        fill(&mut lent);
         let mut got = Vec::new();
-        while let Some((len, _)) = batch.pop_into(&mut buf) {
-            got.push(buf[..len].to_vec());
-        }
-        let d1 = datagram(1, 2116);
-        let d3 = datagram(3, 252);
-        let d5 = datagram(5, 2500);
-        let want = vec![
-            d1[2000..].to_vec(),
-            datagram(2, 60),
-            d3[..84].to_vec(),
-            d3[84..168].to_vec(),
-            d3[168..].to_vec(),
-            d1[..1000].to_vec(),
-            d1[1000..2000].to_vec(),
-            datagram(4, 1400),
-            d5[..1000].to_vec(),
-            d5[1000..2000].to_vec(),
-            d5[2000..].to_vec(),
-        ];
+        while lent.lend(&mut |data, f| got.push((data.to_vec(), f))) {}
         assert_eq!(got, want);
-        assert_eq!(batch.held, 0);
-        assert_eq!(batch.free.len(), RECV_SLOTS);
-    }
-
-    #[test]
-    fn a_split_message_keeps_its_slot_until_both_pieces_are_out() {
-        let mut batch = RecvBatch::new(true);
-        add(&mut batch, &datagram(1, 2116), 1000);
-        assert_eq!(batch.free.len(), RECV_SLOTS - 1);
-        let mut buf = [0u8; 2048];
-        assert_eq!(batch.pop_into(&mut buf).map(|(len, _)| len), Some(116));
-        // The tail is out; the run's two datagrams still lie in the slot.
-        assert_eq!(batch.pop_into(&mut buf).map(|(len, _)| len), Some(1000));
-        assert_eq!(batch.free.len(), RECV_SLOTS - 1);
-        assert_eq!(batch.pop_into(&mut buf).map(|(len, _)| len), Some(1000));
-        assert!(batch.pop_into(&mut buf).is_none());
-        assert_eq!(batch.free.len(), RECV_SLOTS);
-    }
-
-    #[test]
-    fn reading_ahead_stays_within_the_replay_window() {
-        let fifo = RecvBatch::new(false);
-        assert_eq!(fifo.read_budget(), RECV_BATCH);
-        let mut batch = RecvBatch::new(true);
-        assert_eq!(batch.read_budget(), READ_AHEAD_DATAGRAMS / MAX_GRO_SEGMENTS);
-        assert!(!batch.wants_read_ahead(), "nothing held: the plain read");
-        // Hold runs of 44 datagrams until no more may be read.
-        let run = datagram(1, 44 * 1000);
-        let mut read = 0;
-        while batch.read_budget() > 0 {
-            for _ in 0..batch.read_budget() {
-                add(&mut batch, &run, 1000);
-                read += 1;
-            }
-        }
-        assert!(batch.held <= READ_AHEAD_DATAGRAMS, "{}", batch.held);
-        assert!(batch.held + MAX_GRO_SEGMENTS > READ_AHEAD_DATAGRAMS - MAX_GRO_SEGMENTS);
-        assert!(!batch.wants_read_ahead());
-        // Mid-piece there is no reading ahead; between pieces there is,
-        // once there is room.
-        let mut buf = [0u8; 2048];
-        for _ in 0..44 * 3 + 1 {
-            batch.pop_into(&mut buf).unwrap();
-        }
-        assert!(!batch.wants_read_ahead(), "mid-piece");
-        for _ in 0..43 {
-            batch.pop_into(&mut buf).unwrap();
-        }
-        assert!(
-            batch.wants_read_ahead(),
-            "between pieces, {} held",
-            batch.held
-        );
-        assert!(read >= 8);
+        assert_eq!(got.len(), 4);
     }
 
     #[tokio::test]
-    async fn a_small_datagram_read_with_bulk_ones_is_handed_out_first() {
+    async fn received_datagrams_carry_their_arrival_time_when_asked() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = open(
             0,
             false,
             FastPathOptions {
-                udp_gro: false,
+                rx_stats: true,
                 ..options()
             },
         )
         .unwrap();
-        let to = loopback(&b);
-        a.send_to(&datagram(1, 1200), to).unwrap();
-        a.send_to(&datagram(2, 1200), to).unwrap();
-        a.send_to(&datagram(3, 60), to).unwrap();
-        let mut batch = RecvBatch::new(true);
+        let before = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        a.send_to(&datagram(1, 100), loopback(&b)).unwrap();
+        let mut batch = RecvBatch::new();
         let fd = b.as_raw_fd();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-        while batch.held < 3 {
-            let read = b.async_io(Interest::READABLE, || batch.fill(fd));
-            tokio::time::timeout_at(deadline, read)
-                .await
-                .expect("datagrams in time")
-                .unwrap();
+        let read = b.async_io(Interest::READABLE, || batch.fill(fd));
+        tokio::time::timeout(std::time::Duration::from_secs(2), read)
+            .await
+            .expect("a datagram in time")
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        assert_eq!(batch.pop_into(&mut buf).map(|(len, _)| len), Some(100));
+        let arrived = batch.arrived.take().expect("a timestamp");
+        let after = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        // Whole seconds of slack: the kernel's clock reading is coarser.
+        assert!(
+            arrived + Duration::from_secs(1) >= before && arrived <= after + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_batch_splits_coalesced_messages_at_their_segment_size() {
+        let mut batch = RecvBatch::new();
+        let from = SocketAddr::from(([192, 0, 2, 1], 7));
+        batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
+        batch.lens[0] = 2500;
+        batch.seg[0] = 1000;
+        batch.bufs[1][..40].copy_from_slice(&datagram(2, 40));
+        batch.lens[1] = 40;
+        batch.seg[1] = 0;
+        batch.from = [from; RECV_BATCH];
+        batch.count = 2;
+        let mut buf = [0u8; 2048];
+        let mut sizes = Vec::new();
+        while let Some((len, f)) = batch.pop_into(&mut buf) {
+            assert_eq!(f, from);
+            sizes.push(len);
         }
-        assert_eq!(sizes(&mut batch), vec![60, 1200, 1200]);
+        assert_eq!(sizes, vec![1000, 1000, 500, 40]);
+        assert!(batch.next_datagram().is_none());
     }
 }
