@@ -50,11 +50,9 @@
 # BENCH_TRACE=1 (tcpdump the loaded pings on both TUN devices and print where
 # they spend their time: sender to receiver, the receiver's turnaround, and
 # back, each way split into the sending daemon, the veth and the receiving
-# daemon; installs tcpdump), BENCH_IPERF_NICE=N (run iperf3 at nice N: with
-# N=-10 on a machine where other work holds the CPUs, the rig's processes
-# still get them as on an idle machine, while the daemons' default -20
-# stays above iperf3; set WGMESH_DATA_PLANE_NICE=-10 in a variant for
-# what --data-plane-nice 0 is on an idle machine).
+# daemon; installs tcpdump), BENCH_IPERF_NICE=N (run iperf3 at nice N, e.g.
+# -10 to keep it ahead of other work on the machine while the daemons'
+# default -20 stays above it).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
