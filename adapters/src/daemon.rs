@@ -215,8 +215,8 @@ fn set_current_thread_nice(nice: i32) -> std::io::Result<()> {
 /// on the 2-core bench machine the daemons sleep and wake about a thousand
 /// times a second, and each wake-up waited 350-370 µs for a CPU at the
 /// kernel's default slice, 190-210 µs at 100 µs; a sparse ping's loaded RTT
-/// fell from 3.2-13 x idle to 1.3-2.3 x in five A/B invocations at the same
-/// 4-flow throughput. But a single flow lost 13-34% of its throughput in
+/// fell from 3.2-13 x idle to 1.0-2.3 x in six A/B invocations, 4-flow
+/// throughput -7% to +19%. But a single flow lost 13-34% of its throughput in
 /// three (the daemons then preempt the one iperf3 thread that limits it),
 /// so the default leaves the kernel's slice (`bench/throughput/README.md`).
 /// Earlier kernels ignore the setting.
