@@ -204,6 +204,73 @@ fn set_current_thread_nice(nice: i32) -> std::io::Result<()> {
     }
 }
 
+/// The data-plane thread's scheduler slice by default, in microseconds
+/// (`WGMESH_DATA_PLANE_SLICE_US`; 0: the kernel's default slice).
+///
+/// On Linux 6.12 and later (EEVDF, `sched_runtime` of `SCHED_OTHER`; the
+/// kernel keeps it within 100 µs..100 ms) a shorter slice gives a thread no
+/// larger share of the CPU, only earlier deadlines: woken by a packet, the
+/// data-plane thread preempts a CPU-bound task sooner instead of waiting
+/// for the end of that task's slice. With four TCP flows through the tunnel
+/// on the 2-core bench machine the daemons sleep and wake about a thousand
+/// times a second, and each wake-up waited 350-370 µs for a CPU at the
+/// kernel's default slice, 190-210 µs at 100 µs; a sparse ping's loaded RTT
+/// fell from 3.2-13 x idle to 1.0-2.3 x in six A/B invocations, 4-flow
+/// throughput -7% to +19%. But a single flow lost 13-34% of its throughput in
+/// three (the daemons then preempt the one iperf3 thread that limits it),
+/// so the default leaves the kernel's slice (`bench/throughput/README.md`).
+/// Earlier kernels ignore the setting.
+pub const DEFAULT_DATA_PLANE_SLICE_US: u64 = 0;
+
+/// The slice to ask for: `WGMESH_DATA_PLANE_SLICE_US` when it is a number,
+/// otherwise [`DEFAULT_DATA_PLANE_SLICE_US`]; `None` for 0.
+fn data_plane_slice(value: Option<&str>) -> Option<u64> {
+    let us = value
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_DATA_PLANE_SLICE_US);
+    (us > 0).then_some(us)
+}
+
+/// Sets the calling thread's scheduler slice (`sched_setattr` with
+/// `SCHED_OTHER`, keeping its nice value).
+fn set_current_thread_slice(slice_us: u64) -> std::io::Result<()> {
+    /// `struct sched_attr`, its first version (48 bytes).
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        sched_policy: u32,
+        sched_flags: u64,
+        sched_nice: i32,
+        sched_priority: u32,
+        sched_runtime: u64,
+        sched_deadline: u64,
+        sched_period: u64,
+    }
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: getpriority reads only its integer arguments. (-1 is also a
+    // valid nice value; it is kept either way.)
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: slice_us.saturating_mul(1000),
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: the kernel reads `size` bytes of a live, initialised
+    // sched_attr; pid 0 is the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -696,6 +763,17 @@ async fn spawn_driver_thread(
                     }
                 }
             }
+            let slice = std::env::var("WGMESH_DATA_PLANE_SLICE_US").ok();
+            if let Some(slice_us) = data_plane_slice(slice.as_deref()) {
+                match set_current_thread_slice(slice_us) {
+                    Ok(()) => info!(slice_us, "data-plane thread slice set"),
+                    // A kernel without sched_setattr (or a sandbox that
+                    // refuses it) keeps its default slice.
+                    Err(e) => {
+                        info!(slice_us, error = %e, "cannot set the data-plane thread's slice")
+                    }
+                }
+            }
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -864,6 +942,29 @@ mod tests {
         // SAFETY: getpriority reads only its integer arguments. Its -1 is
         // also a valid nice value, but none of these tests uses -1.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    #[test]
+    fn the_data_plane_slice_is_the_kernel_s_unless_asked() {
+        assert_eq!(DEFAULT_DATA_PLANE_SLICE_US, 0);
+        assert_eq!(data_plane_slice(None), None);
+        assert_eq!(data_plane_slice(Some("250")), Some(250));
+        assert_eq!(data_plane_slice(Some(" 100 ")), Some(100));
+        assert_eq!(data_plane_slice(Some("0")), None);
+        assert_eq!(data_plane_slice(Some("fast")), None);
+    }
+
+    #[test]
+    fn a_thread_keeps_its_nice_value_when_its_slice_is_set() {
+        // On a thread of its own: the nice value and slice stay with it.
+        std::thread::spawn(|| {
+            let before = current_thread_nice();
+            if set_current_thread_slice(100).is_ok() {
+                assert_eq!(current_thread_nice(), before);
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

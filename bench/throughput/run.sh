@@ -49,7 +49,10 @@
 # BENCH_P4 (implementations measured again with -P 4, "" for none),
 # BENCH_TRACE=1 (tcpdump the loaded pings on both TUN devices and print where
 # they spend their time: sender to receiver, the receiver's turnaround, and
-# back; installs tcpdump).
+# back, each way split into the sending daemon, the veth and the receiving
+# daemon; installs tcpdump), BENCH_IPERF_NICE=N (run iperf3 at nice N, e.g.
+# -10 to keep it ahead of other work on the machine while the daemons'
+# default -20 stays above it).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
@@ -316,40 +319,82 @@ ping_median() { # file -> median RTT in ms of "time=" lines, or "-"
 }
 
 # trace_report impl round prefix: where the loaded pings spent their time.
+# The pings are timed where they enter and leave each TUN, and (their
+# encrypted datagrams: an 84-byte ping is a 116-byte WireGuard message, alone
+# or at the end of a GSO run of 1452-byte ones) where they leave one
+# veth end and arrive at the other, so each leg splits into the sending
+# daemon (TUN ring, fair queue, encryption, UDP send), the veth, and the
+# receiving daemon (its UDP socket's queue, decryption, TUN write).
 trace_report() {
     python3 - "$1" "$2" "$3" <<'PY' >&2 || true
-import re, statistics, subprocess, sys
+import bisect, os, re, statistics, subprocess, sys
 impl, rnd, pre = sys.argv[1:4]
+def lines(name):
+    path = "%s.trace-%s.pcap" % (pre, name)
+    if not os.path.exists(path):
+        return []
+    return subprocess.run(["tcpdump", "-n", "-tt", "--time-stamp-precision=nano", "-r", path],
+                          capture_output=True, text=True).stdout.splitlines()
 def stamps(side):
-    out = subprocess.run(["tcpdump", "-n", "-tt", "--time-stamp-precision=nano", "-r",
-                          "%s.trace-%s.pcap" % (pre, side)], capture_output=True, text=True).stdout
     seen = {}
-    for line in out.splitlines():
+    for line in lines(side):
         m = re.match(r"(\S+) .*echo (request|reply), id \d+, seq (\d+)", line)
         if m:
             seen.setdefault((m.group(2), int(m.group(3))), float(m.group(1)))
     return seen
+def wire(side):
+    # Ping datagrams seen on a veth end: (time, source address) in order.
+    out = []
+    for line in lines(side):
+        m = re.match(r"(\S+) IP (\S+)\.\d+ > ", line)
+        if m:
+            out.append((float(m.group(1)), m.group(2)))
+    return out
 a, b = stamps("A"), stamps("B")
-legs = {"forward": [], "turnaround": [], "reverse": []}
+va, vb = wire("vA"), wire("vB")
+def first_after(seq, t, src):
+    # The first ping datagram from src at or after t.
+    i = bisect.bisect_left(seq, (t, ""))
+    while i < len(seq):
+        if seq[i][1] == src:
+            return seq[i][0]
+        i += 1
+    return None
+legs = {k: [] for k in ("forward", "turnaround", "reverse", "a_send", "a_wire", "b_recv",
+                        "b_send", "b_wire", "a_recv")}
 for (kind, seq), t0 in a.items():
     if kind != "request" or ("request", seq) not in b or ("reply", seq) not in b or ("reply", seq) not in a:
         continue
-    legs["forward"].append(b[("request", seq)] - t0)
-    legs["turnaround"].append(b[("reply", seq)] - b[("request", seq)])
-    legs["reverse"].append(a[("reply", seq)] - b[("reply", seq)])
+    t1, t2, t3 = b[("request", seq)], b[("reply", seq)], a[("reply", seq)]
+    legs["forward"].append(t1 - t0)
+    legs["turnaround"].append(t2 - t1)
+    legs["reverse"].append(t3 - t2)
+    wa, wb = first_after(va, t0, "10.99.0.1"), first_after(vb, t0, "10.99.0.1")
+    if wa is not None and wb is not None and t0 <= wa <= wb <= t1:
+        legs["a_send"].append(wa - t0); legs["a_wire"].append(wb - wa); legs["b_recv"].append(t1 - wb)
+    wb2, wa2 = first_after(vb, t2, "10.99.0.2"), first_after(va, t2, "10.99.0.2")
+    if wb2 is not None and wa2 is not None and t2 <= wb2 <= wa2 <= t3:
+        legs["b_send"].append(wb2 - t2); legs["b_wire"].append(wa2 - wb2); legs["a_recv"].append(t3 - wa2)
+def ms(k):
+    v = legs[k]
+    return "%.3f (max %.3f)" % (1e3 * statistics.median(v), 1e3 * max(v)) if v else "-"
 if legs["forward"]:
-    print("# round %s %-16s loaded pings (%d): A TUN -> B TUN %.3f ms (max %.3f), B turnaround %.3f ms, "
-          "B TUN -> A TUN %.3f ms (max %.3f)" % (
-              rnd, impl, len(legs["forward"]),
-              1e3 * statistics.median(legs["forward"]), 1e3 * max(legs["forward"]),
-              1e3 * statistics.median(legs["turnaround"]),
-              1e3 * statistics.median(legs["reverse"]), 1e3 * max(legs["reverse"])))
+    print("# round %s %-16s loaded pings (%d): A TUN -> B TUN %s, B turnaround %s, "
+          "B TUN -> A TUN %s" % (rnd, impl, len(legs["forward"]), ms("forward"),
+                                 ms("turnaround"), ms("reverse")))
+    if legs["a_send"] or legs["b_send"]:
+        print("#   forward: A daemon %s, veth %s, B socket+daemon %s (%d matched); "
+              "reverse: B daemon %s, veth %s, A socket+daemon %s (%d matched)" % (
+                  ms("a_send"), ms("a_wire"), ms("b_recv"), len(legs["a_send"]),
+                  ms("b_send"), ms("b_wire"), ms("a_recv"), len(legs["b_send"])))
 else:
     print("# round %s %-16s no traced pings" % (rnd, impl))
 PY
 }
 
 CLK_TCK=$(getconf CLK_TCK)
+IPERF_NICE=""
+if [ -n "${BENCH_IPERF_NICE:-}" ]; then IPERF_NICE="nice -n $BENCH_IPERF_NICE"; fi
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
 
@@ -361,7 +406,7 @@ measure() {
     # Idle RTT first (10 pings, 0.1 s apart).
     in_ns "$NS_A" ping -c 10 -i 0.1 -W 1 "$TARGET" >"$pre.ping-idle" 2>&1 || true
     # iperf3 server in B, one test, bounded.
-    in_ns "$NS_B" timeout $((SECONDS_PER_RUN + 20)) iperf3 -s -1 -B "$TARGET" >"$pre.server" 2>&1 &
+    in_ns "$NS_B" timeout $((SECONDS_PER_RUN + 20)) $IPERF_NICE iperf3 -s -1 -B "$TARGET" >"$pre.server" 2>&1 &
     local server=$!
     PIDS+=("$server")
     for _ in $(seq 50); do
@@ -386,6 +431,13 @@ measure() {
                 -w "$pre.trace-$side.pcap" icmp >/dev/null 2>&1 &
             trace_pids+=($!); PIDS+=($!)
         done
+        # The pings' encrypted datagrams on both veth ends (116 bytes: no padding), alone or at the end of a GSO run of full-sized ones (1452 bytes each).
+        for side in vA vB; do
+            local tns=$NS_A tif=veth-bench-a; [ "$side" = vB ] && { tns=$NS_B; tif=veth-bench-b; }
+            in_ns "$tns" timeout $((SECONDS_PER_RUN + 5)) tcpdump -n -q -U -i "$tif" \
+                -w "$pre.trace-$side.pcap" "${BENCH_TRACE_WIRE_FILTER:-udp and (udp[4:2] - 8) % 1452 = 116}" >/dev/null 2>&1 &
+            trace_pids+=($!); PIDS+=($!)
+        done
     fi
     if [ "${BENCH_PERF:-0}" = 1 ] && [ -n "$DAEMON_A" ] && command -v perf >/dev/null; then
         for side in A B; do
@@ -395,7 +447,7 @@ measure() {
             perf_pids+=($!); PIDS+=($!)
         done
     fi
-    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J -P "${FLOWS[$impl]:-1}" ${BENCH_IPERF_ARGS:-} \
+    in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) $IPERF_NICE iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J -P "${FLOWS[$impl]:-1}" ${BENCH_IPERF_ARGS:-} \
         >"$pre.json" 2>"$pre.client-err" || true
     t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
     wait "$pinger" 2>/dev/null || true

@@ -58,9 +58,14 @@ struct Bucket<T> {
     codel: Codel,
 }
 
-/// One bucket's CoDel state.
-#[derive(Default)]
-struct Codel {
+/// CoDel's state (one per fair-queue bucket here, and one for the UDP
+/// socket's queue in [`super::rx_aqm`]).
+pub(crate) struct Codel {
+    /// The queueing delay that may stand for a while.
+    target: Duration,
+    /// How long the delay must stay above the target before the first
+    /// drop, and the base of the spacing of further ones.
+    interval: Duration,
     /// When the delay, above the target since, will have been so for an
     /// interval.
     first_above: Option<Instant>,
@@ -71,17 +76,28 @@ struct Codel {
 }
 
 impl Codel {
+    /// CoDel with its two parameters, not dropping.
+    pub(crate) fn new(target: Duration, interval: Duration) -> Self {
+        Self {
+            target,
+            interval,
+            first_above: None,
+            drop_next: None,
+            count: 0,
+        }
+    }
+
     /// Whether the item served now, after waiting `sojourn`, is to lose a
     /// packet. `backlog` tells whether more items wait behind it (a bucket
     /// that empties has no standing queue).
-    fn should_drop(&mut self, now: Instant, sojourn: Duration, backlog: bool) -> bool {
-        let above = if sojourn < CODEL_TARGET || !backlog {
+    pub(crate) fn should_drop(&mut self, now: Instant, sojourn: Duration, backlog: bool) -> bool {
+        let above = if sojourn < self.target || !backlog {
             self.first_above = None;
             false
         } else {
             match self.first_above {
                 None => {
-                    self.first_above = Some(now + CODEL_INTERVAL);
+                    self.first_above = Some(now + self.interval);
                     false
                 }
                 Some(at) => now >= at,
@@ -97,14 +113,14 @@ impl Codel {
                     return false;
                 }
                 self.count = self.count.saturating_add(1);
-                self.drop_next = Some(next + control_law(self.count));
+                self.drop_next = Some(next + control_law(self.interval, self.count));
                 true
             }
             None if above => {
                 // Back into dropping soon after leaving it: resume near the
                 // rate that was needed last time.
                 self.count = if self.count > 2 { self.count - 2 } else { 1 };
-                self.drop_next = Some(now + control_law(self.count));
+                self.drop_next = Some(now + control_law(self.interval, self.count));
                 true
             }
             None => false,
@@ -113,8 +129,8 @@ impl Codel {
 }
 
 /// CoDel's spacing of drops: interval / sqrt(count).
-fn control_law(count: u32) -> Duration {
-    CODEL_INTERVAL.div_f64(f64::from(count.max(1)).sqrt())
+fn control_law(interval: Duration, count: u32) -> Duration {
+    interval.div_f64(f64::from(count.max(1)).sqrt())
 }
 
 /// An item leaving the queue to be served.
@@ -148,7 +164,7 @@ impl<T> FairQueue<T> {
                     items: VecDeque::new(),
                     deficit: 0,
                     active: false,
-                    codel: Codel::default(),
+                    codel: Codel::new(CODEL_TARGET, CODEL_INTERVAL),
                 })
                 .collect(),
             new_flows: VecDeque::with_capacity(FLOW_BUCKETS),
@@ -273,7 +289,7 @@ impl<T> FairQueue<T> {
 
 /// What identifies an IP packet's flow, as far as it can be read.
 #[derive(Hash)]
-enum FlowKey<'a> {
+pub(crate) enum FlowKey<'a> {
     /// Addresses (source and destination bytes), protocol and the first
     /// four bytes of the transport header (TCP/UDP ports) when present.
     Ip {
@@ -287,7 +303,7 @@ enum FlowKey<'a> {
 
 /// The flow of `packet` (IPv4 or IPv6; fragments and unknown protocols hash
 /// by addresses and protocol only).
-fn flow_key(packet: &[u8]) -> FlowKey<'_> {
+pub(crate) fn flow_key(packet: &[u8]) -> FlowKey<'_> {
     match packet.first().map(|b| b >> 4) {
         Some(4) if packet.len() >= 20 => {
             let header_len = usize::from(packet[0] & 0x0f) * 4;

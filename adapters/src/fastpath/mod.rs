@@ -38,18 +38,26 @@
 //! thread per device; off by default: on the 2-core bench machine it gained
 //! no throughput and cost CPU and idle latency), `WGMESH_FASTPATH_SOCKBUF=N`
 //! (UDP socket buffer bytes), `WGMESH_FASTPATH_FQ=N` (TUN reads held in
-//! the fair queue, `fq.rs`; 0: none, every read served in order).
+//! the fair queue, `fq.rs`; 0: none, every read served in order),
+//! `WGMESH_FASTPATH_RX_TARGET_US=N` and `WGMESH_FASTPATH_RX_INTERVAL_US=N`
+//! (CoDel on the time datagrams waited in the UDP socket, `rx_aqm.rs`; off
+//! by default), `WGMESH_FASTPATH_RX_STATS=1` (log those waits once a
+//! second).
 //!
 //! Fair queueing: the TUN is read ahead into per-flow queues served by
 //! deficit round robin ([`fq`]), so a sparse flow's packet is encrypted
 //! next instead of after every bulk packet already in the TUN's ring. Each
 //! daemon does this for the packets it sends, so both directions of a
 //! tunnel get it; the other queue on the way, the receiver's UDP socket,
-//! holds encrypted datagrams whose flows cannot be told apart.
+//! holds encrypted datagrams whose flows cannot be told apart. The kernel's
+//! receive timestamps tell how long they waited there; with four TCP flows
+//! on the 2-core bench machine that wait is the receiving daemon waiting
+//! for a CPU (`bench/throughput/README.md`, "four flows' loaded RTT").
 
 mod fq;
 mod options;
 mod outbox;
+mod rx_aqm;
 mod tun;
 mod tun_write;
 mod udp;

@@ -14,6 +14,19 @@ pub(crate) const TUN_FLUSH_PACKETS: usize = 48;
 /// behind it stays empty) while CoDel keeps bulk flows near that delay.
 pub(crate) const FAIR_QUEUE_READS: usize = 64;
 
+/// The receive side's CoDel target by default ([`super::rx_aqm`]): how
+/// long datagrams may stand in the UDP socket's queue; zero: off. Off by
+/// default: with four TCP flows on the 2-core bench machine a 1 ms target
+/// dropped 2,000-3,000 packets a second, cost 10-25% of the throughput and
+/// did not lower the loaded RTT (the delay there is the daemon waiting for
+/// a CPU, which drains to nothing every second, not a standing queue;
+/// `bench/throughput/README.md`).
+pub(crate) const RX_CODEL_TARGET_US: u64 = 0;
+
+/// The receive side's CoDel interval by default: how long the delay must
+/// stand above the target before the first drop.
+pub(crate) const RX_CODEL_INTERVAL_US: u64 = 10_000;
+
 /// Batches in flight per writer thread (TUN and UDP alike).
 pub(crate) const WRITER_DEPTH: usize = 4;
 
@@ -53,6 +66,15 @@ pub struct FastPathOptions {
     /// queue (default [`FAIR_QUEUE_READS`], at most 256; 0: no fair
     /// queueing, reads are served one at a time in order).
     pub fair_queue_reads: usize,
+    /// `WGMESH_FASTPATH_RX_TARGET_US` and `WGMESH_FASTPATH_RX_INTERVAL_US`:
+    /// the receive side's CoDel on the time datagrams waited in the UDP
+    /// socket, as (target, interval) in microseconds (default
+    /// [`RX_CODEL_TARGET_US`], i.e. off, and [`RX_CODEL_INTERVAL_US`]);
+    /// `None` (a target of 0): off, and no receive timestamps.
+    pub rx_codel_us: Option<(u64, u64)>,
+    /// `WGMESH_FASTPATH_RX_STATS=1`: log the receive queue's delays and
+    /// drops once a second (at info level).
+    pub rx_stats: bool,
 }
 
 impl FastPathOptions {
@@ -81,6 +103,48 @@ impl FastPathOptions {
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .map_or(FAIR_QUEUE_READS, |n: usize| n.min(256)),
+            rx_codel_us: rx_codel_from(
+                env_u64("WGMESH_FASTPATH_RX_TARGET_US"),
+                env_u64("WGMESH_FASTPATH_RX_INTERVAL_US"),
+            ),
+            rx_stats: env_on("WGMESH_FASTPATH_RX_STATS", false),
         }
+    }
+}
+
+/// A number from the environment, if set and valid.
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// The receive side's CoDel (target, interval) in microseconds from the
+/// environment's values: the defaults where unset, off for a target of 0,
+/// an interval of at least the target.
+fn rx_codel_from(target: Option<u64>, interval: Option<u64>) -> Option<(u64, u64)> {
+    let target = target.unwrap_or(RX_CODEL_TARGET_US);
+    if target == 0 {
+        return None;
+    }
+    let interval = interval.unwrap_or(RX_CODEL_INTERVAL_US).max(target);
+    Some((target, interval))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rx_codel_defaults_off_switch_and_bounds() {
+        assert_eq!(rx_codel_from(None, None), None, "off by default");
+        assert_eq!(
+            rx_codel_from(Some(1000), None),
+            Some((1000, RX_CODEL_INTERVAL_US))
+        );
+        assert_eq!(rx_codel_from(Some(0), Some(5000)), None);
+        assert_eq!(
+            rx_codel_from(Some(500), None),
+            Some((500, RX_CODEL_INTERVAL_US))
+        );
+        assert_eq!(rx_codel_from(Some(3000), Some(1000)), Some((3000, 3000)));
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
+use super::rx_aqm::RxAqm;
 use super::tun_write::{MAX_IP_PACKET, TunBatch, TunWriter, WriteOutcome, write_tun};
 use super::udp_send::SendQueue;
 
@@ -33,6 +34,9 @@ pub(crate) struct Outbox {
     tun_writer: Option<TunWriter>,
     /// Datagrams for the network (set once the UDP side is bound).
     pub(crate) udp: Option<SendQueue>,
+    /// The receive side's CoDel (`None`: off), told by the UDP socket how
+    /// long datagrams waited, asked here about each decrypted packet.
+    pub(crate) rx_aqm: Option<RxAqm>,
 }
 
 impl Shared {
@@ -44,6 +48,7 @@ impl Shared {
         tun_writer: Option<TunWriter>,
         write_outcome: Arc<WriteOutcome>,
         tun_flush_packets: usize,
+        rx_aqm: Option<RxAqm>,
     ) -> Self {
         Self {
             tun,
@@ -56,6 +61,7 @@ impl Shared {
                 gro: GROTable::new(),
                 tun_writer,
                 udp: None,
+                rx_aqm,
             }),
             tun_flush_packets,
         }
@@ -110,6 +116,11 @@ impl Shared {
     /// Queues one packet for the TUN; flushes when the batch is full.
     pub(crate) fn push_tun(&self, packet: &[u8]) {
         let mut out = self.outbox();
+        if let Some(aqm) = out.rx_aqm.as_mut() {
+            if !aqm.admit(packet) {
+                return;
+            }
+        }
         let batch = &mut out.tun;
         let index = batch.len;
         if index == batch.bufs.len() {

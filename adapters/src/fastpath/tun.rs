@@ -6,7 +6,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -14,6 +14,7 @@ use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use super::fq::FairQueue;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
+use super::rx_aqm::RxAqm;
 use super::tun_write::{MAX_IP_PACKET, TunWriter, WriteOutcome};
 use crate::driver::ports::TunDevice;
 
@@ -141,6 +142,7 @@ impl FastTun {
             tun_writer,
             write_outcome,
             options.tun_flush_packets.clamp(1, IDEAL_BATCH_SIZE),
+            rx_aqm(&options),
         ));
         let queue = (options.fair_queue_reads > 0)
             .then(|| Box::new(FairQueue::new(options.fair_queue_reads, FQ_QUANTUM_BYTES)));
@@ -164,6 +166,25 @@ impl FastTun {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// The receive side's CoDel as `options` say (with stats only: a target
+/// no delay reaches).
+fn rx_aqm(options: &FastPathOptions) -> Option<RxAqm> {
+    let (target, interval) = match options.rx_codel_us {
+        Some((target, interval)) => (
+            Duration::from_micros(target),
+            Duration::from_micros(interval),
+        ),
+        None if options.rx_stats => (Duration::from_secs(3600), Duration::from_secs(3600)),
+        None => return None,
+    };
+    Some(RxAqm::new(
+        target,
+        interval,
+        options.rx_stats,
+        Instant::now(),
+    ))
 }
 
 /// Room per packet of a TUN read for a device of `mtu`: a packet (or an

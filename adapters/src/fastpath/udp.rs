@@ -11,6 +11,7 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -20,7 +21,7 @@ use tracing::debug;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
 use super::tun::FastTun;
-use super::udp_send::{CMSG_ROOM, SendQueue};
+use super::udp_send::SendQueue;
 use crate::driver::ports::DatagramSocket;
 use crate::pmtu::PathMtuTable;
 use crate::udp::{SOCKET_BUFFER_BYTES, SocketTuning, rebind_needs_new_socket, set_int, unmap};
@@ -29,6 +30,9 @@ use crate::udp::{SOCKET_BUFFER_BYTES, SocketTuning, rebind_needs_new_socket, set
 const RECV_BATCH: usize = 16;
 /// Room per received message: a GRO run of up to 64 KB.
 const RECV_BUFFER: usize = 65536;
+/// Room for a received message's control messages: the GRO segment size
+/// (an int) and the arrival time (a timespec), with their headers.
+const RECV_CMSG_ROOM: usize = 128;
 
 /// A batched UDP socket whose sends are queued in the output queue it
 /// has with its [`FastTun`].
@@ -53,6 +57,12 @@ struct RecvBatch {
     lens: [usize; RECV_BATCH],
     seg: [usize; RECV_BATCH],
     from: [SocketAddr; RECV_BATCH],
+    /// Per received message: when the kernel received it (`SO_TIMESTAMPNS`,
+    /// time since the Unix epoch), if it said.
+    stamp: [Option<Duration>; RECV_BATCH],
+    /// The arrival time of the message whose first datagram was handed out
+    /// last, until [`FastUdp::note_arrival`] takes it.
+    arrived: Option<Duration>,
     count: usize,
     /// The next message and the offset of its next segment.
     msg: usize,
@@ -100,6 +110,12 @@ fn open_tuned(
             debug!(error = %e, "no UDP GRO");
         }
     }
+    if options.rx_codel_us.is_some() || options.rx_stats {
+        // Arrival times, for the receive side's CoDel (`rx_aqm.rs`).
+        if let Err(e) = set_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1) {
+            debug!(error = %e, "no receive timestamps");
+        }
+    }
     tuning.apply(fd, v6)?;
     socket.set_nonblocking(true)?;
     let addr: SocketAddr = if v6 {
@@ -123,6 +139,15 @@ fn open_any(
             Ok((open_tuned(port, false, options, tuning)?, false))
         }
     }
+}
+
+/// A kernel timestamp (`CLOCK_REALTIME`) as time since the Unix epoch.
+fn timespec_to_duration(ts: &libc::timespec) -> Option<Duration> {
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u32::try_from(ts.tv_nsec)
+        .ok()
+        .filter(|&n| n < 1_000_000_000)?;
+    (secs > 0 || nanos > 0).then(|| Duration::new(secs, nanos))
 }
 
 /// A `sockaddr_storage` filled by the kernel, as a Rust address.
@@ -181,6 +206,27 @@ impl FastUdp {
     }
 }
 
+impl FastUdp {
+    /// When a datagram handed out began a message (one datagram or a GRO
+    /// run), tells the receive side's CoDel how long the message waited
+    /// in the socket (and the kernel's receive queue before it). One clock
+    /// reading per message, only while timestamps are on.
+    fn note_arrival(&mut self) {
+        let Some(arrived) = self.batch.arrived.take() else {
+            return;
+        };
+        let mut out = self.shared.outbox();
+        let Some(aqm) = out.rx_aqm.as_mut() else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        // A clock stepped back gives no delay rather than a huge one.
+        aqm.note_datagram(Instant::now(), now.saturating_sub(arrived));
+    }
+}
+
 impl RecvBatch {
     fn new() -> Self {
         Self {
@@ -188,6 +234,8 @@ impl RecvBatch {
             lens: [0; RECV_BATCH],
             seg: [0; RECV_BATCH],
             from: [SocketAddr::from(([0, 0, 0, 0], 0)); RECV_BATCH],
+            stamp: [None; RECV_BATCH],
+            arrived: None,
             count: 0,
             msg: 0,
             offset: 0,
@@ -195,6 +243,7 @@ impl RecvBatch {
     }
 
     fn clear(&mut self) {
+        self.arrived = None;
         self.count = 0;
         self.msg = 0;
         self.offset = 0;
@@ -233,6 +282,9 @@ impl RecvBatch {
                 self.seg[msg]
             };
             let end = (start + seg).min(len);
+            if start == 0 {
+                self.arrived = self.stamp[msg];
+            }
             self.offset = end;
             if end >= len {
                 self.msg += 1;
@@ -252,12 +304,13 @@ impl RecvBatch {
             lens,
             seg,
             from,
+            stamp,
             ..
         } = self;
         // SAFETY: these are plain C structs; all-zero is a valid value.
         let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { zeroed() };
         let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { zeroed() };
-        let mut controls = [[0u64; CMSG_ROOM / 8]; RECV_BATCH];
+        let mut controls = [[0u64; RECV_CMSG_ROOM / 8]; RECV_BATCH];
         // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { zeroed() };
         for i in 0..RECV_BATCH {
@@ -269,7 +322,7 @@ impl RecvBatch {
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
             h.msg_control = controls[i].as_mut_ptr() as *mut libc::c_void;
-            h.msg_controllen = CMSG_ROOM as _;
+            h.msg_controllen = RECV_CMSG_ROOM as _;
         }
         // SAFETY: every header points at live buffers of the lengths given,
         // all of which outlive the call.
@@ -296,14 +349,24 @@ impl RecvBatch {
                 continue;
             };
             let mut gso = 0usize;
+            let mut arrived = None;
             // SAFETY: the kernel filled msg_control/msg_controllen of this
-            // header; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them.
+            // header; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them, and each
+            // control message's data is as long as its type says (an int
+            // for UDP_GRO, a timespec for SCM_TIMESTAMPNS), read unaligned.
             unsafe {
                 let mut cmsg = libc::CMSG_FIRSTHDR(h);
                 while !cmsg.is_null() {
                     if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
                         gso = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int)
                             as usize;
+                    } else if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                        && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+                    {
+                        let ts = std::ptr::read_unaligned(
+                            libc::CMSG_DATA(cmsg) as *const libc::timespec
+                        );
+                        arrived = timespec_to_duration(&ts);
                     }
                     cmsg = libc::CMSG_NXTHDR(h, cmsg);
                 }
@@ -313,6 +376,7 @@ impl RecvBatch {
             }
             lens[kept] = hdrs[i].msg_len as usize;
             seg[kept] = gso;
+            stamp[kept] = arrived;
             from[kept] = unmap(addr);
             kept += 1;
         }
@@ -325,6 +389,7 @@ impl DatagramSocket for FastUdp {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
             if let Some(datagram) = self.batch.pop_into(buf) {
+                self.note_arrival();
                 return Ok(datagram);
             }
             // The batch is used up: wait for readiness, then receive.
@@ -341,6 +406,7 @@ impl DatagramSocket for FastUdp {
     fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
         loop {
             if let Some(datagram) = self.batch.pop_into(buf) {
+                self.note_arrival();
                 return Some(Ok(datagram));
             }
             // The batch is used up. A real `recvmmsg`, not tokio's
@@ -367,11 +433,15 @@ impl DatagramSocket for FastUdp {
     }
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        self.batch.pop_into(buf)
+        let datagram = self.batch.pop_into(buf);
+        self.note_arrival();
+        datagram
     }
 
     fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
-        self.batch.lend(handle)
+        let lent = self.batch.lend(handle);
+        self.note_arrival();
+        lent
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -447,6 +517,8 @@ mod tests {
             tun_flush_packets: super::super::options::TUN_FLUSH_PACKETS,
             socket_buffer: None,
             fair_queue_reads: super::super::options::FAIR_QUEUE_READS,
+            rx_codel_us: None,
+            rx_stats: false,
         }
     }
 
@@ -608,6 +680,41 @@ mod tests {
         while lent.lend(&mut |data, f| got.push((data.to_vec(), f))) {}
         assert_eq!(got, want);
         assert_eq!(got.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn received_datagrams_carry_their_arrival_time_when_asked() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = open(
+            0,
+            false,
+            FastPathOptions {
+                rx_stats: true,
+                ..options()
+            },
+        )
+        .unwrap();
+        let before = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        a.send_to(&datagram(1, 100), loopback(&b)).unwrap();
+        let mut batch = RecvBatch::new();
+        let fd = b.as_raw_fd();
+        let read = b.async_io(Interest::READABLE, || batch.fill(fd));
+        tokio::time::timeout(std::time::Duration::from_secs(2), read)
+            .await
+            .expect("a datagram in time")
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        assert_eq!(batch.pop_into(&mut buf).map(|(len, _)| len), Some(100));
+        let arrived = batch.arrived.take().expect("a timestamp");
+        let after = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        // Whole seconds of slack: the kernel's clock reading is coarser.
+        assert!(
+            arrived + Duration::from_secs(1) >= before && arrived <= after + Duration::from_secs(1)
+        );
     }
 
     #[test]
