@@ -222,12 +222,11 @@ fn set_current_thread_nice(nice: i32) -> std::io::Result<()> {
 /// Earlier kernels ignore the setting.
 pub const DEFAULT_DATA_PLANE_SLICE_US: u64 = 0;
 
-/// The slice to ask for: `WGMESH_DATA_PLANE_SLICE_US` when it is a number,
-/// otherwise [`DEFAULT_DATA_PLANE_SLICE_US`]; `None` for 0.
-fn data_plane_slice(value: Option<&str>) -> Option<u64> {
-    let us = value
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_DATA_PLANE_SLICE_US);
+/// The slice to ask for: `WGMESH_DATA_PLANE_SLICE_US` when it is a number
+/// (a value that is not is logged and ignored), otherwise
+/// [`DEFAULT_DATA_PLANE_SLICE_US`]; `None` for 0.
+fn data_plane_slice(value: Option<u64>) -> Option<u64> {
+    let us = value.unwrap_or(DEFAULT_DATA_PLANE_SLICE_US);
     (us > 0).then_some(us)
 }
 
@@ -763,8 +762,9 @@ async fn spawn_driver_thread(
                     }
                 }
             }
-            let slice = std::env::var("WGMESH_DATA_PLANE_SLICE_US").ok();
-            if let Some(slice_us) = data_plane_slice(slice.as_deref()) {
+            let slice: Option<u64> =
+                crate::fastpath::options::env_number("WGMESH_DATA_PLANE_SLICE_US");
+            if let Some(slice_us) = data_plane_slice(slice) {
                 match set_current_thread_slice(slice_us) {
                     Ok(()) => info!(slice_us, "data-plane thread slice set"),
                     // A kernel without sched_setattr (or a sandbox that
@@ -948,10 +948,8 @@ mod tests {
     fn the_data_plane_slice_is_the_kernel_s_unless_asked() {
         assert_eq!(DEFAULT_DATA_PLANE_SLICE_US, 0);
         assert_eq!(data_plane_slice(None), None);
-        assert_eq!(data_plane_slice(Some("250")), Some(250));
-        assert_eq!(data_plane_slice(Some(" 100 ")), Some(100));
-        assert_eq!(data_plane_slice(Some("0")), None);
-        assert_eq!(data_plane_slice(Some("fast")), None);
+        assert_eq!(data_plane_slice(Some(250)), Some(250));
+        assert_eq!(data_plane_slice(Some(0)), None);
     }
 
     #[test]

@@ -55,7 +55,7 @@
 //! for a CPU (`bench/throughput/README.md`, "four flows' loaded RTT").
 
 mod fq;
-mod options;
+pub(crate) mod options;
 mod outbox;
 mod rx_aqm;
 mod tun;

@@ -85,23 +85,13 @@ impl FastPathOptions {
             tun_offload: env_on("WGMESH_FASTPATH_TUN_OFFLOAD", true),
             udp_gso: env_on("WGMESH_FASTPATH_GSO", true),
             udp_gro: env_on("WGMESH_FASTPATH_GRO", true),
-            tx_queue_len: std::env::var("WGMESH_FASTPATH_TXQLEN")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|&n: &u32| n > 0),
+            tx_queue_len: env_number("WGMESH_FASTPATH_TXQLEN").filter(|&n: &u32| n > 0),
             writer_threads: env_on("WGMESH_FASTPATH_THREADS", false),
-            tun_flush_packets: std::env::var("WGMESH_FASTPATH_TUN_BATCH")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
+            tun_flush_packets: env_number("WGMESH_FASTPATH_TUN_BATCH")
                 .filter(|&n: &usize| n > 0)
                 .unwrap_or(TUN_FLUSH_PACKETS),
-            socket_buffer: std::env::var("WGMESH_FASTPATH_SOCKBUF")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|&n: &usize| n >= 4096),
-            fair_queue_reads: std::env::var("WGMESH_FASTPATH_FQ")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
+            socket_buffer: env_number("WGMESH_FASTPATH_SOCKBUF").filter(|&n: &usize| n >= 4096),
+            fair_queue_reads: env_number("WGMESH_FASTPATH_FQ")
                 .map_or(FAIR_QUEUE_READS, |n: usize| n.min(256)),
             rx_codel_us: rx_codel_from(
                 env_u64("WGMESH_FASTPATH_RX_TARGET_US"),
@@ -114,7 +104,21 @@ impl FastPathOptions {
 
 /// A number from the environment, if set and valid.
 fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+    env_number(name)
+}
+
+/// A number from the environment variable `name`, if set. A value that is
+/// not a number is not taken silently for the default: it is logged as a
+/// warning, with the variable and the value, and the default applies.
+pub(crate) fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let value = std::env::var(name).ok()?;
+    match value.trim().parse() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            tracing::warn!(variable = name, %value, "not a number; the default applies");
+            None
+        }
+    }
 }
 
 /// The receive side's CoDel (target, interval) in microseconds from the
@@ -146,5 +150,20 @@ mod tests {
             Some((500, RX_CODEL_INTERVAL_US))
         );
         assert_eq!(rx_codel_from(Some(3000), Some(1000)), Some((3000, 3000)));
+    }
+
+    #[test]
+    fn a_number_from_the_environment_is_taken_and_anything_else_is_not() {
+        // Variables of this test's own, which nothing else reads.
+        const SET: &str = "WGMESH_TEST_ENV_NUMBER_SET";
+        const BAD: &str = "WGMESH_TEST_ENV_NUMBER_BAD";
+        // SAFETY: no other thread reads or writes these two variables.
+        unsafe {
+            std::env::set_var(SET, " 250 ");
+            std::env::set_var(BAD, "fast");
+        }
+        assert_eq!(env_number::<u64>(SET), Some(250));
+        assert_eq!(env_number::<u64>(BAD), None);
+        assert_eq!(env_number::<u64>("WGMESH_TEST_ENV_NUMBER_UNSET"), None);
     }
 }
