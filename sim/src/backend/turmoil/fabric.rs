@@ -60,9 +60,7 @@ impl TurmoilFabric {
             endpoints: vec![Vec::new(); nodes.len()],
         })
     }
-}
 
-impl TurmoilFabric {
     /// Whether a message between node `i` and the coordination server is
     /// lost to the network's loss.
     pub(super) fn control_lost(&mut self, i: usize, toward_server: bool) -> bool {
