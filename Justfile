@@ -97,6 +97,8 @@ soak:
 
 # The committed files too slow on the turmoil backend for every `cargo test`
 # (see SLOW_ON_TURMOIL in sim/tests/common/mod.rs), run there too: every
-# file on every backend it lists, and both backends compared at seeds 1-5.
+# file on every backend it lists, and both backends compared at seeds 1-5
+# (about 2.5 hours on 2 cores: the fifty-node hour takes 24 minutes per
+# turmoil run; WGMESH_SIM_BACKEND_SEEDS=1 compares seed 1 only).
 sim-slow:
     WGMESH_SIM_SLOW=1 cargo test --release --locked -p wgmesh-sim --test scenarios --test backends -- --nocapture
