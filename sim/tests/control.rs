@@ -33,16 +33,12 @@ fn metric(report: &wgmesh_sim::report::Report, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in {:?}", report.metrics))
 }
 
-/// (a) beta restarts; alpha's traffic to it is back one handshake round
-/// trip plus one way after the server's push of beta's new disco key, the
-/// first datagram alpha sends after the push included.
-#[test]
-fn a_restart_recovers_one_round_trip_after_the_push() {
-    let latency = Duration::from_millis(20);
-    let interval = Duration::from_millis(10);
+/// Alpha and beta on a 20 ms network with a 200 ms control delay, the
+/// trace kept, one second after the start (both have their netmaps).
+fn alpha_and_beta(seed: u64) -> (Tailnet, wgmesh_sim::NodeId, wgmesh_sim::NodeId) {
     let mut net = Tailnet::builder()
-        .seed(31)
-        .latency(latency)
+        .seed(seed)
+        .latency(Duration::from_millis(20))
         .control_delay(Duration::from_millis(200))
         .node("alpha")
         .node("beta")
@@ -50,6 +46,17 @@ fn a_restart_recovers_one_round_trip_after_the_push() {
         .build();
     let (alpha, beta) = (net.id("alpha").unwrap(), net.id("beta").unwrap());
     net.run_for(Duration::from_secs(1));
+    (net, alpha, beta)
+}
+
+/// (a) beta restarts; alpha's traffic to it is back one handshake round
+/// trip plus one way after the server's push of beta's new disco key, the
+/// first datagram alpha sends after the push included.
+#[test]
+fn a_restart_recovers_one_round_trip_after_the_push() {
+    let latency = Duration::from_millis(20);
+    let interval = Duration::from_millis(10);
+    let (mut net, alpha, beta) = alpha_and_beta(31);
     let ip = net.ip4(beta);
     let stream = net.send_stream(alpha, ip, 3000, interval, 64, None);
     net.run_until(Duration::from_secs(20));
@@ -289,16 +296,7 @@ fn a_restart_costs_the_server_bytes_linear_in_its_peers() {
 /// its full netmap carries beta's new disco key.
 #[test]
 fn a_node_cut_from_the_server_catches_up_after_the_heal() {
-    let mut net = Tailnet::builder()
-        .seed(71)
-        .latency(Duration::from_millis(20))
-        .control_delay(Duration::from_millis(200))
-        .node("alpha")
-        .node("beta")
-        .keep_trace(true)
-        .build();
-    let (alpha, beta) = (net.id("alpha").unwrap(), net.id("beta").unwrap());
-    net.run_for(Duration::from_secs(1));
+    let (mut net, alpha, beta) = alpha_and_beta(71);
     let ip = net.ip4(beta);
     let stream = net.send_stream(alpha, ip, 1200, Duration::from_millis(100), 64, None);
     net.run_until(Duration::from_secs(10));
@@ -399,16 +397,7 @@ name = "gamma"
 /// (three pairs of `sim/tests/soak.rs`'s short soak never answered).
 #[test]
 fn a_lost_endpoint_update_is_sent_again() {
-    let mut net = Tailnet::builder()
-        .seed(73)
-        .latency(Duration::from_millis(20))
-        .control_delay(Duration::from_millis(200))
-        .node("alpha")
-        .node("beta")
-        .keep_trace(true)
-        .build();
-    let (alpha, beta) = (net.id("alpha").unwrap(), net.id("beta").unwrap());
-    net.run_for(Duration::from_secs(1));
+    let (mut net, alpha, beta) = alpha_and_beta(73);
     net.partition_control(&[beta]);
     net.run_until(Duration::from_secs(2));
     net.link_change(beta, wgmesh_sim::LinkKind::Major);
