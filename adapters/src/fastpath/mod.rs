@@ -25,8 +25,9 @@
 //!   direction never holds back the small packets (ACKs, pings) of the
 //!   other.
 //!
-//! The files: [`FastTun`] in `tun.rs` (reads) and `tun_write.rs` (batched,
-//! coalesced writes), [`FastUdp`] in `udp.rs` (receives) and `udp_send.rs`
+//! The files: [`FastTun`] in `tun.rs` (reads), `tun_gro.rs` (our TCP/UDP
+//! GRO: packets coalesced as they are queued) and `tun_write.rs` (batched
+//! writes), [`FastUdp`] in `udp.rs` (receives) and `udp_send.rs`
 //! (GSO runs), the state the two share (the output queues and the idle
 //! check) in `outbox.rs`, the switches in `options.rs`.
 //!
@@ -59,6 +60,7 @@ pub(crate) mod options;
 mod outbox;
 mod rx_aqm;
 mod tun;
+mod tun_gro;
 mod tun_write;
 mod udp;
 mod udp_send;

@@ -7,10 +7,9 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
-
 use super::rx_aqm::RxAqm;
-use super::tun_write::{MAX_IP_PACKET, TunBatch, TunWriter, WriteOutcome, write_tun};
+use super::tun_gro::TunBatch;
+use super::tun_write::{TunWriter, WriteOutcome, write_tun};
 use super::udp_send::SendQueue;
 
 /// What a [`FastTun`](super::FastTun) and its [`FastUdp`](super::FastUdp)
@@ -27,9 +26,8 @@ pub(crate) struct Shared {
 
 /// Output waiting for a flush.
 pub(crate) struct Outbox {
-    /// Packets for the TUN, each behind room for a virtio header.
+    /// Packets for the TUN, coalesced as they are queued.
     tun: TunBatch,
-    gro: GROTable,
     /// The thread that writes full batches, when there is one.
     tun_writer: Option<TunWriter>,
     /// Datagrams for the network (set once the UDP side is bound).
@@ -41,24 +39,23 @@ pub(crate) struct Outbox {
 
 impl Shared {
     /// Empty queues for `tun`, written by `tun_writer` when there is one,
-    /// flushed every `tun_flush_packets` packets at the latest. The UDP
-    /// queue joins when the socket is bound.
+    /// flushed every `tun_flush_packets` packets at the latest; packets are
+    /// coalesced when the TUN has virtio headers (`offload`), UDP datagrams
+    /// only when `coalesce_udp` too (the TUN takes UDP GSO). The UDP queue joins when the socket is bound.
     pub(crate) fn new(
         tun: Arc<tun_rs::AsyncDevice>,
         tun_writer: Option<TunWriter>,
         write_outcome: Arc<WriteOutcome>,
         tun_flush_packets: usize,
         rx_aqm: Option<RxAqm>,
+        offload: bool,
+        coalesce_udp: bool,
     ) -> Self {
         Self {
             tun,
             write_outcome,
             out: Mutex::new(Outbox {
-                tun: TunBatch {
-                    bufs: Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE),
-                    len: 0,
-                },
-                gro: GROTable::new(),
+                tun: TunBatch::new(offload, coalesce_udp),
                 tun_writer,
                 udp: None,
                 rx_aqm,
@@ -92,24 +89,16 @@ impl Shared {
     }
 
     fn flush_tun(&self, out: &mut Outbox) {
-        if out.tun.len == 0 {
+        if out.tun.is_empty() {
             return;
         }
         match &out.tun_writer {
             Some(writer) => {
-                let full = std::mem::replace(
-                    &mut out.tun,
-                    TunBatch {
-                        bufs: Vec::new(),
-                        len: 0,
-                    },
-                );
+                let empty = out.tun.empty_like();
+                let full = std::mem::replace(&mut out.tun, empty);
                 out.tun = writer.submit(full);
             }
-            None => {
-                let out = &mut *out;
-                write_tun(&self.tun, &self.write_outcome, &mut out.gro, &mut out.tun)
-            }
+            None => write_tun(&self.tun, &self.write_outcome, &mut out.tun),
         }
     }
 
@@ -121,20 +110,8 @@ impl Shared {
                 return;
             }
         }
-        let batch = &mut out.tun;
-        let index = batch.len;
-        if index == batch.bufs.len() {
-            // GRO coalesces into the first packet of a run only when its
-            // buffer already has room for 64 KB (it never reallocates).
-            let room = 2 * VIRTIO_NET_HDR_LEN + MAX_IP_PACKET;
-            batch.bufs.push(Vec::with_capacity(room));
-        }
-        let buf = &mut batch.bufs[index];
-        buf.clear();
-        buf.resize(VIRTIO_NET_HDR_LEN, 0);
-        buf.extend_from_slice(packet);
-        batch.len += 1;
-        if batch.len >= self.tun_flush_packets {
+        out.tun.push(packet);
+        if out.tun.packets() >= self.tun_flush_packets {
             self.flush_tun(&mut out);
         }
     }

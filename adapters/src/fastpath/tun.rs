@@ -131,6 +131,10 @@ impl FastTun {
         }
         let tun = Arc::new(builder.build_async()?);
         let name = tun.name()?;
+        // What the kernel granted: virtio headers with TCP segmentation,
+        // and UDP segmentation where the kernel has it (Linux 6.2+).
+        let offload = tun.tcp_gso();
+        let udp_offload = tun.udp_gso();
         let write_outcome = Arc::new(WriteOutcome::default());
         let tun_writer = if options.writer_threads {
             Some(TunWriter::spawn(tun.clone(), write_outcome.clone())?)
@@ -143,6 +147,8 @@ impl FastTun {
             write_outcome,
             options.tun_flush_packets.clamp(1, IDEAL_BATCH_SIZE),
             rx_aqm(&options),
+            offload,
+            udp_offload,
         ));
         let queue = (options.fair_queue_reads > 0)
             .then(|| Box::new(FairQueue::new(options.fair_queue_reads, FQ_QUANTUM_BYTES)));

@@ -1,6 +1,6 @@
-//! Writing to the batched TUN: a batch of packets, each behind room for a
-//! virtio header, coalesced (TCP/UDP GRO) and written with one call, on the
-//! loop's thread or on an optional writer thread.
+//! Writing to the batched TUN: a batch of packets coalesced as they were
+//! queued (TCP/UDP GRO, [`super::tun_gro`]), one `write` per coalesced
+//! packet, on the loop's thread or on an optional writer thread.
 //!
 //! Writer threads (both this one and the UDP one in [`super::udp_send`]):
 //! the loop hands a full batch to a thread that does the system calls (and
@@ -17,19 +17,15 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use std::os::fd::AsFd;
+
 use tracing::{debug, warn};
-use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::options::WRITER_DEPTH;
+use super::tun_gro::TunBatch;
 
 /// The largest IP packet, and so the largest TUN read or write.
 pub(crate) const MAX_IP_PACKET: usize = 65535;
-
-/// Packets for the TUN, each behind room for a virtio header.
-pub(crate) struct TunBatch {
-    pub(crate) bufs: Vec<Vec<u8>>,
-    pub(crate) len: usize,
-}
 
 /// How the TUN writes went since the loop last asked
 /// ([`crate::driver::TunDevice::take_write_outcome`]): written by whoever
@@ -93,9 +89,8 @@ impl TunWriter {
         thread::Builder::new()
             .name("wgmesh-tun-tx".into())
             .spawn(move || {
-                let mut gro = GROTable::new();
                 while let Ok(mut batch) = rx.recv() {
-                    write_tun(&device, &outcome, &mut gro, &mut batch);
+                    write_tun(&device, &outcome, &mut batch);
                     let _ = back_tx.try_send(batch);
                 }
             })?;
@@ -106,10 +101,7 @@ impl TunWriter {
     pub(crate) fn submit(&self, batch: TunBatch) -> TunBatch {
         let spare = match self.back.try_recv() {
             Ok(spare) => spare,
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => TunBatch {
-                bufs: Vec::with_capacity(batch.bufs.len()),
-                len: 0,
-            },
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => batch.empty_like(),
         };
         if self.tx.send(batch).is_err() {
             warn!("the TUN writer thread is gone; packets dropped");
@@ -118,25 +110,33 @@ impl TunWriter {
     }
 }
 
-/// Writes a batch with GRO coalescing (synchronous; TUN writes do not
-/// block, a full device queue drops as the kernel does).
+/// Writes a batch: completes the coalesced packets' headers, then one
+/// `write` each, in order (synchronous; TUN writes do not block, a full
+/// device queue drops as the kernel does). Every write is tried; the last
+/// failure is reported.
 pub(crate) fn write_tun(
     device: &tun_rs::AsyncDevice,
     outcome: &WriteOutcome,
-    gro: &mut GROTable,
     batch: &mut TunBatch,
 ) {
-    if batch.len > 0 {
+    if !batch.is_empty() {
+        batch.finish();
         let device: &tun_rs::DeviceImpl = device;
-        match device.send_multiple(gro, &mut batch.bufs[..batch.len], VIRTIO_NET_HDR_LEN) {
-            Ok(_) => outcome.succeeded(),
-            Err(e) => {
+        let mut failure = None;
+        for write in batch.writes() {
+            if let Err(errno) = nix::unistd::write(device.as_fd(), write) {
+                failure = Some(std::io::Error::from(errno));
+            }
+        }
+        match failure {
+            None => outcome.succeeded(),
+            Some(e) => {
                 debug!(error = %e, "TUN batch write failed");
                 outcome.failed(&e);
             }
         }
     }
-    batch.len = 0;
+    batch.clear();
 }
 
 #[cfg(test)]
