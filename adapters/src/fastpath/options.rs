@@ -75,10 +75,6 @@ pub struct FastPathOptions {
     /// `WGMESH_FASTPATH_RX_STATS=1`: log the receive queue's delays and
     /// drops once a second (at info level).
     pub rx_stats: bool,
-    /// `WGMESH_FASTPATH_RX_SMALL_FIRST`: hand out the small datagrams of a
-    /// `recvmmsg` batch (a ping, an ACK, a handshake) before the full-sized
-    /// ones received with them (default on; see `udp.rs`).
-    pub rx_small_first: bool,
 }
 
 impl FastPathOptions {
@@ -102,7 +98,6 @@ impl FastPathOptions {
                 env_u64("WGMESH_FASTPATH_RX_INTERVAL_US"),
             ),
             rx_stats: env_on("WGMESH_FASTPATH_RX_STATS", false),
-            rx_small_first: env_on("WGMESH_FASTPATH_RX_SMALL_FIRST", true),
         }
     }
 }

@@ -67,30 +67,7 @@ struct RecvBatch {
     /// The next message and the offset of its next segment.
     msg: usize,
     offset: usize,
-    /// Whether small datagrams are handed out first.
-    small_first: bool,
-    /// Per received message: where its small datagram starts (the whole
-    /// message, or the short last segment of a GRO run), which is handed
-    /// out before the regular order and skipped in it.
-    small: [Option<usize>; RECV_BATCH],
-    /// The next message to look at for a small datagram.
-    small_scan: usize,
 }
-
-/// A datagram of at most this many bytes is handed out before the
-/// full-sized ones received in the same batch: a WireGuard message with an
-/// inner packet of up to about 200 bytes (a ping, a TCP ACK, a DNS query, a
-/// keystroke) or a handshake. With four bulk TCP flows the receiving
-/// daemon works through batches of hundreds of full-sized datagrams, and a
-/// sparse flow's packet in such a batch otherwise waits for all of them to
-/// be decrypted first.
-const SMALL_DATAGRAM: usize = 256;
-
-/// A small datagram is moved ahead of at most this many others, well
-/// within the receiver's replay window (1,024 counters behind the newest
-/// in boringtun): moved further, the datagrams it jumped could be refused
-/// as too old once it is decrypted.
-const SMALL_MAX_JUMP: usize = 512;
 
 impl std::fmt::Debug for FastUdp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -222,7 +199,7 @@ impl FastUdp {
             options,
             dual_stack,
             tuning,
-            batch: RecvBatch::new(options.rx_small_first),
+            batch: RecvBatch::new(),
             idle: IdleCheck::default(),
             pmtu,
         })
@@ -251,11 +228,8 @@ impl FastUdp {
 }
 
 impl RecvBatch {
-    fn new(small_first: bool) -> Self {
+    fn new() -> Self {
         Self {
-            small_first,
-            small: [None; RECV_BATCH],
-            small_scan: 0,
             bufs: (0..RECV_BATCH).map(|_| vec![0; RECV_BUFFER]).collect(),
             lens: [0; RECV_BATCH],
             seg: [0; RECV_BATCH],
@@ -273,30 +247,6 @@ impl RecvBatch {
         self.count = 0;
         self.msg = 0;
         self.offset = 0;
-        self.small = [None; RECV_BATCH];
-        self.small_scan = 0;
-    }
-
-    /// Finds each message's small datagram, if it has one that may move
-    /// ahead (see [`SMALL_DATAGRAM`] and [`SMALL_MAX_JUMP`]).
-    fn find_small(&mut self) {
-        let mut before = 0;
-        for msg in 0..self.count {
-            let (len, seg) = (self.lens[msg], self.seg[msg]);
-            if seg == 0 || seg >= len {
-                if len <= SMALL_DATAGRAM && before <= SMALL_MAX_JUMP {
-                    self.small[msg] = Some(0);
-                }
-                before += 1;
-                continue;
-            }
-            let segments = len.div_ceil(seg);
-            let tail = len % seg;
-            if tail != 0 && tail <= SMALL_DATAGRAM && before + segments - 1 <= SMALL_MAX_JUMP {
-                self.small[msg] = Some(len - tail);
-            }
-            before += segments;
-        }
     }
 
     /// Copies the next datagram into `buf`; returns its length and source.
@@ -319,19 +269,9 @@ impl RecvBatch {
 
     /// The next queued datagram: (message, start, end).
     fn next_datagram(&mut self) -> Option<(usize, usize, usize)> {
-        while self.small_scan < self.count {
-            let msg = self.small_scan;
-            self.small_scan += 1;
-            if let Some(start) = self.small[msg] {
-                self.arrived = self.stamp[msg];
-                return Some((msg, start, self.lens[msg]));
-            }
-        }
         while self.msg < self.count {
             let (msg, start, len) = (self.msg, self.offset, self.lens[self.msg]);
-            if start >= len || self.small[msg] == Some(start) {
-                // Used up, or the rest is the small datagram already
-                // handed out.
+            if start >= len {
                 self.msg += 1;
                 self.offset = 0;
                 continue;
@@ -441,9 +381,6 @@ impl RecvBatch {
             kept += 1;
         }
         self.count = kept;
-        if self.small_first {
-            self.find_small();
-        }
         Ok(kept)
     }
 }
@@ -582,7 +519,6 @@ mod tests {
             fair_queue_reads: super::super::options::FAIR_QUEUE_READS,
             rx_codel_us: None,
             rx_stats: false,
-            rx_small_first: true,
         }
     }
 
@@ -593,7 +529,7 @@ mod tests {
 
     /// Receives until `want` datagrams arrived (or two seconds passed).
     async fn receive(socket: &UdpSocket, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
-        let mut batch = RecvBatch::new(true);
+        let mut batch = RecvBatch::new();
         let mut got = Vec::new();
         let fd = socket.as_raw_fd();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -731,92 +667,19 @@ mod tests {
             batch.from = [from; RECV_BATCH];
             batch.count = 2;
         };
-        let mut copied = RecvBatch::new(true);
+        let mut copied = RecvBatch::new();
         fill(&mut copied);
         let mut buf = [0u8; 2048];
         let mut want = Vec::new();
         while let Some((len, f)) = copied.pop_into(&mut buf) {
             want.push((buf[..len].to_vec(), f));
         }
-        let mut lent = RecvBatch::new(true);
+        let mut lent = RecvBatch::new();
         fill(&mut lent);
         let mut got = Vec::new();
         while lent.lend(&mut |data, f| got.push((data.to_vec(), f))) {}
         assert_eq!(got, want);
         assert_eq!(got.len(), 4);
-    }
-
-    /// Fills `batch` with messages of (total length, segment size), each
-    /// byte of a message its index, and finds the small datagrams when the
-    /// batch hands them out first.
-    fn small_first_batch(batch: &mut RecvBatch, messages: &[(usize, usize)]) {
-        for (i, &(len, seg)) in messages.iter().enumerate() {
-            batch.bufs[i][..len].fill(i as u8);
-            batch.lens[i] = len;
-            batch.seg[i] = seg;
-        }
-        batch.count = messages.len();
-        // As `fill` does.
-        if batch.small_first {
-            batch.find_small();
-        }
-    }
-
-    fn handed_out(batch: &mut RecvBatch) -> Vec<(u8, usize)> {
-        let mut got = Vec::new();
-        while batch.lend(&mut |data, _| got.push((data[0], data.len()))) {}
-        got
-    }
-
-    #[test]
-    fn small_datagrams_are_handed_out_first_and_nothing_is_lost_or_repeated() {
-        let mut batch = RecvBatch::new(true);
-        // A GRO run of three 1,400-byte datagrams with a 116-byte tail, a
-        // lone full-sized datagram, a lone handshake, another run.
-        small_first_batch(
-            &mut batch,
-            &[
-                (3 * 1400 + 116, 1400),
-                (1400, 0),
-                (148, 0),
-                (2 * 1400, 1400),
-            ],
-        );
-        assert_eq!(
-            handed_out(&mut batch),
-            vec![
-                (0, 116),
-                (2, 148),
-                (0, 1400),
-                (0, 1400),
-                (0, 1400),
-                (1, 1400),
-                (3, 1400),
-                (3, 1400),
-            ]
-        );
-        let mut in_order = RecvBatch::new(false);
-        small_first_batch(&mut in_order, &[(1400, 0), (100, 0)]);
-        assert_eq!(handed_out(&mut in_order), vec![(0, 1400), (1, 100)]);
-    }
-
-    #[test]
-    fn a_small_datagram_jumps_no_further_than_the_replay_window_allows() {
-        // 15 runs of 40 small-segment datagrams (600), then a lone ping:
-        // moving it first would put it more than SMALL_MAX_JUMP ahead.
-        let mut messages = vec![(40 * 500, 500); 15];
-        messages.push((100, 0));
-        let mut batch = RecvBatch::new(true);
-        small_first_batch(&mut batch, &messages);
-        let got = handed_out(&mut batch);
-        assert_eq!(got.len(), 601);
-        assert_eq!(got.last(), Some(&(15, 100)), "not moved: {:?}", &got[..2]);
-        // Behind 12 runs (480 datagrams) it may move.
-        let mut messages = vec![(40 * 500, 500); 12];
-        messages.push((100, 0));
-        let mut batch = RecvBatch::new(true);
-        small_first_batch(&mut batch, &messages);
-        assert_eq!(handed_out(&mut batch).first(), Some(&(12, 100)));
     }
 
     #[tokio::test]
@@ -835,7 +698,7 @@ mod tests {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap();
         a.send_to(&datagram(1, 100), loopback(&b)).unwrap();
-        let mut batch = RecvBatch::new(true);
+        let mut batch = RecvBatch::new();
         let fd = b.as_raw_fd();
         let read = b.async_io(Interest::READABLE, || batch.fill(fd));
         tokio::time::timeout(std::time::Duration::from_secs(2), read)
@@ -856,7 +719,7 @@ mod tests {
 
     #[test]
     fn a_batch_splits_coalesced_messages_at_their_segment_size() {
-        let mut batch = RecvBatch::new(true);
+        let mut batch = RecvBatch::new();
         let from = SocketAddr::from(([192, 0, 2, 1], 7));
         batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
         batch.lens[0] = 2500;
