@@ -41,7 +41,8 @@ impl Shared {
     /// Empty queues for `tun`, written by `tun_writer` when there is one,
     /// flushed every `tun_flush_packets` packets at the latest; packets are
     /// coalesced when the TUN has virtio headers (`offload`), UDP datagrams
-    /// only when `coalesce_udp` too (the TUN takes UDP GSO). The UDP queue joins when the socket is bound.
+    /// only when `coalesce_udp` too (the TUN takes UDP GSO). The UDP queue
+    /// joins when the socket is bound.
     pub(crate) fn new(
         tun: Arc<tun_rs::AsyncDevice>,
         tun_writer: Option<TunWriter>,

@@ -12,12 +12,11 @@
 //! behind, the loop waits for it (backpressure instead of an unbounded
 //! queue).
 
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
-
-use std::os::fd::AsFd;
 
 use tracing::{debug, warn};
 
