@@ -25,9 +25,10 @@
 //!   direction never holds back the small packets (ACKs, pings) of the
 //!   other.
 //!
-//! The files: [`FastTun`] in `tun.rs` (reads), `tun_gro.rs` (our TCP/UDP
-//! GRO: packets coalesced as they are queued) and `tun_write.rs` (batched
-//! writes), [`FastUdp`] in `udp.rs` (receives) and `udp_send.rs`
+//! The files: [`FastTun`] in `tun.rs` (reads), `tun_gso.rs` (our GSO
+//! split: a read cut into packets in place, each as it is handed out),
+//! `tun_gro.rs` (our TCP/UDP GRO: packets coalesced as they are queued) and
+//! `tun_write.rs` (batched writes), [`FastUdp`] in `udp.rs` (receives) and `udp_send.rs`
 //! (GSO runs), the state the two share (the output queues and the idle
 //! check) in `outbox.rs`, the switches in `options.rs`.
 //!
@@ -61,6 +62,7 @@ mod outbox;
 mod rx_aqm;
 mod tun;
 mod tun_gro;
+mod tun_gso;
 mod tun_write;
 mod udp;
 mod udp_send;

@@ -5,17 +5,19 @@
 //! ([`TunDevice::flush`]).
 
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::debug;
-use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::IDEAL_BATCH_SIZE;
 
 use super::fq::FairQueue;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
 use super::rx_aqm::RxAqm;
-use super::tun_write::{MAX_IP_PACKET, TunWriter, WriteOutcome};
+use super::tun_gso::TunRead;
+use super::tun_write::{TunWriter, WriteOutcome};
 use crate::driver::ports::TunDevice;
 
 /// A TUN device that reads and writes in batches (see the module docs).
@@ -23,8 +25,6 @@ pub struct FastTun {
     pub(crate) shared: Arc<Shared>,
     pub(crate) options: FastPathOptions,
     name: String,
-    /// One raw read: virtio header and a packet of up to 64 KB.
-    raw: Vec<u8>,
     /// Where the next read lands (always ready, so a read future dropped
     /// by the loop's `select!` loses nothing).
     incoming: TunRead,
@@ -39,72 +39,12 @@ pub struct FastTun {
     /// Packets and reads dropped by the fair queue (CoDel, or a full
     /// queue).
     dropped: u64,
-    /// Room per packet of a read: the MTU's worth (so the packets of one
-    /// read lie close together in memory, and a queue of reads stays small
-    /// enough for the caches), or 64 KB once a read did not fit (the MTU
-    /// was raised under us).
-    segment_room: usize,
+    /// Whether reads begin with a virtio header (TUN offloads on).
+    virtio: bool,
     /// A read error met while reading ahead, for the next `try_recv` or
     /// `recv` to return.
     read_error: Option<io::Error>,
     idle: IdleCheck,
-}
-
-/// The segments of one TUN read (one packet, or one offloaded TCP/UDP
-/// burst of a single flow cut into MTU-sized packets).
-struct TunRead {
-    segments: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
-    count: usize,
-    next: usize,
-}
-
-impl TunRead {
-    /// A read with room for `room` bytes per packet.
-    fn new(room: usize) -> Self {
-        Self {
-            segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; room]).collect(),
-            sizes: vec![0; IDEAL_BATCH_SIZE],
-            count: 0,
-            next: 0,
-        }
-    }
-
-    /// Makes room for `room` bytes per packet.
-    fn fit(&mut self, room: usize) {
-        for segment in &mut self.segments {
-            if segment.len() < room {
-                segment.resize(room, 0);
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        self.count = 0;
-        self.next = 0;
-    }
-
-    /// Bytes of IP packets in the read.
-    fn bytes(&self) -> usize {
-        self.sizes[..self.count].iter().sum()
-    }
-
-    /// Whether segments are left to hand out.
-    fn has_more(&self) -> bool {
-        self.next < self.count
-    }
-
-    /// Copies the next segment into `buf`.
-    fn pop_into(&mut self, buf: &mut [u8]) -> Option<usize> {
-        if self.next >= self.count {
-            return None;
-        }
-        let index = self.next;
-        self.next += 1;
-        let len = self.sizes[index].min(buf.len());
-        buf[..len].copy_from_slice(&self.segments[index][..len]);
-        Some(len)
-    }
 }
 
 impl std::fmt::Debug for FastTun {
@@ -156,10 +96,9 @@ impl FastTun {
             shared,
             options,
             name,
-            raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_IP_PACKET],
-            incoming: TunRead::new(segment_room(mtu)),
-            current: TunRead::new(segment_room(mtu)),
-            segment_room: segment_room(mtu),
+            incoming: TunRead::new(),
+            current: TunRead::new(),
+            virtio: offload,
             queue,
             spare: Vec::new(),
             dropped: 0,
@@ -193,10 +132,10 @@ fn rx_aqm(options: &FastPathOptions) -> Option<RxAqm> {
     ))
 }
 
-/// Room per packet of a TUN read for a device of `mtu`: a packet (or an
-/// offloaded segment) is at most the MTU; the rest is slack.
-fn segment_room(mtu: u16) -> usize {
-    usize::from(mtu).max(1500) + 256
+/// One non-blocking read of the TUN into `buffer` (a real system call,
+/// not tokio's remembered readiness; see `IdleCheck`).
+fn read_now(device: &tun_rs::DeviceImpl, buffer: &mut [u8]) -> io::Result<usize> {
+    nix::unistd::read(device.as_fd(), buffer).map_err(io::Error::from)
 }
 
 /// Bytes a flow sends per round of the fair queue: one offloaded read (up
@@ -210,62 +149,40 @@ impl FastTun {
     /// packet the splitter refused is dropped (as a NIC drops a bad frame),
     /// a real error is passed on.
     fn take_read(&mut self, result: io::Result<usize>) -> io::Result<()> {
-        match result {
-            Ok(count) => {
-                let room = self.segment_room;
-                let mut fresh = self.spare.pop().unwrap_or_else(|| TunRead::new(room));
-                fresh.fit(room);
-                let mut read = std::mem::replace(&mut self.incoming, fresh);
-                read.count = count;
-                read.next = 0;
-                match self.queue.as_mut() {
-                    Some(queue) if count > 0 => {
-                        let bucket = queue.bucket_of(&read.segments[0][..read.sizes[0]]);
-                        let bytes = read.bytes();
-                        if let Some(mut old) = queue.push(bucket, read, bytes, Instant::now()) {
-                            self.dropped += 1;
-                            debug!(
-                                dropped = self.dropped,
-                                "fair queue full: a bulk flow's read dropped"
-                            );
-                            old.clear();
-                            self.spare.push(old);
-                        }
-                    }
-                    Some(_) => {
-                        read.clear();
-                        self.spare.push(read);
-                    }
-                    None => {
-                        let mut used = std::mem::replace(&mut self.current, read);
-                        used.clear();
-                        self.spare.push(used);
-                    }
-                }
-                Ok(())
-            }
-            // A bad virtio header or odd GSO.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Other | io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
-                ) && e.raw_os_error().is_none() =>
-            {
-                debug!(error = %e, "TUN packet dropped");
-                if self.segment_room < MAX_IP_PACKET {
-                    // Perhaps a packet larger than the room per packet:
-                    // from now on every read has room for the largest.
-                    tracing::info!(
-                        error = %e,
-                        "a TUN read did not fit (MTU raised?); read buffers grown to 64 KB per packet"
-                    );
-                    self.segment_room = MAX_IP_PACKET;
-                    self.incoming.fit(MAX_IP_PACKET);
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
+        let len = result?;
+        if let Err(e) = self.incoming.take(len, self.virtio) {
+            // A bad virtio header or odd GSO: dropped, as a NIC drops a
+            // bad frame.
+            debug!(error = %e, "TUN packet dropped");
+            return Ok(());
         }
+        let fresh = self.spare.pop().unwrap_or_else(TunRead::new);
+        let mut read = std::mem::replace(&mut self.incoming, fresh);
+        match self.queue.as_mut() {
+            Some(queue) if read.count > 0 => {
+                let bucket = queue.bucket_of(read.first());
+                let bytes = read.bytes();
+                if let Some(mut old) = queue.push(bucket, read, bytes, Instant::now()) {
+                    self.dropped += 1;
+                    debug!(
+                        dropped = self.dropped,
+                        "fair queue full: a bulk flow's read dropped"
+                    );
+                    old.clear();
+                    self.spare.push(old);
+                }
+            }
+            Some(_) => {
+                read.clear();
+                self.spare.push(read);
+            }
+            None => {
+                let mut used = std::mem::replace(&mut self.current, read);
+                used.clear();
+                self.spare.push(used);
+            }
+        }
+        Ok(())
     }
 
     /// Reads what the TUN ring holds into the fair queue, until the ring
@@ -278,12 +195,9 @@ impl FastTun {
     /// [`IdleCheck`] interval.
     fn read_ahead(&mut self) -> io::Result<()> {
         while self.queue.as_ref().is_some_and(|q| !q.is_full()) {
-            let incoming = &mut self.incoming;
-            let raw = &mut self.raw;
+            let buffer = self.incoming.buffer();
             let device: &tun_rs::DeviceImpl = &self.shared.tun;
-            let Some(result) = self.idle.check(|| {
-                device.recv_multiple(raw, &mut incoming.segments, &mut incoming.sizes, 0)
-            }) else {
+            let Some(result) = self.idle.check(|| read_now(device, buffer)) else {
                 break;
             };
             self.take_read(result)?;
@@ -328,16 +242,7 @@ impl TunDevice for FastTun {
             // Everything read is used up: wait for readiness, then read.
             // Readiness-based, into `incoming`: dropping this future loses
             // nothing.
-            let result = self
-                .shared
-                .tun
-                .recv_multiple(
-                    &mut self.raw,
-                    &mut self.incoming.segments,
-                    &mut self.incoming.sizes,
-                    0,
-                )
-                .await;
+            let result = self.shared.tun.recv(self.incoming.buffer()).await;
             self.take_read(result)?;
         }
     }
@@ -360,12 +265,9 @@ impl TunDevice for FastTun {
             // The last read is used up. A real non-blocking read, not
             // tokio's remembered readiness (see `IdleCheck`); `None` when
             // nothing is ready: the burst has ended.
-            let incoming = &mut self.incoming;
-            let raw = &mut self.raw;
+            let buffer = self.incoming.buffer();
             let device: &tun_rs::DeviceImpl = &self.shared.tun;
-            let result = self.idle.check(|| {
-                device.recv_multiple(raw, &mut incoming.segments, &mut incoming.sizes, 0)
-            })?;
+            let result = self.idle.check(|| read_now(device, buffer))?;
             if let Err(e) = self.take_read(result) {
                 return Some(Err(e));
             }
@@ -389,15 +291,20 @@ impl TunDevice for FastTun {
         if !self.current.has_more() && !self.advance() {
             return false;
         }
-        let index = self.current.next;
-        self.current.next += 1;
-        handle(&self.current.segments[index][..self.current.sizes[index]]);
-        true
+        match self.current.next_packet() {
+            Some(packet) => {
+                handle(packet);
+                true
+            }
+            None => false,
+        }
     }
 
     fn recv_buffered(&mut self, buf: &mut [u8]) -> Option<usize> {
         loop {
-            if let Some(len) = self.current.pop_into(buf) {
+            if let Some(packet) = self.current.next_packet() {
+                let len = packet.len().min(buf.len());
+                buf[..len].copy_from_slice(&packet[..len]);
                 return Some(len);
             }
             if !self.advance() {
