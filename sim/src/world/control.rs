@@ -24,7 +24,7 @@
 //! neither), so a client builds them into every reconfig it makes.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -66,6 +66,39 @@ pub(crate) fn timestamp(now: Duration) -> Timestamp {
 /// The control crate's key for a core node key.
 pub(crate) fn control_key(key: &NodePublicKey) -> NodeKey {
     NodeKey(*key.as_bytes())
+}
+
+/// What the `set_allowed_ips` action asks for a node whose tailnet
+/// addresses are `ip4` and `ip6`, on either backend.
+pub(crate) struct AllowedIpsChange {
+    /// The action's trace detail: the listed prefixes, comma-separated.
+    pub(crate) detail: String,
+    /// The node's own addresses, which stay its AllowedIPs whatever the list.
+    pub(crate) own: [IpNet; 2],
+    /// The other listed prefixes: the routes the admin approves.
+    pub(crate) routes: Vec<IpNet>,
+}
+
+impl AllowedIpsChange {
+    /// Splits `allowed_ips` into the node's own addresses and its routes.
+    pub(crate) fn new(allowed_ips: &[IpNet], ip4: Ipv4Addr, ip6: Ipv6Addr) -> Self {
+        let detail = allowed_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let own = [IpNet::from(IpAddr::V4(ip4)), IpNet::from(IpAddr::V6(ip6))];
+        let routes = allowed_ips
+            .iter()
+            .filter(|n| !own.contains(n))
+            .copied()
+            .collect();
+        Self {
+            detail,
+            own,
+            routes,
+        }
+    }
 }
 
 /// A message from a node to the server.

@@ -14,6 +14,7 @@ use super::queue::SimEvent;
 use super::state::Tailnet;
 use crate::trace::Category;
 use crate::world::address::{FLOW_PORT, endpoint, tailnet_source};
+use crate::world::control::AllowedIpsChange;
 use crate::world::records::{FlowRecord, PingRecord, StreamRecord};
 use crate::world::render::ms;
 use crate::world::spec::{LinkKind, NodeId};
@@ -349,20 +350,11 @@ impl Tailnet {
     /// server, which pushes the change to its peers (a prefix the node does
     /// not advertise is refused by the server, and the trace says so).
     pub fn set_allowed_ips(&mut self, node: NodeId, allowed_ips: Vec<IpNet>) {
-        let detail = allowed_ips
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let own = [
-            IpNet::from(IpAddr::V4(self.nodes[node.0].ip4)),
-            IpNet::from(IpAddr::V6(self.nodes[node.0].ip6)),
-        ];
-        let routes: Vec<IpNet> = allowed_ips
-            .iter()
-            .filter(|n| !own.contains(n))
-            .copied()
-            .collect();
+        let AllowedIpsChange {
+            detail,
+            own,
+            routes,
+        } = AllowedIpsChange::new(&allowed_ips, self.nodes[node.0].ip4, self.nodes[node.0].ip6);
         self.nodes[node.0].allowed_ips =
             own.iter().copied().chain(routes.iter().copied()).collect();
         self.rebuild_owners();

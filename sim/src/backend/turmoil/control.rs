@@ -12,7 +12,7 @@
 //! a peer delta would.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -22,8 +22,8 @@ use super::shared::{Cmd, Shared};
 use crate::trace::Category;
 use crate::world::address::{tailnet_ip4, tailnet_ip6};
 use crate::world::control::{
-    ClientAction, ControlClient, ControlHost, FromControl, KEEPALIVE, LocalSettings, Outgoing,
-    ToControl, control_key,
+    AllowedIpsChange, ClientAction, ControlClient, ControlHost, FromControl, KEEPALIVE,
+    LocalSettings, Outgoing, ToControl, control_key,
 };
 
 /// A message on its way.
@@ -233,20 +233,8 @@ impl Shared {
     /// prefix the node does not advertise is refused, and the trace says
     /// so). Its OS then answers for those prefixes.
     pub(super) fn control_set_allowed_ips(&mut self, i: usize, allowed_ips: &[IpNet]) {
-        let detail = allowed_ips
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let own = [
-            IpNet::from(IpAddr::V4(tailnet_ip4(i))),
-            IpNet::from(IpAddr::V6(tailnet_ip6(i))),
-        ];
-        let routes: Vec<IpNet> = allowed_ips
-            .iter()
-            .filter(|n| !own.contains(n))
-            .copied()
-            .collect();
+        let AllowedIpsChange { detail, routes, .. } =
+            AllowedIpsChange::new(allowed_ips, tailnet_ip4(i), tailnet_ip6(i));
         self.subnets[i] = routes.clone();
         self.log(Some(i), Category::Action, "set-allowed-ips", detail);
         let key = control_key(&self.keys[i].public_key());
