@@ -59,6 +59,7 @@
 mod fq;
 pub(crate) mod options;
 mod outbox;
+mod packet;
 mod rx_aqm;
 mod tun;
 mod tun_gro;

@@ -28,21 +28,12 @@
 //! packets is kept: a packet that cannot join its flow's newest write
 //! starts a new one, and later packets of the flow can only join that one.
 
-use tun_rs::VIRTIO_NET_HDR_LEN;
+use tun_rs::{VIRTIO_NET_HDR_LEN, checksum};
 
-/// The virtio header's `flags`: the kernel completes the transport
-/// checksum from `csum_start` (it holds the pseudo-header sum).
-const F_NEEDS_CSUM: u8 = 1;
-/// The virtio header's `gso_type` values (`linux/virtio_net.h`).
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
-
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-
-const TCP_PSH: u8 = 0x08;
-const TCP_ACK: u8 = 0x10;
+use super::packet::{
+    F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_PSH, be16,
+    be32, fold, pseudo_header_sum,
+};
 
 /// The largest write: an IP packet's length fields hold 16 bits.
 const MAX_COALESCED: usize = 65535;
@@ -336,7 +327,7 @@ fn finish_write(write: &mut Write) {
     } else {
         packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         packet[10..12].fill(0);
-        let sum = !fold(sum_words(&packet[..ip], 0));
+        let sum = !checksum(&packet[..ip], 0);
         packet[10..12].copy_from_slice(&sum.to_be_bytes());
     }
     let (gso_type, checksum_at) = match (write.shape, write.v6) {
@@ -491,47 +482,6 @@ fn same_ip_fields(first: &[u8], packet: &[u8], v6: bool, first_id: u16, segments
     }
 }
 
-/// The one's-complement sum of the pseudo header for a transport segment
-/// of `transport_len` bytes (not folded).
-fn pseudo_header_sum(packet: &[u8], v6: bool, protocol: u8, transport_len: usize) -> u32 {
-    let (addresses, length) = if v6 {
-        (&packet[8..40], transport_len as u32)
-    } else {
-        (&packet[12..20], transport_len as u32)
-    };
-    let sum = sum_words(addresses, 0);
-    sum + u32::from(protocol) + (length >> 16) + (length & 0xffff)
-}
-
-/// Adds `bytes` as big-endian 16-bit words to `sum` (an odd last byte is
-/// padded with zero).
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
-    for word in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([word[0], word[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-/// Folds a 32-bit one's-complement sum into 16 bits.
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn be16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([bytes[at], bytes[at + 1]])
-}
-
-fn be32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,13 +587,13 @@ mod tests {
                 packet.extend_from_slice(&[0, 0]);
                 packet.extend_from_slice(&src);
                 packet.extend_from_slice(&dst);
-                let sum = !fold(sum_words(&packet, 0));
+                let sum = !checksum(&packet, 0);
                 packet[10..12].copy_from_slice(&sum.to_be_bytes());
             }
             let ip = packet.len();
             packet.extend_from_slice(&transport);
             let pseudo = pseudo_header_sum(&packet, self.v6, protocol, transport.len());
-            let mut sum = !fold(sum_words(&packet[ip..], pseudo));
+            let mut sum = !checksum(&packet[ip..], pseudo);
             if self.udp && sum == 0 {
                 sum = 0xffff;
             }
@@ -739,11 +689,7 @@ mod tests {
         assert_eq!(header.hdr_len, 20 + 32);
         let packet = &write[VIRTIO_NET_HDR_LEN..];
         assert_eq!(usize::from(be16(packet, 2)), 52 + 3000, "IPv4 total length");
-        assert_eq!(
-            fold(sum_words(&packet[..20], 0)),
-            0xffff,
-            "IPv4 header checksum"
-        );
+        assert_eq!(checksum(&packet[..20], 0), 0xffff, "IPv4 header checksum");
     }
 
     #[test]

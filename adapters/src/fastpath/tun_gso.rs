@@ -22,27 +22,13 @@
 
 use std::io;
 
-use tun_rs::{VIRTIO_NET_HDR_LEN, checksum, checksum_no_fold};
+use tun_rs::{VIRTIO_NET_HDR_LEN, checksum};
 
+use super::packet::{
+    F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, PROTO_TCP, PROTO_UDP,
+    TCP_CWR, TCP_FIN, TCP_PSH, be16, be32, pseudo_header_sum,
+};
 use super::tun_write::MAX_IP_PACKET;
-
-/// The virtio header's flag: the transport checksum is to be completed
-/// (it holds the pseudo-header sum).
-const F_NEEDS_CSUM: u8 = 1;
-/// The virtio header's `gso_type` values (`linux/virtio_net.h`).
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_UDP_L4: u8 = 5;
-const GSO_TCPV6: u8 = 4;
-/// Set with a TCP type when the sender uses ECN (CWR on the first segment).
-const GSO_ECN: u8 = 0x80;
-
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_CWR: u8 = 0x80;
 
 /// The longest IP and transport headers a segmented read may have (IPv6
 /// extension headers included); a longer one is refused.
@@ -280,12 +266,7 @@ impl TunRead {
         };
         segment[checksum_at..checksum_at + 2].fill(0);
         let protocol = if tcp { PROTO_TCP } else { PROTO_UDP };
-        let addresses = if v6 {
-            &segment[8..40]
-        } else {
-            &segment[12..20]
-        };
-        let pseudo = checksum_no_fold(addresses, 0) + u64::from(protocol) + transport_len as u64;
+        let pseudo = pseudo_header_sum(segment, v6, protocol, transport_len);
         let mut sum = !checksum(&segment[transport_at..], pseudo);
         if !tcp && sum == 0 {
             // A UDP checksum of zero means "none"; its complement is sent.
@@ -298,14 +279,6 @@ impl TunRead {
 
 fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-fn be16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([bytes[at], bytes[at + 1]])
-}
-
-fn be32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 #[cfg(test)]
@@ -461,13 +434,8 @@ mod tests {
         let total = packet.len();
         packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         let want = theirs(&packet, header, false).remove(0);
-        let pseudo =
-            checksum_no_fold(&packet[12..20], 0) + u64::from(PROTO_TCP) + (total - 20) as u64;
-        let mut folded = pseudo;
-        while folded > 0xffff {
-            folded = (folded & 0xffff) + (folded >> 16);
-        }
-        packet[36..38].copy_from_slice(&(folded as u16).to_be_bytes());
+        let pseudo = pseudo_header_sum(&packet, false, PROTO_TCP, total - 20);
+        packet[36..38].copy_from_slice(&super::super::packet::fold(pseudo).to_be_bytes());
         // Whole packets keep the IPv4 header the kernel wrote.
         packet[10..12].copy_from_slice(&want[10..12]);
         let none = VirtioNetHdr {
