@@ -75,6 +75,11 @@ pub struct FastPathOptions {
     /// `WGMESH_FASTPATH_RX_STATS=1`: log the receive queue's delays and
     /// drops once a second (at info level).
     pub rx_stats: bool,
+    /// `WGMESH_FASTPATH_RX_SHORT_FIRST` (default on): read the UDP socket
+    /// ahead and hand short datagrams to the engine first, each flow's
+    /// packets kept in order on the way to the TUN (`udp_recv.rs`,
+    /// `rx_order.rs`); 0: every datagram in arrival order.
+    pub rx_short_first: bool,
 }
 
 impl FastPathOptions {
@@ -98,6 +103,7 @@ impl FastPathOptions {
                 env_u64("WGMESH_FASTPATH_RX_INTERVAL_US"),
             ),
             rx_stats: env_on("WGMESH_FASTPATH_RX_STATS", false),
+            rx_short_first: env_on("WGMESH_FASTPATH_RX_SHORT_FIRST", true),
         }
     }
 }

@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::rx_aqm::RxAqm;
+use super::rx_order::{Admission, RxOrder};
 use super::tun_gro::TunBatch;
 use super::tun_write::{TunWriter, WriteOutcome, write_tun};
+use super::udp_recv::Datagram;
 use super::udp_send::SendQueue;
 
 /// What a [`FastTun`](super::FastTun) and its [`FastUdp`](super::FastUdp)
@@ -35,31 +37,35 @@ pub(crate) struct Outbox {
     /// The receive side's CoDel (`None`: off), told by the UDP socket how
     /// long datagrams waited, asked here about each decrypted packet.
     pub(crate) rx_aqm: Option<RxAqm>,
+    /// Each flow's order towards the TUN while short datagrams are handed
+    /// to the engine first (`None`: datagrams go in arrival order).
+    rx_order: Option<RxOrder>,
 }
 
 impl Shared {
-    /// Empty queues for `tun`, written by `tun_writer` when there is one,
-    /// flushed every `tun_flush_packets` packets at the latest; packets are
-    /// coalesced when the TUN has virtio headers (`offload`), UDP datagrams
-    /// only when `coalesce_udp` too (the TUN takes UDP GSO). The UDP queue
-    /// joins when the socket is bound.
+    /// Empty queues for `tun` (`batch`: its empty coalescing batch),
+    /// written by `tun_writer` when there is one, flushed every
+    /// `tun_flush_packets` packets at the latest; `rx_short_first`: keep
+    /// each flow's order while the socket hands short datagrams out first.
+    /// The UDP queue joins when the socket is bound.
     pub(crate) fn new(
         tun: Arc<tun_rs::AsyncDevice>,
         tun_writer: Option<TunWriter>,
         write_outcome: Arc<WriteOutcome>,
         tun_flush_packets: usize,
         rx_aqm: Option<RxAqm>,
-        offload: bool,
-        coalesce_udp: bool,
+        rx_short_first: bool,
+        batch: TunBatch,
     ) -> Self {
         Self {
             tun,
             write_outcome,
             out: Mutex::new(Outbox {
-                tun: TunBatch::new(offload, coalesce_udp),
+                tun: batch,
                 tun_writer,
                 udp: None,
                 rx_aqm,
+                rx_order: rx_short_first.then(RxOrder::new),
             }),
             tun_flush_packets,
         }
@@ -111,8 +117,39 @@ impl Shared {
                 return;
             }
         }
-        out.tun.push(packet);
+        let admission = match out.rx_order.as_mut() {
+            Some(order) => order.admit(packet),
+            None => Admission::Queue,
+        };
+        match admission {
+            Admission::Held => return,
+            Admission::Queue => out.tun.push(packet),
+            Admission::QueueAndFlush => {
+                out.tun.push(packet);
+                self.flush_tun(&mut out);
+                return;
+            }
+        }
         if out.tun.packets() >= self.tun_flush_packets {
+            self.flush_tun(&mut out);
+        }
+    }
+
+    /// The UDP socket hands `datagram` to the engine, or has none left
+    /// (`None`): packets held for their place are queued once it comes.
+    pub(super) fn rx_handed(&self, datagram: Option<&Datagram>) {
+        let mut out = self.outbox();
+        let Outbox { tun, rx_order, .. } = &mut *out;
+        let Some(order) = rx_order.as_mut() else {
+            return;
+        };
+        let before = tun.packets();
+        match datagram {
+            Some(d) if d.early => order.early(d.seq, d.tail),
+            Some(d) => order.in_order(d.seq, &mut |packet| tun.push(packet)),
+            None => order.release_all(&mut |packet| tun.push(packet)),
+        }
+        if tun.packets() != before && tun.packets() >= self.tun_flush_packets {
             self.flush_tun(&mut out);
         }
     }

@@ -16,6 +16,7 @@ use super::fq::FairQueue;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
 use super::rx_aqm::RxAqm;
+use super::tun_gro::TunBatch;
 use super::tun_gso::TunRead;
 use super::tun_write::{TunWriter, WriteOutcome};
 use crate::driver::ports::TunDevice;
@@ -87,8 +88,8 @@ impl FastTun {
             write_outcome,
             options.tun_flush_packets.clamp(1, IDEAL_BATCH_SIZE),
             rx_aqm(&options),
-            offload,
-            udp_offload,
+            options.rx_short_first,
+            TunBatch::new(offload, udp_offload),
         ));
         let queue = (options.fair_queue_reads > 0)
             .then(|| Box::new(FairQueue::new(options.fair_queue_reads, FQ_QUANTUM_BYTES)));

@@ -7,11 +7,10 @@
 //! loop flushes it ([`DatagramSocket::flush`]).
 
 use std::io;
-use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -21,18 +20,11 @@ use tracing::debug;
 use super::options::FastPathOptions;
 use super::outbox::{IdleCheck, Shared};
 use super::tun::FastTun;
+use super::udp_recv::{Datagram, RecvBatch};
 use super::udp_send::SendQueue;
 use crate::driver::ports::DatagramSocket;
 use crate::pmtu::PathMtuTable;
 use crate::udp::{SOCKET_BUFFER_BYTES, SocketTuning, rebind_needs_new_socket, set_int, unmap};
-
-/// Messages per `recvmmsg`.
-const RECV_BATCH: usize = 16;
-/// Room per received message: a GRO run of up to 64 KB.
-const RECV_BUFFER: usize = 65536;
-/// Room for a received message's control messages: the GRO segment size
-/// (an int) and the arrival time (a timespec), with their headers.
-const RECV_CMSG_ROOM: usize = 128;
 
 /// A batched UDP socket whose sends are queued in the output queue it
 /// has with its [`FastTun`].
@@ -46,27 +38,11 @@ pub struct FastUdp {
     tuning: SocketTuning,
     batch: RecvBatch,
     idle: IdleCheck,
+    /// An error of a read ahead (while datagrams were still held), reported
+    /// by the next receive once they are handed out.
+    read_error: Option<io::Error>,
     /// Path MTUs learned from refused sends, kept across rebinds.
     pmtu: Arc<PathMtuTable>,
-}
-
-/// The datagrams of one `recvmmsg`, handed out one at a time.
-struct RecvBatch {
-    bufs: Vec<Vec<u8>>,
-    /// Per received message: length, segment size (0: one datagram), source.
-    lens: [usize; RECV_BATCH],
-    seg: [usize; RECV_BATCH],
-    from: [SocketAddr; RECV_BATCH],
-    /// Per received message: when the kernel received it (`SO_TIMESTAMPNS`,
-    /// time since the Unix epoch), if it said.
-    stamp: [Option<Duration>; RECV_BATCH],
-    /// The arrival time of the message whose first datagram was handed out
-    /// last, until [`FastUdp::note_arrival`] takes it.
-    arrived: Option<Duration>,
-    count: usize,
-    /// The next message and the offset of its next segment.
-    msg: usize,
-    offset: usize,
 }
 
 impl std::fmt::Debug for FastUdp {
@@ -142,16 +118,7 @@ fn open_any(
 }
 
 /// A kernel timestamp (`CLOCK_REALTIME`) as time since the Unix epoch.
-fn timespec_to_duration(ts: &libc::timespec) -> Option<Duration> {
-    let secs = u64::try_from(ts.tv_sec).ok()?;
-    let nanos = u32::try_from(ts.tv_nsec)
-        .ok()
-        .filter(|&n| n < 1_000_000_000)?;
-    (secs > 0 || nanos > 0).then(|| Duration::new(secs, nanos))
-}
-
-/// A `sockaddr_storage` filled by the kernel, as a Rust address.
-fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+pub(super) fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match storage.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in, and
@@ -199,14 +166,44 @@ impl FastUdp {
             options,
             dual_stack,
             tuning,
-            batch: RecvBatch::new(),
+            batch: RecvBatch::new(options.rx_short_first),
             idle: IdleCheck::default(),
+            read_error: None,
             pmtu,
         })
     }
 }
 
 impl FastUdp {
+    /// The next datagram of the batch, reading the socket ahead first when
+    /// the batch wants it; tells the output queue which datagram goes to
+    /// the engine (or that none is left), so each flow's packets keep
+    /// their order towards the TUN.
+    fn hand_out(&mut self) -> Option<Datagram> {
+        if self.batch.wants_top_up() && self.read_error.is_none() {
+            let fd = self.socket.as_raw_fd();
+            let batch = &mut self.batch;
+            if let Some(Err(e)) = self.idle.check(|| batch.fill(fd)) {
+                self.read_error = Some(e);
+            }
+        }
+        let datagram = self.batch.next_datagram();
+        if self.options.rx_short_first {
+            self.shared.rx_handed(datagram.as_ref());
+        }
+        self.note_arrival();
+        datagram
+    }
+
+    /// [`FastUdp::hand_out`], copied into `buf`.
+    fn hand_out_into(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        let datagram = self.hand_out()?;
+        let bytes = self.batch.bytes(&datagram);
+        let len = bytes.len().min(buf.len());
+        buf[..len].copy_from_slice(&bytes[..len]);
+        Some((len, datagram.from))
+    }
+
     /// When a datagram handed out began a message (one datagram or a GRO
     /// run), tells the receive side's CoDel how long the message waited
     /// in the socket (and the kernel's receive queue before it). One clock
@@ -227,170 +224,14 @@ impl FastUdp {
     }
 }
 
-impl RecvBatch {
-    fn new() -> Self {
-        Self {
-            bufs: (0..RECV_BATCH).map(|_| vec![0; RECV_BUFFER]).collect(),
-            lens: [0; RECV_BATCH],
-            seg: [0; RECV_BATCH],
-            from: [SocketAddr::from(([0, 0, 0, 0], 0)); RECV_BATCH],
-            stamp: [None; RECV_BATCH],
-            arrived: None,
-            count: 0,
-            msg: 0,
-            offset: 0,
-        }
-    }
-
-    fn clear(&mut self) {
-        self.arrived = None;
-        self.count = 0;
-        self.msg = 0;
-        self.offset = 0;
-    }
-
-    /// Copies the next datagram into `buf`; returns its length and source.
-    fn pop_into(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        let (msg, start, end) = self.next_datagram()?;
-        let len = (end - start).min(buf.len());
-        buf[..len].copy_from_slice(&self.bufs[msg][start..start + len]);
-        Some((len, self.from[msg]))
-    }
-
-    /// Hands the next datagram and its source to `handle` where it lies;
-    /// `false` when the batch is used up.
-    fn lend(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
-        let Some((msg, start, end)) = self.next_datagram() else {
-            return false;
-        };
-        handle(&self.bufs[msg][start..end], self.from[msg]);
-        true
-    }
-
-    /// The next queued datagram: (message, start, end).
-    fn next_datagram(&mut self) -> Option<(usize, usize, usize)> {
-        while self.msg < self.count {
-            let (msg, start, len) = (self.msg, self.offset, self.lens[self.msg]);
-            if start >= len {
-                self.msg += 1;
-                self.offset = 0;
-                continue;
-            }
-            let seg = if self.seg[msg] == 0 {
-                len
-            } else {
-                self.seg[msg]
-            };
-            let end = (start + seg).min(len);
-            if start == 0 {
-                self.arrived = self.stamp[msg];
-            }
-            self.offset = end;
-            if end >= len {
-                self.msg += 1;
-                self.offset = 0;
-            }
-            return Some((msg, start, end));
-        }
-        None
-    }
-
-    /// One `recvmmsg` on `fd`; replaces the batch. Returns the number of
-    /// messages kept (truncated ones and unknown families are dropped).
-    fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.clear();
-        let Self {
-            bufs,
-            lens,
-            seg,
-            from,
-            stamp,
-            ..
-        } = self;
-        // SAFETY: these are plain C structs; all-zero is a valid value.
-        let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { zeroed() };
-        let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { zeroed() };
-        let mut controls = [[0u64; RECV_CMSG_ROOM / 8]; RECV_BATCH];
-        // SAFETY: as above.
-        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { zeroed() };
-        for i in 0..RECV_BATCH {
-            iovs[i].iov_base = bufs[i].as_mut_ptr() as *mut libc::c_void;
-            iovs[i].iov_len = bufs[i].len();
-            let h = &mut hdrs[i].msg_hdr;
-            h.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
-            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = controls[i].as_mut_ptr() as *mut libc::c_void;
-            h.msg_controllen = RECV_CMSG_ROOM as _;
-        }
-        // SAFETY: every header points at live buffers of the lengths given,
-        // all of which outlive the call.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                hdrs.as_mut_ptr(),
-                RECV_BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        let mut kept = 0;
-        for i in 0..n {
-            let h = &hdrs[i].msg_hdr;
-            if h.msg_flags & libc::MSG_TRUNC != 0 {
-                continue;
-            }
-            let Some(addr) = sockaddr_to_std(&names[i]) else {
-                continue;
-            };
-            let mut gso = 0usize;
-            let mut arrived = None;
-            // SAFETY: the kernel filled msg_control/msg_controllen of this
-            // header; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them, and each
-            // control message's data is as long as its type says (an int
-            // for UDP_GRO, a timespec for SCM_TIMESTAMPNS), read unaligned.
-            unsafe {
-                let mut cmsg = libc::CMSG_FIRSTHDR(h);
-                while !cmsg.is_null() {
-                    if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
-                        gso = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int)
-                            as usize;
-                    } else if (*cmsg).cmsg_level == libc::SOL_SOCKET
-                        && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
-                    {
-                        let ts = std::ptr::read_unaligned(
-                            libc::CMSG_DATA(cmsg) as *const libc::timespec
-                        );
-                        arrived = timespec_to_duration(&ts);
-                    }
-                    cmsg = libc::CMSG_NXTHDR(h, cmsg);
-                }
-            }
-            if kept != i {
-                bufs.swap(kept, i);
-            }
-            lens[kept] = hdrs[i].msg_len as usize;
-            seg[kept] = gso;
-            stamp[kept] = arrived;
-            from[kept] = unmap(addr);
-            kept += 1;
-        }
-        self.count = kept;
-        Ok(kept)
-    }
-}
-
 impl DatagramSocket for FastUdp {
     async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            if let Some(datagram) = self.batch.pop_into(buf) {
-                self.note_arrival();
+            if let Some(datagram) = self.hand_out_into(buf) {
                 return Ok(datagram);
+            }
+            if let Some(e) = self.read_error.take() {
+                return Err(e);
             }
             // The batch is used up: wait for readiness, then receive.
             // Readiness-based: dropping this future loses nothing.
@@ -405,9 +246,11 @@ impl DatagramSocket for FastUdp {
 
     fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
         loop {
-            if let Some(datagram) = self.batch.pop_into(buf) {
-                self.note_arrival();
+            if let Some(datagram) = self.hand_out_into(buf) {
                 return Some(Ok(datagram));
+            }
+            if let Some(e) = self.read_error.take() {
+                return Some(Err(e));
             }
             // The batch is used up. A real `recvmmsg`, not tokio's
             // remembered readiness (see `IdleCheck`); `None` when nothing
@@ -433,15 +276,15 @@ impl DatagramSocket for FastUdp {
     }
 
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-        let datagram = self.batch.pop_into(buf);
-        self.note_arrival();
-        datagram
+        self.hand_out_into(buf)
     }
 
     fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
-        let lent = self.batch.lend(handle);
-        self.note_arrival();
-        lent
+        let Some(datagram) = self.hand_out() else {
+            return false;
+        };
+        handle(self.batch.bytes(&datagram), datagram.from);
+        true
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -505,6 +348,7 @@ impl DatagramSocket for FastUdp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn options() -> FastPathOptions {
         FastPathOptions {
@@ -519,6 +363,7 @@ mod tests {
             fair_queue_reads: super::super::options::FAIR_QUEUE_READS,
             rx_codel_us: None,
             rx_stats: false,
+            rx_short_first: true,
         }
     }
 
@@ -529,13 +374,13 @@ mod tests {
 
     /// Receives until `want` datagrams arrived (or two seconds passed).
     async fn receive(socket: &UdpSocket, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
-        let mut batch = RecvBatch::new();
+        let mut batch = RecvBatch::new(false);
         let mut got = Vec::new();
         let fd = socket.as_raw_fd();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         while got.len() < want {
             let mut buf = vec![0u8; 65536];
-            while let Some((len, from)) = batch.pop_into(&mut buf) {
+            while let Some((len, from, _)) = batch.pop_into(&mut buf) {
                 got.push((buf[..len].to_vec(), from));
             }
             if got.len() >= want {
@@ -654,34 +499,6 @@ mod tests {
         assert!(back[0].1.is_ipv4(), "{}", back[0].1);
     }
 
-    #[test]
-    fn lent_datagrams_are_the_ones_a_copy_would_give() {
-        let from = SocketAddr::from(([192, 0, 2, 1], 7));
-        let fill = |batch: &mut RecvBatch| {
-            batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
-            batch.lens[0] = 2500;
-            batch.seg[0] = 1000;
-            batch.bufs[1][..40].copy_from_slice(&datagram(2, 40));
-            batch.lens[1] = 40;
-            batch.seg[1] = 0;
-            batch.from = [from; RECV_BATCH];
-            batch.count = 2;
-        };
-        let mut copied = RecvBatch::new();
-        fill(&mut copied);
-        let mut buf = [0u8; 2048];
-        let mut want = Vec::new();
-        while let Some((len, f)) = copied.pop_into(&mut buf) {
-            want.push((buf[..len].to_vec(), f));
-        }
-        let mut lent = RecvBatch::new();
-        fill(&mut lent);
-        let mut got = Vec::new();
-        while lent.lend(&mut |data, f| got.push((data.to_vec(), f))) {}
-        assert_eq!(got, want);
-        assert_eq!(got.len(), 4);
-    }
-
     #[tokio::test]
     async fn received_datagrams_carry_their_arrival_time_when_asked() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -698,7 +515,7 @@ mod tests {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap();
         a.send_to(&datagram(1, 100), loopback(&b)).unwrap();
-        let mut batch = RecvBatch::new();
+        let mut batch = RecvBatch::new(false);
         let fd = b.as_raw_fd();
         let read = b.async_io(Interest::READABLE, || batch.fill(fd));
         tokio::time::timeout(std::time::Duration::from_secs(2), read)
@@ -706,7 +523,7 @@ mod tests {
             .expect("a datagram in time")
             .unwrap();
         let mut buf = [0u8; 2048];
-        assert_eq!(batch.pop_into(&mut buf).map(|(len, _)| len), Some(100));
+        assert_eq!(batch.pop_into(&mut buf).map(|(len, _, _)| len), Some(100));
         let arrived = batch.arrived.take().expect("a timestamp");
         let after = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -715,27 +532,5 @@ mod tests {
         assert!(
             arrived + Duration::from_secs(1) >= before && arrived <= after + Duration::from_secs(1)
         );
-    }
-
-    #[test]
-    fn a_batch_splits_coalesced_messages_at_their_segment_size() {
-        let mut batch = RecvBatch::new();
-        let from = SocketAddr::from(([192, 0, 2, 1], 7));
-        batch.bufs[0][..2500].copy_from_slice(&datagram(1, 2500));
-        batch.lens[0] = 2500;
-        batch.seg[0] = 1000;
-        batch.bufs[1][..40].copy_from_slice(&datagram(2, 40));
-        batch.lens[1] = 40;
-        batch.seg[1] = 0;
-        batch.from = [from; RECV_BATCH];
-        batch.count = 2;
-        let mut buf = [0u8; 2048];
-        let mut sizes = Vec::new();
-        while let Some((len, f)) = batch.pop_into(&mut buf) {
-            assert_eq!(f, from);
-            sizes.push(len);
-        }
-        assert_eq!(sizes, vec![1000, 1000, 500, 40]);
-        assert!(batch.next_datagram().is_none());
     }
 }
