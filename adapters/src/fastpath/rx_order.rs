@@ -3,25 +3,32 @@
 //! ([`super::udp_recv`]).
 //!
 //! A short datagram handed out early is a sparse flow's (a ping, a
-//! keystroke, a DNS answer) or the short last segment of a bulk flow's
-//! write. The first should reach the TUN at once: that is the point. The
-//! second must not pass the segments of its own flow still waiting in the
-//! socket, or the flow's receiver sees them out of order, and TCP or QUIC
-//! may take that for loss and send again. The two are told apart after
-//! decryption: a flow that had a full-sized packet written in the last
-//! [`BULK_WINDOW_DATAGRAMS`] datagrams is a bulk flow. Its early packet is
-//! held, copied, until every datagram that arrived before it has been
-//! handed out, and then queued for the TUN in its place. So is a TCP
-//! segment with data that was the short last datagram of a GRO run: the
-//! run's other datagrams are most likely the same write's full-sized
-//! segments (the sender's TSO burst, sent as one UDP GSO run), and a new
-//! flow is not known as a bulk flow yet.
+//! keystroke, a DNS answer) or a short segment of a flow whose earlier,
+//! full-sized segments still wait in the socket (the tail of a bulk flow's
+//! write, or of a new flow's first burst). The first should reach the TUN
+//! at once: that is the point. The second must not pass its own flow's
+//! segments, or the flow's receiver sees them out of order, and TCP or
+//! QUIC may take that for loss and send again. The two are told apart
+//! after decryption; what may not go first is held, copied, until every
+//! datagram that arrived before it has been handed out, and then queued
+//! for the TUN in its place:
+//!
+//! - a packet of a bulk flow (one that had a packet of [`FULL_SIZED`] bytes
+//!   or more queued in the last [`BULK_WINDOW_DATAGRAMS`] datagrams) is
+//!   held;
+//! - a TCP segment with data goes first only if its flow is known as a
+//!   sparse one (it carried only short segments when last seen) and the
+//!   datagram came alone, not as the short last datagram of a GRO run: the
+//!   run's other datagrams are most likely the same burst's full-sized
+//!   segments. A new connection's first segments stay in order;
+//! - a UDP datagram goes first unless it was the last of a GRO run;
+//! - the rest (ICMP, TCP segments without data) goes first.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
 use super::fq::flow_key;
-use super::packet::{PROTO_TCP, be16};
+use super::packet::{PROTO_TCP, PROTO_UDP, be16};
 
 /// Packets at least this long make their flow a bulk flow.
 const FULL_SIZED: usize = 512;
@@ -30,8 +37,10 @@ const FULL_SIZED: usize = 512;
 /// read-ahead, so a bulk flow's short tail never finds its flow forgotten
 /// while its own earlier segments still wait.
 const BULK_WINDOW_DATAGRAMS: u64 = 4096;
-/// Bulk flows remembered (the oldest is forgotten first).
-const TRACKED_FLOWS: usize = 16;
+/// Bulk flows remembered (the one seen longest ago is forgotten first).
+const BULK_FLOWS: usize = 16;
+/// Sparse TCP flows remembered (likewise).
+const SPARSE_FLOWS: usize = 64;
 /// An early packet of a sparse flow flushes the TUN queue at once, unless
 /// one did so within this many datagrams (so a flood of short packets
 /// does not turn the batched writes into one write per packet).
@@ -59,31 +68,37 @@ pub(crate) enum Admission {
     Held,
 }
 
-/// Bulk flows seen lately, by the hash of their flow key.
-struct BulkFlows {
-    hasher: foldhash::fast::RandomState,
-    hashes: [u64; TRACKED_FLOWS],
-    /// The sequence number of each one's last full-sized packet.
-    last: [u64; TRACKED_FLOWS],
+/// What a packet carries, as far as its order matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carries {
+    /// A TCP segment with data, or a packet whose transport is hidden
+    /// behind IPv6 extension headers (treated alike).
+    TcpData,
+    /// A UDP datagram.
+    Udp,
+    /// Anything else: ICMP, a TCP segment without data.
+    Other,
+}
+
+/// Flows seen lately, by the hash of their flow key, with the sequence
+/// number at which each was last noted.
+struct RecentFlows<const N: usize> {
+    hashes: [u64; N],
+    last: [u64; N],
     /// Entries in use.
     len: usize,
     /// The entry matched last (most packets follow one of the same flow).
     recent: usize,
 }
 
-impl BulkFlows {
+impl<const N: usize> RecentFlows<N> {
     fn new() -> Self {
         Self {
-            hasher: foldhash::fast::RandomState::default(),
-            hashes: [0; TRACKED_FLOWS],
-            last: [0; TRACKED_FLOWS],
+            hashes: [0; N],
+            last: [0; N],
             len: 0,
             recent: 0,
         }
-    }
-
-    fn hash(&self, packet: &[u8]) -> u64 {
-        self.hasher.hash_one(flow_key(packet))
     }
 
     fn find(&self, hash: u64) -> Option<usize> {
@@ -93,27 +108,42 @@ impl BulkFlows {
         (0..self.len).find(|&i| self.hashes[i] == hash)
     }
 
-    /// A full-sized packet of the flow `hash` was queued at `seq`.
+    /// The flow `hash` was seen at `seq`.
     fn note(&mut self, hash: u64, seq: u64) {
         let index = match self.find(hash) {
-            Some(i) => i,
-            None if self.len < TRACKED_FLOWS => {
-                self.len += 1;
-                self.len - 1
+            Some(i) => {
+                self.last[i] = seq.max(self.last[i]);
+                i
             }
-            None => (0..TRACKED_FLOWS)
-                .min_by_key(|&i| self.last[i])
-                .unwrap_or(0),
+            None => {
+                let i = if self.len < N {
+                    self.len += 1;
+                    self.len - 1
+                } else {
+                    (0..N).min_by_key(|&i| self.last[i]).unwrap_or(0)
+                };
+                self.hashes[i] = hash;
+                self.last[i] = seq;
+                i
+            }
         };
-        self.hashes[index] = hash;
-        self.last[index] = seq;
         self.recent = index;
     }
 
-    /// Whether the flow `hash` had a full-sized packet lately (as of `seq`).
-    fn is_bulk(&self, hash: u64, seq: u64) -> bool {
+    /// Forgets the flow `hash`.
+    fn forget(&mut self, hash: u64) {
+        if let Some(i) = self.find(hash) {
+            self.len -= 1;
+            self.hashes[i] = self.hashes[self.len];
+            self.last[i] = self.last[self.len];
+            self.recent = 0;
+        }
+    }
+
+    /// Whether the flow `hash` was seen within `window` datagrams of `seq`.
+    fn seen_within(&self, hash: u64, seq: u64, window: u64) -> bool {
         self.find(hash)
-            .is_some_and(|i| seq.saturating_sub(self.last[i]) <= BULK_WINDOW_DATAGRAMS)
+            .is_some_and(|i| seq.saturating_sub(self.last[i]) <= window)
     }
 }
 
@@ -125,7 +155,9 @@ pub(crate) struct RxOrder {
     held: VecDeque<(u64, Vec<u8>)>,
     /// Buffers of released packets, for the next held ones.
     spare: Vec<Vec<u8>>,
-    flows: BulkFlows,
+    hasher: foldhash::fast::RandomState,
+    bulk: RecentFlows<BULK_FLOWS>,
+    sparse: RecentFlows<SPARSE_FLOWS>,
     /// When (sequence number) an early packet last flushed the TUN queue.
     last_early_flush: Option<u64>,
 }
@@ -136,7 +168,9 @@ impl RxOrder {
             handed: Handed::InOrder(0),
             held: VecDeque::new(),
             spare: Vec::new(),
-            flows: BulkFlows::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            bulk: RecentFlows::new(),
+            sparse: RecentFlows::new(),
             last_early_flush: None,
         }
     }
@@ -171,8 +205,8 @@ impl RxOrder {
         if self.held.is_empty() {
             return;
         }
-        // Few are held at a time (short tails of bulk writes inside the
-        // read-ahead); keep them sorted by their place when releasing.
+        // Few are held at a time (short segments inside the read-ahead);
+        // keep them sorted by their place when releasing.
         self.held.make_contiguous().sort_by_key(|(seq, _)| *seq);
         while let Some((seq, _)) = self.held.front() {
             if before.is_some_and(|b| *seq >= b) {
@@ -186,22 +220,34 @@ impl RxOrder {
         }
     }
 
-    /// Where the decrypted `packet` of the datagram handed out last goes.
+    /// Where the decrypted `packet` of the datagram handed out last goes;
+    /// learns which flows are bulk and which sparse from the packets
+    /// handed out in order.
     pub(crate) fn admit(&mut self, packet: &[u8]) -> Admission {
         match self.handed {
             Handed::InOrder(seq) => {
                 if packet.len() >= FULL_SIZED {
-                    let hash = self.flows.hash(packet);
-                    self.flows.note(hash, seq);
+                    let hash = self.hasher.hash_one(flow_key(packet));
+                    self.bulk.note(hash, seq);
+                    self.sparse.forget(hash);
+                } else if carries(packet) == Carries::TcpData {
+                    let hash = self.hasher.hash_one(flow_key(packet));
+                    if !self.bulk.seen_within(hash, seq, BULK_WINDOW_DATAGRAMS) {
+                        self.sparse.note(hash, seq);
+                    }
                 }
                 Admission::Queue
             }
             Handed::Early { seq, tail } => {
-                let hash = self.flows.hash(packet);
-                if self.flows.is_bulk(hash, seq)
-                    || packet.len() >= FULL_SIZED
-                    || (tail && carries_tcp_data(packet))
-                {
+                let hash = self.hasher.hash_one(flow_key(packet));
+                let hold = packet.len() >= FULL_SIZED
+                    || self.bulk.seen_within(hash, seq, BULK_WINDOW_DATAGRAMS)
+                    || match carries(packet) {
+                        Carries::TcpData => tail || !self.sparse.seen_within(hash, seq, u64::MAX),
+                        Carries::Udp => tail,
+                        Carries::Other => false,
+                    };
+                if hold {
                     let mut copy = self.spare.pop().unwrap_or_default();
                     copy.clear();
                     copy.extend_from_slice(packet);
@@ -222,34 +268,41 @@ impl RxOrder {
     }
 }
 
-/// Whether `packet` is a TCP segment with data (or might be one: an IPv6
-/// packet whose first header is not TCP but an extension header counts as
-/// one).
-fn carries_tcp_data(packet: &[u8]) -> bool {
+/// What `packet` carries (see [`Carries`]).
+fn carries(packet: &[u8]) -> Carries {
     match packet.first().map(|b| b >> 4) {
         Some(4) if packet.len() >= 20 => {
             let header = usize::from(packet[0] & 0x0f) * 4;
-            packet[9] == PROTO_TCP && tcp_payload(packet, header, usize::from(be16(packet, 2)))
+            match packet[9] {
+                PROTO_TCP => tcp_carries(packet, header, usize::from(be16(packet, 2))),
+                PROTO_UDP => Carries::Udp,
+                _ => Carries::Other,
+            }
         }
         Some(6) if packet.len() >= 40 => match packet[6] {
-            PROTO_TCP => tcp_payload(packet, 40, 40 + usize::from(be16(packet, 4))),
+            PROTO_TCP => tcp_carries(packet, 40, 40 + usize::from(be16(packet, 4))),
+            PROTO_UDP => Carries::Udp,
             // Hop-by-hop, routing, fragment, destination options.
-            0 | 43 | 44 | 60 => true,
-            _ => false,
+            0 | 43 | 44 | 60 => Carries::TcpData,
+            _ => Carries::Other,
         },
-        _ => false,
+        _ => Carries::Other,
     }
 }
 
 /// Whether the TCP segment at `header` in a packet of `total` bytes (as its
 /// IP header says) carries data; a segment too short to tell counts as
 /// carrying some.
-fn tcp_payload(packet: &[u8], header: usize, total: usize) -> bool {
+fn tcp_carries(packet: &[u8], header: usize, total: usize) -> Carries {
     let Some(&offset) = packet.get(header + 12) else {
-        return true;
+        return Carries::TcpData;
     };
     let tcp_header = usize::from(offset >> 4) * 4;
-    total.min(packet.len()) > header + tcp_header
+    if total.min(packet.len()) > header + tcp_header {
+        Carries::TcpData
+    } else {
+        Carries::Other
+    }
 }
 
 #[cfg(test)]
@@ -272,6 +325,12 @@ mod tests {
         p
     }
 
+    fn udp(sport: u16, len: usize) -> Vec<u8> {
+        let mut p = tcp(sport, len);
+        p[9] = 17;
+        p
+    }
+
     fn icmp(len: usize) -> Vec<u8> {
         let mut p = vec![0u8; len];
         p[0] = 0x45;
@@ -279,6 +338,13 @@ mod tests {
         p[12..16].copy_from_slice(&[10, 0, 0, 1]);
         p[16..20].copy_from_slice(&[10, 0, 0, 2]);
         p
+    }
+
+    /// `order` with the TCP flow from `sport` seen in order with a short
+    /// segment (a keystroke) at `seq`.
+    fn learn_sparse(order: &mut RxOrder, sport: u16, seq: u64) {
+        order.in_order(seq, &mut |_| {});
+        assert_eq!(order.admit(&tcp(sport, 100)), Admission::Queue);
     }
 
     #[test]
@@ -291,7 +357,7 @@ mod tests {
             assert_eq!(order.admit(&tcp(1000, 1400)), Admission::Queue);
             queued.push(tcp(1000, 1400));
         }
-        // Its short tail (datagram 15) is handed out before 10..15.
+        // Its short segment (datagram 15) is handed out before 10..15.
         order.early(15, false);
         let tail = tcp(1000, 100);
         assert_eq!(order.admit(&tail), Admission::Held);
@@ -311,7 +377,8 @@ mod tests {
     #[test]
     fn a_sparse_flows_early_packet_goes_at_once_and_flushes() {
         let mut order = RxOrder::new();
-        for seq in 0..10 {
+        learn_sparse(&mut order, 2222, 0);
+        for seq in 1..10 {
             order.in_order(seq, &mut |_| {});
             order.admit(&tcp(1000, 1400));
         }
@@ -320,43 +387,65 @@ mod tests {
         // Another one soon after is queued without a flush of its own.
         order.early(21, false);
         assert_eq!(order.admit(&icmp(84)), Admission::Queue);
-        // A short TCP packet of another flow (a keystroke) goes too.
+        // The known sparse TCP flow's next keystroke goes too.
         order.early(200, false);
         assert_eq!(order.admit(&tcp(2222, 80)), Admission::QueueAndFlush);
         assert_eq!(order.held(), 0);
     }
 
     #[test]
-    fn a_run_tail_carrying_tcp_data_is_held_even_for_a_new_flow() {
+    fn a_new_or_run_ending_tcp_segment_with_data_keeps_its_place() {
         let mut order = RxOrder::new();
-        order.early(7, true);
+        // A flow never seen: its short segment may follow its own first
+        // full-sized ones, still waiting.
+        order.early(7, false);
         assert_eq!(order.admit(&tcp(3000, 200)), Admission::Held);
-        // A bare ACK or a ping at the end of a run goes at once.
-        order.early(8, true);
-        assert_eq!(order.admit(&tcp(3000, 40)), Admission::QueueAndFlush);
+        // Even a known sparse flow's segment at the end of a run.
+        learn_sparse(&mut order, 4000, 8);
         order.early(9, true);
+        assert_eq!(order.admit(&tcp(4000, 120)), Admission::Held);
+        // A bare ACK, a ping or a lone UDP datagram goes at once; a UDP
+        // datagram ending a run keeps its place.
+        order.early(10, true);
+        assert_eq!(order.admit(&tcp(3000, 40)), Admission::QueueAndFlush);
+        order.early(11, true);
         assert_eq!(order.admit(&icmp(84)), Admission::Queue);
-        // A lone short datagram of a new flow (a keystroke) goes too.
-        order.early(10, false);
-        assert_eq!(order.admit(&tcp(4000, 120)), Admission::Queue);
-        assert!(carries_tcp_data(&tcp(1, 41)));
-        assert!(!carries_tcp_data(&tcp(1, 40)));
-        assert!(!carries_tcp_data(&icmp(84)));
-        assert!(carries_tcp_data(&tcp(1, 30)[..30]), "too short to tell");
+        order.early(12, false);
+        assert_eq!(order.admit(&udp(53, 90)), Admission::Queue);
+        order.early(13, true);
+        assert_eq!(order.admit(&udp(53, 90)), Admission::Held);
+        assert_eq!(carries(&tcp(1, 41)), Carries::TcpData);
+        assert_eq!(carries(&tcp(1, 40)), Carries::Other);
+        assert_eq!(carries(&icmp(84)), Carries::Other);
+        assert_eq!(
+            carries(&tcp(1, 40)[..30]),
+            Carries::TcpData,
+            "too short to tell"
+        );
+    }
+
+    #[test]
+    fn a_sparse_flow_that_turns_bulk_is_held() {
+        let mut order = RxOrder::new();
+        learn_sparse(&mut order, 5000, 0);
+        order.in_order(1, &mut |_| {});
+        order.admit(&tcp(5000, 1400));
+        order.early(5, false);
+        assert_eq!(order.admit(&tcp(5000, 100)), Admission::Held);
     }
 
     #[test]
     fn a_flow_is_forgotten_as_bulk_after_its_window() {
         let mut order = RxOrder::new();
         order.in_order(0, &mut |_| {});
-        order.admit(&tcp(1000, 1400));
+        order.admit(&udp(1000, 1400));
         order.early(BULK_WINDOW_DATAGRAMS, false);
-        assert_eq!(order.admit(&tcp(1000, 60)), Admission::Held);
+        assert_eq!(order.admit(&udp(1000, 60)), Admission::Held);
         let mut released = 0;
         order.release_all(&mut |_| released += 1);
         assert_eq!(released, 1);
         order.early(BULK_WINDOW_DATAGRAMS + 1, false);
-        assert_eq!(order.admit(&tcp(1000, 60)), Admission::QueueAndFlush);
+        assert_eq!(order.admit(&udp(1000, 60)), Admission::QueueAndFlush);
     }
 
     #[test]
@@ -380,13 +469,16 @@ mod tests {
     }
 
     #[test]
-    fn more_bulk_flows_than_tracked_forget_the_oldest() {
-        let mut flows = BulkFlows::new();
-        for i in 0..TRACKED_FLOWS as u64 + 1 {
+    fn more_flows_than_tracked_forget_the_one_seen_longest_ago() {
+        let mut flows = RecentFlows::<BULK_FLOWS>::new();
+        for i in 0..BULK_FLOWS as u64 + 1 {
             flows.note(i + 100, i);
         }
-        assert!(!flows.is_bulk(100, 20), "the oldest was replaced");
-        assert!(flows.is_bulk(100 + TRACKED_FLOWS as u64, 20));
-        assert!(flows.is_bulk(101, 20));
+        assert!(!flows.seen_within(100, 20, 100), "the oldest was replaced");
+        assert!(flows.seen_within(100 + BULK_FLOWS as u64, 20, 100));
+        assert!(flows.seen_within(101, 20, 100));
+        flows.forget(101);
+        assert!(!flows.seen_within(101, 20, 100));
+        assert!(flows.seen_within(102, 20, 100));
     }
 }

@@ -164,12 +164,6 @@ impl RecvBatch {
         &self.bufs[datagram.slot][datagram.start..datagram.end]
     }
 
-    /// The sequence number of the next datagram the walk in order hands
-    /// out (`None`: nothing held).
-    fn head_seq(&self) -> Option<u64> {
-        self.queue.front().map(|first| first.seq_at(self.offset))
-    }
-
     /// Messages one read may take: bounded by free slots and by
     /// [`RECV_BATCH`].
     fn read_room(&self) -> usize {
@@ -276,26 +270,38 @@ impl RecvBatch {
         }
     }
 
-    /// The next short datagram handed out ahead of its turn, if one waits
-    /// within [`EARLY_REACH_DATAGRAMS`] of the walk.
+    /// The next short datagram handed out ahead of its turn: the first
+    /// short datagram not handed out yet, when long ones wait before it
+    /// (short datagrams keep their order among themselves; they only pass
+    /// long ones) and it is within [`EARLY_REACH_DATAGRAMS`] of the walk.
     fn next_early(&mut self) -> Option<Datagram> {
         if self.early.is_none() {
             if self.short_waiting == 0 {
                 return None;
             }
-            let head = self.head_seq()?;
+            let first = *self.queue.front()?;
+            if first.short_from.is_some() && !first.short_taken {
+                // A short datagram the walk will reach comes first.
+                return None;
+            }
+            let head = first.seq_at(self.offset);
             let index = self
                 .queue
                 .iter()
                 .skip(1)
                 .position(|m| m.short_from.is_some() && !m.short_taken)?
                 + 1;
+            let first_has_long = first.seg > SHORT_DATAGRAM && self.offset < first.in_order_end();
             let message = &mut self.queue[index];
             let short_from = message.short_from.unwrap_or(0);
+            // The messages between the first and this one have no short
+            // datagrams left, so they are long ones; so is the start of a
+            // run whose short tail this is.
+            let passes_long = first_has_long || index > 1 || short_from > 0;
             // Messages are in arrival order: when the nearest is out of
             // reach, so are the others.
             let last_seq = message.seq_at(message.len - 1);
-            if last_seq - head >= EARLY_REACH_DATAGRAMS {
+            if !passes_long || last_seq - head >= EARLY_REACH_DATAGRAMS {
                 return None;
             }
             message.short_taken = true;
@@ -544,6 +550,26 @@ mod tests {
     }
 
     #[test]
+    fn short_datagrams_never_pass_each_other() {
+        let mut batch = RecvBatch::new(true);
+        // Only short ones (a stream of ACKs): nothing to pass.
+        batch.push_message(&message(10, 3, 80, 0), 80, from());
+        batch.push_message(&message(20, 2, 80, 0), 80, from());
+        let got = drain(&mut batch);
+        assert!(got.iter().all(|g| !g.3), "{got:?}");
+        let seqs: Vec<u64> = got.iter().map(|g| g.2).collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+        // A long run ending in a short tail, then a lone short one: the
+        // lone one waits for the tail (the walk reaches it first), and
+        // passes nothing else.
+        batch.push_message(&message(30, 2, 1000, 100), 1000, from());
+        batch.push_message(&message(40, 0, 0, 116), 0, from());
+        let got = drain(&mut batch);
+        let order: Vec<(u64, bool)> = got.iter().map(|g| (g.2, g.3)).collect();
+        assert_eq!(order, vec![(5, false), (6, false), (7, false), (8, false)]);
+    }
+
+    #[test]
     fn without_reading_ahead_everything_goes_in_arrival_order() {
         let mut batch = RecvBatch::new(false);
         batch.push_message(&message(10, 3, 1000, 0), 1000, from());
@@ -607,7 +633,7 @@ mod tests {
     proptest! {
         /// Whatever arrives, every datagram is handed out exactly once with
         /// its own bytes; those handed out in order keep arrival order;
-        /// only short ones pass, and never the first message's.
+        /// only short ones pass, and short ones never pass each other.
         #[test]
         fn every_datagram_is_handed_out_once(
             messages in proptest::collection::vec(any_message(), 1..RECV_BATCH),
@@ -640,8 +666,13 @@ mod tests {
             }
             let mut got = Vec::new();
             let mut last_in_order = None;
+            let mut last_short = None;
             while let Some(d) = batch.next_datagram() {
                 let len = d.end - d.start;
+                if len <= SHORT_DATAGRAM {
+                    prop_assert!(last_short.is_none_or(|last| d.seq > last), "short ones in order");
+                    last_short = Some(d.seq);
+                }
                 if d.early {
                     prop_assert!(read_ahead);
                     prop_assert!(len <= SHORT_DATAGRAM);
