@@ -1027,16 +1027,28 @@ check "IPv4 and IPv6 TCP at the same time, fast -> fast and fast -> plain, sha25
 # loosely so a busy machine cannot make it flake: the median loaded RTT
 # stays under 20 x the idle one plus 20 ms (the real figure, about 2 x idle
 # or better on an idle machine, comes from the throughput rig's -P 4 line).
+# Meanwhile a UDP stream of long datagrams with short ones between goes the
+# same way: Y hands short datagrams to its engine ahead of long ones, and
+# must not reorder a flow's own packets doing so.
 ping_during_four_flows() {
-    local idle load pinger status=0
+    local idle load pinger seq status=0
     idle=$(in_ns "$NS_X" ping -c 10 -i 0.1 -W 1 100.64.0.12 | grep -o 'time=[0-9.]*' | cut -d= -f2 | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
     [ -n "$idle" ] || { echo "no idle ping"; return 1; }
+    rm -f "$TMP/fp-seq-ready"
+    ip netns exec "$NS_Y" timeout 30 python3 "$TRAFFIC" seq-recv 100.64.0.12 5401 4500 "$TMP/fp-seq-ready" >"$TMP/fp-seq" 2>&1 &
+    seq=$!
+    PIDS+=("$seq")
+    wait_for_file "$TMP/fp-seq-ready" || { echo "no UDP receiver"; return 1; }
     (sleep 0.5; in_ns "$NS_X" ping -c 20 -i 0.1 -W 2 100.64.0.12 >"$TMP/fp-ping-load" 2>&1 || true) &
     pinger=$!
     PIDS+=("$pinger")
+    (sleep 0.5; in_ns "$NS_X" timeout 20 python3 "$TRAFFIC" seq-send 100.64.0.12 5401 4500 || true) &
+    PIDS+=("$!")
     tcp_transfers "$NS_X $NS_Y 100.64.0.12" "$NS_X $NS_Y 100.64.0.12" \
         "$NS_X $NS_Y 100.64.0.12" "$NS_X $NS_Y 100.64.0.12" || status=1
     wait "$pinger" 2>/dev/null || true
+    wait "$seq" || { cat "$TMP/fp-seq"; status=1; }
+    echo "     ($(head -1 "$TMP/fp-seq"))" >&3
     load=$(grep -o 'time=[0-9.]*' "$TMP/fp-ping-load" | cut -d= -f2 | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
     [ -n "$load" ] || { echo "no ping answered during the transfer"; return 1; }
     echo "     (ping X -> Y: idle $idle ms, during 4 flows $load ms median)" >&3
@@ -1044,7 +1056,7 @@ ping_during_four_flows() {
         || { echo "loaded RTT $load ms vs idle $idle ms"; status=1; }
     return "$status"
 }
-check "fair queue: a ping during four TCP transfers X -> Y is answered without waiting behind them" \
+check "fair queue: during four TCP transfers X -> Y a ping is answered without waiting behind them and a mixed-size UDP stream keeps its order" \
     ping_during_four_flows
 
 # UDP datagrams of many sizes, each size a burst (what GSO and GRO batch):

@@ -8,6 +8,11 @@ everything arrived intact (and, for UDP, exactly once).
   udp-recv ADDR PORT SPEC READY  receive SPEC's datagrams; report missing,
                                  duplicated and corrupted ones by size
   udp-send ADDR PORT SPEC        send SPEC's datagrams
+  seq-recv ADDR PORT COUNT READY receive numbered datagrams for up to 10 s;
+                                 fail on a duplicate, a datagram out of
+                                 order, or fewer than half arriving
+  seq-send ADDR PORT COUNT       send COUNT numbered datagrams of mixed
+                                 sizes (long ones with short ones between)
 
 READY is a file created once the socket listens. SPEC is a comma-separated
 list of groups, sent in order:
@@ -172,6 +177,56 @@ def udp_recv(addr, port, spec, ready):
     return ok
 
 
+# Sizes of the numbered datagrams, repeated: short ones after long ones of
+# the same flow, the pattern a receiver that passes short datagrams ahead of
+# long ones must keep in order. All fit a 1280-byte tunnel MTU.
+SEQ_SIZES = [1200, 1200, 1200, 60, 200, 900, 30, 1200, 8]
+
+
+def seq_send(addr, port, count):
+    s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    s.connect((addr, int(port)))
+    for i in range(int(count)):
+        size = SEQ_SIZES[i % len(SEQ_SIZES)]
+        s.send(struct.pack(">I", i) + bytes(size - 4))
+        if i % len(SEQ_SIZES) == len(SEQ_SIZES) - 1:
+            time.sleep(0.002)
+
+
+def seq_recv(addr, port, count, ready):
+    count = int(count)
+    s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+    s.bind((addr, int(port)))
+    touch(ready)
+    got, last, disorder, dups = 0, -1, [], 0
+    seen = set()
+    deadline = time.monotonic() + 10
+    while got < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        s.settimeout(left)
+        try:
+            data = s.recv(1 << 16)
+        except socket.timeout:
+            break
+        n = struct.unpack(">I", data[:4])[0]
+        if n in seen:
+            dups += 1
+            continue
+        seen.add(n)
+        got += 1
+        if n < last:
+            disorder.append((last, n))
+        last = max(last, n)
+    print("seq %s:%s: %d of %d arrived, %d out of order, %d duplicated"
+          % (addr, port, got, count, len(disorder), dups))
+    if disorder:
+        print("  first out of order (after, got):", disorder[:5])
+    return not disorder and dups == 0 and got * 2 >= count
+
+
 def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "tcp-recv":
@@ -182,6 +237,10 @@ def main(argv):
         udp_send(*args)
     elif cmd == "udp-recv":
         return 0 if udp_recv(*args) else 1
+    elif cmd == "seq-send":
+        seq_send(*args)
+    elif cmd == "seq-recv":
+        return 0 if seq_recv(*args) else 1
     else:
         print(__doc__)
         return 2

@@ -16,13 +16,17 @@
 //! - a packet of a bulk flow (one that had a packet of [`FULL_SIZED`] bytes
 //!   or more queued in the last [`BULK_WINDOW_DATAGRAMS`] datagrams) is
 //!   held;
-//! - a TCP segment with data goes first only if its flow is known as a
-//!   sparse one (it carried only short segments when last seen) and the
-//!   datagram came alone, not as the short last datagram of a GRO run: the
-//!   run's other datagrams are most likely the same burst's full-sized
-//!   segments. A new connection's first segments stay in order;
-//! - a UDP datagram goes first unless it was the last of a GRO run;
+//! - a TCP segment with data or a UDP datagram goes first only if its flow
+//!   is known as a sparse one (it carried only short packets when last
+//!   seen in order) and the datagram came alone, not as the short last
+//!   datagram of a GRO run: the run's other datagrams are most likely the
+//!   same burst's full-sized packets. A new flow's first packets stay in
+//!   order; so does a DNS query from a fresh port;
 //! - the rest (ICMP, TCP segments without data) goes first.
+//!
+//! One reordering is left: a sparse flow that sends its first full-sized
+//! packet and then a short one within the read-ahead may see the short one
+//! first (the full-sized one, still encrypted, cannot be told apart).
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -39,7 +43,7 @@ const FULL_SIZED: usize = 512;
 const BULK_WINDOW_DATAGRAMS: u64 = 4096;
 /// Bulk flows remembered (the one seen longest ago is forgotten first).
 const BULK_FLOWS: usize = 16;
-/// Sparse TCP flows remembered (likewise).
+/// Sparse TCP and UDP flows remembered (likewise).
 const SPARSE_FLOWS: usize = 64;
 /// An early packet of a sparse flow flushes the TUN queue at once, unless
 /// one did so within this many datagrams (so a flood of short packets
@@ -230,7 +234,7 @@ impl RxOrder {
                     let hash = self.hasher.hash_one(flow_key(packet));
                     self.bulk.note(hash, seq);
                     self.sparse.forget(hash);
-                } else if carries(packet) == Carries::TcpData {
+                } else if carries(packet) != Carries::Other {
                     let hash = self.hasher.hash_one(flow_key(packet));
                     if !self.bulk.seen_within(hash, seq, BULK_WINDOW_DATAGRAMS) {
                         self.sparse.note(hash, seq);
@@ -243,8 +247,9 @@ impl RxOrder {
                 let hold = packet.len() >= FULL_SIZED
                     || self.bulk.seen_within(hash, seq, BULK_WINDOW_DATAGRAMS)
                     || match carries(packet) {
-                        Carries::TcpData => tail || !self.sparse.seen_within(hash, seq, u64::MAX),
-                        Carries::Udp => tail,
+                        Carries::TcpData | Carries::Udp => {
+                            tail || !self.sparse.seen_within(hash, seq, u64::MAX)
+                        }
                         Carries::Other => false,
                     };
                 if hold {
@@ -404,16 +409,21 @@ mod tests {
         learn_sparse(&mut order, 4000, 8);
         order.early(9, true);
         assert_eq!(order.admit(&tcp(4000, 120)), Admission::Held);
-        // A bare ACK, a ping or a lone UDP datagram goes at once; a UDP
-        // datagram ending a run keeps its place.
+        // A bare ACK or a ping goes at once, even ending a run.
         order.early(10, true);
         assert_eq!(order.admit(&tcp(3000, 40)), Admission::QueueAndFlush);
         order.early(11, true);
         assert_eq!(order.admit(&icmp(84)), Admission::Queue);
+        // UDP as TCP with data: a new flow keeps its place, a known
+        // sparse one goes, unless its datagram ended a run.
         order.early(12, false);
-        assert_eq!(order.admit(&udp(53, 90)), Admission::Queue);
-        order.early(13, true);
         assert_eq!(order.admit(&udp(53, 90)), Admission::Held);
+        order.in_order(13, &mut |_| {});
+        assert_eq!(order.admit(&udp(5060, 160)), Admission::Queue);
+        order.early(20, false);
+        assert_eq!(order.admit(&udp(5060, 160)), Admission::Queue);
+        order.early(21, true);
+        assert_eq!(order.admit(&udp(5060, 160)), Admission::Held);
         assert_eq!(carries(&tcp(1, 41)), Carries::TcpData);
         assert_eq!(carries(&tcp(1, 40)), Carries::Other);
         assert_eq!(carries(&icmp(84)), Carries::Other);
@@ -436,16 +446,17 @@ mod tests {
 
     #[test]
     fn a_flow_is_forgotten_as_bulk_after_its_window() {
+        // Large pings make the ICMP flow a bulk one for a while.
         let mut order = RxOrder::new();
         order.in_order(0, &mut |_| {});
-        order.admit(&udp(1000, 1400));
+        order.admit(&icmp(1400));
         order.early(BULK_WINDOW_DATAGRAMS, false);
-        assert_eq!(order.admit(&udp(1000, 60)), Admission::Held);
+        assert_eq!(order.admit(&icmp(60)), Admission::Held);
         let mut released = 0;
         order.release_all(&mut |_| released += 1);
         assert_eq!(released, 1);
         order.early(BULK_WINDOW_DATAGRAMS + 1, false);
-        assert_eq!(order.admit(&udp(1000, 60)), Admission::QueueAndFlush);
+        assert_eq!(order.admit(&icmp(60)), Admission::QueueAndFlush);
     }
 
     #[test]
