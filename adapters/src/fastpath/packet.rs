@@ -20,6 +20,7 @@ pub(crate) const PROTO_TCP: u8 = 6;
 pub(crate) const PROTO_UDP: u8 = 17;
 
 pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_RST: u8 = 0x04;
 pub(crate) const TCP_PSH: u8 = 0x08;
 pub(crate) const TCP_ACK: u8 = 0x10;
 pub(crate) const TCP_CWR: u8 = 0x80;

@@ -22,7 +22,8 @@
 //!   datagram of a GRO run: the run's other datagrams are most likely the
 //!   same burst's full-sized packets. A new flow's first packets stay in
 //!   order; so does a DNS query from a fresh port;
-//! - the rest (ICMP, TCP segments without data) goes first.
+//! - the rest (ICMP, TCP segments without data: ACKs, SYNs; but not FIN
+//!   or RST, which count as data here) goes first.
 //!
 //! One reordering is left: a sparse flow that sends its first full-sized
 //! packet and then a short one within the read-ahead may see the short one
@@ -32,7 +33,7 @@ use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
 use super::fq::flow_key;
-use super::packet::{PROTO_TCP, PROTO_UDP, be16};
+use super::packet::{PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, be16};
 
 /// Packets at least this long make their flow a bulk flow.
 const FULL_SIZED: usize = 512;
@@ -296,14 +297,16 @@ fn carries(packet: &[u8]) -> Carries {
 }
 
 /// Whether the TCP segment at `header` in a packet of `total` bytes (as its
-/// IP header says) carries data; a segment too short to tell counts as
-/// carrying some.
+/// IP header says) must keep its place among its connection's data: it
+/// carries data, or ends the connection (FIN, RST: a RST that overtakes
+/// data is out of the window and answered with a challenge ACK instead of
+/// ending anything). A segment too short to tell counts as such.
 fn tcp_carries(packet: &[u8], header: usize, total: usize) -> Carries {
-    let Some(&offset) = packet.get(header + 12) else {
+    let (Some(&offset), Some(&flags)) = (packet.get(header + 12), packet.get(header + 13)) else {
         return Carries::TcpData;
     };
     let tcp_header = usize::from(offset >> 4) * 4;
-    if total.min(packet.len()) > header + tcp_header {
+    if total.min(packet.len()) > header + tcp_header || flags & (TCP_FIN | TCP_RST) != 0 {
         Carries::TcpData
     } else {
         Carries::Other
