@@ -117,7 +117,7 @@ fn open_any(
     }
 }
 
-/// A kernel timestamp (`CLOCK_REALTIME`) as time since the Unix epoch.
+/// A `sockaddr_storage` filled by the kernel, as a Rust address.
 pub(super) fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match storage.ss_family as libc::c_int {
         libc::AF_INET => {

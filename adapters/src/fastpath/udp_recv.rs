@@ -9,7 +9,8 @@
 //! keystroke is a short datagram; reading the socket ahead of the engine
 //! finds it behind the bulk data, and handing it to the engine first
 //! takes it past that data (by at most [`EARLY_REACH_DATAGRAMS`], so
-//! everything passed stays inside WireGuard's replay window). Every
+//! everything passed stays inside WireGuard's replay window). Short
+//! datagrams pass only long ones, never each other. Every
 //! datagram handed out carries its place in arrival order (a sequence
 //! number), so what is decrypted from a short datagram of a bulk flow (the
 //! short last segment of a write) can be put back in its place before it
@@ -31,7 +32,7 @@ const RECV_BATCH: usize = 16;
 /// once: 2 MB, about 1,400 full-sized datagrams).
 const RECV_SLOTS: usize = 32;
 /// Room per received message: a GRO run of up to 64 KB.
-pub(super) const RECV_BUFFER: usize = 65536;
+const RECV_BUFFER: usize = 65536;
 /// Room for a received message's control messages: the GRO segment size
 /// (an int) and the arrival time (a timespec), with their headers.
 const RECV_CMSG_ROOM: usize = 128;
@@ -44,10 +45,9 @@ const EARLY_REACH_DATAGRAMS: u64 = 1000;
 /// pings, TCP segments of a few hundred bytes and less, handshakes,
 /// keepalives and disco messages. A full-sized segment of a bulk flow never
 /// is.
-pub(super) const SHORT_DATAGRAM: usize = 256;
+const SHORT_DATAGRAM: usize = 256;
 /// While reading ahead, the socket is read again once this many slots are
-/// free (and the read-ahead budget has room for as many messages), so the
-/// reading costs one system call per few messages.
+/// free, so the reading costs one system call per few messages.
 const TOP_UP_SLOTS: usize = 4;
 
 /// One datagram handed out: where it lies in its slot, its source and its
@@ -455,6 +455,7 @@ fn read_controls(h: &libc::msghdr) -> (usize, Option<Duration>) {
     (gso, arrived)
 }
 
+/// A kernel timestamp (`CLOCK_REALTIME`) as time since the Unix epoch.
 fn timespec_to_duration(ts: &libc::timespec) -> Option<Duration> {
     let secs = u64::try_from(ts.tv_sec).ok()?;
     let nanos = u32::try_from(ts.tv_nsec)
