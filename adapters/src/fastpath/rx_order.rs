@@ -32,7 +32,7 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-use super::fq::flow_key;
+use super::fq::{FlowKey, flow_key};
 use super::packet::{PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, be16};
 
 /// Packets at least this long make their flow a bulk flow.
@@ -152,6 +152,53 @@ impl<const N: usize> RecentFlows<N> {
     }
 }
 
+/// Hashes flow keys, remembering the last one: a bulk flow's packets come
+/// in runs, and comparing a few bytes costs less than hashing them again.
+struct FlowHasher {
+    state: foldhash::fast::RandomState,
+    /// The last key's bytes (addresses, protocol, ports), its length and
+    /// hash.
+    last: [u8; 37],
+    last_len: usize,
+    last_hash: u64,
+}
+
+impl FlowHasher {
+    fn new() -> Self {
+        Self {
+            state: foldhash::fast::RandomState::default(),
+            last: [0; 37],
+            last_len: 0,
+            last_hash: 0,
+        }
+    }
+
+    fn hash(&mut self, packet: &[u8]) -> u64 {
+        let key = flow_key(packet);
+        let FlowKey::Ip {
+            addresses,
+            protocol,
+            ports,
+        } = key
+        else {
+            return self.state.hash_one(key);
+        };
+        let len = addresses.len() + 5;
+        let mut bytes = [0u8; 37];
+        bytes[..addresses.len()].copy_from_slice(addresses);
+        bytes[addresses.len()] = protocol;
+        bytes[addresses.len() + 1..len].copy_from_slice(&ports);
+        if len == self.last_len && bytes[..len] == self.last[..len] {
+            return self.last_hash;
+        }
+        let hash = self.state.hash_one(key);
+        self.last = bytes;
+        self.last_len = len;
+        self.last_hash = hash;
+        hash
+    }
+}
+
 /// The receive side's order keeping (see the module docs).
 pub(crate) struct RxOrder {
     handed: Handed,
@@ -160,7 +207,7 @@ pub(crate) struct RxOrder {
     held: VecDeque<(u64, Vec<u8>)>,
     /// Buffers of released packets, for the next held ones.
     spare: Vec<Vec<u8>>,
-    hasher: foldhash::fast::RandomState,
+    hasher: FlowHasher,
     bulk: RecentFlows<BULK_FLOWS>,
     sparse: RecentFlows<SPARSE_FLOWS>,
     /// When (sequence number) an early packet last flushed the TUN queue.
@@ -173,7 +220,7 @@ impl RxOrder {
             handed: Handed::InOrder(0),
             held: VecDeque::new(),
             spare: Vec::new(),
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: FlowHasher::new(),
             bulk: RecentFlows::new(),
             sparse: RecentFlows::new(),
             last_early_flush: None,
@@ -232,11 +279,11 @@ impl RxOrder {
         match self.handed {
             Handed::InOrder(seq) => {
                 if packet.len() >= FULL_SIZED {
-                    let hash = self.hasher.hash_one(flow_key(packet));
+                    let hash = self.hasher.hash(packet);
                     self.bulk.note(hash, seq);
                     self.sparse.forget(hash);
                 } else if carries(packet) != Carries::Other {
-                    let hash = self.hasher.hash_one(flow_key(packet));
+                    let hash = self.hasher.hash(packet);
                     if !self.bulk.seen_within(hash, seq, BULK_WINDOW_DATAGRAMS) {
                         self.sparse.note(hash, seq);
                     }
@@ -244,7 +291,7 @@ impl RxOrder {
                 Admission::Queue
             }
             Handed::Early { seq, tail } => {
-                let hash = self.hasher.hash_one(flow_key(packet));
+                let hash = self.hasher.hash(packet);
                 let hold = packet.len() >= FULL_SIZED
                     || self.bulk.seen_within(hash, seq, BULK_WINDOW_DATAGRAMS)
                     || match carries(packet) {
@@ -460,6 +507,20 @@ mod tests {
         assert_eq!(released, 1);
         order.early(BULK_WINDOW_DATAGRAMS + 1, false);
         assert_eq!(order.admit(&icmp(60)), Admission::QueueAndFlush);
+    }
+
+    #[test]
+    fn the_remembered_hash_is_the_flows_own() {
+        let mut hasher = FlowHasher::new();
+        let a = hasher.hash(&tcp(1, 1400));
+        assert_eq!(hasher.hash(&tcp(1, 60)), a, "same flow, same hash");
+        let b = hasher.hash(&tcp(2, 1400));
+        assert_ne!(a, b);
+        assert_eq!(hasher.hash(&tcp(1, 1400)), a);
+        assert_eq!(
+            hasher.hash(&udp(1, 1400)),
+            hasher.state.hash_one(flow_key(&udp(1, 1400)))
+        );
     }
 
     #[test]
