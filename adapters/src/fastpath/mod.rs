@@ -62,7 +62,7 @@
 //! tail of a bulk flow's write (`rx_order.rs`), so no flow sees its own
 //! packets reordered. With four TCP flows on the 2-core bench machine, a
 //! ping's median loaded RTT was 1.5-2.9 times idle with this and 1.5-10.1
-//! without, in eight A/B invocations (`bench/throughput/README.md`).
+//! without, in nine A/B invocations (`bench/throughput/README.md`).
 
 mod fq;
 pub(crate) mod options;
