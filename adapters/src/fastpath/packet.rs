@@ -52,3 +52,21 @@ pub(crate) fn be16(bytes: &[u8], at: usize) -> u16 {
 pub(crate) fn be32(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
+
+/// An IPv4 TCP packet of `len` bytes (at least the 40 of its headers) from
+/// 10.0.0.1 port `sport` to 10.0.0.2 port 5201, for tests.
+#[cfg(test)]
+pub(crate) fn test_tcp_v4(sport: u16, len: usize) -> Vec<u8> {
+    let mut p = vec![0u8; len.max(40)];
+    p[0] = 0x45;
+    let total = p.len() as u16;
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[8] = 64;
+    p[9] = PROTO_TCP;
+    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+    p[32] = 0x50;
+    p
+}

@@ -187,16 +187,7 @@ mod tests {
     const TARGET: Duration = Duration::from_millis(1);
     const INTERVAL: Duration = Duration::from_millis(10);
 
-    fn tcp(sport: u16, len: usize) -> Vec<u8> {
-        let mut p = vec![0u8; len];
-        p[0] = 0x45;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        p[20..22].copy_from_slice(&sport.to_be_bytes());
-        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-        p
-    }
+    use crate::fastpath::packet::test_tcp_v4 as tcp;
 
     fn ping() -> Vec<u8> {
         let mut p = vec![0u8; 84];

@@ -202,8 +202,8 @@ impl FlowHasher {
 /// The receive side's order keeping (see the module docs).
 pub(crate) struct RxOrder {
     handed: Handed,
-    /// Held packets with the sequence number of their datagram, in the
-    /// order they were held (which is not always theirs).
+    /// Held packets with the sequence number of their datagram, in
+    /// arrival order (kept so as they are held).
     held: VecDeque<(u64, Vec<u8>)>,
     /// Buffers of released packets, for the next held ones.
     spare: Vec<Vec<u8>>,
@@ -257,9 +257,6 @@ impl RxOrder {
         if self.held.is_empty() {
             return;
         }
-        // Few are held at a time (short segments inside the read-ahead);
-        // keep them sorted by their place when releasing.
-        self.held.make_contiguous().sort_by_key(|(seq, _)| *seq);
         while let Some((seq, _)) = self.held.front() {
             if before.is_some_and(|b| *seq >= b) {
                 break;
@@ -304,7 +301,10 @@ impl RxOrder {
                     let mut copy = self.spare.pop().unwrap_or_default();
                     copy.clear();
                     copy.extend_from_slice(packet);
-                    self.held.push_back((seq, copy));
+                    // Early datagrams come in arrival order (short ones never
+                    // pass each other), so this is the end almost always.
+                    let at = self.held.partition_point(|(held, _)| *held < seq);
+                    self.held.insert(at, (seq, copy));
                     return Admission::Held;
                 }
                 let flush_due = self
@@ -364,21 +364,7 @@ fn tcp_carries(packet: &[u8], header: usize, total: usize) -> Carries {
 mod tests {
     use super::*;
 
-    /// An IPv4 TCP packet of `len` bytes from port `sport`.
-    fn tcp(sport: u16, len: usize) -> Vec<u8> {
-        let mut p = vec![0u8; len.max(40)];
-        p[0] = 0x45;
-        let total = p.len() as u16;
-        p[2..4].copy_from_slice(&total.to_be_bytes());
-        p[8] = 64;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        p[20..22].copy_from_slice(&sport.to_be_bytes());
-        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-        p[32] = 0x50;
-        p
-    }
+    use crate::fastpath::packet::test_tcp_v4 as tcp;
 
     fn udp(sport: u16, len: usize) -> Vec<u8> {
         let mut p = tcp(sport, len);
