@@ -676,6 +676,41 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
         }
     }
 
+    fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+        let Self { inner, relay, .. } = self;
+        let Some(relay) = relay.as_mut() else {
+            // Without a relay every datagram passes as it is, where the
+            // inner socket holds it: the batched socket's data path keeps
+            // its zero-copy hand-out.
+            return inner.with_buffered_from(handle);
+        };
+        loop {
+            let mut handed = false;
+            let lent = inner.with_buffered_from(&mut |data, from| match relay.receive(
+                data,
+                from,
+                Instant::now(),
+            ) {
+                Received::Pass => {
+                    handed = true;
+                    handle(data, from);
+                }
+                Received::Consumed => {}
+                Received::Peer(data, peer) => {
+                    handed = true;
+                    handle(&data, peer);
+                }
+            });
+            if !lent {
+                return false;
+            }
+            if handed {
+                return true;
+            }
+            // TURN signalling was consumed: on to the next datagram.
+        }
+    }
+
     fn try_recv_from(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
         let Self { inner, relay, .. } = self;
         let Some(relay) = relay.as_mut() else {
@@ -889,6 +924,73 @@ mod tests {
             !issued(Duration::from_secs(30))
                 .credentials
                 .newer_than(SystemTime::now() + Duration::from_secs(60))
+        );
+    }
+
+    /// A socket that lends the datagrams it holds, as the batched one does.
+    struct LendingSocket {
+        held: std::collections::VecDeque<(Vec<u8>, SocketAddr)>,
+    }
+
+    impl DatagramSocket for LendingSocket {
+        async fn recv_from(&mut self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+            std::future::pending().await
+        }
+
+        async fn send_to(&mut self, _data: &[u8], _dst: SocketAddr) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn with_buffered_from(&mut self, handle: &mut dyn FnMut(&[u8], SocketAddr)) -> bool {
+            let Some((data, from)) = self.held.pop_front() else {
+                return false;
+            };
+            handle(&data, from);
+            true
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok("127.0.0.1:41641".parse().unwrap())
+        }
+
+        async fn rebind(&mut self, _port: u16) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Everything `socket` lends, in order.
+    fn lent(socket: &mut impl DatagramSocket) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut out = Vec::new();
+        while socket.with_buffered_from(&mut |data, from| out.push((data.to_vec(), from))) {}
+        out
+    }
+
+    #[test]
+    fn the_inner_sockets_buffers_are_lent_through_the_wrapper_with_and_without_a_relay() {
+        let peer: SocketAddr = "127.0.0.2:51820".parse().unwrap();
+        let datagrams = vec![(vec![4, 0, 0, 0, 1], peer), (vec![4, 0, 0, 0, 2], peer)];
+        let inner = LendingSocket {
+            held: datagrams.iter().cloned().collect(),
+        };
+        let mut plain = RelaySocket::new(inner, None, Arc::new(RelayMonitor::default()));
+        assert_eq!(lent(&mut plain), datagrams);
+
+        // With a relay: the server's signalling is consumed on the way and
+        // the peer's datagrams behind it are lent as they are.
+        let monitor = Arc::new(RelayMonitor::default());
+        let settings = issued(Duration::from_secs(3600));
+        let server = settings.server;
+        let mut held: std::collections::VecDeque<_> = datagrams.iter().cloned().collect();
+        held.push_front((error_response(401, "Unauthorized"), server));
+        let mut relayed =
+            RelaySocket::new(LendingSocket { held }, Some(settings), Arc::clone(&monitor));
+        // The challenge was already answered: this 401 ends the attempt.
+        relayed.relay.as_mut().unwrap().unauthorized_answers = 1;
+        assert_eq!(lent(&mut relayed), datagrams);
+        assert_eq!(
+            monitor.credentials_rejected(),
+            1,
+            "the 401 reached the relay"
         );
     }
 
