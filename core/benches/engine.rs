@@ -318,18 +318,30 @@ fn reconfig_bench() -> (f64, f64, f64, f64) {
         let peers: Vec<PeerConfig> = (0..n).map(synthetic_peer).collect();
         let rc = reconfig(peers, Knobs::default());
         let mut e = engine(3, now);
+        // The driver hands the engine an owned config; the copy that the
+        // `Engine::reconfig` convenience makes is not the engine's work.
+        let owned = Box::new(rc.clone());
         let start = Instant::now();
-        let _ = e.reconfig(now, &rc).unwrap();
+        let applied = e.handle_input(now, Input::Reconfig(owned)).unwrap();
         results.push(start.elapsed().as_secs_f64());
+        assert!(matches!(
+            applied,
+            InputOutcome::Reconfig(ReconfigOutcome::Applied(_))
+        ));
         drain(&mut e);
         if n == 100_000 {
             // One peer changes: through a full reconfig (diffed) and as a delta.
             let mut changed = rc.clone();
             changed.wireguard.as_mut().unwrap().peers[777].endpoints =
                 vec!["198.51.100.7:1".parse().unwrap()];
+            let owned = Box::new(changed);
             let start = Instant::now();
-            let _ = e.reconfig(now, &changed).unwrap();
+            let applied = e.handle_input(now, Input::Reconfig(owned)).unwrap();
             let full_diff = start.elapsed().as_secs_f64();
+            let InputOutcome::Reconfig(ReconfigOutcome::Applied(changes)) = applied else {
+                panic!("the changed peer was not applied: {applied:?}");
+            };
+            assert_eq!(changes.peers_changed, 1);
             // Alternate between two endpoints so every delta is a real change.
             let deltas: Vec<PeerDelta> = (0..2u8)
                 .map(|k| {
