@@ -357,8 +357,16 @@ impl RecvBatch {
             // not "nothing ready" either.
             return Ok(0);
         }
-        let slots: Vec<usize> = (0..room).filter_map(|_| self.free.pop()).collect();
-        let n = slots.len();
+        // The slots this call reads into, on the stack: `fill` runs for
+        // every read, including the many that find nothing.
+        let mut taken = [0usize; RECV_BATCH];
+        let mut n = 0;
+        while n < room.min(RECV_BATCH) {
+            let Some(slot) = self.free.pop() else { break };
+            taken[n] = slot;
+            n += 1;
+        }
+        let slots = &taken[..n];
         // SAFETY: these are plain C structs; all-zero is a valid value.
         let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { zeroed() };
         // SAFETY: as above.
