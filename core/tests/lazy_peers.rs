@@ -546,3 +546,63 @@ fn a_tunnel_recreated_after_a_long_idle_is_answered_at_once() {
         assert_eq!(net.nodes[node].engine.counters().drop_wg_stale_timestamp, 0);
     }
 }
+
+/// A WireGuard transport datagram with no payload: 16 bytes of header and
+/// the 16-byte tag.
+const KEEPALIVE_DATAGRAM_BYTES: usize = 32;
+
+/// WireGuard datagrams of `len` bytes node `i` sent to node `j` from `since`.
+fn sent_of_len(net: &Net, i: usize, j: usize, since: std::time::Instant, len: usize) -> usize {
+    let to = net.nodes[j].endpoint;
+    net.nodes[i]
+        .sent
+        .iter()
+        .filter(|(at, dst, n)| *at >= since && *dst == to && *n == len)
+        .count()
+}
+
+/// As in wireguard-go, the initiator confirms a fresh session with a
+/// keepalive only when nothing is staged: a wake's first staged packet
+/// confirms it instead, so the woken flow's packets are the session's first
+/// datagrams. A handshake with nothing staged (a rekey under one-way
+/// traffic) still sends the keepalive, since the peer needs a datagram on
+/// the new session before it may use it.
+#[test]
+fn a_wake_confirms_the_session_with_its_staged_packets_not_a_keepalive() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.configure_all(lazy());
+    let ip1 = net.nodes[1].ip4;
+    let start = net.now;
+    let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![b'k', i]).collect();
+    for p in &payloads {
+        net.send_udp(0, ip1, p);
+    }
+    net.run_for(Duration::from_millis(500));
+    for p in &payloads {
+        assert_eq!(net.delivered(1, p).len(), 1, "{p:?} delivered once");
+    }
+    assert_eq!(net.nodes[0].engine.counters().handshakes_completed, 1);
+    assert_eq!(
+        sent_of_len(&net, 0, 1, start, KEEPALIVE_DATAGRAM_BYTES),
+        0,
+        "the initiator sent a keepalive ahead of its staged packets"
+    );
+
+    // One-way traffic every 5 s past the 120 s rekey: node 0 initiates the
+    // new handshake from a live session, with nothing staged, so it
+    // confirms it with a keepalive. (Node 0 never sends a passive
+    // keepalive: it is the one sending data.)
+    let before_rekey = net.now;
+    for i in 0..30u8 {
+        net.send_udp(0, ip1, &[b'r', i]);
+        net.run_for(Duration::from_secs(5));
+    }
+    for i in 0..30u8 {
+        assert_eq!(net.delivered(1, &[b'r', i]).len(), 1, "r{i} delivered once");
+    }
+    assert!(net.nodes[0].engine.counters().handshakes_completed >= 2);
+    assert!(
+        sent_of_len(&net, 0, 1, before_rekey, KEEPALIVE_DATAGRAM_BYTES) >= 1,
+        "the rekey's session was not confirmed with a keepalive"
+    );
+}

@@ -120,6 +120,7 @@ impl Engine {
             }
             Decapsulated::Send { len, reply } => {
                 buf.truncate(len);
+                let mut send_reply = true;
                 match reply {
                     Reply::Cookie => {
                         // Under load: no handshake happened, the peer
@@ -135,7 +136,17 @@ impl Engine {
                     Reply::FirstKeepalive => {
                         let rtt = wg.timers.initiation_round_trip(now);
                         wg.timers.on_authenticated_received(now);
-                        wg.timers.on_keepalive_sent(now);
+                        // The keepalive only confirms the session to the
+                        // peer. When packets are staged, the first of them
+                        // (drained below) confirms it as well, so the
+                        // keepalive is left out, as wireguard-go sends it
+                        // only when nothing is staged: the peer gets the
+                        // woken flow's first packet as the session's first
+                        // datagram, not behind an empty one.
+                        send_reply = wg.staged.is_empty();
+                        if send_reply {
+                            wg.timers.on_keepalive_sent(now);
+                        }
                         if rtt.is_some() {
                             self.peers[slot].handshake_rtt = rtt;
                         }
@@ -143,11 +154,15 @@ impl Engine {
                         self.peer_heard(now, slot, from);
                     }
                 }
-                self.counters.datagrams_out += 1;
-                self.outputs.push_back(Output::Transmit(Transmit {
-                    dst: from,
-                    data: buf,
-                }));
+                if send_reply {
+                    self.counters.datagrams_out += 1;
+                    self.outputs.push_back(Output::Transmit(Transmit {
+                        dst: from,
+                        data: buf,
+                    }));
+                } else {
+                    self.buffers.recycle(buf);
+                }
             }
             Decapsulated::Deliver { len } => {
                 wg.timers.on_data_received(now);
