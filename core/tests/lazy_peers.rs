@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ipnet::IpNet;
-use wgmesh_core::test_support::Net;
+use wgmesh_core::test_support::{Net, node_reconfig};
 use wgmesh_core::*;
 
 const HALF_RTT: Duration = Duration::from_millis(20);
@@ -604,5 +604,62 @@ fn a_wake_confirms_the_session_with_its_staged_packets_not_a_keepalive() {
     assert!(
         sent_of_len(&net, 0, 1, before_rekey, KEEPALIVE_DATAGRAM_BYTES) >= 1,
         "the rekey's session was not confirmed with a keepalive"
+    );
+}
+
+/// Found by `wgmesh-sim explore --seed 45`
+/// (`corpus/crossing-wake-onto-a-stale-session.toml`). A node holds a
+/// session too old to send on (175 s of its 180 s) that WireGuard has not
+/// yet thrown away, and its peer no longer has it (here control removed
+/// and re-added the node at the peer; in the corpus file the peer had
+/// trimmed it). Both start sending at once: the node answers the peer's
+/// initiation (it has the lower key; the peer yields the crossing). It used
+/// to count the answered handshake as a fresh session and send its staged
+/// packets at once, but WireGuard encrypts with the session that was
+/// current, the stale one, until the peer confirms the new one: every one
+/// was dropped at the peer as `drop_wg_unknown_index`. A session we only
+/// answered for carries data once the peer confirms it (its first packet,
+/// one round trip later), as in wireguard-go.
+#[test]
+fn an_answered_handshake_does_not_revive_a_stale_session() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    // In a crossing, the node with the higher key yields.
+    let (peer, node) = if net.key(0) > net.key(1) {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    net.configure_all(lazy());
+    let (peer_ip, node_ip) = (net.nodes[peer].ip4, net.nodes[node].ip4);
+    net.send_udp(node, peer_ip, b"first");
+    net.run_for(Duration::from_millis(177_000));
+    assert_eq!(net.delivered(peer, b"first").len(), 1);
+    // Control removes the node at the peer and adds it back: the peer's
+    // tunnel, and every session it had with the node, is new.
+    let (ip4, ip6) = (net.nodes[peer].ip4, net.nodes[peer].ip6);
+    let without = node_reconfig(ip4, ip6, Vec::new(), lazy());
+    net.input(peer, Input::Reconfig(Box::new(without))).unwrap();
+    let with = net.reconfig_for(peer, lazy());
+    net.input(peer, Input::Reconfig(Box::new(with))).unwrap();
+    net.run_for(Duration::from_millis(900));
+
+    let start = net.now;
+    net.send_udp(peer, node_ip, b"from the peer");
+    net.run_for(Duration::from_millis(8));
+    net.send_udp(node, peer_ip, b"from the node");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.delivered(node, b"from the peer").len(), 1);
+    let delivered = net.delivered(peer, b"from the node");
+    assert_eq!(delivered.len(), 1, "the node's packet was lost");
+    // Sent 8 ms in; the crossing bound is a round trip more than a wake's.
+    let delay = delivered[0].duration_since(start + Duration::from_millis(8));
+    assert!(delay <= HALF_RTT * 5, "delivered after {delay:?}");
+    assert_eq!(net.nodes[peer].engine.counters().drop_wg_unknown_index, 0);
+    assert_eq!(
+        net.nodes[peer]
+            .engine
+            .counters()
+            .handshake_crossings_yielded,
+        1
     );
 }

@@ -130,7 +130,7 @@ impl Engine {
                     Reply::Response => {
                         wg.timers.on_authenticated_received(now);
                         wg.timers.on_response_sent(now);
-                        self.session_established(now, slot, from);
+                        self.session_established(now, slot, from, HandshakeRole::Responder);
                         self.peer_heard(now, slot, from);
                     }
                     Reply::FirstKeepalive => {
@@ -150,7 +150,7 @@ impl Engine {
                         if rtt.is_some() {
                             self.peers[slot].handshake_rtt = rtt;
                         }
-                        self.session_established(now, slot, from);
+                        self.session_established(now, slot, from, HandshakeRole::Initiator);
                         self.peer_heard(now, slot, from);
                     }
                 }
@@ -216,10 +216,19 @@ impl Engine {
         self.note_receive_activity(now, slot);
     }
 
-    pub(super) fn session_established(&mut self, now: Instant, slot: PeerSlot, from: SocketAddr) {
+    pub(super) fn session_established(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        from: SocketAddr,
+        role: HandshakeRole,
+    ) {
         let peer = &mut self.peers[slot];
         let Some(wg) = peer.wg.as_mut() else { return };
-        wg.timers.on_session_established(now);
+        match role {
+            HandshakeRole::Initiator => wg.timers.on_session_established(now),
+            HandshakeRole::Responder => wg.timers.on_session_answered(now),
+        }
         self.counters.handshakes_completed += 1;
         let key = peer.config.public_key;
         debug!(peer = ?key, endpoint = %from, "handshake completed");
@@ -554,4 +563,14 @@ impl Engine {
             }
         }
     }
+}
+
+/// Which side of a completed handshake this node was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HandshakeRole {
+    /// We sent the initiation: the session carries data at once.
+    Initiator,
+    /// We answered the peer's: the session carries data once the peer
+    /// confirms it.
+    Responder,
 }

@@ -250,9 +250,11 @@ impl Engine {
     }
 
     /// Whether data may go out on the peer's current session now: one
-    /// exists and is not within `SEND_ON_SESSION_UNTIL` of its expiry.
+    /// exists, the peer can decrypt it (we initiated it, or the peer
+    /// confirmed the one we answered for) and it is not within
+    /// `SEND_ON_SESSION_UNTIL` of its expiry.
     fn can_send_data(wg: &WgPeer, now: Instant) -> bool {
-        wg.tunnel.has_session(now) && !wg.timers.session_too_old_to_send(now)
+        wg.tunnel.has_session(now) && wg.timers.session_usable_for_data(now)
     }
 
     /// Keeps a packet until the peer has a usable session (wireguard-go's

@@ -89,7 +89,11 @@ pub(crate) struct SessionTimers {
     handshake_started: Option<Instant>,
     /// When the last initiation of that run went out.
     last_initiation_sent: Option<Instant>,
-    /// When the current session was established (`None`: no session).
+    /// When the session data goes out on was established (`None`: none
+    /// usable). A session we answered the peer's initiation for counts only
+    /// once the peer confirmed it: until then WireGuard encrypts with the
+    /// session it had before (which the peer may have dropped, if it
+    /// trimmed or restarted us), so its age is that one's.
     session_established: Option<Instant>,
     /// When the last session was established, kept across expiry for status.
     last_handshake: Option<Instant>,
@@ -175,9 +179,23 @@ impl SessionTimers {
         self.first_data_received_unanswered = None;
     }
 
-    /// A handshake completed (either side): the attempt run ends and the session is live.
+    /// A handshake we initiated completed: the attempt run ends and the
+    /// session is live at once.
     pub(crate) fn on_session_established(&mut self, now: Instant) {
         self.session_established = Some(now);
+        self.on_handshake_completed(now);
+    }
+
+    /// We answered the peer's initiation: the handshake is complete and the
+    /// attempt run ends, but the new session carries our data only once the
+    /// peer confirms it (`on_keepalive_received`), as in wireguard-go,
+    /// where the responder's keypair becomes current on its first received
+    /// packet.
+    pub(crate) fn on_session_answered(&mut self, now: Instant) {
+        self.on_handshake_completed(now);
+    }
+
+    fn on_handshake_completed(&mut self, now: Instant) {
         self.handshake_started = None;
         self.last_initiation_sent = None;
         self.expired = false;
@@ -192,10 +210,17 @@ impl SessionTimers {
     }
 
     /// A keepalive arrived on a session: the peer heard us, and a session we
-    /// answered for is confirmed.
+    /// answered for is confirmed. It is the newest one established, which
+    /// WireGuard now sends on, so the sending session's age restarts from
+    /// when we answered.
     pub(crate) fn on_keepalive_received(&mut self, now: Instant) {
         self.on_authenticated_received(now);
-        self.responded_at = None;
+        if let Some(answered) = self.responded_at.take() {
+            self.session_established = Some(
+                self.session_established
+                    .map_or(answered, |established| established.max(answered)),
+            );
+        }
     }
 
     /// A data message arrived on a session: as a keepalive, and it asks for
@@ -285,11 +310,14 @@ impl SessionTimers {
         }
     }
 
-    /// Whether the session is too close to its expiry to send data on
-    /// (see `SEND_ON_SESSION_UNTIL`).
-    pub(crate) fn session_too_old_to_send(&self, now: Instant) -> bool {
-        self.session_established
-            .is_some_and(|t| now >= t + SEND_ON_SESSION_UNTIL)
+    /// Whether a session usable for data exists and is not too close to its
+    /// expiry to send on (see `SEND_ON_SESSION_UNTIL`). A session we only
+    /// answered for is not usable until the peer confirms it.
+    pub(crate) fn session_usable_for_data(&self, now: Instant) -> bool {
+        !self.expired
+            && self
+                .session_established
+                .is_some_and(|t| now < t + SEND_ON_SESSION_UNTIL)
     }
 
     /// Whether the persistent keepalive is due at `now` (read before
@@ -518,9 +546,16 @@ mod tests {
             Some((t0 + Duration::from_secs(5), PeerTimer::StagedHandshake)),
             "staged packets start our own handshake when the wait ends"
         );
-        // The peer's first data confirms the session: no more waiting.
+        // Answered, the session carries no data until the peer confirms it.
+        timers.on_session_answered(t0);
+        assert!(!timers.session_usable_for_data(t0 + Duration::from_millis(39)));
+        // The peer's first data confirms the session: no more waiting, and
+        // its age counts from our answer.
         timers.on_data_received(t0 + Duration::from_millis(40));
         assert!(!timers.handshake_must_wait(t0 + Duration::from_millis(41)));
+        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(41)));
+        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(174_999)));
+        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(175)));
         assert_eq!(
             timers.next_deadline(t0, true).map(|(_, t)| t),
             Some(PeerTimer::PassiveKeepalive)
