@@ -113,13 +113,32 @@ pub enum Motif {
         /// The ping's kind.
         kind: u32,
     },
+    /// The coordination server restarts at `at_s` and stays down for
+    /// `downtime_ms` (0..=40,000) while `n1` streams to `n2` across it:
+    /// every client loses its stream and reconnects for a full netmap,
+    /// which must leave the tunnels and their sessions alone.
+    ControlOutage {
+        /// When the server goes down.
+        at_s: u32,
+        /// How long it stays down.
+        downtime_ms: u32,
+    },
+    /// `n1` and `n2` talk once at 1 s, then both are cut from the
+    /// coordination server at 2 s; `n1` speaks again after `idle_ms`
+    /// (before the 5 min trim or after it, so the peer wakes from the
+    /// config the nodes keep), and the cut heals 20 s after that. The data
+    /// plane must not need control for either.
+    ControlCutWake {
+        /// The silence between the two sends.
+        idle_ms: u32,
+    },
 }
 
 impl Motif {
     fn random(rng: &mut ChaCha20Rng, duration_s: u32, jitter_ms: u32) -> Motif {
         let mut pick = |lo: u32, hi: u32| lo + rng.next_u32() % (hi - lo + 1);
         let latest = duration_s.saturating_sub(20).max(2);
-        match pick(0, 6) {
+        match pick(0, 8) {
             0 => Motif::None,
             1 => Motif::CrossingWake {
                 at_s: pick(2, latest),
@@ -141,7 +160,14 @@ impl Motif {
                 at_s: pick(2, latest),
                 delay_ms: pick(1, 120),
             },
-            _ => Motif::PingTrimmed { kind: pick(0, 2) },
+            6 => Motif::PingTrimmed { kind: pick(0, 2) },
+            7 => Motif::ControlOutage {
+                at_s: pick(4, latest),
+                downtime_ms: pick(0, 40_000),
+            },
+            _ => Motif::ControlCutWake {
+                idle_ms: [10_000, 299_900, 300_100, 330_000][pick(0, 3) as usize],
+            },
         }
     }
 
@@ -150,7 +176,9 @@ impl Motif {
         match self {
             Motif::TrimBoundary { .. } => 330,
             Motif::PingTrimmed { .. } => 340,
+            Motif::ControlCutWake { idle_ms } => idle_ms / 1000 + 40,
             Motif::None
+            | Motif::ControlOutage { .. }
             | Motif::CrossingWake { .. }
             | Motif::Burst { .. }
             | Motif::DiscoKeyTwice { .. }
@@ -216,6 +244,25 @@ impl Motif {
                     311_000,
                     &format!("do = \"ping\"\nfrom = \"n1\"\nto = \"n2\"\nkind = \"{kind}\""),
                 );
+            }
+            Motif::ControlOutage { at_s, downtime_ms } => {
+                let at = u64::from(at_s) * 1000;
+                action(at.saturating_sub(2000), &stream("n1", "n2", 150, "100"));
+                action(
+                    at,
+                    &format!(
+                        "do = \"control_restart\"\ndowntime_s = {}.{:03}",
+                        downtime_ms / 1000,
+                        downtime_ms % 1000
+                    ),
+                );
+            }
+            Motif::ControlCutWake { idle_ms } => {
+                action(1000, &stream("n1", "n2", 1, "100"));
+                action(2000, "do = \"control_partition\"\nnodes = [\"n1\", \"n2\"]");
+                let again = 1000 + u64::from(idle_ms);
+                action(again, &stream("n1", "n2", 20, "100"));
+                action(again + 20_000, "do = \"heal\"");
             }
         }
     }

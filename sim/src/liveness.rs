@@ -16,6 +16,16 @@
 //! fault until [`SETTLE`] after the heal, a restart until [`SETTLE`] after
 //! the node is back, a link down until [`SETTLE`] after it is up again.
 //!
+//! **Control outages.** The coordination server being down or cut off is
+//! no fault in itself: a node keeps its last netmap, and its tunnels keep
+//! working. But a fault that needs control to recover from (a restarted
+//! node learns its peers only from a netmap, peers learn a new disco key or
+//! endpoint only from a push) cannot recover while control is unreachable.
+//! So a fault whose span overlaps a control outage (a server restart's
+//! downtime, or a `control_partition` until its heal) stays unjudged until
+//! [`CONTROL_RECONNECT`] plus [`SETTLE`] after the outage ends: the time a
+//! client needs to notice and reconnect, then the usual recovery.
+//!
 //! **The default bound** for a datagram is one handshake round trip plus one
 //! way, each of the three trips with its full jitter: `3 x (latency +
 //! jitter)`. When the receiver was itself sending to the sender (a stream's
@@ -41,6 +51,18 @@ use crate::world::{FlowRecord, LinkKind, NodeId, PingRecord, StreamRecord};
 /// datagrams are judged again.
 pub const SETTLE: Duration = Duration::from_secs(20);
 
+/// The longest a client may take to be back on a map stream after a
+/// control outage ends: after a partition it notices only when a
+/// keep-alive names messages it missed or its stream has been silent for
+/// [`STREAM_SILENCE`], and its next attempt may be up to [`RETRY_MAX`]
+/// away.
+///
+/// [`STREAM_SILENCE`]: crate::world::control::STREAM_SILENCE
+/// [`RETRY_MAX`]: crate::world::control::RETRY_MAX
+pub const CONTROL_RECONNECT: Duration = Duration::from_secs(
+    crate::world::control::STREAM_SILENCE.as_secs() + crate::world::control::RETRY_MAX.as_secs(),
+);
+
 /// A span of virtual time during which the network is not healthy.
 #[derive(Debug, Clone, Copy)]
 struct Impaired {
@@ -59,6 +81,8 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
     let actions = scenario.schedule(seed);
     let mut spans = Vec::new();
     let mut open_partition: Option<Duration> = None;
+    let mut open_control_cut: Option<Duration> = None;
+    let mut control_outages: Vec<Impaired> = Vec::new();
     let mut down_links: Vec<(usize, Duration)> = Vec::new();
     for action in &actions {
         let at = action.at;
@@ -77,6 +101,9 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
                 open_partition.get_or_insert(at);
             }
             ActionKind::Heal => {
+                if let Some(from) = open_control_cut.take() {
+                    control_outages.push(Impaired { from, until: at });
+                }
                 let from = open_partition.take().unwrap_or(at);
                 spans.push(Impaired {
                     from,
@@ -114,8 +141,15 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
             }),
             // The data plane does not depend on the coordination server
             // being reachable: a node keeps its last netmap, so a server
-            // restart or a cut to it is no fault for the oracle.
-            ActionKind::ControlRestart { .. } | ActionKind::ControlPartition { .. } => {}
+            // restart or a cut to it is no fault for the oracle. Only the
+            // faults it overlaps wait for it (below).
+            ActionKind::ControlRestart { downtime } => control_outages.push(Impaired {
+                from: at,
+                until: at + *downtime,
+            }),
+            ActionKind::ControlPartition { .. } => {
+                open_control_cut.get_or_insert(at);
+            }
             // A rebinding breaks the direct path until the peers learn the
             // new mapping (through disco or the relay), as a link change does.
             ActionKind::NatRebind { .. } => spans.push(Impaired {
@@ -129,6 +163,16 @@ fn impaired_spans(scenario: &Scenario, seed: u64) -> Option<Vec<Impaired>> {
     }
     for (_, from) in down_links {
         spans.push(Impaired { from, until: end });
+    }
+    if let Some(from) = open_control_cut {
+        control_outages.push(Impaired { from, until: end });
+    }
+    for span in &mut spans {
+        for outage in &control_outages {
+            if outage.from <= span.until && span.from <= outage.until {
+                span.until = span.until.max(outage.until + CONTROL_RECONNECT + SETTLE);
+            }
+        }
     }
     Some(spans)
 }
@@ -273,4 +317,51 @@ pub(crate) fn liveness_checks(
 
 fn fmt_ms(d: Duration) -> String {
     format!("{:.3}ms", d.as_secs_f64() * 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans_of(actions: &str) -> Vec<(f64, f64)> {
+        let text = format!(
+            "name = \"t\"\ndescription = \"t\"\nseed = 1\nduration_s = 400\n\n[network]\nlatency_ms = 20\n\n[[node]]\nname = \"a\"\n\n[[node]]\nname = \"b\"\n{actions}"
+        );
+        let scenario = Scenario::parse("t.toml", &text).unwrap();
+        impaired_spans(&scenario, 1)
+            .unwrap()
+            .iter()
+            .map(|s| (s.from.as_secs_f64(), s.until.as_secs_f64()))
+            .collect()
+    }
+
+    #[test]
+    fn a_control_outage_alone_is_no_fault() {
+        assert!(
+            spans_of("\n[[action]]\nat_s = 10\ndo = \"control_restart\"\ndowntime_s = 30\n")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_restart_during_a_server_outage_waits_for_the_server() {
+        let restart = "\n[[action]]\nat_s = 50\ndo = \"restart\"\nnode = \"b\"\ndowntime_s = 2\n";
+        // Alone: back at 52 s, judged again from 72 s.
+        assert_eq!(spans_of(restart), vec![(50.0, 72.0)]);
+        // The server is down from 40 s to 70 s: the restarted node has no
+        // netmap until it reconnects, so it is unjudged until 70 + 95 + 20.
+        let outage = "\n[[action]]\nat_s = 40\ndo = \"control_restart\"\ndowntime_s = 30\n";
+        assert_eq!(spans_of(&format!("{outage}{restart}")), vec![(50.0, 185.0)]);
+        // An outage long over before the restart changes nothing.
+        let early = "\n[[action]]\nat_s = 5\ndo = \"control_restart\"\ndowntime_s = 10\n";
+        assert_eq!(spans_of(&format!("{early}{restart}")), vec![(50.0, 72.0)]);
+    }
+
+    #[test]
+    fn a_link_change_during_a_control_cut_waits_for_the_heal() {
+        let actions = "\n[[action]]\nat_s = 10\ndo = \"control_partition\"\nnodes = [\"a\"]\n\n[[action]]\nat_s = 30\ndo = \"link_change\"\nnode = \"a\"\nlink = \"major\"\n\n[[action]]\nat_s = 100\ndo = \"heal\"\n";
+        // The link change's own span (30-50 s) overlaps the cut (10-100 s);
+        // the heal's span (100-120 s) overlaps it too.
+        assert_eq!(spans_of(actions), vec![(30.0, 215.0), (100.0, 215.0)]);
+    }
 }

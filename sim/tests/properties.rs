@@ -23,6 +23,10 @@ fn motif() -> impl Strategy<Value = Motif> {
             .prop_map(|(at_s, gap_ms, back)| Motif::DiscoKeyTwice { at_s, gap_ms, back }),
         (2u32..=40, 1u32..=120)
             .prop_map(|(at_s, delay_ms)| Motif::PartitionDuringHandshake { at_s, delay_ms }),
+        (4u32..=40, 0u32..=40_000)
+            .prop_map(|(at_s, downtime_ms)| Motif::ControlOutage { at_s, downtime_ms }),
+        // Only the short silence: the trimmed wakes need over 5 minutes.
+        Just(Motif::ControlCutWake { idle_ms: 10_000 }),
     ]
 }
 
