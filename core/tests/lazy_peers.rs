@@ -663,3 +663,58 @@ fn an_answered_handshake_does_not_revive_a_stale_session() {
         1
     );
 }
+
+/// Found by `wgmesh-sim explore --seed 49`
+/// (`corpus/late-disco-key-orphans-a-fresh-session.toml`). B restarted
+/// while A's control stream was down, and the two made a new session
+/// before A heard of B's new disco key. The flush that key brings then
+/// drops that fresh session on A's side only: B kept sending on it into a
+/// session A no longer had, every packet lost until B's no-reply rule
+/// re-handshook 15 s later. A now handshakes at once when it flushes a
+/// session young enough for the peer to still use, so B moves to the new
+/// session one round trip after the flush.
+#[test]
+fn a_late_disco_key_flush_rehandshakes_a_session_the_peer_still_uses() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    let knobs = Knobs {
+        keep_full_wg_config: true,
+        ..Knobs::default()
+    };
+    net.configure_all(knobs.clone());
+    let (ip0, ip1) = (net.nodes[0].ip4, net.nodes[1].ip4);
+    net.send_udp(0, ip1, b"before the restart");
+    net.run_for(Duration::from_secs(1));
+    net.restart(1, 4343);
+    net.input(
+        1,
+        Input::Reconfig(Box::new(net.reconfig_for(1, knobs.clone()))),
+    )
+    .unwrap();
+    // The restarted B speaks first: A answers its handshake, B confirms.
+    net.send_udp(1, ip0, b"b is back");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.delivered(0, b"b is back").len(), 1);
+    assert_eq!(flushes(&net, 0), 0);
+
+    // A hears of B's new disco key only now, and flushes.
+    let initiations_before = net.nodes[0].engine.counters().handshake_initiations_sent;
+    net.input(0, Input::Reconfig(Box::new(net.reconfig_for(0, knobs))))
+        .unwrap();
+    assert_eq!(flushes(&net, 0), 1);
+    assert_eq!(
+        net.nodes[0].engine.counters().handshake_initiations_sent,
+        initiations_before + 1,
+        "the flush of a young session starts a handshake at once"
+    );
+    net.run_for(Duration::from_millis(200));
+
+    // B, which never restarted again, sends on the session it has.
+    let sent = net.now;
+    net.send_udp(1, ip0, b"b again");
+    net.run_for(Duration::from_secs(20));
+    let delivered = net.delivered(0, b"b again");
+    assert_eq!(delivered.len(), 1);
+    let delay = delivered[0].duration_since(sent);
+    assert!(delay <= HALF_RTT, "one way, on the new session: {delay:?}");
+    assert_eq!(net.nodes[0].engine.counters().drop_wg_unknown_index, 0);
+}

@@ -316,6 +316,28 @@ impl Engine {
         {
             return;
         }
+        self.send_initiation(now, slot);
+    }
+
+    /// Starts a handshake with a peer whose session a disco-key flush just
+    /// dropped while the peer may still hold it (see `finish_flushes`),
+    /// whether or not packets are staged.
+    pub(super) fn initiate_after_flush(&mut self, now: Instant, slot: PeerSlot) {
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
+        if wg.timers.handshake_must_wait(now) {
+            return;
+        }
+        self.send_initiation(now, slot);
+        self.reschedule_peer(slot);
+    }
+
+    /// Sends a handshake initiation unless one is in progress.
+    fn send_initiation(&mut self, now: Instant, slot: PeerSlot) {
+        let Some(wg) = self.peers[slot].wg.as_mut() else {
+            return;
+        };
         match wg.tunnel.initiate(now, &mut self.buffers.wg_scratch) {
             Initiated::Sent { len } => {
                 wg.timers.on_initiation_sent(now);

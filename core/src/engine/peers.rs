@@ -349,7 +349,7 @@ impl Engine {
         now: Instant,
         slot: PeerSlot,
         cfg: PeerConfig,
-    ) -> Option<(PeerSlot, DiscoPublicKey, DiscoPublicKey)> {
+    ) -> Option<Flush> {
         let old = std::mem::replace(&mut self.peers[slot].config, cfg);
         let new = &self.peers[slot].config;
         if old.allowed_ips != new.allowed_ips {
@@ -398,8 +398,18 @@ impl Engine {
                     // Phase one: drop the old session. The caller re-adds the
                     // peer once every change of this reconfig is applied.
                     info!(peer = ?key, "disco key changed: flushing WireGuard session");
+                    let peer_may_hold_session = peer.wg.as_ref().is_some_and(|wg| {
+                        wg.timers
+                            .last_handshake()
+                            .is_some_and(|at| now < at + REJECT_AFTER_TIME)
+                    });
                     self.unconfigure_peer(slot, RemoveReason::DiscoKeyChanged);
-                    flush = Some((slot, a, b));
+                    flush = Some(Flush {
+                        slot,
+                        old_disco: a,
+                        new_disco: b,
+                        peer_may_hold_session,
+                    });
                 }
                 _ => self.update_session_keys_in_place(now, slot, &old),
             }
@@ -469,4 +479,19 @@ impl Engine {
             }
         }
     }
+}
+
+/// Phase one of a disco-key flush, done: what phase two needs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Flush {
+    /// The peer.
+    pub(super) slot: PeerSlot,
+    /// The disco key it had.
+    pub(super) old_disco: DiscoPublicKey,
+    /// The disco key it has now.
+    pub(super) new_disco: DiscoPublicKey,
+    /// The dropped session was young enough (`REJECT_AFTER_TIME`) for the
+    /// peer to still send on it: the new key may have reached us only after
+    /// the restarted peer and we had already made that session.
+    pub(super) peer_may_hold_session: bool,
 }

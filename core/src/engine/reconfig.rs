@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use tracing::warn;
 
 use super::Engine;
+use super::peers::Flush;
 use super::slot::PeerSlot;
 use crate::api::*;
 use crate::config::{DnsConfig, Knobs, PeerConfig, Reconfig, ReconfigError, RouterConfig};
@@ -181,21 +182,32 @@ impl Engine {
     }
 
     /// Phase two of disco-key flushes: re-add each peer with a fresh session.
-    pub(super) fn finish_flushes(
-        &mut self,
-        now: Instant,
-        flushes: Vec<(PeerSlot, DiscoPublicKey, DiscoPublicKey)>,
-    ) {
+    ///
+    /// A flushed session the peer may still send on gets a handshake at
+    /// once. Usually the flushed session is the one the peer lost when it
+    /// restarted. But when the new key reaches us late (our control stream
+    /// was down, or is slow), we and the restarted peer may already have
+    /// made a session since; the flush drops it on our side only, and the
+    /// peer's next packets would go to a session we no longer have until
+    /// its no-reply rule re-handshakes 15 s later. Our handshake gives it
+    /// the new session first (it moves to it on our confirmation, one round
+    /// trip later). An older session is one the peer has expired too: that
+    /// peer stays lazy, and handshakes on its first packet.
+    pub(super) fn finish_flushes(&mut self, now: Instant, flushes: Vec<Flush>) {
         self.last_flush_count = flushes.len();
-        for (slot, old_disco, new_disco) in flushes {
+        for flush in flushes {
+            let slot = flush.slot;
             self.counters.sessions_flushed += 1;
             let peer = self.peers[slot].config.public_key;
             self.outputs.push_back(Output::Event(Event::SessionFlushed {
                 peer,
-                old_disco,
-                new_disco,
+                old_disco: flush.old_disco,
+                new_disco: flush.new_disco,
             }));
             self.configure_peer(now, slot, None);
+            if flush.peer_may_hold_session {
+                self.initiate_after_flush(now, slot);
+            }
         }
         for (slot, mut staged) in std::mem::take(&mut self.flush_carry) {
             let Some(wg) = self.peers.get_mut(slot).and_then(|p| p.wg.as_mut()) else {
