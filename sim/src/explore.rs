@@ -48,7 +48,16 @@ pub struct Shape {
     pub link_changes: u32,
     /// A set piece between `n1` and `n2` on top of the churn.
     pub motif: Motif,
+    /// The nodes behind a NAT box, a bit per node (bit 0 is `n1`); with
+    /// any, the network has a STUN server and a relay.
+    pub nat_mask: u32,
+    /// Each NATed node's box, two bits per node in the same order:
+    /// full-cone, restricted, port-restricted or symmetric.
+    pub nat_presets: u32,
 }
+
+/// The NAT presets `Shape::nat_presets` picks from.
+const NAT_PRESETS: [&str; 4] = ["full-cone", "restricted", "port-restricted", "symmetric"];
 
 /// A set piece the explorer adds between the first two nodes: the timings
 /// random churn almost never hits, where the engine's liveness promises are
@@ -286,10 +295,25 @@ impl Shape {
             flows: pick(0, 6),
             link_changes: pick(0, 3),
             motif: Motif::None,
+            nat_mask: 0,
+            nat_presets: 0,
         };
         shape.motif = Motif::random(rng, shape.duration_s, shape.jitter_ms);
         shape.duration_s = shape.duration_s.max(shape.motif.min_duration_s());
+        // Drawn last, so every other field of a seed's cases is what it
+        // was before NATs were explored: one case in four has some.
+        let mut pick = |lo: u32, hi: u32| lo + rng.next_u32() % (hi - lo + 1);
+        if pick(0, 3) == 0 {
+            shape.nat_mask = pick(1, (1 << shape.nodes) - 1);
+            shape.nat_presets = pick(0, 0xfff);
+        }
         shape
+    }
+
+    /// The NAT preset of node `i` (0-based), if it has a box.
+    fn nat_of(&self, i: u32) -> Option<&'static str> {
+        (i < self.nodes && self.nat_mask & (1 << i) != 0)
+            .then(|| NAT_PRESETS[((self.nat_presets >> (2 * i)) & 3) as usize])
     }
 
     /// The scenario text for this shape.
@@ -306,8 +330,14 @@ impl Shape {
         let _ = writeln!(out, "latency_ms = {}", self.latency_ms);
         let _ = writeln!(out, "jitter_ms = {}", self.jitter_ms);
         let _ = writeln!(out, "loss = {}", f64::from(self.loss_permille) / 1000.0);
+        if (0..self.nodes).any(|i| self.nat_of(i).is_some()) {
+            let _ = writeln!(out, "stun = true\nrelay = true");
+        }
         for i in 1..=self.nodes {
             let _ = writeln!(out, "\n[[node]]\nname = \"n{i}\"");
+            if let Some(preset) = self.nat_of(i - 1) {
+                let _ = writeln!(out, "nat = {{ preset = \"{preset}\" }}");
+            }
             if i == 1 && self.subnet_router {
                 let _ = writeln!(out, "subnets = [\"10.{i}.0.0/24\"]");
             }
@@ -376,6 +406,17 @@ impl Shape {
         if self.loss_permille > 0 {
             push(Shape {
                 loss_permille: 0,
+                ..*self
+            });
+        }
+        if self.nat_mask != 0 {
+            push(Shape {
+                nat_mask: 0,
+                ..*self
+            });
+            // One box fewer: the lowest one.
+            push(Shape {
+                nat_mask: self.nat_mask & (self.nat_mask - 1),
                 ..*self
             });
         }
@@ -522,11 +563,18 @@ mod tests {
     #[test]
     fn generated_text_parses_and_shrinking_only_shrinks() {
         let mut rng = ChaCha20Rng::seed_from_u64(5);
-        for _ in 0..20 {
+        let mut with_nat = 0;
+        for _ in 0..40 {
             let shape = Shape::random(&mut rng);
             let text = shape.to_toml("x", 3, "a note\nover two lines");
             let s = Scenario::parse("x.toml", &text).unwrap();
             assert_eq!(s.nodes.len() as u32, shape.nodes);
+            for (i, node) in s.nodes.iter().enumerate() {
+                assert_eq!(node.nat.is_some(), shape.nat_mask & (1 << i) != 0);
+            }
+            let any_nat = s.nodes.iter().any(|n| n.nat.is_some());
+            assert_eq!((s.network.stun, s.network.relay), (any_nat, any_nat));
+            with_nat += usize::from(any_nat);
             for smaller in shape.smaller() {
                 assert!(smaller.nodes <= shape.nodes && smaller.duration_s <= shape.duration_s);
                 assert!(
@@ -543,6 +591,7 @@ mod tests {
                 );
             }
         }
+        assert!(with_nat > 0, "some shapes have NATs");
     }
 
     #[test]
@@ -564,6 +613,8 @@ mod tests {
                 at_s: 30,
                 count: 100,
             },
+            nat_mask: 0b101,
+            nat_presets: 0b11_00_11,
         };
         // A made-up failure that needs a restart and three nodes.
         let small = shrink_with(big, 500, |s| s.restarts >= 1 && s.nodes >= 3);
@@ -576,6 +627,7 @@ mod tests {
             (small.duration_s, small.loss_permille, small.jitter_ms),
             (60, 0, 0)
         );
+        assert_eq!(small.nat_mask, 0);
     }
 
     #[test]

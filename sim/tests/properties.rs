@@ -35,12 +35,15 @@ fn shape() -> impl Strategy<Value = Shape> {
         (2u32..=5, 60u32..=400, 1u32..=50, 0u32..=10, 0u32..=30),
         (any::<bool>(), any::<bool>(), motif()),
         (0u32..=3, 0u32..=10, 0u32..=8, 0u32..=4, 0u32..=2),
+        // No box, or one in front of n1, n2 or both, of any preset.
+        (0u32..=3, 0u32..=0xfff),
     )
         .prop_map(
             |(
                 (nodes, duration_s, latency_ms, jitter_ms, loss_permille),
                 (subnet_router, one_untrimmed, motif),
                 (restarts, streams, pings, flows, link_changes),
+                (nat_mask, nat_presets),
             )| Shape {
                 nodes,
                 duration_s,
@@ -55,6 +58,8 @@ fn shape() -> impl Strategy<Value = Shape> {
                 flows,
                 link_changes,
                 motif,
+                nat_mask,
+                nat_presets,
             },
         )
 }
