@@ -554,8 +554,8 @@ mod tests {
         timers.on_data_received(t0 + Duration::from_millis(40));
         assert!(!timers.handshake_must_wait(t0 + Duration::from_millis(41)));
         assert!(timers.session_usable_for_data(t0 + Duration::from_millis(41)));
-        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(174_999)));
-        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(175)));
+        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(159_999)));
+        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(160)));
         assert_eq!(
             timers.next_deadline(t0, true).map(|(_, t)| t),
             Some(PeerTimer::PassiveKeepalive)
