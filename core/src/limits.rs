@@ -92,26 +92,25 @@ pub(crate) const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session's keys are refused this long after its handshake.
 pub(crate) const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
-/// No data is sent on a session older than this (160 s); within the margin
-/// a packet waits for a fresh handshake instead (one round trip). Two
-/// margins come off `REJECT_AFTER_TIME`:
-/// - `REKEY_TIMEOUT`, for the delay: the peer's copy of the keys is up to
-///   one one-way delay older than ours (it made them first) and expires at
-///   `REJECT_AFTER_TIME` on its clock, so a packet sent just before our
-///   expiry would arrive just after the peer's.
-/// - `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT`, for a wgmesh peer's stamp: the
-///   WireGuard implementation stamps a new session with its clock as of
-///   its last timer run, and the engine holds those runs back for up to
-///   that long while its own data waits for an answer (see
-///   `SessionTimers::refresh_would_rehandshake_early`), so a session the
-///   peer answered in that time expires that much early on its side.
-///   Found by `wgmesh-sim explore --seed 76`: the peer dropped a session
-///   10 s early and 18 datagrams sent at 170 s were lost.
-pub(crate) const SEND_ON_SESSION_UNTIL: Duration = Duration::from_secs(
-    REJECT_AFTER_TIME.as_secs()
-        - REKEY_TIMEOUT.as_secs()
-        - KEEPALIVE_TIMEOUT.as_secs()
-        - REKEY_TIMEOUT.as_secs(),
+/// No data is sent on a session older than this: the peer's copy of the
+/// keys is up to one one-way delay older than ours (it made them first) and
+/// expires at `REJECT_AFTER_TIME` on its clock, so a packet sent just before
+/// our expiry arrives just after the peer's and is lost. Within this margin
+/// the packet waits for a fresh handshake instead (one round trip).
+pub(crate) const SEND_ON_SESSION_UNTIL: Duration =
+    Duration::from_secs(REJECT_AFTER_TIME.as_secs() - REKEY_TIMEOUT.as_secs());
+/// The same for a session we initiated, whose peer answered it (160 s): a
+/// wgmesh peer's WireGuard implementation stamps a session it answers with
+/// its clock as of its last timer run, and the engine holds those runs
+/// back for up to `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT` while its own data
+/// waits for an answer (see `SessionTimers::refresh_would_rehandshake_early`),
+/// so the answering side may drop the session that much early. The
+/// initiator's stamp is always fresh: no run is held back while its
+/// initiation is in flight. Found by `wgmesh-sim explore --seed 76`: the
+/// answering peer dropped a session 10 s early, and 18 datagrams sent on
+/// it at 170 s were lost.
+pub(crate) const SEND_ON_INITIATED_SESSION_UNTIL: Duration = Duration::from_secs(
+    SEND_ON_SESSION_UNTIL.as_secs() - KEEPALIVE_TIMEOUT.as_secs() - REKEY_TIMEOUT.as_secs(),
 );
 /// Handshake messages per second above which cookies are required.
 pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;

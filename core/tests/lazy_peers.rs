@@ -609,7 +609,7 @@ fn a_wake_confirms_the_session_with_its_staged_packets_not_a_keepalive() {
 
 /// Found by `wgmesh-sim explore --seed 45`
 /// (`corpus/crossing-wake-onto-a-stale-session.toml`). A node holds a
-/// session too old to send on (over 160 s of its 180 s) that WireGuard has not
+/// session too old to send on (175 s of its 180 s) that WireGuard has not
 /// yet thrown away, and its peer no longer has it (here control removed
 /// and re-added the node at the peer; in the corpus file the peer had
 /// trimmed it). Both start sending at once: the node answers the peer's

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use super::slot::PeerSlot;
 use crate::api::PingId;
 use crate::keys::NodePublicKey;
-use crate::limits::{KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, SEND_ON_SESSION_UNTIL};
+use crate::limits::{
+    KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, SEND_ON_INITIATED_SESSION_UNTIL,
+    SEND_ON_SESSION_UNTIL,
+};
 
 /// What a deadline belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,6 +98,9 @@ pub(crate) struct SessionTimers {
     /// session it had before (which the peer may have dropped, if it
     /// trimmed or restarted us), so its age is that one's.
     session_established: Option<Instant>,
+    /// Whether that session is one we initiated (its peer answered it, and
+    /// may have stamped it early: see `SEND_ON_INITIATED_SESSION_UNTIL`).
+    session_initiated_by_us: bool,
     /// When the last session was established, kept across expiry for status.
     last_handshake: Option<Instant>,
     /// When the next persistent keepalive is due, if configured.
@@ -130,6 +136,7 @@ impl SessionTimers {
             handshake_started: None,
             last_initiation_sent: None,
             session_established: None,
+            session_initiated_by_us: false,
             last_handshake: None,
             next_persistent_keepalive: persistent_keepalive_secs
                 .filter(|&s| s > 0)
@@ -183,6 +190,7 @@ impl SessionTimers {
     /// session is live at once.
     pub(crate) fn on_session_established(&mut self, now: Instant) {
         self.session_established = Some(now);
+        self.session_initiated_by_us = true;
         self.on_handshake_completed(now);
     }
 
@@ -216,10 +224,10 @@ impl SessionTimers {
     pub(crate) fn on_keepalive_received(&mut self, now: Instant) {
         self.on_authenticated_received(now);
         if let Some(answered) = self.responded_at.take() {
-            self.session_established = Some(
-                self.session_established
-                    .map_or(answered, |established| established.max(answered)),
-            );
+            if self.session_established.is_none_or(|t| t <= answered) {
+                self.session_established = Some(answered);
+                self.session_initiated_by_us = false;
+            }
         }
     }
 
@@ -270,7 +278,14 @@ impl SessionTimers {
     /// operation, and refreshes after: an answer that arrived meanwhile
     /// clears the condition first. The "no reply" deadline runs the rule on
     /// time.
+    ///
+    /// While an initiation of ours is in flight the implementation's rule
+    /// does not run (it only retransmits), so nothing is held back then:
+    /// the session its answer makes is stamped with the true time.
     pub(crate) fn refresh_would_rehandshake_early(&self, now: Instant) -> bool {
+        if self.last_initiation_sent.is_some() {
+            return false;
+        }
         let no_reply_after = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT;
         let within_window = self
             .first_unanswered_data_sent
@@ -314,10 +329,12 @@ impl SessionTimers {
     /// expiry to send on (see `SEND_ON_SESSION_UNTIL`). A session we only
     /// answered for is not usable until the peer confirms it.
     pub(crate) fn session_usable_for_data(&self, now: Instant) -> bool {
-        !self.expired
-            && self
-                .session_established
-                .is_some_and(|t| now < t + SEND_ON_SESSION_UNTIL)
+        let until = if self.session_initiated_by_us {
+            SEND_ON_INITIATED_SESSION_UNTIL
+        } else {
+            SEND_ON_SESSION_UNTIL
+        };
+        !self.expired && self.session_established.is_some_and(|t| now < t + until)
     }
 
     /// Whether the persistent keepalive is due at `now` (read before
@@ -554,12 +571,19 @@ mod tests {
         timers.on_data_received(t0 + Duration::from_millis(40));
         assert!(!timers.handshake_must_wait(t0 + Duration::from_millis(41)));
         assert!(timers.session_usable_for_data(t0 + Duration::from_millis(41)));
-        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(159_999)));
-        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(160)));
+        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(174_999)));
+        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(175)));
         assert_eq!(
             timers.next_deadline(t0, true).map(|(_, t)| t),
             Some(PeerTimer::PassiveKeepalive)
         );
+        // A session we initiate (its peer may have stamped it up to 15 s
+        // early) carries data for 160 s.
+        let t1 = t0 + Duration::from_secs(200);
+        timers.on_initiation_sent(t1);
+        timers.on_session_established(t1 + Duration::from_millis(40));
+        assert!(timers.session_usable_for_data(t1 + Duration::from_millis(160_039)));
+        assert!(!timers.session_usable_for_data(t1 + Duration::from_millis(160_040)));
     }
 
     #[test]
@@ -602,6 +626,16 @@ mod tests {
         let t2 = t1 + Duration::from_secs(12);
         timers.on_data_sent(t2);
         assert!(!timers.refresh_would_rehandshake_early(t2 + Duration::from_secs(1)));
+        // An initiation of ours in flight: the implementation's rule does
+        // not run then, so nothing is held back (the answer's session is
+        // stamped with the true time).
+        let mut timers = SessionTimers::new(t0, None);
+        timers.on_authenticated_received(t0);
+        let t3 = t0 + Duration::from_secs(60);
+        timers.on_data_sent(t3);
+        assert!(timers.refresh_would_rehandshake_early(t3 + Duration::from_secs(1)));
+        timers.on_initiation_sent(t3 + Duration::from_secs(2));
+        assert!(!timers.refresh_would_rehandshake_early(t3 + Duration::from_secs(3)));
     }
 
     #[test]
