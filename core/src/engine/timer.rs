@@ -326,8 +326,9 @@ impl SessionTimers {
     }
 
     /// Whether a session usable for data exists and is not too close to its
-    /// expiry to send on (see `SEND_ON_SESSION_UNTIL`). A session we only
-    /// answered for is not usable until the peer confirms it.
+    /// expiry to send on (see `SEND_ON_SESSION_UNTIL` and
+    /// `SEND_ON_INITIATED_SESSION_UNTIL`). A session we only answered for
+    /// is not usable until the peer confirms it.
     pub(crate) fn session_usable_for_data(&self, now: Instant) -> bool {
         let until = if self.session_initiated_by_us {
             SEND_ON_INITIATED_SESSION_UNTIL
