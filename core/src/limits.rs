@@ -112,8 +112,17 @@ pub(crate) const SEND_ON_SESSION_UNTIL: Duration =
 pub(crate) const SEND_ON_INITIATED_SESSION_UNTIL: Duration = Duration::from_secs(
     SEND_ON_SESSION_UNTIL.as_secs() - KEEPALIVE_TIMEOUT.as_secs() - REKEY_TIMEOUT.as_secs(),
 );
-/// Handshake messages per second above which cookies are required.
-pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages per second above which cookies are required (the
+/// node is "under load"). wireguard-go and the kernel turn to cookies once
+/// 512 handshake messages wait in their queue (an eighth of its 4,096);
+/// the engine handles each message as it comes, so a second's messages
+/// are the nearest thing it has to that queue. boringtun's 100 made a hub
+/// whose peers woke it at one instant (a restarted hub's peers
+/// re-handshaking on its new disco key) answer the 101st onwards with
+/// cookies, and those peers waited the 5 s retry. A flood of forged
+/// initiations still costs at most 512 Diffie-Hellman computations a
+/// second, a few percent of one core.
+pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 512;
 /// How far the clock may move before WireGuard's events are stamped with a
 /// refreshed time (see `engine::wg`).
 pub(crate) const WG_TIMER_REFRESH: Duration = Duration::from_millis(1);

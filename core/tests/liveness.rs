@@ -135,6 +135,71 @@ fn a_hub_waking_two_waves_of_peers_is_never_under_load() {
     }
 }
 
+/// A hub and 249 peers that wake each other at one instant, both ways: the
+/// hub waking all of them (a monitoring server's scrape), then all of them
+/// waking the hub (a restarted hub's peers re-handshaking when they learn
+/// its new disco key). wireguard-go and the kernel ask for cookies only
+/// once 512 handshake messages wait in their queue; boringtun's 100 per
+/// second made the hub send 149 cookies and those peers wait the 5 s retry.
+/// Every wake completes in one handshake round trip plus one way.
+#[test]
+fn a_hub_and_249_peers_waking_each_other_at_once_need_no_cookies() {
+    let one_way = Duration::from_millis(10);
+    let peers = 249;
+    let mut net = Net::new(peers + 1, one_way, |_, _| {});
+    // A star, as a hub's tailnet is: the hub has every peer, each peer the
+    // hub.
+    let hub_config = net.reconfig_for(0, Knobs::default());
+    net.input(0, Input::Reconfig(Box::new(hub_config)))
+        .expect("valid reconfig");
+    for peer in 1..=peers {
+        let node = &net.nodes[peer];
+        let config = wgmesh_core::test_support::node_reconfig(
+            node.ip4,
+            node.ip6,
+            vec![net.peer_config(0)],
+            Knobs::default(),
+        );
+        net.input(peer, Input::Reconfig(Box::new(config)))
+            .expect("valid reconfig");
+    }
+    let start = net.now;
+    for peer in 1..=peers {
+        let ip = net.nodes[peer].ip4;
+        net.send_udp(0, ip, format!("scrape-{peer:03}").as_bytes());
+    }
+    net.run_for(Duration::from_secs(30));
+    for peer in 1..=peers {
+        let payload = format!("scrape-{peer:03}");
+        let delay = delivered_once(&net, peer, payload.as_bytes(), start);
+        assert!(delay <= one_way * 3, "peer {peer} woke after {delay:?}");
+    }
+    // Past the 5 min idle trim every side has forgotten the others.
+    net.run_for(Duration::from_secs(360));
+    let hub_ip = net.nodes[0].ip4;
+    let start = net.now;
+    for peer in 1..=peers {
+        net.send_udp(peer, hub_ip, format!("rejoin-{peer:03}").as_bytes());
+    }
+    net.run_for(Duration::from_secs(30));
+    for peer in 1..=peers {
+        let payload = format!("rejoin-{peer:03}");
+        let delay = delivered_once(&net, 0, payload.as_bytes(), start);
+        assert!(
+            delay <= one_way * 3,
+            "peer {peer} woke the hub after {delay:?}"
+        );
+    }
+    for node in 0..net.nodes.len() {
+        assert_eq!(
+            net.nodes[node].engine.counters().cookie_replies_sent,
+            0,
+            "node{node} answered with a cookie"
+        );
+    }
+    assert_eq!(initiations(&net, 0), peers as u64);
+}
+
 /// Packets queued behind a handshake leave as soon as any usable session
 /// exists: here the peer completes one from its side (we answer its
 /// initiation and its first data confirms it) while ours were refused.
