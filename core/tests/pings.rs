@@ -159,6 +159,52 @@ fn ping_to_a_trimmed_peer_wakes_it() {
     assert_eq!(net.nodes[0].engine.counters().peers_woken_by_ping, 1);
 }
 
+/// A TSMP or ICMP ping goes through WireGuard like any packet the OS sends,
+/// so it is send activity: a ping to a peer whose 5 min of idleness end
+/// while the ping's handshake is in flight keeps the peer. Found by
+/// `wgmesh-sim explore --seed 117`: the idle trim removed the peer 24 ms
+/// after the ping, with its handshake and the staged request, and the ping
+/// timed out 10 s later in a healthy network.
+#[test]
+fn a_ping_just_before_the_idle_trim_keeps_the_peer() {
+    let warmed = || {
+        let mut net = Net::new(2, HALF_RTT, |_, _| {});
+        net.configure_all(Knobs::default());
+        warm(&mut net);
+        assert!(net.configured(0, 1));
+        net
+    };
+    // When the idle trim removes the peer (the harness is deterministic,
+    // so it comes at the same instant in every run).
+    let mut probe = warmed();
+    let start = probe.now;
+    while probe.configured(0, 1) {
+        assert!(
+            probe.now - start < Duration::from_secs(400),
+            "never trimmed"
+        );
+        probe.run_for(Duration::from_millis(10));
+    }
+    let trimmed_after = probe.now - start;
+    for kind in [PingKind::Tsmp, PingKind::Icmp] {
+        let mut net = warmed();
+        // Idle until 15-25 ms before the trim, long past REJECT_AFTER_TIME:
+        // the ping needs a new handshake, whose answer (a round trip of
+        // 30 ms, receive activity) comes after the trim.
+        net.run_for(trimmed_after - Duration::from_millis(25));
+        assert!(net.configured(0, 1), "{kind:?}: not trimmed yet");
+        let ip = net.nodes[1].ip4;
+        net.ping(0, ip, kind, 9);
+        for _ in 0..1000 {
+            net.run_for(Duration::from_millis(1));
+            answer_icmp(&mut net, 1);
+        }
+        let (_, out) = outcome(&net, 0, 9).unwrap_or_else(|| panic!("{kind:?} ended"));
+        assert!(matches!(out, PingOutcome::Pong { .. }), "{kind:?}: {out:?}");
+        assert!(net.configured(0, 1), "{kind:?}: the ping is activity");
+        assert_eq!(net.nodes[0].engine.counters().peers_trimmed, 0, "{kind:?}");
+    }
+}
 #[test]
 fn peer_for_ip_prefers_exact_then_self_then_longest_prefix() {
     let mut net = Net::new(3, HALF_RTT, |_, _| {});

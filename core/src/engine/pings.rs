@@ -82,6 +82,11 @@ impl Engine {
             node_name: peer.config.name.clone(),
             node_ip: peer.config.allowed_ips.first().map(|n| n.addr()),
         };
+        // A TSMP or ICMP ping goes through WireGuard like the OS's packets,
+        // so it is send activity as theirs is (recorded below): without it a
+        // ping sent just before the peer's idle trim lost its handshake and
+        // its request to the trim (`wgmesh-sim explore --seed 117`). A disco
+        // ping does not need WireGuard, but wakes the peer as the others do.
         if self.peers[slot].wg.is_none() {
             self.wake_peer(now, slot, WakeReason::Ping);
         }
@@ -94,6 +99,7 @@ impl Engine {
                 let mut out = self.buffers.empty();
                 let message = wire::tsmp::TsmpMessage::Ping { data };
                 if message.emit_packet(src, request.ip, &mut out).is_ok() {
+                    self.note_send_activity(now, slot, request.ip);
                     self.send_to_peer(now, slot, &out);
                 }
                 self.buffers.recycle(out);
@@ -116,6 +122,7 @@ impl Engine {
                 )
                 .is_ok()
                 {
+                    self.note_send_activity(now, slot, request.ip);
                     self.send_to_peer(now, slot, &out);
                 }
                 self.buffers.recycle(out);
