@@ -44,7 +44,7 @@ use std::time::Duration;
 use crate::report::Check;
 use crate::scenario::{ActionKind, Scenario};
 use crate::world::address::{tailnet_ip4, tailnet_ip6};
-use wgmesh_core::PingKind;
+use wgmesh_core::{PingKind, PingOutcome};
 
 use crate::world::{FlowRecord, LinkKind, NodeId, PingRecord, StreamRecord};
 
@@ -319,7 +319,105 @@ pub(crate) fn liveness_checks(
             detail,
         });
     }
+    if let Some(check) = ping_check(scenario, &spans, streams, flows, pings) {
+        checks.push(check);
+    }
     checks
+}
+
+/// One check for every ping between two nodes' tailnet addresses that was
+/// sent while the network was healthy: it is answered, within one
+/// handshake round trip plus its own round trip (one round trip more when
+/// the target was itself sending to the pinger, a crossing wake). A ping
+/// is a datagram each way, so it is judged as streams are (found by
+/// explore: a ping sent 24 ms before the peer's idle trim timed out in a
+/// healthy network, and only a later stream showed it).
+fn ping_check(
+    scenario: &Scenario,
+    spans: &[Impaired],
+    streams: &[StreamRecord],
+    flows: &[FlowRecord],
+    pings: &[PingRecord],
+) -> Option<Check> {
+    let one_way = crate::world::fabric::slowest_one_way(&scenario.network);
+    let round_trip = one_way * 2;
+    let (mut judged, mut unanswered, mut late) = (0u64, 0u64, 0u64);
+    let mut worst: Option<(Duration, Duration, Duration)> = None;
+    let mut first_unanswered: Option<(Duration, String)> = None;
+    for (index, ping) in pings.iter().enumerate() {
+        let Some(target) = node_of(scenario, ping.ip) else {
+            continue;
+        };
+        let pinger = ping.from.0;
+        if target == pinger {
+            continue;
+        }
+        let from_target =
+            |from: NodeId, dst: IpAddr| from.0 == target && node_of(scenario, dst) == Some(pinger);
+        let near = |at: Duration| at.abs_diff(ping.started) <= round_trip;
+        let crossing = streams
+            .iter()
+            .filter(|s| from_target(s.from, s.dst))
+            .any(|s| s.sent.iter().any(|&at| near(at)))
+            || flows
+                .iter()
+                .any(|f| from_target(f.from, f.dst.ip()) && near(f.started))
+            || pings
+                .iter()
+                .any(|p| p.kind != PingKind::Disco && from_target(p.from, p.ip) && near(p.started));
+        let allowed = if crossing { one_way * 6 } else { one_way * 4 };
+        let deadline = ping.started + allowed;
+        if deadline > scenario.duration {
+            continue;
+        }
+        let window_from = ping.started.saturating_sub(SETTLE);
+        if spans
+            .iter()
+            .any(|s| s.from <= deadline && window_from <= s.until)
+        {
+            continue;
+        }
+        judged += 1;
+        let name = || ping.label.clone().unwrap_or_else(|| format!("#{index}"));
+        match &ping.result {
+            Some((at, PingOutcome::Pong { .. })) => {
+                let delay = at.saturating_sub(ping.started);
+                if delay > allowed {
+                    late += 1;
+                }
+                if worst.is_none_or(|(d, _, _)| delay > d) {
+                    worst = Some((delay, ping.started, allowed));
+                }
+            }
+            Some((_, PingOutcome::Timeout | PingOutcome::Error { .. })) | None => {
+                unanswered += 1;
+                first_unanswered.get_or_insert_with(|| (ping.started, name()));
+            }
+        }
+    }
+    if judged == 0 {
+        return None;
+    }
+    let mut detail = format!("{judged} sent while healthy: {unanswered} unanswered, {late} late");
+    if let Some((delay, sent, allowed)) = worst {
+        detail.push_str(&format!(
+            "; longest round trip {} (sent at {:.3}s, bound {})",
+            fmt_ms(delay),
+            sent.as_secs_f64(),
+            fmt_ms(allowed)
+        ));
+    }
+    if let Some((at, name)) = first_unanswered {
+        detail.push_str(&format!(
+            "; first unanswered: ping {name} sent at {:.3}s",
+            at.as_secs_f64()
+        ));
+    }
+    Some(Check {
+        name: "liveness pings".into(),
+        passed: unanswered == 0 && late == 0,
+        detail,
+    })
 }
 
 fn fmt_ms(d: Duration) -> String {
@@ -375,5 +473,65 @@ mod tests {
         // The link change's own span (30-50 s) overlaps the cut (10-100 s);
         // the heal's span (100-120 s) overlaps it too.
         assert_eq!(spans_of(actions), vec![(30.0, 215.0), (100.0, 215.0)]);
+    }
+
+    fn ping_verdict(actions: &str, pings: &[(f64, &str, Option<(f64, bool)>)]) -> Option<Check> {
+        let text = format!(
+            "name = \"t\"\ndescription = \"t\"\nseed = 1\nduration_s = 400\n\n[network]\nlatency_ms = 20\n\n[[node]]\nname = \"a\"\n\n[[node]]\nname = \"b\"\n{actions}"
+        );
+        let scenario = Scenario::parse("t.toml", &text).unwrap();
+        let records: Vec<PingRecord> = pings
+            .iter()
+            .map(|&(at, ip, result)| {
+                let mut record = PingRecord::new(
+                    None,
+                    NodeId(0),
+                    ip.parse().unwrap(),
+                    PingKind::Icmp,
+                    Duration::from_secs_f64(at),
+                    0,
+                );
+                record.result = result.map(|(after, answered)| {
+                    let outcome = if answered {
+                        PingOutcome::Pong {
+                            latency: Duration::from_secs_f64(after),
+                            node_ip: None,
+                            node_name: "b".into(),
+                            node_key: wgmesh_core::NodePublicKey([0; 32]),
+                            endpoint: None,
+                            peerapi_port: None,
+                        }
+                    } else {
+                        PingOutcome::Timeout
+                    };
+                    (Duration::from_secs_f64(at + after), outcome)
+                });
+                record
+            })
+            .collect();
+        liveness_checks(&scenario, 1, &[], &[], &records, &|_| 0)
+            .into_iter()
+            .find(|c| c.name == "liveness pings")
+    }
+
+    #[test]
+    fn a_ping_in_a_healthy_network_is_answered_within_two_round_trips() {
+        let b = "100.64.0.2";
+        // One handshake round trip and the ping's own: 80 ms at 20 ms.
+        let check = ping_verdict("", &[(10.0, b, Some((0.080, true)))]).unwrap();
+        assert!(check.passed, "{}", check.detail);
+        let check = ping_verdict("", &[(10.0, b, Some((0.081, true)))]).unwrap();
+        assert!(!check.passed, "late: {}", check.detail);
+        let check = ping_verdict("", &[(10.0, b, Some((10.0, false)))]).unwrap();
+        assert!(!check.passed, "timed out: {}", check.detail);
+        assert!(check.detail.contains("1 unanswered"), "{}", check.detail);
+        // A restart of the target before the deadline excuses it, and so
+        // does a ping that would end after the run.
+        let restart =
+            "\n[[action]]\nat_s = 10.05\ndo = \"restart\"\nnode = \"b\"\ndowntime_s = 2\n";
+        assert!(ping_verdict(restart, &[(10.0, b, Some((10.0, false)))]).is_none());
+        assert!(ping_verdict("", &[(399.99, b, None)]).is_none());
+        // Pings to addresses that are no node's are the scenario's business.
+        assert!(ping_verdict("", &[(10.0, "10.9.9.9", Some((10.0, false)))]).is_none());
     }
 }

@@ -345,7 +345,14 @@ impl DiscoState {
         out
     }
 
-    /// A user ping: measure the path to the best endpoint (or every candidate).
+    /// A user ping: measure the path to the best endpoint while it is
+    /// trusted; otherwise ping every candidate, the relay among them, and
+    /// let the first pong answer, as the reference pings DERP and every
+    /// endpoint when it has no trusted direct path. Pinging only a best
+    /// path whose trust had lapsed timed out whenever that path had died
+    /// meanwhile (a NAT mapping expired while the peer was idle), though the
+    /// relay would have answered (found by `wgmesh-sim explore --seed 130`).
+    /// Like the reference, the ping is activity for the path's heartbeat.
     pub(crate) fn ping_user(
         &mut self,
         now: Instant,
@@ -356,9 +363,10 @@ impl DiscoState {
         let Some(peer) = self.peers.get_mut(&slot) else {
             return out;
         };
+        peer.last_active = Some(now);
         let targets: Vec<SocketAddr> = match peer.best {
-            Some((addr, _)) => vec![addr],
-            None => peer.candidates.keys().copied().collect(),
+            Some((addr, _)) if peer.best_trusted(now) => vec![addr],
+            Some(_) | None => peer.candidates.keys().copied().collect(),
         };
         for dst in targets {
             Self::send_ping(peer, slot, now, dst, tx_id, &mut out);

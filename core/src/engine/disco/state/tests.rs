@@ -100,3 +100,46 @@ fn the_replay_window_refuses_recent_nonces_and_survives_a_trim() {
     state.ensure_peer(slot, their_public, &[]);
     assert_eq!(state.open(slot, &datagram), Ok(message));
 }
+
+/// Where a user's disco ping goes: the best path alone while it is trusted;
+/// once its trust lapsed (it may have died, a NAT mapping expired while the
+/// peer was idle) every candidate, the relay among them, as the reference
+/// pings DERP and every endpoint.
+#[test]
+fn a_user_ping_tries_every_path_once_the_best_is_no_longer_trusted() {
+    // The harness owns the clock; this reading only fixes an epoch.
+    #[allow(clippy::disallowed_methods)]
+    let t0 = Instant::now();
+    let slot = crate::engine::slot::SlotTable::default().insert(());
+    let mut disco = DiscoState::new([7; 32]);
+    let (direct, other, relay) = (addr(0), addr(1), addr(9));
+    disco.ensure_peer(slot, DiscoPublicKey([1; 32]), &[direct, other]);
+    disco.set_relay(t0, slot, Some(relay));
+    let peer = disco.peers.get_mut(&slot).unwrap();
+    peer.best = Some((direct, Duration::from_millis(5)));
+    peer.best_pong_at = Some(t0);
+    let pinged = |actions: Vec<DiscoAction>| {
+        let mut dsts: Vec<SocketAddr> = actions
+            .into_iter()
+            .filter_map(|a| match a {
+                DiscoAction::Send {
+                    dst,
+                    message: DiscoMessage::Ping { .. },
+                    ..
+                } => Some(dst),
+                _ => None,
+            })
+            .collect();
+        dsts.sort();
+        dsts
+    };
+    let trusted = t0 + Duration::from_secs(1);
+    assert_eq!(
+        pinged(disco.ping_user(trusted, slot, [1; 12])),
+        vec![direct]
+    );
+    let lapsed = t0 + TRUST_UDP_ADDR_DURATION + Duration::from_secs(1);
+    let mut every = vec![direct, other, relay];
+    every.sort();
+    assert_eq!(pinged(disco.ping_user(lapsed, slot, [2; 12])), every);
+}
