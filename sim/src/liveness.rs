@@ -475,7 +475,10 @@ mod tests {
         assert_eq!(spans_of(actions), vec![(30.0, 215.0), (100.0, 215.0)]);
     }
 
-    fn ping_verdict(actions: &str, pings: &[(f64, &str, Option<(f64, bool)>)]) -> Option<Check> {
+    /// A test ping: sent at (s), to, and its end (after s, answered).
+    type TestPing<'a> = (f64, &'a str, Option<(f64, bool)>);
+
+    fn ping_verdict(actions: &str, pings: &[TestPing<'_>]) -> Option<Check> {
         let text = format!(
             "name = \"t\"\ndescription = \"t\"\nseed = 1\nduration_s = 400\n\n[network]\nlatency_ms = 20\n\n[[node]]\nname = \"a\"\n\n[[node]]\nname = \"b\"\n{actions}"
         );
