@@ -46,7 +46,7 @@ use crate::scenario::{ActionKind, Scenario};
 use crate::world::address::{tailnet_ip4, tailnet_ip6};
 use wgmesh_core::{PingKind, PingOutcome};
 
-use crate::world::{FlowRecord, LinkKind, NodeId, PingRecord, StreamRecord};
+use crate::world::{FlowRecord, FlowState, LinkKind, NodeId, PingRecord, StreamRecord};
 
 /// How long after a fault the tailnet is given to recover before its
 /// datagrams are judged again.
@@ -319,58 +319,155 @@ pub(crate) fn liveness_checks(
             detail,
         });
     }
-    if let Some(check) = ping_check(scenario, &spans, streams, flows, pings) {
-        checks.push(check);
-    }
+    let traffic = Traffic {
+        streams,
+        flows,
+        pings,
+    };
+    // A ping is a datagram each way; it may wait for a handshake first.
+    let ping_exchanges: Vec<Exchange> = pings
+        .iter()
+        .enumerate()
+        .map(|(index, ping)| Exchange {
+            name: ping.label.clone().unwrap_or_else(|| format!("#{index}")),
+            from: ping.from.0,
+            to: ping.ip,
+            started: ping.started,
+            answered: match &ping.result {
+                Some((at, PingOutcome::Pong { .. })) => Some(*at),
+                Some((_, PingOutcome::Timeout | PingOutcome::Error { .. })) | None => None,
+            },
+            round_trips: 1,
+        })
+        .collect();
+    checks.extend(exchange_check(
+        "pings",
+        scenario,
+        &spans,
+        &traffic,
+        &ping_exchanges,
+    ));
+    // A flow opens (a round trip), then asks and is answered (another),
+    // after a handshake, and retransmits nothing in a healthy network.
+    let flow_exchanges: Vec<Exchange> = flows
+        .iter()
+        .enumerate()
+        .map(|(index, flow)| Exchange {
+            name: flow.label.clone().unwrap_or_else(|| format!("#{index}")),
+            from: flow.from.0,
+            to: flow.dst.ip(),
+            started: flow.started,
+            answered: match flow.state {
+                FlowState::Done if flow.retransmits == 0 => flow.finished,
+                FlowState::Done
+                | FlowState::Opening
+                | FlowState::Requesting
+                | FlowState::Failed => None,
+            },
+            round_trips: 2,
+        })
+        .collect();
+    checks.extend(exchange_check(
+        "flows",
+        scenario,
+        &spans,
+        &traffic,
+        &flow_exchanges,
+    ));
     checks
 }
 
-/// One check for every ping between two nodes' tailnet addresses that was
-/// sent while the network was healthy: it is answered, within one
-/// handshake round trip plus its own round trip (one round trip more when
-/// the target was itself sending to the pinger, a crossing wake). A ping
-/// is a datagram each way, so it is judged as streams are (found by
-/// explore: a ping sent 24 ms before the peer's idle trim timed out in a
-/// healthy network, and only a later stream showed it).
-fn ping_check(
+/// Everything the run sent, for the crossing allowance.
+struct Traffic<'a> {
+    streams: &'a [StreamRecord],
+    flows: &'a [FlowRecord],
+    pings: &'a [PingRecord],
+}
+
+impl Traffic<'_> {
+    /// Whether node `from` sent anything through the tunnel to node `to`
+    /// within `window` of `at`.
+    fn sent_near(
+        &self,
+        scenario: &Scenario,
+        from: usize,
+        to: usize,
+        at: Duration,
+        window: Duration,
+    ) -> bool {
+        let towards =
+            |node: NodeId, dst: IpAddr| node.0 == from && node_of(scenario, dst) == Some(to);
+        let near = |t: Duration| t.abs_diff(at) <= window;
+        self.streams
+            .iter()
+            .filter(|s| towards(s.from, s.dst))
+            .any(|s| s.sent.iter().any(|&t| near(t)))
+            || self
+                .flows
+                .iter()
+                .any(|f| towards(f.from, f.dst.ip()) && near(f.started))
+            || self
+                .pings
+                .iter()
+                .any(|p| p.kind != PingKind::Disco && towards(p.from, p.ip) && near(p.started))
+    }
+}
+
+/// A request and its answer between two nodes: a ping, or a flow's
+/// opening, request and response.
+struct Exchange {
+    name: String,
+    from: usize,
+    to: IpAddr,
+    started: Duration,
+    /// When it was answered in full, if it was (a flow that needed a
+    /// retransmission counts as unanswered).
+    answered: Option<Duration>,
+    /// Round trips it takes once a session exists, the handshake's not
+    /// counted.
+    round_trips: u32,
+}
+
+/// One check for every exchange of a kind between two nodes' tailnet
+/// addresses started while the network was healthy: it is answered within
+/// one handshake round trip plus its own round trips, one round trip more
+/// when the target was itself sending to the initiator (a crossing wake).
+/// Pings and flows are datagrams each way, so they are judged as streams
+/// are (found by explore: a ping sent 24 ms before the peer's idle trim
+/// timed out in a healthy network, and only a later stream showed it).
+fn exchange_check(
+    kind: &str,
     scenario: &Scenario,
     spans: &[Impaired],
-    streams: &[StreamRecord],
-    flows: &[FlowRecord],
-    pings: &[PingRecord],
+    traffic: &Traffic<'_>,
+    exchanges: &[Exchange],
 ) -> Option<Check> {
     let one_way = crate::world::fabric::slowest_one_way(&scenario.network);
     let round_trip = one_way * 2;
     let (mut judged, mut unanswered, mut late) = (0u64, 0u64, 0u64);
     let mut worst: Option<(Duration, Duration, Duration)> = None;
-    let mut first_unanswered: Option<(Duration, String)> = None;
-    for (index, ping) in pings.iter().enumerate() {
-        let Some(target) = node_of(scenario, ping.ip) else {
+    let mut first_unanswered: Option<(Duration, &str)> = None;
+    for exchange in exchanges {
+        let Some(target) = node_of(scenario, exchange.to) else {
             continue;
         };
-        let pinger = ping.from.0;
-        if target == pinger {
+        if target == exchange.from {
             continue;
         }
-        let from_target =
-            |from: NodeId, dst: IpAddr| from.0 == target && node_of(scenario, dst) == Some(pinger);
-        let near = |at: Duration| at.abs_diff(ping.started) <= round_trip;
-        let crossing = streams
-            .iter()
-            .filter(|s| from_target(s.from, s.dst))
-            .any(|s| s.sent.iter().any(|&at| near(at)))
-            || flows
-                .iter()
-                .any(|f| from_target(f.from, f.dst.ip()) && near(f.started))
-            || pings
-                .iter()
-                .any(|p| p.kind != PingKind::Disco && from_target(p.from, p.ip) && near(p.started));
-        let allowed = if crossing { one_way * 6 } else { one_way * 4 };
-        let deadline = ping.started + allowed;
+        let crossing = traffic.sent_near(
+            scenario,
+            target,
+            exchange.from,
+            exchange.started,
+            round_trip,
+        );
+        let round_trips = 1 + exchange.round_trips + u32::from(crossing);
+        let allowed = round_trip * round_trips;
+        let deadline = exchange.started + allowed;
         if deadline > scenario.duration {
             continue;
         }
-        let window_from = ping.started.saturating_sub(SETTLE);
+        let window_from = exchange.started.saturating_sub(SETTLE);
         if spans
             .iter()
             .any(|s| s.from <= deadline && window_from <= s.until)
@@ -378,30 +475,30 @@ fn ping_check(
             continue;
         }
         judged += 1;
-        let name = || ping.label.clone().unwrap_or_else(|| format!("#{index}"));
-        match &ping.result {
-            Some((at, PingOutcome::Pong { .. })) => {
-                let delay = at.saturating_sub(ping.started);
+        match exchange.answered {
+            Some(at) => {
+                let delay = at.saturating_sub(exchange.started);
                 if delay > allowed {
                     late += 1;
                 }
                 if worst.is_none_or(|(d, _, _)| delay > d) {
-                    worst = Some((delay, ping.started, allowed));
+                    worst = Some((delay, exchange.started, allowed));
                 }
             }
-            Some((_, PingOutcome::Timeout | PingOutcome::Error { .. })) | None => {
+            None => {
                 unanswered += 1;
-                first_unanswered.get_or_insert_with(|| (ping.started, name()));
+                first_unanswered.get_or_insert((exchange.started, &exchange.name));
             }
         }
     }
     if judged == 0 {
         return None;
     }
-    let mut detail = format!("{judged} sent while healthy: {unanswered} unanswered, {late} late");
+    let mut detail =
+        format!("{judged} started while healthy: {unanswered} unanswered, {late} late");
     if let Some((delay, sent, allowed)) = worst {
         detail.push_str(&format!(
-            "; longest round trip {} (sent at {:.3}s, bound {})",
+            "; longest {} (started at {:.3}s, bound {})",
             fmt_ms(delay),
             sent.as_secs_f64(),
             fmt_ms(allowed)
@@ -409,12 +506,12 @@ fn ping_check(
     }
     if let Some((at, name)) = first_unanswered {
         detail.push_str(&format!(
-            "; first unanswered: ping {name} sent at {:.3}s",
+            "; first unanswered: {name} started at {:.3}s",
             at.as_secs_f64()
         ));
     }
     Some(Check {
-        name: "liveness pings".into(),
+        name: format!("liveness {kind}"),
         passed: unanswered == 0 && late == 0,
         detail,
     })
@@ -536,5 +633,36 @@ mod tests {
         assert!(ping_verdict("", &[(399.99, b, None)]).is_none());
         // Pings to addresses that are no node's are the scenario's business.
         assert!(ping_verdict("", &[(10.0, "10.9.9.9", Some((10.0, false)))]).is_none());
+    }
+
+    #[test]
+    fn a_flow_in_a_healthy_network_completes_in_three_round_trips_without_retransmits() {
+        let text = "name = \"t\"\ndescription = \"t\"\nseed = 1\nduration_s = 400\n\n[network]\nlatency_ms = 20\n\n[[node]]\nname = \"a\"\n\n[[node]]\nname = \"b\"\n";
+        let scenario = Scenario::parse("t.toml", text).unwrap();
+        let flow = |finished_after: f64, retransmits: u32| {
+            let started = Duration::from_secs(10);
+            let mut record = FlowRecord::new(
+                None,
+                NodeId(0),
+                0,
+                "100.64.0.1".parse().unwrap(),
+                "100.64.0.2".parse().unwrap(),
+                100,
+                1000,
+                started,
+            );
+            record.state = FlowState::Done;
+            record.finished = Some(started + Duration::from_secs_f64(finished_after));
+            record.retransmits = retransmits;
+            let checks = liveness_checks(&scenario, 1, &[], &[record], &[], &|_| 0);
+            checks
+                .into_iter()
+                .find(|c| c.name == "liveness flows")
+                .unwrap()
+        };
+        // A handshake, the opening and the request: 120 ms at 20 ms.
+        assert!(flow(0.120, 0).passed);
+        assert!(!flow(0.121, 0).passed);
+        assert!(!flow(0.100, 1).passed, "a retransmission is a loss");
     }
 }
