@@ -164,7 +164,10 @@ fn ping_to_a_trimmed_peer_wakes_it() {
 /// while the ping's handshake is in flight keeps the peer. Found by
 /// `wgmesh-sim explore --seed 117`: the idle trim removed the peer 24 ms
 /// after the ping, with its handshake and the staged request, and the ping
-/// timed out 10 s later in a healthy network.
+/// timed out 10 s later in a healthy network. A disco ping needs no
+/// handshake, but the trim took the peer's disco state and the ping's
+/// pending entry with it, and the pong that came back found nothing
+/// (`explore --seed 900`).
 #[test]
 fn a_ping_just_before_the_idle_trim_keeps_the_peer() {
     let warmed = || {
@@ -186,7 +189,7 @@ fn a_ping_just_before_the_idle_trim_keeps_the_peer() {
         probe.run_for(Duration::from_millis(10));
     }
     let trimmed_after = probe.now - start;
-    for kind in [PingKind::Tsmp, PingKind::Icmp] {
+    for kind in [PingKind::Tsmp, PingKind::Icmp, PingKind::Disco] {
         let mut net = warmed();
         // Idle until 15-25 ms before the trim, long past REJECT_AFTER_TIME:
         // the ping needs a new handshake, whose answer (a round trip of

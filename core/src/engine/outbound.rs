@@ -156,13 +156,8 @@ impl Engine {
     /// peer is in WireGuard before the packet is handed over, so the packet
     /// that wakes a trimmed peer is not lost.
     pub(super) fn note_send_activity(&mut self, now: Instant, slot: PeerSlot, dst: IpAddr) {
+        let record = self.record_send_activity(now, slot);
         let peer = &mut self.peers[slot];
-        let last = peer.last_send_activity;
-        let record =
-            last.is_none_or(|t| now.saturating_duration_since(t) >= SEND_ACTIVITY_GRANULARITY);
-        if record {
-            peer.last_send_activity = Some(now);
-        }
         // The reference re-checks its WireGuard config on a first send or after
         // a gap of SEND_RECHECK_GAP; our lookup already covers the full config,
         // so the re-check reduces to "is the peer configured?", done for every
@@ -176,6 +171,19 @@ impl Engine {
             let actions = self.disco.note_active(now, slot, &mut self.rng);
             self.run_disco_actions(now, actions);
         }
+    }
+
+    /// Moves the peer's last send activity to `now` unless it was recorded
+    /// less than [`SEND_ACTIVITY_GRANULARITY`] ago; says whether it did.
+    pub(super) fn record_send_activity(&mut self, now: Instant, slot: PeerSlot) -> bool {
+        let peer = &mut self.peers[slot];
+        let record = peer
+            .last_send_activity
+            .is_none_or(|t| now.saturating_duration_since(t) >= SEND_ACTIVITY_GRANULARITY);
+        if record {
+            peer.last_send_activity = Some(now);
+        }
+        record
     }
 
     /// Encrypts `packet` for the peer in `slot` and queues the datagram, or

@@ -86,7 +86,8 @@ impl Engine {
         // so it is send activity as theirs is (recorded below): without it a
         // ping sent just before the peer's idle trim lost its handshake and
         // its request to the trim (`wgmesh-sim explore --seed 117`). A disco
-        // ping does not need WireGuard, but wakes the peer as the others do.
+        // ping does not need WireGuard, but wakes the peer as the others do
+        // and is activity as well (below).
         if self.peers[slot].wg.is_none() {
             self.wake_peer(now, slot, WakeReason::Ping);
         }
@@ -138,6 +139,13 @@ impl Engine {
                     .pings
                     .insert(now, request, MatchKey::Disco(tx_id), info);
                 self.timers.push(now + PING_TIMEOUT, TimerKey::Ping(id));
+                // The peer's disco state leaves with it when it is trimmed,
+                // and this ping's pending entry with it, so a disco ping is
+                // activity too: one sent in the last round trip before the
+                // trim timed out though the peer answered (explore).
+                if self.record_send_activity(now, slot) {
+                    self.reschedule_peer(slot);
+                }
                 let actions = self.disco.ping_user(now, slot, tx_id);
                 self.run_disco_actions(now, actions);
             }
