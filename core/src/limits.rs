@@ -92,25 +92,39 @@ pub(crate) const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session's keys are refused this long after its handshake.
 pub(crate) const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
-/// No data is sent on a session older than this: the peer's copy of the
-/// keys is up to one one-way delay older than ours (it made them first) and
-/// expires at `REJECT_AFTER_TIME` on its clock, so a packet sent just before
-/// our expiry arrives just after the peer's and is lost. Within this margin
-/// the packet waits for a fresh handshake instead (one round trip).
-pub(crate) const SEND_ON_SESSION_UNTIL: Duration =
-    Duration::from_secs(REJECT_AFTER_TIME.as_secs() - REKEY_TIMEOUT.as_secs());
-/// The same for a session we initiated, whose peer answered it (160 s): a
-/// wgmesh peer's WireGuard implementation stamps a session it answers with
-/// its clock as of its last timer run, and the engine holds those runs
-/// back for up to `KEEPALIVE_TIMEOUT + REKEY_TIMEOUT` while its own data
-/// waits for an answer (see `SessionTimers::refresh_would_rehandshake_early`),
-/// so the answering side may drop the session that much early. The
-/// initiator's stamp is always fresh: no run is held back while its
-/// initiation is in flight. Found by `wgmesh-sim explore --seed 76`: the
-/// answering peer dropped a session 10 s early, and 18 datagrams sent on
-/// it at 170 s were lost.
+/// No data is sent on a session we answered once it is this old (178 s).
+/// Its initiator made its copy of the keys when our answer reached it, one
+/// one-way delay after ours, and expires it at `REJECT_AFTER_TIME` on its
+/// clock (an initiator's stamp is true: no timer run is held back while
+/// its initiation is in flight, see `SEND_ON_INITIATED_SESSION_UNTIL`). So
+/// a datagram we send arrives while the peer's copy is about as old as ours
+/// was when we sent it; the 2 s spare cover a datagram whose path is slower
+/// than our answer's was (a relay after a direct path). wireguard-go sends
+/// on such a session until 180 s. With the 175 s this once was, a stream
+/// that resumed at 175 s went to a fresh handshake that crossed the peer's
+/// own rekey (an initiator receiving on a session older than 165 s
+/// re-handshakes), and a datagram took 307 ms against a 252 ms bound
+/// (`wgmesh-sim explore --seed 172`).
+pub(crate) const SEND_ON_ANSWERED_SESSION_UNTIL: Duration =
+    Duration::from_secs(REJECT_AFTER_TIME.as_secs() - 2);
+/// The same for a session we initiated, whose peer answered it (160 s). The
+/// peer made its copy of the keys first, up to one one-way delay before
+/// ours, and expires it at `REJECT_AFTER_TIME` on its clock, so a packet
+/// sent just before our expiry arrives just after the peer's and is lost
+/// (`corpus/packet-sent-at-session-expiry.toml`): `REKEY_TIMEOUT` (5 s) is
+/// kept for that. Moreover a wgmesh peer's WireGuard implementation stamps
+/// a session it answers with its clock as of its last timer run, and the
+/// engine holds those runs back for up to `KEEPALIVE_TIMEOUT +
+/// REKEY_TIMEOUT` while its own data waits for an answer (see
+/// `SessionTimers::refresh_would_rehandshake_early`), so the answering side
+/// may drop the session that much early: found by `wgmesh-sim explore
+/// --seed 76`, where the answering peer dropped a session 10 s early and 18
+/// datagrams sent on it at 170 s were lost.
 pub(crate) const SEND_ON_INITIATED_SESSION_UNTIL: Duration = Duration::from_secs(
-    SEND_ON_SESSION_UNTIL.as_secs() - KEEPALIVE_TIMEOUT.as_secs() - REKEY_TIMEOUT.as_secs(),
+    REJECT_AFTER_TIME.as_secs()
+        - REKEY_TIMEOUT.as_secs()
+        - KEEPALIVE_TIMEOUT.as_secs()
+        - REKEY_TIMEOUT.as_secs(),
 );
 /// Handshake messages per second above which cookies are required (the
 /// node is "under load"). wireguard-go and the kernel turn to cookies once

@@ -149,13 +149,23 @@ pub enum Motif {
         /// The silence between the two sends.
         idle_ms: u32,
     },
+    /// `n1` streams to `n2` from 2 s before `at_s` for 60 s, and at `at_s`
+    /// its NAT box forgets every mapping (a rebinding: its datagrams leave
+    /// from new outside ports). The case gives `n1` a box. The stream
+    /// must find its way again within the oracle's settle time (and is
+    /// judged again from 40 s after the rebinding): WireGuard follows the
+    /// peer's new source address, disco its new endpoint.
+    NatRebind {
+        /// When the box forgets.
+        at_s: u32,
+    },
 }
 
 impl Motif {
     fn random(rng: &mut ChaCha20Rng, duration_s: u32, latency_ms: u32, jitter_ms: u32) -> Motif {
         let mut pick = |lo: u32, hi: u32| lo + rng.next_u32() % (hi - lo + 1);
         let latest = duration_s.saturating_sub(20).max(2);
-        match pick(0, 8) {
+        match pick(0, 9) {
             0 => Motif::None,
             1 => Motif::CrossingWake {
                 at_s: pick(2, latest),
@@ -194,8 +204,11 @@ impl Motif {
                 at_s: pick(4, latest),
                 downtime_ms: pick(0, 40_000),
             },
-            _ => Motif::ControlCutWake {
+            8 => Motif::ControlCutWake {
                 idle_ms: [10_000, 299_900, 300_100, 330_000][pick(0, 3) as usize],
+            },
+            _ => Motif::NatRebind {
+                at_s: pick(4, latest),
             },
         }
     }
@@ -207,6 +220,7 @@ impl Motif {
             Motif::PingTrimmed { .. } => 340,
             Motif::ControlCutWake { idle_ms } => idle_ms / 1000 + 40,
             Motif::None
+            | Motif::NatRebind { .. }
             | Motif::ControlOutage { .. }
             | Motif::CrossingWake { .. }
             | Motif::Burst { .. }
@@ -215,8 +229,10 @@ impl Motif {
         }
     }
 
-    /// The motif's `[[action]]` entries for a run of `duration_s`.
-    fn write(&self, out: &mut String, duration_s: u32) {
+    /// The motif's `[[action]]` entries for a run of `duration_s`;
+    /// `n1_behind_nat` says whether `n1` has a NAT box (a rebinding needs
+    /// one: without it, shrunk away, the set piece is its stream alone).
+    fn write(&self, out: &mut String, duration_s: u32, n1_behind_nat: bool) {
         let mut action = |at_ms: u64, body: &str| {
             let at_ms = at_ms.min(u64::from(duration_s) * 1000);
             let _ = writeln!(
@@ -286,6 +302,13 @@ impl Motif {
                     ),
                 );
             }
+            Motif::NatRebind { at_s } => {
+                let at = u64::from(at_s) * 1000;
+                action(at.saturating_sub(2000), &stream("n1", "n2", 300, "200"));
+                if n1_behind_nat {
+                    action(at, "do = \"nat_rebind\"\nnode = \"n1\"");
+                }
+            }
             Motif::ControlCutWake { idle_ms } => {
                 action(1000, &stream("n1", "n2", 1, "100"));
                 action(2000, "do = \"control_partition\"\nnodes = [\"n1\", \"n2\"]");
@@ -338,6 +361,14 @@ impl Shape {
                 *count = (*count).min(1024);
             }
         }
+        // A rebinding needs a box at `n1`; the presets are drawn only here,
+        // so other cases keep their shape.
+        if matches!(shape.motif, Motif::NatRebind { .. }) && shape.nat_mask & 1 == 0 {
+            if shape.nat_mask == 0 {
+                shape.nat_presets = pick(0, 0xfff);
+            }
+            shape.nat_mask |= 1;
+        }
         shape
     }
 
@@ -376,7 +407,8 @@ impl Shape {
                 let _ = writeln!(out, "trim = false");
             }
         }
-        self.motif.write(&mut out, self.duration_s);
+        self.motif
+            .write(&mut out, self.duration_s, self.nat_of(0).is_some());
         let end = self.duration_s.saturating_sub(15).max(1);
         let _ = writeln!(
             out,
@@ -595,8 +627,13 @@ mod tests {
     fn generated_text_parses_and_shrinking_only_shrinks() {
         let mut rng = ChaCha20Rng::seed_from_u64(5);
         let mut with_nat = 0;
-        for _ in 0..40 {
+        let mut rebinds = 0;
+        for _ in 0..200 {
             let shape = Shape::random(&mut rng);
+            if matches!(shape.motif, Motif::NatRebind { .. }) {
+                rebinds += 1;
+                assert!(shape.nat_of(0).is_some(), "a rebinding gets n1 a box");
+            }
             let text = shape.to_toml("x", 3, "a note\nover two lines");
             let s = Scenario::parse("x.toml", &text).unwrap();
             assert_eq!(s.nodes.len() as u32, shape.nodes);
@@ -607,6 +644,9 @@ mod tests {
             assert_eq!((s.network.stun, s.network.relay), (any_nat, any_nat));
             with_nat += usize::from(any_nat);
             for smaller in shape.smaller() {
+                // Shrinking may drop n1's box under a rebinding: the text
+                // must still be a valid scenario.
+                Scenario::parse("x.toml", &smaller.to_toml("x", 3, "")).unwrap();
                 assert!(smaller.nodes <= shape.nodes && smaller.duration_s <= shape.duration_s);
                 assert!(
                     smaller.restarts
@@ -623,6 +663,7 @@ mod tests {
             }
         }
         assert!(with_nat > 0, "some shapes have NATs");
+        assert!(rebinds > 0, "some shapes rebind a NAT");
     }
 
     #[test]

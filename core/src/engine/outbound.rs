@@ -260,7 +260,7 @@ impl Engine {
     /// Whether data may go out on the peer's current session now: one
     /// exists, the peer can decrypt it (we initiated it, or the peer
     /// confirmed the one we answered for) and it is younger than its send
-    /// limit (`SEND_ON_SESSION_UNTIL`, or `SEND_ON_INITIATED_SESSION_UNTIL`
+    /// limit (`SEND_ON_ANSWERED_SESSION_UNTIL`, or `SEND_ON_INITIATED_SESSION_UNTIL`
     /// for one we initiated).
     fn can_send_data(wg: &WgPeer, now: Instant) -> bool {
         wg.tunnel.has_session(now) && wg.timers.session_usable_for_data(now)

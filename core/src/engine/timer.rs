@@ -16,8 +16,8 @@ use super::slot::PeerSlot;
 use crate::api::PingId;
 use crate::keys::NodePublicKey;
 use crate::limits::{
-    KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, SEND_ON_INITIATED_SESSION_UNTIL,
-    SEND_ON_SESSION_UNTIL,
+    KEEPALIVE_TIMEOUT, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, SEND_ON_ANSWERED_SESSION_UNTIL,
+    SEND_ON_INITIATED_SESSION_UNTIL,
 };
 
 /// What a deadline belongs to.
@@ -326,14 +326,14 @@ impl SessionTimers {
     }
 
     /// Whether a session usable for data exists and is not too close to its
-    /// expiry to send on (see `SEND_ON_SESSION_UNTIL` and
+    /// expiry to send on (see `SEND_ON_ANSWERED_SESSION_UNTIL` and
     /// `SEND_ON_INITIATED_SESSION_UNTIL`). A session we only answered for
     /// is not usable until the peer confirms it.
     pub(crate) fn session_usable_for_data(&self, now: Instant) -> bool {
         let until = if self.session_initiated_by_us {
             SEND_ON_INITIATED_SESSION_UNTIL
         } else {
-            SEND_ON_SESSION_UNTIL
+            SEND_ON_ANSWERED_SESSION_UNTIL
         };
         !self.expired && self.session_established.is_some_and(|t| now < t + until)
     }
@@ -572,8 +572,8 @@ mod tests {
         timers.on_data_received(t0 + Duration::from_millis(40));
         assert!(!timers.handshake_must_wait(t0 + Duration::from_millis(41)));
         assert!(timers.session_usable_for_data(t0 + Duration::from_millis(41)));
-        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(174_999)));
-        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(175)));
+        assert!(timers.session_usable_for_data(t0 + Duration::from_millis(177_999)));
+        assert!(!timers.session_usable_for_data(t0 + Duration::from_secs(178)));
         assert_eq!(
             timers.next_deadline(t0, true).map(|(_, t)| t),
             Some(PeerTimer::PassiveKeepalive)
