@@ -367,3 +367,38 @@ fn a_packet_sent_at_the_edge_of_the_session_lifetime_is_not_lost() {
     let delay = delivered_once(&net, 1, b"at the edge", sent_at);
     assert!(delay <= one_way * 3, "{delay:?}");
 }
+
+/// A peer WireGuard keeps (trimming off here; a subnet router always) and
+/// that had no session for 9 minutes: boringtun clears a tunnel's handshake
+/// state at its first timer run 540 s (3 x REJECT_AFTER_TIME) after it was
+/// made or last had a session. When that moment fell between the timer run
+/// before our first initiation and the answer (the peer's disco pong,
+/// which arrives first, runs WireGuard's timers), the answer found no
+/// handshake to complete and the packet waited for a retry. Found by
+/// `wgmesh-sim explore --seed 191`: a flow's opening waited 1 s. Every
+/// wake, at any idle length, completes in one handshake round trip plus
+/// one way.
+#[test]
+fn a_kept_peer_idle_for_nine_minutes_wakes_in_one_round_trip() {
+    let one_way = Duration::from_millis(2);
+    // Since the tunnel was made: 540 s fall in the first handshake's round
+    // trip (4 ms) for the first two.
+    for idle_ms in [539_997u64, 539_999, 540_000, 600_000, 1_080_000] {
+        let mut net = Net::new(2, one_way, |_, _| {});
+        net.configure_all(Knobs {
+            keep_full_wg_config: true,
+            ..Knobs::default()
+        });
+        let ip1 = net.nodes[1].ip4;
+        net.run_for(Duration::from_millis(idle_ms));
+        let sent_at = net.now;
+        let payload = format!("kept-{idle_ms}").into_bytes();
+        net.send_udp(0, ip1, &payload);
+        net.run_for(Duration::from_secs(3));
+        let delay = delivered_once(&net, 1, &payload, sent_at);
+        assert!(
+            delay <= one_way * 3,
+            "idle {idle_ms} ms: delivered after {delay:?}"
+        );
+    }
+}

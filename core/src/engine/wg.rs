@@ -31,7 +31,10 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
 use crate::keys::{NodePrivateKey, NodePublicKey};
-use crate::limits::{HANDSHAKE_RATE_LIMIT, WG_TIMER_REFRESH};
+use crate::limits::{
+    HANDSHAKE_RATE_LIMIT, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
+    WG_TIMER_REFRESH,
+};
 
 /// What a data message adds around its plaintext: a 16-byte header and a
 /// 16-byte authentication tag.
@@ -249,6 +252,7 @@ impl WgDevice {
             preshared_key_pending: false,
             clock: self.clock,
             refreshed_at: now,
+            keys_since: now,
         }
     }
 
@@ -441,7 +445,32 @@ pub(crate) struct WgTunnel {
     preshared_key_pending: bool,
     clock: WgClock,
     refreshed_at: Instant,
+    /// When the tunnel was made or last got a session: boringtun clears a
+    /// tunnel's handshake state at its first timer run
+    /// `3 x REJECT_AFTER_TIME` after that (see [`FRESH_TUNNEL_AFTER`]).
+    keys_since: Instant,
 }
+
+/// An initiation on a tunnel with no session for this long (435 s) starts
+/// on a tunnel made afresh. boringtun clears a tunnel's handshake state,
+/// an initiation in flight included, at its first timer run `3 x
+/// REJECT_AFTER_TIME` (540 s) after its last session or after it was made;
+/// when that moment fell between the timer run before our initiation and
+/// the answer's arrival, the answer found no handshake to complete and the
+/// packet waited for a retry (found by `wgmesh-sim explore --seed 191`: a
+/// kept peer's first flow in 9 minutes waited 1 s). The margin keeps that
+/// moment out of a whole attempt (`REKEY_ATTEMPT_TIME`), and out of the
+/// 15 s by which boringtun may have stamped the session early (see
+/// `SEND_ON_INITIATED_SESSION_UNTIL`). Such a tunnel holds nothing a new one
+/// needs: its sessions expired long before (it forgets the timestamp of the
+/// peer's last initiation, as the tunnel of every woken lazy peer starts
+/// without one).
+const FRESH_TUNNEL_AFTER: Duration = Duration::from_secs(
+    3 * REJECT_AFTER_TIME.as_secs()
+        - REKEY_ATTEMPT_TIME.as_secs()
+        - KEEPALIVE_TIMEOUT.as_secs()
+        - REKEY_TIMEOUT.as_secs(),
+);
 
 impl WgTunnel {
     /// Changes the preshared key in place. The live session, if any, is
@@ -463,9 +492,16 @@ impl WgTunnel {
     /// Called only when a handshake starts, which replaces the session anyway.
     fn apply_pending_preshared_key(&mut self, now: Instant) {
         if std::mem::take(&mut self.preshared_key_pending) {
-            self.tunn = self.keys.tunn(self.clock, now);
-            self.refreshed_at = now;
+            self.remake(now);
         }
+    }
+
+    /// Makes the tunnel again from its keys: no session, no handshake, and
+    /// every timer counting from `now`.
+    fn remake(&mut self, now: Instant) {
+        self.tunn = self.keys.tunn(self.clock, now);
+        self.refreshed_at = now;
+        self.keys_since = now;
     }
 
     /// Runs WireGuard's timers now. Early calls are harmless.
@@ -556,6 +592,9 @@ impl WgTunnel {
     /// Starts a handshake unless one is in progress.
     pub(crate) fn initiate(&mut self, now: Instant, dst: &mut [u8]) -> Initiated {
         self.apply_pending_preshared_key(now);
+        if now.saturating_duration_since(self.keys_since) >= FRESH_TUNNEL_AFTER {
+            self.remake(now);
+        }
         self.clock.enter(now);
         match self.tunn.format_handshake_initiation(dst, false) {
             TunnResult::WriteToNetwork(out) => Initiated::Sent { len: out.len() },
@@ -592,6 +631,10 @@ impl WgTunnel {
                     (Some(MESSAGE_INITIATION), _) => Reply::Response,
                     _ => Reply::FirstKeepalive,
                 };
+                if kind != Reply::Cookie {
+                    // A handshake completed: a new session.
+                    self.keys_since = now;
+                }
                 Decapsulated::Send {
                     len: reply.len(),
                     reply: kind,
@@ -719,5 +762,64 @@ mod tests {
             device.classify(now, from, &data),
             Arrival::ForTunnel { index: 0x00ab_cdef }
         );
+    }
+
+    /// boringtun clears a tunnel's handshake state at its first timer run
+    /// 540 s (3 x REJECT_AFTER_TIME) after its last session, or after it
+    /// was made or last cleared. When that moment falls between the timer
+    /// run before our initiation and the answer's arrival (a disco message
+    /// from the peer refreshes WireGuard's clock first), the answer finds no
+    /// handshake to complete and the packet waits for a retry (explore
+    /// --seed 191: a flow's opening waited 1 s).
+    #[test]
+    fn an_initiation_on_a_long_idle_tunnel_survives_a_timer_run_in_flight() {
+        // The harness owns the clock; this reading only fixes an epoch.
+        #[allow(clippy::disallowed_methods)]
+        let t0 = Instant::now();
+        let a_key = NodePrivateKey::from_bytes([7; 32]);
+        let b_key = NodePrivateKey::from_bytes([9; 32]);
+        let mut a_device = WgDevice::new(&a_key, t0);
+        let b_device = WgDevice::new(&b_key, t0);
+        let from_a: SocketAddr = "192.0.2.1:41641".parse().unwrap();
+        let from_b: SocketAddr = "192.0.2.2:41641".parse().unwrap();
+        for idle_ms in [439_000u64, 539_997, 539_999, 1_000_000] {
+            let mut a = a_device.new_tunnel(t0, &b_key.public_key(), None, 1);
+            let mut b = b_device.new_tunnel(t0, &a_key.public_key(), None, 2);
+            let now = t0 + Duration::from_millis(idle_ms);
+            let mut scratch = vec![0u8; MIN_BUFFER];
+            // The engine runs the timers before an operation.
+            let _ = a.update_timers(now, &mut scratch);
+            let mut init = vec![0u8; MIN_BUFFER];
+            let len = match a.initiate(now, &mut init) {
+                Initiated::Sent { len } => len,
+                other => panic!("idle {idle_ms} ms: no initiation: {other:?}"),
+            };
+            let mut response = vec![0u8; MIN_BUFFER];
+            let arrived = now + Duration::from_millis(2);
+            let len = match b.decapsulate(arrived, from_a.ip(), &init[..len], &mut response) {
+                Decapsulated::Send { len, .. } => len,
+                other => panic!("idle {idle_ms} ms: no response: {other:?}"),
+            };
+            // A timer run while the answer is on its way.
+            let back = arrived + Duration::from_millis(2);
+            let _ = a.update_timers(back - Duration::from_millis(1), &mut scratch);
+            assert_eq!(
+                a_device.classify(back, from_b, &response[..len]),
+                Arrival::ForTunnel { index: 1 }
+            );
+            let mut out = vec![0u8; MIN_BUFFER];
+            let result = a.decapsulate(back, from_b.ip(), &response[..len], &mut out);
+            assert!(
+                matches!(
+                    result,
+                    Decapsulated::Send {
+                        reply: Reply::FirstKeepalive,
+                        ..
+                    }
+                ),
+                "idle {idle_ms} ms: the answer did not complete the handshake: {result:?}"
+            );
+            assert!(a.has_session(back), "idle {idle_ms} ms");
+        }
     }
 }
