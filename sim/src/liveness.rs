@@ -1,5 +1,7 @@
 //! The liveness oracle every run applies: a datagram sent while the network
-//! is healthy arrives, once, within the default bound.
+//! is healthy arrives, once, within the default bound; a ping or a flow
+//! started while it is healthy is answered within its own (see
+//! `exchange_check`).
 //!
 //! The scenario's own checks say what a run must show; this one says what
 //! every run must never show, the way the invariants do for safety. A stall

@@ -142,7 +142,7 @@ impl Engine {
                 // The peer's disco state leaves with it when it is trimmed,
                 // and this ping's pending entry with it, so a disco ping is
                 // activity too: one sent in the last round trip before the
-                // trim timed out though the peer answered (explore).
+                // trim timed out though the peer answered (`explore --seed 900`).
                 if self.record_send_activity(now, slot) {
                     self.reschedule_peer(slot);
                 }
