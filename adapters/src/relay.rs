@@ -661,6 +661,35 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
         }
     }
 
+    async fn send_owned_to(
+        &mut self,
+        data: Vec<u8>,
+        dst: SocketAddr,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> io::Result<()> {
+        let Self { inner, relay, .. } = self;
+        let Some(relay) = relay.as_mut().filter(|r| r.peers.contains(&dst)) else {
+            // Datagrams that do not go through the relay leave from the
+            // buffer they were encrypted in, as without a relay.
+            return inner.send_owned_to(data, dst, spent).await;
+        };
+        // A relayed datagram is wrapped (copied behind a TURN header), so
+        // its own buffer is spent at once.
+        let result = match Self::flush_outbox(inner, relay).await {
+            Ok(()) => match relay.wrap(&data, dst, Instant::now()) {
+                Some(message) => inner.send_to(&message, relay.settings.server).await,
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        spent.push(data);
+        result
+    }
+
+    fn reclaim(&mut self, spent: &mut Vec<Vec<u8>>) {
+        self.inner.reclaim(spent);
+    }
+
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         let Self { inner, relay, .. } = self;
         let Some(relay) = relay.as_mut() else {
@@ -991,6 +1020,102 @@ mod tests {
             monitor.credentials_rejected(),
             1,
             "the 401 reached the relay"
+        );
+    }
+
+    /// A socket that keeps the buffers it is given until `reclaim`, as the
+    /// batched one does, and records what it was given which way.
+    #[derive(Default)]
+    struct KeepingSocket {
+        kept: Vec<(Vec<u8>, SocketAddr)>,
+        copied: Vec<(Vec<u8>, SocketAddr)>,
+    }
+
+    impl DatagramSocket for KeepingSocket {
+        async fn recv_from(&mut self, _buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+            std::future::pending().await
+        }
+
+        async fn send_to(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
+            self.copied.push((data.to_vec(), dst));
+            Ok(())
+        }
+
+        async fn send_owned_to(
+            &mut self,
+            data: Vec<u8>,
+            dst: SocketAddr,
+            _spent: &mut Vec<Vec<u8>>,
+        ) -> io::Result<()> {
+            self.kept.push((data, dst));
+            Ok(())
+        }
+
+        fn reclaim(&mut self, spent: &mut Vec<Vec<u8>>) {
+            spent.extend(self.kept.drain(..).map(|(data, _)| data));
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok("127.0.0.1:41641".parse().unwrap())
+        }
+
+        async fn rebind(&mut self, _port: u16) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn buffers_given_up_reach_the_inner_socket_unless_the_relay_must_wrap_them() {
+        let peer: SocketAddr = "127.0.0.2:51820".parse().unwrap();
+        let relayed_peer: SocketAddr = "127.0.0.3:40000".parse().unwrap();
+        let mut spent = Vec::new();
+
+        // Without a relay the buffer goes to the inner socket, uncopied, and
+        // comes back through `reclaim`.
+        let mut plain = RelaySocket::new(
+            KeepingSocket::default(),
+            None,
+            Arc::new(RelayMonitor::default()),
+        );
+        plain
+            .send_owned_to(vec![4, 0, 0, 0, 1], peer, &mut spent)
+            .await
+            .unwrap();
+        assert!(spent.is_empty(), "the inner socket holds it until sent");
+        assert_eq!(plain.inner.kept, vec![(vec![4, 0, 0, 0, 1], peer)]);
+        assert!(plain.inner.copied.is_empty());
+        plain.reclaim(&mut spent);
+        assert_eq!(spent, vec![vec![4, 0, 0, 0, 1]]);
+        spent.clear();
+
+        // With a relay: a peer reached directly still gets the buffer as it
+        // is; a peer behind the relay gets a wrapped copy (none here: no
+        // allocation yet, so it is dropped and counted), and its buffer is
+        // spent at once.
+        let mut relayed = RelaySocket::new(
+            KeepingSocket::default(),
+            Some(issued(Duration::from_secs(3600))),
+            Arc::new(RelayMonitor::default()),
+        );
+        relayed.set_relay_peers(&[relayed_peer]);
+        relayed
+            .send_owned_to(vec![4, 0, 0, 0, 2], peer, &mut spent)
+            .await
+            .unwrap();
+        assert_eq!(relayed.inner.kept, vec![(vec![4, 0, 0, 0, 2], peer)]);
+        relayed
+            .send_owned_to(vec![4, 0, 0, 0, 3], relayed_peer, &mut spent)
+            .await
+            .unwrap();
+        assert_eq!(spent, vec![vec![4, 0, 0, 0, 3]]);
+        assert_eq!(relayed.inner.kept.len(), 1, "not given to the inner socket");
+        assert!(
+            relayed
+                .inner
+                .copied
+                .iter()
+                .all(|(_, dst)| *dst != relayed_peer),
+            "never sent to the relayed address itself"
         );
     }
 

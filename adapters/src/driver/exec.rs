@@ -55,6 +55,9 @@ pub(super) struct Executor {
     local_endpoints: Option<Vec<SocketAddr>>,
     /// Narrow paths the socket reported, and the answers written for them.
     pub(super) pmtu: PathMtuState,
+    /// Datagram buffers the socket is done with, on their way back to the
+    /// engine's pool.
+    spent: Vec<Vec<u8>>,
 }
 
 impl Executor {
@@ -77,6 +80,7 @@ impl Executor {
             nat: None,
             local_endpoints: None,
             pmtu: PathMtuState::default(),
+            spent: Vec::new(),
         }
     }
 
@@ -348,23 +352,27 @@ impl Executor {
         while let Some(output) = engine.poll_output() {
             match output {
                 Output::Transmit(transmit) => {
-                    trace!(dst = %transmit.dst, len = transmit.data.len(), "datagram out");
-                    match socket.send_to(&transmit.data, transmit.dst).await {
+                    let (dst, len) = (transmit.dst, transmit.data.len());
+                    trace!(%dst, len, "datagram out");
+                    // The socket may send the datagram from this buffer
+                    // later, with the rest of its run; the buffer comes back
+                    // to the engine's pool once spent (below).
+                    match socket
+                        .send_owned_to(transmit.data, dst, &mut self.spent)
+                        .await
+                    {
                         Ok(()) => {}
                         Err(e) if crate::pmtu::is_too_big(&e) => {
-                            let path_mtu = socket.path_mtu(transmit.dst);
-                            let answer =
-                                self.pmtu
-                                    .refused(transmit.dst, transmit.data.len(), path_mtu);
+                            let path_mtu = socket.path_mtu(dst);
+                            let answer = self.pmtu.refused(dst, len, path_mtu);
                             if let Some(answer) = answer {
                                 if let Err(e) = tun.send(answer).await {
                                     debug!(error = %e, "ICMP too-big answer not written");
                                 }
                             }
                         }
-                        Err(e) => debug!(dst = %transmit.dst, error = %e, "UDP send failed"),
+                        Err(e) => debug!(%dst, error = %e, "UDP send failed"),
                     }
-                    engine.recycle(transmit.data);
                 }
                 Output::TunWrite(packet) => {
                     trace!(len = packet.len(), "TUN packet out");
@@ -424,6 +432,13 @@ impl Executor {
             }
         }
         self.pmtu.forget_held();
+        // Buffers of datagrams sent since the last drain (runs flushed by
+        // the loop, or by a later datagram that could not join them) go
+        // back to the engine's pool.
+        socket.reclaim(&mut self.spent);
+        for buffer in self.spent.drain(..) {
+            engine.recycle(buffer);
+        }
         Ok(())
     }
 

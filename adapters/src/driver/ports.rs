@@ -82,6 +82,29 @@ pub trait DatagramSocket: Send + 'static {
         data: &[u8],
         dst: SocketAddr,
     ) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sends one datagram whose buffer the caller gives up, or queues it
+    /// for [`DatagramSocket::flush`]: a socket that queues may send it from
+    /// that buffer instead of copying it out first. The buffer is the
+    /// socket's until its datagram has left (or was refused); it comes
+    /// back through [`DatagramSocket::reclaim`], or in `spent` at once. The
+    /// default sends it as [`DatagramSocket::send_to`] does and puts the
+    /// buffer in `spent`.
+    fn send_owned_to(
+        &mut self,
+        data: Vec<u8>,
+        dst: SocketAddr,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let result = self.send_to(&data, dst).await;
+            spent.push(data);
+            result
+        }
+    }
+    /// Moves into `spent` the buffers [`DatagramSocket::send_owned_to`]
+    /// took whose datagrams have left since the last call, for the caller
+    /// to reuse. Sockets that never keep a buffer keep this default.
+    fn reclaim(&mut self, _spent: &mut Vec<Vec<u8>>) {}
     /// The next datagram if the socket already holds it in memory, like
     /// [`TunDevice::recv_buffered`].
     fn recv_buffered_from(&mut self, _buf: &mut [u8]) -> Option<(usize, SocketAddr)> {

@@ -225,6 +225,25 @@ impl DatagramSocket for DataUdp {
         }
     }
 
+    async fn send_owned_to(
+        &mut self,
+        data: Vec<u8>,
+        dst: SocketAddr,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.send_owned_to(data, dst, spent).await,
+            Self::Fast(s) => s.send_owned_to(data, dst, spent).await,
+        }
+    }
+
+    fn reclaim(&mut self, spent: &mut Vec<Vec<u8>>) {
+        match self {
+            Self::Plain(s) => s.reclaim(spent),
+            Self::Fast(s) => s.reclaim(spent),
+        }
+    }
+
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         match self {
             Self::Plain(_) => None,

@@ -275,6 +275,27 @@ impl DatagramSocket for FastUdp {
         self.shared.flush_udp_queue();
     }
 
+    async fn send_owned_to(
+        &mut self,
+        data: Vec<u8>,
+        dst: SocketAddr,
+        spent: &mut Vec<Vec<u8>>,
+    ) -> io::Result<()> {
+        match self.shared.outbox().udp.as_mut() {
+            Some(queue) => queue.push_owned(data, dst),
+            None => {
+                spent.push(data);
+                Ok(())
+            }
+        }
+    }
+
+    fn reclaim(&mut self, spent: &mut Vec<Vec<u8>>) {
+        if let Some(queue) = self.shared.outbox().udp.as_mut() {
+            queue.reclaim(spent);
+        }
+    }
+
     fn recv_buffered_from(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         self.hand_out_into(buf)
     }
@@ -348,6 +369,7 @@ impl DatagramSocket for FastUdp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
     use std::time::Duration;
 
     fn options() -> FastPathOptions {
@@ -420,6 +442,71 @@ mod tests {
             assert_eq!(d, g);
             assert_eq!(*f, from);
         }
+    }
+
+    /// Runs made of buffers given up are sent from those buffers, and the
+    /// buffers come back (all but the few kept for copies), with or
+    /// without the writer thread.
+    #[tokio::test]
+    async fn given_up_buffers_are_sent_where_they_lie_and_come_back() {
+        for thread in [false, true] {
+            let a = Arc::new(open(0, false, options()).unwrap());
+            let b = open(0, false, options()).unwrap();
+            let mut queue = SendQueue::new(a.clone(), false, true, thread, Arc::default()).unwrap();
+            // Two runs: 40 of 1200 bytes and a short last one, then 30 more
+            // after it (a run ends at a short datagram).
+            let sent: Vec<Vec<u8>> = (0..71)
+                .map(|i| datagram(i, if i == 40 { 700 } else { 1200 }))
+                .collect();
+            for d in &sent {
+                queue.push_owned(d.clone(), loopback(&b)).unwrap();
+            }
+            queue.flush();
+            let got = receive(&b, sent.len()).await;
+            assert_eq!(
+                got.into_iter().map(|(d, _)| d).collect::<Vec<_>>(),
+                sent,
+                "thread: {thread}"
+            );
+            let mut back = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while back.len() < sent.len() - super::super::udp_send::SPENT_KEPT
+                && std::time::Instant::now() < deadline
+            {
+                queue.reclaim(&mut back);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(
+                back.len(),
+                sent.len() - super::super::udp_send::SPENT_KEPT,
+                "every buffer but the kept ones came back (thread: {thread})"
+            );
+            assert!(back.iter().all(|b| b.is_empty() && b.capacity() >= 700));
+        }
+    }
+
+    /// The buffers given back are the very ones given up: nothing was
+    /// copied into a buffer of the queue's own.
+    #[tokio::test]
+    async fn the_buffers_that_come_back_are_the_ones_given_up() {
+        let a = Arc::new(open(0, false, options()).unwrap());
+        let b = open(0, false, options()).unwrap();
+        let mut queue = SendQueue::new(a, false, true, false, Arc::default()).unwrap();
+        let given: Vec<Vec<u8>> = (0..20).map(|i| datagram(i, 1000)).collect();
+        let addresses: BTreeSet<usize> = given.iter().map(|d| d.as_ptr() as usize).collect();
+        for d in given {
+            queue.push_owned(d, loopback(&b)).unwrap();
+        }
+        queue.flush();
+        let mut back = Vec::new();
+        queue.reclaim(&mut back);
+        assert_eq!(back.len(), 20 - super::super::udp_send::SPENT_KEPT);
+        assert!(
+            back.iter()
+                .all(|b| addresses.contains(&(b.as_ptr() as usize))),
+            "the same allocations"
+        );
+        assert_eq!(receive(&b, 20).await.len(), 20);
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! (falling back to one datagram per call where the kernel refuses GSO),
 //! and the optional writer thread that does the sending.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::{size_of, zeroed};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,20 +28,40 @@ const MAX_GSO_BYTES: usize = 65000;
 /// Room for one control message carrying an int.
 pub(super) const CMSG_ROOM: usize = 64;
 
+/// Spent buffers kept for copies of borrowed datagrams (the rest go back to
+/// the engine's pool through [`SendQueue::reclaim`], or are dropped when
+/// nobody reclaims them).
+pub(crate) const SPENT_KEPT: usize = 8;
+/// Spent buffers held at most between two reclaims; beyond, they are
+/// dropped (a queue whose owner never reclaims stays bounded).
+const SPENT_MAX: usize = 4 * MAX_GSO_SEGMENTS;
+/// Capacity of a buffer made for a copy of a borrowed datagram.
+const COPY_BUFFER_BYTES: usize = 2048;
+
 /// Datagrams waiting to be sent: one run of equal-sized datagrams to one
 /// destination (the last may be shorter), sent with one `sendmsg`.
+///
+/// The run is kept as the datagrams' own buffers, one `iovec` each: a
+/// buffer the engine gave up ([`SendQueue::push_owned`]) is sent from where
+/// it was encrypted, without being copied into one contiguous GSO buffer
+/// first (the kernel gathers the segments as it copies them in). Buffers
+/// whose datagrams have left come back through [`SendQueue::reclaim`].
 pub(crate) struct SendQueue {
     socket: Arc<UdpSocket>,
     dual_stack: bool,
     /// Cleared (by whoever sends) when the kernel refuses `UDP_SEGMENT`.
     gso: Arc<AtomicBool>,
     writer: Option<UdpWriter>,
-    buf: Vec<u8>,
+    /// The queued run's datagrams, in order.
+    parts: Vec<Vec<u8>>,
+    /// Bytes of the queued run.
+    bytes: usize,
     seg: usize,
-    count: usize,
     /// The run ended with a shorter datagram; nothing more can join it.
     closed: bool,
     dst: Option<SocketAddr>,
+    /// Buffers whose datagrams have left (or were refused).
+    spent: Vec<Vec<u8>>,
     /// Path MTUs learned from refused sends (shared with the socket, which
     /// keeps it across rebinds).
     pmtu: Arc<PathMtuTable>,
@@ -65,109 +85,157 @@ impl SendQueue {
             dual_stack,
             gso: Arc::new(AtomicBool::new(gso)),
             writer,
-            buf: Vec::with_capacity(MAX_GSO_BYTES + 2048),
+            parts: Vec::with_capacity(MAX_GSO_SEGMENTS),
+            bytes: 0,
             seg: 0,
-            count: 0,
             closed: false,
             dst: None,
+            spent: Vec::new(),
             pmtu,
         })
     }
 
-    /// Adds one datagram; sends the queued run first when it cannot join.
-    /// A datagram larger than the path MTU learned for `dst` is refused
-    /// with `EMSGSIZE`, as the kernel would refuse it, so the caller can
-    /// tell the inner sender at once.
+    /// Adds a copy of one datagram (see [`SendQueue::push_owned`]).
     pub(crate) fn push(&mut self, data: &[u8], dst: SocketAddr) -> io::Result<()> {
+        let mut buffer = self
+            .spent
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(COPY_BUFFER_BYTES));
+        buffer.clear();
+        buffer.extend_from_slice(data);
+        self.push_owned(buffer, dst)
+    }
+
+    /// Adds one datagram, sent later from the buffer it is in; sends the
+    /// queued run first when it cannot join. A datagram larger than the
+    /// path MTU learned for `dst` is refused with `EMSGSIZE`, as the kernel
+    /// would refuse it, so the caller can tell the inner sender at once
+    /// (its buffer is spent then too).
+    pub(crate) fn push_owned(&mut self, data: Vec<u8>, dst: SocketAddr) -> io::Result<()> {
+        self.take_back();
         if self.pmtu.too_big(dst.ip(), data.len()) {
+            self.spend(data);
             return Err(too_big_error());
         }
         let dst = map_out(self.dual_stack, dst);
-        if self.count > 0
+        if !self.parts.is_empty()
             && (!self.gso.load(Ordering::Relaxed)
                 || self.closed
                 || self.dst != Some(dst)
                 || data.len() > self.seg
-                || self.count >= MAX_GSO_SEGMENTS
-                || self.buf.len() + data.len() > MAX_GSO_BYTES)
+                || self.parts.len() >= MAX_GSO_SEGMENTS
+                || self.bytes + data.len() > MAX_GSO_BYTES)
         {
             self.flush();
         }
-        if self.count == 0 {
+        if self.parts.is_empty() {
             self.seg = data.len();
             self.dst = Some(dst);
             self.closed = false;
-            self.buf.clear();
+            self.bytes = 0;
         }
         if data.len() < self.seg {
             self.closed = true;
         }
-        self.buf.extend_from_slice(data);
-        self.count += 1;
+        self.bytes += data.len();
+        self.parts.push(data);
         Ok(())
     }
 
     /// Datagrams queued (the tests check how runs form).
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
-        self.count
+        self.parts.len()
+    }
+
+    /// Hands every spent buffer but a few (kept for copies of borrowed
+    /// datagrams) to `into`: the engine's pool takes them back.
+    pub(crate) fn reclaim(&mut self, into: &mut Vec<Vec<u8>>) {
+        self.take_back();
+        if self.spent.len() > SPENT_KEPT {
+            into.extend(self.spent.drain(SPENT_KEPT..));
+        }
+    }
+
+    /// Files a buffer whose datagram has left, within the bound.
+    fn spend(&mut self, mut buffer: Vec<u8>) {
+        if self.spent.len() < SPENT_MAX {
+            buffer.clear();
+            self.spent.push(buffer);
+        }
+    }
+
+    /// Takes back the buffers of runs the writer thread has sent.
+    fn take_back(&mut self) {
+        while let Some(mut parts) = self.writer.as_ref().and_then(UdpWriter::spare) {
+            for buffer in parts.drain(..) {
+                self.spend(buffer);
+            }
+            if self.parts.capacity() == 0 {
+                // The emptied list is kept for the next run.
+                self.parts = parts;
+            }
+        }
     }
 
     /// Sends the queued run (or hands it to the writer thread).
     pub(crate) fn flush(&mut self) {
-        if self.count == 0 {
+        if self.parts.is_empty() {
             return;
         }
         let Some(dst) = self.dst else { return };
-        self.count = 0;
-        let seg = (self.buf.len() > self.seg).then_some(self.seg);
-        let spare = self.writer.as_ref().and_then(UdpWriter::spare);
-        let buf = match spare {
-            Some(spare) => std::mem::replace(&mut self.buf, spare),
-            None if self.writer.is_some() => {
-                std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_GSO_BYTES + 2048))
-            }
-            None => std::mem::take(&mut self.buf),
-        };
+        let seg = (self.parts.len() > 1).then_some(self.seg);
+        let parts = std::mem::take(&mut self.parts);
         let run = UdpRun {
             socket: self.socket.clone(),
-            buf,
+            parts,
             dst: SockAddr::from(dst),
             seg,
             gso: self.gso.clone(),
             pmtu: self.pmtu.clone(),
         };
+        self.bytes = 0;
         match &self.writer {
             Some(writer) => writer.submit(run),
             None => {
                 send_run(&run);
-                self.buf = run.buf;
+                let mut parts = run.parts;
+                for buffer in parts.drain(..) {
+                    self.spend(buffer);
+                }
+                // The emptied list is kept for the next run.
+                self.parts = parts;
             }
         }
-        self.buf.clear();
     }
 }
 
-/// One `sendmsg` of `data` to `addr`, cut by the kernel into datagrams of
-/// `segment` bytes when given. Waits briefly for room when the socket buffer
-/// is full (the loop must not drop a burst it just encrypted).
+/// One `sendmsg` of `parts`, back to back, to `addr`, cut by the kernel
+/// into datagrams of `segment` bytes when given (without, the parts make
+/// one datagram). Waits briefly for room when the socket buffer is full
+/// (the loop must not drop a burst it just encrypted).
 pub(crate) fn send_segments(
     fd: RawFd,
-    data: &[u8],
+    parts: &[&[u8]],
     addr: &SockAddr,
     segment: Option<usize>,
 ) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
+    if parts.len() > MAX_GSO_SEGMENTS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_GSO_SEGMENTS];
+    for (slot, part) in iov.iter_mut().zip(parts) {
+        *slot = IoSlice::new(part);
+    }
     let mut control = [0u64; CMSG_ROOM / 8];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_name = addr.as_ptr() as *mut libc::c_void;
     msg.msg_namelen = addr.len();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    // `IoSlice` is ABI-compatible with `iovec` on Unix (the standard
+    // library guarantees it), so the array is the kernel's iovec array.
+    msg.msg_iov = iov.as_mut_ptr().cast::<libc::iovec>();
+    msg.msg_iovlen = parts.len() as _;
     if let Some(segment) = segment {
         let segment =
             u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -186,8 +254,8 @@ pub(crate) fn send_segments(
         }
     }
     for _ in 0..200 {
-        // SAFETY: msg points at live buffers (iov, the address, control)
-        // for the duration of the call.
+        // SAFETY: msg points at live buffers (iov and the parts it borrows,
+        // the address, control) for the duration of the call.
         let sent = unsafe { libc::sendmsg(fd, &msg, 0) };
         if sent >= 0 {
             return Ok(());
@@ -210,7 +278,8 @@ pub(crate) fn send_segments(
 /// One run of datagrams for one destination.
 pub(crate) struct UdpRun {
     pub(crate) socket: Arc<UdpSocket>,
-    pub(crate) buf: Vec<u8>,
+    /// The datagrams, in order, each in its own buffer.
+    pub(crate) parts: Vec<Vec<u8>>,
     pub(crate) dst: SockAddr,
     /// Segment size for `UDP_SEGMENT` (`None`: one datagram).
     pub(crate) seg: Option<usize>,
@@ -223,28 +292,27 @@ pub(crate) struct UdpRun {
 /// The loop's end of the UDP writer thread.
 pub(crate) struct UdpWriter {
     tx: SyncSender<UdpRun>,
-    back: Receiver<Vec<u8>>,
+    back: Receiver<Vec<Vec<u8>>>,
 }
 
 impl UdpWriter {
     /// Starts the thread; it ends when this end is dropped.
     pub(crate) fn spawn() -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<UdpRun>(WRITER_DEPTH);
-        let (back_tx, back) = sync_channel::<Vec<u8>>(WRITER_DEPTH + 2);
+        let (back_tx, back) = sync_channel::<Vec<Vec<u8>>>(WRITER_DEPTH + 2);
         thread::Builder::new()
             .name("wgmesh-udp-tx".into())
             .spawn(move || {
-                while let Ok(mut run) = rx.recv() {
+                while let Ok(run) = rx.recv() {
                     send_run(&run);
-                    run.buf.clear();
-                    let _ = back_tx.try_send(run.buf);
+                    let _ = back_tx.try_send(run.parts);
                 }
             })?;
         Ok(Self { tx, back })
     }
 
-    /// A cleared buffer from an earlier run, if one came back.
-    pub(crate) fn spare(&self) -> Option<Vec<u8>> {
+    /// The buffers of an earlier run, once sent, if they came back.
+    pub(crate) fn spare(&self) -> Option<Vec<Vec<u8>>> {
         self.back.try_recv().ok()
     }
 
@@ -264,7 +332,13 @@ impl UdpWriter {
 /// refuse GSO, it refused the size.
 pub(crate) fn send_run(run: &UdpRun) {
     let fd = run.socket.as_raw_fd();
-    match send_segments(fd, &run.buf, &run.dst, run.seg) {
+    let mut parts = [&[][..]; MAX_GSO_SEGMENTS];
+    let count = run.parts.len().min(MAX_GSO_SEGMENTS);
+    for (slot, part) in parts.iter_mut().zip(&run.parts) {
+        *slot = part;
+    }
+    let parts = &parts[..count];
+    match send_segments(fd, parts, &run.dst, run.seg) {
         Ok(()) => {}
         Err(e) if is_too_big(&e) => learn_path_mtu(run, &e),
         Err(e)
@@ -274,10 +348,9 @@ pub(crate) fn send_run(run: &UdpRun) {
                     Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
                 ) =>
         {
-            let seg = run.seg.unwrap_or(run.buf.len()).max(1);
             let mut too_big = None;
-            for chunk in run.buf.chunks(seg) {
-                match send_segments(fd, chunk, &run.dst, None) {
+            for part in parts {
+                match send_segments(fd, std::slice::from_ref(part), &run.dst, None) {
                     Ok(()) => {}
                     Err(e) if is_too_big(&e) => too_big = Some(e),
                     Err(e) => debug!(error = %e, "UDP send failed"),
@@ -304,5 +377,5 @@ fn learn_path_mtu(run: &UdpRun, error: &io::Error) {
         return;
     };
     let path_mtu = run.pmtu.learn(dst.ip(), std::time::Instant::now());
-    debug!(%dst, ?path_mtu, len = run.buf.len(), segment = ?run.seg, error = %error, "datagrams too big for the path");
+    debug!(%dst, ?path_mtu, len = run.parts.iter().map(Vec::len).sum::<usize>(), segment = ?run.seg, error = %error, "datagrams too big for the path");
 }
