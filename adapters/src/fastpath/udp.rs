@@ -481,7 +481,8 @@ mod tests {
                 sent.len() - super::super::udp_send::SPENT_KEPT,
                 "every buffer but the kept ones came back (thread: {thread})"
             );
-            assert!(back.iter().all(|b| b.is_empty() && b.capacity() >= 700));
+            // They keep their length, so the pool need not zero them again.
+            assert!(back.iter().all(|b| b.len() >= 700));
         }
     }
 

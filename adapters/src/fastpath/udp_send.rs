@@ -157,10 +157,11 @@ impl SendQueue {
         }
     }
 
-    /// Files a buffer whose datagram has left, within the bound.
-    fn spend(&mut self, mut buffer: Vec<u8>) {
+    /// Files a buffer whose datagram has left, within the bound. It keeps
+    /// its length: the engine's pool resizes a buffer to the next
+    /// datagram's size, and only bytes beyond the old length are zeroed.
+    fn spend(&mut self, buffer: Vec<u8>) {
         if self.spent.len() < SPENT_MAX {
-            buffer.clear();
             self.spent.push(buffer);
         }
     }
