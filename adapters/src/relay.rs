@@ -667,21 +667,14 @@ impl<S: DatagramSocket> DatagramSocket for RelaySocket<S> {
         dst: SocketAddr,
         spent: &mut Vec<Vec<u8>>,
     ) -> io::Result<()> {
-        let Self { inner, relay, .. } = self;
-        let Some(relay) = relay.as_mut().filter(|r| r.peers.contains(&dst)) else {
+        if !self.relay.as_ref().is_some_and(|r| r.peers.contains(&dst)) {
             // Datagrams that do not go through the relay leave from the
             // buffer they were encrypted in, as without a relay.
-            return inner.send_owned_to(data, dst, spent).await;
-        };
-        // A relayed datagram is wrapped (copied behind a TURN header), so
-        // its own buffer is spent at once.
-        let result = match Self::flush_outbox(inner, relay).await {
-            Ok(()) => match relay.wrap(&data, dst, Instant::now()) {
-                Some(message) => inner.send_to(&message, relay.settings.server).await,
-                None => Ok(()),
-            },
-            Err(e) => Err(e),
-        };
+            return self.inner.send_owned_to(data, dst, spent).await;
+        }
+        // A relayed datagram is wrapped (copied behind a TURN header) by
+        // `send_to`, so its own buffer is spent at once.
+        let result = self.send_to(&data, dst).await;
         spent.push(data);
         result
     }
