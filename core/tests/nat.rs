@@ -665,3 +665,42 @@ fn a_wake_after_the_direct_path_lapsed_unseen_goes_over_the_relay_too() {
     assert_eq!(w.delivered(1, b"wake").len(), 1);
     assert!(w.nodes[0].engine.counters().sent_via_relay_too >= 1);
 }
+
+#[test]
+fn a_trimmed_peer_wakes_over_its_last_direct_path_in_one_direct_round_trip() {
+    let mut w = World::new([Mapping::EndpointIndependent; 2]);
+    w.start();
+    w.run_for(Duration::from_secs(1));
+    traffic(&mut w, Duration::from_secs(5), b"warm");
+    assert_eq!(w.peer_status(0).endpoint, Some(w.public(1)));
+
+    // Idle past the lazy-peer threshold: each side trims the other out of
+    // WireGuard. The direct path stays up (both NATs keep their mappings).
+    w.run_for(LAZY_PEER_IDLE_THRESHOLD + Duration::from_secs(30));
+    for i in 0..2 {
+        assert_eq!(w.nodes[i].engine.counters().peers_trimmed, 1, "node {i}");
+    }
+
+    // The wake's handshake goes to the last best path as well as the
+    // relay (its trust lapsed long ago), as the reference's magicsock
+    // keeps an endpoint's best address while WireGuard drops the peer. So
+    // the handshake and the packet behind it take one direct round trip
+    // and a hop, not the relay's.
+    let wake = w.now;
+    w.send_udp(0, 1, b"wake");
+    w.run_for(Duration::from_secs(1));
+    let delivered = w.delivered(1, b"wake");
+    assert_eq!(delivered.len(), 1);
+    let took = delivered[0] - wake;
+    println!("wake delivered after {:.3} s", took.as_secs_f64());
+    assert!(
+        took <= 3 * HOP + Duration::from_millis(1),
+        "the wake took {took:?}: 3 direct hops are {:?}, the relay's one-way delay is {RELAY_DELAY:?}",
+        3 * HOP
+    );
+    assert!(w.nodes[0].engine.counters().sent_via_relay_too >= 1);
+    // Traffic stays on the direct path once the peers are awake.
+    traffic(&mut w, Duration::from_secs(5), b"after");
+    assert_eq!(w.peer_status(0).endpoint, Some(w.public(1)));
+    assert!(!w.peer_status(0).via_relay);
+}

@@ -155,7 +155,21 @@ impl Engine {
             self.discard_staged(&mut wg.staged);
         }
         let key = self.peers[slot].config.public_key;
-        self.disco.remove_peer(slot);
+        match reason {
+            // An idle peer keeps its paths, as the reference's magicsock
+            // keeps an endpoint's best address while WireGuard drops the
+            // peer: the first packet after the wake goes to the last best
+            // path (whose trust has lapsed by then, so over the relay too)
+            // instead of over the relay alone, and a wake whose direct path
+            // still works completes in one direct round trip. Nothing of it
+            // runs while the peer is idle (no heartbeat for an inactive
+            // peer), so idle peers cost no wake-ups.
+            RemoveReason::Idle { .. } => {}
+            RemoveReason::RemovedFromConfig
+            | RemoveReason::DiscoKeyChanged
+            | RemoveReason::ConfigChanged
+            | RemoveReason::Closed => self.disco.remove_peer(slot),
+        }
         debug!(peer = ?key, ?reason, "peer removed from WireGuard");
         self.outputs
             .push_back(Output::Event(Event::PeerRemoved { peer: key, reason }));

@@ -139,10 +139,12 @@ impl Engine {
                     .pings
                     .insert(now, request, MatchKey::Disco(tx_id), info);
                 self.timers.push(now + PING_TIMEOUT, TimerKey::Ping(id));
-                // The peer's disco state leaves with it when it is trimmed,
-                // and this ping's pending entry with it, so a disco ping is
-                // activity too: one sent in the last round trip before the
-                // trim timed out though the peer answered (`explore --seed 900`).
+                // A disco ping is activity too: the user wants the peer.
+                // When the trim still took the peer's disco state, a ping
+                // sent in the last round trip before the trim lost its
+                // pending entry with it and timed out though the peer
+                // answered (`explore --seed 900`); the trim keeps that state
+                // now, and the activity still keeps the peer for the answer.
                 if self.record_send_activity(now, slot) {
                     self.reschedule_peer(slot);
                 }

@@ -10,8 +10,9 @@ pub(crate) struct DiscoState {
     /// This node's own endpoints, offered in the call-me-maybes we send.
     own_endpoints: Vec<SocketAddr>,
     peers: BTreeMap<PeerSlot, PeerDisco>,
-    /// Kept apart from `peers`, whose entry goes when the peer is trimmed:
-    /// a trim must not reopen the window for a captured datagram. It goes
+    /// Kept apart from `peers`, whose entry goes when the peer leaves
+    /// WireGuard for any reason but idleness (a disco-key flush, say): that
+    /// must not reopen the window for a captured datagram. It goes
     /// when the peer leaves the config or loses its disco key.
     replay: BTreeMap<PeerSlot, Box<ReplayWindow>>,
     schedule: BTreeSet<(Instant, PeerSlot)>,
@@ -159,7 +160,9 @@ impl DiscoState {
         out
     }
 
-    /// The peer left WireGuard: its paths go, its replay window stays.
+    /// The peer left WireGuard other than by the idle trim (which keeps
+    /// its paths, see `Engine::unconfigure_peer`): its paths go, its replay
+    /// window stays.
     pub(crate) fn remove_peer(&mut self, slot: PeerSlot) {
         if let Some(peer) = self.peers.remove(&slot) {
             if let Some(at) = peer.next_at {
