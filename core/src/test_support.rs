@@ -352,7 +352,7 @@ impl Net {
                             effect_name(&e)
                         ));
                     }
-                    self.nodes[i].effects.push((now, e));
+                    self.nodes[i].effects.push((now, *e));
                 }
                 Output::Event(e) => {
                     if self.record_trace {
@@ -363,7 +363,7 @@ impl Net {
                             event_name(&e, self)
                         ));
                     }
-                    self.nodes[i].events.push((now, e));
+                    self.nodes[i].events.push((now, *e));
                 }
                 Output::PingResult(r) => {
                     if self.record_trace {
@@ -380,7 +380,7 @@ impl Net {
                             }
                         ));
                     }
-                    self.nodes[i].pings.push((now, r));
+                    self.nodes[i].pings.push((now, *r));
                 }
                 Output::Status(s) => self.nodes[i].statuses.push((now, *s)),
                 Output::Capture(_) => {}

@@ -206,13 +206,13 @@ impl World {
                 Output::Transmit(t) => self.leave(i, t.dst, t.data),
                 Output::TunWrite(p) => self.nodes[i].tun_out.push((self.now, p)),
                 Output::Effect(e) => {
-                    if let Effect::EndpointsChanged(endpoints) = &e {
+                    if let Effect::EndpointsChanged(endpoints) = &*e {
                         self.nodes[i].endpoints = endpoints.iter().map(|e| e.addr).collect();
                         updated_endpoints = true;
                     }
-                    self.nodes[i].effects.push((self.now, e));
+                    self.nodes[i].effects.push((self.now, *e));
                 }
-                Output::Event(e) => self.nodes[i].events.push((self.now, e)),
+                Output::Event(e) => self.nodes[i].events.push((self.now, *e)),
                 Output::Status(s) => self.nodes[i].statuses.push(*s),
                 other => drop(other),
             }

@@ -397,16 +397,16 @@ impl Executor {
                     if let Some(report) = self.socket_effect(socket, &effect).await {
                         let _ = engine.handle_input(now, Input::Health(report));
                     }
-                    sink.apply(effect);
+                    sink.apply(*effect);
                 }
                 Output::Event(event) => {
                     log_event(&event);
-                    let _ = self.events.send(event);
+                    let _ = self.events.send(*event);
                 }
                 Output::PingResult(result) => {
                     debug!(id = result.id, ip = %result.ip, kind = result.kind.as_str(), outcome = ?result.outcome, "ping ended");
                     if let Some(reply) = self.pings.remove(&result.id) {
-                        let _ = reply.send(result);
+                        let _ = reply.send(*result);
                     }
                 }
                 Output::Status(mut status) => {

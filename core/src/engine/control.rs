@@ -12,7 +12,9 @@ use crate::config::{DnsConfig, RouterConfig};
 impl Engine {
     pub(super) fn link_change(&mut self, change: LinkChange) {
         self.outputs
-            .push_back(Output::Effect(Effect::SetNetworkUp(change.any_link_up)));
+            .push_back(Output::Effect(Box::new(Effect::SetNetworkUp(
+                change.any_link_up,
+            ))));
         let was_up = self.network_up;
         // While no link is up no disco message leaves (see
         // `run_disco_actions`): heartbeats and path pings pause.
@@ -24,7 +26,7 @@ impl Engine {
             if was_up {
                 info!("all links down; pausing disco and flushing DNS caches");
                 self.outputs
-                    .push_back(Output::Effect(Effect::FlushDnsCaches));
+                    .push_back(Output::Effect(Box::new(Effect::FlushDnsCaches)));
             }
             return;
         }
@@ -44,24 +46,27 @@ impl Engine {
             self.counters.link_changes_major += 1;
             info!("major link change");
             self.outputs
-                .push_back(Output::Effect(Effect::FlushDnsCaches));
+                .push_back(Output::Effect(Box::new(Effect::FlushDnsCaches)));
             if self.applied.have_config {
                 self.outputs
-                    .push_back(Output::Effect(Effect::ApplyDns(self.applied.dns.clone())));
+                    .push_back(Output::Effect(Box::new(Effect::ApplyDns(
+                        self.applied.dns.clone(),
+                    ))));
             }
-            self.outputs.push_back(Output::Effect(Effect::Rebind));
             self.outputs
-                .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
+                .push_back(Output::Effect(Box::new(Effect::Rebind)));
+            self.outputs
+                .push_back(Output::Effect(Box::new(Effect::ReDiscoverEndpoints {
                     reason: "link-change-major",
-                }));
+                })));
             let actions = self.disco.reset_paths(self.now, &mut self.rng);
             self.run_disco_actions(self.now, actions);
         } else {
             self.counters.link_changes_minor += 1;
             self.outputs
-                .push_back(Output::Effect(Effect::ReDiscoverEndpoints {
+                .push_back(Output::Effect(Box::new(Effect::ReDiscoverEndpoints {
                     reason: "link-change-minor",
-                }));
+                })));
         }
     }
 
@@ -160,7 +165,7 @@ impl Engine {
         // 1. Every pending ping ends.
         for result in self.pings.drain_closed() {
             self.counters.pings_failed += 1;
-            self.outputs.push_back(Output::PingResult(result));
+            self.outputs.push_back(Output::PingResult(Box::new(result)));
         }
         self.opens.clear();
         // 2. Peers leave WireGuard.
@@ -171,16 +176,20 @@ impl Engine {
         // 3. The OS is given back its routes and DNS.
         if self.applied.have_config {
             self.outputs
-                .push_back(Output::Effect(Effect::ApplyRouter(RouterConfig::default())));
+                .push_back(Output::Effect(Box::new(Effect::ApplyRouter(
+                    RouterConfig::default(),
+                ))));
             self.outputs
-                .push_back(Output::Effect(Effect::ApplyDns(DnsConfig::default())));
+                .push_back(Output::Effect(Box::new(Effect::ApplyDns(
+                    DnsConfig::default(),
+                ))));
             if self.applied.is_subnet_router {
                 if let Some(protocol) = self.applied.knobs.bird_protocol.clone() {
                     self.outputs
-                        .push_back(Output::Effect(Effect::SetBirdProtocol {
+                        .push_back(Output::Effect(Box::new(Effect::SetBirdProtocol {
                             protocol,
                             enabled: false,
-                        }));
+                        })));
                 }
             }
         }

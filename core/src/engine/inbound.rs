@@ -233,10 +233,10 @@ impl Engine {
         let key = peer.config.public_key;
         debug!(peer = ?key, endpoint = %from, "handshake completed");
         self.outputs
-            .push_back(Output::Event(Event::HandshakeCompleted {
+            .push_back(Output::Event(Box::new(Event::HandshakeCompleted {
                 peer: key,
                 endpoint: from,
-            }));
+            })));
     }
 
     /// A decrypted packet from a peer: check its source, filter it, intercept
@@ -527,11 +527,12 @@ impl Engine {
                 } => {
                     self.counters.path_changes += 1;
                     let peer = self.peers[slot].config.public_key;
-                    self.outputs.push_back(Output::Event(Event::PathChanged {
-                        peer,
-                        endpoint,
-                        latency,
-                    }));
+                    self.outputs
+                        .push_back(Output::Event(Box::new(Event::PathChanged {
+                            peer,
+                            endpoint,
+                            latency,
+                        })));
                 }
                 DiscoAction::CallMeMaybeReceived => self.counters.disco_call_me_maybe_received += 1,
                 DiscoAction::CallMeMaybeNoRelay => {

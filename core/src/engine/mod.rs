@@ -448,7 +448,7 @@ impl Engine {
                 TimerKey::Ping(id) => {
                     if let Some(result) = self.pings.time_out(id) {
                         self.counters.pings_timed_out += 1;
-                        self.outputs.push_back(Output::PingResult(result));
+                        self.outputs.push_back(Output::PingResult(Box::new(result)));
                     }
                 }
                 TimerKey::Engine(EngineTimer::PendingOpens) => {

@@ -141,7 +141,9 @@ impl Engine {
                 "own endpoints changed"
             );
             self.outputs
-                .push_back(Output::Effect(Effect::EndpointsChanged(endpoints)));
+                .push_back(Output::Effect(Box::new(Effect::EndpointsChanged(
+                    endpoints,
+                ))));
         }
         if let Some(at) = self.endpoints.next_deadline() {
             if self.stun_timer_at.is_none_or(|queued| at < queued) {

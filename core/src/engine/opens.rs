@@ -31,7 +31,9 @@ impl Engine {
             };
             info!(src = %failed.src, dst = %failed.dst, ?cause, "outbound connection got no answer");
             self.outputs
-                .push_back(Output::Event(Event::ConnectionFailed(Box::new(failed))));
+                .push_back(Output::Event(Box::new(Event::ConnectionFailed(Box::new(
+                    failed,
+                )))));
         }
         self.schedule_opens();
     }

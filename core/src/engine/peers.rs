@@ -127,7 +127,10 @@ impl Engine {
         let key = peer.config.public_key;
         debug!(peer = ?key, ?woken, "peer configured");
         self.outputs
-            .push_back(Output::Event(Event::PeerConfigured { peer: key, woken }));
+            .push_back(Output::Event(Box::new(Event::PeerConfigured {
+                peer: key,
+                woken,
+            })));
         if let Some(disco_key) = peer.config.disco_key {
             self.disco
                 .ensure_peer(slot, disco_key, &peer.config.endpoints);
@@ -172,7 +175,10 @@ impl Engine {
         }
         debug!(peer = ?key, ?reason, "peer removed from WireGuard");
         self.outputs
-            .push_back(Output::Event(Event::PeerRemoved { peer: key, reason }));
+            .push_back(Output::Event(Box::new(Event::PeerRemoved {
+                peer: key,
+                reason,
+            })));
         self.reschedule_peer(slot);
     }
 

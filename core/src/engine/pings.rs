@@ -49,15 +49,17 @@ impl Engine {
         self.counters.pings_started += 1;
         let fail = |engine: &mut Self, message: String, is_local_ip: bool| {
             engine.counters.pings_failed += 1;
-            engine.outputs.push_back(Output::PingResult(PingResult {
-                id: request.id,
-                ip: request.ip,
-                kind: request.kind,
-                outcome: PingOutcome::Error {
-                    message,
-                    is_local_ip,
-                },
-            }));
+            engine
+                .outputs
+                .push_back(Output::PingResult(Box::new(PingResult {
+                    id: request.id,
+                    ip: request.ip,
+                    kind: request.kind,
+                    outcome: PingOutcome::Error {
+                        message,
+                        is_local_ip,
+                    },
+                })));
         };
         let slot = match self.peer_slot_for_ip(request.ip) {
             Ok(slot) => slot,
@@ -180,7 +182,7 @@ impl Engine {
         match self.pings.complete(now, key, slot, endpoint, peerapi_port) {
             Some(result) => {
                 self.counters.pings_answered += 1;
-                self.outputs.push_back(Output::PingResult(result));
+                self.outputs.push_back(Output::PingResult(Box::new(result)));
                 true
             }
             None => false,

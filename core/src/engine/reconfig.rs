@@ -199,11 +199,12 @@ impl Engine {
             let slot = flush.slot;
             self.counters.sessions_flushed += 1;
             let peer = self.peers[slot].config.public_key;
-            self.outputs.push_back(Output::Event(Event::SessionFlushed {
-                peer,
-                old_disco: flush.old_disco,
-                new_disco: flush.new_disco,
-            }));
+            self.outputs
+                .push_back(Output::Event(Box::new(Event::SessionFlushed {
+                    peer,
+                    old_disco: flush.old_disco,
+                    new_disco: flush.new_disco,
+                })));
             self.configure_peer(now, slot, None);
             if flush.peer_may_hold_session {
                 self.initiate_after_flush(now, slot);
@@ -267,15 +268,17 @@ impl Engine {
                 listen_port
             };
             self.outputs
-                .push_back(Output::Effect(Effect::SetListenPort(port)));
+                .push_back(Output::Effect(Box::new(Effect::SetListenPort(port))));
         }
         if changes.router {
             self.outputs
-                .push_back(Output::Effect(Effect::ApplyRouter(router.clone())));
+                .push_back(Output::Effect(Box::new(Effect::ApplyRouter(
+                    router.clone(),
+                ))));
         }
         if changes.dns {
             self.outputs
-                .push_back(Output::Effect(Effect::ApplyDns(dns.clone())));
+                .push_back(Output::Effect(Box::new(Effect::ApplyDns(dns.clone()))));
         }
         // A resolver inside a peer's AllowedIPs or a tunnel route is reached
         // through the tunnel: the DNS config belongs on the tunnel link.
@@ -284,13 +287,15 @@ impl Engine {
         });
         if first || dns_via_tunnel != self.applied.dns_via_tunnel {
             self.outputs
-                .push_back(Output::Effect(Effect::SetDnsViaTunnel(dns_via_tunnel)));
+                .push_back(Output::Effect(Box::new(Effect::SetDnsViaTunnel(
+                    dns_via_tunnel,
+                ))));
         }
         if changes.path_mtu {
             self.outputs
-                .push_back(Output::Effect(Effect::SetPathMtuDiscovery(
+                .push_back(Output::Effect(Box::new(Effect::SetPathMtuDiscovery(
                     knobs.path_mtu_discovery,
-                )));
+                ))));
         }
         if changes.subnet_router {
             if let Some(old) = self
@@ -302,18 +307,18 @@ impl Engine {
             {
                 if self.applied.is_subnet_router {
                     self.outputs
-                        .push_back(Output::Effect(Effect::SetBirdProtocol {
+                        .push_back(Output::Effect(Box::new(Effect::SetBirdProtocol {
                             protocol: old,
                             enabled: false,
-                        }));
+                        })));
                 }
             }
             if let Some(protocol) = knobs.bird_protocol.clone() {
                 self.outputs
-                    .push_back(Output::Effect(Effect::SetBirdProtocol {
+                    .push_back(Output::Effect(Box::new(Effect::SetBirdProtocol {
                         protocol,
                         enabled: is_subnet_router,
-                    }));
+                    })));
             }
         }
         let trimming = self

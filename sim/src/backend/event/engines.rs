@@ -162,9 +162,9 @@ impl Tailnet {
                 self.os_receive(i, &packet, os_inputs);
                 self.recycle(i, packet);
             }
-            Output::Effect(e) => self.effect(i, e),
-            Output::Event(e) => self.engine_event(i, e),
-            Output::PingResult(r) => self.ping_result(i, r),
+            Output::Effect(e) => self.effect(i, *e),
+            Output::Event(e) => self.engine_event(i, *e),
+            Output::PingResult(r) => self.ping_result(i, *r),
             Output::Status(s) => {
                 let configured = s.peers.iter().filter(|p| p.configured).count();
                 self.log(
