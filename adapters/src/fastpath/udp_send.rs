@@ -149,12 +149,16 @@ impl SendQueue {
     }
 
     /// Hands every spent buffer but a few (kept for copies of borrowed
-    /// datagrams) to `into`: the engine's pool takes them back.
-    pub(crate) fn reclaim(&mut self, into: &mut Vec<Vec<u8>>) {
+    /// datagrams) to `into`: the engine's pool takes them back. Returns
+    /// whether given-up buffers may still be on their way (a run not sent
+    /// yet, or a writer thread that may hold one): until then, a caller
+    /// that has given up no new buffer need not call again.
+    pub(crate) fn reclaim(&mut self, into: &mut Vec<Vec<u8>>) -> bool {
         self.take_back();
         if self.spent.len() > SPENT_KEPT {
             into.extend(self.spent.drain(SPENT_KEPT..));
         }
+        !self.parts.is_empty() || self.writer.is_some()
     }
 
     /// Files a buffer whose datagram has left, within the bound. It keeps
