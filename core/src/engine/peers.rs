@@ -227,6 +227,14 @@ impl Engine {
         let peer = &mut self.peers[slot];
         let keepalive_secs = peer.config.persistent_keepalive_secs.unwrap_or(0);
         if let Some(wg) = peer.wg.as_mut() {
+            // Woken for the idle check of a peer that was active since, or
+            // at a deadline that moved later: WireGuard's timers are left
+            // alone (see `SessionTimers::wireguard_timer_due`), and the
+            // next send or receive runs them as before.
+            if !wg.timers.wireguard_timer_due(now, !wg.staged.is_empty()) {
+                self.reschedule_peer(slot);
+                return;
+            }
             let keepalive_due = wg.timers.persistent_keepalive_due(now);
             wg.timers.on_timers_run(now, keepalive_secs);
             let mut action = wg.tunnel.update_timers(now, &mut self.buffers.wg_scratch);

@@ -384,10 +384,54 @@ impl SessionTimers {
     /// `staged` says packets wait for a session: then a handshake that had
     /// to wait for the peer's confirmation starts when that wait ends.
     pub(crate) fn next_deadline(&self, now: Instant, staged: bool) -> Option<(Instant, PeerTimer)> {
-        if self.expired {
-            return None;
+        let mut next: Option<(Instant, PeerTimer)> = None;
+        for (at, timer) in self.deadlines(staged) {
+            let Some(at) = at.filter(|t| *t > now) else {
+                continue;
+            };
+            if next.is_none_or(|(best, _)| at < best) {
+                next = Some((at, timer));
+            }
         }
-        let candidates = [
+        next
+    }
+
+    /// Whether one of WireGuard's own timers (those of
+    /// [`SessionTimers::next_deadline`]) is due at `now`: its instant has
+    /// come and the event that would have acted on it or cancelled it
+    /// (a retransmission, a send, an answer) has not happened.
+    ///
+    /// The peer's deadline also fires for the idle check, and the queue
+    /// keeps an earlier deadline when a later one replaces it; running the
+    /// WireGuard implementation's timers at such a wake-up is not neutral.
+    /// boringtun checks its session-age rules whenever its timers run:
+    /// "received something since the session began, and the session we
+    /// initiated is 165 s old" starts a handshake at any timer run after
+    /// that age, where WireGuard checks it only when a packet arrives. A
+    /// peer that had heard its partner once (a passive keepalive 10 s into
+    /// the session) then started a handshake minutes later, at a stale idle
+    /// deadline, for no traffic at all, and it crossed its partner's wake
+    /// (`wgmesh-sim explore --seed 503`).
+    pub(crate) fn wireguard_timer_due(&self, now: Instant, staged: bool) -> bool {
+        self.deadlines(staged)
+            .iter()
+            .any(|(at, _)| at.is_some_and(|t| t <= now))
+    }
+
+    /// Each of WireGuard's own timers with its instant, if armed (none
+    /// once WireGuard gave up the session).
+    fn deadlines(&self, staged: bool) -> [(Option<Instant>, PeerTimer); 6] {
+        if self.expired {
+            return [
+                (None, PeerTimer::HandshakeRetry),
+                (None, PeerTimer::HandshakeGiveUp),
+                (None, PeerTimer::NoReplyRehandshake),
+                (None, PeerTimer::PassiveKeepalive),
+                (None, PeerTimer::StagedHandshake),
+                (None, PeerTimer::PersistentKeepalive),
+            ];
+        }
+        [
             (
                 self.last_initiation_sent.map(|t| t + REKEY_TIMEOUT),
                 PeerTimer::HandshakeRetry,
@@ -416,17 +460,7 @@ impl SessionTimers {
                 self.next_persistent_keepalive,
                 PeerTimer::PersistentKeepalive,
             ),
-        ];
-        let mut next: Option<(Instant, PeerTimer)> = None;
-        for (at, timer) in candidates {
-            let Some(at) = at.filter(|t| *t > now) else {
-                continue;
-            };
-            if next.is_none_or(|(best, _)| at < best) {
-                next = Some((at, timer));
-            }
-        }
-        next
+        ]
     }
 }
 
@@ -485,6 +519,45 @@ mod tests {
         // Tests own the clock; this reading only fixes an epoch.
         #[allow(clippy::disallowed_methods)]
         Instant::now()
+    }
+
+    #[test]
+    fn a_wireguard_timer_is_due_only_until_its_event_happened() {
+        let t0 = epoch();
+        let secs = Duration::from_secs;
+        let mut timers = SessionTimers::new(t0, None);
+        assert!(!timers.wireguard_timer_due(t0 + secs(600), false), "fresh");
+
+        // A session we initiated; data both ways; the peer's passive
+        // keepalive 10 s in.
+        timers.on_initiation_sent(t0);
+        assert!(!timers.wireguard_timer_due(t0 + secs(1), false));
+        assert!(timers.wireguard_timer_due(t0 + secs(5), false), "retry");
+        let t1 = t0 + Duration::from_millis(100);
+        timers.on_session_established(t1);
+        timers.on_authenticated_received(t1);
+        timers.on_data_sent(t1);
+        timers.on_keepalive_received(t1 + secs(10));
+        // Nothing of WireGuard's is armed any more: a wake-up for the idle
+        // check minutes later finds nothing due, so the implementation's
+        // session-age rule is not run there.
+        assert_eq!(timers.next_deadline(t1 + secs(10), false), None);
+        assert!(!timers.wireguard_timer_due(t1 + secs(310), false));
+
+        // Data received and nothing sent: the passive keepalive is due 10 s
+        // later, and no longer once something went out.
+        let t2 = t1 + secs(320);
+        timers.on_data_received(t2);
+        assert!(!timers.wireguard_timer_due(t2 + secs(9), false));
+        assert!(timers.wireguard_timer_due(t2 + secs(10), false));
+        timers.on_keepalive_sent(t2 + secs(10));
+        assert!(!timers.wireguard_timer_due(t2 + secs(11), false));
+
+        // A persistent keepalive is due at its instant, until the timers ran.
+        timers.on_persistent_keepalive_changed(t2, Some(25));
+        assert!(timers.wireguard_timer_due(t2 + secs(25), false));
+        timers.on_timers_run(t2 + secs(25), 25);
+        assert!(!timers.wireguard_timer_due(t2 + secs(26), false));
     }
 
     #[test]
