@@ -159,6 +159,28 @@ pub enum Motif {
         /// When the box forgets.
         at_s: u32,
     },
+    /// Control turns `keep_full_wg_config` on at `at_ms` and off again
+    /// `gap_ms` later, at `n1` or at every node (`all`). With `quiet`
+    /// false, `n1` streams to `n2` across both flips and `n2` answers at a
+    /// lower rate; with `quiet` true, `n1` talks to `n2` once at 1 s and the
+    /// flips come around its idle trim of `n2` (at_ms 290,000..=320,000),
+    /// so the peer is configured again by the knob, trimmed again when it
+    /// goes off, and `n1` speaks `delay_ms` after that (and `n2` 7 ms
+    /// later, a crossing wake). A knob never costs a datagram: the oracle
+    /// judges what is sent across it as any other traffic.
+    KnobFlip {
+        /// When the knob goes on.
+        at_ms: u32,
+        /// How long it stays on.
+        gap_ms: u32,
+        /// Every node's knob, or `n1`'s only.
+        all: bool,
+        /// Around the idle trim instead of under a stream.
+        quiet: bool,
+        /// With `quiet`: the silence between the knob going off and `n1`
+        /// speaking again.
+        delay_ms: u32,
+    },
 }
 
 impl Motif {
@@ -219,6 +241,19 @@ impl Motif {
             Motif::TrimBoundary { .. } => 330,
             Motif::PingTrimmed { .. } => 340,
             Motif::ControlCutWake { idle_ms } => idle_ms / 1000 + 40,
+            &Motif::KnobFlip {
+                at_ms,
+                gap_ms,
+                quiet,
+                delay_ms,
+                ..
+            } => {
+                if quiet {
+                    (at_ms + gap_ms + delay_ms) / 1000 + 40
+                } else {
+                    (at_ms + gap_ms) / 1000 + 30
+                }
+            }
             Motif::None
             | Motif::NatRebind { .. }
             | Motif::ControlOutage { .. }
@@ -309,6 +344,37 @@ impl Motif {
                     action(at, "do = \"nat_rebind\"\nnode = \"n1\"");
                 }
             }
+            Motif::KnobFlip {
+                at_ms,
+                gap_ms,
+                all,
+                quiet,
+                delay_ms,
+            } => {
+                let at = u64::from(at_ms);
+                let off = at + u64::from(gap_ms);
+                let knob = |value: bool| {
+                    let node = if all { "" } else { "node = \"n1\"\n" };
+                    format!(
+                        "do = \"set_knob\"\n{node}knob = \"keep_full_wg_config\"\nvalue = {value}"
+                    )
+                };
+                if quiet {
+                    action(1000, &stream("n1", "n2", 1, "100"));
+                    let again = off + u64::from(delay_ms);
+                    action(again, &stream("n1", "n2", 20, "100"));
+                    action(again + 7, &stream("n2", "n1", 20, "100"));
+                } else {
+                    let start = at.saturating_sub(2000);
+                    // Until 5 s after the knob goes off.
+                    let span_ms = off + 5000 - start;
+                    let count = u32::try_from(span_ms / 100).unwrap_or(u32::MAX);
+                    action(start, &stream("n1", "n2", count, "100"));
+                    action(start + 53, &stream("n2", "n1", count / 4 + 1, "400"));
+                }
+                action(at, &knob(true));
+                action(off, &knob(false));
+            }
             Motif::ControlCutWake { idle_ms } => {
                 action(1000, &stream("n1", "n2", 1, "100"));
                 action(2000, "do = \"control_partition\"\nnodes = [\"n1\", \"n2\"]");
@@ -368,6 +434,25 @@ impl Shape {
                 shape.nat_presets = pick(0, 0xfff);
             }
             shape.nat_mask |= 1;
+        }
+        // Knob flips came last: they replace half of the cases without a
+        // set piece, drawn only here, so every other case of a seed is what
+        // it was before.
+        if shape.motif == Motif::None && pick(0, 1) == 0 {
+            let quiet = pick(0, 1) == 0;
+            let latest_ms = shape.duration_s.saturating_sub(20).max(3) * 1000;
+            shape.motif = Motif::KnobFlip {
+                at_ms: if quiet {
+                    pick(290_000, 320_000)
+                } else {
+                    pick(3000, latest_ms)
+                },
+                gap_ms: pick(0, 60_000),
+                all: pick(0, 1) == 0,
+                quiet,
+                delay_ms: [0, 1, 50, 5_000, 30_000][pick(0, 4) as usize],
+            };
+            shape.duration_s = shape.duration_s.max(shape.motif.min_duration_s());
         }
         shape
     }
@@ -628,8 +713,16 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(5);
         let mut with_nat = 0;
         let mut rebinds = 0;
+        let mut knob_flips = 0;
         for _ in 0..200 {
             let shape = Shape::random(&mut rng);
+            if let Motif::KnobFlip { at_ms, gap_ms, .. } = shape.motif {
+                knob_flips += 1;
+                assert!(
+                    shape.duration_s * 1000 > at_ms + gap_ms,
+                    "both flips fit in the run"
+                );
+            }
             if matches!(shape.motif, Motif::NatRebind { .. }) {
                 rebinds += 1;
                 assert!(shape.nat_of(0).is_some(), "a rebinding gets n1 a box");
@@ -664,6 +757,7 @@ mod tests {
         }
         assert!(with_nat > 0, "some shapes have NATs");
         assert!(rebinds > 0, "some shapes rebind a NAT");
+        assert!(knob_flips > 0, "some shapes flip a knob");
     }
 
     #[test]

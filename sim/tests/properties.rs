@@ -27,6 +27,16 @@ fn motif() -> impl Strategy<Value = Motif> {
             .prop_map(|(at_s, downtime_ms)| Motif::ControlOutage { at_s, downtime_ms }),
         // Only the short silence: the trimmed wakes need over 5 minutes.
         Just(Motif::ControlCutWake { idle_ms: 10_000 }),
+        // Under a stream only: the flips around the trim need over 5 minutes.
+        (3000u32..=30_000, 0u32..=20_000, any::<bool>()).prop_map(|(at_ms, gap_ms, all)| {
+            Motif::KnobFlip {
+                at_ms,
+                gap_ms,
+                all,
+                quiet: false,
+                delay_ms: 0,
+            }
+        }),
     ]
 }
 
