@@ -159,6 +159,22 @@ pub enum Motif {
         /// When the box forgets.
         at_s: u32,
     },
+    /// `n1` starts streaming to `n2` (and `n2` answers 5 ms later), and
+    /// `delay_ms` (0..=150) after the first datagram, while the handshake is
+    /// in flight, `n1` (or `n2` when `at_n2`) has a link change: a major
+    /// one (new address, sockets rebound, endpoints re-discovered) or a
+    /// minor one (endpoints re-discovered). The streams run 40 s, so what
+    /// is sent once the change has settled is judged.
+    LinkChangeDuringHandshake {
+        /// When the streams start.
+        at_s: u32,
+        /// When the change comes, after the first datagram.
+        delay_ms: u32,
+        /// Whose link changes.
+        at_n2: bool,
+        /// Major or minor.
+        major: bool,
+    },
     /// Control turns `keep_full_wg_config` on at `at_ms` and off again
     /// `gap_ms` later, at `n1` or at every node (`all`). With `quiet`
     /// false, `n1` streams to `n2` across both flips and `n2` answers at a
@@ -260,7 +276,8 @@ impl Motif {
             | Motif::CrossingWake { .. }
             | Motif::Burst { .. }
             | Motif::DiscoKeyTwice { .. }
-            | Motif::PartitionDuringHandshake { .. } => 0,
+            | Motif::PartitionDuringHandshake { .. }
+            | Motif::LinkChangeDuringHandshake { .. } => 0,
         }
     }
 
@@ -343,6 +360,22 @@ impl Motif {
                 if n1_behind_nat {
                     action(at, "do = \"nat_rebind\"\nnode = \"n1\"");
                 }
+            }
+            Motif::LinkChangeDuringHandshake {
+                at_s,
+                delay_ms,
+                at_n2,
+                major,
+            } => {
+                let at = u64::from(at_s) * 1000;
+                action(at, &stream("n1", "n2", 400, "100"));
+                action(at + 5, &stream("n2", "n1", 400, "100"));
+                let node = if at_n2 { "n2" } else { "n1" };
+                let link = if major { "major" } else { "minor" };
+                action(
+                    at + u64::from(delay_ms),
+                    &format!("do = \"link_change\"\nnode = \"{node}\"\nlink = \"{link}\""),
+                );
             }
             Motif::KnobFlip {
                 at_ms,
@@ -435,10 +468,25 @@ impl Shape {
             }
             shape.nat_mask |= 1;
         }
-        // Knob flips came last: they replace half of the cases without a
-        // set piece, drawn only here, so every other case of a seed is what
-        // it was before.
-        if shape.motif == Motif::None && pick(0, 1) == 0 {
+        // Knob flips and link changes during a handshake came last: they
+        // replace two thirds of the cases without a set piece, drawn only
+        // here, so every other case of a seed is what it was before.
+        let late_piece = if shape.motif == Motif::None {
+            pick(0, 2)
+        } else {
+            0
+        };
+        if late_piece == 2 {
+            let latest = shape.duration_s.saturating_sub(45).max(2);
+            shape.motif = Motif::LinkChangeDuringHandshake {
+                at_s: pick(2, latest),
+                delay_ms: pick(0, 150),
+                at_n2: pick(0, 1) == 0,
+                major: pick(0, 1) == 0,
+            };
+            shape.duration_s = shape.duration_s.max(shape.motif.min_duration_s());
+        }
+        if late_piece == 1 {
             let quiet = pick(0, 1) == 0;
             let latest_ms = shape.duration_s.saturating_sub(20).max(3) * 1000;
             shape.motif = Motif::KnobFlip {

@@ -27,6 +27,14 @@ fn motif() -> impl Strategy<Value = Motif> {
             .prop_map(|(at_s, downtime_ms)| Motif::ControlOutage { at_s, downtime_ms }),
         // Only the short silence: the trimmed wakes need over 5 minutes.
         Just(Motif::ControlCutWake { idle_ms: 10_000 }),
+        (2u32..=15, 0u32..=150, any::<bool>(), any::<bool>()).prop_map(
+            |(at_s, delay_ms, at_n2, major)| Motif::LinkChangeDuringHandshake {
+                at_s,
+                delay_ms,
+                at_n2,
+                major,
+            }
+        ),
         // Under a stream only: the flips around the trim need over 5 minutes.
         (3000u32..=30_000, 0u32..=20_000, any::<bool>()).prop_map(|(at_ms, gap_ms, all)| {
             Motif::KnobFlip {
