@@ -437,3 +437,120 @@ fn a_lost_endpoint_update_is_sent_again() {
     );
     assert!(net.violations().is_empty(), "{:?}", net.violations());
 }
+
+/// A route the server refuses (here: it is down) is not the node's in the
+/// simulated world either. Before, the world moved the subnet at once, so
+/// alpha's sends into it counted as activity with beta, whom alpha had
+/// trimmed and whose netmap never changed, and the invariants failed on a
+/// correct engine ("peer beta active 0 ms ago is not configured").
+#[test]
+fn a_refused_route_leaves_the_world_as_control_describes_it() {
+    let text = r#"
+name = "refused-route"
+description = "a route approved while the server is down"
+seed = 3
+duration_s = 400
+
+[network]
+latency_ms = 20
+control_delay_ms = 200
+
+[[node]]
+name = "alpha"
+
+[[node]]
+name = "beta"
+subnets = ["10.55.0.0/24"]
+
+[[action]]
+at_s = 0.5
+do = "set_allowed_ips"
+node = "beta"
+allowed_ips = ["100.64.0.2/32", "fd7a:115c:a1e0::2/128"]
+
+[[action]]
+at_s = 1
+do = "send"
+from = "alpha"
+to = "beta"
+count = 1
+interval_ms = 100
+
+[[action]]
+at_s = 320
+do = "control_restart"
+downtime_s = 30
+
+[[action]]
+at_s = 325
+do = "set_allowed_ips"
+node = "beta"
+allowed_ips = ["100.64.0.2/32", "fd7a:115c:a1e0::2/128", "10.55.0.0/24"]
+
+[[action]]
+at_s = 330.05
+do = "send"
+from = "alpha"
+ip = "10.55.0.1"
+count = 10
+interval_ms = 100
+label = "into-subnet"
+
+[[expect]]
+check = "peer"
+at_s = 329
+node = "alpha"
+peer = "beta"
+state = "trimmed"
+
+[[expect]]
+check = "delivery"
+label = "into-subnet"
+lost = 10
+
+[[expect]]
+check = "counter"
+counter = "drop_no_peer_for_dst"
+node = "alpha"
+equals = 10
+"#;
+    let scenario = Scenario::parse("refused-route.toml", text).unwrap();
+    for backend in [Backend::Event, Backend::Turmoil] {
+        let report = run(
+            &scenario,
+            RunOptions {
+                seed: None,
+                backend: Some(backend),
+                keep: Keep::Nothing,
+            },
+        )
+        .unwrap();
+        assert!(report.passed, "{backend:?}: {:?}", report.failures());
+    }
+}
+
+/// A route the node does not advertise could only ever be refused: the
+/// file is refused when it is loaded, at the action's line.
+#[test]
+fn a_route_the_node_does_not_advertise_is_refused_at_load() {
+    let text = r#"
+name = "unadvertised"
+duration_s = 10
+
+[[node]]
+name = "alpha"
+
+[[node]]
+name = "beta"
+
+[[action]]
+at_s = 1
+do = "set_allowed_ips"
+node = "beta"
+allowed_ips = ["100.64.0.2/32", "10.55.0.0/24"]
+"#;
+    let err = Scenario::parse("unadvertised.toml", text).expect_err("refused");
+    let shown = err.to_string();
+    assert!(shown.contains("unadvertised.toml:11"), "{shown}");
+    assert!(shown.contains("does not advertise 10.55.0.0/24"), "{shown}");
+}

@@ -1,7 +1,11 @@
 //! Checking the network model's sections: a node's `nat`, `[network]`'s
-//! `burst`, and `[[link]]`. Every malformed value is refused with the file,
+//! `burst`, `[[link]]`, and the routes a `set_allowed_ips` approves. Every
+//! malformed value is refused with the file,
 //! line and key it sits at.
 
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use toml::Spanned;
 
 use super::ctx::{Ctx, NodeNames, millis, resolve_node, secs};
@@ -218,6 +222,41 @@ pub(super) fn check_nat_rebinds(
                 message: format!(
                     "nat_rebind: node {:?} has no NAT (give it `nat = {{ ... }}`)",
                     nodes[node].name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every route a `set_allowed_ips` approves (a listed prefix other than
+/// the node's own addresses) must be one the node advertises (its
+/// `subnets`): the coordination server refuses any other, so such an
+/// action could only ever be refused, which is a mistake in the file.
+pub(super) fn check_allowed_ips(
+    ctx: &Ctx<'_>,
+    nodes: &[NodeSpec],
+    actions: &[Action],
+) -> Result<(), ScenarioError> {
+    for action in actions {
+        let ActionKind::SetAllowedIps { node, allowed_ips } = &action.kind else {
+            continue;
+        };
+        let own = [
+            IpNet::from(IpAddr::V4(crate::world::address::tailnet_ip4(*node))),
+            IpNet::from(IpAddr::V6(crate::world::address::tailnet_ip6(*node))),
+        ];
+        if let Some(route) = allowed_ips
+            .iter()
+            .find(|net| !own.contains(net) && !nodes[*node].subnets.contains(net))
+        {
+            return Err(ScenarioError {
+                file: ctx.file.to_string(),
+                line: Some(action.line),
+                field: Some("allowed_ips".into()),
+                message: format!(
+                    "set_allowed_ips: node {:?} does not advertise {route} (add it to the node's `subnets`; control approves only advertised routes)",
+                    nodes[*node].name
                 ),
             });
         }

@@ -71,6 +71,7 @@ fn build(ctx: &Ctx<'_>, raw: RawScenario) -> Result<Scenario, ScenarioError> {
         actions.extend(action(ctx, &names, sa, duration_s)?);
     }
     super::net::check_nat_rebinds(ctx, &nodes, &actions)?;
+    super::net::check_allowed_ips(ctx, &nodes, &actions)?;
     check_restores(ctx, &actions)?;
     let churn = churn(ctx, raw.churn.as_ref(), duration_s)?;
     let labels = action_labels(&actions);

@@ -439,26 +439,27 @@ impl ControlHost {
         (out, line)
     }
 
-    /// Approves `routes` of node `node` (the admin command).
+    /// Approves `routes` of node `node` (the admin command): the messages
+    /// it makes, the trace line, and whether the server took the change.
     pub(crate) fn approve_routes(
         &mut self,
         now: Duration,
         node: NodeKey,
         routes: Vec<IpNet>,
-    ) -> (Vec<Outgoing>, String) {
+    ) -> (Vec<Outgoing>, String, bool) {
         let mut out = Vec::new();
         let Some(control) = self.control.as_mut() else {
-            return (out, "refused: the server is down".into());
+            return (out, "refused: the server is down".into(), false);
         };
-        let line = match control.handle_input(
+        let (line, accepted) = match control.handle_input(
             timestamp(now),
             Input::Admin(AdminCommand::ApproveRoutes { node, routes }),
         ) {
-            Ok(outcome) => outcome_name(&outcome),
-            Err(e) => format!("refused: {e}"),
+            Ok(outcome) => (outcome_name(&outcome), true),
+            Err(e) => (format!("refused: {e}"), false),
         };
         self.drain(&mut out);
-        (out, line)
+        (out, line, accepted)
     }
 
     /// Stops the server: every open stream closes.

@@ -348,23 +348,30 @@ impl Tailnet {
     /// Sets the AllowedIPs of `node`: its own addresses stay, and the admin
     /// approves the other listed prefixes as its routes at the coordination
     /// server, which pushes the change to its peers (a prefix the node does
-    /// not advertise is refused by the server, and the trace says so).
+    /// not advertise, or one approved for another node, is refused by the
+    /// server, and the trace says so). The node's OS answers for the new
+    /// prefixes only when the server took them: a refused change leaves the
+    /// world as control describes it, so the invariants judge the engines
+    /// against the netmap they really have.
     pub fn set_allowed_ips(&mut self, node: NodeId, allowed_ips: Vec<IpNet>) {
         let AllowedIpsChange {
             detail,
             own,
             routes,
         } = AllowedIpsChange::new(&allowed_ips, self.nodes[node.0].ip4, self.nodes[node.0].ip6);
-        self.nodes[node.0].allowed_ips =
-            own.iter().copied().chain(routes.iter().copied()).collect();
-        self.rebuild_owners();
         self.log(Some(node.0), Category::Action, "set-allowed-ips", detail);
         let key = wgmesh_control::NodeKey(*self.nodes[node.0].public_key.as_bytes());
-        self.with_dispatch(|net| {
-            let (outgoing, line) = net.control.approve_routes(net.now, key, routes);
+        let approved = routes.clone();
+        let accepted = self.with_dispatch(|net| {
+            let (outgoing, line, accepted) = net.control.approve_routes(net.now, key, routes);
             net.log(Some(node.0), Category::Control, "approve-routes", line);
             net.send_control_messages(outgoing);
+            accepted
         });
+        if accepted {
+            self.nodes[node.0].allowed_ips = own.iter().copied().chain(approved).collect();
+            self.rebuild_owners();
+        }
     }
 
     /// Puts a new policy in force at the coordination server.

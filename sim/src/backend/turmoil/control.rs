@@ -231,16 +231,19 @@ impl Shared {
     /// its own addresses, and the admin approves the other listed prefixes
     /// as its routes at the server, which pushes the change to its peers (a
     /// prefix the node does not advertise is refused, and the trace says
-    /// so). Its OS then answers for those prefixes.
+    /// so). Its OS then answers for those prefixes, when the server took
+    /// them (a refused change leaves the world as control describes it).
     pub(super) fn control_set_allowed_ips(&mut self, i: usize, allowed_ips: &[IpNet]) {
         let AllowedIpsChange { detail, routes, .. } =
             AllowedIpsChange::new(allowed_ips, tailnet_ip4(i), tailnet_ip6(i));
-        self.subnets[i] = routes.clone();
         self.log(Some(i), Category::Action, "set-allowed-ips", detail);
         let key = control_key(&self.keys[i].public_key());
         let now = self.now;
-        let (outgoing, line) = self.control.host.approve_routes(now, key, routes);
+        let (outgoing, line, accepted) = self.control.host.approve_routes(now, key, routes.clone());
         self.log(Some(i), Category::Control, "approve-routes", line);
+        if accepted {
+            self.subnets[i] = routes;
+        }
         self.send_from_control(outgoing);
     }
 
