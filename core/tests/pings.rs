@@ -627,3 +627,41 @@ fn tsmp_ping_from_a_peer_to_a_routed_address_gets_a_pong_from_that_address() {
     // AllowedIPs check for the router.
     assert_eq!(net.nodes[0].engine.counters().drop_spoofed_source, 0);
 }
+
+/// A peer that is configured before its disco key is known (a subnet
+/// router, never trimmed, listed by control before the peer reported its
+/// disco key) gets its disco state when the key arrives. Before, the state
+/// was made only when the peer entered WireGuard, so this peer had none:
+/// a disco ping to it went nowhere and timed out after 10 s, and it had no
+/// path discovery, heartbeat or relay until the peer happened to ping
+/// first.
+#[test]
+fn a_disco_ping_reaches_a_peer_configured_before_its_disco_key_was_known() {
+    let mut net = Net::new(2, HALF_RTT, |_, _| {});
+    net.nodes[1]
+        .extra_allowed
+        .push("10.1.0.0/16".parse().unwrap());
+    let rc = net.reconfig_for(1, Knobs::default());
+    net.input(1, Input::Reconfig(Box::new(rc))).unwrap();
+    let ip1 = net.nodes[1].ip4;
+    // Node 0's first netmap lists node 1 without a disco key.
+    let mut first = net.peer_config(1);
+    first.disco_key = None;
+    let ips = (net.nodes[0].ip4, net.nodes[0].ip6);
+    let rc = wgmesh_core::test_support::node_reconfig(ips.0, ips.1, vec![first], Knobs::default());
+    net.input(0, Input::Reconfig(Box::new(rc))).unwrap();
+    assert!(
+        net.configured(0, 1),
+        "a subnet router is configured at once"
+    );
+    net.run_for(Duration::from_secs(1));
+    // Then the key arrives.
+    net.configure_all(Knobs::default());
+    net.run_for(Duration::from_millis(100));
+    net.ping(0, ip1, PingKind::Disco, 1);
+    net.run_for(Duration::from_secs(1));
+    match outcome(&net, 0, 1).map(|(_, o)| o) {
+        Some(PingOutcome::Pong { node_key, .. }) => assert_eq!(node_key, net.key(1)),
+        other => panic!("expected a pong within a second, got {other:?}"),
+    }
+}

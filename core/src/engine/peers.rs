@@ -413,6 +413,20 @@ impl Engine {
                 }
             }
         }
+        // A peer in WireGuard got its disco state when it was configured,
+        // if it had a disco key then. One configured before its key was
+        // known (a subnet router, never trimmed, listed by control before
+        // the node reported its disco key), or whose key was withdrawn and
+        // came back, gets it now: without it a disco ping to the peer went
+        // nowhere, and it had no path discovery or relay until the peer
+        // happened to ping first.
+        if let Some(disco_key) = new_disco {
+            if self.peers[slot].wg.is_some() && !self.disco.has_peer(slot) {
+                self.disco.ensure_peer(slot, disco_key, &new_endpoints);
+                let relay = self.nat.relays.get(&key).copied();
+                self.disco.set_relay(now, slot, relay);
+            }
+        }
         let actions =
             self.disco
                 .update_peer(self.now, slot, new_disco, &new_endpoints, &mut self.rng);

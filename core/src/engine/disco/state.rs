@@ -93,6 +93,11 @@ impl DiscoState {
         }
     }
 
+    /// Whether the peer has disco state.
+    pub(crate) fn has_peer(&self, slot: PeerSlot) -> bool {
+        self.peers.contains_key(&slot)
+    }
+
     /// Makes sure a peer with a disco key has state; updates its key and
     /// candidates. A changed disco key resets the peer's paths.
     pub(crate) fn ensure_peer(
