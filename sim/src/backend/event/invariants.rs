@@ -26,6 +26,13 @@ impl Tailnet {
         if !sorted_subset(&configured, &full) {
             problems.push("configured peers are not a subset of the full config".into());
         }
+        // Activity with a peer that has since left the engine's config (a
+        // policy that cut the two apart, a node deleted) is forgotten, as
+        // the engine forgets it, like the reference's activity maps: a peer
+        // that comes back is a new peer, trimmed until its next packet.
+        let unknown: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| engine.is_peer_configured(&self.nodes[j].public_key).is_none())
+            .collect();
         if engine.trimming_enabled() {
             let slack = LAZY_PEER_IDLE_THRESHOLD - RECEIVE_ACTIVITY_GRANULARITY;
             for (j, last) in self.nodes[i].activity.iter().enumerate() {
@@ -62,6 +69,9 @@ impl Tailnet {
                 "timer queue holds {} entries (bound {bound})",
                 engine.timer_queue_len()
             ));
+        }
+        for j in unknown {
+            self.nodes[i].activity[j] = None;
         }
         for p in problems {
             self.violation(Some(i), p);
