@@ -31,7 +31,11 @@ impl Tailnet {
         // the engine forgets it, like the reference's activity maps: a peer
         // that comes back is a new peer, trimmed until its next packet.
         let unknown: Vec<usize> = (0..self.nodes.len())
-            .filter(|&j| engine.is_peer_configured(&self.nodes[j].public_key).is_none())
+            .filter(|&j| {
+                engine
+                    .is_peer_configured(&self.nodes[j].public_key)
+                    .is_none()
+            })
             .collect();
         if engine.trimming_enabled() {
             let slack = LAZY_PEER_IDLE_THRESHOLD - RECEIVE_ACTIVITY_GRANULARITY;
