@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wgmesh_sim::report::Report;
 use wgmesh_sim::runner::{RunOptions, run};
@@ -127,29 +128,36 @@ fn both_backends_agree_on_every_file_that_lists_both() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
         .clamp(1, 5);
-    // Two workers: the machines have two cores.
-    let compare = |paths: &[PathBuf]| {
+    // One job per file and seed, taken from a shared counter by one
+    // worker per core: the files differ in length by two orders of
+    // magnitude, and a fixed split left one core idle for most of the run.
+    let jobs: Vec<(&PathBuf, u64)> = files
+        .iter()
+        .flat_map(|path| (1..=extra).map(move |seed| (path, seed)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let compare = || {
         let mut problems = Vec::new();
-        for path in paths {
+        while let Some(&(path, seed)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
             let scenario = Scenario::from_file(path).expect("parses");
-            for seed in 1..=extra {
-                let event = run_on(&scenario, seed, Backend::Event);
-                let turmoil = run_on(&scenario, seed, Backend::Turmoil);
-                for d in differences(&event, &turmoil) {
-                    problems.push(format!("{} seed {seed}: {d}", path.display()));
-                }
+            let event = run_on(&scenario, seed, Backend::Event);
+            let turmoil = run_on(&scenario, seed, Backend::Turmoil);
+            for d in differences(&event, &turmoil) {
+                problems.push(format!("{} seed {seed}: {d}", path.display()));
             }
         }
         problems
     };
-    let (left, right) = files.split_at(files.len() / 2);
-    let problems: Vec<String> = std::thread::scope(|scope| {
-        let a = scope.spawn(|| compare(left));
-        let b = scope.spawn(|| compare(right));
-        let mut all = a.join().expect("worker panicked");
-        all.extend(b.join().expect("worker panicked"));
-        all
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let mut problems: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(compare)).collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker panicked"))
+            .collect()
     });
+    // Workers finish in any order; the report lists files as they sort.
+    problems.sort();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
