@@ -37,5 +37,5 @@ export WGMESH_TEST_POSTGRES="postgres://postgres@127.0.0.1:$PORT/postgres"
 # `--workspace` rather than `-p wgmesh-control-server`: the features of the
 # dependencies then unify exactly as in `just test`, so this reuses that
 # build instead of compiling a second copy of tokio, clap and the rest
-# (about 3 minutes on a fresh 2-core machine).
+# (2 min 44 s on the 2-core development machine, measured once).
 timeout 600 cargo test --locked --workspace --test pg -- --test-threads=1 --nocapture
