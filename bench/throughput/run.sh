@@ -52,7 +52,13 @@
 # back, each way split into the sending daemon, the veth and the receiving
 # daemon; installs tcpdump), BENCH_IPERF_NICE=N (run iperf3 at nice N, e.g.
 # -10 to keep it ahead of other work on the machine while the daemons'
-# default -20 stays above it).
+# default -20 stays above it), BENCH_PAIRS (space-separated "a/b" pairs of
+# implementations, e.g. "wgmesh-P4/wgmesh-nofq-P4": each round's Gbit/s of a
+# over b's in the same round, printed as the median and range of those
+# ratios; every wgmesh row is also paired with the current wireguard-go),
+# BENCH_PERF_STAT (perf stat events counted in each daemon during the
+# transfer, e.g. "context-switches,raw_syscalls:sys_enter", printed per
+# gigabyte received for each round).
 set -euo pipefail
 
 WGMESHD=${1:-target/release/wgmeshd}
@@ -447,6 +453,14 @@ measure() {
             perf_pids+=($!); PIDS+=($!)
         done
     fi
+    if [ -n "${BENCH_PERF_STAT:-}" ] && [ -n "$DAEMON_A" ] && command -v perf >/dev/null; then
+        for side in A B; do
+            local dpid=$DAEMON_A; [ "$side" = B ] && dpid=$DAEMON_B
+            perf stat -x, -e "$BENCH_PERF_STAT" -p "$dpid" -o "$pre.stat-$side" \
+                -- sleep "$SECONDS_PER_RUN" >/dev/null 2>"$pre.stat-$side.err" &
+            perf_pids+=($!); PIDS+=($!)
+        done
+    fi
     in_ns "$NS_A" timeout $((SECONDS_PER_RUN + 15)) $IPERF_NICE iperf3 -c "$TARGET" -t "$SECONDS_PER_RUN" -J -P "${FLOWS[$impl]:-1}" ${BENCH_IPERF_ARGS:-} \
         >"$pre.json" 2>"$pre.client-err" || true
     t1=$(now_ns); a1=$(cpu_ticks "$DAEMON_A"); b1=$(cpu_ticks "$DAEMON_B")
@@ -479,6 +493,22 @@ PY
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$impl" "$round" "$gbps" "$retr" "$cpu_a" "$cpu_b" "$idle" "$load" >>"$RESULTS"
     printf '# round %s %-16s %7s Gbit/s  retr %-6s cpu A %4s%% B %4s%%  rtt idle %s ms load %s ms\n' \
         "$round" "$impl" "$gbps" "$retr" "$cpu_a" "$cpu_b" "$idle" "$load" >&2
+    if [ -n "${BENCH_PERF_STAT:-}" ]; then
+        for side in A B; do
+            # perf's own complaint (an unknown event, no permission) when
+            # it counted nothing.
+            [ -s "$pre.stat-$side" ] || cp "$pre.stat-$side.err" "$pre.stat-$side" 2>/dev/null || continue
+            # perf stat's CSV: count,unit,event,...; per gigabyte received.
+            awk -F, -v g="$gbps" -v s="$SECONDS_PER_RUN" -v side="$side" -v impl="$impl" -v r="$round" '
+                $1 ~ /^[0-9]+$/ && g > 0 { out = out sprintf(" %s %.0f", $3, $1 / (g * s / 8)) }
+                $1 !~ /^[0-9]+$/ && $0 ~ /[a-z]/ && $0 !~ /^#/ && why == "" { why = $0 }
+                END {
+                    if (out != "") printf "# stat round %s %-16s %s per GB:%s\n", r, impl, side, out
+                    else printf "# stat round %s %-16s %s: no counts (%s)\n", r, impl, side, why
+                }
+            ' "$pre.stat-$side" >&2
+        done
+    fi
 }
 
 note "implementations: ${IMPLS[*]}; $RUNS runs x ${SECONDS_PER_RUN} s each, interleaved"
@@ -500,7 +530,7 @@ done
 
 # --- the summary ----------------------------------------------------------------
 python3 - "$RESULTS" "$SECONDS_PER_RUN" "${IMPLS[@]}" <<'PY'
-import statistics, sys
+import os, statistics, sys
 
 path, seconds, impls = sys.argv[1], sys.argv[2], sys.argv[3:]
 rows = {}
@@ -561,7 +591,40 @@ print("(Gbit/s: median of the runs, received; retr: median TCP retransmits per r
 print(" daemon's utime+stime over the transfer, % of one core, A sends, B receives; c/Gb: cores")
 print(" per Gbit/s received; x btun / x wg-go: Gbit/s over boringtun-cli's / the current")
 print(" wireguard-go's with as many flows; rtt: median ping RTT in ms over the tunnel, idle and")
-print(" during the transfer, one-way is about half; -P4: 4 iperf3 flows)")
+print(" during the transfer, one-way is about half; -P4: 4 iperf3 flows; paired: the median and\n"
+      " range of the per-round ratios of two implementations' Gbit/s)")
+
+# Paired ratios: the rounds are interleaved, so round i of two implementations
+# ran minutes apart at most, under the same load from the rest of the
+# machine. The median of the per-round ratios is steadier than the ratio of
+# the two medians when the machine's speed drifts between rounds.
+def paired(a, b):
+    ra = {rnd: g for rnd, g in rounds.get(a, [])}
+    rb = {rnd: g for rnd, g in rounds.get(b, [])}
+    return [ra[k] / rb[k] for k in sorted(ra) if k in rb and ra[k] > 0 and rb[k] > 0]
+
+rounds = {}
+for line in open(path):
+    impl, rnd, gbps = line.split("\t")[:3]
+    rounds.setdefault(impl, []).append((int(rnd), float(gbps)))
+pairs = []
+for p in os.environ.get("BENCH_PAIRS", "").split():
+    if "/" in p:
+        pairs.append(p.split("/", 1))
+    else:
+        print("BENCH_PAIRS: %r is not a pair a/b, left out" % p)
+for impl in impls:
+    ref = "wg-go-current-P4" if impl.endswith("-P4") else "wg-go-current"
+    if impl.startswith("wgmesh") and ref in rounds and [impl, ref] not in pairs:
+        pairs.append([impl, ref])
+for a, b in pairs:
+    r = paired(a, b)
+    if r:
+        print("paired %s / %s: median %.3f (%.3f-%.3f over %d rounds)" % (
+            a, b, statistics.median(r), min(r), max(r), len(r)))
+    else:
+        print("paired %s / %s: no round measured both" % (a, b))
+
 w = summary.get("wgmesh", {})
 if w.get("gbps") is not None:
     line = "wgmesh median %.2f Gbit/s, %s x boringtun-cli, %s x wg-go-current" % (
