@@ -504,6 +504,7 @@ PY
                 $1 !~ /^[0-9]+$/ && $0 ~ /[a-z]/ && $0 !~ /^#/ && why == "" { why = $0 }
                 END {
                     if (out != "") printf "# stat round %s %-16s %s per GB:%s\n", r, impl, side, out
+                    else if (g <= 0) printf "# stat round %s %-16s %s: no transfer to count against\n", r, impl, side
                     else printf "# stat round %s %-16s %s: no counts (%s)\n", r, impl, side, why
                 }
             ' "$pre.stat-$side" >&2
