@@ -535,9 +535,11 @@ import os, statistics, sys
 
 path, seconds, impls = sys.argv[1], sys.argv[2], sys.argv[3:]
 rows = {}
+rounds = {}
 for line in open(path):
     impl, rnd, gbps, retr, cpu_a, cpu_b, idle, load = line.rstrip("\n").split("\t")
     rows.setdefault(impl, []).append((float(gbps), int(retr), cpu_a, cpu_b, idle, load))
+    rounds.setdefault(impl, []).append((int(rnd), float(gbps)))
 
 def med(values):
     values = [float(v) for v in values if v not in ("-", "")]
@@ -604,10 +606,6 @@ def paired(a, b):
     rb = {rnd: g for rnd, g in rounds.get(b, [])}
     return [ra[k] / rb[k] for k in sorted(ra) if k in rb and ra[k] > 0 and rb[k] > 0]
 
-rounds = {}
-for line in open(path):
-    impl, rnd, gbps = line.split("\t")[:3]
-    rounds.setdefault(impl, []).append((int(rnd), float(gbps)))
 pairs = []
 for p in os.environ.get("BENCH_PAIRS", "").split():
     if "/" in p:
